@@ -1,0 +1,87 @@
+use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
+
+/// One event of a job stream, the same type at every hop.
+///
+/// Every job ends with exactly one terminal event, [`JobEvent::Done`] or [`JobEvent::Error`],
+/// after which the stream sends `data: [DONE]` and closes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// Waiting for a free slot; `position` 1 is next.
+    Queued { position: u32 },
+    /// A human-readable progress line.
+    Narration { message: String },
+    Downloading {
+        model: String,
+        bytes_done: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes_total: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes_per_second: Option<f64>,
+    },
+    Spawning {
+        worker_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hive_id: Option<String>,
+    },
+    /// Model loading; `fraction` runs from 0.0 to 1.0.
+    Loading {
+        model: String,
+        fraction: f32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
+    },
+    /// Generation began; the prompt has this many tokens.
+    Started { prompt_tokens: u32 },
+    /// Text released by the token at `index` (0-based among generated tokens). `text` can be
+    /// empty when the token ends inside a multi-byte character or a possible stop sequence.
+    Token { text: String, token_id: u32, index: u32 },
+    /// A structured result, e.g. a worker or model list.
+    Data { data: serde_json::Value },
+    Done {
+        finish_reason: FinishReason,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<Usage>,
+    },
+    Error { code: ErrorCode, message: String },
+}
+
+impl JobEvent {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, JobEvent::Done { .. } | JobEvent::Error { .. })
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        JobEvent::Error { code, message: message.into() }
+    }
+
+    pub fn narration(message: impl Into<String>) -> Self {
+        JobEvent::Narration { message: message.into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop sequence.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The operation completed (non-generating jobs).
+    Complete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}

@@ -1,0 +1,96 @@
+use serde::{Deserialize, Serialize};
+
+/// What a worker reports about itself in every heartbeat. The first heartbeat registers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    /// Base URL the queen uses to reach the worker, e.g. `http://127.0.0.1:9301`.
+    pub url: String,
+    /// The model reference the worker was started with.
+    pub model: String,
+    /// `cpu`, `cuda:N` or `metal:N`.
+    pub device: String,
+    pub state: WorkerState,
+    pub slots_total: u32,
+    pub slots_free: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive_id: Option<String>,
+    /// The model's context length, once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Process up, model loading.
+    Loading,
+    /// Model loaded, accepting requests.
+    Ready,
+    /// Loading failed; the worker will not become ready.
+    Failed,
+    /// Draining before exit.
+    Stopping,
+    /// Known from a registry but silent for too long (set by the receiver, never by a worker).
+    Stale,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHeartbeat {
+    pub worker: WorkerInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+/// A compute device of a hive. Memory is system RAM for the CPU and VRAM for GPUs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// `cpu`, `cuda:N` or `metal:N`.
+    pub id: String,
+    pub kind: DeviceKind,
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute_capability: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelState {
+    Downloading,
+    Ready,
+    Failed,
+}
+
+/// A model in a hive's catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub source: String,
+    pub state: ModelState,
+    pub size_bytes: u64,
+}
+
+/// What a hive reports in every heartbeat. The first heartbeat registers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveInfo {
+    pub hive_id: String,
+    pub url: String,
+    pub devices: Vec<DeviceInfo>,
+    pub workers: Vec<WorkerInfo>,
+    pub models: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HiveHeartbeat {
+    pub hive: HiveInfo,
+}

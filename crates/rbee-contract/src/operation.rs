@@ -1,0 +1,131 @@
+use serde::{Deserialize, Serialize};
+
+/// A unit of work submitted to any daemon with `POST /v1/jobs`.
+///
+/// Tagged by `operation`, e.g. `{"operation":"infer","model":"...","prompt":"..."}`.
+/// A daemon accepts the subset it can carry out and answers `400 unsupported_operation`
+/// for the rest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "operation", rename_all = "snake_case")]
+pub enum Operation {
+    Infer(InferRequest),
+    WorkerSpawn(WorkerSpawnRequest),
+    WorkerList(HiveTarget),
+    WorkerGet(WorkerTarget),
+    WorkerDelete(WorkerTarget),
+    ModelDownload(ModelTarget),
+    ModelList(HiveTarget),
+    ModelGet(ModelTarget),
+    ModelDelete(ModelTarget),
+}
+
+impl Operation {
+    /// The stable name of the operation, as it appears in the `operation` tag.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Operation::Infer(_) => "infer",
+            Operation::WorkerSpawn(_) => "worker_spawn",
+            Operation::WorkerList(_) => "worker_list",
+            Operation::WorkerGet(_) => "worker_get",
+            Operation::WorkerDelete(_) => "worker_delete",
+            Operation::ModelDownload(_) => "model_download",
+            Operation::ModelList(_) => "model_list",
+            Operation::ModelGet(_) => "model_get",
+            Operation::ModelDelete(_) => "model_delete",
+        }
+    }
+}
+
+/// A model reference as the user wrote it: `hf:org/repo`, `hf:org/repo:file.gguf` or a path.
+/// Daemons resolve it; on the wire it is a plain string.
+pub type ModelRef = String;
+
+/// Text generation. Exactly one of `prompt` (raw completion) and `messages` (chat, rendered
+/// with the model's template) must be given; sampling fields left out take the daemon's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferRequest {
+    pub model: ModelRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<ChatMessage>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatRole {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+}
+
+/// Spawn a worker for `model` on `device` (`cpu`, `cuda:N`, `metal:N`) of a hive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSpawnRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive_id: Option<String>,
+    pub model: ModelRef,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// Names a hive; `None` means the only hive (an error when there are several).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiveTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive_id: Option<String>,
+    pub worker_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive_id: Option<String>,
+    pub model: ModelRef,
+}
+
+/// The answer to `POST /v1/jobs` (status 201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCreated {
+    pub job_id: String,
+    pub sse_url: String,
+}
