@@ -108,6 +108,11 @@ pub struct ErrorDetail {
 
 impl ApiErrorBody {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiErrorBody { error: ErrorDetail { code, message: message.into() } }
+        ApiErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
     }
 }

@@ -10,9 +10,13 @@ use crate::ErrorCode;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
     /// Waiting for a free slot; `position` 1 is next.
-    Queued { position: u32 },
+    Queued {
+        position: u32,
+    },
     /// A human-readable progress line.
-    Narration { message: String },
+    Narration {
+        message: String,
+    },
     Downloading {
         model: String,
         bytes_done: u64,
@@ -34,18 +38,29 @@ pub enum JobEvent {
         message: Option<String>,
     },
     /// Generation began; the prompt has this many tokens.
-    Started { prompt_tokens: u32 },
+    Started {
+        prompt_tokens: u32,
+    },
     /// Text released by the token at `index` (0-based among generated tokens). `text` can be
     /// empty when the token ends inside a multi-byte character or a possible stop sequence.
-    Token { text: String, token_id: u32, index: u32 },
+    Token {
+        text: String,
+        token_id: u32,
+        index: u32,
+    },
     /// A structured result, e.g. a worker or model list.
-    Data { data: serde_json::Value },
+    Data {
+        data: serde_json::Value,
+    },
     Done {
         finish_reason: FinishReason,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         usage: Option<Usage>,
     },
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl JobEvent {
@@ -54,11 +69,16 @@ impl JobEvent {
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
-        JobEvent::Error { code, message: message.into() }
+        JobEvent::Error {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn narration(message: impl Into<String>) -> Self {
-        JobEvent::Narration { message: message.into() }
+        JobEvent::Narration {
+            message: message.into(),
+        }
     }
 }
 
@@ -82,6 +102,10 @@ pub struct Usage {
 
 impl Usage {
     pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }

@@ -19,8 +19,8 @@ pub use info::{
     WorkerInfo, WorkerState,
 };
 pub use operation::{
-    ChatMessage, ChatRole, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,
-    WorkerSpawnRequest, WorkerTarget, HiveTarget,
+    ChatMessage, ChatRole, HiveTarget, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,
+    WorkerSpawnRequest, WorkerTarget,
 };
 
 /// The SSE `data:` payload that follows the terminal event of every job stream.

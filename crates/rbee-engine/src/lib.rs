@@ -1,1 +1,75 @@
-//! placeholder
+//! rbee's inference engine: loads a model with candle, tokenizes and renders prompts, samples
+//! tokens and streams them to a callback.
+//!
+//! It runs GGUF files of the llama family and qwen2 (quantized or not) and safetensors llama
+//! checkpoints in Hugging Face hub layout, on CPU, CUDA or Metal (the last two behind the
+//! `cuda` / `metal` features). Every family sits behind one trait and shares one generation
+//! loop, one sampler and one incremental detokenizer.
+//!
+//! The API is blocking and synchronous: it knows nothing of HTTP, jobs, async runtimes or the
+//! wire contract. The worker owns an [`Engine`] on a dedicated thread and turns its callbacks
+//! into events.
+
+mod device;
+mod engine;
+mod error;
+mod model;
+mod params;
+mod sampling;
+mod stop;
+
+pub mod chat;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, ChatTurn};
+pub use device::{DeviceSpec, ParseDeviceError};
+pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, LoadProgress};
+pub use error::{EngineError, ErrorKind};
+pub use model::{ModelInfo, WeightsFormat};
+pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
+pub use tokenizer::TextTokenizer;
+
+/// Sets how many CPU threads candle uses for inference; 0 keeps candle's default (the number
+/// of physical cores).
+///
+/// candle sizes its thread pools once, from the `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`
+/// environment variables, the first time it computes anything on the CPU. This function sets
+/// both, so it must run before the first model is loaded, and, because changing the
+/// environment is only sound while no other thread exists, before the process starts any
+/// thread (first thing in `main`, before an async runtime is built).
+///
+/// Returns an error, and changes nothing, when other threads are already running (detected
+/// on Linux).
+pub fn set_cpu_threads(n: usize) -> Result<(), EngineError> {
+    if n == 0 {
+        return Ok(());
+    }
+    if let Some(threads) = running_threads()
+        && threads > 1
+    {
+        return Err(EngineError::Device(format!(
+            "cannot set the CPU thread count: {threads} threads are already running; \
+             set it before starting any thread, or set CANDLE_NUM_THREADS and RAYON_NUM_THREADS"
+        )));
+    }
+    let value = n.to_string();
+    // SAFETY: `set_var` races only with concurrent access to the environment from other
+    // threads. On Linux the check above proved this is the only thread; elsewhere the
+    // documented contract is that callers run this before starting any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", &value);
+        std::env::set_var("RAYON_NUM_THREADS", &value);
+    }
+    candle_core::utils::init_global_threadpool();
+    Ok(())
+}
+
+/// Number of threads in this process, where the OS lets us count them cheaply.
+fn running_threads() -> Option<usize> {
+    if cfg!(target_os = "linux") {
+        std::fs::read_dir("/proc/self/task").ok().map(|d| d.count())
+    } else {
+        None
+    }
+}

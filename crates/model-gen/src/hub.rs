@@ -1,0 +1,114 @@
+//! Hugging Face hub layout: `config.json`, `model.safetensors` (F32), `tokenizer.json`,
+//! `tokenizer_config.json`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, View};
+use serde::Serialize;
+
+use crate::spec::{Arch, ModelSpec};
+use crate::tokenizer::{self, Vocab};
+use crate::weights::{TensorDef, tensor_defs};
+use crate::{Error, io_error};
+
+/// Writes the four hub files of `spec` into `dir` (created if missing).
+pub fn write_hub_dir(spec: &ModelSpec, dir: &Path) -> Result<(), Error> {
+    spec.validate()?;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
+    let write_text = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text + "\n").map_err(|e| io_error(&path, e))
+    };
+    write_text("config.json", serde_json::to_string_pretty(&HfConfig::new(spec))?)?;
+    let vocab = Vocab::new(spec.vocab);
+    write_text("tokenizer.json", tokenizer::tokenizer_json(&vocab)?)?;
+    write_text("tokenizer_config.json", tokenizer::tokenizer_config_json(spec)?)?;
+
+    let views: Vec<(String, LazyTensor<'_>)> = tensor_defs(spec)
+        .into_iter()
+        .map(|def| (def.hf_name.clone(), LazyTensor { def, spec }))
+        .collect();
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), &dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// A tensor whose bytes are generated when the serializer asks for them, so only one tensor
+/// is in memory at a time.
+struct LazyTensor<'a> {
+    def: TensorDef,
+    spec: &'a ModelSpec,
+}
+
+impl View for LazyTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.def.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let values = self.def.generate(self.spec);
+        Cow::Owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    fn data_len(&self) -> usize {
+        self.def.elem_count() * 4
+    }
+}
+
+/// The fields of transformers' `LlamaConfig` / `Qwen2Config` that loaders read.
+#[derive(Serialize)]
+struct HfConfig {
+    architectures: [&'static str; 1],
+    model_type: &'static str,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    head_dim: usize,
+    hidden_act: &'static str,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+    tie_word_embeddings: bool,
+    attention_bias: bool,
+    bos_token_id: u32,
+    eos_token_id: u32,
+    torch_dtype: &'static str,
+}
+
+impl HfConfig {
+    fn new(spec: &ModelSpec) -> Self {
+        let (architecture, model_type) = match spec.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
+        Self {
+            architectures: [architecture],
+            model_type,
+            hidden_size: spec.hidden,
+            intermediate_size: spec.ffn,
+            num_hidden_layers: spec.layers,
+            num_attention_heads: spec.heads,
+            num_key_value_heads: spec.kv_heads,
+            head_dim: spec.head_dim(),
+            hidden_act: "silu",
+            vocab_size: spec.vocab,
+            max_position_embeddings: spec.context_length,
+            rms_norm_eps: spec.rms_eps,
+            rope_theta: spec.rope_theta,
+            tie_word_embeddings: spec.tie_embeddings,
+            attention_bias: spec.arch.has_qkv_bias(),
+            bos_token_id: tokenizer::BOS_ID,
+            eos_token_id: tokenizer::EOS_ID,
+            torch_dtype: "float32",
+        }
+    }
+}

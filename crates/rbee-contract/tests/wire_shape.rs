@@ -1,0 +1,125 @@
+//! The JSON fixtures pin the wire shape: each one must parse into the typed value and
+//! serialize back to the same JSON. A failing test here means a protocol change.
+
+use rbee_contract::{
+    ApiErrorBody, ChatRole, ErrorCode, FinishReason, HiveHeartbeat, JobEvent, Operation,
+    WorkerHeartbeat, WorkerState,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Parses the fixture and checks that serializing gives the same JSON back.
+fn round_trip<T: DeserializeOwned + Serialize>(name: &str) -> T {
+    let json = fixture(name);
+    let typed: T = serde_json::from_value(json.clone()).unwrap();
+    assert_eq!(
+        serde_json::to_value(&typed).unwrap(),
+        json,
+        "{name} does not round-trip"
+    );
+    typed
+}
+
+#[test]
+fn infer_operation_shape() {
+    let Operation::Infer(req) = round_trip::<Operation>("infer_operation.json") else {
+        panic!("not an infer operation");
+    };
+    assert_eq!(req.prompt.as_deref(), Some("The capital of France is"));
+    assert_eq!(req.max_tokens, Some(16));
+    assert_eq!(req.stop, vec!["\n".to_string()]);
+}
+
+#[test]
+fn chat_operation_shape() {
+    let Operation::Infer(req) = round_trip::<Operation>("chat_operation.json") else {
+        panic!("not an infer operation");
+    };
+    let messages = req.messages.unwrap();
+    assert_eq!(messages[1].role, ChatRole::User);
+}
+
+#[test]
+fn worker_spawn_shape() {
+    let op = round_trip::<Operation>("worker_spawn_operation.json");
+    assert_eq!(op.name(), "worker_spawn");
+}
+
+#[test]
+fn every_event_kind_round_trips() {
+    let events: Vec<JobEvent> = round_trip("events.json");
+    assert_eq!(events.len(), 10);
+    let terminal: Vec<_> = events.iter().filter(|e| e.is_terminal()).collect();
+    assert_eq!(terminal.len(), 2);
+    assert!(matches!(
+        events[8],
+        JobEvent::Done {
+            finish_reason: FinishReason::Length,
+            ..
+        }
+    ));
+    assert!(matches!(
+        events[9],
+        JobEvent::Error {
+            code: ErrorCode::WorkerLost,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn heartbeats_round_trip() {
+    let worker: WorkerHeartbeat = round_trip("worker_heartbeat.json");
+    assert_eq!(worker.worker.state, WorkerState::Ready);
+    let hive: HiveHeartbeat = round_trip("hive_heartbeat.json");
+    assert_eq!(hive.hive.devices.len(), 2);
+}
+
+#[test]
+fn error_body_round_trips() {
+    let body: ApiErrorBody = round_trip("error_body.json");
+    assert_eq!(body.error.code, ErrorCode::ContextLengthExceeded);
+    assert_eq!(body.error.code.http_status(), 400);
+}
+
+#[test]
+fn unknown_operation_is_rejected() {
+    let err = serde_json::from_str::<Operation>(r#"{"operation":"fly","model":"m"}"#).unwrap_err();
+    assert!(err.to_string().contains("unknown variant"), "{err}");
+}
+
+#[test]
+fn wrong_types_and_unknown_fields_are_rejected() {
+    for bad in [
+        r#"{"operation":"infer","model":"m","prompt":"hi","max_tokens":-1}"#,
+        r#"{"operation":"infer","model":"m","prompt":"hi","max_tokens":"ten"}"#,
+        r#"{"operation":"infer","model":"m","prompt":"hi","temprature":0.5}"#,
+        r#"{"operation":"infer","prompt":"hi"}"#,
+        r#"{"operation":"infer","model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+    ] {
+        assert!(
+            serde_json::from_str::<Operation>(bad).is_err(),
+            "accepted: {bad}"
+        );
+    }
+}
+
+#[test]
+fn unknown_error_codes_stay_readable() {
+    let ev: JobEvent =
+        serde_json::from_str(r#"{"event":"error","code":"from_the_future","message":"x"}"#)
+            .unwrap();
+    assert!(matches!(
+        ev,
+        JobEvent::Error {
+            code: ErrorCode::Unknown,
+            ..
+        }
+    ));
+}

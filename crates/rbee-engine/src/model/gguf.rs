@@ -1,0 +1,284 @@
+//! GGUF files: llama-family and qwen2, quantized or not.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, gguf_file};
+use candle_core::{Device, Tensor};
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
+
+use super::{CausalLm, LoadedModel, ModelInfo, WeightsFormat, report};
+use crate::tokenizer::TextTokenizer;
+use crate::{EngineError, LoadProgress};
+
+/// Share of the load progress bar spent before the weights are read (header, tokenizer).
+const WEIGHTS_START: f32 = 0.1;
+const WEIGHTS_END: f32 = 0.98;
+
+/// True when `path` is a file starting with the GGUF magic, whatever its name.
+pub(super) fn has_magic(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && &magic == b"GGUF"
+}
+
+pub(super) fn load(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, EngineError> {
+    report(progress, 0.0, format!("reading {}", path.display()));
+    let (content, mut reader) = read_header(path)?;
+    let arch = metadata_str(&content, "general.architecture")
+        .ok_or_else(|| EngineError::Load("the GGUF file has no general.architecture".into()))?
+        .to_owned();
+    let family = match arch.as_str() {
+        "llama" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        other => {
+            return Err(EngineError::UnsupportedModel(format!(
+                "GGUF architecture `{other}` is not supported (supported: llama, qwen2)"
+            )));
+        }
+    };
+
+    report(progress, 0.05, "building the tokenizer from GGUF metadata");
+    let tokenizer =
+        TextTokenizer::from_gguf(&content).map_err(|e| EngineError::load("tokenizer", e))?;
+    let info = describe(path, &content, &arch, family, &tokenizer)?;
+
+    let total = info.weights_bytes;
+    let mut reader = ProgressReader { inner: &mut reader, read: 0, total, reported: 0, progress };
+    let model: Box<dyn CausalLm> = match family {
+        Family::Llama => {
+            let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
+                .map_err(|e| EngineError::load("llama weights", e))?;
+            Box::new(GgufLlama { active: weights.clone(), pristine: weights })
+        }
+        Family::Qwen2 => {
+            let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
+                .map_err(|e| EngineError::load("qwen2 weights", e))?;
+            Box::new(GgufQwen2 {
+                weights,
+                source: path.to_owned(),
+                device: device.clone(),
+                mask_shapes: HashSet::new(),
+                mask_bytes: 0,
+            })
+        }
+    };
+    report(progress, 1.0, "model loaded");
+    Ok(LoadedModel { model, info, tokenizer })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Family {
+    Llama,
+    Qwen2,
+}
+
+fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
+    let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader)
+        .map_err(|e| EngineError::Load(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+    Ok((content, reader))
+}
+
+fn describe(
+    path: &Path,
+    content: &gguf_file::Content,
+    arch: &str,
+    family: Family,
+    tokenizer: &TextTokenizer,
+) -> Result<ModelInfo, EngineError> {
+    let required = |key: &str| {
+        metadata_usize(content, &format!("{arch}.{key}"))
+            .ok_or_else(|| EngineError::Load(format!("the GGUF file has no {arch}.{key}")))
+    };
+    let n_layers = required("block_count")?;
+    let hidden_size = required("embedding_length")?;
+    let n_heads = required("attention.head_count")?;
+    let n_kv_heads = required("attention.head_count_kv").unwrap_or(n_heads);
+    let trained_context_length = match family {
+        // quantized_llama precomputes rotary tables for a fixed number of positions.
+        Family::Llama => required("context_length").unwrap_or(quantized_llama::MAX_SEQ_LEN),
+        Family::Qwen2 => required("context_length")?,
+    };
+    let context_length = match family {
+        Family::Llama => trained_context_length.min(quantized_llama::MAX_SEQ_LEN),
+        Family::Qwen2 => trained_context_length,
+    };
+    let vocab_size = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .map(|t| t.shape.dims()[0])
+        .ok_or_else(|| EngineError::Load("the GGUF file has no token_embd.weight".into()))?;
+    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hidden_size % n_heads != 0 {
+        return Err(EngineError::Load(format!(
+            "inconsistent attention shape: hidden {hidden_size}, {n_heads} heads, {n_kv_heads} KV heads"
+        )));
+    }
+
+    let mut bytes_by_dtype: Vec<(GgmlDType, u64)> = Vec::new();
+    let mut weights_bytes = 0u64;
+    for t in content.tensor_infos.values() {
+        let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64;
+        weights_bytes += bytes;
+        if t.shape.rank() >= 2 {
+            match bytes_by_dtype.iter_mut().find(|(d, _)| *d == t.ggml_dtype) {
+                Some((_, b)) => *b += bytes,
+                None => bytes_by_dtype.push((t.ggml_dtype, bytes)),
+            }
+        }
+    }
+    let dtype = bytes_by_dtype.iter().max_by_key(|(_, b)| *b).map_or("unknown", |(d, _)| ggml_name(*d));
+
+    let name = metadata_str(content, "general.name")
+        .map(str::to_owned)
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    Ok(ModelInfo {
+        name,
+        architecture: arch.to_owned(),
+        format: WeightsFormat::Gguf { dtype: dtype.to_owned() },
+        context_length,
+        trained_context_length,
+        vocab_size,
+        eos_token_ids: tokenizer.eos_token_ids().to_vec(),
+        bos_token_id: tokenizer.bos_token_id(),
+        weights_bytes,
+        n_layers,
+        hidden_size,
+        n_heads,
+        n_kv_heads,
+    })
+}
+
+fn metadata_str<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
+    content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+}
+
+fn metadata_usize(content: &gguf_file::Content, key: &str) -> Option<usize> {
+    let v = content.metadata.get(key)?;
+    v.to_u32().map(|n| n as usize).or_else(|_| v.to_u64().map(|n| n as usize)).ok()
+}
+
+/// llama.cpp's names for the GGML types.
+fn ggml_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
+}
+
+/// Passes reads through and turns the bytes read into load progress.
+struct ProgressReader<'a, R> {
+    inner: R,
+    read: u64,
+    total: u64,
+    /// Last reported percentage, so the callback fires at most about a hundred times.
+    reported: u64,
+    progress: &'a mut dyn FnMut(LoadProgress),
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        let percent = (self.read * 100).checked_div(self.total).unwrap_or(100).min(100);
+        if percent > self.reported {
+            self.reported = percent;
+            let fraction = WEIGHTS_START + (WEIGHTS_END - WEIGHTS_START) * percent as f32 / 100.0;
+            let mib = |b: u64| b / (1024 * 1024);
+            report(
+                self.progress,
+                fraction,
+                format!("loading weights: {} of {} MiB", mib(self.read.min(self.total)), mib(self.total)),
+            );
+        }
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for ProgressReader<'_, R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// `quantized_llama` keeps its KV cache and a mask cache inside the weights struct; cloning the
+/// pristine copy (which shares every weight tensor) is the cheapest way to drop both.
+struct GgufLlama {
+    pristine: quantized_llama::ModelWeights,
+    active: quantized_llama::ModelWeights,
+}
+
+impl CausalLm for GgufLlama {
+    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        self.active.forward(tokens, pos)
+    }
+
+    fn reset(&mut self) -> Result<(), EngineError> {
+        self.active = self.pristine.clone();
+        Ok(())
+    }
+}
+
+/// Most bytes of attention masks `quantized_qwen2` may accumulate before the model is reloaded.
+const QWEN2_MASK_BUDGET: usize = 256 * 1024 * 1024;
+
+/// `quantized_qwen2` is not `Clone` and caches one attention mask per (query, key) length pair
+/// for its whole life; with varied prompt lengths that cache would grow without bound. The masks
+/// requested are tracked here, and when they exceed [`QWEN2_MASK_BUDGET`] the weights are
+/// reloaded from the file, which is the only way to drop them.
+struct GgufQwen2 {
+    weights: quantized_qwen2::ModelWeights,
+    source: PathBuf,
+    device: Device,
+    mask_shapes: HashSet<(usize, usize)>,
+    mask_bytes: usize,
+}
+
+impl CausalLm for GgufQwen2 {
+    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        let seq_len = tokens.dim(1)?;
+        if seq_len > 1 && self.mask_shapes.insert((seq_len, pos + seq_len)) {
+            self.mask_bytes += seq_len * (pos + seq_len);
+        }
+        self.weights.forward(tokens, pos)
+    }
+
+    fn reset(&mut self) -> Result<(), EngineError> {
+        if self.mask_bytes > QWEN2_MASK_BUDGET {
+            tracing::info!(
+                mask_bytes = self.mask_bytes,
+                "reloading qwen2 weights to release cached attention masks"
+            );
+            let (content, mut reader) = read_header(&self.source)?;
+            self.weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &self.device)
+                .map_err(|e| EngineError::Inference(format!("reloading qwen2 weights: {e}")))?;
+            self.mask_shapes.clear();
+            self.mask_bytes = 0;
+        } else {
+            self.weights.clear_kv_cache();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! Safetensors llama checkpoints in Hugging Face hub layout: `config.json`, one
+//! `model.safetensors` or shards listed in `model.safetensors.index.json`, `tokenizer.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::llama::{self, LlamaConfig, LlamaEosToks};
+
+use super::{CausalLm, LoadedModel, ModelInfo, WeightsFormat, report};
+use crate::tokenizer::TextTokenizer;
+use crate::{EngineError, LoadProgress};
+
+const TENSORS_START: f32 = 0.1;
+const TENSORS_END: f32 = 0.95;
+
+pub(super) fn load(
+    path: &Path,
+    device: &Device,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, EngineError> {
+    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
+    report(progress, 0.0, format!("reading {}", dir.join("config.json").display()));
+    let raw_config = read_json(&dir.join("config.json"))?;
+    check_architecture(&raw_config)?;
+    let mut config: LlamaConfig = serde_json::from_value(raw_config.clone())
+        .map_err(|e| EngineError::load("config.json is not a llama config", e))?;
+    check_dimensions(&config)?;
+
+    report(progress, 0.05, "loading tokenizer.json");
+    let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"))
+        .map_err(|e| EngineError::load("tokenizer", e))?;
+
+    let files = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only and only read while `tensors` lives, within this
+    // function. Another process truncating them meanwhile would fault; that is the documented
+    // risk of memory-mapping model files, accepted here as every candle loader does.
+    #[allow(unsafe_code)]
+    let tensors = unsafe { MmapedSafetensors::multi(&files) }
+        .map_err(|e| EngineError::load("reading safetensors", e))?;
+
+    if config.tie_word_embeddings != Some(true) && tensors.get("lm_head.weight").is_err() {
+        // Checkpoints that tie the output to the embedding do not always say so in config.json.
+        config.tie_word_embeddings = Some(true);
+    }
+    let dtype = compute_dtype(&raw_config, device);
+    let expected = expected_tensors(&config);
+    check_tensors(&tensors, &expected)?;
+
+    let total_elems: usize = expected.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
+    let mut loaded_elems = 0usize;
+    let mut weights = HashMap::with_capacity(expected.len());
+    for (name, shape) in &expected {
+        let tensor = tensors
+            .load(name, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| EngineError::load(format_args!("tensor {name}"), e))?;
+        weights.insert(name.clone(), tensor);
+        loaded_elems += shape.iter().product::<usize>();
+        let fraction = TENSORS_START + (TENSORS_END - TENSORS_START) * loaded_elems as f32 / total_elems as f32;
+        report(progress, fraction, format!("loaded {name}"));
+    }
+    drop(tensors);
+
+    let info = describe(dir, &config, dtype, total_elems, &tokenizer);
+    let config = config.into_config(false);
+    let vb = VarBuilder::from_tensors(weights, dtype, device);
+    // Every tensor `Llama::load` asks for was checked above, so its internal unwraps cannot fire.
+    let model = llama::Llama::load(vb, &config).map_err(|e| EngineError::load("llama weights", e))?;
+    let pristine_cache = llama::Cache::new(true, dtype, &config, device)
+        .map_err(|e| EngineError::load("rotary tables", e))?;
+    report(progress, 1.0, "model loaded");
+    Ok(LoadedModel {
+        model: Box::new(SafetensorsLlama { model, cache: pristine_cache.clone(), pristine_cache }),
+        info,
+        tokenizer,
+    })
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::load(path.display(), e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::load(path.display(), e))
+}
+
+fn check_architecture(config: &serde_json::Value) -> Result<(), EngineError> {
+    let model_type = config.get("model_type").and_then(|v| v.as_str());
+    let is_llama_class = config
+        .get("architectures")
+        .and_then(|v| v.as_array())
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some("LlamaForCausalLM")));
+    match model_type {
+        Some("llama") => Ok(()),
+        None if is_llama_class => Ok(()),
+        Some(other) => Err(EngineError::UnsupportedModel(format!(
+            "safetensors model_type `{other}` is not supported (supported: llama)"
+        ))),
+        None => Err(EngineError::UnsupportedModel(
+            "config.json names neither model_type nor a supported architecture".into(),
+        )),
+    }
+}
+
+fn check_dimensions(c: &LlamaConfig) -> Result<(), EngineError> {
+    let kv_heads = c.num_key_value_heads();
+    let ok = c.hidden_size > 0
+        && c.num_attention_heads > 0
+        && kv_heads > 0
+        && c.vocab_size > 0
+        && c.max_position_embeddings > 0
+        && c.hidden_size % c.num_attention_heads == 0
+        && c.num_attention_heads % kv_heads == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::Load(format!(
+            "inconsistent config.json: hidden_size {}, {} heads, {} KV heads, vocab {}, {} positions",
+            c.hidden_size, c.num_attention_heads, kv_heads, c.vocab_size, c.max_position_embeddings
+        )))
+    }
+}
+
+/// `model.safetensors`, or the shards named by `model.safetensors.index.json`, or failing both
+/// every `*.safetensors` file in the directory.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let index = read_json(&index)?;
+        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            EngineError::Load("model.safetensors.index.json has no weight_map".into())
+        })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::load(dir.display(), e))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::Load(format!("no .safetensors files in {}", dir.display())));
+    }
+    Ok(files)
+}
+
+/// f32 on CPU, where half-precision matmuls are slow; the checkpoint's own half type on GPUs.
+fn compute_dtype(config: &serde_json::Value, device: &Device) -> DType {
+    let declared = config.get("torch_dtype").and_then(|v| v.as_str());
+    match (device, declared) {
+        (Device::Cpu, _) => DType::F32,
+        (Device::Cuda(_), Some("bfloat16")) => DType::BF16,
+        (_, Some("float16" | "bfloat16")) => DType::F16,
+        _ => DType::F32,
+    }
+}
+
+/// Every tensor `candle_transformers::models::llama::Llama::load` reads, with its shape.
+fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let h = c.hidden_size;
+    let head_dim = h / c.num_attention_heads;
+    let q = head_dim * c.num_attention_heads;
+    let kv = head_dim * c.num_key_value_heads();
+    let i = c.intermediate_size;
+    let mut out = vec![
+        ("model.embed_tokens.weight".to_owned(), vec![c.vocab_size, h]),
+        ("model.norm.weight".to_owned(), vec![h]),
+    ];
+    if c.tie_word_embeddings != Some(true) {
+        out.push(("lm_head.weight".to_owned(), vec![c.vocab_size, h]));
+    }
+    for layer in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{layer}");
+        out.extend([
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+        ]);
+    }
+    out
+}
+
+/// Checks names and shapes from the safetensors headers before any data is read, so a
+/// mismatched checkpoint fails with a message instead of deep inside the model builder.
+fn check_tensors(tensors: &MmapedSafetensors, expected: &[(String, Vec<usize>)]) -> Result<(), EngineError> {
+    for (name, shape) in expected {
+        let view = tensors
+            .get(name)
+            .map_err(|_| EngineError::Load(format!("the checkpoint has no tensor {name}")))?;
+        if view.shape() != shape.as_slice() {
+            return Err(EngineError::Load(format!(
+                "tensor {name} has shape {:?}, config.json implies {shape:?}",
+                view.shape()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn describe(
+    dir: &Path,
+    c: &LlamaConfig,
+    dtype: DType,
+    elems: usize,
+    tokenizer: &TextTokenizer,
+) -> ModelInfo {
+    let mut eos = tokenizer.eos_token_ids().to_vec();
+    let mut add = |id: u32| {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    };
+    match &c.eos_token_id {
+        Some(LlamaEosToks::Single(id)) => add(*id),
+        Some(LlamaEosToks::Multiple(ids)) => ids.iter().copied().for_each(&mut add),
+        None => {}
+    }
+    // generation_config.json often lists the end-of-turn tokens of chat models.
+    if let Ok(generation) = read_json(&dir.join("generation_config.json"))
+        && let Some(ids) = generation.get("eos_token_id")
+    {
+        let ids = ids.as_array().cloned().unwrap_or_else(|| vec![ids.clone()]);
+        ids.iter().filter_map(|v| v.as_u64()).filter_map(|v| u32::try_from(v).ok()).for_each(&mut add);
+    }
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default();
+    ModelInfo {
+        name,
+        architecture: "llama".to_owned(),
+        format: WeightsFormat::Safetensors { dtype: dtype.as_str().to_owned() },
+        context_length: c.max_position_embeddings,
+        trained_context_length: c.max_position_embeddings,
+        vocab_size: c.vocab_size,
+        eos_token_ids: eos,
+        bos_token_id: tokenizer.bos_token_id().or(c.bos_token_id),
+        weights_bytes: (elems * dtype.size_in_bytes()) as u64,
+        n_layers: c.num_hidden_layers,
+        hidden_size: c.hidden_size,
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads(),
+    }
+}
+
+/// `llama::Llama` keeps no state; the KV cache lives in a `Cache` whose pristine copy holds the
+/// rotary tables, so a reset is a clone that shares them.
+struct SafetensorsLlama {
+    model: llama::Llama,
+    pristine_cache: llama::Cache,
+    cache: llama::Cache,
+}
+
+impl CausalLm for SafetensorsLlama {
+    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+        self.model.forward(tokens, pos, &mut self.cache)
+    }
+
+    fn reset(&mut self) -> Result<(), EngineError> {
+        self.cache = self.pristine_cache.clone();
+        Ok(())
+    }
+}
