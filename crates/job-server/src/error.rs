@@ -21,9 +21,13 @@ pub struct ApiError {
 impl ApiError {
     /// An error whose status is the code's default ([`ErrorCode::http_status`]).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let status = StatusCode::from_u16(code.http_status())
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiError { status, code, message: message.into() }
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     /// The same error answered with another status (e.g. `410` for an evicted resume point).
@@ -73,16 +77,25 @@ pub struct JobOutcome {
 
 impl JobOutcome {
     pub fn new(finish_reason: FinishReason, usage: Option<Usage>) -> Self {
-        JobOutcome { finish_reason, usage }
+        JobOutcome {
+            finish_reason,
+            usage,
+        }
     }
 
     /// A non-generating operation that completed.
     pub fn complete() -> Self {
-        JobOutcome { finish_reason: FinishReason::Complete, usage: None }
+        JobOutcome {
+            finish_reason: FinishReason::Complete,
+            usage: None,
+        }
     }
 
     pub fn into_event(self) -> JobEvent {
-        JobEvent::Done { finish_reason: self.finish_reason, usage: self.usage }
+        JobEvent::Done {
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        }
     }
 }
 
@@ -96,7 +109,10 @@ pub struct JobFailure {
 
 impl JobFailure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        JobFailure { code, message: message.into() }
+        JobFailure {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -104,13 +120,19 @@ impl JobFailure {
     }
 
     pub fn into_event(self) -> JobEvent {
-        JobEvent::Error { code: self.code, message: self.message }
+        JobEvent::Error {
+            code: self.code,
+            message: self.message,
+        }
     }
 }
 
 impl From<ApiError> for JobFailure {
     fn from(err: ApiError) -> Self {
-        JobFailure { code: err.code, message: err.message }
+        JobFailure {
+            code: err.code,
+            message: err.message,
+        }
     }
 }
 
@@ -122,7 +144,13 @@ pub type JobResult = Result<JobOutcome, JobFailure>;
 /// back unchanged in `Err`.
 pub fn terminal_to_result(event: JobEvent) -> Result<JobResult, JobEvent> {
     match event {
-        JobEvent::Done { finish_reason, usage } => Ok(Ok(JobOutcome { finish_reason, usage })),
+        JobEvent::Done {
+            finish_reason,
+            usage,
+        } => Ok(Ok(JobOutcome {
+            finish_reason,
+            usage,
+        })),
         JobEvent::Error { code, message } => Ok(Err(JobFailure { code, message })),
         other => Err(other),
     }

@@ -81,7 +81,9 @@ impl Job {
     fn log(&self) -> MutexGuard<'_, EventLog> {
         // The log is plain bookkeeping; a panic while it was held cannot leave it half-updated
         // in a way that matters more than losing the job's stream, so keep serving it.
-        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn finished_at(&self) -> Option<Instant> {
@@ -103,7 +105,11 @@ impl Job {
     /// The terminal event of a cancelled job. A token cancelled from above (shutdown of the
     /// whole server) carries no reason of its own.
     pub fn cancelled_event(&self) -> JobEvent {
-        let reason = self.cancel_reason.get().copied().unwrap_or(CancelReason::Shutdown);
+        let reason = self
+            .cancel_reason
+            .get()
+            .copied()
+            .unwrap_or(CancelReason::Shutdown);
         JobEvent::error(ErrorCode::Cancelled, reason.message())
     }
 
@@ -111,8 +117,9 @@ impl Job {
         if event.is_terminal() {
             return Err(EmitError::Terminal);
         }
-        let json: Arc<str> =
-            serde_json::to_string(&event).map_err(|e| EmitError::Encode(e.to_string()))?.into();
+        let json: Arc<str> = serde_json::to_string(&event)
+            .map_err(|e| EmitError::Encode(e.to_string()))?
+            .into();
         let mut pending = (Arc::new(event), json);
         loop {
             let room = self.room.notified();
@@ -149,7 +156,8 @@ impl Job {
             Ok(json) => json.into(),
             Err(err) => {
                 tracing::error!(%err, "terminal event cannot be encoded");
-                let fallback = JobEvent::error(ErrorCode::Internal, "the job's result could not be encoded");
+                let fallback =
+                    JobEvent::error(ErrorCode::Internal, "the job's result could not be encoded");
                 serde_json::to_string(&fallback).unwrap_or_default().into()
             }
         };
@@ -163,13 +171,20 @@ impl Job {
         seq
     }
 
-    pub fn subscribe(self: &Arc<Self>, last_event_id: Option<u64>) -> Result<JobSubscription, OpenError> {
+    pub fn subscribe(
+        self: &Arc<Self>,
+        last_event_id: Option<u64>,
+    ) -> Result<JobSubscription, OpenError> {
         let reader = self.log().open_reader(last_event_id)?;
         self.attachments.send_modify(|a| {
             a.open += 1;
             a.opened += 1;
         });
-        Ok(JobSubscription { job: Arc::clone(self), reader, saw_terminal: false })
+        Ok(JobSubscription {
+            job: Arc::clone(self),
+            reader,
+            saw_terminal: false,
+        })
     }
 
     /// Resolves when no stream has been attached for the allowed time: `unclaimed` while no

@@ -9,10 +9,8 @@
 //! retention of finished jobs and shutdown. [`ApiError`] is the one mapping from an error to
 //! an HTTP answer, for the job routes and for the daemon's own routes alike.
 //!
-//! It is not a client ([`job-client`] is), and it knows nothing about what operations mean
-//! or about authentication: both are the daemon's business.
-//!
-//! [`job-client`]: https://docs.rs/job-client
+//! It is not a client (the `job-client` crate is), and it knows nothing about what operations
+//! mean or about authentication: both are the daemon's business.
 
 mod error;
 mod executor;

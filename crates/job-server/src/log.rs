@@ -65,7 +65,10 @@ impl EventLog {
     /// Events below this sequence number may be evicted: some reader received them and no
     /// attached reader still needs them.
     fn evictable_below(&self) -> u64 {
-        self.readers.values().copied().fold(self.delivered_below, u64::min)
+        self.readers
+            .values()
+            .copied()
+            .fold(self.delivered_below, u64::min)
     }
 
     fn evict_for_room(&mut self) {
@@ -82,7 +85,11 @@ impl EventLog {
 
     /// Appends a non-terminal event, or hands it back when the buffer holds only events no
     /// reader has received yet (the caller waits for room and tries again).
-    pub fn try_push(&mut self, event: Arc<JobEvent>, json: Arc<str>) -> Result<u64, (Arc<JobEvent>, Arc<str>)> {
+    pub fn try_push(
+        &mut self,
+        event: Arc<JobEvent>,
+        json: Arc<str>,
+    ) -> Result<u64, (Arc<JobEvent>, Arc<str>)> {
         debug_assert!(!self.ended);
         self.evict_for_room();
         if self.entries.len() >= self.capacity {
@@ -111,10 +118,14 @@ impl EventLog {
     pub fn open_reader(&mut self, last_event_id: Option<u64>) -> Result<ReaderId, OpenError> {
         let start = last_event_id.map_or(1, |id| id.saturating_add(1));
         if start > self.next_seq {
-            return Err(OpenError::Ahead { newest: self.next_seq - 1 });
+            return Err(OpenError::Ahead {
+                newest: self.next_seq - 1,
+            });
         }
         if start < self.first_seq() {
-            return Err(OpenError::Gone { oldest: self.first_seq() });
+            return Err(OpenError::Gone {
+                oldest: self.first_seq(),
+            });
         }
         let id = self.next_reader;
         self.next_reader += 1;
@@ -143,7 +154,11 @@ mod tests {
     use super::*;
 
     fn ev(i: u32) -> (Arc<JobEvent>, Arc<str>) {
-        let event = JobEvent::Token { text: i.to_string(), token_id: i, index: i };
+        let event = JobEvent::Token {
+            text: i.to_string(),
+            token_id: i,
+            index: i,
+        };
         let json = serde_json::to_string(&event).unwrap();
         (Arc::new(event), json.into())
     }
@@ -158,11 +173,19 @@ mod tests {
         let mut log = EventLog::new(2);
         assert_eq!(push(&mut log, 0), Some(1));
         assert_eq!(push(&mut log, 1), Some(2));
-        assert_eq!(push(&mut log, 2), None, "nothing delivered yet: back-pressure");
+        assert_eq!(
+            push(&mut log, 2),
+            None,
+            "nothing delivered yet: back-pressure"
+        );
 
         let r = log.open_reader(None).unwrap();
         assert_eq!(log.read(r).unwrap().seq, 1);
-        assert_eq!(push(&mut log, 2), Some(3), "seq 1 was delivered and is evicted");
+        assert_eq!(
+            push(&mut log, 2),
+            Some(3),
+            "seq 1 was delivered and is evicted"
+        );
         assert_eq!(push(&mut log, 3), None);
         assert_eq!(log.read(r).unwrap().seq, 2);
         assert_eq!(log.read(r).unwrap().seq, 3);
@@ -193,10 +216,16 @@ mod tests {
         push(&mut log, 1);
         log.close_reader(r);
         assert_eq!(log.open_reader(Some(0)), Err(OpenError::Gone { oldest: 2 }));
-        assert_eq!(log.open_reader(Some(5)), Err(OpenError::Ahead { newest: 2 }));
+        assert_eq!(
+            log.open_reader(Some(5)),
+            Err(OpenError::Ahead { newest: 2 })
+        );
         let again = log.open_reader(Some(1)).unwrap();
         assert_eq!(log.read(again).unwrap().seq, 2);
-        assert!(log.open_reader(Some(2)).is_ok(), "resuming after the newest event waits for more");
+        assert!(
+            log.open_reader(Some(2)).is_ok(),
+            "resuming after the newest event waits for more"
+        );
     }
 
     #[test]

@@ -57,7 +57,9 @@ async fn stream_job<E: JobExecutor>(
     let subscription = server.subscribe(&job_id, last_event_id)?;
     tracing::debug!(job_id, ?last_event_id, "job stream opened");
     let keep_alive = KeepAlive::new().interval(server.config().keep_alive);
-    Ok(Sse::new(sse_events(subscription)).keep_alive(keep_alive).into_response())
+    Ok(Sse::new(sse_events(subscription))
+        .keep_alive(keep_alive)
+        .into_response())
 }
 
 async fn cancel_job<E: JobExecutor>(
@@ -144,14 +146,22 @@ fn parse_operation(body: &[u8]) -> Result<Operation, ApiError> {
         Some(serde_json::Value::String(tag)) => tag.clone(),
         Some(_) => return Err(ApiError::bad_request("`operation` must be a string")),
         None if value.is_object() => {
-            return Err(ApiError::bad_request("the request body has no `operation` field"));
+            return Err(ApiError::bad_request(
+                "the request body has no `operation` field",
+            ));
         }
-        None => return Err(ApiError::bad_request("the request body must be a JSON object")),
+        None => {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
+        }
     };
     serde_json::from_value(value).map_err(|e| {
         // serde reports an unknown tag of an internally tagged enum as an unknown variant
         // naming the tag itself; any other error is about the operation's fields.
-        if e.to_string().starts_with(&format!("unknown variant `{tag}`")) {
+        if e.to_string()
+            .starts_with(&format!("unknown variant `{tag}`"))
+        {
             ApiError::unsupported_operation(format!("unknown operation `{tag}`"))
         } else {
             ApiError::bad_request(format!("invalid `{tag}` operation: {e}"))
@@ -200,12 +210,23 @@ mod tests {
         assert_eq!(code("[1,2]"), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"model":"m"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"operation":7}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"operation":"infer","model":5}"#), ErrorCode::BadRequest);
-        assert_eq!(code(r#"{"operation":"infer","model":"m","bogus":1}"#), ErrorCode::BadRequest);
         assert_eq!(
-            code(r#"{"operation":"infer","model":"m","messages":[{"role":"robot","content":"x"}]}"#),
+            code(r#"{"operation":"infer","model":5}"#),
             ErrorCode::BadRequest
         );
-        assert_eq!(code(r#"{"operation":"dance"}"#), ErrorCode::UnsupportedOperation);
+        assert_eq!(
+            code(r#"{"operation":"infer","model":"m","bogus":1}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(
+                r#"{"operation":"infer","model":"m","messages":[{"role":"robot","content":"x"}]}"#
+            ),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"operation":"dance"}"#),
+            ErrorCode::UnsupportedOperation
+        );
     }
 }

@@ -69,7 +69,9 @@ pub struct JobOptions {
 
 impl Default for JobOptions {
     fn default() -> Self {
-        JobOptions { cancel_on_disconnect: true }
+        JobOptions {
+            cancel_on_disconnect: true,
+        }
     }
 }
 
@@ -99,13 +101,17 @@ pub struct JobServer<E> {
 
 impl<E> Clone for JobServer<E> {
     fn clone(&self) -> Self {
-        JobServer { inner: Arc::clone(&self.inner) }
+        JobServer {
+            inner: Arc::clone(&self.inner),
+        }
     }
 }
 
 impl<E> std::fmt::Debug for JobServer<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobServer").field("config", &self.inner.config).finish_non_exhaustive()
+        f.debug_struct("JobServer")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,7 +126,9 @@ struct Inner<E> {
 
 impl<E> Inner<E> {
     fn jobs(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
-        self.jobs.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -150,9 +158,16 @@ impl<E: JobExecutor> JobServer<E> {
     ///
     /// Must be called within a Tokio runtime. If the registry is full the admitted job is
     /// dropped and the answer is `503 busy`.
-    pub fn create(&self, operation: Operation, options: JobOptions) -> Result<JobCreated, ApiError> {
+    pub fn create(
+        &self,
+        operation: Operation,
+        options: JobOptions,
+    ) -> Result<JobCreated, ApiError> {
         if self.inner.shutdown.is_cancelled() {
-            return Err(ApiError::new(ErrorCode::ShuttingDown, "the daemon is shutting down"));
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the daemon is shutting down",
+            ));
         }
         let operation_name = operation.name();
         let work = self.inner.executor.admit(operation)?;
@@ -190,8 +205,13 @@ impl<E: JobExecutor> JobServer<E> {
         }
 
         let span = tracing::info_span!("job", job_id = %id, operation = operation_name);
-        self.inner.tracker.spawn(supervise(Arc::clone(&self.inner), job, work).instrument(span));
-        Ok(JobCreated { sse_url: job_stream_path(&id), job_id: id })
+        self.inner
+            .tracker
+            .spawn(supervise(Arc::clone(&self.inner), job, work).instrument(span));
+        Ok(JobCreated {
+            sse_url: job_stream_path(&id),
+            job_id: id,
+        })
     }
 
     /// Reads a job's events after `last_event_id` (from the first when `None`).
@@ -227,7 +247,10 @@ impl<E: JobExecutor> JobServer<E> {
     pub fn stats(&self) -> JobStats {
         let jobs = self.inner.jobs();
         let finished = jobs.values().filter(|j| j.is_finished()).count();
-        JobStats { running: jobs.len() - finished, finished }
+        JobStats {
+            running: jobs.len() - finished,
+            finished,
+        }
     }
 
     /// Refuses new jobs, cancels every job and waits up to `grace` for them to end.
@@ -236,7 +259,9 @@ impl<E: JobExecutor> JobServer<E> {
         tracing::info!(running = self.stats().running, "job server shutting down");
         self.inner.tracker.close();
         self.inner.shutdown.cancel();
-        let all_done = tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok();
+        let all_done = tokio::time::timeout(grace, self.inner.tracker.wait())
+            .await
+            .is_ok();
         if !all_done {
             tracing::warn!(?grace, "jobs still running after the shutdown grace period");
         }
@@ -254,7 +279,10 @@ impl<E: JobExecutor> JobServer<E> {
 
 /// Runs one job to its terminal event, then keeps it for the retention period.
 async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E::Job) {
-    tracing::info!(cancel_on_disconnect = job.cancel_on_disconnect, "job started");
+    tracing::info!(
+        cancel_on_disconnect = job.cancel_on_disconnect,
+        "job started"
+    );
     let config = &inner.config;
     let ctx = JobContext {
         job_id: job.id.clone(),
@@ -281,7 +309,10 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
         }
     };
     match &terminal {
-        JobEvent::Done { finish_reason, usage } => {
+        JobEvent::Done {
+            finish_reason,
+            usage,
+        } => {
             tracing::info!(?finish_reason, ?usage, elapsed = ?job.created_at.elapsed(), "job done");
         }
         JobEvent::Error { code, message } => {
