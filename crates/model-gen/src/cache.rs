@@ -68,9 +68,8 @@ pub fn ensure_generated(
         ModelFormat::Gguf(ty) => write_gguf(spec, ty, &target)?,
         ModelFormat::Hub => {
             let temp = dir.join(unique_temp_name("hub"));
-            let written = write_hub_dir(spec, &temp).and_then(|()| {
-                std::fs::rename(&temp, &target).map_err(|e| io_error(&target, e))
-            });
+            let written = write_hub_dir(spec, &temp)
+                .and_then(|()| std::fs::rename(&temp, &target).map_err(|e| io_error(&target, e)));
             if written.is_err() {
                 // A concurrent writer finished first; its directory is as good as ours.
                 std::fs::remove_dir_all(&temp).ok();

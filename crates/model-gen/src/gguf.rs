@@ -6,7 +6,6 @@
 //! version 3, and generates and quantizes each tensor only when its data is written, so a
 //! TinyLlama-sized file needs one tensor's worth of memory.
 
-use std::fs::File;
 use std::io::{BufWriter, Seek, Write};
 use std::path::Path;
 
@@ -35,11 +34,11 @@ pub enum GgufType {
     F16,
     Q8_0,
     Q4_0,
-    Q4_K,
+    Q4K,
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4_K];
+    pub const ALL: [GgufType; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4K];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
     pub fn name(self) -> &'static str {
@@ -48,7 +47,7 @@ impl GgufType {
             Self::F16 => "f16",
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
-            Self::Q4_K => "q4_k",
+            Self::Q4K => "q4_k",
         }
     }
 
@@ -60,7 +59,7 @@ impl GgufType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
-            Self::Q4_K => 14,
+            Self::Q4K => 14,
         }
     }
 
@@ -70,7 +69,7 @@ impl GgufType {
             Self::F16 => GgmlDType::F16,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4_0 => GgmlDType::Q4_0,
-            Self::Q4_K => GgmlDType::Q4K,
+            Self::Q4K => GgmlDType::Q4K,
         }
     }
 
@@ -80,10 +79,11 @@ impl GgufType {
 
     /// The dtype one tensor gets in a file of this type.
     pub(crate) fn dtype_for(self, def: &TensorDef, spec: &ModelSpec) -> GgmlDType {
-        let is_head = def.role == Role::Output || (spec.tie_embeddings && def.role == Role::Embedding);
+        let is_head =
+            def.role == Role::Output || (spec.tie_embeddings && def.role == Role::Embedding);
         let wanted = match def.role {
-            Role::Norm | Role::Bias => return GgmlDType::F32,
-            _ if is_head && matches!(self, Self::Q4_0 | Self::Q4_K) => GgmlDType::Q8_0,
+            Role::Norm | Role::OutputNorm | Role::Bias => return GgmlDType::F32,
+            _ if is_head && matches!(self, Self::Q4_0 | Self::Q4K) => GgmlDType::Q8_0,
             _ => self.ggml(),
         };
         let fits = |dtype: GgmlDType| def.cols().is_multiple_of(dtype.block_size());
@@ -111,7 +111,7 @@ impl std::str::FromStr for GgufType {
             .into_iter()
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                Error::InvalidSpec(format!(
+                Error::UnknownName(format!(
                     "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0 or q4_k)"
                 ))
             })
@@ -123,7 +123,10 @@ pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
     let arch = spec.arch.gguf_name();
     let u32v = |v: usize| Value::U32(v as u32);
     let mut md = vec![
-        ("general.architecture".to_string(), Value::String(arch.into())),
+        (
+            "general.architecture".to_string(),
+            Value::String(arch.into()),
+        ),
         ("general.name".into(), Value::String(spec.display_name())),
         ("general.file_type".into(), Value::U32(ty.file_type())),
     ];
@@ -145,12 +148,19 @@ pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
         ("rope.freq_base", Value::F32(spec.rope_theta as f32)),
         ("vocab_size", u32v(spec.vocab)),
     ];
-    md.extend(arch_keys.into_iter().map(|(k, v)| (format!("{arch}.{k}"), v)));
+    md.extend(
+        arch_keys
+            .into_iter()
+            .map(|(k, v)| (format!("{arch}.{k}"), v)),
+    );
 
     let vocab = Vocab::new(spec.vocab);
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
     md.extend([
-        ("tokenizer.ggml.model".to_string(), Value::String("llama".into())),
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        ),
         ("tokenizer.ggml.tokens".into(), strings(vocab.tokens)),
         (
             "tokenizer.ggml.scores".into(),
@@ -160,9 +170,18 @@ pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
             "tokenizer.ggml.token_type".into(),
             Value::Array(vocab.token_types.into_iter().map(Value::I32).collect()),
         ),
-        ("tokenizer.ggml.bos_token_id".into(), Value::U32(tokenizer::BOS_ID)),
-        ("tokenizer.ggml.eos_token_id".into(), Value::U32(tokenizer::EOS_ID)),
-        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(tokenizer::UNK_ID)),
+        (
+            "tokenizer.ggml.bos_token_id".into(),
+            Value::U32(tokenizer::BOS_ID),
+        ),
+        (
+            "tokenizer.ggml.eos_token_id".into(),
+            Value::U32(tokenizer::EOS_ID),
+        ),
+        (
+            "tokenizer.ggml.unknown_token_id".into(),
+            Value::U32(tokenizer::UNK_ID),
+        ),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
         ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
         (

@@ -21,10 +21,16 @@ pub fn write_hub_dir(spec: &ModelSpec, dir: &Path) -> Result<(), Error> {
         let path = dir.join(name);
         std::fs::write(&path, text + "\n").map_err(|e| io_error(&path, e))
     };
-    write_text("config.json", serde_json::to_string_pretty(&HfConfig::new(spec))?)?;
+    write_text(
+        "config.json",
+        serde_json::to_string_pretty(&HfConfig::new(spec))?,
+    )?;
     let vocab = Vocab::new(spec.vocab);
     write_text("tokenizer.json", tokenizer::tokenizer_json(&vocab)?)?;
-    write_text("tokenizer_config.json", tokenizer::tokenizer_config_json(spec)?)?;
+    write_text(
+        "tokenizer_config.json",
+        tokenizer::tokenizer_config_json(spec)?,
+    )?;
 
     let views: Vec<(String, LazyTensor<'_>)> = tensor_defs(spec)
         .into_iter()
@@ -82,6 +88,16 @@ struct HfConfig {
     bos_token_id: u32,
     eos_token_id: u32,
     torch_dtype: &'static str,
+    /// Qwen2 configs carry their sliding-window settings (unused: the window is the context).
+    #[serde(flatten)]
+    sliding_window: Option<SlidingWindow>,
+}
+
+#[derive(Serialize)]
+struct SlidingWindow {
+    use_sliding_window: bool,
+    sliding_window: usize,
+    max_window_layers: usize,
 }
 
 impl HfConfig {
@@ -109,6 +125,11 @@ impl HfConfig {
             bos_token_id: tokenizer::BOS_ID,
             eos_token_id: tokenizer::EOS_ID,
             torch_dtype: "float32",
+            sliding_window: (spec.arch == Arch::Qwen2).then_some(SlidingWindow {
+                use_sliding_window: false,
+                sliding_window: spec.context_length,
+                max_window_layers: spec.layers,
+            }),
         }
     }
 }

@@ -31,6 +31,9 @@ pub use weights::{hf_permute, llama_cpp_permute};
 pub enum Error {
     #[error("invalid model spec: {0}")]
     InvalidSpec(String),
+    /// A preset, architecture or format name that does not exist.
+    #[error("{0}")]
+    UnknownName(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

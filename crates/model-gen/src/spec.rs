@@ -44,7 +44,7 @@ impl std::str::FromStr for Arch {
         match s {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
-            other => Err(Error::InvalidSpec(format!(
+            other => Err(Error::UnknownName(format!(
                 "unknown architecture {other:?} (expected llama or qwen2)"
             ))),
         }
@@ -155,7 +155,7 @@ impl ModelSpec {
             ("small", Arch::Qwen2) => Self::small_qwen2(),
             ("tinyllama", Arch::Qwen2) => Self::tinyllama().into_qwen2(),
             (other, _) => {
-                return Err(Error::InvalidSpec(format!(
+                return Err(Error::UnknownName(format!(
                     "unknown preset {other:?} (expected tiny, small or tinyllama)"
                 )));
             }
@@ -197,7 +197,10 @@ impl ModelSpec {
             ));
         }
         if !self.head_dim().is_multiple_of(2) {
-            return fail(format!("head_dim {} must be even for rope", self.head_dim()));
+            return fail(format!(
+                "head_dim {} must be even for rope",
+                self.head_dim()
+            ));
         }
         if self.vocab < MIN_VOCAB {
             return fail(format!(

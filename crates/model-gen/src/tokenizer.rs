@@ -38,15 +38,15 @@ pub const MIN_VOCAB: usize = SPECIALS.len() + 256 + N_CHARS;
 /// even in a small vocabulary; all of their prefixes are pieces too.
 const WORDS: &[&str] = &[
     "the", "The", "Hello", "hello", "world", "World", "Once", "once", "upon", "time", "there",
-    "was", "a", "and", "of", "to", "in", "In", "is", "it", "It", "you", "that", "he", "she",
-    "for", "on", "are", "as", "with", "his", "her", "they", "at", "be", "this", "This", "have",
-    "from", "or", "one", "had", "by", "word", "but", "not", "what", "What", "all", "were", "we",
-    "when", "your", "can", "said", "use", "an", "each", "which", "do", "how", "How", "their",
-    "if", "will", "up", "other", "about", "out", "many", "then", "them", "these", "so", "some",
-    "would", "make", "like", "him", "into", "has", "look", "two", "more", "write", "go", "see",
-    "number", "no", "way", "could", "people", "my", "than", "first", "water", "been", "call",
-    "who", "its", "now", "find", "long", "down", "day", "did", "get", "come", "made", "may",
-    "part", "model", "token", "bee", "rust", "story", "little", "girl", "boy", "cat", "dog",
+    "was", "a", "and", "of", "to", "in", "In", "is", "it", "It", "you", "that", "he", "she", "for",
+    "on", "are", "as", "with", "his", "her", "they", "at", "be", "this", "This", "have", "from",
+    "or", "one", "had", "by", "word", "but", "not", "what", "What", "all", "were", "we", "when",
+    "your", "can", "said", "use", "an", "each", "which", "do", "how", "How", "their", "if", "will",
+    "up", "other", "about", "out", "many", "then", "them", "these", "so", "some", "would", "make",
+    "like", "him", "into", "has", "look", "two", "more", "write", "go", "see", "number", "no",
+    "way", "could", "people", "my", "than", "first", "water", "been", "call", "who", "its", "now",
+    "find", "long", "down", "day", "did", "get", "come", "made", "may", "part", "model", "token",
+    "bee", "rust", "story", "little", "girl", "boy", "cat", "dog",
 ];
 
 /// The vocabulary, in token-id order, with llama.cpp's per-token metadata.
@@ -60,7 +60,10 @@ pub struct Vocab {
 impl Vocab {
     /// Builds exactly `size` entries (`size >= MIN_VOCAB`, checked by `ModelSpec::validate`).
     pub fn new(size: usize) -> Self {
-        assert!(size >= MIN_VOCAB, "vocab {size} is below the minimum {MIN_VOCAB}");
+        assert!(
+            size >= MIN_VOCAB,
+            "vocab {size} is below the minimum {MIN_VOCAB}"
+        );
         let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
         let mut token_types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
         for b in 0..=255u8 {
@@ -251,9 +254,16 @@ struct Pattern {
 #[derive(Serialize)]
 #[serde(tag = "type")]
 enum Normalizer {
-    Sequence { normalizers: Vec<Normalizer> },
-    Prepend { prepend: &'static str },
-    Replace { pattern: Pattern, content: &'static str },
+    Sequence {
+        normalizers: Vec<Normalizer>,
+    },
+    Prepend {
+        prepend: &'static str,
+    },
+    Replace {
+        pattern: Pattern,
+        content: &'static str,
+    },
 }
 
 impl Decoder {

@@ -13,6 +13,8 @@ pub(crate) enum Role {
     Linear,
     /// An RMSNorm scale: all ones, always stored as F32.
     Norm,
+    /// The RMSNorm before the output head, stored as F32.
+    OutputNorm,
     /// A q/k/v bias (qwen2), always stored as F32.
     Bias,
 }
@@ -46,7 +48,10 @@ impl TensorDef {
 
     /// Row length: what quantization blocks are cut from.
     pub(crate) fn cols(&self) -> usize {
-        *self.shape.last().expect("tensors have at least one dimension")
+        *self
+            .shape
+            .last()
+            .expect("tensors have at least one dimension")
     }
 
     /// The values in Hugging Face layout. They depend only on the seed and the HF name.
@@ -54,6 +59,21 @@ impl TensorDef {
         let mut values = vec![0f32; self.elem_count()];
         let std = match self.role {
             Role::Norm => {
+                values.fill(1.0);
+                return values;
+            }
+            // A tied head scores each token by its embedding's dot product with the final
+            // state, which still contains the current token's embedding: untrained, it would
+            // predict the current token forever. Random signs on the final norm decorrelate
+            // the two while keeping every scale at 1.
+            Role::OutputNorm if spec.tie_embeddings => {
+                let mut rng = SplitMix64::for_tensor(spec.seed, &self.hf_name);
+                values
+                    .iter_mut()
+                    .for_each(|v| *v = if rng.next_u64() >> 63 == 0 { 1.0 } else { -1.0 });
+                return values;
+            }
+            Role::OutputNorm => {
                 values.fill(1.0);
                 return values;
             }
@@ -123,17 +143,32 @@ pub(crate) fn tensor_defs(spec: &ModelSpec) -> Vec<TensorDef> {
                 defs.push(TensorDef::new(hf(hf_s), gg(gg_s), vec![len], Role::Bias));
             }
         }
-        defs.push(linear("self_attn.o_proj.weight", "attn_output.weight", h, h));
+        defs.push(linear(
+            "self_attn.o_proj.weight",
+            "attn_output.weight",
+            h,
+            h,
+        ));
         defs.push(norm("post_attention_layernorm.weight", "ffn_norm.weight"));
-        defs.push(linear("mlp.gate_proj.weight", "ffn_gate.weight", spec.ffn, h));
+        defs.push(linear(
+            "mlp.gate_proj.weight",
+            "ffn_gate.weight",
+            spec.ffn,
+            h,
+        ));
         defs.push(linear("mlp.up_proj.weight", "ffn_up.weight", spec.ffn, h));
-        defs.push(linear("mlp.down_proj.weight", "ffn_down.weight", h, spec.ffn));
+        defs.push(linear(
+            "mlp.down_proj.weight",
+            "ffn_down.weight",
+            h,
+            spec.ffn,
+        ));
     }
     defs.push(TensorDef::new(
         "model.norm.weight".into(),
         "output_norm.weight".into(),
         vec![h],
-        Role::Norm,
+        Role::OutputNorm,
     ));
     if !spec.tie_embeddings {
         defs.push(TensorDef::new(
@@ -220,7 +255,10 @@ mod tests {
             let gguf = llama_cpp_permute(&w, rows, cols, heads);
             assert_ne!(gguf, w, "head_dim > 2 must move rows");
             assert_eq!(hf_permute(&gguf, rows, cols, heads), w);
-            assert_eq!(llama_cpp_permute(&hf_permute(&w, rows, cols, heads), rows, cols, heads), w);
+            assert_eq!(
+                llama_cpp_permute(&hf_permute(&w, rows, cols, heads), rows, cols, heads),
+                w
+            );
         }
     }
 
@@ -229,20 +267,32 @@ mod tests {
         let tied = ModelSpec::tiny_qwen2();
         let defs = tensor_defs(&tied);
         assert!(defs.iter().all(|d| d.role != Role::Output));
-        assert_eq!(defs.iter().filter(|d| d.role == Role::Bias).count(), 3 * tied.layers);
+        assert_eq!(
+            defs.iter().filter(|d| d.role == Role::Bias).count(),
+            3 * tied.layers
+        );
         let untied = tensor_defs(&ModelSpec::tiny());
-        assert_eq!(untied.last().map(|d| d.gguf_name.as_str()), Some("output.weight"));
+        assert_eq!(
+            untied.last().map(|d| d.gguf_name.as_str()),
+            Some("output.weight")
+        );
     }
 
     #[test]
     fn values_depend_on_seed_and_name_only() {
         let spec = ModelSpec::tiny();
         let defs = tensor_defs(&spec);
-        let q0 = defs.iter().find(|d| d.hf_name.ends_with("0.self_attn.q_proj.weight")).unwrap();
+        let q0 = defs
+            .iter()
+            .find(|d| d.hf_name.ends_with("0.self_attn.q_proj.weight"))
+            .unwrap();
         assert_eq!(q0.generate(&spec), q0.generate(&spec));
         let reseeded = spec.clone().with_seed(1);
         assert_ne!(q0.generate(&spec), q0.generate(&reseeded));
-        let k0 = defs.iter().find(|d| d.hf_name.ends_with("0.self_attn.k_proj.weight")).unwrap();
+        let k0 = defs
+            .iter()
+            .find(|d| d.hf_name.ends_with("0.self_attn.k_proj.weight"))
+            .unwrap();
         assert_ne!(q0.generate(&spec)[..64], k0.generate(&spec)[..64]);
     }
 }

@@ -282,7 +282,10 @@ mod tests {
         )
         .unwrap();
         let out = template
-            .render(&turns(&[("user", " xy "), ("skip", "no"), ("user", "z")]), false)
+            .render(
+                &turns(&[("user", " xy "), ("skip", "no"), ("user", "z")]),
+                false,
+            )
             .unwrap();
         assert_eq!(out, "XY!Z");
     }

@@ -65,7 +65,9 @@ impl FromStr for DeviceSpec {
     type Err = ParseDeviceError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseDeviceError { input: s.to_owned() };
+        let err = || ParseDeviceError {
+            input: s.to_owned(),
+        };
         let lower = s.trim().to_ascii_lowercase();
         let (name, ordinal) = match lower.split_once(':') {
             Some((name, n)) => (name, n.parse::<usize>().map_err(|_| err())?),
@@ -100,8 +102,19 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for text in ["", "gpu", "cuda:", "cuda:x", "cpu:0", "cuda:-1", "metal:1:2"] {
-            assert!(text.parse::<DeviceSpec>().is_err(), "{text} should not parse");
+        for text in [
+            "",
+            "gpu",
+            "cuda:",
+            "cuda:x",
+            "cpu:0",
+            "cuda:-1",
+            "metal:1:2",
+        ] {
+            assert!(
+                text.parse::<DeviceSpec>().is_err(),
+                "{text} should not parse"
+            );
         }
     }
 

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::chat::ChatTemplate;
 use crate::model::{self, CausalLm, ModelInfo};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
+use crate::prompter::Prompter;
 use crate::sampling::Sampler;
 use crate::stop::{Release, StopMatcher};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizerError};
@@ -78,21 +79,38 @@ pub struct Engine {
     device: Device,
     info: ModelInfo,
     tokenizer: TextTokenizer,
-    template: ChatTemplate,
+    prompter: Prompter,
 }
+
+// The worker moves the engine onto a thread of its own.
+const _: fn() = || {
+    fn assert_send<T: Send>() {}
+    assert_send::<Engine>();
+};
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("info", &self.info).field("device", &self.device).finish()
+        f.debug_struct("Engine")
+            .field("info", &self.info)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
 impl Engine {
     /// Loads the model at `opts.model_path` onto `opts.device`, reporting progress as it goes.
-    pub fn load(opts: &LoadOptions, progress: &mut dyn FnMut(LoadProgress)) -> Result<Engine, EngineError> {
+    pub fn load(
+        opts: &LoadOptions,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Engine, EngineError> {
         let device = opts.device.open()?;
         let loaded = model::load(&opts.model_path, &device, progress)?;
-        let template = chat_template(&loaded.tokenizer);
+        let prompter = Prompter::new(
+            loaded.tokenizer.clone(),
+            chat_template(&loaded.tokenizer),
+            loaded.info.context_length,
+            loaded.info.vocab_size,
+        );
         tracing::info!(
             name = %loaded.info.name,
             architecture = %loaded.info.architecture,
@@ -101,7 +119,13 @@ impl Engine {
             device = %opts.device,
             "model loaded"
         );
-        Ok(Engine { model: loaded.model, device, info: loaded.info, tokenizer: loaded.tokenizer, template })
+        Ok(Engine {
+            model: loaded.model,
+            device,
+            info: loaded.info,
+            tokenizer: loaded.tokenizer,
+            prompter,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -113,50 +137,18 @@ impl Engine {
     }
 
     /// Validates `params`, renders and tokenizes the prompt, and resolves the token budget.
-    pub fn prepare(&self, prompt: Prompt, params: GenerationParams) -> Result<PreparedRequest, EngineError> {
-        params.validate()?;
-        let tokens = self.tokenize(&prompt)?;
-        let only_bos = tokens.len() == 1 && Some(tokens[0]) == self.tokenizer.bos_token_id();
-        if tokens.is_empty() || only_bos {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let context_length = self.info.context_length;
-        if tokens.len() >= context_length {
-            return Err(EngineError::ContextLengthExceeded { prompt_tokens: tokens.len(), context_length });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(EngineError::Tokenizer(format!(
-                "token id {bad} is outside the model's vocabulary of {}",
-                self.info.vocab_size
-            )));
-        }
-        let room = context_length - tokens.len();
-        let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
-        Ok(PreparedRequest { prompt_tokens: tokens, max_tokens, params })
+    pub fn prepare(
+        &self,
+        prompt: Prompt,
+        params: GenerationParams,
+    ) -> Result<PreparedRequest, EngineError> {
+        self.prompter.prepare(prompt, params)
     }
 
-    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let tokenizer_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
-        match prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text, true).map_err(tokenizer_err),
-            Prompt::Chat(turns) => {
-                if turns.is_empty() {
-                    return Err(EngineError::EmptyPrompt);
-                }
-                let rendered =
-                    self.template.render(turns, true).map_err(|e| EngineError::Template(e.to_string()))?;
-                // Templates carry their special tokens; BOS is added only when the template
-                // left it out but the model expects it.
-                let mut tokens = self.tokenizer.encode(&rendered, false).map_err(tokenizer_err)?;
-                if self.tokenizer.add_bos()
-                    && let Some(bos) = self.tokenizer.bos_token_id()
-                    && tokens.first() != Some(&bos)
-                {
-                    tokens.insert(0, bos);
-                }
-                Ok(tokens)
-            }
-        }
+    /// A handle that prepares requests without the engine, so that a server can tokenize on
+    /// its request threads while the engine's own thread generates.
+    pub fn prompter(&self) -> Prompter {
+        self.prompter.clone()
     }
 
     /// Runs one generation. `on_token` sees every token with the text it releases and can end
@@ -170,7 +162,8 @@ impl Engine {
         self.model.reset()?;
         let prompt_len = req.prompt_tokens.len();
         let mut sampler = Sampler::new(&req.params);
-        let mut decoder = IncrementalDecoder::with_context(self.tokenizer.clone(), &req.prompt_tokens);
+        let mut decoder =
+            IncrementalDecoder::with_context(self.tokenizer.clone(), &req.prompt_tokens);
         let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
         let mut stops = StopMatcher::new(&req.params.stop);
         let mut context = Vec::with_capacity(prompt_len + req.max_tokens);
@@ -195,7 +188,7 @@ impl Engine {
                 decode_time: started.elapsed().saturating_sub(prefill_time),
             };
 
-            if self.tokenizer.is_eos(token) {
+            if self.info.eos_token_ids.contains(&token) {
                 // Whatever was held back (a partial character or a stop-sequence prefix that
                 // never completed) is final now; it rides on the EOS token, whose own text is not
                 // emitted.
@@ -206,9 +199,16 @@ impl Engine {
                 };
                 if !tail.is_empty() {
                     text.push_str(&tail);
-                    let _ = on_token(GeneratedToken { token_id: token, index, text: tail });
+                    let _ = on_token(GeneratedToken {
+                        token_id: token,
+                        index,
+                        text: tail,
+                    });
                 }
-                return Ok(Completion { text, ..finish(FinishReason::Stop) });
+                return Ok(Completion {
+                    text,
+                    ..finish(FinishReason::Stop)
+                });
             }
 
             let last = index + 1 == req.max_tokens;
@@ -224,15 +224,28 @@ impl Engine {
                 released.push_str(&stops.flush());
             }
             text.push_str(&released);
-            let flow = on_token(GeneratedToken { token_id: token, index, text: released });
+            let flow = on_token(GeneratedToken {
+                token_id: token,
+                index,
+                text: released,
+            });
             if stopped {
-                return Ok(Completion { text, ..finish(FinishReason::Stop) });
+                return Ok(Completion {
+                    text,
+                    ..finish(FinishReason::Stop)
+                });
             }
             if flow.is_break() {
-                return Ok(Completion { text, ..finish(FinishReason::Cancelled) });
+                return Ok(Completion {
+                    text,
+                    ..finish(FinishReason::Cancelled)
+                });
             }
             if last {
-                return Ok(Completion { text, ..finish(FinishReason::Length) });
+                return Ok(Completion {
+                    text,
+                    ..finish(FinishReason::Length)
+                });
             }
             logits = self.forward(&[token], prompt_len + index)?;
         }

@@ -18,7 +18,10 @@ pub enum EngineError {
         "the prompt has {prompt_tokens} tokens but the model's context holds {context_length}; \
          shorten the prompt to leave room for at least one generated token"
     )]
-    ContextLengthExceeded { prompt_tokens: usize, context_length: usize },
+    ContextLengthExceeded {
+        prompt_tokens: usize,
+        context_length: usize,
+    },
     #[error("invalid parameters: {0}")]
     InvalidParams(String),
     /// The chat template could not render the conversation (often a role order it rejects).

@@ -15,6 +15,7 @@ mod engine;
 mod error;
 mod model;
 mod params;
+mod prompter;
 mod sampling;
 mod stop;
 
@@ -27,6 +28,7 @@ pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, 
 pub use error::{EngineError, ErrorKind};
 pub use model::{ModelInfo, WeightsFormat};
 pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
+pub use prompter::Prompter;
 pub use tokenizer::TextTokenizer;
 
 /// Sets how many CPU threads candle uses for inference; 0 keeps candle's default (the number

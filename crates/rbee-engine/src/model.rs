@@ -80,10 +80,15 @@ pub(crate) fn load(
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
     if !path.exists() {
-        return Err(EngineError::Load(format!("{} does not exist", path.display())));
+        return Err(EngineError::Load(format!(
+            "{} does not exist",
+            path.display()
+        )));
     }
     let is_gguf = path.is_file()
-        && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         || gguf::has_magic(path);
     if is_gguf {
         gguf::load(path, device, progress)
@@ -93,6 +98,13 @@ pub(crate) fn load(
 }
 
 /// Reports `fraction` of the load done, with a message.
-pub(crate) fn report(progress: &mut dyn FnMut(LoadProgress), fraction: f32, message: impl Into<String>) {
-    progress(LoadProgress { fraction: fraction.clamp(0.0, 1.0), message: message.into() });
+pub(crate) fn report(
+    progress: &mut dyn FnMut(LoadProgress),
+    fraction: f32,
+    message: impl Into<String>,
+) {
+    progress(LoadProgress {
+        fraction: fraction.clamp(0.0, 1.0),
+        message: message.into(),
+    });
 }

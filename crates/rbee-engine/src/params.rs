@@ -66,7 +66,13 @@ impl Default for GenerationParams {
 impl GenerationParams {
     /// Deterministic decoding: always the most likely token.
     pub fn greedy() -> Self {
-        GenerationParams { temperature: 0.0, top_k: None, top_p: None, min_p: None, ..Self::default() }
+        GenerationParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            ..Self::default()
+        }
     }
 
     /// Checks every field's range; the message names the offending field.
@@ -76,7 +82,10 @@ impl GenerationParams {
             return invalid("max_tokens must be at least 1".into());
         }
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return invalid(format!("temperature must be >= 0, got {}", self.temperature));
+            return invalid(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if let Some(p) = self.top_p
             && !(p > 0.0 && p <= 1.0)
@@ -89,11 +98,15 @@ impl GenerationParams {
             return invalid(format!("min_p must be in [0, 1], got {p}"));
         }
         if !self.repeat_penalty.is_finite() || self.repeat_penalty <= 0.0 {
-            return invalid(format!("repeat_penalty must be > 0, got {}", self.repeat_penalty));
+            return invalid(format!(
+                "repeat_penalty must be > 0, got {}",
+                self.repeat_penalty
+            ));
         }
-        for (name, value) in
-            [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
-        {
+        for (name, value) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&value) {
                 return invalid(format!("{name} must be in [-2, 2], got {value}"));
             }
@@ -149,17 +162,83 @@ mod tests {
     #[test]
     fn out_of_range_values_are_rejected_with_the_field_name() {
         let cases: Vec<(GenerationParams, &str)> = vec![
-            (GenerationParams { max_tokens: Some(0), ..Default::default() }, "max_tokens"),
-            (GenerationParams { temperature: -0.1, ..Default::default() }, "temperature"),
-            (GenerationParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
-            (GenerationParams { top_p: Some(0.0), ..Default::default() }, "top_p"),
-            (GenerationParams { top_p: Some(1.5), ..Default::default() }, "top_p"),
-            (GenerationParams { min_p: Some(-0.5), ..Default::default() }, "min_p"),
-            (GenerationParams { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
-            (GenerationParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty"),
-            (GenerationParams { frequency_penalty: -2.5, ..Default::default() }, "frequency_penalty"),
-            (GenerationParams { stop: vec![String::new()], ..Default::default() }, "stop"),
-            (GenerationParams { stop: vec!["x".into(); 17], ..Default::default() }, "stop"),
+            (
+                GenerationParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                GenerationParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                GenerationParams {
+                    top_p: Some(0.0),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                GenerationParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                GenerationParams {
+                    min_p: Some(-0.5),
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                GenerationParams {
+                    repeat_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repeat_penalty",
+            ),
+            (
+                GenerationParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+            ),
+            (
+                GenerationParams {
+                    frequency_penalty: -2.5,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                GenerationParams {
+                    stop: vec![String::new()],
+                    ..Default::default()
+                },
+                "stop",
+            ),
+            (
+                GenerationParams {
+                    stop: vec!["x".into(); 17],
+                    ..Default::default()
+                },
+                "stop",
+            ),
         ];
         for (params, field) in cases {
             let err = params.validate().unwrap_err();

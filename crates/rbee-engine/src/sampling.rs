@@ -56,7 +56,11 @@ impl Sampler {
 
     /// Picks the next token. `context` is the prompt followed by the tokens generated so far;
     /// the repetition penalty looks at its tail. `logits` is modified in place.
-    pub(crate) fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> Result<u32, EngineError> {
+    pub(crate) fn sample(
+        &mut self,
+        logits: &mut [f32],
+        context: &[u32],
+    ) -> Result<u32, EngineError> {
         self.apply_penalties(logits, context);
         if self.temperature == 0.0 || self.top_k == Some(1) {
             return argmax(logits).ok_or_else(no_valid_logit);
@@ -68,7 +72,7 @@ impl Sampler {
         if let Some(k) = self.top_k {
             self.keep_top_k(k);
         }
-        self.to_weights();
+        self.logits_to_weights();
         if let Some(min_p) = self.min_p {
             // Weights are relative to the best candidate (weight 1), so min-p is a plain cut.
             let min_p = f64::from(min_p);
@@ -106,22 +110,34 @@ impl Sampler {
     fn collect_candidates(&mut self, logits: &[f32]) {
         let inv_temp = 1.0 / f64::from(self.temperature);
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(
-            |(id, &l)| Candidate { id: id as u32, weight: f64::from(l) * inv_temp },
-        ));
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(id, &l)| Candidate {
+                    id: id as u32,
+                    weight: f64::from(l) * inv_temp,
+                }),
+        );
     }
 
-    /// Before [`Self::to_weights`], `weight` holds the scaled logit; ordering is the same.
+    /// Before [`Self::logits_to_weights`], `weight` holds the scaled logit; ordering is the same.
     fn keep_top_k(&mut self, k: usize) {
         if k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, by_weight_desc);
+            self.candidates
+                .select_nth_unstable_by(k - 1, by_weight_desc);
             self.candidates.truncate(k);
         }
     }
 
     /// Turns scaled logits into weights `exp(l - max)`, so the best candidate weighs 1.
-    fn to_weights(&mut self) {
-        let max = self.candidates.iter().map(|c| c.weight).fold(f64::NEG_INFINITY, f64::max);
+    fn logits_to_weights(&mut self) {
+        let max = self
+            .candidates
+            .iter()
+            .map(|c| c.weight)
+            .fold(f64::NEG_INFINITY, f64::max);
         for c in &mut self.candidates {
             c.weight = (c.weight - max).exp();
         }
@@ -137,7 +153,8 @@ impl Sampler {
         let mut head = n.min(64);
         loop {
             if head < n {
-                self.candidates.select_nth_unstable_by(head - 1, by_weight_desc);
+                self.candidates
+                    .select_nth_unstable_by(head - 1, by_weight_desc);
             }
             self.candidates[..head].sort_unstable_by(by_weight_desc);
             let mut cumulative = 0.0;
@@ -212,7 +229,9 @@ mod tests {
 
     fn draws(p: &GenerationParams, n: usize) -> Vec<u32> {
         let mut s = Sampler::new(p);
-        (0..n).map(|_| s.sample(&mut logits(), &[]).unwrap()).collect()
+        (0..n)
+            .map(|_| s.sample(&mut logits(), &[]).unwrap())
+            .collect()
     }
 
     #[test]
@@ -231,19 +250,28 @@ mod tests {
 
     #[test]
     fn top_k_one_is_greedy() {
-        let p = GenerationParams { top_k: Some(1), ..params(5.0) };
+        let p = GenerationParams {
+            top_k: Some(1),
+            ..params(5.0)
+        };
         assert_eq!(draws(&p, 50), vec![3; 50]);
     }
 
     #[test]
     fn tiny_top_p_is_greedy() {
-        let p = GenerationParams { top_p: Some(1e-6), ..params(5.0) };
+        let p = GenerationParams {
+            top_p: Some(1e-6),
+            ..params(5.0)
+        };
         assert_eq!(draws(&p, 50), vec![3; 50]);
     }
 
     #[test]
     fn top_k_restricts_to_the_k_best() {
-        let p = GenerationParams { top_k: Some(2), ..params(100.0) };
+        let p = GenerationParams {
+            top_k: Some(2),
+            ..params(100.0)
+        };
         let out = draws(&p, 200);
         assert!(out.iter().all(|&t| t == 3 || t == 5), "{out:?}");
         assert!(out.contains(&3) && out.contains(&5));
@@ -253,9 +281,14 @@ mod tests {
     fn top_p_keeps_the_smallest_sufficient_head() {
         // Probabilities 0.5, 0.3, 0.2 (logits are their logs): top_p 0.7 keeps the first two.
         let base = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let p = GenerationParams { top_p: Some(0.7), ..params(1.0) };
+        let p = GenerationParams {
+            top_p: Some(0.7),
+            ..params(1.0)
+        };
         let mut s = Sampler::new(&p);
-        let out: Vec<u32> = (0..300).map(|_| s.sample(&mut base.clone(), &[]).unwrap()).collect();
+        let out: Vec<u32> = (0..300)
+            .map(|_| s.sample(&mut base.clone(), &[]).unwrap())
+            .collect();
         assert!(out.iter().all(|&t| t < 2), "{out:?}");
         assert!(out.contains(&0) && out.contains(&1));
     }
@@ -263,30 +296,48 @@ mod tests {
     #[test]
     fn top_p_over_a_large_flat_vocabulary_grows_its_head() {
         // 1000 equal tokens: half the mass needs 500 of them, well past the first head of 64.
-        let p = GenerationParams { top_p: Some(0.5), ..params(1.0) };
+        let p = GenerationParams {
+            top_p: Some(0.5),
+            ..params(1.0)
+        };
         let mut s = Sampler::new(&p);
         let mut seen = HashSet::new();
         for _ in 0..2000 {
             seen.insert(s.sample(&mut vec![0.0; 1000], &[]).unwrap());
         }
-        assert!(seen.len() > 64 && seen.len() <= 500, "{} distinct tokens", seen.len());
+        assert!(
+            seen.len() > 64 && seen.len() <= 500,
+            "{} distinct tokens",
+            seen.len()
+        );
     }
 
     #[test]
     fn min_p_filters_unlikely_tokens() {
         // Relative to the best (index 0), index 1 has weight e^-1 ≈ 0.37 and index 2 e^-5.
         let base = [5.0f32, 4.0, 0.0];
-        let p = GenerationParams { min_p: Some(0.1), ..params(1.0) };
+        let p = GenerationParams {
+            min_p: Some(0.1),
+            ..params(1.0)
+        };
         let mut s = Sampler::new(&p);
-        let out: Vec<u32> = (0..500).map(|_| s.sample(&mut base.clone(), &[]).unwrap()).collect();
+        let out: Vec<u32> = (0..500)
+            .map(|_| s.sample(&mut base.clone(), &[]).unwrap())
+            .collect();
         assert!(!out.contains(&2));
         assert!(out.contains(&0) && out.contains(&1));
     }
 
     #[test]
     fn same_seed_same_sequence_different_seed_differs() {
-        let a = GenerationParams { seed: 7, ..params(1.0) };
-        let b = GenerationParams { seed: 8, ..params(1.0) };
+        let a = GenerationParams {
+            seed: 7,
+            ..params(1.0)
+        };
+        let b = GenerationParams {
+            seed: 8,
+            ..params(1.0)
+        };
         assert_eq!(draws(&a, 100), draws(&a, 100));
         assert_ne!(draws(&a, 100), draws(&b, 100));
     }
@@ -297,14 +348,20 @@ mod tests {
         let base = [0.75f32.ln(), 0.25f32.ln()];
         let mut s = Sampler::new(&params(1.0));
         let n = 4000;
-        let zeros = (0..n).filter(|_| s.sample(&mut base.clone(), &[]).unwrap() == 0).count();
+        let zeros = (0..n)
+            .filter(|_| s.sample(&mut base.clone(), &[]).unwrap() == 0)
+            .count();
         let share = zeros as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.04, "share of token 0: {share}");
     }
 
     #[test]
     fn repeat_penalty_lowers_recent_tokens() {
-        let p = GenerationParams { repeat_penalty: 2.0, repeat_last_n: 2, ..params(0.0) };
+        let p = GenerationParams {
+            repeat_penalty: 2.0,
+            repeat_last_n: 2,
+            ..params(0.0)
+        };
         let mut s = Sampler::new(&p);
         let mut l = vec![3.0, 2.0, -1.0, 1.0];
         // Token 0 is outside the window of the last 2 tokens; 2 and 1 are inside.
@@ -318,7 +375,11 @@ mod tests {
 
     #[test]
     fn presence_and_frequency_penalties_count_generated_tokens() {
-        let p = GenerationParams { presence_penalty: 0.5, frequency_penalty: 0.25, ..params(0.0) };
+        let p = GenerationParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..params(0.0)
+        };
         let mut s = Sampler::new(&p);
         s.accept(0);
         s.accept(0);
@@ -332,7 +393,10 @@ mod tests {
 
     #[test]
     fn out_of_range_history_ids_are_ignored() {
-        let p = GenerationParams { repeat_penalty: 1.5, ..params(0.0) };
+        let p = GenerationParams {
+            repeat_penalty: 1.5,
+            ..params(0.0)
+        };
         let mut s = Sampler::new(&p);
         s.accept(999);
         assert_eq!(s.sample(&mut logits(), &[999, 1000]).unwrap(), 3);

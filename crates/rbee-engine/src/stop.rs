@@ -21,7 +21,10 @@ pub(crate) struct StopMatcher {
 
 impl StopMatcher {
     pub(crate) fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), pending: String::new() }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            pending: String::new(),
+        }
     }
 
     pub(crate) fn push(&mut self, text: &str) -> Release {
@@ -30,7 +33,11 @@ impl StopMatcher {
             return Release::Text(std::mem::take(&mut self.pending));
         }
         // Held-back text never contains a whole stop sequence, so any match starts in `pending`.
-        let first_match = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min();
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min();
         if let Some(at) = first_match {
             self.pending.truncate(at);
             return Release::Stopped(std::mem::take(&mut self.pending));

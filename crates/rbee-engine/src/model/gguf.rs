@@ -21,7 +21,9 @@ const WEIGHTS_END: f32 = 0.98;
 pub(super) fn has_magic(path: &Path) -> bool {
     let mut magic = [0u8; 4];
     path.is_file()
-        && File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok()
+        && File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
         && &magic == b"GGUF"
 }
 
@@ -51,27 +53,34 @@ pub(super) fn load(
     let info = describe(path, &content, &arch, family, &tokenizer)?;
 
     let total = info.weights_bytes;
-    let mut reader = ProgressReader { inner: &mut reader, read: 0, total, reported: 0, progress };
+    let mut reader = ProgressReader {
+        inner: &mut reader,
+        read: 0,
+        total,
+        reported: 0,
+        progress,
+    };
     let model: Box<dyn CausalLm> = match family {
         Family::Llama => {
             let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
                 .map_err(|e| EngineError::load("llama weights", e))?;
-            Box::new(GgufLlama { active: weights.clone(), pristine: weights })
+            Box::new(GgufLlama {
+                active: weights.clone(),
+                pristine: weights,
+            })
         }
         Family::Qwen2 => {
             let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
                 .map_err(|e| EngineError::load("qwen2 weights", e))?;
-            Box::new(GgufQwen2 {
-                weights,
-                source: path.to_owned(),
-                device: device.clone(),
-                mask_shapes: HashSet::new(),
-                mask_bytes: 0,
-            })
+            Box::new(GgufQwen2::new(weights, path, device))
         }
     };
     report(progress, 1.0, "model loaded");
-    Ok(LoadedModel { model, info, tokenizer })
+    Ok(LoadedModel {
+        model,
+        info,
+        tokenizer,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,8 +92,12 @@ enum Family {
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| EngineError::Load(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        EngineError::Load(format!(
+            "{} is not a readable GGUF file: {e}",
+            path.display()
+        ))
+    })?;
     Ok((content, reader))
 }
 
@@ -117,7 +130,11 @@ fn describe(
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
         .ok_or_else(|| EngineError::Load("the GGUF file has no token_embd.weight".into()))?;
-    if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 || hidden_size % n_heads != 0 {
+    let consistent = n_heads > 0
+        && n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && hidden_size.is_multiple_of(n_heads);
+    if !consistent {
         return Err(EngineError::Load(format!(
             "inconsistent attention shape: hidden {hidden_size}, {n_heads} heads, {n_kv_heads} KV heads"
         )));
@@ -126,7 +143,8 @@ fn describe(
     let mut bytes_by_dtype: Vec<(GgmlDType, u64)> = Vec::new();
     let mut weights_bytes = 0u64;
     for t in content.tensor_infos.values() {
-        let bytes = (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64;
+        let bytes =
+            (t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64;
         weights_bytes += bytes;
         if t.shape.rank() >= 2 {
             match bytes_by_dtype.iter_mut().find(|(d, _)| *d == t.ggml_dtype) {
@@ -135,7 +153,10 @@ fn describe(
             }
         }
     }
-    let dtype = bytes_by_dtype.iter().max_by_key(|(_, b)| *b).map_or("unknown", |(d, _)| ggml_name(*d));
+    let dtype = bytes_by_dtype
+        .iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or("unknown", |(d, _)| ggml_name(*d));
 
     let name = metadata_str(content, "general.name")
         .map(str::to_owned)
@@ -144,7 +165,9 @@ fn describe(
     Ok(ModelInfo {
         name,
         architecture: arch.to_owned(),
-        format: WeightsFormat::Gguf { dtype: dtype.to_owned() },
+        format: WeightsFormat::Gguf {
+            dtype: dtype.to_owned(),
+        },
         context_length,
         trained_context_length,
         vocab_size,
@@ -159,12 +182,19 @@ fn describe(
 }
 
 fn metadata_str<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
-    content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+    content
+        .metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .map(String::as_str)
 }
 
 fn metadata_usize(content: &gguf_file::Content, key: &str) -> Option<usize> {
     let v = content.metadata.get(key)?;
-    v.to_u32().map(|n| n as usize).or_else(|_| v.to_u64().map(|n| n as usize)).ok()
+    v.to_u32()
+        .map(|n| n as usize)
+        .or_else(|_| v.to_u64().map(|n| n as usize))
+        .ok()
 }
 
 /// llama.cpp's names for the GGML types.
@@ -202,7 +232,10 @@ impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.read += n as u64;
-        let percent = (self.read * 100).checked_div(self.total).unwrap_or(100).min(100);
+        let percent = (self.read * 100)
+            .checked_div(self.total)
+            .unwrap_or(100)
+            .min(100);
         if percent > self.reported {
             self.reported = percent;
             let fraction = WEIGHTS_START + (WEIGHTS_END - WEIGHTS_START) * percent as f32 / 100.0;
@@ -210,7 +243,11 @@ impl<R: Read> Read for ProgressReader<'_, R> {
             report(
                 self.progress,
                 fraction,
-                format!("loading weights: {} of {} MiB", mib(self.read.min(self.total)), mib(self.total)),
+                format!(
+                    "loading weights: {} of {} MiB",
+                    mib(self.read.min(self.total)),
+                    mib(self.total)
+                ),
             );
         }
         Ok(n)
@@ -254,6 +291,20 @@ struct GgufQwen2 {
     device: Device,
     mask_shapes: HashSet<(usize, usize)>,
     mask_bytes: usize,
+    mask_budget: usize,
+}
+
+impl GgufQwen2 {
+    fn new(weights: quantized_qwen2::ModelWeights, source: &Path, device: &Device) -> Self {
+        GgufQwen2 {
+            weights,
+            source: source.to_owned(),
+            device: device.clone(),
+            mask_shapes: HashSet::new(),
+            mask_bytes: 0,
+            mask_budget: QWEN2_MASK_BUDGET,
+        }
+    }
 }
 
 impl CausalLm for GgufQwen2 {
@@ -266,19 +317,97 @@ impl CausalLm for GgufQwen2 {
     }
 
     fn reset(&mut self) -> Result<(), EngineError> {
-        if self.mask_bytes > QWEN2_MASK_BUDGET {
+        if self.mask_bytes > self.mask_budget {
             tracing::info!(
                 mask_bytes = self.mask_bytes,
                 "reloading qwen2 weights to release cached attention masks"
             );
             let (content, mut reader) = read_header(&self.source)?;
-            self.weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &self.device)
-                .map_err(|e| EngineError::Inference(format!("reloading qwen2 weights: {e}")))?;
+            self.weights =
+                quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &self.device)
+                    .map_err(|e| EngineError::Inference(format!("reloading qwen2 weights: {e}")))?;
             self.mask_shapes.clear();
             self.mask_bytes = 0;
         } else {
             self.weights.clear_kv_cache();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use model_gen::{GgufType, ModelFormat, ModelSpec};
+
+    use super::*;
+
+    fn logits(model: &mut dyn CausalLm, tokens: &[u32]) -> Vec<f32> {
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        model
+            .forward(&input, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn qwen2_reload_over_the_mask_budget_keeps_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen2.gguf");
+        let format = ModelFormat::Gguf(GgufType::F32);
+        model_gen::write_model(&ModelSpec::tiny_qwen2(), format, &path).unwrap();
+        let (content, mut reader) = read_header(&path).unwrap();
+        let weights =
+            quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap();
+        let mut model = GgufQwen2::new(weights, &path, &Device::Cpu);
+        let prompt = [1, 40, 41, 42];
+
+        let first = logits(&mut model, &prompt);
+        assert_eq!(model.mask_bytes, 16);
+        model.reset().unwrap();
+        assert_eq!(
+            logits(&mut model, &prompt),
+            first,
+            "cleared cache, same weights"
+        );
+        assert_eq!(
+            model.mask_bytes, 16,
+            "a mask shape already seen costs nothing more"
+        );
+
+        model.mask_budget = 0;
+        model.reset().unwrap();
+        assert_eq!(
+            model.mask_bytes, 0,
+            "over budget, the weights were reloaded"
+        );
+        assert_eq!(
+            logits(&mut model, &prompt),
+            first,
+            "reloaded weights, same logits"
+        );
+    }
+
+    #[test]
+    fn llama_gguf_loads_and_repeats_itself_after_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llama.gguf");
+        let format = ModelFormat::Gguf(GgufType::Q8_0);
+        model_gen::write_model(&ModelSpec::tiny(), format, &path).unwrap();
+        let mut loaded = load(&path, &Device::Cpu, &mut |_| {}).unwrap();
+        assert_eq!(
+            loaded.info.format,
+            WeightsFormat::Gguf {
+                dtype: "Q8_0".into()
+            }
+        );
+        let first = logits(loaded.model.as_mut(), &[1, 7, 8]);
+        loaded.model.reset().unwrap();
+        assert_eq!(logits(loaded.model.as_mut(), &[1, 7, 8]), first);
     }
 }

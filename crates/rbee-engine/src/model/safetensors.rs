@@ -21,9 +21,20 @@ pub(super) fn load(
     device: &Device,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
-    let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
-    report(progress, 0.0, format!("reading {}", dir.join("config.json").display()));
-    let raw_config = read_json(&dir.join("config.json"))?;
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(EngineError::Load(format!(
+            "{} is neither a GGUF file nor a checkpoint directory with a config.json",
+            path.display()
+        )));
+    }
+    report(progress, 0.0, format!("reading {}", config_path.display()));
+    let raw_config = read_json(&config_path)?;
     check_architecture(&raw_config)?;
     let mut config: LlamaConfig = serde_json::from_value(raw_config.clone())
         .map_err(|e| EngineError::load("config.json is not a llama config", e))?;
@@ -49,7 +60,10 @@ pub(super) fn load(
     let expected = expected_tensors(&config);
     check_tensors(&tensors, &expected)?;
 
-    let total_elems: usize = expected.iter().map(|(_, shape)| shape.iter().product::<usize>()).sum();
+    let total_elems: usize = expected
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum();
     let mut loaded_elems = 0usize;
     let mut weights = HashMap::with_capacity(expected.len());
     for (name, shape) in &expected {
@@ -59,7 +73,8 @@ pub(super) fn load(
             .map_err(|e| EngineError::load(format_args!("tensor {name}"), e))?;
         weights.insert(name.clone(), tensor);
         loaded_elems += shape.iter().product::<usize>();
-        let fraction = TENSORS_START + (TENSORS_END - TENSORS_START) * loaded_elems as f32 / total_elems as f32;
+        let fraction = TENSORS_START
+            + (TENSORS_END - TENSORS_START) * loaded_elems as f32 / total_elems as f32;
         report(progress, fraction, format!("loaded {name}"));
     }
     drop(tensors);
@@ -68,12 +83,17 @@ pub(super) fn load(
     let config = config.into_config(false);
     let vb = VarBuilder::from_tensors(weights, dtype, device);
     // Every tensor `Llama::load` asks for was checked above, so its internal unwraps cannot fire.
-    let model = llama::Llama::load(vb, &config).map_err(|e| EngineError::load("llama weights", e))?;
+    let model =
+        llama::Llama::load(vb, &config).map_err(|e| EngineError::load("llama weights", e))?;
     let pristine_cache = llama::Cache::new(true, dtype, &config, device)
         .map_err(|e| EngineError::load("rotary tables", e))?;
     report(progress, 1.0, "model loaded");
     Ok(LoadedModel {
-        model: Box::new(SafetensorsLlama { model, cache: pristine_cache.clone(), pristine_cache }),
+        model: Box::new(SafetensorsLlama {
+            model,
+            cache: pristine_cache.clone(),
+            pristine_cache,
+        }),
         info,
         tokenizer,
     })
@@ -109,8 +129,8 @@ fn check_dimensions(c: &LlamaConfig) -> Result<(), EngineError> {
         && kv_heads > 0
         && c.vocab_size > 0
         && c.max_position_embeddings > 0
-        && c.hidden_size % c.num_attention_heads == 0
-        && c.num_attention_heads % kv_heads == 0;
+        && c.hidden_size.is_multiple_of(c.num_attention_heads)
+        && c.num_attention_heads.is_multiple_of(kv_heads);
     if ok {
         Ok(())
     } else {
@@ -131,10 +151,17 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let index = read_json(&index)?;
-        let map = index.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            EngineError::Load("model.safetensors.index.json has no weight_map".into())
-        })?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                EngineError::Load("model.safetensors.index.json has no weight_map".into())
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files);
@@ -146,7 +173,10 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(EngineError::Load(format!("no .safetensors files in {}", dir.display())));
+        return Err(EngineError::Load(format!(
+            "no .safetensors files in {}",
+            dir.display()
+        )));
     }
     Ok(files)
 }
@@ -170,7 +200,10 @@ fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let kv = head_dim * c.num_key_value_heads();
     let i = c.intermediate_size;
     let mut out = vec![
-        ("model.embed_tokens.weight".to_owned(), vec![c.vocab_size, h]),
+        (
+            "model.embed_tokens.weight".to_owned(),
+            vec![c.vocab_size, h],
+        ),
         ("model.norm.weight".to_owned(), vec![h]),
     ];
     if c.tie_word_embeddings != Some(true) {
@@ -195,7 +228,10 @@ fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 
 /// Checks names and shapes from the safetensors headers before any data is read, so a
 /// mismatched checkpoint fails with a message instead of deep inside the model builder.
-fn check_tensors(tensors: &MmapedSafetensors, expected: &[(String, Vec<usize>)]) -> Result<(), EngineError> {
+fn check_tensors(
+    tensors: &MmapedSafetensors,
+    expected: &[(String, Vec<usize>)],
+) -> Result<(), EngineError> {
     for (name, shape) in expected {
         let view = tensors
             .get(name)
@@ -233,7 +269,10 @@ fn describe(
         && let Some(ids) = generation.get("eos_token_id")
     {
         let ids = ids.as_array().cloned().unwrap_or_else(|| vec![ids.clone()]);
-        ids.iter().filter_map(|v| v.as_u64()).filter_map(|v| u32::try_from(v).ok()).for_each(&mut add);
+        ids.iter()
+            .filter_map(|v| v.as_u64())
+            .filter_map(|v| u32::try_from(v).ok())
+            .for_each(&mut add);
     }
     let name = dir
         .canonicalize()
@@ -243,7 +282,9 @@ fn describe(
     ModelInfo {
         name,
         architecture: "llama".to_owned(),
-        format: WeightsFormat::Safetensors { dtype: dtype.as_str().to_owned() },
+        format: WeightsFormat::Safetensors {
+            dtype: dtype.as_str().to_owned(),
+        },
         context_length: c.max_position_embeddings,
         trained_context_length: c.max_position_embeddings,
         vocab_size: c.vocab_size,

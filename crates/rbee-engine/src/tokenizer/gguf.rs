@@ -1,9 +1,7 @@
 //! Rebuilds a `tokenizers::Tokenizer` from the `tokenizer.ggml.*` metadata of a GGUF file, so
 //! that a lone `.gguf` tokenizes exactly like the `tokenizer.json` it was converted from.
 
-use std::collections::HashMap;
-
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Content;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::decoders::fuse::Fuse;
@@ -13,6 +11,7 @@ use tokenizers::models::bpe::{BPE, Merges, Vocab};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
 
+use super::gguf_meta::{Meta, missing};
 use super::pretokenize::PreTokenization;
 use super::{Spec, TokenizerError};
 
@@ -86,7 +85,7 @@ pub(super) fn spec_from_gguf(content: &Content) -> Result<Spec, TokenizerError> 
         .zip(&types)
         .filter(|(_, kind)| kind.is_added())
         .map(|(text, kind)| {
-            AddedToken::from(text.as_str(), *kind != TokenType::UserDefined).normalized(false)
+            AddedToken::from(*text, *kind != TokenType::UserDefined).normalized(false)
         })
         .collect();
     inner.add_special_tokens(&added);
@@ -101,7 +100,7 @@ pub(super) fn spec_from_gguf(content: &Content) -> Result<Spec, TokenizerError> 
             known
         }))
     };
-    let fallback_id = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
+    let fallback_id = |text: &str| tokens.iter().position(|t| *t == text).map(|i| i as u32);
     let (bos_id, eos_id) = if model == "llama" {
         (
             token_id("tokenizer.ggml.bos_token_id")?.or_else(|| fallback_id("<s>")),
@@ -325,110 +324,6 @@ fn merges_from_scores(tokens: &[&str], scores: &[f32], vocab: &Vocab) -> Merges 
         .collect()
 }
 
-fn missing(key: &str) -> TokenizerError {
-    TokenizerError::Metadata(format!("`{key}` is missing"))
-}
-
-fn wrong_type(key: &str, expected: &str) -> TokenizerError {
-    TokenizerError::Metadata(format!("`{key}` is not {expected}"))
-}
-
-fn as_int(value: &Value) -> Option<i64> {
-    Some(match value {
-        Value::U8(v) => i64::from(*v),
-        Value::I8(v) => i64::from(*v),
-        Value::U16(v) => i64::from(*v),
-        Value::I16(v) => i64::from(*v),
-        Value::U32(v) => i64::from(*v),
-        Value::I32(v) => i64::from(*v),
-        Value::U64(v) => i64::try_from(*v).ok()?,
-        Value::I64(v) => *v,
-        _ => return None,
-    })
-}
-
-/// Typed, lenient access to GGUF metadata: writers disagree on integer widths, so any integer
-/// type is accepted where an integer is expected.
-struct Meta<'a>(&'a HashMap<String, Value>);
-
-impl<'a> Meta<'a> {
-    fn string(&self, key: &str) -> Result<Option<&'a str>, TokenizerError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(wrong_type(key, "a string")),
-        }
-    }
-
-    fn u32(&self, key: &str) -> Result<Option<u32>, TokenizerError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(value) => as_int(value)
-                .and_then(|v| u32::try_from(v).ok())
-                .map(Some)
-                .ok_or_else(|| wrong_type(key, "a token id")),
-        }
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>, TokenizerError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(value) => as_int(value)
-                .map(|v| Some(v != 0))
-                .ok_or_else(|| wrong_type(key, "a boolean")),
-        }
-    }
-
-    fn array(&self, key: &str) -> Result<Option<&'a [Value]>, TokenizerError> {
-        match self.0.get(key) {
-            None => Ok(None),
-            Some(Value::Array(items)) => Ok(Some(items)),
-            Some(_) => Err(wrong_type(key, "an array")),
-        }
-    }
-
-    fn strings(&self, key: &str) -> Result<Option<Vec<&'a str>>, TokenizerError> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => Ok(s.as_str()),
-                _ => Err(wrong_type(key, "an array of strings")),
-            })
-            .collect::<Result<_, _>>()
-            .map(Some)
-    }
-
-    fn ints(&self, key: &str) -> Result<Option<Vec<i64>>, TokenizerError> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| as_int(v).ok_or_else(|| wrong_type(key, "an array of integers")))
-            .collect::<Result<_, _>>()
-            .map(Some)
-    }
-
-    fn floats(&self, key: &str) -> Result<Option<Vec<f32>>, TokenizerError> {
-        let Some(items) = self.array(key)? else {
-            return Ok(None);
-        };
-        items
-            .iter()
-            .map(|v| match v {
-                Value::F32(f) => Ok(*f),
-                Value::F64(f) => Ok(*f as f32),
-                _ => Err(wrong_type(key, "an array of floats")),
-            })
-            .collect::<Result<_, _>>()
-            .map(Some)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,24 +339,6 @@ mod tests {
             .map(|(l, r)| (l.as_str(), r.as_str()))
             .collect();
         // "bc" scores best; "abc" splits two ways, the longer left half ranking first.
-        assert_eq!(
-            pairs,
-            [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
-        );
-    }
-
-    #[test]
-    fn integer_metadata_of_any_width_is_accepted() {
-        let metadata = HashMap::from([
-            ("id".to_owned(), Value::I32(7)),
-            ("flag".to_owned(), Value::U8(1)),
-            ("negative".to_owned(), Value::I64(-1)),
-        ]);
-        let meta = Meta(&metadata);
-        assert_eq!(meta.u32("id").unwrap(), Some(7));
-        assert_eq!(meta.bool("flag").unwrap(), Some(true));
-        assert_eq!(meta.u32("absent").unwrap(), None);
-        assert!(meta.u32("negative").is_err());
-        assert!(meta.string("id").is_err());
+        assert_eq!(pairs, [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]);
     }
 }

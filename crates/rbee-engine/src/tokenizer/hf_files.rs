@@ -3,7 +3,7 @@
 //! `chat_template.jinja` (where newer checkpoints keep the template) and
 //! `generation_config.json` (extra end-of-generation ids).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 use tokenizers::Tokenizer;
@@ -42,13 +42,17 @@ pub(super) fn spec_from_file(path: &Path) -> Result<Spec, TokenizerError> {
         .as_bool()
         .unwrap_or_else(|| bos_id.is_some() && around_empty.first() == bos_id.as_ref());
     let add_eos = config["add_eos_token"].as_bool().unwrap_or_else(|| {
-        eos_id.is_some() && around_empty.len() > usize::from(add_bos) && around_empty.last() == eos_id.as_ref()
+        eos_id.is_some()
+            && around_empty.len() > usize::from(add_bos)
+            && around_empty.last() == eos_id.as_ref()
     });
 
     let mut extra_eos_ids = Vec::new();
     if let Some(generation) = &generation {
         match &generation["eos_token_id"] {
-            Value::Number(n) => extra_eos_ids.extend(n.as_u64().and_then(|id| u32::try_from(id).ok())),
+            Value::Number(n) => {
+                extra_eos_ids.extend(n.as_u64().and_then(|id| u32::try_from(id).ok()))
+            }
             Value::Array(ids) => extra_eos_ids.extend(
                 ids.iter()
                     .filter_map(Value::as_u64)
@@ -111,14 +115,14 @@ fn read(path: &Path) -> Result<Vec<u8>, TokenizerError> {
     })
 }
 
-fn read_json_if_present(path: &PathBuf) -> Result<Option<Value>, TokenizerError> {
+fn read_json_if_present(path: &Path) -> Result<Option<Value>, TokenizerError> {
     if !path.is_file() {
         return Ok(None);
     }
     serde_json::from_slice(&read(path)?)
         .map(Some)
         .map_err(|e| TokenizerError::Parse {
-            path: path.clone(),
+            path: path.to_owned(),
             message: e.to_string(),
         })
 }
@@ -145,7 +149,13 @@ mod tests {
             {"name": "default", "template": "chat"},
         ]);
         assert_eq!(template_from_config(&config), Some("chat".to_owned()));
-        assert_eq!(template_from_config(&json!("plain")), Some("plain".to_owned()));
-        assert_eq!(template_from_config(&json!([{"name": "rag", "template": "x"}])), None);
+        assert_eq!(
+            template_from_config(&json!("plain")),
+            Some("plain".to_owned())
+        );
+        assert_eq!(
+            template_from_config(&json!([{"name": "rag", "template": "x"}])),
+            None
+        );
     }
 }

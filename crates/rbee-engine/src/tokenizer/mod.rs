@@ -8,6 +8,7 @@
 //! character. Rendering chat templates is [`crate::chat`]'s job, not this module's.
 
 mod gguf;
+mod gguf_meta;
 mod hf_files;
 mod incremental;
 mod pretokenize;
@@ -249,3 +250,6 @@ impl fmt::Debug for TextTokenizer {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,97 @@
+//! Turning a request into model input: chat rendering, tokenization, context checks.
+
+use std::sync::Arc;
+
+use crate::EngineError;
+use crate::chat::ChatTemplate;
+use crate::params::{GenerationParams, PreparedRequest, Prompt};
+use crate::tokenizer::{TextTokenizer, TokenizerError};
+
+/// Prepares requests for one loaded model. Cheap to clone, `Send + Sync`: it holds the
+/// tokenizer and chat template but not the weights.
+#[derive(Debug, Clone)]
+pub struct Prompter {
+    tokenizer: TextTokenizer,
+    template: Arc<ChatTemplate>,
+    context_length: usize,
+    vocab_size: usize,
+}
+
+impl Prompter {
+    pub(crate) fn new(
+        tokenizer: TextTokenizer,
+        template: ChatTemplate,
+        context_length: usize,
+        vocab_size: usize,
+    ) -> Self {
+        Prompter {
+            tokenizer,
+            template: Arc::new(template),
+            context_length,
+            vocab_size,
+        }
+    }
+
+    /// Validates `params`, renders and tokenizes the prompt, and resolves the token budget.
+    pub fn prepare(
+        &self,
+        prompt: Prompt,
+        params: GenerationParams,
+    ) -> Result<PreparedRequest, EngineError> {
+        params.validate()?;
+        let tokens = self.tokenize(&prompt)?;
+        let only_bos = tokens.len() == 1 && Some(tokens[0]) == self.tokenizer.bos_token_id();
+        if tokens.is_empty() || only_bos {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context_length = self.context_length;
+        if tokens.len() >= context_length {
+            return Err(EngineError::ContextLengthExceeded {
+                prompt_tokens: tokens.len(),
+                context_length,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the model's vocabulary of {}",
+                self.vocab_size
+            )));
+        }
+        let room = context_length - tokens.len();
+        let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
+        Ok(PreparedRequest {
+            prompt_tokens: tokens,
+            max_tokens,
+            params,
+        })
+    }
+
+    fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let tokenizer_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
+        match prompt {
+            Prompt::Text(text) => self.tokenizer.encode(text, true).map_err(tokenizer_err),
+            Prompt::Chat(turns) => {
+                if turns.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                let rendered = self
+                    .template
+                    .render(turns, true)
+                    .map_err(|e| EngineError::Template(e.to_string()))?;
+                // Templates carry their special tokens; BOS is added only when the template
+                // left it out but the model expects it.
+                let mut tokens = self
+                    .tokenizer
+                    .encode(&rendered, false)
+                    .map_err(tokenizer_err)?;
+                if self.tokenizer.add_bos()
+                    && let Some(bos) = self.tokenizer.bos_token_id()
+                    && tokens.first() != Some(&bos)
+                {
+                    tokens.insert(0, bos);
+                }
+                Ok(tokens)
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rbee_engine::DeviceSpec;
+
+/// How long a worker whose model failed to load keeps its port open before exiting, so the
+/// hive following `/v1/loading/progress` sees the error event.
+pub(crate) const FAILED_LOAD_LINGER: Duration = Duration::from_secs(2);
+
+/// Everything the worker needs, validated. Built by the binary from its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    /// A `.gguf` file or a safetensors checkpoint directory.
+    pub model_path: PathBuf,
+    /// The model reference reported in heartbeats (defaults to the path).
+    pub model_ref: String,
+    pub device: DeviceSpec,
+    /// The URL the queen should use to reach this worker; `http://{bound address}` if `None`.
+    pub advertise_url: Option<String>,
+    /// Where heartbeats go; `None` means no heartbeats.
+    pub queen_url: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub hive_id: Option<String>,
+    /// Shared secret of the cluster; `None` leaves the protected routes open (loopback only).
+    pub cluster_token: Option<String>,
+    /// Requests that may wait while one generation runs; more are answered `429 busy`.
+    pub queue_capacity: usize,
+    /// How long shutdown waits for cancelled jobs to end their streams.
+    pub shutdown_grace: Duration,
+}
+
+impl WorkerConfig {
+    /// A configuration with the defaults for everything but the id and the model.
+    pub fn new(worker_id: impl Into<String>, model_path: impl Into<PathBuf>) -> Self {
+        let model_path = model_path.into();
+        WorkerConfig {
+            worker_id: worker_id.into(),
+            model_ref: model_path.display().to_string(),
+            model_path,
+            device: DeviceSpec::Cpu,
+            advertise_url: None,
+            queen_url: None,
+            heartbeat_interval: Duration::from_secs(5),
+            hive_id: None,
+            cluster_token: None,
+            queue_capacity: 4,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}

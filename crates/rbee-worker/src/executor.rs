@@ -1,0 +1,201 @@
+//! The worker's half of the job protocol: admit `infer` operations, run them on the
+//! inference thread.
+
+use std::sync::Arc;
+
+use job_server::{ApiError, JobContext, JobExecutor, JobFailure, JobOutcome, JobResult};
+use rbee_contract::{ChatRole, ErrorCode, FinishReason, InferRequest, JobEvent, Operation, Usage};
+use rbee_engine::{ChatTurn, EngineError, ErrorKind, GenerationParams, PreparedRequest, Prompt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::inference::Task;
+use crate::state::{InFlight, LoadState, WorkerShared};
+
+pub(crate) struct InferExecutor {
+    shared: Arc<WorkerShared>,
+}
+
+impl InferExecutor {
+    pub fn new(shared: Arc<WorkerShared>) -> Self {
+        InferExecutor { shared }
+    }
+}
+
+/// An admitted generation: the prompt is tokenized and fits the context, the parameters are
+/// in range, and the request holds its place in the queue.
+pub(crate) struct InferJob {
+    request: PreparedRequest,
+    in_flight: InFlight,
+}
+
+impl JobExecutor for InferExecutor {
+    type Job = InferJob;
+
+    fn admit(&self, operation: Operation) -> Result<InferJob, ApiError> {
+        if self.shared.is_stopping() {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                "the worker is shutting down",
+            ));
+        }
+        let Operation::Infer(req) = operation else {
+            return Err(ApiError::unsupported_operation(format!(
+                "a worker only runs `infer`, not `{}`; worker and model operations go to a hive",
+                operation.name()
+            )));
+        };
+        let Some(prompter) = self.shared.prompter() else {
+            return Err(match self.shared.load_state() {
+                LoadState::Failed { message } => ApiError::new(
+                    ErrorCode::ModelLoadFailed,
+                    format!("the model failed to load: {message}"),
+                ),
+                _ => ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the model is still loading; retry shortly",
+                ),
+            });
+        };
+        let (prompt, params) = parse_request(req)?;
+        // Tokenizing a long prompt takes milliseconds: keep it off the reactor's other tasks.
+        let prepare = || prompter.prepare(prompt, params);
+        let prepared = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(prepare)
+            }
+            _ => prepare(),
+        };
+        let request = prepared.map_err(engine_api_error)?;
+        let in_flight = self.shared.try_enter().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Busy,
+                format!(
+                    "the worker is busy: one generation running and {} waiting; retry later",
+                    self.shared.queue_capacity
+                ),
+            )
+        })?;
+        Ok(InferJob { request, in_flight })
+    }
+
+    async fn run(&self, job: InferJob, ctx: JobContext) -> JobResult {
+        if job.in_flight.ahead > 0 {
+            let position = u32::try_from(job.in_flight.ahead).unwrap_or(u32::MAX);
+            ctx.emit(JobEvent::Queued { position })
+                .await
+                .map_err(|_| cancelled())?;
+        }
+        let queue = self.shared.queue().ok_or_else(|| {
+            JobFailure::new(ErrorCode::ShuttingDown, "the worker is shutting down")
+        })?;
+        let (done, outcome) = oneshot::channel();
+        let task = Task {
+            request: job.request,
+            sink: ctx.events.clone(),
+            cancel: ctx.cancel.clone(),
+            done,
+            in_flight: job.in_flight,
+        };
+        queue.try_send(task).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => {
+                JobFailure::new(ErrorCode::Busy, "the worker's queue is full; retry later")
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                JobFailure::new(ErrorCode::ShuttingDown, "the worker is shutting down")
+            }
+        })?;
+        let completion = outcome
+            .await
+            .map_err(|_| cancelled())?
+            .map_err(engine_failure)?;
+        let usage = Usage::new(
+            u32::try_from(completion.prompt_tokens).unwrap_or(u32::MAX),
+            u32::try_from(completion.completion_tokens).unwrap_or(u32::MAX),
+        );
+        let finish_reason = match completion.finish_reason {
+            rbee_engine::FinishReason::Stop => FinishReason::Stop,
+            rbee_engine::FinishReason::Length => FinishReason::Length,
+            rbee_engine::FinishReason::Cancelled => return Err(cancelled()),
+        };
+        Ok(JobOutcome::new(finish_reason, Some(usage)))
+    }
+}
+
+fn cancelled() -> JobFailure {
+    JobFailure::new(ErrorCode::Cancelled, "the generation was cancelled")
+}
+
+/// Turns the wire request into the engine's prompt and parameters; `model` is not checked,
+/// since a worker serves exactly one model.
+fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiError> {
+    let prompt = match (req.prompt, req.messages) {
+        (Some(text), None) => Prompt::Text(text),
+        (None, Some(messages)) => Prompt::Chat(
+            messages
+                .into_iter()
+                .map(|m| ChatTurn {
+                    role: role_name(m.role).to_string(),
+                    content: m.content,
+                })
+                .collect(),
+        ),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either `prompt` or `messages`, not both",
+            ));
+        }
+        (None, None) => return Err(ApiError::bad_request("`prompt` or `messages` is required")),
+    };
+    let defaults = GenerationParams::default();
+    let params = GenerationParams {
+        max_tokens: req.max_tokens.map(|n| n as usize),
+        temperature: req.temperature.unwrap_or(defaults.temperature),
+        top_k: req
+            .top_k
+            .map(|k| k as usize)
+            .or(defaults.top_k)
+            .filter(|&k| k > 0),
+        top_p: req.top_p.or(defaults.top_p),
+        min_p: req.min_p.or(defaults.min_p),
+        repeat_penalty: req.repeat_penalty.unwrap_or(defaults.repeat_penalty),
+        presence_penalty: req.presence_penalty.unwrap_or(defaults.presence_penalty),
+        frequency_penalty: req.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+        seed: req.seed.unwrap_or(defaults.seed),
+        stop: req.stop,
+        ..defaults
+    };
+    Ok((prompt, params))
+}
+
+fn role_name(role: ChatRole) -> &'static str {
+    match role {
+        ChatRole::System => "system",
+        ChatRole::User => "user",
+        ChatRole::Assistant => "assistant",
+        ChatRole::Tool => "tool",
+    }
+}
+
+fn error_code(err: &EngineError) -> ErrorCode {
+    match err.kind() {
+        ErrorKind::ContextLengthExceeded => ErrorCode::ContextLengthExceeded,
+        kind if kind.is_client_error() => ErrorCode::BadRequest,
+        ErrorKind::Load | ErrorKind::UnsupportedModel | ErrorKind::Device => {
+            ErrorCode::ModelLoadFailed
+        }
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn engine_api_error(err: EngineError) -> ApiError {
+    ApiError::new(error_code(&err), err.to_string())
+}
+
+fn engine_failure(err: EngineError) -> JobFailure {
+    let code = error_code(&err);
+    if code == ErrorCode::Internal {
+        tracing::error!(error = %err, "generation failed");
+        return JobFailure::internal("generation failed; see the worker's log");
+    }
+    JobFailure::new(code, err.to_string())
+}

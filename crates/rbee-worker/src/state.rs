@@ -1,0 +1,158 @@
+//! The worker's shared picture of itself: load state, busy flag, queue handle.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use rbee_contract::{WorkerInfo, WorkerState};
+use rbee_engine::Prompter;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::WorkerConfig;
+use crate::inference::Task;
+
+/// Where model loading stands; watched by `/v1/ready`, the progress stream and heartbeats.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum LoadState {
+    Loading { fraction: f32, message: String },
+    Ready { context_length: u32 },
+    Failed { message: String },
+}
+
+pub(crate) struct WorkerShared {
+    pub worker_id: String,
+    pub url: String,
+    pub model_ref: String,
+    pub device: String,
+    pub hive_id: Option<String>,
+    pub queue_capacity: usize,
+    load: watch::Sender<LoadState>,
+    /// Set once the model is loaded: prepares prompts off the inference thread.
+    prompter: Mutex<Option<Prompter>>,
+    queue: Mutex<Option<mpsc::Sender<Task>>>,
+    /// Requests admitted but not finished (running plus waiting).
+    in_flight: AtomicUsize,
+    stopping: AtomicBool,
+}
+
+impl WorkerShared {
+    pub fn new(config: &WorkerConfig, url: String) -> Self {
+        let (load, _) = watch::channel(LoadState::Loading {
+            fraction: 0.0,
+            message: "starting".into(),
+        });
+        WorkerShared {
+            worker_id: config.worker_id.clone(),
+            url,
+            model_ref: config.model_ref.clone(),
+            device: config.device.to_string(),
+            hive_id: config.hive_id.clone(),
+            queue_capacity: config.queue_capacity,
+            load,
+            prompter: Mutex::new(None),
+            queue: Mutex::new(None),
+            in_flight: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn load_state(&self) -> LoadState {
+        self.load.borrow().clone()
+    }
+
+    pub fn watch_load(&self) -> watch::Receiver<LoadState> {
+        self.load.subscribe()
+    }
+
+    pub fn set_load_state(&self, state: LoadState) {
+        self.load.send_replace(state);
+    }
+
+    pub fn load_error(&self) -> Option<String> {
+        match &*self.load.borrow() {
+            LoadState::Failed { message } => Some(message.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn set_ready(&self, prompter: Prompter, queue: mpsc::Sender<Task>, context_length: u32) {
+        *lock(&self.prompter) = Some(prompter);
+        *lock(&self.queue) = Some(queue);
+        self.set_load_state(LoadState::Ready { context_length });
+    }
+
+    pub fn prompter(&self) -> Option<Prompter> {
+        lock(&self.prompter).clone()
+    }
+
+    pub fn queue(&self) -> Option<mpsc::Sender<Task>> {
+        lock(&self.queue).clone()
+    }
+
+    /// Drops the queue's sender so the inference thread ends after its current task.
+    pub fn close_queue(&self) {
+        lock(&self.queue).take();
+    }
+
+    pub fn begin_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request in; `None` when running plus waiting would exceed one running
+    /// generation and `queue_capacity` waiting ones.
+    pub fn try_enter(self: &std::sync::Arc<Self>) -> Option<InFlight> {
+        let limit = 1 + self.queue_capacity;
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|before| InFlight {
+                shared: std::sync::Arc::clone(self),
+                ahead: before,
+            })
+    }
+
+    pub fn info(&self) -> WorkerInfo {
+        let (state, context_length) = match &*self.load.borrow() {
+            _ if self.is_stopping() => (WorkerState::Stopping, None),
+            LoadState::Loading { .. } => (WorkerState::Loading, None),
+            LoadState::Ready { context_length } => (WorkerState::Ready, Some(*context_length)),
+            LoadState::Failed { .. } => (WorkerState::Failed, None),
+        };
+        let busy = self.in_flight.load(Ordering::SeqCst) > 0;
+        WorkerInfo {
+            worker_id: self.worker_id.clone(),
+            url: self.url.clone(),
+            model: self.model_ref.clone(),
+            device: self.device.clone(),
+            state,
+            slots_total: 1,
+            slots_free: u32::from(!busy && state == WorkerState::Ready),
+            hive_id: self.hive_id.clone(),
+            context_length,
+        }
+    }
+}
+
+/// One admitted request; leaving (drop) frees its place.
+pub(crate) struct InFlight {
+    shared: std::sync::Arc<WorkerShared>,
+    /// Requests that were in flight when this one entered.
+    pub ahead: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

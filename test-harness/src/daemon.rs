@@ -1,0 +1,173 @@
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The workspace's `target/<profile>` directory, where cargo put the test executable.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// Path of one of rbee's binaries, built first (once per binary and test process) so that
+/// `cargo test` alone always runs the current code.
+pub fn bin_path(name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !built.iter().any(|b| b == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile = target_dir()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let mut command = Command::new(cargo);
+        command
+            .args(["build", "--quiet", "--package", name, "--bin", name])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile.as_deref() == Some("release") {
+            command.arg("--release");
+        }
+        match command.status() {
+            Ok(status) if status.success() => built.push(name.to_string()),
+            Ok(status) => panic!("cargo build --bin {name} failed: {status}"),
+            Err(err) => panic!("cannot run cargo: {err}"),
+        }
+    }
+    let path = target_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.is_file(),
+        "{} is missing after the build",
+        path.display()
+    );
+    path
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// A running daemon, killed on drop. Its stderr goes to a log file that tests can read.
+pub struct Daemon {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args`, its output in a log file under the system temp dir.
+    pub fn start(
+        bin: &str,
+        args: &[String],
+        envs: &[(&str, &str)],
+        url: String,
+    ) -> anyhow::Result<Daemon> {
+        let log = std::env::temp_dir().join(format!(
+            "rbee-test-{bin}-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut command = Command::new(bin_path(bin));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        command.env_remove("RBEE_CLUSTER_TOKEN");
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let child = command.spawn().with_context(|| format!("spawn {bin}"))?;
+        Ok(Daemon { child, url, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `GET {url}{path}` until it answers 2xx.
+    pub async fn wait_for(
+        &mut self,
+        path: &str,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "{} exited ({status}) before {path} answered; log:\n{}",
+                    self.url,
+                    self.log_text()
+                );
+            }
+            let mut request = client.get(format!("{}{path}", self.url));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Ok(response) = request.send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}{path} did not answer within {timeout:?}; log:\n{}",
+                    self.url,
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal (e.g. `"TERM"`, `"INT"`, `"KILL"`) with the system's `kill`.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "process did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,25 @@
+use std::path::PathBuf;
+
+use model_gen::{GgufType, ModelFormat, ModelSpec};
+
+/// The SmolLM2 GGUF. Panics with the command that fetches it when it is missing: a test
+/// that needs real text must not pass silently without it.
+pub fn smollm2() -> PathBuf {
+    model_gen::paths::smollm2_gguf().unwrap_or_else(|| {
+        panic!(
+            "SmolLM2 is not at {}; run `cargo xtask fetch-smollm2` (or set {})",
+            model_gen::paths::smollm2_default_path().display(),
+            model_gen::paths::SMOLLM2_ENV
+        )
+    })
+}
+
+/// The tiny generated llama model as a Q8_0 GGUF, generated into the shared cache if needed.
+pub fn tiny_model() -> PathBuf {
+    model_gen::ensure_generated(
+        &ModelSpec::tiny(),
+        ModelFormat::Gguf(GgufType::Q8_0),
+        &model_gen::paths::generated_dir(),
+    )
+    .expect("generate the tiny test model")
+}

@@ -1,0 +1,76 @@
+use futures::StreamExt;
+use rbee_contract::{DONE_SENTINEL, JobEvent};
+
+/// A job stream as it came over the wire, frame by frame.
+#[derive(Debug, Default)]
+pub struct RawStream {
+    /// `(id, event)` for every JSON event frame.
+    pub events: Vec<(Option<String>, JobEvent)>,
+    /// How many `data: [DONE]` frames arrived, and whether anything came after the first.
+    pub done_frames: usize,
+    pub frames_after_done: usize,
+}
+
+impl RawStream {
+    pub fn terminal_count(&self) -> usize {
+        self.events.iter().filter(|(_, e)| e.is_terminal()).count()
+    }
+
+    pub fn text(&self) -> String {
+        self.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                JobEvent::Token { text, .. } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn terminal(&self) -> Option<&JobEvent> {
+        self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
+    }
+}
+
+/// Reads an SSE response to its end, parsing frames by hand so the test sees exactly what a
+/// client would, independent of rbee's own client.
+pub async fn read_raw_stream(response: reqwest::Response) -> anyhow::Result<RawStream> {
+    anyhow::ensure!(
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream")),
+        "not an event stream: {:?}",
+        response.headers().get("content-type")
+    );
+    let mut body = String::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        body.push_str(std::str::from_utf8(&chunk?)?);
+    }
+    let mut stream = RawStream::default();
+    for frame in body.split("\n\n") {
+        let mut id = None;
+        let mut data = Vec::new();
+        for line in frame.lines() {
+            if let Some(v) = line.strip_prefix("id:") {
+                id = Some(v.trim().to_string());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if data.is_empty() {
+            continue;
+        }
+        let data = data.join("\n");
+        if stream.done_frames > 0 {
+            stream.frames_after_done += 1;
+        }
+        if data == DONE_SENTINEL {
+            stream.done_frames += 1;
+        } else {
+            stream.events.push((id, serde_json::from_str(&data)?));
+        }
+    }
+    Ok(stream)
+}

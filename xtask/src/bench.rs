@@ -1,0 +1,365 @@
+//! `cargo xtask bench worker`: the worker's speed on TinyLlama-sized generated models,
+//! measured through its HTTP API as a client sees it, next to the machine's memory bandwidth.
+//!
+//! Figures are printed, never asserted: speed depends on the machine.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use model_gen::{GgufType, ModelFormat, ModelSpec};
+use rbee_contract::{InferRequest, JobEvent, Operation};
+
+/// Prompt length of the prefill measurement.
+const PROMPT_TOKENS: usize = 64;
+
+#[derive(Debug, clap::Args)]
+pub struct WorkerBench {
+    /// GGUF types to measure.
+    #[arg(long, value_delimiter = ',', default_value = "q4_0,q8_0,q4_k")]
+    formats: Vec<GgufType>,
+    /// Thread counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "2")]
+    threads: Vec<usize>,
+    /// Tokens generated in the decode measurement.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Model preset: tinyllama (the benchmark), or small/tiny for a quick look.
+    #[arg(long, default_value = "tinyllama")]
+    preset: String,
+}
+
+struct Row {
+    format: GgufType,
+    threads: usize,
+    file_bytes: u64,
+    weight_bytes_per_token: u64,
+    load: Duration,
+    ttft: Duration,
+    prefill_tps: f64,
+    decode_tps: f64,
+    decoded: usize,
+    peak_rss: u64,
+}
+
+pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
+    let spec = ModelSpec::preset(&args.preset, model_gen::Arch::Llama)?;
+    eprintln!("building llm-worker-rbee (release)…");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--quiet", "-p", "llm-worker-rbee"])
+        .status()?;
+    anyhow::ensure!(status.success(), "building the worker failed");
+    let worker = crate::tasks::workspace_root().join("target/release/llm-worker-rbee");
+
+    let mut models = Vec::new();
+    for &format in &args.formats {
+        eprintln!("preparing the {} {format} model…", args.preset);
+        let started = Instant::now();
+        let path = model_gen::ensure_generated(
+            &spec,
+            ModelFormat::Gguf(format),
+            &model_gen::paths::generated_dir(),
+        )?;
+        eprintln!(
+            "  {} ({:.1} s)",
+            path.display(),
+            started.elapsed().as_secs_f64()
+        );
+        models.push((format, path));
+    }
+
+    let bandwidth: Vec<(usize, f64)> = args
+        .threads
+        .iter()
+        .map(|&t| (t, memory_read_bandwidth(t)))
+        .collect();
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut rows = Vec::new();
+    for (format, path) in &models {
+        for &threads in &args.threads {
+            eprintln!("measuring {format} with {threads} thread(s)…");
+            rows.push(runtime.block_on(measure(
+                &worker,
+                path,
+                *format,
+                threads,
+                args.decode_tokens,
+            ))?);
+        }
+    }
+
+    println!();
+    println!(
+        "worker benchmark: {} dims ({} parameters), prompt {PROMPT_TOKENS} tokens, greedy",
+        args.preset,
+        spec.parameter_count()
+    );
+    for (threads, bytes_per_second) in &bandwidth {
+        println!(
+            "memory read bandwidth, {threads} thread(s): {:.1} GB/s",
+            bytes_per_second / 1e9
+        );
+    }
+    println!();
+    println!(
+        "| format | threads | file MiB | weights read/token MiB | load s | TTFT ms | prefill tok/s | decode tok/s | bandwidth limit tok/s | decode / limit | peak RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in &rows {
+        let bw = bandwidth
+            .iter()
+            .find(|(t, _)| *t == row.threads)
+            .map(|(_, b)| *b)
+            .unwrap_or(f64::NAN);
+        let limit = bw / row.weight_bytes_per_token as f64;
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} |",
+            row.format,
+            row.threads,
+            mib(row.file_bytes),
+            mib(row.weight_bytes_per_token),
+            row.load.as_secs_f64(),
+            row.ttft.as_secs_f64() * 1e3,
+            row.prefill_tps,
+            row.decode_tps,
+            limit,
+            100.0 * row.decode_tps / limit,
+            mib(row.peak_rss),
+        );
+        if row.decoded < 2 {
+            println!(
+                "  ({}: only {} tokens decoded; decode figure not meaningful)",
+                row.format, row.decoded
+            );
+        }
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn measure(
+    worker: &Path,
+    model: &Path,
+    format: GgufType,
+    threads: usize,
+    decode_tokens: usize,
+) -> anyhow::Result<Row> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let mut child = WorkerProcess(
+        Command::new(worker)
+            .args([
+                "--model",
+                &model.display().to_string(),
+                "--port",
+                &port.to_string(),
+            ])
+            .args(["--threads", &threads.to_string()])
+            .env_remove("RBEE_CLUSTER_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start the worker")?,
+    );
+    wait_ready(&url, &mut child.0).await?;
+    let load = started.elapsed();
+
+    let prompt = prompt_of(model, PROMPT_TOKENS)?;
+    let client = job_client::JobClient::new(&url);
+    // Warm-up: touches every weight page once, so the measured run reads from memory.
+    generate(&client, &prompt, 2).await?;
+    let timing = generate(&client, &prompt, decode_tokens).await?;
+    let peak_rss = peak_rss(child.0.id()).unwrap_or(0);
+    let file_bytes = std::fs::metadata(model)?.len();
+    Ok(Row {
+        format,
+        threads,
+        file_bytes,
+        weight_bytes_per_token: weight_bytes_per_token(model)?,
+        load,
+        ttft: timing.ttft,
+        prefill_tps: timing.prompt_tokens as f64 / timing.ttft.as_secs_f64(),
+        decode_tps: timing.decode_rate(),
+        decoded: timing.tokens,
+        peak_rss,
+    })
+}
+
+struct WorkerProcess(Child);
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(url: &str, child: &mut Child) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("the worker exited early: {status}");
+        }
+        if let Ok(r) = client.get(format!("{url}/v1/ready")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the worker did not become ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Timing {
+    prompt_tokens: usize,
+    ttft: Duration,
+    first_to_last: Duration,
+    tokens: usize,
+}
+
+impl Timing {
+    fn decode_rate(&self) -> f64 {
+        if self.tokens < 2 {
+            return f64::NAN;
+        }
+        (self.tokens - 1) as f64 / self.first_to_last.as_secs_f64()
+    }
+}
+
+async fn generate(
+    client: &job_client::JobClient,
+    prompt: &str,
+    max_tokens: usize,
+) -> anyhow::Result<Timing> {
+    let op = Operation::Infer(InferRequest {
+        model: "bench".into(),
+        prompt: Some(prompt.into()),
+        max_tokens: Some(max_tokens as u32),
+        temperature: Some(0.0),
+        ..Default::default()
+    });
+    let sent = Instant::now();
+    let handle = client.submit(&op).await?;
+    let mut events = Box::pin(handle.events());
+    let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, None, 0usize, 0usize);
+    while let Some(event) = events.next().await {
+        match event? {
+            JobEvent::Started { prompt_tokens: n } => prompt_tokens = n as usize,
+            JobEvent::Token { .. } => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                tokens += 1;
+            }
+            JobEvent::Error { code, message } => bail!("generation failed: {code}: {message}"),
+            _ => {}
+        }
+    }
+    let (Some(first), Some(last)) = (first, last) else {
+        bail!("no token was generated")
+    };
+    Ok(Timing {
+        prompt_tokens,
+        ttft: first - sent,
+        first_to_last: last - first,
+        tokens,
+    })
+}
+
+/// A text of exactly `n` tokens for the model's own tokenizer (BOS included).
+fn prompt_of(model: &Path, n: usize) -> anyhow::Result<String> {
+    let mut file = std::fs::File::open(model)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let tokenizer = rbee_engine::TextTokenizer::from_gguf(&content)?;
+    let words = [
+        "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs",
+    ];
+    let mut text = String::new();
+    for word in words.iter().cycle() {
+        let candidate = if text.is_empty() {
+            word.to_string()
+        } else {
+            format!("{text} {word}")
+        };
+        if tokenizer.encode(&candidate, true)?.len() > n {
+            break;
+        }
+        text = candidate;
+    }
+    Ok(text)
+}
+
+/// Bytes of weights a decode step reads: every tensor but the token embedding, of which one
+/// row is gathered (unless it doubles as the output layer).
+fn weight_bytes_per_token(model: &Path) -> anyhow::Result<u64> {
+    let mut file = std::fs::File::open(model)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let mut total = 0u64;
+    for (name, info) in &content.tensor_infos {
+        if name == "token_embd.weight" && !tied {
+            continue;
+        }
+        let elements = info.shape.elem_count();
+        total += (elements / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+    }
+    Ok(total)
+}
+
+/// Peak resident set of a process (Linux `VmHWM`).
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Read bandwidth of main memory with `threads` threads: each sums its share of a buffer much
+/// larger than any cache; the best of several passes counts.
+pub fn memory_read_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 1 << 30;
+    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let chunk = buffer.len().div_ceil(threads.max(1));
+    let mut best = Duration::MAX;
+    let mut checksum = 0u64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|scope| {
+            let handles: Vec<_> = buffer
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || sum(part)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        best = best.min(started.elapsed());
+        checksum = checksum.wrapping_add(sums.iter().fold(0, |a, &b| a.wrapping_add(b)));
+    }
+    std::hint::black_box(checksum);
+    BYTES as f64 / best.as_secs_f64()
+}
+
+/// Eight independent accumulators let the compiler keep several loads in flight.
+fn sum(data: &[u64]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] = acc[i].wrapping_add(c[i]);
+        }
+    }
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &b| a.wrapping_add(b));
+    acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
+}
