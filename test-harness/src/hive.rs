@@ -1,13 +1,177 @@
-//! Helpers for testing `rbee-hive`: a stand-in for the queen's heartbeat routes that records
-//! what a hive (and the workers it spawns) send, and a look at a process's children in `/proc`.
+//! Helpers for testing `rbee-hive`: a hive process with a stand-in queen that records what the
+//! hive (and the workers it spawns) send, a client for its routes, and shell scripts that play
+//! misbehaving workers.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use rbee_contract::{HiveHeartbeat, WorkerHeartbeat};
+use rbee_contract::{HiveHeartbeat, JobCreated, WorkerHeartbeat, WorkerInfo};
+use serde_json::Value;
+
+use crate::daemon::{Daemon, free_port};
+use crate::sse::{RawStream, read_raw_stream};
+
+/// A running `rbee-hive` whose `--queen-url` is a [`HiveHeartbeatReceiver`], with its worker
+/// logs in a scratch directory removed on drop.
+pub struct TestHive {
+    pub daemon: Daemon,
+    pub queen: HiveHeartbeatReceiver,
+    pub log_dir: PathBuf,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl TestHive {
+    /// Starts a hive with `RBEE_CLUSTER_TOKEN=token`, 100 ms heartbeats, a 2 s stop grace and a
+    /// port range of its own, and waits for `/health`. A flag in `extra` replaces its default.
+    pub async fn start(hive_id: &str, token: &str, extra: &[&str]) -> TestHive {
+        let queen = HiveHeartbeatReceiver::start().await;
+        let port = free_port();
+        let log_dir = scratch_dir("logs");
+        // Each hive gets a port range of its own so parallel tests rarely compete for ports;
+        // the hive retries on another port when they do.
+        let first = free_port().min(65535 - 16);
+        let defaults = [
+            ("--port", port.to_string()),
+            ("--hive-id", hive_id.to_string()),
+            ("--queen-url", queen.url.clone()),
+            ("--heartbeat-interval", "100ms".to_string()),
+            ("--log-dir", log_dir.display().to_string()),
+            ("--worker-port-range", format!("{first}-{}", first + 15)),
+            ("--stop-grace", "2s".to_string()),
+        ];
+        // clap refuses a flag given twice.
+        let mut args: Vec<String> = defaults
+            .into_iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag.to_string(), value])
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut daemon = Daemon::start(
+            "rbee-hive",
+            &args,
+            &[("RBEE_CLUSTER_TOKEN", token)],
+            format!("http://127.0.0.1:{port}"),
+        )
+        .expect("start rbee-hive");
+        daemon
+            .wait_for("/health", None, Duration::from_secs(30))
+            .await
+            .expect("rbee-hive answers /health");
+        TestHive {
+            daemon,
+            queen,
+            log_dir,
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.daemon.url
+    }
+
+    /// `POST /v1/jobs` with `body`, with the cluster token.
+    pub async fn submit(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/jobs", self.url()))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .expect("POST /v1/jobs")
+    }
+
+    /// [`submit`](Self::submit), expecting `201`.
+    pub async fn submit_ok(&self, body: &Value) -> JobCreated {
+        let response = self.submit(body).await;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert_eq!(status, 201, "{text}");
+        serde_json::from_str(&text).expect("a JobCreated body")
+    }
+
+    /// `GET` the job's stream, expecting `200`.
+    pub async fn open_stream(&self, created: &JobCreated) -> reqwest::Response {
+        let response = self
+            .http
+            .get(format!("{}{}", self.url(), created.sse_url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET the job stream");
+        assert_eq!(response.status(), 200);
+        response
+    }
+
+    /// Submits `body` and reads its stream to the end.
+    pub async fn run_job(&self, body: &Value) -> RawStream {
+        let created = self.submit_ok(body).await;
+        read_raw_stream(self.open_stream(&created).await)
+            .await
+            .expect("a readable job stream")
+    }
+
+    /// `GET /v1/workers`.
+    pub async fn workers(&self) -> Vec<WorkerInfo> {
+        let body: Value = self
+            .http
+            .get(format!("{}/v1/workers", self.url()))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET /v1/workers")
+            .json()
+            .await
+            .expect("a JSON body");
+        serde_json::from_value(body["workers"].clone()).expect("a worker list")
+    }
+
+    /// Polls `check` until it holds; panics with `what` and the hive's log after `timeout`.
+    pub async fn wait_until(&self, timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {timeout:?}; hive log:\n{}",
+                self.daemon.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for TestHive {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.log_dir);
+    }
+}
+
+/// A fresh directory under the system temp dir.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "rbee-test-{name}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("create a scratch dir");
+    dir
+}
+
+/// An executable shell script with `body`, to stand in for `llm-worker-rbee` (it gets the
+/// worker's arguments and may ignore them). It lives in a scratch directory of its own.
+pub fn fake_worker(body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = scratch_dir("fake-worker").join("fake-worker.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("write the script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
 
 #[derive(Default)]
 struct Received {
@@ -79,33 +243,4 @@ async fn record_hive(
 async fn record_worker(State(log): State<Log>, Json(beat): Json<WorkerHeartbeat>) -> StatusCode {
     log.lock().expect("lock").workers.push(beat);
     StatusCode::NO_CONTENT
-}
-
-/// `(state, ppid)` of a process from `/proc/<pid>/stat`; `None` when it does not exist.
-fn stat(pid: u32) -> Option<(char, u32)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`, where comm may itself hold spaces and parentheses.
-    let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let ppid = fields.next()?.parse().ok()?;
-    Some((state, ppid))
-}
-
-/// The pids of the live (not zombie) child processes of `parent` (Linux `/proc`).
-pub fn child_pids(parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<u32> = entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| matches!(stat(*pid), Some((state, ppid)) if ppid == parent && state != 'Z'))
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-/// Whether process `pid` has ended: it no longer exists, or is a zombie nobody reaped yet.
-pub fn process_gone(pid: u32) -> bool {
-    !matches!(stat(pid), Some((state, _)) if state != 'Z')
 }

@@ -6,16 +6,16 @@
 
 mod daemon;
 mod hive;
-mod keeper;
 mod models;
+mod procfs;
 mod queen;
 mod receiver;
 mod sse;
 
 pub use daemon::{Daemon, bin_path, free_port};
-pub use hive::{HiveHeartbeatReceiver, child_pids, process_gone};
-pub use keeper::{KeeperEnv, KeeperOutput, send_signal};
+pub use hive::{HiveHeartbeatReceiver, TestHive, fake_worker, scratch_dir};
 pub use models::{smollm2, tiny_model};
+pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};
 pub use receiver::HeartbeatReceiver;
 pub use sse::{RawStream, read_raw_stream};

@@ -1,6 +1,81 @@
-//! `queen-rbee`: not built yet. It exits with a clear error rather than pretending to run.
+//! `queen-rbee`: parses the command line (and the optional config file), sets up logging,
+//! binds the port and hands over to `queen::serve`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("queen-rbee: not implemented yet in this build of rbee");
-    std::process::ExitCode::from(2)
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use daemon_kit::parse_duration;
+use queen::{QueenConfig, QueenSettings};
+use tokio_util::sync::CancellationToken;
+
+/// Flags win over the config file, which wins over the built-in defaults.
+#[derive(Debug, Parser)]
+#[command(
+    name = "queen-rbee",
+    version,
+    about = "Orchestrate an rbee cluster: the job API, hive and worker registries, scheduling"
+)]
+struct Args {
+    /// TOML file with any of: port, bind, heartbeat_interval, spawn_timeout, shutdown_grace.
+    #[arg(long, env = "RBEE_QUEEN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Port to listen on [default: 7833].
+    #[arg(long, env = "RBEE_QUEEN_PORT")]
+    port: Option<u16>,
+    /// Address to bind [default: 127.0.0.1]; any other needs RBEE_CLUSTER_TOKEN and RBEE_API_KEYS.
+    #[arg(long, env = "RBEE_QUEEN_BIND")]
+    bind: Option<IpAddr>,
+    /// The interval hives and workers send heartbeats at, e.g. 500ms, 5s [default: 5s].
+    #[arg(long, env = "RBEE_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// How long a cold start may take until the new worker is ready [default: 5m].
+    #[arg(long, env = "RBEE_SPAWN_TIMEOUT", value_parser = parse_duration)]
+    spawn_timeout: Option<Duration>,
+    /// How long shutdown waits for cancelled jobs to end their streams [default: 10s].
+    #[arg(long, env = "RBEE_SHUTDOWN_GRACE", value_parser = parse_duration)]
+    shutdown_grace: Option<Duration>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon_kit::init_tracing();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("queen-rbee: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => QueenSettings::from_file(path)?,
+        None => QueenSettings::default(),
+    };
+    let flags = QueenSettings {
+        port: args.port,
+        bind: args.bind,
+        heartbeat_interval: args.heartbeat_interval,
+        spawn_timeout: args.spawn_timeout,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let cluster_token = std::env::var("RBEE_CLUSTER_TOKEN").ok();
+    let api_keys = std::env::var("RBEE_API_KEYS")
+        .map(|keys| queen::parse_api_keys(&keys))
+        .unwrap_or_default();
+    let config = QueenConfig::resolve(flags.or(file), cluster_token, api_keys)?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot bind {}", config.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(daemon_kit::cancel_on_signal(shutdown.clone()));
+    queen::serve(listener, config, shutdown).await?;
+    Ok(())
 }

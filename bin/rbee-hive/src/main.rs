@@ -1,6 +1,120 @@
-//! `rbee-hive`: not built yet. It exits with a clear error rather than pretending to run.
+//! `rbee-hive`: parses the command line, sets up logging, binds the port and hands over to
+//! `hive::serve`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("rbee-hive: not implemented yet in this build of rbee");
-    std::process::ExitCode::from(2)
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use daemon_kit::parse_duration;
+use hive::{HiveConfig, PortRange};
+use tokio_util::sync::CancellationToken;
+
+/// Flags left out take the defaults of `hive::HiveConfig::new`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "rbee-hive",
+    version,
+    about = "Spawn and supervise rbee workers on this machine"
+)]
+struct Args {
+    #[arg(long, env = "RBEE_PORT", default_value_t = 7835)]
+    port: u16,
+    /// Address to listen on; workers bind the same one. Non-loopback needs RBEE_CLUSTER_TOKEN.
+    #[arg(long, env = "RBEE_BIND", default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// The queen that receives heartbeats (the hive's and its workers'); none when absent.
+    #[arg(long, env = "RBEE_QUEEN_URL")]
+    queen_url: Option<String>,
+    /// This hive's id in the cluster (default: the host name).
+    #[arg(long, env = "RBEE_HIVE_ID")]
+    hive_id: Option<String>,
+    /// URL the queen should use for this hive (default: http://BIND:PORT); workers advertise
+    /// its host with their own port.
+    #[arg(long, env = "RBEE_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Heartbeat interval of the hive and its workers, e.g. 500ms (default 5s).
+    #[arg(long, env = "RBEE_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    heartbeat_interval: Option<Duration>,
+    /// The llm-worker-rbee executable (default: beside rbee-hive, else on PATH).
+    #[arg(long, env = "RBEE_WORKER_BINARY")]
+    worker_binary: Option<PathBuf>,
+    /// Where each worker's log goes (default: $XDG_STATE_HOME/rbee/workers, else
+    /// ~/.local/state/rbee/workers).
+    #[arg(long, env = "RBEE_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+    /// Ports handed to workers, e.g. 9300-9399 (the default).
+    #[arg(long, env = "RBEE_WORKER_PORT_RANGE")]
+    worker_port_range: Option<PortRange>,
+    /// How long a worker gets to exit after SIGTERM before SIGKILL (default 10s).
+    #[arg(long, env = "RBEE_STOP_GRACE", value_parser = parse_duration)]
+    stop_grace: Option<Duration>,
+    /// How long a worker may take to load its model before the spawn fails (default 10m).
+    #[arg(long, env = "RBEE_LOAD_TIMEOUT", value_parser = parse_duration)]
+    load_timeout: Option<Duration>,
+}
+
+impl Args {
+    fn into_config(self, cluster_token: Option<String>) -> HiveConfig {
+        let mut config = HiveConfig::new(self.hive_id.unwrap_or_else(hive::default_hive_id));
+        config.queen_url = self.queen_url;
+        config.advertise_url = self.advertise_url;
+        config.cluster_token = cluster_token;
+        if let Some(interval) = self.heartbeat_interval {
+            config.heartbeat_interval = interval;
+        }
+        if let Some(binary) = self.worker_binary {
+            config.worker_binary = binary;
+        }
+        if let Some(dir) = self.log_dir {
+            config.log_dir = dir;
+        }
+        if let Some(ports) = self.worker_port_range {
+            config.worker_ports = ports;
+        }
+        if let Some(grace) = self.stop_grace {
+            config.stop_grace = grace;
+        }
+        if let Some(limit) = self.load_timeout {
+            config.load_timeout = limit;
+        }
+        config
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    daemon_kit::init_tracing();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("rbee-hive: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let cluster_token = std::env::var("RBEE_CLUSTER_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    if cluster_token.is_none() && !args.bind.is_loopback() {
+        anyhow::bail!(
+            "refusing to bind {} without RBEE_CLUSTER_TOKEN: the routes would be open to the network",
+            args.bind
+        );
+    }
+    let addr = SocketAddr::new(args.bind, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind {addr}"))?;
+    let config = args.into_config(cluster_token);
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(daemon_kit::cancel_on_signal(shutdown.clone()));
+    hive::serve(listener, config, shutdown).await?;
+    Ok(())
 }

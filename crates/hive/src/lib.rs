@@ -1,1 +1,165 @@
-//! Not built yet.
+//! The `rbee-hive` service: one per machine, it spawns and supervises `llm-worker-rbee`
+//! processes and reports the machine and its workers to the queen.
+//!
+//! [`serve`] answers the job protocol for worker operations (`worker_spawn`, `worker_list`,
+//! `worker_get`, `worker_delete`), `GET /v1/workers` and `POST /v1/shutdown`, and sends a
+//! [`HiveHeartbeat`](rbee_contract::HiveHeartbeat) to the queen every interval. Each worker is
+//! a child process started from an argument vector, with its output in its own log file, owned
+//! by one supervising task that notices its exit; a worker that dies is removed at once. Only
+//! children the hive spawned are ever signalled, and shutdown stops all of them before
+//! [`serve`] returns.
+//!
+//! It is not a worker (inference lives in `rbee-worker`), not a scheduler (the queen decides
+//! where work goes) and not yet a model catalog: `model_*` operations, `GET /v1/devices` and
+//! `GET /v1/capacity` answer `not_implemented`. It is not a command line either: the `rbee-hive`
+//! binary builds a [`HiveConfig`] and calls [`serve`].
+
+mod children;
+mod config;
+mod devices;
+mod executor;
+mod heartbeat;
+mod logs;
+mod process;
+mod routes;
+mod spawn;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rbee_contract::HiveInfo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{
+    HiveConfig, PortRange, WORKER_BINARY_NAME, default_hive_id, default_log_dir,
+    default_worker_binary,
+};
+
+use crate::children::Children;
+use crate::executor::HiveExecutor;
+
+/// How long shutdown waits for cancelled jobs (spawns being followed, lists) to end.
+const JOBS_GRACE: Duration = Duration::from_secs(2);
+
+/// After every worker is gone, clients still reading a stream get this long before the
+/// hive closes their connections.
+const CONNECTIONS_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the hive could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HiveError {
+    #[error("cannot serve HTTP: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot create the worker log directory {}: {source}", path.display())]
+    LogDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// What the hive's parts share: its configuration, its children and one HTTP client.
+pub(crate) struct Hive {
+    config: Arc<HiveConfig>,
+    /// The URL the queen uses to reach this hive.
+    url: String,
+    children: Arc<Children>,
+    http: reqwest::Client,
+    /// Cancelled by `POST /v1/shutdown` as by the caller of [`serve`].
+    shutdown: CancellationToken,
+}
+
+impl Hive {
+    /// The hive as its heartbeat describes it, with fresh worker states.
+    async fn info(&self) -> HiveInfo {
+        self.children.refresh().await;
+        HiveInfo {
+            hive_id: self.config.hive_id.clone(),
+            url: self.url.clone(),
+            devices: vec![devices::cpu_async().await],
+            workers: self.children.list(),
+            models: Vec::new(),
+        }
+    }
+}
+
+/// Runs the hive on `listener` until `shutdown` fires or `POST /v1/shutdown` arrives.
+///
+/// Shutdown refuses new jobs, cancels running ones (a spawn in progress stops its worker),
+/// stops every worker the hive spawned (SIGTERM, SIGKILL after `config.stop_grace`), waits
+/// until each is reaped, and returns. Workers live on loopback unless the listener is bound
+/// elsewhere; a non-loopback listener needs a cluster token.
+pub async fn serve(
+    listener: TcpListener,
+    config: HiveConfig,
+    shutdown: CancellationToken,
+) -> Result<(), HiveError> {
+    let local = listener.local_addr()?;
+    if config.cluster_token.is_none() && !local.ip().is_loopback() {
+        return Err(HiveError::Config(format!(
+            "refusing to serve on {local} without a cluster token: the routes would be open \
+             to the network"
+        )));
+    }
+    std::fs::create_dir_all(&config.log_dir).map_err(|source| HiveError::LogDir {
+        path: config.log_dir.clone(),
+        source,
+    })?;
+    let url = config
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"));
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|err| HiveError::Config(format!("cannot build an HTTP client: {err}")))?;
+    let auth = daemon_kit::BearerAuth::new(config.cluster_token.clone(), "cluster token");
+    let config = Arc::new(config);
+    let children = Arc::new(Children::new(Arc::clone(&config), local.ip(), http.clone()));
+    let hive = Arc::new(Hive {
+        config: Arc::clone(&config),
+        url,
+        children: Arc::clone(&children),
+        http,
+        shutdown: shutdown.clone(),
+    });
+    let jobs = job_server::JobServer::new(
+        HiveExecutor::new(Arc::clone(&hive)),
+        job_server::JobServerConfig::default(),
+    );
+    let heartbeats = tokio::spawn(heartbeat::run(Arc::clone(&hive), shutdown.clone()));
+    let app = routes::router(Arc::clone(&hive), jobs.clone(), auth);
+    tracing::info!(%local, hive_id = %config.hive_id, url = %hive.url, log_dir = %config.log_dir.display(), "hive listening");
+
+    let workers_stopped = CancellationToken::new();
+    let stop = {
+        let shutdown = shutdown.clone();
+        let children = Arc::clone(&children);
+        let workers_stopped = workers_stopped.clone();
+        async move {
+            shutdown.cancelled().await;
+            jobs.shutdown(JOBS_GRACE).await;
+            children.stop_all().await;
+            workers_stopped.cancel();
+        }
+    };
+    let served = tokio::select! {
+        served = axum::serve(listener, app).with_graceful_shutdown(stop) => served,
+        () = async {
+            workers_stopped.cancelled().await;
+            tokio::time::sleep(CONNECTIONS_GRACE).await;
+        } => {
+            tracing::info!("closing connections still open after shutdown");
+            Ok(())
+        }
+    };
+    // Whatever ended the server, no worker outlives it.
+    shutdown.cancel();
+    children.stop_all().await;
+    let _ = heartbeats.await;
+    tracing::info!("hive stopped");
+    served.map_err(HiveError::from)
+}

@@ -101,10 +101,35 @@ impl EngineError {
     }
 
     pub(crate) fn load(context: impl fmt::Display, err: impl fmt::Display) -> Self {
-        EngineError::Load(format!("{context}: {err}"))
+        EngineError::Load(format!("{context}: {}", without_backtrace(err.to_string())))
     }
 
     pub(crate) fn inference(err: candle_core::Error) -> Self {
-        EngineError::Inference(err.to_string())
+        EngineError::Inference(without_backtrace(err.to_string()))
+    }
+}
+
+/// candle appends a captured backtrace to its error messages when `RUST_BACKTRACE` is set;
+/// messages are for the person who sent the request, so the backtrace goes.
+fn without_backtrace(mut message: String) -> String {
+    if let Some(at) = message.find("\n   0: ") {
+        message.truncate(at);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_backtraces_are_cut_from_messages() {
+        let err = candle_core::Error::Msg("bad magic".into());
+        let with_bt = candle_core::Error::WithBacktrace {
+            inner: Box::new(err),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let message = EngineError::load("model.gguf", with_bt).to_string();
+        assert_eq!(message, "cannot load model: model.gguf: bad magic");
     }
 }

@@ -1,0 +1,200 @@
+//! The hive's validated configuration and where its defaults come from.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The worker binary's file name, looked up beside the hive's own executable, else on `PATH`.
+pub const WORKER_BINARY_NAME: &str = "llm-worker-rbee";
+
+/// Everything the hive needs, validated. Built by the `rbee-hive` binary from its command line;
+/// [`HiveConfig::new`] holds every default.
+#[derive(Debug, Clone)]
+pub struct HiveConfig {
+    pub hive_id: String,
+    /// The URL the queen uses to reach this hive; `http://{bound address}` if `None`.
+    /// Its host is also what workers advertise, so that the queen can reach them too.
+    pub advertise_url: Option<String>,
+    /// Where heartbeats go, and where spawned workers send theirs; `None` means no heartbeats.
+    pub queen_url: Option<String>,
+    /// How often the hive and its workers send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// The `llm-worker-rbee` executable to spawn.
+    pub worker_binary: PathBuf,
+    /// One `<worker-id>.log` per worker goes here (stdout and stderr).
+    pub log_dir: PathBuf,
+    /// Ports handed to workers.
+    pub worker_ports: PortRange,
+    /// How long a worker has to exit after SIGTERM before it gets SIGKILL.
+    pub stop_grace: Duration,
+    /// How long a spawned worker may take from start to loaded before the spawn fails.
+    pub load_timeout: Duration,
+    /// Shared secret of the cluster: required on the hive's routes, sent to the queen and to
+    /// workers, and passed to spawned workers. `None` leaves routes open (loopback only).
+    pub cluster_token: Option<String>,
+}
+
+impl HiveConfig {
+    /// A configuration with the defaults for everything but the id.
+    pub fn new(hive_id: impl Into<String>) -> Self {
+        HiveConfig {
+            hive_id: hive_id.into(),
+            advertise_url: None,
+            queen_url: None,
+            heartbeat_interval: Duration::from_secs(5),
+            worker_binary: default_worker_binary(),
+            log_dir: default_log_dir(),
+            worker_ports: PortRange {
+                first: 9300,
+                last: 9399,
+            },
+            stop_grace: Duration::from_secs(10),
+            load_timeout: Duration::from_secs(600),
+            cluster_token: None,
+        }
+    }
+}
+
+/// The machine's host name, the default hive id; `localhost` if it cannot be read.
+pub fn default_hive_id() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `$XDG_STATE_HOME/rbee/workers`, else `~/.local/state/rbee/workers`.
+pub fn default_log_dir() -> PathBuf {
+    let state_home = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".local/state"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    state_home.join("rbee").join("workers")
+}
+
+/// `llm-worker-rbee` beside the running executable when it is there, so that a hive runs the
+/// worker of its own build; otherwise the bare name, which the OS looks up on `PATH`.
+pub fn default_worker_binary() -> PathBuf {
+    let file_name = format!("{WORKER_BINARY_NAME}{}", std::env::consts::EXE_SUFFIX);
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(&file_name)))
+        .filter(|candidate| candidate.is_file())
+        .unwrap_or_else(|| PathBuf::from(file_name))
+}
+
+/// An inclusive range of ports, written `9300-9399` (or a single `9300`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds (never zero).
+    pub fn count(&self) -> usize {
+        usize::from(self.last - self.first) + 1
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+
+    /// The `n`th port of the range, wrapping around.
+    pub fn nth_wrapping(&self, n: usize) -> u16 {
+        let offset = n % self.count();
+        self.first + u16::try_from(offset).unwrap_or(0)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let port = |part: &str| {
+            part.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("'{part}' is not a port (1-65535) in '{text}'"))
+        };
+        let (first, last) = match text.split_once('-') {
+            Some((first, last)) => (port(first)?, port(last)?),
+            None => {
+                let only = port(text)?;
+                (only, only)
+            }
+        };
+        if first > last {
+            return Err(format!(
+                "'{text}' is not a range: {first} comes after {last}"
+            ));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(
+            "9300-9399".parse(),
+            Ok(PortRange {
+                first: 9300,
+                last: 9399
+            })
+        );
+        assert_eq!(
+            " 9300 ".parse(),
+            Ok(PortRange {
+                first: 9300,
+                last: 9300
+            })
+        );
+        assert!("9399-9300".parse::<PortRange>().is_err());
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("9300-70000".parse::<PortRange>().is_err());
+        assert!("many".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn port_ranges_wrap() {
+        let range: PortRange = "10-12".parse().unwrap();
+        assert_eq!(range.count(), 3);
+        let ports: Vec<u16> = (0..5).map(|n| range.nth_wrapping(n)).collect();
+        assert_eq!(ports, vec![10, 11, 12, 10, 11]);
+        assert!(range.contains(12) && !range.contains(13));
+        assert_eq!(range.to_string(), "10-12");
+    }
+
+    #[test]
+    fn defaults_are_usable() {
+        let config = HiveConfig::new("h");
+        assert!(config.log_dir.ends_with("rbee/workers"));
+        assert!(
+            config
+                .worker_binary
+                .to_string_lossy()
+                .contains(WORKER_BINARY_NAME)
+        );
+        assert!(!default_hive_id().is_empty());
+    }
+}

@@ -1,0 +1,117 @@
+//! Worker log files: one per worker, and their last lines for error reports.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Lines of a worker's log quoted when it fails to start or dies.
+pub(crate) const TAIL_LINES: usize = 10;
+
+/// Only the end of a log is read for its tail; a line longer than this is cut.
+const TAIL_BYTES: u64 = 16 * 1024;
+
+pub(crate) fn log_path(log_dir: &Path, worker_id: &str) -> PathBuf {
+    log_dir.join(format!("{worker_id}.log"))
+}
+
+/// The last `lines` lines of the log at `path`, without terminal colour codes; empty when the
+/// file cannot be read. Blocking: call it off the reactor.
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(TAIL_BYTES);
+    if file.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    if file.read_to_end(&mut bytes).is_err() {
+        return String::new();
+    }
+    let text = strip_ansi(&String::from_utf8_lossy(&bytes));
+    let mut all: Vec<&str> = text.lines().collect();
+    if start > 0 && !all.is_empty() {
+        // The first line read is most likely a fragment.
+        all.remove(0);
+    }
+    while all.last().is_some_and(|l| l.trim().is_empty()) {
+        all.pop();
+    }
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// [`tail`] on the blocking pool.
+pub(crate) async fn tail_async(path: PathBuf, lines: usize) -> String {
+    tokio::task::spawn_blocking(move || tail(&path, lines))
+        .await
+        .unwrap_or_default()
+}
+
+/// A report for humans: `what` followed by the log's last lines, or a note that it is empty.
+pub(crate) async fn with_tail(what: String, path: &Path) -> String {
+    let tail = tail_async(path.to_path_buf(), TAIL_LINES).await;
+    if tail.is_empty() {
+        format!("{what} (its log {} is empty)", path.display())
+    } else {
+        format!("{what}; last lines of {}:\n{tail}", path.display())
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`), which a worker writes when colours are on.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines_without_colours() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let mut text = String::new();
+        for i in 0..30 {
+            text.push_str(&format!("\u{1b}[2mline\u{1b}[0m {i}\n"));
+        }
+        text.push_str("\n\n");
+        std::fs::write(&path, text).unwrap();
+        let tail = tail(&path, 3);
+        assert_eq!(tail, "line 27\nline 28\nline 29");
+    }
+
+    #[test]
+    fn tail_of_a_big_log_reads_only_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        let line = "x".repeat(100);
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!("{line} {i}\n"));
+        }
+        std::fs::write(&path, text).unwrap();
+        let tail = tail(&path, 2);
+        assert_eq!(tail, format!("{line} 998\n{line} 999"));
+    }
+
+    #[test]
+    fn missing_log_has_an_empty_tail() {
+        assert_eq!(tail(Path::new("/nonexistent/rbee/w.log"), 5), "");
+    }
+}

@@ -1,0 +1,231 @@
+//! The queen's configuration: settings gathered from flags, environment and an optional TOML
+//! file, resolved into one validated [`QueenConfig`]. Every default is written here, once.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The queen's port unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7833;
+/// The queen listens on loopback unless told otherwise.
+pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// The heartbeat interval the queen expects from hives and workers.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a cold start may take, from asking a hive to a ready worker.
+pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long shutdown waits for cancelled jobs to end their streams.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything the queen needs, validated. Build it with [`QueenConfig::resolve`] (or
+/// [`Default`] for a loopback queen with no credentials, as tests use).
+#[derive(Clone)]
+pub struct QueenConfig {
+    /// Where the binary binds; [`serve`](crate::serve) itself takes a bound listener.
+    pub listen: SocketAddr,
+    /// The interval hives and workers send heartbeats at. A component silent for 3 intervals
+    /// is stale (not scheduled on); after 10 it is forgotten.
+    pub heartbeat_interval: Duration,
+    /// Upper bound on a cold start: asking a hive for a worker until the worker is ready.
+    pub spawn_timeout: Duration,
+    pub shutdown_grace: Duration,
+    /// The cluster's shared secret: required on heartbeats, sent to hives and workers.
+    pub cluster_token: Option<String>,
+    /// Keys accepted from clients on the job API and the lists; none means open (loopback).
+    pub api_keys: Vec<String>,
+}
+
+impl Default for QueenConfig {
+    fn default() -> Self {
+        QueenConfig {
+            listen: SocketAddr::new(DEFAULT_BIND, DEFAULT_PORT),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            cluster_token: None,
+            api_keys: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for QueenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Secrets are reported by presence only.
+        f.debug_struct("QueenConfig")
+            .field("listen", &self.listen)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("spawn_timeout", &self.spawn_timeout)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("cluster_token", &self.cluster_token.is_some())
+            .field("api_keys", &self.api_keys.len())
+            .finish()
+    }
+}
+
+/// The settings one source gives (the command line with its environment, or the config
+/// file). Unset fields fall through to the next source, then to the defaults above.
+///
+/// Secrets are not settings: they come from the environment only (`RBEE_CLUSTER_TOKEN`,
+/// `RBEE_API_KEYS`), so that a config file can be world-readable.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueenSettings {
+    pub port: Option<u16>,
+    pub bind: Option<IpAddr>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub heartbeat_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub spawn_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub shutdown_grace: Option<Duration>,
+}
+
+impl QueenSettings {
+    /// Reads a TOML config file, e.g. `heartbeat_interval = "2s"`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        parse_toml(&text).map_err(|err| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })
+    }
+
+    /// These settings, with the unset ones taken from `fallback`.
+    pub fn or(self, fallback: QueenSettings) -> QueenSettings {
+        QueenSettings {
+            port: self.port.or(fallback.port),
+            bind: self.bind.or(fallback.bind),
+            heartbeat_interval: self.heartbeat_interval.or(fallback.heartbeat_interval),
+            spawn_timeout: self.spawn_timeout.or(fallback.spawn_timeout),
+            shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+        }
+    }
+}
+
+impl QueenConfig {
+    /// Applies the defaults to `settings` and checks the result. A bind address other than
+    /// loopback needs both secrets: without them heartbeats or the job API would be open to
+    /// the network.
+    pub fn resolve(
+        settings: QueenSettings,
+        cluster_token: Option<String>,
+        api_keys: Vec<String>,
+    ) -> Result<QueenConfig, ConfigError> {
+        let cluster_token = cluster_token.filter(|t| !t.is_empty());
+        let api_keys: Vec<String> = api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+        let listen = SocketAddr::new(
+            settings.bind.unwrap_or(DEFAULT_BIND),
+            settings.port.unwrap_or(DEFAULT_PORT),
+        );
+        if !listen.ip().is_loopback() {
+            if cluster_token.is_none() {
+                return Err(ConfigError::OpenBind {
+                    addr: listen.ip(),
+                    missing: "RBEE_CLUSTER_TOKEN",
+                });
+            }
+            if api_keys.is_empty() {
+                return Err(ConfigError::OpenBind {
+                    addr: listen.ip(),
+                    missing: "RBEE_API_KEYS",
+                });
+            }
+        }
+        Ok(QueenConfig {
+            listen,
+            heartbeat_interval: settings
+                .heartbeat_interval
+                .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
+            spawn_timeout: settings.spawn_timeout.unwrap_or(DEFAULT_SPAWN_TIMEOUT),
+            shutdown_grace: settings.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            cluster_token,
+            api_keys,
+        })
+    }
+}
+
+/// Splits `RBEE_API_KEYS` (`key1,key2`) into keys, dropping blanks.
+pub fn parse_api_keys(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("refusing to bind {addr} without {missing}: the routes would be open to the network")]
+    OpenBind { addr: IpAddr, missing: &'static str },
+}
+
+fn parse_toml(text: &str) -> Result<QueenSettings, toml::de::Error> {
+    toml::from_str(text)
+}
+
+fn duration_text<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(de)?;
+    daemon_kit::parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_settings_fill_what_flags_leave_unset() {
+        let file =
+            parse_toml("port = 9000\nheartbeat_interval = \"250ms\"\nspawn_timeout = \"2m\"\n")
+                .unwrap();
+        let flags = QueenSettings {
+            port: Some(7000),
+            ..QueenSettings::default()
+        };
+        let config = QueenConfig::resolve(flags.or(file), None, Vec::new()).unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(config.spawn_timeout, Duration::from_secs(120));
+        assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        assert!(parse_toml("heartbeat_interval = \"fast\"").is_err());
+        assert!(parse_toml("prot = 1").is_err());
+        assert!(parse_toml("port = \"x\"").is_err());
+    }
+
+    #[test]
+    fn a_network_bind_needs_both_secrets() {
+        let open = QueenSettings {
+            bind: Some("0.0.0.0".parse().unwrap()),
+            ..QueenSettings::default()
+        };
+        let err = QueenConfig::resolve(open.clone(), None, vec!["k".into()]).unwrap_err();
+        assert!(err.to_string().contains("RBEE_CLUSTER_TOKEN"), "{err}");
+        let err = QueenConfig::resolve(open.clone(), Some("t".into()), Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("RBEE_API_KEYS"), "{err}");
+        assert!(QueenConfig::resolve(open, Some("t".into()), vec!["k".into()]).is_ok());
+    }
+
+    #[test]
+    fn api_keys_are_comma_separated() {
+        assert_eq!(parse_api_keys(" a, b,,c "), vec!["a", "b", "c"]);
+        assert!(parse_api_keys("").is_empty());
+    }
+}

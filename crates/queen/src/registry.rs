@@ -1,0 +1,452 @@
+//! The queen's picture of the cluster, fed only by heartbeats.
+//!
+//! Nothing here is persisted: a restarted queen knows every hive and worker again one
+//! heartbeat interval after it starts. A component that misses [`STALE_AFTER`] intervals is
+//! stale (listed, never scheduled on); one silent for [`REMOVE_AFTER`] intervals is forgotten.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rbee_contract::{HiveInfo, WorkerInfo, WorkerState};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::wire::{Health, HiveList, HiveStatus, WorkerList};
+
+/// Missed intervals after which a component is stale.
+pub(crate) const STALE_AFTER: u32 = 3;
+/// Missed intervals after which a component is forgotten.
+pub(crate) const REMOVE_AFTER: u32 = 10;
+
+pub(crate) struct Registry {
+    interval: Duration,
+    maps: Mutex<Maps>,
+    /// Bumped on every change that could alter a scheduling decision, so that a job waiting
+    /// for a worker to load wakes up to look again.
+    version: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Maps {
+    workers: HashMap<String, WorkerEntry>,
+    hives: HashMap<String, HiveEntry>,
+}
+
+struct WorkerEntry {
+    info: WorkerInfo,
+    last_seen: Instant,
+    /// Jobs the queen itself has sent to this worker and not yet seen end.
+    in_flight: u32,
+    /// A hive listed this worker in a heartbeat; if that hive stops listing it, it is gone.
+    hive_reported: bool,
+    /// Whether the sweep has already logged this worker as stale.
+    stale: bool,
+}
+
+struct HiveEntry {
+    info: HiveInfo,
+    last_seen: Instant,
+    stale: bool,
+}
+
+/// A worker as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerView {
+    pub info: WorkerInfo,
+    pub health: Health,
+    pub in_flight: u32,
+}
+
+/// A hive as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct HiveView {
+    pub info: HiveInfo,
+    pub health: Health,
+    pub silent_for: Duration,
+}
+
+impl Registry {
+    pub fn new(interval: Duration) -> Self {
+        Registry {
+            interval,
+            maps: Mutex::new(Maps::default()),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        // Plain bookkeeping: a panic while it was held leaves nothing half-done that matters.
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// What `elapsed` of silence makes of a component; `None` once it is to be forgotten.
+    fn classify(&self, elapsed: Duration) -> Option<Health> {
+        if elapsed > self.interval * REMOVE_AFTER {
+            None
+        } else if elapsed > self.interval * STALE_AFTER {
+            Some(Health::Stale)
+        } else {
+            Some(Health::Healthy)
+        }
+    }
+
+    /// Records a worker's heartbeat; the first one registers it.
+    pub fn worker_heartbeat(&self, info: WorkerInfo) {
+        let now = Instant::now();
+        {
+            let mut maps = self.maps();
+            match maps.workers.get_mut(&info.worker_id) {
+                Some(entry) => {
+                    if entry.stale {
+                        tracing::info!(worker_id = %info.worker_id, "worker heartbeats again");
+                    }
+                    if entry.info.state != info.state {
+                        tracing::info!(worker_id = %info.worker_id, state = ?info.state, "worker state changed");
+                    }
+                    entry.info = info;
+                    entry.last_seen = now;
+                    entry.stale = false;
+                }
+                None => {
+                    tracing::info!(worker_id = %info.worker_id, url = %info.url, model = %info.model,
+                        state = ?info.state, "worker registered");
+                    maps.workers.insert(
+                        info.worker_id.clone(),
+                        WorkerEntry {
+                            info,
+                            last_seen: now,
+                            in_flight: 0,
+                            hive_reported: false,
+                            stale: false,
+                        },
+                    );
+                }
+            }
+        }
+        self.changed();
+    }
+
+    /// Records a hive's heartbeat; the first one registers it. A worker this hive used to
+    /// report and no longer does has died (the hive supervises its children), so it is
+    /// forgotten at once rather than after going stale.
+    pub fn hive_heartbeat(&self, info: HiveInfo) {
+        let now = Instant::now();
+        {
+            let mut maps = self.maps();
+            let hive_id = info.hive_id.clone();
+            for worker in maps.workers.values_mut() {
+                if worker.info.hive_id.as_deref() == Some(hive_id.as_str())
+                    && info
+                        .workers
+                        .iter()
+                        .any(|w| w.worker_id == worker.info.worker_id)
+                {
+                    worker.hive_reported = true;
+                }
+            }
+            maps.workers.retain(|id, worker| {
+                let gone = worker.hive_reported
+                    && worker.info.hive_id.as_deref() == Some(hive_id.as_str())
+                    && !info.workers.iter().any(|w| &w.worker_id == id);
+                if gone {
+                    tracing::info!(worker_id = %id, %hive_id, "worker no longer reported by its hive; forgotten");
+                }
+                !gone
+            });
+            match maps.hives.get_mut(&hive_id) {
+                Some(entry) => {
+                    if entry.stale {
+                        tracing::info!(%hive_id, "hive heartbeats again");
+                    }
+                    entry.info = info;
+                    entry.last_seen = now;
+                    entry.stale = false;
+                }
+                None => {
+                    tracing::info!(%hive_id, url = %info.url, "hive registered");
+                    maps.hives.insert(
+                        hive_id,
+                        HiveEntry {
+                            info,
+                            last_seen: now,
+                            stale: false,
+                        },
+                    );
+                }
+            }
+        }
+        self.changed();
+    }
+
+    /// Forgets a worker the queen could not reach; its next heartbeat, if any, brings it back.
+    pub fn forget_worker(&self, worker_id: &str) {
+        if self.maps().workers.remove(worker_id).is_some() {
+            tracing::info!(
+                worker_id,
+                "worker unreachable; forgotten until its next heartbeat"
+            );
+            self.changed();
+        }
+    }
+
+    pub fn worker_views(&self) -> Vec<WorkerView> {
+        let now = Instant::now();
+        let maps = self.maps();
+        let mut views: Vec<WorkerView> = maps
+            .workers
+            .values()
+            .filter_map(|entry| {
+                let health = self.classify(now - entry.last_seen)?;
+                Some(WorkerView {
+                    info: entry.info.clone(),
+                    health,
+                    in_flight: entry.in_flight,
+                })
+            })
+            .collect();
+        views.sort_by(|a, b| a.info.worker_id.cmp(&b.info.worker_id));
+        views
+    }
+
+    pub fn hive_views(&self) -> Vec<HiveView> {
+        let now = Instant::now();
+        let maps = self.maps();
+        let mut views: Vec<HiveView> = maps
+            .hives
+            .values()
+            .filter_map(|entry| {
+                let silent_for = now - entry.last_seen;
+                Some(HiveView {
+                    health: self.classify(silent_for)?,
+                    info: entry.info.clone(),
+                    silent_for,
+                })
+            })
+            .collect();
+        views.sort_by(|a, b| a.info.hive_id.cmp(&b.info.hive_id));
+        views
+    }
+
+    pub fn worker_list(&self) -> WorkerList {
+        let workers = self
+            .worker_views()
+            .into_iter()
+            .map(|view| {
+                let mut info = view.info;
+                if view.health == Health::Stale {
+                    info.state = WorkerState::Stale;
+                }
+                info
+            })
+            .collect();
+        WorkerList { workers }
+    }
+
+    pub fn hive_list(&self) -> HiveList {
+        let hives = self
+            .hive_views()
+            .into_iter()
+            .map(|view| HiveStatus {
+                hive: view.info,
+                status: view.health,
+                last_seen_ms_ago: u64::try_from(view.silent_for.as_millis()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        HiveList { hives }
+    }
+
+    /// Logs components that went stale and forgets those silent for too long.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut changed = false;
+        {
+            let mut maps = self.maps();
+            maps.workers.retain(|id, entry| {
+                let silent = now - entry.last_seen;
+                match self.classify(silent) {
+                    None => {
+                        tracing::info!(worker_id = %id, ?silent, "worker forgotten: no heartbeat");
+                        changed = true;
+                        false
+                    }
+                    Some(Health::Stale) if !entry.stale => {
+                        tracing::warn!(worker_id = %id, ?silent, "worker is stale: heartbeats stopped");
+                        entry.stale = true;
+                        changed = true;
+                        true
+                    }
+                    Some(_) => true,
+                }
+            });
+            maps.hives.retain(|id, entry| {
+                let silent = now - entry.last_seen;
+                match self.classify(silent) {
+                    None => {
+                        tracing::info!(hive_id = %id, ?silent, "hive forgotten: no heartbeat");
+                        changed = true;
+                        false
+                    }
+                    Some(Health::Stale) if !entry.stale => {
+                        tracing::warn!(hive_id = %id, ?silent, "hive is stale: heartbeats stopped");
+                        entry.stale = true;
+                        changed = true;
+                        true
+                    }
+                    Some(_) => true,
+                }
+            });
+        }
+        if changed {
+            self.changed();
+        }
+    }
+
+    /// Fires after any change to the registry.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Counts a job the queen sends to `worker_id` until the guard is dropped.
+    pub fn enter(self: &Arc<Self>, worker_id: &str) -> InFlight {
+        if let Some(entry) = self.maps().workers.get_mut(worker_id) {
+            entry.in_flight += 1;
+        }
+        InFlight {
+            registry: Arc::clone(self),
+            worker_id: worker_id.to_owned(),
+        }
+    }
+}
+
+/// One job the queen has sent to a worker; dropping it ends the count.
+pub(crate) struct InFlight {
+    registry: Arc<Registry>,
+    worker_id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(entry) = self.registry.maps().workers.get_mut(&self.worker_id) {
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// Runs [`Registry::sweep`] every interval until `stop` fires.
+pub(crate) async fn sweep_every(
+    registry: Arc<Registry>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // A zero period would make `interval` panic; a library user may configure one.
+    let period = registry.interval.max(Duration::from_millis(10));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticker.tick() => registry.sweep(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn worker(id: &str, model: &str, state: WorkerState, slots_free: u32) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: id.into(),
+            url: format!("http://127.0.0.1:1/{id}"),
+            model: model.into(),
+            device: "cpu".into(),
+            state,
+            slots_total: 1,
+            slots_free,
+            hive_id: None,
+            context_length: None,
+        }
+    }
+
+    pub(crate) fn hive(id: &str, workers: Vec<WorkerInfo>) -> HiveInfo {
+        HiveInfo {
+            hive_id: id.into(),
+            url: format!("http://127.0.0.1:1/{id}"),
+            devices: Vec::new(),
+            workers,
+            models: Vec::new(),
+        }
+    }
+
+    const TICK: Duration = Duration::from_millis(100);
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_makes_stale_then_forgotten() {
+        let registry = Registry::new(TICK);
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        registry.hive_heartbeat(hive("h1", Vec::new()));
+        assert_eq!(registry.worker_views()[0].health, Health::Healthy);
+
+        tokio::time::advance(TICK * 3 + Duration::from_millis(1)).await;
+        registry.sweep();
+        let list = registry.worker_list();
+        assert_eq!(list.workers[0].state, WorkerState::Stale);
+        assert_eq!(registry.hive_list().hives[0].status, Health::Stale);
+
+        // A heartbeat brings a stale worker back.
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        assert_eq!(registry.worker_list().workers[0].state, WorkerState::Ready);
+
+        tokio::time::advance(TICK * 10 + Duration::from_millis(1)).await;
+        registry.sweep();
+        assert!(registry.worker_list().workers.is_empty());
+        assert!(registry.hive_list().hives.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn listing_hides_expired_entries_before_the_sweep() {
+        let registry = Registry::new(TICK);
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        tokio::time::advance(TICK * 11).await;
+        assert!(registry.worker_list().workers.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_its_hive_stops_reporting_is_forgotten() {
+        let registry = Registry::new(TICK);
+        let mut w = worker("w1", "m", WorkerState::Ready, 1);
+        w.hive_id = Some("h1".into());
+        let mut other = worker("w2", "m", WorkerState::Loading, 1);
+        other.hive_id = Some("h1".into());
+        registry.worker_heartbeat(w.clone());
+        registry.worker_heartbeat(other);
+        // The hive has not listed w2 yet (it may still be starting): w2 stays.
+        registry.hive_heartbeat(hive("h1", vec![w.clone()]));
+        assert_eq!(registry.worker_views().len(), 2);
+        registry.hive_heartbeat(hive("h1", Vec::new()));
+        let ids: Vec<String> = registry
+            .worker_views()
+            .into_iter()
+            .map(|v| v.info.worker_id)
+            .collect();
+        assert_eq!(ids, vec!["w2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_counts_follow_the_guards() {
+        let registry = Arc::new(Registry::new(TICK));
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        let a = registry.enter("w1");
+        let b = registry.enter("w1");
+        assert_eq!(registry.worker_views()[0].in_flight, 2);
+        drop(a);
+        assert_eq!(registry.worker_views()[0].in_flight, 1);
+        registry.forget_worker("w1");
+        drop(b);
+        assert!(registry.worker_views().is_empty());
+    }
+}

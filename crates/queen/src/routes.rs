@@ -1,0 +1,144 @@
+//! The queen's HTTP surface. `/health` is public; the heartbeat routes need the cluster
+//! token; the job API, the lists and shutdown need an API key when keys are configured.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use daemon_kit::{BearerAuth, require_bearer};
+use job_server::{ApiError, JobServer};
+use rbee_contract::{ErrorCode, HiveHeartbeat, WorkerHeartbeat, WorkerState};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::QueenConfig;
+use crate::executor::QueenExecutor;
+use crate::state::Queen;
+use crate::wire::{HiveList, WorkerList};
+
+#[derive(Clone)]
+struct AppState {
+    queen: Arc<Queen>,
+    /// Fired by `POST /v1/shutdown`: stop the hives, then the queen.
+    stop_cluster: CancellationToken,
+}
+
+pub(crate) fn router(
+    queen: Arc<Queen>,
+    jobs: JobServer<QueenExecutor>,
+    stop_cluster: CancellationToken,
+) -> Router {
+    let cluster_auth = BearerAuth::new(queen.config.cluster_token.clone(), "cluster token");
+    let client_auth = client_auth(&queen.config);
+    let state = AppState {
+        queen,
+        stop_cluster,
+    };
+    let internal = Router::new()
+        .route("/v1/worker-heartbeat", post(worker_heartbeat))
+        .route("/v1/hive-heartbeat", post(hive_heartbeat))
+        .with_state(state.clone())
+        .layer(middleware::from_fn_with_state(cluster_auth, require_bearer));
+    let client = Router::new()
+        .route("/v1/workers", get(list_workers))
+        .route("/v1/hives", get(list_hives))
+        .route("/v1/shutdown", post(shutdown))
+        .with_state(state)
+        .merge(jobs.router())
+        .layer(middleware::from_fn_with_state(client_auth, require_bearer));
+    Router::new()
+        .route("/health", get(health))
+        .merge(internal)
+        .merge(client)
+        .fallback(not_found)
+}
+
+/// Client routes accept the API keys and, for operators, the cluster token; with no API keys
+/// configured they are open (the queen then refuses to bind beyond loopback).
+fn client_auth(config: &QueenConfig) -> BearerAuth {
+    if config.api_keys.is_empty() {
+        return BearerAuth::new(Vec::new(), "API key");
+    }
+    let keys = config
+        .api_keys
+        .iter()
+        .cloned()
+        .chain(config.cluster_token.clone());
+    BearerAuth::new(keys, "API key")
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn worker_heartbeat(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let WorkerHeartbeat { worker } = parse_body(&body)?;
+    if worker.worker_id.is_empty() {
+        return Err(ApiError::bad_request("`worker_id` must not be empty"));
+    }
+    check_url(&worker.url)?;
+    if worker.state == WorkerState::Stale {
+        return Err(ApiError::bad_request(
+            "a worker cannot report itself `stale`; the queen decides that",
+        ));
+    }
+    state.queen.registry.worker_heartbeat(worker);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn hive_heartbeat(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let HiveHeartbeat { hive } = parse_body(&body)?;
+    if hive.hive_id.is_empty() {
+        return Err(ApiError::bad_request("`hive_id` must not be empty"));
+    }
+    check_url(&hive.url)?;
+    state.queen.registry.hive_heartbeat(hive);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_workers(State(state): State<AppState>) -> Json<WorkerList> {
+    Json(state.queen.registry.worker_list())
+}
+
+async fn list_hives(State(state): State<AppState>) -> Json<HiveList> {
+    Json(state.queen.registry.hive_list())
+}
+
+async fn shutdown(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    tracing::info!("shutdown requested; stopping the hives, then the queen");
+    state.stop_cluster.cancel();
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "status": "shutting_down" })),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route on the queen")
+}
+
+/// JSON bodies are parsed by hand so that a bad one gets rbee's error body, not axum's text.
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid heartbeat: {e}")))
+}
+
+fn check_url(url: &str) -> Result<(), ApiError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "`url` must be an http(s) URL, got `{url}`"
+        )))
+    }
+}

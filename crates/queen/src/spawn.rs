@@ -1,0 +1,247 @@
+//! Cold starts: asking a hive for a worker when none serves a model.
+//!
+//! One cold start per model runs at a time. Jobs that need the same model while it runs
+//! wait for its outcome instead of asking for workers of their own; if the job leading the
+//! cold start goes away, the next waiting job takes over.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use job_server::{JobContext, JobFailure, terminal_to_result};
+use rbee_contract::{ErrorCode, JobEvent, Operation, WorkerInfo, WorkerSpawnRequest};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::relay::{RelayEnd, relay};
+use crate::scheduler;
+use crate::state::{Queen, upstream_failure};
+
+type Outcome = Option<Result<WorkerInfo, JobFailure>>;
+
+/// The cold starts in progress, by model.
+#[derive(Default)]
+pub(crate) struct SpawnFlights {
+    flights: Mutex<HashMap<String, watch::Receiver<Outcome>>>,
+}
+
+enum Role<'a> {
+    Lead(Flight<'a>),
+    Follow(watch::Receiver<Outcome>),
+}
+
+impl SpawnFlights {
+    fn flights(&self) -> MutexGuard<'_, HashMap<String, watch::Receiver<Outcome>>> {
+        self.flights.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn join(&self, model: &str) -> Role<'_> {
+        let mut flights = self.flights();
+        if let Some(rx) = flights.get(model)
+            && rx.has_changed().is_ok()
+        {
+            return Role::Follow(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(model.to_owned(), rx.clone());
+        Role::Lead(Flight {
+            flights: self,
+            model: model.to_owned(),
+            tx,
+            rx,
+        })
+    }
+}
+
+/// The cold start this job leads; dropping it (finished or abandoned) lets others start anew.
+struct Flight<'a> {
+    flights: &'a SpawnFlights,
+    model: String,
+    tx: watch::Sender<Outcome>,
+    rx: watch::Receiver<Outcome>,
+}
+
+impl Flight<'_> {
+    fn finish(self, result: &Result<WorkerInfo, JobFailure>) {
+        // A leader that was cancelled says nothing about the model: followers try themselves.
+        if !matches!(result, Err(failure) if failure.code == ErrorCode::Cancelled) {
+            self.tx.send_replace(Some(result.clone()));
+        }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut flights = self.flights.flights();
+        if flights
+            .get(&self.model)
+            .is_some_and(|rx| rx.same_channel(&self.rx))
+        {
+            flights.remove(&self.model);
+        }
+    }
+}
+
+/// Gets a ready worker for `model` started by a hive, relaying the hive's progress events
+/// (`spawning`, `loading`, ...) on the job. Takes at most the configured spawn timeout.
+pub(crate) async fn cold_start(
+    queen: &Queen,
+    model: &str,
+    ctx: &JobContext,
+) -> Result<WorkerInfo, JobFailure> {
+    let limit = queen.config.spawn_timeout;
+    let deadline = Instant::now() + limit;
+    let timed_out = || {
+        JobFailure::new(
+            ErrorCode::Timeout,
+            format!("no worker for {model} became ready within {limit:?}"),
+        )
+    };
+    loop {
+        match queen.spawns.join(model) {
+            Role::Follow(mut rx) => {
+                ctx.emit(JobEvent::narration(format!(
+                    "a worker for {model} is already being started; waiting for it"
+                )))
+                .await?;
+                match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+                    Err(_) => return Err(timed_out()),
+                    Ok(Ok(outcome)) => {
+                        if let Some(result) = &*outcome {
+                            return result.clone();
+                        }
+                    }
+                    // The leading job went away without an outcome: take over.
+                    Ok(Err(_)) => {}
+                }
+            }
+            Role::Lead(flight) => {
+                let result = tokio::time::timeout_at(deadline, spawn_on_hive(queen, model, ctx))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()));
+                flight.finish(&result);
+                return result;
+            }
+        }
+    }
+}
+
+async fn spawn_on_hive(
+    queen: &Queen,
+    model: &str,
+    ctx: &JobContext,
+) -> Result<WorkerInfo, JobFailure> {
+    let hive = scheduler::spawn_hive(&queen.registry.hive_views(), model)?;
+    let peer = format!("hive {}", hive.hive_id);
+    ctx.emit(JobEvent::narration(format!(
+        "no worker serves {model}; asking hive {} to start one",
+        hive.hive_id
+    )))
+    .await?;
+    let operation = Operation::WorkerSpawn(WorkerSpawnRequest {
+        hive_id: Some(hive.hive_id.clone()),
+        model: model.to_owned(),
+        device: None,
+    });
+    let handle = queen
+        .client(&hive.url)
+        .submit(&operation)
+        .await
+        .map_err(|err| upstream_failure(&peer, &err))?;
+    let mut worker = None;
+    // The spawn's result (`data {"worker": ...}`) is for the queen, not the infer client.
+    let relayed = relay(handle, ctx, |event| match worker_of(event) {
+        Some(info) => {
+            worker = Some(info);
+            false
+        }
+        None => true,
+    })
+    .await?;
+    let outcome = match relayed.end {
+        RelayEnd::Terminal(event) => terminal_to_result(event)
+            .unwrap_or_else(|_| Err(JobFailure::internal("a relayed event was not terminal"))),
+        RelayEnd::Broken(err) => return Err(upstream_failure(&peer, &err)),
+    };
+    outcome?;
+    let worker = worker.ok_or_else(|| {
+        tracing::warn!(hive_id = %hive.hive_id, "worker_spawn finished without a `worker` data event");
+        JobFailure::internal(format!("{peer} started a worker but did not say which"))
+    })?;
+    tracing::info!(worker_id = %worker.worker_id, hive_id = %hive.hive_id, model, "cold start done");
+    // Known at once, without waiting for the worker's first heartbeat.
+    queen.registry.worker_heartbeat(worker.clone());
+    ctx.emit(JobEvent::narration(format!(
+        "worker {} on hive {} is ready",
+        worker.worker_id, hive.hive_id
+    )))
+    .await?;
+    Ok(worker)
+}
+
+/// The worker in a `data {"worker": WorkerInfo}` event, as a hive's `worker_spawn` ends with.
+pub(crate) fn worker_of(event: &JobEvent) -> Option<WorkerInfo> {
+    match event {
+        JobEvent::Data { data } => serde_json::from_value(data.get("worker")?.clone()).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_leader_per_model_until_it_is_dropped() {
+        let flights = SpawnFlights::default();
+        let lead = match flights.join("m") {
+            Role::Lead(flight) => flight,
+            Role::Follow(_) => panic!("the first job leads"),
+        };
+        assert!(matches!(flights.join("m"), Role::Follow(_)));
+        assert!(matches!(flights.join("other"), Role::Lead(_)));
+        drop(lead);
+        assert!(matches!(flights.join("m"), Role::Lead(_)));
+    }
+
+    #[tokio::test]
+    async fn followers_get_the_outcome_but_not_a_cancellation() {
+        let flights = SpawnFlights::default();
+        let Role::Lead(lead) = flights.join("m") else {
+            panic!("lead")
+        };
+        let Role::Follow(mut rx) = flights.join("m") else {
+            panic!("follow")
+        };
+        lead.finish(&Err(JobFailure::new(ErrorCode::Cancelled, "gone")));
+        assert!(rx.wait_for(Option::is_some).await.is_err(), "no outcome");
+
+        let Role::Lead(lead) = flights.join("m") else {
+            panic!("lead again")
+        };
+        let Role::Follow(mut rx) = flights.join("m") else {
+            panic!("follow")
+        };
+        lead.finish(&Err(JobFailure::new(
+            ErrorCode::ModelLoadFailed,
+            "bad file",
+        )));
+        let outcome = rx.wait_for(Option::is_some).await.unwrap().clone();
+        assert_eq!(
+            outcome.unwrap().unwrap_err().code,
+            ErrorCode::ModelLoadFailed
+        );
+    }
+
+    #[test]
+    fn the_worker_comes_from_the_spawn_data_event() {
+        let info = crate::registry::tests::worker("w", "m", rbee_contract::WorkerState::Ready, 1);
+        let event = JobEvent::Data {
+            data: serde_json::json!({ "worker": info }),
+        };
+        assert_eq!(worker_of(&event), Some(info));
+        let list = JobEvent::Data {
+            data: serde_json::json!({ "workers": [] }),
+        };
+        assert_eq!(worker_of(&list), None);
+    }
+}
