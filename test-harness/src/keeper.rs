@@ -24,6 +24,9 @@ pub struct KeeperOutput {
 /// environment kills whatever still runs and removes the directory.
 pub struct KeeperEnv {
     pub queen_url: String,
+    /// The id of the local hive the keeper starts here (`RBEE_HIVE_ID`): unique, because a
+    /// hive names its workers after itself and tests run side by side.
+    pub hive_id: String,
     pub root: PathBuf,
     /// `$XDG_STATE_HOME/rbee`: the daemons' logs and pid files.
     pub state_dir: PathBuf,
@@ -37,17 +40,15 @@ pub struct KeeperEnv {
 impl KeeperEnv {
     /// A fresh environment; `envs` are set for every keeper run (and so reach its daemons).
     pub fn new(envs: &[(&str, &str)]) -> KeeperEnv {
-        let root = std::env::temp_dir().join(format!(
-            "rbee-keeper-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
+        let unique = format!("{}-{}", std::process::id(), free_port());
+        let root = std::env::temp_dir().join(format!("rbee-keeper-test-{unique}"));
         let state_home = root.join("state");
         let config_home = root.join("config");
         std::fs::create_dir_all(&state_home).expect("create the state home");
         std::fs::create_dir_all(&config_home).expect("create the config home");
         KeeperEnv {
             queen_url: format!("http://127.0.0.1:{}", free_port()),
+            hive_id: format!("hive-{unique}"),
             state_dir: state_home.join("rbee"),
             config_dir: config_home.join("rbee"),
             root,
@@ -60,11 +61,14 @@ impl KeeperEnv {
         }
     }
 
-    /// `rbee-keeper --queen-url <this env's queen> <args>`, isolated, output piped.
+    /// `rbee-keeper --queen-url <this env's queen> <args>` (unless `args` name another
+    /// queen), isolated, output piped.
     pub fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut command = tokio::process::Command::new(bin_path("rbee-keeper"));
+        if !args.contains(&"--queen-url") {
+            command.args(["--queen-url", &self.queen_url]);
+        }
         command
-            .args(["--queen-url", &self.queen_url])
             .args(args)
             .env("XDG_STATE_HOME", &self.state_home)
             .env("XDG_CONFIG_HOME", &self.config_home)
@@ -72,6 +76,7 @@ impl KeeperEnv {
             .env_remove("RBEE_API_KEY")
             .env_remove("RBEE_CLUSTER_TOKEN")
             .env_remove("RUST_LOG")
+            .env("RBEE_HIVE_ID", &self.hive_id)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

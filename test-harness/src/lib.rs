@@ -6,6 +6,7 @@
 
 mod daemon;
 mod hive;
+mod keeper;
 mod models;
 mod procfs;
 mod queen;
@@ -14,6 +15,7 @@ mod sse;
 
 pub use daemon::{Daemon, bin_path, free_port};
 pub use hive::{HiveHeartbeatReceiver, TestHive, fake_worker, scratch_dir};
+pub use keeper::{KeeperEnv, KeeperOutput, send_signal};
 pub use models::{smollm2, tiny_model};
 pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};

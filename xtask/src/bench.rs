@@ -46,12 +46,15 @@ struct Row {
 
 pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
     let spec = ModelSpec::preset(&args.preset, model_gen::Arch::Llama)?;
-    eprintln!("building llm-worker-rbee (release)…");
+    // The dev profile builds every dependency and the engine at opt-level 3 (see Cargo.toml),
+    // so the worker the tests run is the one measured, without a second, release build.
+    eprintln!("building llm-worker-rbee…");
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--release", "--quiet", "-p", "llm-worker-rbee"])
+        .current_dir(crate::tasks::workspace_root())
+        .args(["build", "--quiet", "-p", "llm-worker-rbee"])
         .status()?;
     anyhow::ensure!(status.success(), "building the worker failed");
-    let worker = crate::tasks::workspace_root().join("target/release/llm-worker-rbee");
+    let worker = crate::tasks::workspace_root().join("target/debug/llm-worker-rbee");
 
     let mut models = Vec::new();
     for &format in &args.formats {

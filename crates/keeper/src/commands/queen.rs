@@ -1,0 +1,140 @@
+//! `queen start|stop|status`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::Outcome;
+use crate::commands::Ctx;
+use crate::commands::cluster::{self, STOP_TIMEOUT, hive_queen_url, started_here};
+use crate::error::KeeperError;
+use crate::local::{self, DaemonKind};
+
+pub(crate) async fn start(ctx: &mut Ctx<'_>, extra: Vec<String>) -> Result<Outcome, KeeperError> {
+    let url = ctx.queen.url().base();
+    let launched = if ctx.queen.health().await.is_ok() {
+        None
+    } else {
+        cluster::start_queen(ctx, &extra).await?
+    };
+    match (launched, ctx.console.json()) {
+        (Some(queen), true) => ctx.console.out_json(&json!({
+            "url": queen.url, "pid": queen.pid, "started": true, "log": queen.log,
+        }))?,
+        (Some(queen), false) => ctx.console.out_line(&format!(
+            "queen started at {} (pid {}, log {})",
+            queen.url,
+            queen.pid,
+            queen.log.display()
+        ))?,
+        (None, true) => {
+            let pid = started_here(ctx)?.map(|r| r.pid);
+            ctx.console
+                .out_json(&json!({"url": url, "pid": pid, "started": false}))?;
+        }
+        (None, false) => ctx
+            .console
+            .out_line(&format!("a queen is already running at {url}"))?,
+    }
+    Ok(Outcome::Done)
+}
+
+/// `POST /v1/shutdown`, then waits until the queen is gone, and with it the local hive that
+/// reports to it (the queen's shutdown stops its hives; a hive that outlives it is stopped
+/// directly).
+pub(crate) async fn stop(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
+    let url = ctx.queen.url().base();
+    let state = ctx.state()?;
+    let recorded_queen = started_here(ctx)?;
+    let our_hive = state
+        .running(DaemonKind::Hive)
+        .filter(|h| hive_queen_url(h).as_deref() == Some(url.as_str()));
+
+    let was_running = ctx.queen.health().await.is_ok();
+    if was_running {
+        ctx.queen.shutdown().await?;
+        wait_queen_gone(ctx, recorded_queen.as_ref().map(|r| r.pid)).await?;
+    }
+    state.forget(DaemonKind::Queen);
+
+    let mut hive_stopped = false;
+    if let Some(hive) = our_hive {
+        let cascaded = was_running
+            && local::wait_gone(hive.pid, DaemonKind::Hive.binary(), STOP_TIMEOUT).await;
+        if !cascaded {
+            cluster::stop_local_hive(ctx, &hive).await?;
+        }
+        state.forget(DaemonKind::Hive);
+        hive_stopped = true;
+    }
+
+    if ctx.console.json() {
+        ctx.console.out_json(&json!({
+            "url": url, "stopped": was_running, "hive_stopped": hive_stopped,
+        }))?;
+    } else {
+        let queen = if was_running {
+            format!("queen at {url} stopped")
+        } else {
+            format!("no queen was running at {url}")
+        };
+        let hive = if hive_stopped {
+            "; local hive stopped"
+        } else {
+            ""
+        };
+        ctx.console.out_line(&format!("{queen}{hive}"))?;
+    }
+    Ok(Outcome::Done)
+}
+
+async fn wait_queen_gone(ctx: &Ctx<'_>, pid: Option<u32>) -> Result<(), KeeperError> {
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        let answering = ctx.queen.health().await.is_ok();
+        let running =
+            pid.is_some_and(|pid| local::process_running(pid, DaemonKind::Queen.binary()));
+        if !answering && !running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(KeeperError::Timeout(format!(
+                "the queen at {} still runs {STOP_TIMEOUT:?} after /v1/shutdown",
+                ctx.queen.url()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) async fn status(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
+    let url = ctx.queen.url().base();
+    let pid = started_here(ctx)?.map(|r| r.pid);
+    if let Err(reason) = ctx.queen.health().await {
+        if ctx.console.json() {
+            ctx.console
+                .out_json(&json!({"url": url, "running": false, "reason": reason}))?;
+        } else {
+            ctx.console
+                .out_line(&format!("no queen is running at {url} ({reason})"))?;
+        }
+        return Ok(Outcome::NotRunning);
+    }
+    let (_, hives) = ctx.queen.hives().await?;
+    let (_, workers) = ctx.queen.workers().await?;
+    let healthy = hives.iter().filter(|h| h.status == "healthy").count();
+    if ctx.console.json() {
+        ctx.console.out_json(&json!({
+            "url": url, "running": true, "pid": pid,
+            "hives": hives.len(), "healthy_hives": healthy, "workers": workers.len(),
+        }))?;
+    } else {
+        let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+        ctx.console.out_line(&format!(
+            "queen running at {url}{pid}: {} hive(s), {healthy} healthy; {} worker(s)",
+            hives.len(),
+            workers.len()
+        ))?;
+    }
+    Ok(Outcome::Done)
+}
