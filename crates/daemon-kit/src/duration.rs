@@ -20,10 +20,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             ));
         }
     };
-    if !seconds.is_finite() || seconds <= 0.0 {
-        return Err(format!("'{text}' must be a positive duration"));
+    if !seconds.is_finite() || seconds < 0.001 {
+        return Err(format!("'{text}' must be at least 1ms"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("'{text}' is too long"))
 }
 
 #[cfg(test)]
@@ -39,5 +39,7 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("0.0001ms").is_err());
+        assert!(parse_duration("99999999999999999999999s").is_err());
     }
 }

@@ -125,12 +125,18 @@ impl Children {
         self.changed.notified().await;
     }
 
-    /// Reserves the next worker id: `<hive_id>-w<N>`.
+    /// Reserves the next worker id: `<hive_id>-<run>-w<N>`, where `<run>` is drawn at random
+    /// once per hive process. The hive recognises its new worker by the id it answers with on
+    /// its port, so ids must not repeat across hive restarts or between two hives that share
+    /// an id and a port range on one machine.
     pub fn next_worker_id(&self) -> (u64, String) {
         let mut state = self.state();
         state.next_index += 1;
         let index = state.next_index;
-        (index, format!("{}-w{index}", self.config.hive_id))
+        (
+            index,
+            format!("{}-{}-w{index}", self.config.hive_id, run_tag()),
+        )
     }
 
     /// Starts a worker process on a free port of the range (none of `avoid`) and a task that
@@ -381,4 +387,15 @@ async fn supervise(
         tracing::warn!(worker_id, %status, "{report}");
     }
     let _ = exit_tx.send(Some(Exit { status, requested }));
+}
+
+/// Four hex digits that differ from one hive process to the next.
+fn run_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        format!("{:04x}", hasher.finish() & 0xffff)
+    })
 }

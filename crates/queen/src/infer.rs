@@ -31,9 +31,12 @@ pub(crate) struct ValidInfer {
 }
 
 impl ValidInfer {
-    pub fn parse(request: InferRequest) -> Result<Self, ApiError> {
+    pub fn parse(mut request: InferRequest) -> Result<Self, ApiError> {
         let bad = |message: &str| Err(ApiError::bad_request(message));
-        if request.model.trim().is_empty() {
+        // Workers report the model as the hive recorded it, trimmed; scheduling compares
+        // exactly, so the request is normalized the same way once, here.
+        request.model = request.model.trim().to_string();
+        if request.model.is_empty() {
             return bad("`model` must not be empty");
         }
         match (&request.prompt, &request.messages) {

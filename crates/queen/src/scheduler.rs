@@ -35,11 +35,10 @@ pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<Stri
     let best = serving()
         .filter(|w| w.info.state == WorkerState::Ready)
         .min_by_key(|w| {
-            (
-                Reverse(w.info.slots_free),
-                w.in_flight,
-                w.info.worker_id.clone(),
-            )
+            // A heartbeat's free slots can be an interval old; the queen's own in-flight count
+            // is current, so it comes off the reported room.
+            let room = w.info.slots_free.saturating_sub(w.in_flight);
+            (Reverse(room), w.in_flight, w.info.worker_id.clone())
         });
     if let Some(best) = best {
         return Placement::Worker(best.info.clone());

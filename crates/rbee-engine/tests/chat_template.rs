@@ -2,7 +2,6 @@
 //! polices role order with `raise_exception`, and a Llama-3 template that writes `bos_token`.
 
 use std::fs::File;
-use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::Content;
 use rbee_engine::chat::{ChatError, ChatTemplate, ChatTurn};
@@ -19,18 +18,8 @@ fn turns(pairs: &[(&str, &str)]) -> Vec<ChatTurn> {
 }
 
 fn smollm2_tokenizer() -> Option<TextTokenizer> {
-    let path = match std::env::var_os("RBEE_SMOLLM2_GGUF") {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/rbee/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if !path.is_file() {
-        eprintln!(
-            "skipping: SmolLM2 GGUF not found at {} (set RBEE_SMOLLM2_GGUF)",
-            path.display()
-        );
-        return None;
-    }
+    let path = model_gen::paths::smollm2_gguf()
+        .expect("SmolLM2 is missing: run `cargo xtask fetch-smollm2` (or set RBEE_SMOLLM2_GGUF)");
     let content = Content::read(&mut File::open(&path).unwrap()).unwrap();
     Some(TextTokenizer::from_gguf(&content).unwrap())
 }

@@ -1,14 +1,12 @@
 //! Generation with a real model: SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, gpt2 BPE
 //! vocabulary stored in the GGUF, ChatML template).
 //!
-//! The file is looked up at `$RBEE_SMOLLM2_GGUF`, else
-//! `~/.cache/rbee/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`; without it every test
-//! prints why and passes without checking anything.
+//! The file is found by `model_gen::paths::smollm2_gguf` (`cargo xtask fetch-smollm2` puts it
+//! there); without it the tests fail rather than pass unchecked.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
 
 use rbee_engine::{
     ChatTurn, Completion, DeviceSpec, Engine, EngineError, FinishReason, GeneratedToken,
@@ -21,13 +19,11 @@ struct Loaded {
 }
 
 fn model_path() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("RBEE_SMOLLM2_GGUF") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let p =
-        PathBuf::from(home).join(".cache/rbee/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    p.exists().then_some(p)
+    Some(
+        model_gen::paths::smollm2_gguf().expect(
+            "SmolLM2 is missing: run `cargo xtask fetch-smollm2` (or set RBEE_SMOLLM2_GGUF)",
+        ),
+    )
 }
 
 /// The model, loaded once for the whole test binary; tests take turns through the mutex.
@@ -345,23 +341,4 @@ fn empty_prompts_and_bad_params_are_refused() {
         )
         .unwrap_err();
     assert!(matches!(err, EngineError::InvalidParams(_)), "{err:?}");
-}
-
-#[test]
-fn decode_speed_is_reported() {
-    let Some(mut engine) = engine() else { return };
-    let started = Instant::now();
-    let (completion, _) = run(&mut engine, story(), greedy(64));
-    let wall = started.elapsed();
-    let decoded = completion.completion_tokens.saturating_sub(1).max(1);
-    eprintln!(
-        "SmolLM2 Q4_1 on CPU: {} prompt tokens, first token after {:.0} ms, {:.1} tokens/s decode \
-         ({} tokens in {:.2} s total)",
-        completion.prompt_tokens,
-        completion.prefill_time.as_secs_f64() * 1e3,
-        decoded as f64 / completion.decode_time.as_secs_f64(),
-        completion.completion_tokens,
-        wall.as_secs_f64()
-    );
-    assert!(completion.completion_tokens > 1);
 }

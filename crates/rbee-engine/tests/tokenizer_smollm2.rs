@@ -4,8 +4,8 @@
 //! lowest-rank merges) over the GGUF's `tokens`/`merges`, cross-checked by hand against the
 //! vocabulary for the pieces named below.
 //!
-//! The model file is `~/.cache/rbee/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, or
-//! `RBEE_SMOLLM2_GGUF`; without it these tests print why and pass.
+//! The model file is found by `model_gen::paths::smollm2_gguf` (`cargo xtask fetch-smollm2`);
+//! without it these tests fail rather than pass unchecked.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -14,20 +14,11 @@ use candle_core::quantized::gguf_file::Content;
 use rbee_engine::tokenizer::{IncrementalDecoder, TextTokenizer};
 
 fn model_path() -> Option<PathBuf> {
-    let path = match std::env::var_os("RBEE_SMOLLM2_GGUF") {
-        Some(path) => PathBuf::from(path),
-        None => PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache/rbee/test-models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipping: SmolLM2 GGUF not found at {} (set RBEE_SMOLLM2_GGUF)",
-            path.display()
-        );
-        None
-    }
+    Some(
+        model_gen::paths::smollm2_gguf().expect(
+            "SmolLM2 is missing: run `cargo xtask fetch-smollm2` (or set RBEE_SMOLLM2_GGUF)",
+        ),
+    )
 }
 
 fn load() -> Option<(TextTokenizer, Content)> {

@@ -44,17 +44,20 @@ impl JobExecutor for InferExecutor {
                 operation.name()
             )));
         };
-        let Some(prompter) = self.shared.prompter() else {
-            return Err(match self.shared.load_state() {
-                LoadState::Failed { message } => ApiError::new(
+        let prompter = match (self.shared.load_state(), self.shared.prompter()) {
+            (LoadState::Ready { .. }, Some(prompter)) => prompter,
+            (LoadState::Failed { message }, _) => {
+                return Err(ApiError::new(
                     ErrorCode::ModelLoadFailed,
-                    format!("the model failed to load: {message}"),
-                ),
-                _ => ApiError::new(
+                    format!("the worker cannot serve: {message}"),
+                ));
+            }
+            _ => {
+                return Err(ApiError::new(
                     ErrorCode::Unavailable,
                     "the model is still loading; retry shortly",
-                ),
-            });
+                ));
+            }
         };
         let (prompt, params) = parse_request(req)?;
         // Tokenizing a long prompt takes milliseconds: keep it off the reactor's other tasks.

@@ -7,7 +7,7 @@ use rbee_contract::WorkerHeartbeat;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
-use crate::state::WorkerShared;
+use crate::state::{LoadState, WorkerShared};
 
 pub(crate) async fn run(
     shared: Arc<WorkerShared>,
@@ -34,8 +34,9 @@ pub(crate) async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
-            // A state change (loaded, failed) is worth telling at once.
-            changed = state_changes.changed() => if changed.is_err() { break },
+            // A change of state (loaded, failed) is worth telling at once; progress within
+            // loading is not.
+            changed = kind_changed(&mut state_changes) => if !changed { break },
         }
         let outcome = match send(&client, &url, &config, &shared).await {
             Ok(response) if response.status().is_success() => Ok(()),
@@ -58,6 +59,20 @@ pub(crate) async fn run(
     // A final heartbeat tells the queen at once that this worker is going away.
     if shared.is_stopping() {
         let _ = send(&client, &url, &config, &shared).await;
+    }
+}
+
+/// Waits until the load state changes kind (loading → ready, say); false when the worker is gone.
+async fn kind_changed(rx: &mut tokio::sync::watch::Receiver<LoadState>) -> bool {
+    let kind = |state: &LoadState| std::mem::discriminant(state);
+    let before = kind(&rx.borrow_and_update());
+    loop {
+        if rx.changed().await.is_err() {
+            return false;
+        }
+        if kind(&rx.borrow_and_update()) != before {
+            return true;
+        }
     }
 }
 

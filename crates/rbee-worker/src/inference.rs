@@ -5,7 +5,9 @@
 //! thread into the job's event sink, whose back-pressure paces generation to the slowest
 //! reader, and whose cancellation stops generation within one token.
 
+use std::any::Any;
 use std::ops::ControlFlow;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use job_server::EventSink;
@@ -47,10 +49,12 @@ pub(crate) fn start(
                 load_failed.cancel();
                 return;
             };
-            let (tx, rx) = mpsc::channel(queue_capacity);
+            // Admission allows one running plus `queue_capacity` waiting; the running one may
+            // still sit in the channel for a moment after the previous task freed its slot.
+            let (tx, rx) = mpsc::channel(queue_capacity + 1);
             let context_length = u32::try_from(engine.info().context_length).unwrap_or(u32::MAX);
             shared.set_ready(engine.prompter(), tx, context_length);
-            run(engine, rx);
+            run(engine, rx, &shared);
         })?;
     Ok(())
 }
@@ -74,7 +78,7 @@ fn load(options: &LoadOptions, shared: &WorkerShared) -> Option<Engine> {
     }
 }
 
-fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>) {
+fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) {
     while let Some(task) = rx.blocking_recv() {
         let Task {
             request,
@@ -94,20 +98,39 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>) {
         {
             continue;
         }
-        let outcome = engine.generate(&request, &mut |token| {
-            if cancel.is_cancelled() {
-                return ControlFlow::Break(());
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            engine.generate(&request, &mut |token| {
+                if cancel.is_cancelled() {
+                    return ControlFlow::Break(());
+                }
+                let event = JobEvent::Token {
+                    text: token.text,
+                    token_id: token.token_id,
+                    index: u32::try_from(token.index).unwrap_or(u32::MAX),
+                };
+                match sink.blocking_emit(event) {
+                    Ok(_) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            })
+        }));
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                // The engine's state is unknown after a panic: report the failure and stop
+                // taking work, so the hive and the queen see a failed worker, not a ready one.
+                let message = panic_message(&*panic);
+                tracing::error!(error = %message, "generation crashed; the worker stops serving");
+                drop(in_flight);
+                let _ = done.send(Err(EngineError::Inference(format!(
+                    "the engine crashed: {message}"
+                ))));
+                shared.set_load_state(LoadState::Failed {
+                    message: format!("the engine crashed: {message}"),
+                });
+                return;
             }
-            let event = JobEvent::Token {
-                text: token.text,
-                token_id: token.token_id,
-                index: u32::try_from(token.index).unwrap_or(u32::MAX),
-            };
-            match sink.blocking_emit(event) {
-                Ok(_) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        });
+        };
         if let Ok(completion) = &outcome {
             tracing::info!(
                 finish_reason = ?completion.finish_reason,
@@ -125,4 +148,12 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>) {
         let _ = done.send(outcome);
     }
     tracing::debug!("inference thread ends: queue closed");
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
