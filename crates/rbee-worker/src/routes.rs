@@ -88,17 +88,26 @@ async fn loading_progress(
     let stream =
         futures::stream::unfold(Phase::Watching(shared.watch_load(), true), move |phase| {
             let model = model.clone();
+            let shared = Arc::clone(&shared);
             seq += 1;
             let id = seq.to_string();
             async move {
                 match phase {
                     Phase::Watching(mut rx, first) => {
-                        if !first && rx.changed().await.is_err() {
+                        // Shutdown ends the stream, so that the server's graceful shutdown
+                        // does not wait for a load that will never be reported.
+                        let gone = || {
                             let event = JobEvent::error(
-                                ErrorCode::Internal,
+                                ErrorCode::ShuttingDown,
                                 "the worker stopped while loading",
                             );
-                            return Some((Ok(sse(&id, &event)), Phase::Done));
+                            Some((Ok(sse(&id, &event)), Phase::Done))
+                        };
+                        if !first {
+                            tokio::select! {
+                                changed = rx.changed() => if changed.is_err() { return gone() },
+                                _ = shared.stopping() => return gone(),
+                            }
                         }
                         let state = rx.borrow_and_update().clone();
                         let (event, next) = match state {

@@ -1,11 +1,12 @@
 //! The worker's shared picture of itself: load state, busy flag, queue handle.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rbee_contract::{WorkerInfo, WorkerState};
 use rbee_engine::Prompter;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::WorkerConfig;
 use crate::inference::Task;
@@ -31,7 +32,7 @@ pub(crate) struct WorkerShared {
     queue: Mutex<Option<mpsc::Sender<Task>>>,
     /// Requests admitted but not finished (running plus waiting).
     in_flight: AtomicUsize,
-    stopping: AtomicBool,
+    stopping: CancellationToken,
 }
 
 impl WorkerShared {
@@ -51,7 +52,7 @@ impl WorkerShared {
             prompter: Mutex::new(None),
             queue: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
         }
     }
 
@@ -94,11 +95,16 @@ impl WorkerShared {
     }
 
     pub fn begin_stopping(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopping.cancel();
     }
 
     pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        self.stopping.is_cancelled()
+    }
+
+    /// Resolves once the worker begins to stop.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await;
     }
 
     /// Counts a request in; `None` when running plus waiting would exceed one running
