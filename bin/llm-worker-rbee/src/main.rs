@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use daemon_kit::parse_duration;
 use rbee_engine::DeviceSpec;
@@ -90,19 +89,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let cluster_token = std::env::var("RBEE_CLUSTER_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
-    if cluster_token.is_none() && !args.bind.is_loopback() {
-        anyhow::bail!(
-            "refusing to bind {} without RBEE_CLUSTER_TOKEN: the routes would be open to the network",
-            args.bind
-        );
-    }
+    let cluster_token = daemon_kit::cluster_token_from_env();
     let addr = SocketAddr::new(args.bind, args.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot bind {addr}"))?;
+    let listener = daemon_kit::listen(addr, cluster_token.as_deref()).await?;
     let worker_id = args.worker_id.unwrap_or_else(|| {
         format!(
             "worker-{}",

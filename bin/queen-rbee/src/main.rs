@@ -65,7 +65,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         spawn_timeout: args.spawn_timeout,
         shutdown_grace: args.shutdown_grace,
     };
-    let cluster_token = std::env::var("RBEE_CLUSTER_TOKEN").ok();
+    let cluster_token = daemon_kit::cluster_token_from_env();
     let api_keys = std::env::var("RBEE_API_KEYS")
         .map(|keys| queen::parse_api_keys(&keys))
         .unwrap_or_default();
