@@ -17,19 +17,15 @@ pub(crate) async fn run(
     let Some(queen) = config.queen_url.as_deref() else {
         return;
     };
-    let url = format!("{}/v1/worker-heartbeat", queen.trim_end_matches('/'));
-    let client = reqwest::Client::builder()
-        .timeout(
-            config
-                .heartbeat_interval
-                .max(std::time::Duration::from_secs(1)),
-        )
-        .build()
-        .unwrap_or_default();
+    let mut sender = daemon_kit::HeartbeatSender::new(
+        queen,
+        "/v1/worker-heartbeat",
+        config.cluster_token.clone(),
+        config.heartbeat_interval,
+    );
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut state_changes = shared.watch_load();
-    let mut reachable = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -38,27 +34,19 @@ pub(crate) async fn run(
             // loading is not.
             changed = kind_changed(&mut state_changes) => if !changed { break },
         }
-        let outcome = match send(&client, &url, &config, &shared).await {
-            Ok(response) if response.status().is_success() => Ok(()),
-            Ok(response) => Err(format!("the queen answered {}", response.status())),
-            Err(err) => Err(err.to_string()),
-        };
-        match outcome {
-            Ok(()) if !reachable => {
-                tracing::info!(%url, "heartbeats reach the queen again");
-                reachable = true;
-            }
-            Ok(()) => {}
-            Err(error) if reachable => {
-                tracing::warn!(%url, %error, "heartbeat failed; retrying every interval");
-                reachable = false;
-            }
-            Err(error) => tracing::debug!(%url, %error, "heartbeat failed"),
-        }
+        sender
+            .send(&WorkerHeartbeat {
+                worker: shared.info(),
+            })
+            .await;
     }
     // A final heartbeat tells the queen at once that this worker is going away.
     if shared.is_stopping() {
-        let _ = send(&client, &url, &config, &shared).await;
+        sender
+            .send(&WorkerHeartbeat {
+                worker: shared.info(),
+            })
+            .await;
     }
 }
 
@@ -74,19 +62,4 @@ async fn kind_changed(rx: &mut tokio::sync::watch::Receiver<LoadState>) -> bool 
             return true;
         }
     }
-}
-
-async fn send(
-    client: &reqwest::Client,
-    url: &str,
-    config: &WorkerConfig,
-    shared: &WorkerShared,
-) -> reqwest::Result<reqwest::Response> {
-    let mut request = client.post(url).json(&WorkerHeartbeat {
-        worker: shared.info(),
-    });
-    if let Some(token) = &config.cluster_token {
-        request = request.bearer_auth(token);
-    }
-    request.send().await
 }
