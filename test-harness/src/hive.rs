@@ -14,7 +14,9 @@ use rbee_contract::{HiveHeartbeat, JobCreated, WorkerHeartbeat, WorkerInfo};
 use serde_json::Value;
 
 use crate::daemon::{Daemon, free_port};
-use crate::sse::{RawStream, read_raw_stream};
+use crate::jobs::JobApi;
+use crate::loopback::serve_on_loopback;
+use crate::sse::RawStream;
 
 /// A running `rbee-hive` whose `--queen-url` is a [`HiveHeartbeatReceiver`], with its worker
 /// logs in a scratch directory removed on drop.
@@ -76,45 +78,29 @@ impl TestHive {
         &self.daemon.url
     }
 
+    /// The hive's job API, with the cluster token.
+    pub fn jobs(&self) -> JobApi {
+        JobApi::new(self.url(), Some(&self.token))
+    }
+
     /// `POST /v1/jobs` with `body`, with the cluster token.
     pub async fn submit(&self, body: &Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}/v1/jobs", self.url()))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .expect("POST /v1/jobs")
+        self.jobs().submit("/v1/jobs", body).await
     }
 
     /// [`submit`](Self::submit), expecting `201`.
     pub async fn submit_ok(&self, body: &Value) -> JobCreated {
-        let response = self.submit(body).await;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        assert_eq!(status, 201, "{text}");
-        serde_json::from_str(&text).expect("a JobCreated body")
+        self.jobs().submit_ok("/v1/jobs", body).await
     }
 
     /// `GET` the job's stream, expecting `200`.
     pub async fn open_stream(&self, created: &JobCreated) -> reqwest::Response {
-        let response = self
-            .http
-            .get(format!("{}{}", self.url(), created.sse_url))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("GET the job stream");
-        assert_eq!(response.status(), 200);
-        response
+        self.jobs().open_stream(created).await
     }
 
     /// Submits `body` and reads its stream to the end.
     pub async fn run_job(&self, body: &Value) -> RawStream {
-        let created = self.submit_ok(body).await;
-        read_raw_stream(self.open_stream(&created).await)
-            .await
-            .expect("a readable job stream")
+        self.jobs().run("/v1/jobs", body).await
     }
 
     /// `GET /v1/workers`.
@@ -196,13 +182,7 @@ impl HiveHeartbeatReceiver {
             .route("/v1/hive-heartbeat", post(record_hive))
             .route("/v1/worker-heartbeat", post(record_worker))
             .with_state(Arc::clone(&received));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, task) = serve_on_loopback(app).await;
         HiveHeartbeatReceiver {
             url,
             received,

@@ -6,7 +6,9 @@
 
 mod daemon;
 mod hive;
+mod jobs;
 mod keeper;
+mod loopback;
 mod models;
 mod procfs;
 mod queen;
@@ -15,7 +17,9 @@ mod sse;
 
 pub use daemon::{Daemon, bin_path, free_port};
 pub use hive::{HiveHeartbeatReceiver, TestHive, fake_worker, scratch_dir};
+pub use jobs::JobApi;
 pub use keeper::{KeeperEnv, KeeperOutput, send_signal};
+pub use loopback::serve_on_loopback;
 pub use models::{smollm2, tiny_model};
 pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};

@@ -12,6 +12,8 @@ use axum::{Json, Router};
 use rbee_contract::{DONE_SENTINEL, JobEvent};
 use serde_json::{Value, json};
 
+use crate::loopback::serve_on_loopback;
+
 /// What a [`ScriptedUpstream`]'s job streams send.
 #[derive(Debug, Clone)]
 pub struct Script {
@@ -67,13 +69,7 @@ impl ScriptedUpstream {
             .route("/v1/jobs/{job_id}", delete(cancel))
             .route("/v1/shutdown", post(shutdown))
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, task) = serve_on_loopback(app).await;
         ScriptedUpstream {
             url,
             requests,

@@ -6,6 +6,8 @@ use axum::routing::post;
 use axum::{Json, Router};
 use rbee_contract::WorkerHeartbeat;
 
+use crate::loopback::serve_on_loopback;
+
 /// A stand-in for the queen's heartbeat route that records what it receives, with the
 /// `Authorization` header of each request.
 pub struct HeartbeatReceiver {
@@ -20,13 +22,7 @@ impl HeartbeatReceiver {
         let app = Router::new()
             .route("/v1/worker-heartbeat", post(record))
             .with_state(Arc::clone(&received));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (url, task) = serve_on_loopback(app).await;
         HeartbeatReceiver {
             url,
             received,

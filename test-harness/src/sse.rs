@@ -29,6 +29,23 @@ impl RawStream {
     pub fn terminal(&self) -> Option<&JobEvent> {
         self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
     }
+
+    /// The protocol's promise for how a stream ends: exactly one terminal event, as the last
+    /// event, then exactly one `[DONE]` with nothing after it. `hop` names the stream in
+    /// failure messages.
+    pub fn assert_one_terminal_then_done(&self, hop: &str) {
+        assert_eq!(self.terminal_count(), 1, "{hop}: {:?}", self.events);
+        assert!(
+            matches!(self.events.last(), Some((_, e)) if e.is_terminal()),
+            "{hop}: the terminal event is the last event: {:?}",
+            self.events
+        );
+        assert_eq!(
+            (self.done_frames, self.frames_after_done),
+            (1, 0),
+            "{hop}: exactly one [DONE], nothing after it"
+        );
+    }
 }
 
 /// Reads an SSE response to its end, parsing frames by hand so the test sees exactly what a

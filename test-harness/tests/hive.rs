@@ -37,14 +37,9 @@ async fn run_job(hive: &TestHive, body: &Value) -> RawStream {
     stream
 }
 
+/// The stream's ending promises, and event ids that only go up.
 fn assert_well_formed(stream: &RawStream) {
-    assert_eq!(stream.terminal_count(), 1, "{:?}", stream.events);
-    assert!(
-        matches!(stream.events.last(), Some((_, e)) if e.is_terminal()),
-        "the terminal event comes last: {:?}",
-        stream.events
-    );
-    assert_eq!((stream.done_frames, stream.frames_after_done), (1, 0));
+    stream.assert_one_terminal_then_done("hive");
     let ids: Vec<u64> = stream
         .events
         .iter()

@@ -13,7 +13,8 @@ use rbee_contract::{
 };
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, RawStream, Script, ScriptedUpstream, free_port, read_raw_stream, smollm2, tiny_model,
+    Daemon, JobApi, RawStream, Script, ScriptedUpstream, free_port, read_raw_stream, smollm2,
+    tiny_model,
 };
 
 const TOKEN: &str = "queen-test-cluster-token";
@@ -146,42 +147,17 @@ async fn post_json(url: String, body: &Value, bearer: Option<&str>) -> reqwest::
 }
 
 async fn submit(queen: &Daemon, body: &Value) -> JobCreated {
-    let response = post_json(format!("{}/v1/jobs", queen.url), body, None).await;
-    assert_eq!(
-        response.status(),
-        201,
-        "{}",
-        response.text().await.unwrap_or_default()
-    );
-    response.json().await.unwrap()
+    JobApi::new(&queen.url, None)
+        .submit_ok("/v1/jobs", body)
+        .await
 }
 
 async fn open_stream(queen: &Daemon, created: &JobCreated, key: Option<&str>) -> reqwest::Response {
-    let mut request = client().get(format!("{}{}", queen.url, created.sse_url));
-    if let Some(key) = key {
-        request = request.bearer_auth(key);
-    }
-    let response = request.send().await.unwrap();
-    assert_eq!(response.status(), 200);
-    response
+    JobApi::new(&queen.url, key).open_stream(created).await
 }
 
 async fn run_job(queen: &Daemon, body: &Value) -> RawStream {
-    let created = submit(queen, body).await;
-    read_raw_stream(open_stream(queen, &created, None).await)
-        .await
-        .unwrap()
-}
-
-/// The stream's promises: one terminal event, last, then exactly one `[DONE]`.
-fn assert_well_ended(stream: &RawStream) {
-    assert_eq!(stream.terminal_count(), 1, "{:?}", stream.events);
-    assert!(
-        matches!(stream.events.last(), Some((_, e)) if e.is_terminal()),
-        "the terminal event is last: {:?}",
-        stream.events
-    );
-    assert_eq!((stream.done_frames, stream.frames_after_done), (1, 0));
+    JobApi::new(&queen.url, None).run("/v1/jobs", body).await
 }
 
 fn worker_beat(worker_id: &str, url: &str, model: &str, slots: u32) -> Value {
@@ -356,7 +332,7 @@ async fn a_restarted_queen_relearns_workers_from_heartbeats() {
 async fn infer_through_the_queen_to_a_real_worker() {
     let (queen, _worker) = queen_with_worker(&tiny_model(), "tiny").await;
     let stream = run_job(&queen, &infer("tiny", "hello there", 6)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     assert!(
         matches!(stream.terminal(), Some(JobEvent::Done { usage: Some(u), .. }) if u.completion_tokens > 0),
         "{:?}",
@@ -378,7 +354,7 @@ async fn infer_through_the_queen_to_a_real_worker() {
     // A model no worker serves, with no hive to start one, is an error event, not a hang.
     let started = Instant::now();
     let stream = run_job(&queen, &infer("another-model", "hi", 2)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     assert!(
         matches!(
             stream.terminal(),
@@ -397,7 +373,7 @@ async fn infer_through_the_queen_to_a_real_worker() {
 async fn smollm2_says_paris_through_the_queen() {
     let (queen, _worker) = queen_with_worker(&smollm2(), "smollm2").await;
     let stream = run_job(&queen, &infer("smollm2", "The capital of France is", 12)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     let text = stream.text();
     assert!(text.contains("Paris"), "completion: {text:?}");
     assert!(matches!(stream.terminal(), Some(JobEvent::Done { .. })));
@@ -408,7 +384,7 @@ async fn infer_without_worker_or_hive_is_no_capacity() {
     let queen = start_queen(&[], &[]).await;
     let started = Instant::now();
     let stream = run_job(&queen, &infer("smollm2", "hello", 4)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     match stream.terminal() {
         Some(JobEvent::Error {
             code: ErrorCode::NoCapacity,
@@ -509,7 +485,7 @@ async fn operations_are_forwarded_and_their_events_relayed_unchanged() {
 
     let op = json!({"operation": "worker_list"});
     let stream = run_job(&queen, &op).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     let relayed: Vec<JobEvent> = stream.events.iter().map(|(_, e)| e.clone()).collect();
     assert_eq!(relayed, script);
 
@@ -540,7 +516,7 @@ async fn a_worker_lost_before_the_first_token_is_replaced() {
     assert_eq!(registered.status(), 204);
 
     let stream = run_job(&queen, &infer("tiny", "hello", 4)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     assert_eq!(dying.requests_to("POST", "/v1/inference").len(), 1);
     assert!(
         stream.events.iter().any(|(_, e)| matches!(e,
@@ -583,7 +559,7 @@ async fn a_worker_lost_after_the_first_token_is_worker_lost() {
     )
     .await;
     let stream = run_job(&queen, &infer("m", "hello", 8)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     assert_eq!(stream.text(), "Hel");
     assert!(
         matches!(
@@ -682,7 +658,7 @@ async fn client_routes_need_an_api_key_when_keys_are_set() {
     let stream = read_raw_stream(open_stream(&queen, &created, Some("key-two")).await)
         .await
         .unwrap();
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -830,7 +806,7 @@ async fn a_cold_start_through_a_real_hive_then_shutdown_stops_the_cluster() {
     let (hello, morning) = (infer(&model, "hello", 4), infer(&model, "good morning", 4));
     let (first, second) = tokio::join!(run_job(&queen, &hello), run_job(&queen, &morning));
     for stream in [&first, &second] {
-        assert_well_ended(stream);
+        stream.assert_one_terminal_then_done("queen");
         assert!(
             matches!(stream.terminal(), Some(JobEvent::Done { .. })),
             "{:?}\nhive log:\n{}",
@@ -879,7 +855,7 @@ async fn a_cold_start_through_a_real_hive_then_shutdown_stops_the_cluster() {
 
     // The next job finds the worker: no second cold start.
     let stream = run_job(&queen, &infer(&model, "hello again", 2)).await;
-    assert_well_ended(&stream);
+    stream.assert_one_terminal_then_done("queen");
     assert!(matches!(stream.terminal(), Some(JobEvent::Done { .. })));
     assert!(
         !stream

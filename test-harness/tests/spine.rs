@@ -6,11 +6,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rbee_contract::{JobCreated, JobEvent, WorkerInfo, WorkerState};
+use rbee_contract::{JobEvent, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
-use test_harness::{
-    KeeperEnv, RawStream, child_pids, process_gone, read_raw_stream, send_signal, smollm2,
-};
+use test_harness::{JobApi, KeeperEnv, RawStream, child_pids, process_gone, send_signal, smollm2};
 use tokio::io::AsyncReadExt;
 
 const PROMPT: &str = "The capital of France is";
@@ -34,43 +32,15 @@ async fn workers(env: &KeeperEnv) -> Vec<WorkerInfo> {
 }
 
 async fn raw_job(base: &str, create_path: &str, body: &Value) -> RawStream {
-    let client = reqwest::Client::new();
-    let response = client
-        .post(format!("{base}{create_path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("create the job");
-    assert_eq!(
-        response.status(),
-        201,
-        "{}",
-        response.text().await.unwrap_or_default()
-    );
-    let created: JobCreated = response.json().await.expect("job created");
-    let stream = client
-        .get(format!("{base}{}", created.sse_url))
-        .send()
-        .await
-        .expect("open the stream");
-    read_raw_stream(stream).await.expect("read the stream")
+    JobApi::new(base, None).run(create_path, body).await
 }
 
 fn assert_one_terminal_then_done(stream: &RawStream, hop: &str) {
-    assert_eq!(stream.terminal_count(), 1, "{hop}: {:?}", stream.events);
-    assert!(
-        matches!(stream.events.last(), Some((_, e)) if e.is_terminal()),
-        "{hop}: the terminal event is the last event"
-    );
+    stream.assert_one_terminal_then_done(hop);
     assert!(
         matches!(stream.terminal(), Some(JobEvent::Done { .. })),
         "{hop}: {:?}",
         stream.terminal()
-    );
-    assert_eq!(
-        (stream.done_frames, stream.frames_after_done),
-        (1, 0),
-        "{hop}: exactly one [DONE], nothing after it"
     );
 }
 

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rbee_contract::{ErrorCode, FinishReason, JobCreated, JobEvent, Operation, WorkerState};
 use serde_json::{Value, json};
-use test_harness::{Daemon, HeartbeatReceiver, free_port, read_raw_stream, smollm2, tiny_model};
+use test_harness::{
+    Daemon, HeartbeatReceiver, JobApi, free_port, read_raw_stream, smollm2, tiny_model,
+};
 
 const TOKEN: &str = "test-cluster-token";
 
@@ -45,36 +47,20 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+fn jobs(worker: &Daemon) -> JobApi {
+    JobApi::new(&worker.url, Some(TOKEN))
+}
+
 async fn submit(worker: &Daemon, body: &Value) -> reqwest::Response {
-    client()
-        .post(format!("{}/v1/inference", worker.url))
-        .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    jobs(worker).submit("/v1/inference", body).await
 }
 
 async fn submit_ok(worker: &Daemon, body: &Value) -> JobCreated {
-    let response = submit(worker, body).await;
-    assert_eq!(
-        response.status(),
-        201,
-        "{}",
-        response.text().await.unwrap_or_default()
-    );
-    response.json().await.unwrap()
+    jobs(worker).submit_ok("/v1/inference", body).await
 }
 
 async fn open_stream(worker: &Daemon, created: &JobCreated) -> reqwest::Response {
-    let response = client()
-        .get(format!("{}{}", worker.url, created.sse_url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response
+    jobs(worker).open_stream(created).await
 }
 
 async fn worker_info(worker: &Daemon) -> rbee_contract::WorkerInfo {
