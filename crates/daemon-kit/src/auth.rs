@@ -54,6 +54,14 @@ impl BearerAuth {
         })
     }
 
+    /// Puts every route of `router` behind this check.
+    pub fn protect<S: Clone + Send + Sync + 'static>(
+        self,
+        router: axum::Router<S>,
+    ) -> axum::Router<S> {
+        router.layer(axum::middleware::from_fn_with_state(self, require_bearer))
+    }
+
     /// Checks a request's `Authorization` header; the error is the `401` to answer.
     pub fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), Box<Response>> {
         if self.is_open() {

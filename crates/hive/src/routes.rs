@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use job_server::{ApiError, JobServer};
 use rbee_contract::ErrorCode;
 use serde_json::{Value, json};
@@ -19,17 +19,15 @@ pub(crate) fn router(
     jobs: JobServer<HiveExecutor>,
     auth: daemon_kit::BearerAuth,
 ) -> Router {
-    let protected = Router::new()
-        .route("/v1/workers", get(workers))
-        .route("/v1/shutdown", post(shutdown))
-        .route("/v1/devices", get(devices))
-        .route("/v1/capacity", get(capacity))
-        .with_state(Arc::clone(&hive))
-        .merge(jobs.router())
-        .layer(middleware::from_fn_with_state(
-            auth,
-            daemon_kit::require_bearer,
-        ));
+    let protected = auth.protect(
+        Router::new()
+            .route("/v1/workers", get(workers))
+            .route("/v1/shutdown", post(shutdown))
+            .route("/v1/devices", get(devices))
+            .route("/v1/capacity", get(capacity))
+            .with_state(Arc::clone(&hive))
+            .merge(jobs.router()),
+    );
     Router::new()
         .route("/health", get(health))
         .with_state(hive)

@@ -7,8 +7,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
-use daemon_kit::{BearerAuth, require_bearer};
+use axum::{Json, Router};
+use daemon_kit::BearerAuth;
 use job_server::{ApiError, JobServer};
 use rbee_contract::{ErrorCode, HiveHeartbeat, WorkerHeartbeat, WorkerState};
 use serde::de::DeserializeOwned;
@@ -38,18 +38,20 @@ pub(crate) fn router(
         queen,
         stop_cluster,
     };
-    let internal = Router::new()
-        .route("/v1/worker-heartbeat", post(worker_heartbeat))
-        .route("/v1/hive-heartbeat", post(hive_heartbeat))
-        .with_state(state.clone())
-        .layer(middleware::from_fn_with_state(cluster_auth, require_bearer));
-    let client = Router::new()
-        .route("/v1/workers", get(list_workers))
-        .route("/v1/hives", get(list_hives))
-        .route("/v1/shutdown", post(shutdown))
-        .with_state(state)
-        .merge(jobs.router())
-        .layer(middleware::from_fn_with_state(client_auth, require_bearer));
+    let internal = cluster_auth.protect(
+        Router::new()
+            .route("/v1/worker-heartbeat", post(worker_heartbeat))
+            .route("/v1/hive-heartbeat", post(hive_heartbeat))
+            .with_state(state.clone()),
+    );
+    let client = client_auth.protect(
+        Router::new()
+            .route("/v1/workers", get(list_workers))
+            .route("/v1/hives", get(list_hives))
+            .route("/v1/shutdown", post(shutdown))
+            .with_state(state)
+            .merge(jobs.router()),
+    );
     Router::new()
         .route("/health", get(health))
         .merge(internal)

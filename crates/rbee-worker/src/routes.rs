@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use futures::Stream;
 use job_server::{ApiError, JobServer};
 use rbee_contract::{DONE_SENTINEL, ErrorCode, FinishReason, JobEvent};
@@ -23,17 +23,15 @@ pub(crate) fn router(
     jobs: JobServer<InferExecutor>,
     auth: daemon_kit::BearerAuth,
 ) -> Router {
-    let protected = Router::new()
-        .route("/v1/ready", get(ready))
-        .route("/v1/info", get(info))
-        .route("/v1/loading/progress", get(loading_progress))
-        .route("/v1/inference", jobs.create_route())
-        .with_state(Arc::clone(&shared))
-        .merge(jobs.router())
-        .layer(middleware::from_fn_with_state(
-            auth,
-            daemon_kit::require_bearer,
-        ));
+    let protected = auth.protect(
+        Router::new()
+            .route("/v1/ready", get(ready))
+            .route("/v1/info", get(info))
+            .route("/v1/loading/progress", get(loading_progress))
+            .route("/v1/inference", jobs.create_route())
+            .with_state(Arc::clone(&shared))
+            .merge(jobs.router()),
+    );
     Router::new()
         .route("/health", get(health))
         .with_state(shared)
