@@ -53,9 +53,13 @@ struct Args {
     /// Requests that may wait while one generation runs.
     #[arg(long, env = "RBEE_QUEUE_CAPACITY", default_value_t = 4)]
     queue_capacity: usize,
-    /// How long shutdown waits for cancelled generations to end their streams.
-    #[arg(long, env = "RBEE_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    /// How long shutdown lets running and queued generations finish before ending them.
+    #[arg(long, env = "RBEE_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// Pid of the hive that spawned this worker; the worker shuts down when its parent process
+    /// is no longer this one (set by the hive, not by hand).
+    #[arg(long, env = "RBEE_HIVE_PID")]
+    hive_pid: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.cluster_token = cluster_token;
     config.queue_capacity = args.queue_capacity;
     config.shutdown_grace = args.shutdown_grace;
+    config.hive_pid = args.hive_pid;
 
     let shutdown = CancellationToken::new();
     tokio::spawn(daemon_kit::cancel_on_signal(shutdown.clone()));

@@ -25,7 +25,8 @@ pub trait JobExecutor: Send + Sync + 'static {
     /// the job's one terminal event (`Ok` → `done`, `Err` → `error`).
     ///
     /// When the job is cancelled (`ctx.cancel` fires) the server stops polling this future and
-    /// drops it, ending the job with an `error` event of code `cancelled`; work that lives
+    /// drops it, ending the job with an `error` event of code `cancelled` (`shutting_down`
+    /// when the server's shutdown grace period ran out first); work that lives
     /// outside the future (a thread, a process) should watch `ctx.cancel` or use drop guards.
     /// A panic in this future ends the job with an `error` event of code `internal`.
     fn run(&self, job: Self::Job, ctx: JobContext) -> impl Future<Output = JobResult> + Send;

@@ -30,7 +30,9 @@ impl CancelReason {
             CancelReason::Disconnect => "the client closed the job's stream before the job ended",
             CancelReason::Unclaimed => "no client opened the job's stream in time",
             CancelReason::Detached => "no client reconnected to the job's stream in time",
-            CancelReason::Shutdown => "the daemon is shutting down",
+            CancelReason::Shutdown => {
+                "the daemon shut down before the job ended (its shutdown grace period ran out)"
+            }
         }
     }
 }
@@ -102,15 +104,20 @@ impl Job {
         self.cancel.cancel();
     }
 
-    /// The terminal event of a cancelled job. A token cancelled from above (shutdown of the
-    /// whole server) carries no reason of its own.
+    /// The terminal event of a cancelled job: `shutting_down` when shutdown cut it, else
+    /// `cancelled`. A token cancelled from above (shutdown of the whole server) carries no
+    /// reason of its own.
     pub fn cancelled_event(&self) -> JobEvent {
         let reason = self
             .cancel_reason
             .get()
             .copied()
             .unwrap_or(CancelReason::Shutdown);
-        JobEvent::error(ErrorCode::Cancelled, reason.message())
+        let code = match reason {
+            CancelReason::Shutdown => ErrorCode::ShuttingDown,
+            _ => ErrorCode::Cancelled,
+        };
+        JobEvent::error(code, reason.message())
     }
 
     async fn emit(&self, event: JobEvent) -> Result<u64, EmitError> {

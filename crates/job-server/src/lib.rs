@@ -6,7 +6,8 @@
 //! before any job exists), eager start, a bounded per-job buffer with back-pressure, the SSE
 //! stream with sequence ids and `Last-Event-ID` resume, `[DONE]` after exactly one terminal
 //! event, cancellation by `DELETE` or by a closed stream, timeouts for unclaimed jobs,
-//! retention of finished jobs and shutdown. [`ApiError`] is the one mapping from an error to
+//! retention of finished jobs and a draining shutdown (refuse new jobs, let running ones finish
+//! within a deadline, end the rest with an explicit `shutting_down` error). [`ApiError`] is the one mapping from an error to
 //! an HTTP answer, for the job routes and for the daemon's own routes alike.
 //!
 //! It is not a client (the `job-client` crate is), and it knows nothing about what operations

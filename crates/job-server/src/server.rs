@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use futures::FutureExt;
 use rbee_contract::{ErrorCode, JobCreated, JobEvent, Operation, job_stream_path};
 use serde::Deserialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -18,6 +19,9 @@ use crate::error::{ApiError, JobFailure};
 use crate::executor::{JobContext, JobExecutor};
 use crate::job::{CancelReason, EventSink, Job, JobSubscription};
 use crate::log::OpenError;
+
+/// How long shutdown waits for the jobs it cancelled at the end of the grace period.
+const CUT_JOBS_LIMIT: Duration = Duration::from_secs(5);
 
 /// Limits and timings of a [`JobServer`]; `Default` holds the production values.
 #[derive(Debug, Clone)]
@@ -119,8 +123,13 @@ struct Inner<E> {
     executor: E,
     config: JobServerConfig,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
-    /// Parent of every job's token: cancelling it cancels all jobs.
+    /// Fired when shutdown begins: from then on new jobs are refused.
+    closed: CancellationToken,
+    /// Parent of every job's token: cancelling it cancels all jobs still running and ends the
+    /// retention of finished ones.
     shutdown: CancellationToken,
+    /// Jobs created and not yet ended; shutdown waits for it to reach zero.
+    running: watch::Sender<usize>,
     tracker: TaskTracker,
 }
 
@@ -139,7 +148,9 @@ impl<E: JobExecutor> JobServer<E> {
                 executor,
                 config,
                 jobs: Mutex::new(HashMap::new()),
+                closed: CancellationToken::new(),
                 shutdown: CancellationToken::new(),
+                running: watch::Sender::new(0),
                 tracker: TaskTracker::new(),
             }),
         }
@@ -163,7 +174,7 @@ impl<E: JobExecutor> JobServer<E> {
         operation: Operation,
         options: JobOptions,
     ) -> Result<JobCreated, ApiError> {
-        if self.inner.shutdown.is_cancelled() {
+        if self.inner.closed.is_cancelled() {
             return Err(ApiError::new(
                 ErrorCode::ShuttingDown,
                 "the daemon is shutting down",
@@ -202,6 +213,7 @@ impl<E: JobExecutor> JobServer<E> {
                 }
             }
             jobs.insert(id.clone(), Arc::clone(&job));
+            self.inner.running.send_modify(|n| *n += 1);
         }
 
         let span = tracing::info_span!("job", job_id = %id, operation = operation_name);
@@ -253,19 +265,51 @@ impl<E: JobExecutor> JobServer<E> {
         }
     }
 
-    /// Refuses new jobs, cancels every job and waits up to `grace` for them to end.
-    /// Returns whether all of them ended in time.
+    /// Whether shutdown has begun (new jobs are refused).
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.closed.is_cancelled()
+    }
+
+    /// Drains the server: refuses new jobs (`503 shutting_down`) at once, lets running jobs
+    /// finish for up to `grace`, then cancels the ones still running, whose streams end with an
+    /// `error` event of code `shutting_down` (never a silent cut). Finished jobs stop being
+    /// retained. Returns whether every job finished on its own within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
-        tracing::info!(running = self.stats().running, "job server shutting down");
+        self.inner.closed.cancel();
         self.inner.tracker.close();
-        self.inner.shutdown.cancel();
-        let all_done = tokio::time::timeout(grace, self.inner.tracker.wait())
+        let running = *self.inner.running.borrow();
+        tracing::info!(running, ?grace, "job server draining");
+        let mut count = self.inner.running.subscribe();
+        let drained = tokio::time::timeout(grace, count.wait_for(|n| *n == 0))
             .await
             .is_ok();
-        if !all_done {
-            tracing::warn!(?grace, "jobs still running after the shutdown grace period");
+        if !drained {
+            let cut: Vec<Arc<Job>> = self
+                .inner
+                .jobs()
+                .values()
+                .filter(|job| !job.is_finished())
+                .cloned()
+                .collect();
+            tracing::warn!(
+                jobs = cut.len(),
+                ?grace,
+                "jobs still running after the shutdown grace period; ending them"
+            );
+            for job in cut {
+                job.cancel(CancelReason::Shutdown);
+            }
         }
-        all_done
+        self.inner.shutdown.cancel();
+        // A cancelled job ends at once (its supervisor stops polling it); the bound only
+        // guards against an executor whose drop blocks.
+        if tokio::time::timeout(CUT_JOBS_LIMIT, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("jobs did not end after being cancelled for shutdown");
+        }
+        drained
     }
 
     fn find(&self, job_id: &str) -> Result<Arc<Job>, ApiError> {
@@ -321,6 +365,7 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
         _ => {}
     }
     job.finish(terminal);
+    inner.running.send_modify(|n| *n = n.saturating_sub(1));
 
     tokio::select! {
         () = tokio::time::sleep(config.retention) => {}

@@ -7,6 +7,7 @@ use crate::ErrorCode;
 /// Every job ends with exactly one terminal event, [`JobEvent::Done`] or [`JobEvent::Error`],
 /// after which the stream sends `data: [DONE]` and closes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
     /// Waiting for a free slot; `position` 1 is next.
@@ -83,6 +84,7 @@ impl JobEvent {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop sequence.
@@ -94,6 +96,7 @@ pub enum FinishReason {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,

@@ -2,6 +2,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a worker reports about itself in every heartbeat. The first heartbeat registers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     pub worker_id: String,
     /// Base URL the queen uses to reach the worker, e.g. `http://127.0.0.1:9301`.
@@ -21,6 +22,7 @@ pub struct WorkerInfo {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum WorkerState {
     /// Process up, model loading.
@@ -36,11 +38,13 @@ pub enum WorkerState {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerHeartbeat {
     pub worker: WorkerInfo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceKind {
     Cpu,
@@ -50,6 +54,7 @@ pub enum DeviceKind {
 
 /// A compute device of a hive. Memory is system RAM for the CPU and VRAM for GPUs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceInfo {
     /// `cpu`, `cuda:N` or `metal:N`.
     pub id: String,
@@ -64,6 +69,7 @@ pub struct DeviceInfo {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ModelState {
     Downloading,
@@ -73,6 +79,7 @@ pub enum ModelState {
 
 /// A model in a hive's catalog.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelEntry {
     pub id: String,
     pub source: String,
@@ -80,8 +87,28 @@ pub struct ModelEntry {
     pub size_bytes: u64,
 }
 
+/// A catalog entry with what `model_get` and `model_list` tell beyond the heartbeat's
+/// [`ModelEntry`]: the file, its verified sha256, times (Unix seconds) and why it failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ModelDetails {
+    #[serde(flatten)]
+    pub entry: ModelEntry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// What a hive reports in every heartbeat. The first heartbeat registers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HiveInfo {
     pub hive_id: String,
     pub url: String,
@@ -91,6 +118,7 @@ pub struct HiveInfo {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HiveHeartbeat {
     pub hive: HiveInfo,
 }

@@ -7,16 +7,18 @@
 //! It is not the place for validation beyond what the types themselves express: daemons
 //! parse these types into their own validated forms at the edge.
 
+mod capacity;
 mod error;
 mod event;
 mod info;
 mod operation;
 
+pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
 pub use event::{FinishReason, JobEvent, Usage};
 pub use info::{
-    DeviceInfo, DeviceKind, HiveHeartbeat, HiveInfo, ModelEntry, ModelState, WorkerHeartbeat,
-    WorkerInfo, WorkerState,
+    DeviceInfo, DeviceKind, HiveHeartbeat, HiveInfo, ModelDetails, ModelEntry, ModelState,
+    WorkerHeartbeat, WorkerInfo, WorkerState,
 };
 pub use operation::{
     ChatMessage, ChatRole, HiveTarget, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// A daemon accepts the subset it can carry out and answers `400 unsupported_operation`
 /// for the rest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "operation", rename_all = "snake_case")]
 pub enum Operation {
     Infer(InferRequest),
@@ -43,6 +44,7 @@ pub type ModelRef = String;
 /// Text generation. Exactly one of `prompt` (raw completion) and `messages` (chat, rendered
 /// with the model's template) must be given; sampling fields left out take the daemon's defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {
     pub model: ModelRef,
@@ -73,6 +75,7 @@ pub struct InferRequest {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ChatRole {
     System,
@@ -82,6 +85,7 @@ pub enum ChatRole {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessage {
     pub role: ChatRole,
@@ -90,6 +94,7 @@ pub struct ChatMessage {
 
 /// Spawn a worker for `model` on `device` (`cpu`, `cuda:N`, `metal:N`) of a hive.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WorkerSpawnRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +106,7 @@ pub struct WorkerSpawnRequest {
 
 /// Names a hive; `None` means the only hive (an error when there are several).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HiveTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,6 +114,7 @@ pub struct HiveTarget {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WorkerTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,6 +123,7 @@ pub struct WorkerTarget {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ModelTarget {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,6 +133,7 @@ pub struct ModelTarget {
 
 /// The answer to `POST /v1/jobs` (status 201).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobCreated {
     pub job_id: String,
     pub sse_url: String,

@@ -2,8 +2,8 @@
 //! serialize back to the same JSON. A failing test here means a protocol change.
 
 use rbee_contract::{
-    ApiErrorBody, ChatRole, ErrorCode, FinishReason, HiveHeartbeat, JobEvent, Operation,
-    WorkerHeartbeat, WorkerState,
+    ApiErrorBody, ChatRole, DeviceKind, DevicesResponse, ErrorCode, FinishReason, HiveHeartbeat,
+    JobEvent, NoCapacityBody, Operation, WorkerHeartbeat, WorkerState,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -122,4 +122,51 @@ fn unknown_error_codes_stay_readable() {
             ..
         }
     ));
+}
+
+#[test]
+fn devices_answer_round_trips() {
+    let devices: DevicesResponse = round_trip("devices.json");
+    assert_eq!(devices.cpu.kind, DeviceKind::Cpu);
+    let all = devices.all();
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[0].id.as_str(), all[1].id.as_str()), ("cpu", "cuda:0"));
+}
+
+#[test]
+fn no_capacity_body_is_an_error_body_with_the_numbers() {
+    let body: NoCapacityBody = round_trip("no_capacity.json");
+    assert_eq!(body.error.code, ErrorCode::NoCapacity);
+    let e = &body.estimate;
+    assert_eq!(
+        e.required_bytes,
+        e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+    );
+    assert!(!e.fits());
+    // A client that only knows the generic error shape still reads it.
+    let generic: ApiErrorBody = serde_json::from_value(fixture("no_capacity.json")).unwrap();
+    assert_eq!(generic.error.code, ErrorCode::NoCapacity);
+}
+
+#[test]
+fn model_details_round_trip_and_old_entries_still_parse() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Models {
+        models: Vec<rbee_contract::ModelDetails>,
+    }
+    let models: Models = round_trip("model_details.json");
+    assert_eq!(
+        models.models[0].entry.state,
+        rbee_contract::ModelState::Ready
+    );
+    assert_eq!(
+        models.models[1].error.as_deref(),
+        Some("the download does not match its sha256")
+    );
+    // A heartbeat's plain entry is a valid details object with nothing more to say.
+    let hive: HiveHeartbeat = round_trip("hive_heartbeat.json");
+    let plain = serde_json::to_value(&hive.hive.models[0]).unwrap();
+    let details: rbee_contract::ModelDetails = serde_json::from_value(plain).unwrap();
+    assert_eq!(details.entry, hive.hive.models[0]);
+    assert!(details.file.is_none());
 }

@@ -26,8 +26,12 @@ pub struct WorkerConfig {
     pub cluster_token: Option<String>,
     /// Requests that may wait while one generation runs; more are answered `429 busy`.
     pub queue_capacity: usize,
-    /// How long shutdown waits for cancelled jobs to end their streams.
+    /// How long shutdown lets running and queued generations finish before it ends them
+    /// with `shutting_down`.
     pub shutdown_grace: Duration,
+    /// The hive that spawned this worker: when the worker's parent process is no longer this
+    /// pid (the hive died, even by SIGKILL), the worker shuts down. `None` when run by hand.
+    pub hive_pid: Option<u32>,
 }
 
 impl WorkerConfig {
@@ -45,7 +49,8 @@ impl WorkerConfig {
             hive_id: None,
             cluster_token: None,
             queue_capacity: 4,
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            hive_pid: None,
         }
     }
 }

@@ -98,6 +98,7 @@ impl JobExecutor for InferExecutor {
             cancel: ctx.cancel.clone(),
             done,
             in_flight: job.in_flight,
+            span: tracing::Span::current(),
         };
         queue.try_send(task).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => {

@@ -29,6 +29,8 @@ pub(crate) struct Task {
     /// Held until the generation has really stopped, so the worker reports itself free
     /// only when it is.
     pub in_flight: InFlight,
+    /// The job's span, entered on the inference thread so its log lines carry the job id.
+    pub span: tracing::Span,
 }
 
 /// Starts the inference thread. `load_failed` fires if the model cannot be loaded.
@@ -86,7 +88,9 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             cancel,
             done,
             in_flight,
+            span,
         } = task;
+        let _job = span.enter();
         if cancel.is_cancelled() {
             // Cancelled while it waited; the job has already ended.
             continue;

@@ -13,6 +13,8 @@ mod config;
 mod executor;
 mod heartbeat;
 mod inference;
+#[cfg(unix)]
+mod parent;
 mod routes;
 mod state;
 
@@ -25,6 +27,10 @@ pub use config::WorkerConfig;
 
 use crate::executor::InferExecutor;
 use crate::state::WorkerShared;
+
+/// After the drain, clients still reading a stream get this long before the worker closes
+/// their connections.
+const CONNECTIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why the worker stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -39,9 +45,10 @@ pub enum WorkerError {
 
 /// Runs the worker on `listener` until `shutdown` fires (or the model fails to load).
 ///
-/// Shutdown refuses new work, cancels the running and queued generations (each ends with an
-/// `error` event of code `cancelled`), waits up to `config.shutdown_grace` for their streams to
-/// end, and returns.
+/// Shutdown drains: new requests get `503 shutting_down`, the running and queued generations
+/// get up to `config.shutdown_grace` to finish, the ones still running then end with an
+/// `error` event of code `shutting_down`, and `serve` returns. With `config.hive_pid` set, the
+/// worker also shuts down when its parent process is no longer that hive.
 pub async fn serve(
     listener: TcpListener,
     config: WorkerConfig,
@@ -66,6 +73,11 @@ pub async fn serve(
         shutdown.clone(),
     ));
 
+    #[cfg(unix)]
+    if let Some(hive_pid) = config.hive_pid {
+        tokio::spawn(parent::watch(hive_pid, shutdown.clone()));
+    }
+
     let auth = daemon_kit::BearerAuth::new(config.cluster_token.clone(), "cluster token");
     let app = routes::router(Arc::clone(&shared), jobs.clone(), auth);
     tracing::info!(%local, worker_id = %config.worker_id, model = %config.model_path.display(), "worker listening");
@@ -89,9 +101,7 @@ pub async fn serve(
             jobs.shutdown(grace).await;
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
+    daemon_kit::serve_until(listener, app, stop, CONNECTIONS_GRACE).await?;
     shutdown.cancel();
     shared.close_queue();
     // The last heartbeat says "stopping"; a queen that does not answer quickly is not waited for.

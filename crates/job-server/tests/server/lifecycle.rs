@@ -116,41 +116,101 @@ async fn a_detached_job_waits_for_a_resume_then_gives_up() -> anyhow::Result<()>
 }
 
 #[tokio::test(start_paused = true)]
-async fn shutdown_cancels_every_job_and_refuses_new_ones() -> anyhow::Result<()> {
+async fn shutdown_lets_running_jobs_finish_and_refuses_new_ones() -> anyhow::Result<()> {
     let jobs = JobServer::new(ScriptExecutor::default(), config());
-    let a = jobs.create(infer("hang"), JobOptions::default())?.job_id;
+    let a = jobs
+        .create(infer("tokens 5 100"), JobOptions::default())?
+        .job_id;
     let b = jobs
-        .create(infer("tokens 1000000 1000"), JobOptions::default())?
+        .create(infer("tokens 3 200"), JobOptions::default())?
         .job_id;
     let (sub_a, sub_b) = (jobs.subscribe(&a, None)?, jobs.subscribe(&b, None)?);
 
-    assert!(
-        jobs.shutdown(Duration::from_secs(5)).await,
-        "every job ended in time"
-    );
-    for events in [drain(sub_a).await, drain(sub_b).await] {
-        match events.last() {
-            Some(JobEvent::Error {
-                code: ErrorCode::Cancelled,
-                message,
-            }) => {
-                assert!(message.contains("shutting down"), "{message}");
-            }
-            other => panic!("unexpected terminal {other:?}"),
-        }
-        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
-    }
-    assert_eq!(
-        jobs.stats(),
-        JobStats::default(),
-        "retention ends with the server"
-    );
-
+    let draining = tokio::spawn({
+        let jobs = jobs.clone();
+        async move { jobs.shutdown(Duration::from_secs(5)).await }
+    });
+    tokio::task::yield_now().await;
+    assert!(jobs.is_shutting_down());
     let refused = jobs
         .create(infer("tokens 1"), JobOptions::default())
         .unwrap_err();
     assert_eq!(refused.code, ErrorCode::ShuttingDown);
     assert_eq!(refused.status, 503);
+
+    for (events, tokens) in [(drain(sub_a).await, 5), (drain(sub_b).await, 3)] {
+        assert!(
+            matches!(events.last(), Some(JobEvent::Done { .. })),
+            "{events:?}"
+        );
+        let count = events
+            .iter()
+            .filter(|e| matches!(e, JobEvent::Token { .. }))
+            .count();
+        assert_eq!(count, tokens, "every token arrived: {events:?}");
+        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+    }
+    assert!(
+        draining.await?,
+        "every job finished within the grace period"
+    );
+    assert_eq!(
+        jobs.stats(),
+        JobStats::default(),
+        "retention ends with the server"
+    );
+    Ok(())
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_ends_jobs_still_running_at_the_deadline_with_shutting_down() -> anyhow::Result<()>
+{
+    let jobs = JobServer::new(ScriptExecutor::default(), config());
+    let a = jobs.create(infer("hang"), JobOptions::default())?.job_id;
+    let b = jobs
+        .create(infer("tokens 1000000 1000"), JobOptions::default())?
+        .job_id;
+    let quick = jobs
+        .create(infer("tokens 2 100"), JobOptions::default())?
+        .job_id;
+    let subs = [
+        jobs.subscribe(&a, None)?,
+        jobs.subscribe(&b, None)?,
+        jobs.subscribe(&quick, None)?,
+    ];
+
+    let started = tokio::time::Instant::now();
+    assert!(
+        !jobs.shutdown(Duration::from_secs(5)).await,
+        "two jobs were still running at the deadline"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5), "it waited");
+    assert!(jobs.executor().observed.was_cancelled(&a));
+    assert!(
+        jobs.executor()
+            .observed
+            .wait_run_ended(&b, Duration::from_secs(1))
+            .await
+    );
+    let [sub_a, sub_b, sub_quick] = subs;
+    for events in [drain(sub_a).await, drain(sub_b).await] {
+        match events.last() {
+            Some(JobEvent::Error {
+                code: ErrorCode::ShuttingDown,
+                message,
+            }) => {
+                assert!(message.contains("shut down"), "{message}");
+            }
+            other => panic!("unexpected terminal {other:?}"),
+        }
+        assert_eq!(events.iter().filter(|e| e.is_terminal()).count(), 1);
+    }
+    let events = drain(sub_quick).await;
+    assert!(
+        matches!(events.last(), Some(JobEvent::Done { .. })),
+        "{events:?}"
+    );
+    assert_eq!(jobs.stats(), JobStats::default());
     Ok(())
 }
 
