@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use daemon_kit::parse_duration;
+use daemon_kit::{parse_duration, parse_size};
 use hive::{HiveConfig, PortRange};
 use tokio_util::sync::CancellationToken;
 
@@ -47,12 +47,24 @@ struct Args {
     /// Ports handed to workers, e.g. 9300-9399 (the default).
     #[arg(long, env = "RBEE_WORKER_PORT_RANGE")]
     worker_port_range: Option<PortRange>,
-    /// How long a worker gets to exit after SIGTERM before SIGKILL (default 10s).
+    /// How long a worker gets to finish its generations and exit after SIGTERM before SIGKILL
+    /// (default 30s).
     #[arg(long, env = "RBEE_STOP_GRACE", value_parser = parse_duration)]
     stop_grace: Option<Duration>,
     /// How long a worker may take to load its model before the spawn fails (default 10m).
     #[arg(long, env = "RBEE_LOAD_TIMEOUT", value_parser = parse_duration)]
     load_timeout: Option<Duration>,
+    /// Memory of each device that workers must leave free, e.g. 2GiB (default 0); a spawn that
+    /// would eat into it is refused with no_capacity.
+    #[arg(long, env = "RBEE_MEMORY_RESERVE", value_parser = parse_size)]
+    memory_reserve: Option<u64>,
+    /// Where the model catalog and downloaded models live (default: $XDG_DATA_HOME/rbee/models,
+    /// else ~/.local/share/rbee/models).
+    #[arg(long, env = "RBEE_HIVE_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// The model hub `hf:` references are downloaded from (default: https://huggingface.co).
+    #[arg(long, env = "HF_ENDPOINT")]
+    hf_endpoint: Option<String>,
 }
 
 impl Args {
@@ -79,6 +91,16 @@ impl Args {
         if let Some(limit) = self.load_timeout {
             config.load_timeout = limit;
         }
+        if let Some(reserve) = self.memory_reserve {
+            config.memory_reserve = reserve;
+        }
+        if let Some(dir) = self.model_dir {
+            config.model_dir = dir;
+        }
+        if let Some(endpoint) = self.hf_endpoint.filter(|e| !e.trim().is_empty()) {
+            config.hf_endpoint = endpoint;
+        }
+        config.hf_token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
         config
     }
 }

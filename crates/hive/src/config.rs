@@ -26,14 +26,27 @@ pub struct HiveConfig {
     pub log_dir: PathBuf,
     /// Ports handed to workers.
     pub worker_ports: PortRange,
-    /// How long a worker has to exit after SIGTERM before it gets SIGKILL.
+    /// How long a worker has to exit after SIGTERM before it gets SIGKILL; the worker drains
+    /// its running generations within most of it.
     pub stop_grace: Duration,
     /// How long a spawned worker may take from start to loaded before the spawn fails.
     pub load_timeout: Duration,
+    /// Memory of each device that workers must leave free, for the system and other programs;
+    /// a spawn that would eat into it is refused (see `GET /v1/capacity`).
+    pub memory_reserve: u64,
     /// Shared secret of the cluster: required on the hive's routes, sent to the queen and to
     /// workers, and passed to spawned workers. `None` leaves routes open (loopback only).
     pub cluster_token: Option<String>,
+    /// The model catalog (`catalog.sqlite`) and every downloaded file (`hub/`) live here.
+    pub model_dir: PathBuf,
+    /// The model hub that `hf:` references are downloaded from.
+    pub hf_endpoint: String,
+    /// A hub access token, for gated or private repositories.
+    pub hf_token: Option<String>,
 }
+
+/// The public Hugging Face hub.
+pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
 
 impl HiveConfig {
     /// A configuration with the defaults for everything but the id.
@@ -49,9 +62,13 @@ impl HiveConfig {
                 first: 9300,
                 last: 9399,
             },
-            stop_grace: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
+            memory_reserve: 0,
             cluster_token: None,
+            model_dir: default_model_dir(),
+            hf_endpoint: DEFAULT_HF_ENDPOINT.into(),
+            hf_token: None,
         }
     }
 }
@@ -78,6 +95,20 @@ pub fn default_log_dir() -> PathBuf {
         })
         .unwrap_or_else(std::env::temp_dir);
     state_home.join("rbee").join("workers")
+}
+
+/// `$XDG_DATA_HOME/rbee/models`, else `~/.local/share/rbee/models`.
+pub fn default_model_dir() -> PathBuf {
+    let data_home = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".local/share"))
+        })
+        .unwrap_or_else(std::env::temp_dir);
+    data_home.join("rbee").join("models")
 }
 
 /// `llm-worker-rbee` beside the running executable when it is there, so that a hive runs the
@@ -189,6 +220,7 @@ mod tests {
     fn defaults_are_usable() {
         let config = HiveConfig::new("h");
         assert!(config.log_dir.ends_with("rbee/workers"));
+        assert!(config.model_dir.ends_with("rbee/models"));
         assert!(
             config
                 .worker_binary

@@ -1,26 +1,47 @@
-//! The hive's half of the job protocol: admit worker operations (and refuse the rest), run
-//! them against the hive's children.
+//! The hive's half of the job protocol: admit worker and model operations (and refuse the
+//! rest), run them against the hive's children and its model catalog.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use job_server::{ApiError, JobContext, JobExecutor, JobFailure, JobOutcome, JobResult};
-use rbee_contract::{ErrorCode, JobEvent, Operation, WorkerSpawnRequest};
+use rbee_contract::{ErrorCode, JobEvent, ModelTarget, Operation, WorkerSpawnRequest};
 use serde_json::json;
 
 use crate::Hive;
 use crate::children::{SpawnSpec, wait_exit};
-use crate::spawn;
+use crate::models::CatalogRow;
+use crate::models::reference::{self, HubRef, ModelRef};
+use crate::{devices, spawn};
 
-/// An admitted operation: the target hive is this one, a model path exists, a device is well
-/// formed, a named worker is one of this hive's children.
+/// An admitted operation: the target hive is this one, a model reference is well formed (a
+/// local path exists), a device is well formed, a named worker is one of this hive's
+/// children, a named model is in the catalog.
 #[derive(Debug)]
 pub(crate) enum HiveJob {
-    Spawn(SpawnSpec),
+    Spawn(SpawnRequest),
     List,
     Get(String),
     Delete(String),
+    ModelDownload { model: HubRef, source: String },
+    ModelList,
+    ModelGet(CatalogRow),
+    ModelDelete(CatalogRow),
+}
+
+/// A validated `worker_spawn`; its model is resolved (downloaded if need be) when it runs.
+#[derive(Debug)]
+pub(crate) struct SpawnRequest {
+    model: SpawnModel,
+    /// The reference as the user wrote it, which the worker reports as its model.
+    model_ref: String,
+    device: String,
+}
+
+#[derive(Debug)]
+enum SpawnModel {
+    Local(std::path::PathBuf),
+    Hub(HubRef),
 }
 
 pub(crate) struct HiveExecutor {
@@ -97,24 +118,61 @@ impl JobExecutor for HiveExecutor {
             Operation::Infer(_) => Err(ApiError::unsupported_operation(
                 "a hive does not run `infer`: send it to the queen",
             )),
-            Operation::ModelDownload(_)
-            | Operation::ModelList(_)
-            | Operation::ModelGet(_)
-            | Operation::ModelDelete(_) => Err(ApiError::new(
-                ErrorCode::NotImplemented,
-                format!(
-                    "`{}` is not available yet: this hive has no model catalog; \
-                     spawn workers from local model paths",
-                    operation.name()
-                ),
-            )),
+            Operation::ModelDownload(target) => {
+                self.check_target(target.hive_id.as_deref())?;
+                let source = target.model.trim().to_owned();
+                let model = hub_reference(&target.model, "download")?;
+                Ok(HiveJob::ModelDownload { model, source })
+            }
+            Operation::ModelList(target) => {
+                self.check_target(target.hive_id.as_deref())?;
+                Ok(HiveJob::ModelList)
+            }
+            Operation::ModelGet(target) => self.catalog_entry(&target).map(HiveJob::ModelGet),
+            Operation::ModelDelete(target) => {
+                let row = self.catalog_entry(&target)?;
+                self.check_unused(&row)?;
+                Ok(HiveJob::ModelDelete(row))
+            }
         }
     }
 
     async fn run(&self, job: HiveJob, ctx: JobContext) -> JobResult {
         let children = &self.hive.children;
         match job {
-            HiveJob::Spawn(spec) => spawn::run(&self.hive, spec, &ctx).await,
+            HiveJob::Spawn(request) => {
+                let spec = self.resolve(request, &ctx).await?;
+                spawn::run(&self.hive, spec, &ctx).await
+            }
+            HiveJob::ModelDownload { model, source } => {
+                let row = self.hive.models.fetch(&model, &source, &ctx).await?;
+                ctx.emit(JobEvent::Data {
+                    data: json!({ "model": row.details() }),
+                })
+                .await?;
+                Ok(JobOutcome::complete())
+            }
+            HiveJob::ModelList => {
+                ctx.emit(JobEvent::Data {
+                    data: json!({ "models": self.hive.models.list() }),
+                })
+                .await?;
+                Ok(JobOutcome::complete())
+            }
+            HiveJob::ModelGet(row) => {
+                ctx.emit(JobEvent::Data {
+                    data: json!({ "model": row.details() }),
+                })
+                .await?;
+                Ok(JobOutcome::complete())
+            }
+            HiveJob::ModelDelete(row) => {
+                self.check_unused(&row)?;
+                self.hive.models.delete(&row).await?;
+                ctx.emit(JobEvent::narration(format!("deleted {}", row.id)))
+                    .await?;
+                Ok(JobOutcome::complete())
+            }
             HiveJob::List => {
                 children.refresh().await;
                 let workers = children.list();
@@ -141,6 +199,59 @@ impl JobExecutor for HiveExecutor {
 }
 
 impl HiveExecutor {
+    /// The catalog entry a `model_get` or `model_delete` names.
+    fn catalog_entry(&self, target: &ModelTarget) -> Result<CatalogRow, ApiError> {
+        self.check_target(target.hive_id.as_deref())?;
+        let model = hub_reference(&target.model, "look up")?;
+        self.hive.models.find(&model)
+    }
+
+    /// Refuses to delete a model a worker of this hive runs.
+    fn check_unused(&self, row: &CatalogRow) -> Result<(), ApiError> {
+        let users: Vec<String> = self
+            .hive
+            .children
+            .list()
+            .into_iter()
+            .filter(|worker| uses(&worker.model, row))
+            .map(|worker| worker.worker_id)
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::bad_request(format!(
+            "{} is in use by worker(s) {}; stop them first (`worker_delete`)",
+            row.id,
+            users.join(", ")
+        )))
+    }
+
+    /// The model of a spawn as a path on this hive: as given, or downloaded first.
+    async fn resolve(
+        &self,
+        request: SpawnRequest,
+        ctx: &JobContext,
+    ) -> Result<SpawnSpec, JobFailure> {
+        let model_path = match request.model {
+            SpawnModel::Local(path) => path,
+            SpawnModel::Hub(model) => {
+                let row = self
+                    .hive
+                    .models
+                    .fetch(&model, &request.model_ref, ctx)
+                    .await?;
+                row.path.ok_or_else(|| {
+                    JobFailure::internal(format!("{} is ready but has no file", row.id))
+                })?
+            }
+        };
+        Ok(SpawnSpec {
+            model_path,
+            model_ref: request.model_ref,
+            device: request.device,
+        })
+    }
+
     /// Stops one child and waits until it is reaped. The stop goes on in its supervisor even if
     /// this job is cancelled meanwhile.
     async fn delete(&self, worker_id: String, ctx: &JobContext) -> JobResult {
@@ -172,54 +283,67 @@ impl HiveExecutor {
     }
 }
 
-/// `worker_spawn` into a [`SpawnSpec`]: a local model path that exists (made absolute), a device
-/// spelled `cpu`, `cuda:N` or `metal:N`.
-fn parse_spawn(request: WorkerSpawnRequest) -> Result<SpawnSpec, ApiError> {
+/// A reference that must name a hub model (`what` the operation does with it).
+fn hub_reference(text: &str, what: &str) -> Result<HubRef, ApiError> {
+    match reference::parse(text).map_err(|err| ApiError::bad_request(err.to_string()))? {
+        ModelRef::Hub(model) => Ok(model),
+        ModelRef::Local(path) => Err(ApiError::bad_request(format!(
+            "cannot {what} `{}`: only hf:org/repo[:file.gguf] models are in the catalog; \
+             a local path is used as it is",
+            path.display()
+        ))),
+    }
+}
+
+/// Whether a worker started from `model_ref` runs the catalog entry `row`: the same file, or
+/// the same repository when the reference names no file.
+fn uses(model_ref: &str, row: &CatalogRow) -> bool {
+    match reference::parse(model_ref) {
+        Ok(ModelRef::Hub(model)) => {
+            model.repo() == row.repo && model.file().is_none_or(|file| file == row.file)
+        }
+        Ok(ModelRef::Local(path)) => row.path.as_deref() == Some(path.as_path()),
+        Err(_) => false,
+    }
+}
+
+/// `worker_spawn` into a [`SpawnRequest`]: a hub reference, or a local model path that exists
+/// (made absolute); a device spelled `cpu`, `cuda:N` or `metal:N`.
+fn parse_spawn(request: WorkerSpawnRequest) -> Result<SpawnRequest, ApiError> {
     let model_ref = request.model.trim().to_owned();
     if model_ref.is_empty() {
         return Err(ApiError::bad_request("`model` must not be empty"));
     }
-    if model_ref.starts_with("hf:") {
-        return Err(ApiError::new(
-            ErrorCode::NotImplemented,
-            format!(
-                "cannot spawn `{model_ref}`: downloading models is not available yet; \
-                 give the path of a .gguf file or a safetensors directory on the hive"
-            ),
-        ));
-    }
-    let model_path = std::fs::canonicalize(Path::new(&model_ref)).map_err(|err| {
-        ApiError::bad_request(format!(
-            "model path `{model_ref}` cannot be used on this hive: {err}"
-        ))
-    })?;
+    let model =
+        match reference::parse(&model_ref).map_err(|err| ApiError::bad_request(err.to_string()))? {
+            ModelRef::Hub(model) => SpawnModel::Hub(model),
+            ModelRef::Local(path) => {
+                SpawnModel::Local(std::fs::canonicalize(&path).map_err(|err| {
+                    let code = if err.kind() == std::io::ErrorKind::NotFound {
+                        ErrorCode::ModelNotFound
+                    } else {
+                        ErrorCode::BadRequest
+                    };
+                    ApiError::new(
+                        code,
+                        format!("model path `{model_ref}` cannot be used on this hive: {err}"),
+                    )
+                })?)
+            }
+        };
     let device = match request.device.as_deref() {
         None => "cpu".to_owned(),
-        Some(device) => parse_device(device).ok_or_else(|| {
+        Some(device) => devices::parse_id(device).ok_or_else(|| {
             ApiError::bad_request(format!(
                 "device `{device}` is not one of cpu, cuda:N, metal:N"
             ))
         })?,
     };
-    Ok(SpawnSpec {
-        model_path,
+    Ok(SpawnRequest {
+        model,
         model_ref,
         device,
     })
-}
-
-/// The canonical spelling of a device: `cpu`, `cuda:N`, `metal:N` (`cuda` alone is `cuda:0`).
-fn parse_device(text: &str) -> Option<String> {
-    let lower = text.trim().to_ascii_lowercase();
-    let (kind, ordinal) = match lower.split_once(':') {
-        Some((kind, n)) => (kind, Some(n.parse::<u32>().ok()?)),
-        None => (lower.as_str(), None),
-    };
-    match (kind, ordinal) {
-        ("cpu", None) => Some("cpu".into()),
-        ("cuda" | "metal", ordinal) => Some(format!("{kind}:{}", ordinal.unwrap_or(0))),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -235,32 +359,31 @@ mod tests {
     }
 
     #[test]
-    fn devices_are_canonical() {
-        assert_eq!(parse_device("cpu").as_deref(), Some("cpu"));
-        assert_eq!(parse_device(" CUDA:1 ").as_deref(), Some("cuda:1"));
-        assert_eq!(parse_device("cuda").as_deref(), Some("cuda:0"));
-        assert_eq!(parse_device("metal:0").as_deref(), Some("metal:0"));
-        assert_eq!(parse_device("cpu:0"), None);
-        assert_eq!(parse_device("cuda:x"), None);
-        assert_eq!(parse_device("tpu"), None);
-    }
-
-    #[test]
     fn spawn_requests_are_parsed_at_the_edge() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"x").unwrap();
         let spec = parse_spawn(spawn_request(model.to_str().unwrap(), None)).unwrap();
         assert_eq!(spec.device, "cpu");
-        assert_eq!(spec.model_path, std::fs::canonicalize(&model).unwrap());
+        assert!(
+            matches!(&spec.model, SpawnModel::Local(path) if *path == std::fs::canonicalize(&model).unwrap())
+        );
         assert_eq!(spec.model_ref, model.to_str().unwrap());
 
         let missing = parse_spawn(spawn_request("/nonexistent/rbee/m.gguf", None)).unwrap_err();
-        assert_eq!(missing.code, ErrorCode::BadRequest);
+        assert_eq!(missing.code, ErrorCode::ModelNotFound);
         assert!(missing.message.contains("/nonexistent/rbee/m.gguf"));
 
-        let hf = parse_spawn(spawn_request("hf:org/repo", None)).unwrap_err();
-        assert_eq!(hf.code, ErrorCode::NotImplemented);
+        let hf = parse_spawn(spawn_request("hf:org/repo", None)).unwrap();
+        assert!(matches!(&hf.model, SpawnModel::Hub(model) if model.repo() == "org/repo"));
+        assert_eq!(hf.model_ref, "hf:org/repo");
+        for bad in ["hf:../x", "hf:a/b:../../etc/passwd", "s3:bucket/m"] {
+            assert_eq!(
+                parse_spawn(spawn_request(bad, None)).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
+        }
 
         let device = parse_spawn(spawn_request(model.to_str().unwrap(), Some("gpu"))).unwrap_err();
         assert_eq!(device.code, ErrorCode::BadRequest);

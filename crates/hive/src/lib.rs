@@ -9,17 +9,23 @@
 //! children the hive spawned are ever signalled, and shutdown stops all of them before
 //! [`serve`] returns.
 //!
-//! It is not a worker (inference lives in `rbee-worker`), not a scheduler (the queen decides
-//! where work goes) and not yet a model catalog: `model_*` operations, `GET /v1/devices` and
-//! `GET /v1/capacity` answer `not_implemented`. It is not a command line either: the `rbee-hive`
-//! binary builds a [`HiveConfig`] and calls [`serve`].
+//! It also owns the machine's models: `model_download`, `model_list`, `model_get` and
+//! `model_delete` work on a persistent catalog in the model directory, and `worker_spawn` with
+//! an `hf:` reference downloads the model first (see `models`).
+//!
+//! It is not a worker (inference lives in `rbee-worker`) and not a scheduler (the queen decides
+//! where work goes). It reports its devices (`GET /v1/devices`, and in every heartbeat) and
+//! checks that a model fits on a device before a worker starts (`GET /v1/capacity`). It is not
+//! a command line either: the `rbee-hive` binary builds a [`HiveConfig`] and calls [`serve`].
 
+mod capacity;
 mod children;
 mod config;
 mod devices;
 mod executor;
 mod heartbeat;
 mod logs;
+mod models;
 mod process;
 mod routes;
 mod spawn;
@@ -33,15 +39,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    HiveConfig, PortRange, WORKER_BINARY_NAME, default_hive_id, default_log_dir,
-    default_worker_binary,
+    DEFAULT_HF_ENDPOINT, HiveConfig, PortRange, WORKER_BINARY_NAME, default_hive_id,
+    default_log_dir, default_model_dir, default_worker_binary,
 };
+
+pub use models::ModelsError;
 
 use crate::children::Children;
 use crate::executor::HiveExecutor;
-
-/// How long shutdown waits for cancelled jobs (spawns being followed, lists) to end.
-const JOBS_GRACE: Duration = Duration::from_secs(2);
 
 /// After every worker is gone, clients still reading a stream get this long before the
 /// hive closes their connections.
@@ -59,6 +64,8 @@ pub enum HiveError {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("cannot open the model store: {0}")]
+    Models(#[from] models::ModelsError),
 }
 
 /// What the hive's parts share: its configuration, its children and one HTTP client.
@@ -67,6 +74,9 @@ pub(crate) struct Hive {
     /// The URL the queen uses to reach this hive.
     url: String,
     children: Arc<Children>,
+    /// Spawns being checked or started, and what each model needs (see `capacity`).
+    capacity: Arc<capacity::Ledger>,
+    models: Arc<models::Models>,
     http: reqwest::Client,
     /// Cancelled by `POST /v1/shutdown` as by the caller of [`serve`].
     shutdown: CancellationToken,
@@ -79,19 +89,22 @@ impl Hive {
         HiveInfo {
             hive_id: self.config.hive_id.clone(),
             url: self.url.clone(),
-            devices: vec![devices::cpu_async().await],
+            devices: devices::read_async().await.all(),
             workers: self.children.list(),
-            models: Vec::new(),
+            models: self.models.entries(),
         }
     }
 }
 
 /// Runs the hive on `listener` until `shutdown` fires or `POST /v1/shutdown` arrives.
 ///
-/// Shutdown refuses new jobs, cancels running ones (a spawn in progress stops its worker),
-/// stops every worker the hive spawned (SIGTERM, SIGKILL after `config.stop_grace`), waits
-/// until each is reaped, and returns. Workers live on loopback unless the listener is bound
-/// elsewhere; a non-loopback listener needs a cluster token.
+/// Shutdown refuses new jobs and drains: every worker the hive spawned gets SIGTERM, finishes
+/// its running generations within its own grace (a little shorter than `config.stop_grace`,
+/// so that a stream cut at the deadline still ends with an explicit `shutting_down` error)
+/// and exits, or gets SIGKILL after `config.stop_grace`; the hive's own jobs get the same
+/// grace (a spawn in progress fails as its worker stops). Once every worker is reaped, `serve`
+/// returns. Workers live on loopback unless the listener is bound elsewhere; a non-loopback
+/// listener needs a cluster token.
 pub async fn serve(
     listener: TcpListener,
     config: HiveConfig,
@@ -116,6 +129,7 @@ pub async fn serve(
         .connect_timeout(Duration::from_secs(2))
         .build()
         .map_err(|err| HiveError::Config(format!("cannot build an HTTP client: {err}")))?;
+    let models = models::Models::open(&config, shutdown.clone()).await?;
     let auth = daemon_kit::BearerAuth::new(config.cluster_token.clone(), "cluster token");
     let config = Arc::new(config);
     let children = Arc::new(Children::new(Arc::clone(&config), local.ip(), http.clone()));
@@ -123,6 +137,8 @@ pub async fn serve(
         config: Arc::clone(&config),
         url,
         children: Arc::clone(&children),
+        capacity: Arc::default(),
+        models,
         http,
         shutdown: shutdown.clone(),
     });
@@ -134,28 +150,18 @@ pub async fn serve(
     let app = routes::router(Arc::clone(&hive), jobs.clone(), auth);
     tracing::info!(%local, hive_id = %config.hive_id, url = %hive.url, log_dir = %config.log_dir.display(), "hive listening");
 
-    let workers_stopped = CancellationToken::new();
     let stop = {
         let shutdown = shutdown.clone();
         let children = Arc::clone(&children);
-        let workers_stopped = workers_stopped.clone();
+        let stop_grace = config.stop_grace;
         async move {
             shutdown.cancelled().await;
-            jobs.shutdown(JOBS_GRACE).await;
-            children.stop_all().await;
-            workers_stopped.cancel();
+            // The workers drain their own generations (the queen reads those streams
+            // directly) while the hive's jobs get the same grace period.
+            tokio::join!(jobs.shutdown(stop_grace), children.stop_all());
         }
     };
-    let served = tokio::select! {
-        served = axum::serve(listener, app).with_graceful_shutdown(stop) => served,
-        () = async {
-            workers_stopped.cancelled().await;
-            tokio::time::sleep(CONNECTIONS_GRACE).await;
-        } => {
-            tracing::info!("closing connections still open after shutdown");
-            Ok(())
-        }
-    };
+    let served = daemon_kit::serve_until(listener, app, stop, CONNECTIONS_GRACE).await;
     // Whatever ended the server, no worker outlives it.
     shutdown.cancel();
     children.stop_all().await;

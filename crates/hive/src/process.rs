@@ -24,8 +24,14 @@ const WORKER_FLAG_VARS: &[&str] = &[
     "RBEE_QUEEN_URL",
     "RBEE_HEARTBEAT_INTERVAL",
     "RBEE_HIVE_ID",
+    "RBEE_HIVE_PID",
+    "RBEE_SHUTDOWN_GRACE",
     "RBEE_CLUSTER_TOKEN",
 ];
+
+/// The part of the hive's stop grace a worker keeps for itself after its drain deadline: the
+/// streams it cuts then must still get their `shutting_down` error out before SIGKILL.
+const STOP_MARGIN_MAX: Duration = Duration::from_secs(3);
 
 /// What one worker is started with.
 #[derive(Debug, Clone)]
@@ -58,7 +64,14 @@ pub(crate) fn command(config: &HiveConfig, args: &WorkerArgs, log: std::fs::File
         .args([
             "--heartbeat-interval",
             &format!("{}ms", config.heartbeat_interval.as_millis().max(1)),
-        ]);
+        ])
+        .args([
+            "--shutdown-grace",
+            &format!("{}ms", worker_drain_grace(config.stop_grace).as_millis()),
+        ])
+        // The worker shuts itself down when its parent is no longer this process: a hive
+        // killed with SIGKILL cannot stop its workers, so they notice on their own.
+        .args(["--hive-pid", &std::process::id().to_string()]);
     if let Some(queen) = &config.queen_url {
         command.args(["--queen-url", queen]);
     }
@@ -83,6 +96,12 @@ pub(crate) fn command(config: &HiveConfig, args: &WorkerArgs, log: std::fs::File
         .stderr(stderr)
         .kill_on_drop(true);
     command
+}
+
+/// How long a worker may drain its generations when the hive stops it: the stop grace less a
+/// margin (half of it, at most [`STOP_MARGIN_MAX`]) before the hive's SIGKILL.
+pub(crate) fn worker_drain_grace(stop_grace: Duration) -> Duration {
+    stop_grace - (stop_grace / 2).min(STOP_MARGIN_MAX)
 }
 
 /// Opens (truncating) the worker's log file. Blocking, but only a create.
@@ -155,6 +174,14 @@ mod tests {
         );
         assert_eq!(worker_advertise_url(None, 9301), None);
         assert_eq!(worker_advertise_url(Some("not a url"), 9301), None);
+    }
+
+    #[test]
+    fn workers_drain_within_the_stop_grace() {
+        let secs = Duration::from_secs;
+        assert_eq!(worker_drain_grace(secs(30)), secs(27));
+        assert_eq!(worker_drain_grace(secs(2)), secs(1));
+        assert_eq!(worker_drain_grace(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]

@@ -3,16 +3,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use job_server::{ApiError, JobServer};
-use rbee_contract::ErrorCode;
+use rbee_contract::DevicesResponse;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::Hive;
 use crate::executor::HiveExecutor;
+use crate::{Hive, capacity, devices};
 
 pub(crate) fn router(
     hive: Arc<Hive>,
@@ -56,18 +59,42 @@ async fn shutdown(State(hive): State<Arc<Hive>>) -> (StatusCode, Json<Value>) {
     )
 }
 
-async fn devices() -> ApiError {
-    ApiError::new(
-        ErrorCode::NotImplemented,
-        "device listing is not available yet; the hive's heartbeats carry its CPU",
-    )
+/// `{"hive_id", "cpu": DeviceInfo, "gpus": [DeviceInfo...]}`, read now.
+async fn devices(State(hive): State<Arc<Hive>>) -> Json<DevicesResponse> {
+    let devices = devices::read_async().await;
+    Json(DevicesResponse {
+        hive_id: hive.config.hive_id.clone(),
+        cpu: devices.cpu,
+        gpus: devices.gpus,
+    })
 }
 
-async fn capacity() -> ApiError {
-    ApiError::new(
-        ErrorCode::NotImplemented,
-        "capacity checks are not available yet",
-    )
+#[derive(Debug, Deserialize)]
+struct CapacityQuery {
+    model: Option<String>,
+    device: Option<String>,
+}
+
+/// `204` when the model fits on the device, `409` with the numbers when it does not.
+async fn capacity(
+    State(hive): State<Arc<Hive>>,
+    query: Result<Query<CapacityQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let question =
+        capacity::Question::parse(query.model.as_deref(), query.device.as_deref(), |hub| {
+            capacity::catalog_path(&hive.models, hub)
+        })?;
+    let estimate = capacity::estimate(&hive, question).await?;
+    Ok(if estimate.fits() {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        (
+            StatusCode::CONFLICT,
+            Json(capacity::no_capacity_body(estimate)),
+        )
+            .into_response()
+    })
 }
 
 async fn not_found() -> ApiError {

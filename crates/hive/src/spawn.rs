@@ -48,6 +48,8 @@ impl Drop for StopUnlessReady {
 }
 
 pub(crate) async fn run(hive: &Hive, spec: SpawnSpec, ctx: &JobContext) -> JobResult {
+    // Refused when the model does not fit; its memory stays set aside until the spawn ends.
+    let _room = crate::capacity::reserve(hive, &spec).await?;
     let (index, worker_id) = hive.children.next_worker_id();
     ctx.emit(JobEvent::Spawning {
         worker_id: worker_id.clone(),

@@ -40,6 +40,9 @@ pub enum Command {
     /// Spawn, list or stop workers.
     #[command(subcommand)]
     Worker(WorkerCommand),
+    /// Download, list, inspect or remove models in a hive's catalog.
+    #[command(subcommand)]
+    Model(ModelCommand),
 }
 
 #[derive(Debug, Args)]
@@ -128,7 +131,8 @@ pub enum WorkerCommand {
 
 #[derive(Debug, Args)]
 pub struct WorkerSpawnArgs {
-    /// A local .gguf file or safetensors directory (on the hive's machine).
+    /// A local .gguf file or safetensors directory (on the hive's machine), or an
+    /// `hf:org/repo[:file.gguf]` reference the hive downloads first.
     #[arg(long, short)]
     pub model: String,
     /// cpu, cuda:N or metal:N [default: the hive's choice].
@@ -151,6 +155,34 @@ pub struct WorkerStopArgs {
     /// The worker's id, as `worker list` shows it.
     pub worker_id: String,
     /// The worker's hive [default: looked up in the queen's worker list].
+    #[arg(long, value_name = "ID")]
+    pub hive: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Download a model from the hub into a hive's catalog, with progress.
+    Download(ModelArgs),
+    /// The models in a hive's catalog.
+    List(ModelListArgs),
+    /// One model of a hive's catalog: file, size, sha256, state.
+    Get(ModelArgs),
+    /// Delete a model's files and catalog entry (refused while a worker runs it).
+    Rm(ModelArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// `hf:org/repo` (the hive picks a GGUF file) or `hf:org/repo:file.gguf`.
+    pub model: String,
+    /// The hive [default: the only hive].
+    #[arg(long, value_name = "ID")]
+    pub hive: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelListArgs {
+    /// The hive [default: the only hive].
     #[arg(long, value_name = "ID")]
     pub hive: Option<String>,
 }

@@ -1,8 +1,8 @@
 //! Where the keeper's output goes: results on stdout, progress and errors on stderr.
 //!
-//! On a terminal, progress is one status line redrawn in place with `\r` and a spinner; in a
-//! pipe or a log it is plain lines, with loading and download progress thinned to steps of
-//! 10 % so a log stays short.
+//! On a terminal, progress is one status line redrawn in place with `\r` and a spinner (a
+//! download draws a bar); in a pipe or a log it is plain lines, with loading and download
+//! progress thinned to steps of 10 % so a log stays short.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -130,7 +130,10 @@ impl Console {
             return;
         };
         if self.tty {
-            self.status = Some(text);
+            self.status = Some(match download_fraction(event) {
+                Some(fraction) => format!("{} {text}", bar(fraction)),
+                None => text,
+            });
             self.redraw();
             return;
         }
@@ -260,6 +263,26 @@ fn describe(event: &JobEvent) -> Option<(&'static str, String, Option<u32>)> {
     }
 }
 
+/// How far a download with a known size is.
+fn download_fraction(event: &JobEvent) -> Option<f64> {
+    match event {
+        JobEvent::Downloading {
+            bytes_done,
+            bytes_total: Some(total),
+            ..
+        } if *total > 0 => Some((*bytes_done as f64 / *total as f64).clamp(0.0, 1.0)),
+        _ => None,
+    }
+}
+
+/// A progress bar of [`BAR_WIDTH`] cells.
+fn bar(fraction: f64) -> String {
+    let filled = ((fraction * BAR_WIDTH as f64).round() as usize).min(BAR_WIDTH);
+    format!("[{}{}]", "█".repeat(filled), "░".repeat(BAR_WIDTH - filled))
+}
+
+const BAR_WIDTH: usize = 24;
+
 /// A model path's file name (paths are long, the name says enough); references as given.
 fn short_model(model: &str) -> &str {
     if model.starts_with("hf:") {
@@ -362,6 +385,26 @@ pub(crate) mod tests {
         console.error(&KeeperError::Interrupted);
         assert_eq!(out.text(), "half a sent\n");
         assert_eq!(err.text(), "rbee-keeper: interrupted\n");
+    }
+
+    #[test]
+    fn a_terminal_draws_downloads_as_a_bar() {
+        let (mut console, _, err) = captured(false, true);
+        console.progress(&JobEvent::Downloading {
+            model: "hf:org/repo".into(),
+            bytes_done: 1024 * 1024,
+            bytes_total: Some(4 * 1024 * 1024),
+            bytes_per_second: Some(2.0 * 1024.0 * 1024.0),
+        });
+        let text = err.text();
+        let bar = format!("[{}{}]", "█".repeat(6), "░".repeat(18));
+        assert!(
+            text.contains(&format!(
+                "{bar} downloading hf:org/repo: 1.0 MiB of 4.0 MiB (25%) at 2.0 MiB/s"
+            )),
+            "{text:?}"
+        );
+        assert!(!text.contains('\n'));
     }
 
     #[test]

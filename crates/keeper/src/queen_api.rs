@@ -22,6 +22,23 @@ pub struct HiveEntry {
     pub last_seen_ms_ago: Option<u64>,
 }
 
+/// What the queen's `202` to `POST /v1/shutdown` announces.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+pub struct ShutdownPlan {
+    /// How long running jobs may take to finish, in milliseconds.
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+    /// The hives the queen will tell to stop once its jobs have drained.
+    #[serde(default)]
+    pub hives: Option<usize>,
+}
+
+impl ShutdownPlan {
+    pub fn grace(&self) -> Option<Duration> {
+        self.grace_ms.map(Duration::from_millis)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct HiveList {
     hives: Vec<HiveEntry>,
@@ -88,16 +105,17 @@ impl Queen {
     }
 
     /// `POST /v1/shutdown`.
-    pub async fn shutdown(&self) -> Result<(), KeeperError> {
+    /// `POST /v1/shutdown`: the queen drains its jobs, then stops its hives, then exits.
+    pub async fn shutdown(&self) -> Result<ShutdownPlan, KeeperError> {
         let url = self.url.join("/v1/shutdown");
         let response = self
             .authorized(self.http.post(&url))
             .send()
             .await
             .map_err(|e| self.unreachable(&e))?;
-        check(response, &format!("the queen at {}", self.url))
-            .await
-            .map(drop)
+        let response = check(response, &format!("the queen at {}", self.url)).await?;
+        // An older queen answers without the plan; its shutdown is waited for all the same.
+        Ok(response.json().await.unwrap_or_default())
     }
 
     async fn get_json(&self, path: &str) -> Result<Value, KeeperError> {

@@ -3,6 +3,7 @@
 mod cluster;
 mod hive;
 mod infer;
+mod model;
 mod queen;
 mod worker;
 
@@ -17,7 +18,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::Outcome;
-use crate::cli::{Command, HiveCommand, QueenCommand, WorkerCommand};
+use crate::cli::{Command, HiveCommand, ModelCommand, QueenCommand, WorkerCommand};
 use crate::config::Settings;
 use crate::console::Console;
 use crate::error::KeeperError;
@@ -69,6 +70,15 @@ pub(crate) async fn dispatch(command: Command, ctx: &mut Ctx<'_>) -> Result<Outc
             until_interrupted(&interrupt, hive::status(ctx)).await
         }
         Command::Hive(HiveCommand::List) => until_interrupted(&interrupt, hive::list(ctx)).await,
+        Command::Model(command) => {
+            let done = match command {
+                ModelCommand::Download(args) => model::download(ctx, args).await,
+                ModelCommand::List(args) => model::list(ctx, args).await,
+                ModelCommand::Get(args) => model::get(ctx, args).await,
+                ModelCommand::Rm(args) => model::remove(ctx, args).await,
+            };
+            done.map(|()| Outcome::Done)
+        }
     }
 }
 

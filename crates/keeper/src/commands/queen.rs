@@ -40,8 +40,9 @@ pub(crate) async fn start(ctx: &mut Ctx<'_>, extra: Vec<String>) -> Result<Outco
 }
 
 /// `POST /v1/shutdown`, then waits until the queen is gone, and with it the local hive that
-/// reports to it (the queen's shutdown stops its hives; a hive that outlives it is stopped
-/// directly).
+/// reports to it. The queen first lets its running jobs finish (up to the grace period it
+/// announces), then stops its hives and waits for them, then exits, so the wait allows for
+/// all of that; a local hive that outlives the queen is stopped directly.
 pub(crate) async fn stop(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
     let url = ctx.queen.url().base();
     let state = ctx.state()?;
@@ -51,9 +52,18 @@ pub(crate) async fn stop(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
         .filter(|h| hive_queen_url(h).as_deref() == Some(url.as_str()));
 
     let was_running = ctx.queen.health().await.is_ok();
+    let mut hives_told = None;
     if was_running {
-        ctx.queen.shutdown().await?;
-        wait_queen_gone(ctx, recorded_queen.as_ref().map(|r| r.pid)).await?;
+        let plan = ctx.queen.shutdown().await?;
+        hives_told = plan.hives;
+        if let Some(grace) = plan.grace() {
+            ctx.console.note(&format!(
+                "the queen lets running jobs finish (up to {grace:?}), then stops {} hive(s)",
+                plan.hives.unwrap_or(0)
+            ));
+        }
+        let limit = STOP_TIMEOUT + plan.grace().unwrap_or_default();
+        wait_queen_gone(ctx, recorded_queen.as_ref().map(|r| r.pid), limit).await?;
     }
     state.forget(DaemonKind::Queen);
 
@@ -71,12 +81,13 @@ pub(crate) async fn stop(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
     if ctx.console.json() {
         ctx.console.out_json(&json!({
             "url": url, "stopped": was_running, "hive_stopped": hive_stopped,
+            "hives_told": hives_told,
         }))?;
     } else {
-        let queen = if was_running {
-            format!("queen at {url} stopped")
-        } else {
-            format!("no queen was running at {url}")
+        let queen = match (was_running, hives_told) {
+            (true, Some(n)) => format!("queen at {url} stopped; it told {n} hive(s) to stop"),
+            (true, None) => format!("queen at {url} stopped"),
+            (false, _) => format!("no queen was running at {url}"),
         };
         let hive = if hive_stopped {
             "; local hive stopped"
@@ -88,8 +99,12 @@ pub(crate) async fn stop(ctx: &mut Ctx<'_>) -> Result<Outcome, KeeperError> {
     Ok(Outcome::Done)
 }
 
-async fn wait_queen_gone(ctx: &Ctx<'_>, pid: Option<u32>) -> Result<(), KeeperError> {
-    let deadline = Instant::now() + STOP_TIMEOUT;
+async fn wait_queen_gone(
+    ctx: &Ctx<'_>,
+    pid: Option<u32>,
+    limit: Duration,
+) -> Result<(), KeeperError> {
+    let deadline = Instant::now() + limit;
     loop {
         let answering = ctx.queen.health().await.is_ok();
         let running =
@@ -99,7 +114,7 @@ async fn wait_queen_gone(ctx: &Ctx<'_>, pid: Option<u32>) -> Result<(), KeeperEr
         }
         if Instant::now() >= deadline {
             return Err(KeeperError::Timeout(format!(
-                "the queen at {} still runs {STOP_TIMEOUT:?} after /v1/shutdown",
+                "the queen at {} still runs {limit:?} after /v1/shutdown",
                 ctx.queen.url()
             )));
         }

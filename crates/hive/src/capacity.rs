@@ -1,0 +1,416 @@
+//! Whether a model fits on one of the hive's devices, for `GET /v1/capacity` and for every
+//! `worker_spawn` before its worker starts.
+//!
+//! A model needs `weights + KV cache at the worker's context length + a fixed overhead`
+//! (see `footprint` for how the first two are read from the file, and [`overhead`]). A device
+//! has `min(free, total − held) − reserve` for it, where `free` and `total` are the device's
+//! memory read now, `held` is what the hive's workers on the same memory (running, loading or
+//! being spawned) need by the same estimate, and `reserve` is the hive's `--memory-reserve`.
+//! Taking the smaller of the two counts memory that other programs use (only `free` shows it)
+//! and memory that workers have yet to grow into (their KV caches fill as they generate, which
+//! only `held` shows) without counting a worker twice.
+//!
+//! A spawn that fits holds a [`Reservation`] until the spawn ends, so that two spawns at once
+//! cannot both take the same memory (see `ledger`). This module does not decide where a model
+//! should go (the queen does) and does not read model weights, only headers.
+
+mod footprint;
+mod ledger;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use job_server::{ApiError, JobFailure};
+use rbee_contract::{
+    CapacityEstimate, DeviceInfo, DeviceKind, ErrorCode, ErrorDetail, ModelState, NoCapacityBody,
+};
+
+use crate::Hive;
+use crate::children::{Children, SpawnSpec};
+use crate::devices;
+use crate::models::Models;
+use crate::models::reference::{self, HubRef, ModelRef};
+
+pub(crate) use ledger::{Ledger, Reservation};
+
+/// The allowance, beyond weights and KV cache, for a worker on the CPU: the process itself,
+/// its tokenizer and the activations of a prefill chunk.
+pub(crate) const OVERHEAD_CPU: u64 = 256 << 20;
+/// On a CUDA device: the CUDA context and cuBLAS workspace come on top of the CPU's share.
+pub(crate) const OVERHEAD_CUDA: u64 = 768 << 20;
+/// On the Apple GPU: Metal's command buffers and kernels on top of the CPU's share.
+pub(crate) const OVERHEAD_METAL: u64 = 384 << 20;
+
+pub(crate) fn overhead(kind: DeviceKind) -> u64 {
+    match kind {
+        DeviceKind::Cpu => OVERHEAD_CPU,
+        DeviceKind::Cuda => OVERHEAD_CUDA,
+        DeviceKind::Metal => OVERHEAD_METAL,
+    }
+}
+
+/// Why a capacity question has no answer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CapacityError {
+    #[error("`device` is `{0}`, which is not one of cpu, cuda:N, metal:N")]
+    BadDevice(String),
+    #[error("this hive has no device `{device}`; it has {known}")]
+    UnknownDevice { device: String, known: String },
+    #[error("`model` must be given: a model path on this hive or an `hf:` reference")]
+    NoModel,
+    #[error("model path `{model}` cannot be used on this hive: {reason}")]
+    BadPath { model: String, reason: String },
+    #[error("model path `{0}` does not exist on this hive")]
+    NoSuchPath(String),
+    #[error("{0}")]
+    BadReference(String),
+    /// An `hf:` reference the catalog cannot answer for (not there, not ready, ambiguous).
+    #[error("{}", .0.message)]
+    Catalog(ApiError),
+    #[error("cannot estimate the memory `{model}` needs: {reason}")]
+    Unreadable { model: String, reason: String },
+    #[error("the capacity check failed: {0}")]
+    Internal(String),
+}
+
+impl From<CapacityError> for ApiError {
+    fn from(err: CapacityError) -> Self {
+        let code = match &err {
+            CapacityError::Catalog(err) => return err.clone(),
+            CapacityError::UnknownDevice { .. } => ErrorCode::NotFound,
+            CapacityError::NoSuchPath(_) => ErrorCode::ModelNotFound,
+            CapacityError::Internal(_) => ErrorCode::Internal,
+            CapacityError::BadDevice(_)
+            | CapacityError::BadReference(_)
+            | CapacityError::NoModel
+            | CapacityError::BadPath { .. }
+            | CapacityError::Unreadable { .. } => ErrorCode::BadRequest,
+        };
+        ApiError::new(code, err.to_string())
+    }
+}
+
+/// One capacity question, parsed: a canonical device id and a model file that exists.
+#[derive(Debug, Clone)]
+pub(crate) struct Question {
+    pub model_ref: String,
+    pub model_path: PathBuf,
+    pub device: String,
+}
+
+impl Question {
+    /// `GET /v1/capacity?device=…&model=…`; the device defaults to `cpu` like `worker_spawn`'s.
+    /// A local path must exist; an `hf:` reference is looked up with `in_catalog`, which gives
+    /// the file of its ready catalog entry.
+    pub fn parse(
+        model: Option<&str>,
+        device: Option<&str>,
+        in_catalog: impl FnOnce(&HubRef) -> Result<PathBuf, ApiError>,
+    ) -> Result<Question, CapacityError> {
+        let device = match device.map(str::trim).filter(|d| !d.is_empty()) {
+            None => "cpu".to_owned(),
+            Some(text) => {
+                devices::parse_id(text).ok_or_else(|| CapacityError::BadDevice(text.to_owned()))?
+            }
+        };
+        let model_ref = model
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .ok_or(CapacityError::NoModel)?
+            .to_owned();
+        let model_path = match reference::parse(&model_ref) {
+            Err(err) => return Err(CapacityError::BadReference(err.to_string())),
+            Ok(ModelRef::Hub(hub)) => in_catalog(&hub).map_err(CapacityError::Catalog)?,
+            Ok(ModelRef::Local(path)) => std::fs::canonicalize(&path).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    CapacityError::NoSuchPath(model_ref.clone())
+                } else {
+                    CapacityError::BadPath {
+                        model: model_ref.clone(),
+                        reason: e.to_string(),
+                    }
+                }
+            })?,
+        };
+        Ok(Question {
+            model_ref,
+            model_path,
+            device,
+        })
+    }
+
+    fn of_spawn(spec: &SpawnSpec) -> Question {
+        Question {
+            model_ref: spec.model_ref.clone(),
+            model_path: spec.model_path.clone(),
+            device: spec.device.clone(),
+        }
+    }
+}
+
+/// The file of `hub`'s catalog entry, when it is ready on this hive.
+pub(crate) fn catalog_path(models: &Models, hub: &HubRef) -> Result<PathBuf, ApiError> {
+    let row = models.find(hub)?;
+    match row.path {
+        Some(path) if row.state == ModelState::Ready && path.is_file() => Ok(path),
+        _ => Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!(
+                "{hub} is in this hive's catalog but not ready ({:?}); download it first",
+                row.state
+            ),
+        )),
+    }
+}
+
+/// Answers `question` now. Blocking (device reads, a model header): run it off the reactor.
+/// With `reserve`, a model that fits gets a [`Reservation`].
+fn evaluate(
+    ledger: &Arc<Ledger>,
+    children: &Children,
+    question: &Question,
+    memory_reserve: u64,
+    reserve: bool,
+) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
+    let devices = devices::read();
+    let device = devices
+        .find(&question.device)
+        .ok_or_else(|| CapacityError::UnknownDevice {
+            device: question.device.clone(),
+            known: devices
+                .all()
+                .iter()
+                .map(|d| d.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let footprint = footprint::of_path(&question.model_path, device.kind).map_err(|reason| {
+        CapacityError::Unreadable {
+            model: question.model_ref.clone(),
+            reason,
+        }
+    })?;
+    let overhead_bytes = overhead(device.kind);
+
+    // Everything below happens under the ledger's lock, with the children listed under it,
+    // so that a concurrent spawn is seen either as pending or as a child.
+    let mut state = ledger.lock();
+    let workers = children.list();
+    let held = state.held(&workers, device);
+    let estimate = CapacityEstimate {
+        device: device.id.clone(),
+        model: question.model_ref.clone(),
+        required_bytes: footprint
+            .weights_bytes
+            .saturating_add(footprint.kv_cache_bytes())
+            .saturating_add(overhead_bytes),
+        available_bytes: available(device, held, memory_reserve),
+        weights_bytes: footprint.weights_bytes,
+        kv_cache_bytes: footprint.kv_cache_bytes(),
+        overhead_bytes,
+        context_length: footprint.context_length,
+    };
+    state.remember(&question.model_ref, &device.id, estimate.required_bytes);
+    let reservation = (reserve && estimate.fits()).then(|| {
+        let baseline = workers
+            .iter()
+            .filter(|w| w.model == question.model_ref && w.device == device.id)
+            .count();
+        state.reserve(ledger, &question.model_ref, &device.id, baseline)
+    });
+    Ok((estimate, reservation))
+}
+
+/// What a device can still give a new worker: the smaller of its free memory and its total
+/// less what the hive's workers need, less the reserve.
+fn available(device: &DeviceInfo, held: u64, memory_reserve: u64) -> u64 {
+    device
+        .memory_free_bytes
+        .min(device.memory_total_bytes.saturating_sub(held))
+        .saturating_sub(memory_reserve)
+}
+
+/// [`evaluate`] on the blocking pool.
+async fn ask(
+    hive: &Hive,
+    question: Question,
+    reserve: bool,
+) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
+    let ledger = Arc::clone(&hive.capacity);
+    let children = Arc::clone(&hive.children);
+    let memory_reserve = hive.config.memory_reserve;
+    tokio::task::spawn_blocking(move || {
+        evaluate(&ledger, &children, &question, memory_reserve, reserve)
+    })
+    .await
+    .map_err(|e| CapacityError::Internal(e.to_string()))?
+}
+
+/// `GET /v1/capacity`: the estimate, whether it fits or not.
+pub(crate) async fn estimate(
+    hive: &Hive,
+    question: Question,
+) -> Result<CapacityEstimate, CapacityError> {
+    ask(hive, question, false)
+        .await
+        .map(|(estimate, _)| estimate)
+}
+
+/// The first step of a spawn: refuses it with `no_capacity` when the model does not fit on its
+/// device, else sets the memory aside until the returned reservation is dropped.
+///
+/// A model whose size cannot be read is not refused here: the worker is the judge of what it
+/// can load, and says why it cannot.
+pub(crate) async fn reserve(
+    hive: &Hive,
+    spec: &SpawnSpec,
+) -> Result<Option<Reservation>, JobFailure> {
+    let answer = ask(hive, Question::of_spawn(spec), true).await;
+    match answer {
+        Ok((estimate, Some(reservation))) => {
+            tracing::debug!(?estimate, "the model fits");
+            Ok(Some(reservation))
+        }
+        Ok((estimate, None)) => Err(JobFailure::new(ErrorCode::NoCapacity, shortfall(&estimate))),
+        Err(err @ CapacityError::Unreadable { .. }) => {
+            tracing::info!(error = %err, "spawning without a capacity check");
+            Ok(None)
+        }
+        Err(err @ CapacityError::UnknownDevice { .. }) => {
+            Err(JobFailure::new(ErrorCode::NoCapacity, err.to_string()))
+        }
+        Err(err) => {
+            let err = ApiError::from(err);
+            Err(JobFailure::new(err.code, err.message))
+        }
+    }
+}
+
+/// The `409` body for an estimate that does not fit.
+pub(crate) fn no_capacity_body(estimate: CapacityEstimate) -> NoCapacityBody {
+    NoCapacityBody {
+        error: ErrorDetail {
+            code: ErrorCode::NoCapacity,
+            message: shortfall(&estimate),
+        },
+        estimate,
+    }
+}
+
+/// The numbers of a model that does not fit, for people.
+fn shortfall(e: &CapacityEstimate) -> String {
+    format!(
+        "`{}` does not fit on {}: it needs {} bytes ({} weights + {} KV cache for {} positions \
+         + {} overhead) and {} bytes are available",
+        e.model,
+        e.device,
+        e.required_bytes,
+        e.weights_bytes,
+        e.kv_cache_bytes,
+        e.context_length,
+        e.overhead_bytes,
+        e.available_bytes
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn device(id: &str, total: u64, free: u64) -> DeviceInfo {
+        DeviceInfo {
+            id: id.into(),
+            kind: if id == "cpu" {
+                DeviceKind::Cpu
+            } else {
+                DeviceKind::Cuda
+            },
+            name: id.into(),
+            memory_total_bytes: total,
+            memory_free_bytes: free,
+            cores: None,
+            compute_capability: None,
+        }
+    }
+
+    #[test]
+    fn available_is_the_smaller_of_free_and_total_less_held_less_the_reserve() {
+        let gpu = device("cuda:0", 24 * GIB, 20 * GIB);
+        assert_eq!(available(&gpu, 0, 0), 20 * GIB);
+        // Workers that will grow to 10 GiB leave 14, though 20 are free now.
+        assert_eq!(available(&gpu, 10 * GIB, 0), 14 * GIB);
+        // Other programs took memory: free is the limit.
+        assert_eq!(available(&gpu, GIB, 0), 20 * GIB);
+        assert_eq!(available(&gpu, 10 * GIB, 2 * GIB), 12 * GIB);
+        assert_eq!(available(&gpu, 30 * GIB, 0), 0);
+        assert_eq!(available(&gpu, 0, 1 << 40), 0);
+    }
+
+    #[test]
+    fn questions_are_parsed_at_the_edge() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"x").unwrap();
+        let path = model.to_str().unwrap();
+
+        let absent = |hub: &HubRef| {
+            Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("{hub} is not in this hive's catalog"),
+            ))
+        };
+        let q = Question::parse(Some(path), None, absent).unwrap();
+        assert_eq!((q.device.as_str(), q.model_ref.as_str()), ("cpu", path));
+        let q = Question::parse(Some(path), Some("CUDA"), absent).unwrap();
+        assert_eq!(q.device, "cuda:0");
+        // A hub reference is sized from the file of its catalog entry.
+        let q = Question::parse(Some("hf:org/repo"), None, |hub| {
+            assert_eq!(hub.repo(), "org/repo");
+            Ok(model.clone())
+        })
+        .unwrap();
+        assert_eq!(
+            (q.model_ref.as_str(), &q.model_path),
+            ("hf:org/repo", &model)
+        );
+
+        let code = |m: Option<&str>, d: Option<&str>| {
+            ApiError::from(Question::parse(m, d, absent).unwrap_err()).code
+        };
+        assert_eq!(code(Some(path), Some("gpu")), ErrorCode::BadRequest);
+        assert_eq!(code(None, None), ErrorCode::BadRequest);
+        assert_eq!(code(Some(" "), None), ErrorCode::BadRequest);
+        assert_eq!(
+            code(Some("/nonexistent/rbee/m.gguf"), None),
+            ErrorCode::ModelNotFound
+        );
+        assert_eq!(code(Some("hf:org/repo"), None), ErrorCode::ModelNotFound);
+        assert_eq!(code(Some("hf:../etc"), None), ErrorCode::BadRequest);
+        assert_eq!(code(Some("s3:bucket/m"), None), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn the_shortfall_names_every_number() {
+        let estimate = CapacityEstimate {
+            device: "cuda:0".into(),
+            model: "m.gguf".into(),
+            required_bytes: 1_600,
+            available_bytes: 1_000,
+            weights_bytes: 1_000,
+            kv_cache_bytes: 400,
+            overhead_bytes: 200,
+            context_length: 4096,
+        };
+        let body = no_capacity_body(estimate);
+        assert_eq!(body.error.code, ErrorCode::NoCapacity);
+        for number in ["1600", "1000", "400", "200", "4096", "cuda:0", "m.gguf"] {
+            assert!(
+                body.error.message.contains(number),
+                "{}",
+                body.error.message
+            );
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! How much memory a worker needs for a model file, read from the file's header only (a GGUF
+//! header, or a safetensors checkpoint's `config.json` and file sizes), never its weights.
+//!
+//! The rules follow what the worker's engine does with the file: candle's quantized models
+//! keep the GGUF tensors as stored, dequantize the token embedding to f32 for lookups, and
+//! compute (and cache keys and values) in f32; a safetensors checkpoint is converted to f32 on
+//! the CPU and to f16/bf16 on a GPU. The context is the model's, capped for the llama family at
+//! candle's `quantized_llama::MAX_SEQ_LEN` like the engine does.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
+use rbee_contract::DeviceKind;
+
+/// What a model takes once loaded, apart from the fixed overhead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Footprint {
+    pub weights_bytes: u64,
+    /// Keys and values of one position, over every layer.
+    pub kv_bytes_per_position: u64,
+    pub context_length: u64,
+}
+
+impl Footprint {
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.kv_bytes_per_position
+            .saturating_mul(self.context_length)
+    }
+}
+
+/// The footprint of the model at `path` (a `.gguf` file, or a safetensors checkpoint given as
+/// its directory or a file in it) on a device of `kind`. Blocking.
+pub(crate) fn of_path(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
+    if is_gguf(path) {
+        gguf(path)
+    } else {
+        safetensors(path, kind)
+    }
+}
+
+/// The engine's test: a file named `.gguf`, or any file starting with the GGUF magic.
+fn is_gguf(path: &Path) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    let named = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let mut magic = [0u8; 4];
+    named
+        || File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok_and(|()| &magic == b"GGUF")
+}
+
+/// Bytes of one f32, the type candle's quantized models compute and cache in.
+const F32_BYTES: u64 = 4;
+
+fn gguf(path: &Path) -> Result<Footprint, String> {
+    let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let content = gguf_file::Content::read(&mut BufReader::new(file))
+        .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or("the GGUF file has no general.architecture")?;
+    let number = |key: &str| {
+        let value = content.metadata.get(&format!("{arch}.{key}"))?;
+        value
+            .to_u32()
+            .map(u64::from)
+            .or_else(|_| value.to_u64())
+            .ok()
+    };
+    let required = |key: &str| number(key).ok_or(format!("the GGUF file has no {arch}.{key}"));
+    let layers = required("block_count")?;
+    let hidden = required("embedding_length")?;
+    let heads = required("attention.head_count")?;
+    let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
+    if heads == 0 {
+        return Err(format!("{arch}.attention.head_count is 0"));
+    }
+    let head_dim = number("attention.key_length").unwrap_or(hidden / heads);
+    let trained = number("context_length");
+    let context_length = if arch == "llama" {
+        // The engine's llama precomputes its rotary tables for this many positions.
+        let cap = MAX_SEQ_LEN as u64;
+        trained.unwrap_or(cap).min(cap)
+    } else {
+        trained.ok_or(format!("the GGUF file has no {arch}.context_length"))?
+    };
+
+    let mut weights_bytes = 0u64;
+    for (name, tensor) in &content.tensor_infos {
+        let elements = tensor.shape.elem_count() as u64;
+        let dtype = tensor.ggml_dtype;
+        weights_bytes += elements / dtype.block_size() as u64 * dtype.type_size() as u64;
+        if name == "token_embd.weight" {
+            // Held a second time, dequantized, for the embedding lookup.
+            weights_bytes += elements * F32_BYTES;
+        }
+    }
+    Ok(Footprint {
+        weights_bytes,
+        kv_bytes_per_position: 2 * layers * kv_heads * head_dim * F32_BYTES,
+        context_length,
+    })
+}
+
+/// A safetensors llama checkpoint: `config.json` gives the shape, the `.safetensors` files'
+/// sizes the weights as stored, converted to the type the engine computes in on `kind`.
+fn safetensors(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
+    let dir: PathBuf = if path.is_dir() {
+        path.to_owned()
+    } else {
+        path.parent().map(Path::to_owned).unwrap_or_default()
+    };
+    let text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+        format!("it is neither a GGUF file nor a checkpoint with a readable config.json ({e})")
+    })?;
+    let config: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("its config.json is not JSON: {e}"))?;
+    let number = |key: &str| config.get(key).and_then(serde_json::Value::as_u64);
+    let required = |key: &str| number(key).ok_or(format!("its config.json has no `{key}`"));
+    let layers = required("num_hidden_layers")?;
+    let hidden = required("hidden_size")?;
+    let heads = required("num_attention_heads")?;
+    let kv_heads = number("num_key_value_heads").unwrap_or(heads);
+    if heads == 0 {
+        return Err("its config.json has 0 attention heads".into());
+    }
+    let head_dim = number("head_dim").unwrap_or(hidden / heads);
+    let context_length = required("max_position_embeddings")?;
+
+    let declared = config.get("torch_dtype").and_then(|v| v.as_str());
+    let stored = match declared {
+        Some("float16" | "bfloat16") => 2,
+        _ => 4,
+    };
+    let computed = compute_bytes(declared, kind);
+    let mut stored_bytes = 0u64;
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list it: {e}"))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            stored_bytes += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    if stored_bytes == 0 {
+        return Err("it has no .safetensors file".into());
+    }
+    Ok(Footprint {
+        weights_bytes: stored_bytes / stored * computed,
+        kv_bytes_per_position: 2 * layers * kv_heads * head_dim * computed,
+        context_length,
+    })
+}
+
+/// Bytes per element of the type the engine converts a checkpoint to: f32 on the CPU and for
+/// checkpoints declared f32; f16 or bf16 on a GPU.
+fn compute_bytes(declared: Option<&str>, kind: DeviceKind) -> u64 {
+    match (kind, declared) {
+        (DeviceKind::Cpu, _) => 4,
+        (_, Some("float16" | "bfloat16")) => 2,
+        _ => 4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use model_gen::{GgufType, ModelFormat, ModelSpec};
+
+    use super::*;
+
+    #[test]
+    fn a_gguf_footprint_comes_from_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::tiny();
+        let path = model_gen::ensure_generated(&spec, ModelFormat::Gguf(GgufType::F32), dir.path())
+            .unwrap();
+        let footprint = of_path(&path, DeviceKind::Cpu).unwrap();
+        let (layers, kv_heads, head_dim) = (
+            spec.layers as u64,
+            spec.kv_heads as u64,
+            (spec.hidden / spec.heads) as u64,
+        );
+        assert_eq!(
+            footprint.kv_bytes_per_position,
+            2 * layers * kv_heads * head_dim * 4
+        );
+        assert_eq!(footprint.context_length, spec.context_length as u64);
+        // F32 tensors: the file is header plus data; the embedding is counted twice.
+        let file = std::fs::metadata(&path).unwrap().len();
+        let embedding = (spec.vocab * spec.hidden * 4) as u64;
+        assert!(footprint.weights_bytes > file, "{footprint:?} vs {file}");
+        assert!(footprint.weights_bytes <= file + embedding);
+        assert!(footprint.weights_bytes + 64 * 1024 >= file + embedding);
+    }
+
+    #[test]
+    fn a_safetensors_footprint_converts_to_the_compute_type() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::tiny();
+        let model = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
+        let cpu = of_path(&model, DeviceKind::Cpu).unwrap();
+        assert_eq!(cpu.context_length, spec.context_length as u64);
+        let head_dim = (spec.hidden / spec.heads) as u64;
+        assert_eq!(
+            cpu.kv_bytes_per_position,
+            2 * spec.layers as u64 * spec.kv_heads as u64 * head_dim * 4
+        );
+        assert!(cpu.weights_bytes > 0);
+        assert_eq!(compute_bytes(Some("bfloat16"), DeviceKind::Cuda), 2);
+        assert_eq!(compute_bytes(Some("bfloat16"), DeviceKind::Cpu), 4);
+        assert_eq!(compute_bytes(None, DeviceKind::Metal), 4);
+    }
+
+    #[test]
+    fn files_that_are_not_models_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.gguf");
+        std::fs::write(&junk, b"not a model").unwrap();
+        let err = of_path(&junk, DeviceKind::Cpu).unwrap_err();
+        assert!(err.contains("not a readable GGUF file"), "{err}");
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, b"hello").unwrap();
+        let err = of_path(&text, DeviceKind::Cpu).unwrap_err();
+        assert!(err.contains("config.json"), "{err}");
+    }
+}
