@@ -70,6 +70,18 @@ impl Daemon {
         envs: &[(&str, &str)],
         url: String,
     ) -> anyhow::Result<Daemon> {
+        Daemon::start_through(bin, &[], args, envs, url)
+    }
+
+    /// [`start`](Self::start) through a launcher that execs the daemon in place, keeping its
+    /// pid: `launcher` followed by the binary's path, then `args` (e.g. `ip netns exec NS`).
+    pub fn start_through(
+        bin: &str,
+        launcher: &[&str],
+        args: &[String],
+        envs: &[(&str, &str)],
+        url: String,
+    ) -> anyhow::Result<Daemon> {
         let log = std::env::temp_dir().join(format!(
             "rbee-test-{bin}-{}-{}.log",
             std::process::id(),
@@ -77,7 +89,14 @@ impl Daemon {
         ));
         let out =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut command = Command::new(bin_path(bin));
+        let mut command = match launcher.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(bin_path(bin));
+                command
+            }
+            None => Command::new(bin_path(bin)),
+        };
         command
             .args(args)
             .stdin(Stdio::null())

@@ -46,6 +46,8 @@ impl TestHive {
             ("--log-dir", log_dir.display().to_string()),
             ("--worker-port-range", format!("{first}-{}", first + 15)),
             ("--stop-grace", "2s".to_string()),
+            // The catalog goes with the logs, never into the user's data directory.
+            ("--model-dir", log_dir.join("models").display().to_string()),
         ];
         // clap refuses a flag given twice.
         let mut args: Vec<String> = defaults

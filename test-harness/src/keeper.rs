@@ -72,6 +72,10 @@ impl KeeperEnv {
             .args(args)
             .env("XDG_STATE_HOME", &self.state_home)
             .env("XDG_CONFIG_HOME", &self.config_home)
+            // A local hive's model catalog stays in the environment too.
+            .env("XDG_DATA_HOME", self.root.join("data"))
+            .env_remove("RBEE_HIVE_MODEL_DIR")
+            .env_remove("HF_ENDPOINT")
             .env_remove("RBEE_QUEEN_URL")
             .env_remove("RBEE_API_KEY")
             .env_remove("RBEE_CLUSTER_TOKEN")

@@ -4,8 +4,10 @@
 //! The tests themselves live in `tests/`. Nothing here fakes a component: a daemon under test
 //! is always the real binary.
 
+mod cluster;
 mod daemon;
 mod hive;
+mod hub;
 mod jobs;
 mod keeper;
 mod loopback;
@@ -15,13 +17,15 @@ mod queen;
 mod receiver;
 mod sse;
 
+pub use cluster::{CLUSTER_TOKEN, TestCluster};
 pub use daemon::{Daemon, bin_path, free_port};
 pub use hive::{HiveHeartbeatReceiver, TestHive, fake_worker, scratch_dir};
+pub use hub::{Fault, FileRequest, HUB_COMMIT, TestHub, TestHubBuilder};
 pub use jobs::JobApi;
 pub use keeper::{KeeperEnv, KeeperOutput, send_signal};
 pub use loopback::serve_on_loopback;
-pub use models::{smollm2, tiny_model};
+pub use models::{slow_model, smollm2, tiny_model};
 pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};
 pub use receiver::HeartbeatReceiver;
-pub use sse::{RawStream, read_raw_stream};
+pub use sse::{RawStream, read_raw_stream, read_raw_stream_signalling};

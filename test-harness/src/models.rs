@@ -23,3 +23,25 @@ pub fn tiny_model() -> PathBuf {
     )
     .expect("generate the tiny test model")
 }
+
+/// A generated llama model big enough that a long generation takes seconds on a CPU (about
+/// 30 M parameters as Q8_0, a 2048-token context), for tests that must act while a stream is
+/// still in flight.
+pub fn slow_model() -> PathBuf {
+    let spec = ModelSpec {
+        hidden: 512,
+        layers: 8,
+        heads: 8,
+        kv_heads: 4,
+        ffn: 1536,
+        vocab: 4096,
+        context_length: 2048,
+        ..ModelSpec::tiny()
+    };
+    model_gen::ensure_generated(
+        &spec,
+        ModelFormat::Gguf(GgufType::Q8_0),
+        &model_gen::paths::generated_dir(),
+    )
+    .expect("generate the slow test model")
+}

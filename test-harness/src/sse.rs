@@ -51,6 +51,22 @@ impl RawStream {
 /// Reads an SSE response to its end, parsing frames by hand so the test sees exactly what a
 /// client would, independent of rbee's own client.
 pub async fn read_raw_stream(response: reqwest::Response) -> anyhow::Result<RawStream> {
+    read_stream(response, None).await
+}
+
+/// [`read_raw_stream`], sending on `first_token` once the first `token` event has arrived, so a
+/// test can act (stop a daemon, say) while the stream is in flight.
+pub async fn read_raw_stream_signalling(
+    response: reqwest::Response,
+    first_token: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<RawStream> {
+    read_stream(response, Some(first_token)).await
+}
+
+async fn read_stream(
+    response: reqwest::Response,
+    mut first_token: Option<tokio::sync::oneshot::Sender<()>>,
+) -> anyhow::Result<RawStream> {
     anyhow::ensure!(
         response
             .headers()
@@ -64,6 +80,12 @@ pub async fn read_raw_stream(response: reqwest::Response) -> anyhow::Result<RawS
     let mut chunks = response.bytes_stream();
     while let Some(chunk) = chunks.next().await {
         body.push_str(std::str::from_utf8(&chunk?)?);
+        if first_token.is_some()
+            && body.contains(r#""event":"token""#)
+            && let Some(signal) = first_token.take()
+        {
+            let _ = signal.send(());
+        }
     }
     let mut stream = RawStream::default();
     for frame in body.split("\n\n") {

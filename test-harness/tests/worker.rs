@@ -550,8 +550,8 @@ async fn chat_messages_and_the_job_route_work_too() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn sigterm_cancels_the_running_job_and_exits_cleanly() {
-    let mut worker = ready_worker(&smollm2(), &[]).await;
+async fn sigterm_ends_a_generation_outliving_the_grace_with_shutting_down_and_exits_cleanly() {
+    let mut worker = ready_worker(&smollm2(), &["--shutdown-grace", "300ms"]).await;
     let created = submit_ok(&worker, &long_request()).await;
     let response = open_stream(&worker, &created).await;
     let reader = tokio::spawn(read_raw_stream(response));
@@ -563,7 +563,7 @@ async fn sigterm_cancels_the_running_job_and_exits_cleanly() {
         matches!(
             stream.terminal(),
             Some(JobEvent::Error {
-                code: ErrorCode::Cancelled,
+                code: ErrorCode::ShuttingDown,
                 ..
             })
         ),

@@ -22,8 +22,11 @@ struct Cli {
 enum Command {
     /// Fetch SmolLM2, build rbee and stream a completion with `rbee-keeper infer`.
     Quickstart(tasks::QuickstartArgs),
-    /// Install what the tests need (the SmolLM2 model), build, and run the whole test suite.
+    /// Install what the tests need (the SmolLM2 model, a Python venv with `openai`), build,
+    /// and run the whole test suite.
     Test(tasks::TestArgs),
+    /// Regenerate the queen's OpenAPI document, docs/openapi.json, from the code.
+    Openapi,
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -45,6 +48,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Quickstart(args) => tasks::quickstart(&args),
         Command::Test(args) => tasks::test(&args),
+        Command::Openapi => tasks::openapi(),
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),

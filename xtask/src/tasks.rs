@@ -39,12 +39,67 @@ pub struct TestArgs {
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     let model = ensure_smollm2(None)?;
     eprintln!("SmolLM2 test model: {}", model.display());
+    let python = ensure_openai_python()?;
+    eprintln!("Python with `openai`: {}", python.display());
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
     run(build, "cargo build")?;
     let mut test = cargo();
-    test.args(["test", "--workspace"]).args(&args.rest);
+    test.args(["test", "--workspace"])
+        .args(&args.rest)
+        .env(PYTHON_ENV, &python);
     run(test, "cargo test")
+}
+
+/// The variable through which the end-to-end tests get a python that has `openai`.
+const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
+/// What the OpenAI client test needs from PyPI.
+const OPENAI_REQUIREMENT: &str = "openai>=1.40";
+
+/// A venv under `target/py` with the official `openai` package, for the test that runs it
+/// against the queen. Created once; later runs reuse it.
+fn ensure_openai_python() -> anyhow::Result<PathBuf> {
+    let venv = workspace_root().join("target/py");
+    let python = venv.join("bin/python");
+    let has_openai = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if has_openai(&python) {
+        return Ok(python);
+    }
+    let mut create = Command::new("python3");
+    create.args(["-m", "venv"]).arg(&venv);
+    run(create, "python3 -m venv target/py")?;
+    let mut install = Command::new(&python);
+    install.args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        OPENAI_REQUIREMENT,
+    ]);
+    run(install, "pip install openai")?;
+    ensure!(
+        has_openai(&python),
+        "{} still cannot import openai",
+        python.display()
+    );
+    Ok(python)
+}
+
+/// Regenerates `docs/openapi.json` through the test that checks it.
+pub fn openapi() -> anyhow::Result<()> {
+    let mut generate = cargo();
+    generate
+        .args(["test", "--quiet", "-p", "queen", "--test", "openapi"])
+        .env("RBEE_UPDATE_OPENAPI", "1");
+    run(generate, "the OpenAPI generator")?;
+    eprintln!("wrote docs/openapi.json");
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]

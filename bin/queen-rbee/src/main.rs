@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
     about = "Orchestrate an rbee cluster: the job API, hive and worker registries, scheduling"
 )]
 struct Args {
-    /// TOML file with any of: port, bind, heartbeat_interval, spawn_timeout, shutdown_grace.
+    /// TOML file with any of: port, bind, heartbeat_interval, spawn_timeout, shutdown_grace,
+    /// queue_len, queue_timeout, max_jobs.
     #[arg(long, env = "RBEE_QUEEN_CONFIG")]
     config: Option<PathBuf>,
     /// Port to listen on [default: 7833].
@@ -35,9 +36,18 @@ struct Args {
     /// How long a cold start may take until the new worker is ready [default: 5m].
     #[arg(long, env = "RBEE_SPAWN_TIMEOUT", value_parser = parse_duration)]
     spawn_timeout: Option<Duration>,
-    /// How long shutdown waits for cancelled jobs to end their streams [default: 10s].
+    /// How long shutdown lets running jobs finish before ending them [default: 30s].
     #[arg(long, env = "RBEE_SHUTDOWN_GRACE", value_parser = parse_duration)]
     shutdown_grace: Option<Duration>,
+    /// Inference jobs that may wait for a busy model, per model; one more is refused [default: 64].
+    #[arg(long, env = "RBEE_QUEEN_QUEUE_LEN")]
+    queue_len: Option<usize>,
+    /// How long an inference job may wait for a busy model, e.g. 30s, 2m [default: 2m].
+    #[arg(long, env = "RBEE_QUEEN_QUEUE_TIMEOUT", value_parser = parse_duration)]
+    queue_timeout: Option<Duration>,
+    /// Jobs the queen holds at most, running and recently finished [default: 4096].
+    #[arg(long, env = "RBEE_QUEEN_MAX_JOBS")]
+    max_jobs: Option<usize>,
 }
 
 #[tokio::main]
@@ -64,6 +74,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_interval,
         spawn_timeout: args.spawn_timeout,
         shutdown_grace: args.shutdown_grace,
+        queue_len: args.queue_len,
+        queue_timeout: args.queue_timeout,
+        max_jobs: args.max_jobs,
     };
     let cluster_token = daemon_kit::cluster_token_from_env();
     let api_keys = std::env::var("RBEE_API_KEYS")

@@ -15,8 +15,14 @@ pub const DEFAULT_BIND: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a cold start may take, from asking a hive to a ready worker.
 pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long shutdown waits for cancelled jobs to end their streams.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown lets running jobs finish before it ends them with `shutting_down`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// `infer` jobs that may wait for a busy model, per model; one more is refused at once.
+pub const DEFAULT_QUEUE_LEN: usize = 64;
+/// How long an `infer` job may wait for a busy model before it is refused.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Jobs the queen holds at most, running and recently finished together.
+pub const DEFAULT_MAX_JOBS: usize = 4096;
 
 /// Everything the queen needs, validated. Build it with [`QueenConfig::resolve`] (or
 /// [`Default`] for a loopback queen with no credentials, as tests use).
@@ -29,7 +35,14 @@ pub struct QueenConfig {
     pub heartbeat_interval: Duration,
     /// Upper bound on a cold start: asking a hive for a worker until the worker is ready.
     pub spawn_timeout: Duration,
+    /// How long shutdown lets running jobs finish before it ends them with `shutting_down`.
     pub shutdown_grace: Duration,
+    /// Jobs that may wait for a busy model, per model.
+    pub queue_len: usize,
+    /// How long a job may wait for a busy model.
+    pub queue_timeout: Duration,
+    /// Jobs the queen's job registry holds at most (running and retained).
+    pub max_jobs: usize,
     /// The cluster's shared secret: required on heartbeats, sent to hives and workers.
     pub cluster_token: Option<String>,
     /// Keys accepted from clients on the job API and the lists; none means open (loopback).
@@ -43,6 +56,9 @@ impl Default for QueenConfig {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            queue_len: DEFAULT_QUEUE_LEN,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            max_jobs: DEFAULT_MAX_JOBS,
             cluster_token: None,
             api_keys: Vec::new(),
         }
@@ -57,6 +73,9 @@ impl std::fmt::Debug for QueenConfig {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("spawn_timeout", &self.spawn_timeout)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("queue_len", &self.queue_len)
+            .field("queue_timeout", &self.queue_timeout)
+            .field("max_jobs", &self.max_jobs)
             .field("cluster_token", &self.cluster_token.is_some())
             .field("api_keys", &self.api_keys.len())
             .finish()
@@ -79,6 +98,10 @@ pub struct QueenSettings {
     pub spawn_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration_text")]
     pub shutdown_grace: Option<Duration>,
+    pub queue_len: Option<usize>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub queue_timeout: Option<Duration>,
+    pub max_jobs: Option<usize>,
 }
 
 impl QueenSettings {
@@ -102,6 +125,9 @@ impl QueenSettings {
             heartbeat_interval: self.heartbeat_interval.or(fallback.heartbeat_interval),
             spawn_timeout: self.spawn_timeout.or(fallback.spawn_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+            queue_len: self.queue_len.or(fallback.queue_len),
+            queue_timeout: self.queue_timeout.or(fallback.queue_timeout),
+            max_jobs: self.max_jobs.or(fallback.max_jobs),
         }
     }
 }
@@ -135,6 +161,16 @@ impl QueenConfig {
                 });
             }
         }
+        let queue_timeout = settings.queue_timeout.unwrap_or(DEFAULT_QUEUE_TIMEOUT);
+        if queue_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "queue_timeout must be longer than 0".into(),
+            ));
+        }
+        let max_jobs = settings.max_jobs.unwrap_or(DEFAULT_MAX_JOBS);
+        if max_jobs == 0 {
+            return Err(ConfigError::Invalid("max_jobs must be at least 1".into()));
+        }
         Ok(QueenConfig {
             listen,
             heartbeat_interval: settings
@@ -142,6 +178,9 @@ impl QueenConfig {
                 .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL),
             spawn_timeout: settings.spawn_timeout.unwrap_or(DEFAULT_SPAWN_TIMEOUT),
             shutdown_grace: settings.shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            queue_len: settings.queue_len.unwrap_or(DEFAULT_QUEUE_LEN),
+            queue_timeout,
+            max_jobs,
             cluster_token,
             api_keys,
         })
@@ -170,6 +209,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("refusing to bind {addr} without {missing}: the routes would be open to the network")]
     OpenBind { addr: IpAddr, missing: &'static str },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
 }
 
 fn parse_toml(text: &str) -> Result<QueenSettings, toml::de::Error> {
@@ -201,6 +242,31 @@ mod tests {
         assert_eq!(config.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(config.spawn_timeout, Duration::from_secs(120));
         assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+        assert_eq!(config.queue_len, DEFAULT_QUEUE_LEN);
+        assert_eq!(config.max_jobs, DEFAULT_MAX_JOBS);
+    }
+
+    #[test]
+    fn queue_settings_come_from_the_file_and_are_checked() {
+        let file = parse_toml("queue_len = 3\nqueue_timeout = \"750ms\"\nmax_jobs = 10\n").unwrap();
+        let config = QueenConfig::resolve(file, None, Vec::new()).unwrap();
+        assert_eq!(config.queue_len, 3);
+        assert_eq!(config.queue_timeout, Duration::from_millis(750));
+        assert_eq!(config.max_jobs, 10);
+
+        let zero_wait = QueenSettings {
+            queue_timeout: Some(Duration::ZERO),
+            ..QueenSettings::default()
+        };
+        for bad in [zero_wait, parse_toml("max_jobs = 0").unwrap()] {
+            let err = QueenConfig::resolve(bad.clone(), None, Vec::new()).unwrap_err();
+            assert!(
+                err.to_string().contains("invalid setting"),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(parse_toml("queue_len = -1").is_err());
+        assert!(parse_toml("queue_timeout = \"0s\"").is_err());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 //! to the hive it concerns and relaying that job's events unchanged.
 
 use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result};
-use rbee_contract::{HiveInfo, Operation};
+use rbee_contract::{HiveInfo, JOBS_PATH, Operation};
 
-use crate::relay::{RelayEnd, relay};
+use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler;
 use crate::spawn::worker_of;
 use crate::state::{Queen, upstream_failure};
@@ -29,12 +29,10 @@ pub(crate) fn admit(queen: &Queen, operation: Operation) -> Result<Forward, ApiE
 pub(crate) async fn run(queen: &Queen, forward: Forward, ctx: &JobContext) -> JobResult {
     let Forward { hive, operation } = forward;
     let peer = format!("hive {}", hive.hive_id);
-    let handle = queen
-        .client(&hive.url)
-        .submit(&operation)
+    let spawning = matches!(operation, Operation::WorkerSpawn(_));
+    let handle = relay::submit(queen.client(&hive.url), JOBS_PATH, operation)
         .await
         .map_err(|err| upstream_failure(&peer, &err))?;
-    let spawning = matches!(operation, Operation::WorkerSpawn(_));
     let relayed = relay(handle, ctx, |event| {
         // A spawned worker can take inference at once, before its first heartbeat arrives.
         if spawning && let Some(worker) = worker_of(event) {

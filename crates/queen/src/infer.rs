@@ -1,7 +1,8 @@
-//! Running `infer`: choose a worker (or have a hive start one), submit the inference to it
-//! and relay its events unchanged. A worker lost before its first token is replaced once;
-//! after the first token, losing it ends the job with `worker_lost`, never with a silent
-//! truncation.
+//! Running `infer`: choose a worker with a free slot (waiting in the model's line while
+//! every slot is taken, or having a hive start a worker when none serves the model), submit
+//! the inference to it and relay its events unchanged. A worker lost before its first token
+//! is replaced once; after the first token, losing it ends the job with `worker_lost`, never
+//! with a silent truncation.
 
 use std::collections::HashSet;
 
@@ -10,17 +11,15 @@ use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result
 use rbee_contract::{ErrorCode, InferRequest, JobEvent, Operation, WorkerInfo};
 use tokio::time::Instant;
 
-use crate::relay::{RelayEnd, relay};
-use crate::scheduler::{self, Placement};
-use crate::spawn;
+use crate::dispatch::choose;
+use crate::registry::InFlight;
+use crate::relay::{self, RelayEnd, relay};
 use crate::state::{Queen, upstream_failure};
 
 /// The worker's job-creating route for inference.
 const INFERENCE_PATH: &str = "/v1/inference";
 /// Workers a job is offered to at most (busy or unfit ones count too).
 const MAX_ATTEMPTS: usize = 8;
-/// Cold starts one job may cause at most: the first and one replacement.
-const MAX_COLD_STARTS: u32 = 2;
 
 /// An admitted `infer`: it names a model and exactly one non-empty prompt form, and its
 /// sampling values are in range. What depends on the model (the prompt fitting the context)
@@ -82,17 +81,67 @@ enum Attempt {
     Lost,
 }
 
+/// What happened to the job so far, for the metrics; the job's outcome is recorded when it
+/// is dropped, so a cancelled job (whose future is dropped) counts too.
+struct Progress<'a> {
+    queen: &'a Queen,
+    model: &'a str,
+    started: Instant,
+    first_token: bool,
+    outcome: Option<String>,
+}
+
+impl Progress<'_> {
+    fn token(&mut self) {
+        if !self.first_token {
+            self.first_token = true;
+            self.queen.metrics.first_token(self.started.elapsed());
+        }
+        self.queen.metrics.tokens(self.model, 1);
+    }
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        let outcome = self.outcome.as_deref().unwrap_or("cancelled");
+        self.queen
+            .metrics
+            .infer_ended(outcome, self.started.elapsed());
+    }
+}
+
 pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> JobResult {
     let model = job.request.model.clone();
-    let operation = Operation::Infer(job.request);
+    let mut progress = Progress {
+        queen,
+        model: &model,
+        started: Instant::now(),
+        first_token: false,
+        outcome: None,
+    };
+    let result = schedule(queen, Operation::Infer(job.request), ctx, &mut progress).await;
+    progress.outcome = Some(match &result {
+        Ok(_) => "done".to_owned(),
+        Err(failure) => failure.code.to_string(),
+    });
+    result
+}
+
+async fn schedule(
+    queen: &Queen,
+    operation: Operation,
+    ctx: &JobContext,
+    progress: &mut Progress<'_>,
+) -> JobResult {
+    let model = progress.model;
     let mut excluded = HashSet::new();
     let mut busy = Vec::new();
     let mut cold_starts = 0;
     let mut replaced_lost = false;
     for _ in 0..MAX_ATTEMPTS {
-        let worker = choose(queen, &model, &excluded, &busy, &mut cold_starts, ctx).await?;
+        let (worker, slot) = choose(queen, model, &excluded, &busy, &mut cold_starts, ctx).await?;
         let id = worker.worker_id.clone();
-        match attempt(queen, &worker, &operation, ctx).await? {
+        match attempt(queen, &worker, slot, &operation, ctx, progress).await? {
             Attempt::Finished(result) => return result,
             Attempt::Busy => busy.push(id.clone()),
             Attempt::Unfit => {}
@@ -120,85 +169,53 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
     ))
 }
 
-/// The worker to try next: the best one registered, a loading one once it is ready, or a
-/// new one from a hive.
-async fn choose(
-    queen: &Queen,
-    model: &str,
-    excluded: &HashSet<String>,
-    busy: &[String],
-    cold_starts: &mut u32,
-    ctx: &JobContext,
-) -> Result<WorkerInfo, JobFailure> {
-    let limit = queen.config.spawn_timeout;
-    let deadline = Instant::now() + limit;
-    let mut changes = queen.registry.changes();
-    let mut waiting_for: Option<String> = None;
-    loop {
-        changes.borrow_and_update();
-        match scheduler::place(model, &queen.registry.worker_views(), excluded) {
-            Placement::Worker(info) => return Ok(info),
-            Placement::Spawn if !busy.is_empty() => {
-                return Err(JobFailure::new(
-                    ErrorCode::Busy,
-                    format!(
-                        "every worker serving {model} is busy ({}); retry later",
-                        busy.join(", ")
-                    ),
-                ));
-            }
-            Placement::Spawn if *cold_starts >= MAX_COLD_STARTS => {
-                return Err(JobFailure::new(
-                    ErrorCode::Unavailable,
-                    format!("no worker started for {model} could take the job"),
-                ));
-            }
-            Placement::Spawn => {
-                *cold_starts += 1;
-                return spawn::cold_start(queen, model, ctx).await;
-            }
-            Placement::Wait { worker_id } => {
-                if waiting_for.as_deref() != Some(worker_id.as_str()) {
-                    ctx.emit(JobEvent::narration(format!(
-                        "worker {worker_id} is loading {model}; waiting for it"
-                    )))
-                    .await?;
-                    waiting_for = Some(worker_id);
-                }
-                match tokio::time::timeout_at(deadline, changes.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Err(JobFailure::internal("the registry went away")),
-                    Err(_) => {
-                        return Err(JobFailure::new(
-                            ErrorCode::Timeout,
-                            format!("no worker for {model} became ready within {limit:?}"),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-}
-
 async fn attempt(
     queen: &Queen,
     worker: &WorkerInfo,
+    slot: InFlight,
     operation: &Operation,
     ctx: &JobContext,
+    progress: &mut Progress<'_>,
 ) -> Result<Attempt, JobFailure> {
-    let _in_flight = queen.registry.enter(&worker.worker_id);
     let id = &worker.worker_id;
-    let handle = match queen
-        .client(&worker.url)
-        .submit_to(INFERENCE_PATH, operation)
-        .await
-    {
-        Ok(handle) => handle,
+    // The slot stays the job's until the worker's job is really over, cancellation included:
+    // a slot freed before the worker stopped would send the next job into the worker's own
+    // queue, or have it refused as busy.
+    let submitted = relay::submit_holding(
+        queen.client(&worker.url),
+        INFERENCE_PATH,
+        operation.clone(),
+        Some(Box::new(slot)),
+    )
+    .await;
+    let upstream = match submitted {
+        Ok(upstream) => upstream,
         Err(err) => return Ok(refused(queen, worker, err)),
     };
-    let relayed = relay(handle, ctx, |_| true).await?;
+    tracing::info!(worker_id = %id, upstream_job_id = upstream.job_id(), "inference sent to a worker");
+    let relayed = relay(upstream, ctx, |event| {
+        if matches!(event, JobEvent::Token { .. }) {
+            progress.token();
+        }
+        true
+    })
+    .await?;
     match relayed.end {
         // A worker that cancels a job the queen did not cancel is shutting down: as good as gone.
+        // After tokens went out the answer cannot move to another worker: a worker that is
+        // shutting down says so itself, which tells the client more than `worker_lost`.
+        RelayEnd::Terminal(JobEvent::Error {
+            code: ErrorCode::ShuttingDown,
+            message,
+        }) if relayed.tokens > 0 => {
+            return Ok(Attempt::Finished(Err(JobFailure::new(
+                ErrorCode::ShuttingDown,
+                format!(
+                    "worker {id} is shutting down and stopped after {} tokens: {message}",
+                    relayed.tokens
+                ),
+            ))));
+        }
         RelayEnd::Terminal(JobEvent::Error {
             code: code @ (ErrorCode::Cancelled | ErrorCode::ShuttingDown),
             message,

@@ -2,20 +2,31 @@
 //!
 //! [`serve`] runs the job API for clients and keeps registries of hives and workers fed only
 //! by their heartbeats (in memory: a restarted queen rebuilds them from the next heartbeats).
-//! An `infer` job goes to the least loaded ready worker serving its model, or to a worker a
+//! An `infer` job goes to the least loaded ready worker serving its model that has a free
+//! slot, waits in the model's bounded line while every slot is taken, or goes to a worker a
 //! hive starts for it (a cold start); the worker's events are relayed unchanged. Worker and
 //! model operations are forwarded to the hive they concern and their events relayed likewise.
 //! Every call to a hive or a worker goes through `job-client`; every wait is bounded.
+//! `GET /metrics` serves Prometheus metrics; client routes take API keys, heartbeats the
+//! cluster token.
+//!
+//! The OpenAI-compatible API (`/v1/models`, `/v1/chat/completions`, `/v1/completions`) runs
+//! each request as an `infer` job of the same job server and renders its events as OpenAI's
+//! answers and chunks; [`openapi_json`] is the generated OpenAPI document of the public API.
 //!
 //! It is not a hive (it never starts processes) and not a command line (the `queen-rbee`
-//! binary only builds a [`QueenConfig`] and calls [`serve`]). The OpenAI-compatible surface
-//! and metrics are not part of it yet.
+//! binary only builds a [`QueenConfig`] and calls [`serve`]).
 
 mod cascade;
 mod config;
+mod dispatch;
 mod executor;
 mod forward;
 mod infer;
+mod metrics;
+mod openai;
+mod openapi;
+mod queue;
 mod registry;
 mod relay;
 mod routes;
@@ -31,13 +42,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    ConfigError, DEFAULT_BIND, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_PORT, DEFAULT_SHUTDOWN_GRACE,
-    DEFAULT_SPAWN_TIMEOUT, QueenConfig, QueenSettings, parse_api_keys,
+    ConfigError, DEFAULT_BIND, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_JOBS, DEFAULT_PORT,
+    DEFAULT_QUEUE_LEN, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SPAWN_TIMEOUT,
+    QueenConfig, QueenSettings, parse_api_keys,
 };
+pub use openapi::openapi_json;
 pub use wire::{Health, HiveList, HiveStatus, WorkerList};
 
 use crate::executor::QueenExecutor;
 use crate::state::Queen;
+
+/// After the drain, clients still reading a stream get this long before the queen closes
+/// their connections.
+const CONNECTIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the queen stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -49,10 +66,12 @@ pub enum QueenError {
 /// Runs the queen on `listener` until `shutdown` fires or a client asks for
 /// `POST /v1/shutdown`.
 ///
-/// Either way new jobs are refused, running jobs are cancelled (their streams end with an
-/// `error` event, and the cancellation travels to the hives and workers below), and the
-/// queen waits up to `config.shutdown_grace` for their streams to end. `POST /v1/shutdown`
-/// also asks every known hive to shut down; `shutdown` (a signal) leaves them running.
+/// Either way the queen drains: new jobs are refused (`503 shutting_down`), running jobs get
+/// up to `config.shutdown_grace` to finish, and the ones still running then end with an
+/// `error` event of code `shutting_down` (the cancellation travels to the workers below).
+/// `POST /v1/shutdown` then asks every known hive to shut down and waits (bounded) until they
+/// are gone, so that the workers could finish the streams first; `shutdown` (a signal, e.g. a
+/// restart under systemd) leaves the hives and their workers running.
 pub async fn serve(
     listener: TcpListener,
     config: QueenConfig,
@@ -66,7 +85,10 @@ pub async fn serve(
     let queen = Arc::new(Queen::new(config));
     let jobs = JobServer::new(
         QueenExecutor::new(Arc::clone(&queen)),
-        JobServerConfig::default(),
+        JobServerConfig {
+            max_jobs: Some(queen.config.max_jobs),
+            ..JobServerConfig::default()
+        },
     );
     let stop_cluster = CancellationToken::new();
     let sweeper = tokio::spawn(registry::sweep_every(
@@ -83,16 +105,13 @@ pub async fn serve(
                 () = shutdown.cancelled() => false,
                 () = stop_cluster.cancelled() => true,
             };
+            jobs.shutdown(grace).await;
             if whole_cluster {
-                tokio::join!(cascade::stop_hives(&queen), jobs.shutdown(grace));
-            } else {
-                jobs.shutdown(grace).await;
+                cascade::stop_hives(&queen).await;
             }
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
+    daemon_kit::serve_until(listener, app, stop, CONNECTIONS_GRACE).await?;
     shutdown.cancel();
     let _ = sweeper.await;
     tracing::info!("queen stopped");

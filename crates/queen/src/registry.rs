@@ -22,8 +22,8 @@ pub(crate) const REMOVE_AFTER: u32 = 10;
 pub(crate) struct Registry {
     interval: Duration,
     maps: Mutex<Maps>,
-    /// Bumped on every change that could alter a scheduling decision, so that a job waiting
-    /// for a worker to load wakes up to look again.
+    /// Bumped on every change that could alter a scheduling decision (a heartbeat, a slot
+    /// coming free), so that a job waiting for a worker wakes up to look again.
     version: watch::Sender<u64>,
 }
 
@@ -334,6 +334,8 @@ impl Drop for InFlight {
         if let Some(entry) = self.registry.maps().workers.get_mut(&self.worker_id) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
         }
+        // A slot came free: the job first in line for this worker's model looks again.
+        self.registry.changed();
     }
 }
 
@@ -443,8 +445,14 @@ pub(crate) mod tests {
         let a = registry.enter("w1");
         let b = registry.enter("w1");
         assert_eq!(registry.worker_views()[0].in_flight, 2);
+        let mut changes = registry.changes();
+        changes.borrow_and_update();
         drop(a);
         assert_eq!(registry.worker_views()[0].in_flight, 1);
+        assert!(
+            changes.has_changed().unwrap(),
+            "a freed slot wakes jobs waiting for one"
+        );
         registry.forget_worker("w1");
         drop(b);
         assert!(registry.worker_views().is_empty());

@@ -1,16 +1,22 @@
 //! Passing a job's events from the hop below (a hive or a worker) through to the queen's own
 //! job, unchanged.
 //!
-//! The upstream job lives exactly as long as the relay: dropping the relay (the queen's job
-//! was cancelled or its client went away) closes the upstream stream and also sends a
-//! `DELETE`, so that an upstream job whose stream was never opened is not left to run.
+//! The upstream job lives exactly as long as the queen's job needs it. An [`Upstream`] is an
+//! upstream job the queen has not let go of: dropping it before its terminal event (the
+//! queen's job was cancelled or its client went away) closes the upstream stream and also
+//! sends a `DELETE`, so that an upstream job whose stream was never opened is not left to
+//! run. [`submit`] extends that to the moment of creation: a job cancelled while its upstream
+//! `POST` is in flight still cancels the job that `POST` creates.
 
+use std::any::Any;
 use std::time::Duration;
 
 use futures::StreamExt;
-use job_client::{ClientError, JobHandle};
+use job_client::{ClientError, JobClient, JobHandle};
 use job_server::{JobContext, JobFailure};
-use rbee_contract::JobEvent;
+use rbee_contract::{JobEvent, Operation};
+use tokio::sync::oneshot;
+use tracing::Instrument;
 
 /// How long the `DELETE` of an abandoned upstream job may take.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -31,17 +37,121 @@ pub(crate) struct Relayed {
     pub tokens: u32,
 }
 
-/// Relays the events of `handle` to `ctx` up to the upstream terminal event, which is handed
-/// back instead of relayed: the caller decides what becomes of it. `keep` sees every
+/// Something released only when the upstream job is really over (e.g. the queen's count of
+/// jobs on a worker, whose slot is not free before).
+pub(crate) type Hold = Box<dyn Any + Send>;
+
+/// An upstream job that is cancelled when dropped before its terminal event was seen.
+pub(crate) struct Upstream {
+    handle: Option<JobHandle>,
+    /// Released after the terminal event, or after the cancellation has been delivered.
+    hold: Option<Hold>,
+}
+
+impl Upstream {
+    pub fn job_id(&self) -> &str {
+        self.handle.as_ref().map_or("", |h| h.job_id.as_str())
+    }
+
+    /// The job ended by itself: nothing to cancel any more.
+    fn disarm(&mut self) {
+        self.handle = None;
+    }
+}
+
+impl From<JobHandle> for Upstream {
+    fn from(handle: JobHandle) -> Self {
+        Upstream {
+            handle: Some(handle),
+            hold: None,
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let Some(handle) = self.handle.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let hold = self.hold.take();
+        runtime.spawn(
+            async move {
+                cancel_upstream(handle).await;
+                drop(hold);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Submits `operation` to `path` on the hop below (e.g. a worker's `/v1/inference`).
+///
+/// The request runs in a task of its own and its answer travels as an [`Upstream`]. If the
+/// caller is dropped before the answer arrives (the queen's job was cancelled), the answer is
+/// dropped instead and the job it created is cancelled at once; otherwise that job would run
+/// unread until the hop below gives up on its stream (a minute by default), keeping a
+/// worker's slot busy.
+pub(crate) async fn submit(
+    client: JobClient,
+    path: &'static str,
+    operation: Operation,
+) -> Result<Upstream, ClientError> {
+    submit_holding(client, path, operation, None).await
+}
+
+/// [`submit`], keeping `hold` until the job it creates is over: through the request, then
+/// in the [`Upstream`]. A refused request releases it at once.
+pub(crate) async fn submit_holding(
+    client: JobClient,
+    path: &'static str,
+    operation: Operation,
+    hold: Option<Hold>,
+) -> Result<Upstream, ClientError> {
+    let url = client.base_url().to_owned();
+    let (answer, answered) = oneshot::channel();
+    tokio::spawn(
+        async move {
+            let created = client
+                .submit_to(path, &operation)
+                .await
+                .map(|handle| Upstream {
+                    handle: Some(handle),
+                    hold,
+                });
+            if let Ok(upstream) = &created {
+                tracing::debug!(upstream_job_id = upstream.job_id(), "upstream job created");
+            }
+            // With nobody left to receive it, the `Upstream` is dropped here and cancels.
+            let _ = answer.send(created);
+        }
+        .in_current_span(),
+    );
+    answered.await.unwrap_or_else(|_| {
+        tracing::error!(url, "the upstream request task failed");
+        Err(ClientError::InvalidResponse {
+            url,
+            reason: "the request to it failed unexpectedly".into(),
+        })
+    })
+}
+
+/// Relays the events of `upstream` to `ctx` up to the upstream terminal event, which is
+/// handed back instead of relayed: the caller decides what becomes of it. `keep` sees every
 /// non-terminal event first and may hold one back (e.g. a result the queen consumes itself).
 ///
 /// Fails only when the queen's own job can take no more events (it was cancelled).
 pub(crate) async fn relay(
-    handle: JobHandle,
+    upstream: impl Into<Upstream>,
     ctx: &JobContext,
     mut keep: impl FnMut(&JobEvent) -> bool,
 ) -> Result<Relayed, JobFailure> {
-    let mut guard = CancelOnDrop(Some(handle.clone()));
+    let mut guard = upstream.into();
+    let Some(handle) = guard.handle.clone() else {
+        return Err(JobFailure::internal("an upstream job was relayed twice"));
+    };
     let job_id = handle.job_id.clone();
     let mut events = handle.events();
     let mut tokens = 0u32;
@@ -77,33 +187,139 @@ pub(crate) async fn relay(
     })
 }
 
-/// Cancels the upstream job when dropped armed.
-struct CancelOnDrop(Option<JobHandle>);
-
-impl CancelOnDrop {
-    fn disarm(&mut self) {
-        self.0 = None;
+/// `DELETE`s an upstream job, within [`CANCEL_TIMEOUT`].
+async fn cancel_upstream(handle: JobHandle) {
+    let job_id = &handle.job_id;
+    match tokio::time::timeout(CANCEL_TIMEOUT, handle.cancel()).await {
+        Ok(Ok(())) => tracing::info!(upstream_job_id = %job_id, "upstream job cancelled"),
+        Ok(Err(err)) => {
+            // Usually a peer that is already gone.
+            tracing::debug!(upstream_job_id = %job_id, error = %err, "cancelling the upstream job failed");
+        }
+        Err(_) => {
+            tracing::warn!(upstream_job_id = %job_id, "cancelling the upstream job timed out");
+        }
     }
 }
 
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        let Some(handle) = self.0.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            match tokio::time::timeout(CANCEL_TIMEOUT, handle.cancel()).await {
-                Ok(Ok(())) => tracing::debug!(job_id = %handle.job_id, "upstream job cancelled"),
-                Ok(Err(err)) => {
-                    tracing::debug!(job_id = %handle.job_id, error = %err, "cancelling the upstream job failed");
-                }
-                Err(_) => {
-                    tracing::debug!(job_id = %handle.job_id, "cancelling the upstream job timed out");
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::extract::{Path, State};
+    use axum::http::StatusCode;
+    use axum::routing::{delete, post};
+    use rbee_contract::{InferRequest, JobCreated};
+
+    use super::*;
+
+    type Deleted = Arc<Mutex<Vec<String>>>;
+
+    /// A worker stand-in that takes its time to answer a job's creation and records the
+    /// jobs it is asked to cancel.
+    async fn slow_worker() -> (String, Deleted) {
+        async fn create() -> (StatusCode, axum::Json<JobCreated>) {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            (
+                StatusCode::CREATED,
+                axum::Json(JobCreated {
+                    job_id: "upstream-1".into(),
+                    sse_url: "/v1/jobs/upstream-1/stream".into(),
+                }),
+            )
+        }
+        async fn cancel(State(deleted): State<Deleted>, Path(id): Path<String>) -> StatusCode {
+            deleted.lock().unwrap().push(id);
+            StatusCode::ACCEPTED
+        }
+        let deleted = Deleted::default();
+        let app = Router::new()
+            .route("/v1/inference", post(create))
+            .route("/v1/jobs/{id}", delete(cancel))
+            .with_state(Arc::clone(&deleted));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, deleted)
+    }
+
+    async fn deletes_of(deleted: &Deleted) -> Vec<String> {
+        for _ in 0..250 {
+            let seen = deleted.lock().unwrap().clone();
+            if !seen.is_empty() {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Vec::new()
+    }
+
+    fn operation() -> Operation {
+        Operation::Infer(InferRequest {
+            model: "m".into(),
+            prompt: Some("hi".into()),
+            ..InferRequest::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_caller_gone_during_the_post_still_cancels_the_job_it_created() {
+        let (url, deleted) = slow_worker().await;
+        let submitting = submit(JobClient::new(&url), "/v1/inference", operation());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), submitting)
+                .await
+                .is_err(),
+            "the answer takes longer than the caller waits"
+        );
+        assert_eq!(deletes_of(&deleted).await, vec!["upstream-1"]);
+    }
+
+    #[tokio::test]
+    async fn what_a_job_holds_is_released_only_after_its_cancellation() {
+        let (url, deleted) = slow_worker().await;
+        let (released, on_release) = oneshot::channel::<()>();
+        struct Release(Option<oneshot::Sender<()>>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                if let Some(tx) = self.0.take() {
+                    let _ = tx.send(());
                 }
             }
-        });
+        }
+        let hold: Hold = Box::new(Release(Some(released)));
+        let submitting = submit_holding(
+            JobClient::new(&url),
+            "/v1/inference",
+            operation(),
+            Some(hold),
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), submitting)
+                .await
+                .is_err()
+        );
+        tokio::time::timeout(Duration::from_secs(5), on_release)
+            .await
+            .expect("released in time")
+            .ok();
+        assert_eq!(
+            deleted.lock().unwrap().clone(),
+            vec!["upstream-1"],
+            "released after the DELETE was answered"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_upstream_job_let_go_before_its_end_is_cancelled() {
+        let (url, deleted) = slow_worker().await;
+        let upstream = submit(JobClient::new(&url), "/v1/inference", operation())
+            .await
+            .unwrap();
+        assert_eq!(upstream.job_id(), "upstream-1");
+        assert!(deleted.lock().unwrap().is_empty());
+        drop(upstream);
+        assert_eq!(deletes_of(&deleted).await, vec!["upstream-1"]);
     }
 }

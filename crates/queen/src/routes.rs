@@ -1,11 +1,15 @@
 //! The queen's HTTP surface. `/health` is public; the heartbeat routes need the cluster
-//! token; the job API, the lists and shutdown need an API key when keys are configured.
+//! token; the job API, the lists, `/metrics` and shutdown need an API key when keys are
+//! configured. The two credentials never stand in for each other. Every request is counted
+//! for `/metrics` by the outermost layer.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use daemon_kit::BearerAuth;
@@ -17,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::QueenConfig;
 use crate::executor::QueenExecutor;
+use crate::metrics;
 use crate::state::Queen;
 use crate::wire::{HiveList, WorkerList};
 
 #[derive(Clone)]
 struct AppState {
     queen: Arc<Queen>,
+    jobs: JobServer<QueenExecutor>,
     /// Fired by `POST /v1/shutdown`: stop the hives, then the queen.
     stop_cluster: CancellationToken,
 }
@@ -34,8 +40,10 @@ pub(crate) fn router(
 ) -> Router {
     let cluster_auth = BearerAuth::new(queen.config.cluster_token.clone(), "cluster token");
     let client_auth = client_auth(&queen.config);
+    let metrics = Arc::clone(&queen.metrics);
     let state = AppState {
         queen,
+        jobs: jobs.clone(),
         stop_cluster,
     };
     let internal = cluster_auth.protect(
@@ -44,11 +52,14 @@ pub(crate) fn router(
             .route("/v1/hive-heartbeat", post(hive_heartbeat))
             .with_state(state.clone()),
     );
+    // The OpenAI routes check the same keys themselves, answering in OpenAI's error shape.
+    let openai = crate::openai::router(Arc::clone(&state.queen), jobs.clone(), client_auth.clone());
     let client = client_auth.protect(
         Router::new()
             .route("/v1/workers", get(list_workers))
             .route("/v1/hives", get(list_hives))
             .route("/v1/shutdown", post(shutdown))
+            .route("/metrics", get(metrics_page))
             .with_state(state)
             .merge(jobs.router()),
     );
@@ -56,21 +67,20 @@ pub(crate) fn router(
         .route("/health", get(health))
         .merge(internal)
         .merge(client)
+        .merge(openai)
         .fallback(not_found)
+        // Last, so that it wraps every route above, including ones merged in later.
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track,
+        ))
 }
 
-/// Client routes accept the API keys and, for operators, the cluster token; with no API keys
-/// configured they are open (the queen then refuses to bind beyond loopback).
+/// Client routes accept the API keys only: the cluster token is for daemons, and a leaked
+/// client key must not let anyone pose as a worker. With no API keys configured they are
+/// open (the queen then refuses to bind beyond loopback).
 fn client_auth(config: &QueenConfig) -> BearerAuth {
-    if config.api_keys.is_empty() {
-        return BearerAuth::new(Vec::new(), "API key");
-    }
-    let keys = config
-        .api_keys
-        .iter()
-        .cloned()
-        .chain(config.cluster_token.clone());
-    BearerAuth::new(keys, "API key")
+    BearerAuth::new(config.api_keys.iter().cloned(), "API key")
 }
 
 async fn health() -> Json<Value> {
@@ -116,12 +126,34 @@ async fn list_hives(State(state): State<AppState>) -> Json<HiveList> {
     Json(state.queen.registry.hive_list())
 }
 
+async fn metrics_page(State(state): State<AppState>) -> impl IntoResponse {
+    let queen = &state.queen;
+    let stats = state.jobs.stats();
+    let page = queen.metrics.render(&metrics::Snapshot {
+        workers: &queen.registry.worker_views(),
+        hives: &queen.registry.hive_views(),
+        queue_depths: &queen.queues.depths(),
+        jobs_running: stats.running,
+        jobs_finished: stats.finished,
+    });
+    ([(CONTENT_TYPE, metrics::CONTENT_TYPE)], page)
+}
+
+/// `202` with what the shutdown will do: running jobs get `grace_ms` to finish, then the
+/// `hives` known now are told to stop, then the queen exits.
 async fn shutdown(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    tracing::info!("shutdown requested; stopping the hives, then the queen");
+    let grace = state.queen.config.shutdown_grace;
+    let hives = state.queen.registry.hive_views().len();
+    tracing::info!(
+        ?grace,
+        hives,
+        "shutdown requested; draining jobs, then stopping the hives, then the queen"
+    );
     state.stop_cluster.cancel();
+    let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
     (
         StatusCode::ACCEPTED,
-        Json(json!({ "status": "shutting_down" })),
+        Json(json!({ "status": "shutting_down", "grace_ms": grace_ms, "hives": hives })),
     )
 }
 

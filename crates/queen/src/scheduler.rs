@@ -5,7 +5,9 @@ use std::cmp::Reverse;
 use std::collections::HashSet;
 
 use job_server::{ApiError, JobFailure};
-use rbee_contract::{ErrorCode, HiveInfo, WorkerInfo, WorkerState};
+use rbee_contract::{
+    DeviceInfo, DeviceKind, ErrorCode, HiveInfo, ModelEntry, WorkerInfo, WorkerState,
+};
 
 use crate::registry::{HiveView, WorkerView};
 use crate::wire::Health;
@@ -13,17 +15,24 @@ use crate::wire::Health;
 /// Where an inference for a model should go.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Placement {
-    /// The least loaded ready worker serving the model.
+    /// The least loaded ready worker serving the model that has a free slot.
     Worker(WorkerInfo),
+    /// Ready workers serve the model, but every slot is taken: wait in the model's line.
+    Full,
     /// No worker is ready, but one serving the model is loading: wait for it.
     Wait { worker_id: String },
     /// No worker serves the model: start one.
     Spawn,
 }
 
-/// Ready, healthy workers serving `model` and not `excluded`, most free slots first, then
-/// fewest jobs the queen itself has in flight on them (heartbeats lag behind the queen's own
-/// sends). Stale, failed, stopping and loading workers are never chosen.
+/// Ready, healthy workers serving `model`, not `excluded` and with a free slot, most free
+/// slots first, then fewest jobs in flight. Stale, failed, stopping and loading workers are
+/// never chosen.
+///
+/// A worker's free slots are its `slots_total` less the jobs the queen itself has in flight
+/// on it: only the queen sends work to workers, and its own count is current where a
+/// heartbeat's `slots_free` can be an interval old (a slot that came free a moment ago would
+/// otherwise sit idle until the next heartbeat).
 pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<String>) -> Placement {
     let serving = || {
         workers.iter().filter(|w| {
@@ -32,16 +41,16 @@ pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<Stri
                 && !excluded.contains(&w.info.worker_id)
         })
     };
-    let best = serving()
-        .filter(|w| w.info.state == WorkerState::Ready)
-        .min_by_key(|w| {
-            // A heartbeat's free slots can be an interval old; the queen's own in-flight count
-            // is current, so it comes off the reported room.
-            let room = w.info.slots_free.saturating_sub(w.in_flight);
-            (Reverse(room), w.in_flight, w.info.worker_id.clone())
-        });
+    let room = |w: &WorkerView| w.info.slots_total.saturating_sub(w.in_flight);
+    let ready = || serving().filter(|w| w.info.state == WorkerState::Ready);
+    let best = ready()
+        .filter(|w| room(w) > 0)
+        .min_by_key(|w| (Reverse(room(w)), w.in_flight, w.info.worker_id.clone()));
     if let Some(best) = best {
         return Placement::Worker(best.info.clone());
+    }
+    if ready().next().is_some() {
+        return Placement::Full;
     }
     match serving().find(|w| w.info.state == WorkerState::Loading) {
         Some(loading) => Placement::Wait {
@@ -51,36 +60,114 @@ pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<Stri
     }
 }
 
-/// The hive that should start a worker for `model`: a healthy one, preferring hives whose
-/// catalog already holds the model, then those running fewest workers.
-pub(crate) fn spawn_hive(hives: &[HiveView], model: &str) -> Result<HiveInfo, JobFailure> {
-    let best = hives
-        .iter()
-        .filter(|h| h.health == Health::Healthy)
-        .min_by_key(|h| {
-            let has_model = h
-                .info
-                .models
-                .iter()
-                .any(|m| m.id == model || m.source == model);
-            (!has_model, h.info.workers.len(), h.info.hive_id.clone())
+/// Where a cold start goes: a hive, and the device its worker should use (`None` for a hive
+/// that reports no devices, which then uses its default).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SpawnTarget {
+    pub hive: HiveInfo,
+    pub device: Option<String>,
+}
+
+/// Where a worker for `model` should be started, best first, from the hives' heartbeats.
+///
+/// Only healthy hives are candidates. The model's size is known when some hive's catalog lists
+/// it (as its `id` or `source`); a device is a candidate when its free memory is at least that
+/// size, every device when the size is unknown. The hive itself then checks the whole estimate
+/// (weights, KV cache, overhead) before it starts the worker, and the caller moves on to the
+/// next candidate when it refuses. Hives whose catalog holds the model come first (no
+/// download), then a GPU before a CPU, then the most free memory, then the fewest workers.
+/// When no device of a healthy hive is big enough, the answer is `no_capacity` with each
+/// hive's best offer.
+pub(crate) fn spawn_targets(
+    hives: &[HiveView],
+    model: &str,
+) -> Result<Vec<SpawnTarget>, JobFailure> {
+    let size = model_size(hives, model);
+    let healthy = || hives.iter().filter(|h| h.health == Health::Healthy);
+    let mut candidates: Vec<(&HiveView, Option<&DeviceInfo>)> = healthy()
+        .flat_map(|h| {
+            let devices: Vec<Option<&DeviceInfo>> = if h.info.devices.is_empty() {
+                vec![None]
+            } else {
+                h.info
+                    .devices
+                    .iter()
+                    .filter(|d| size.is_none_or(|size| d.memory_free_bytes >= size))
+                    .map(Some)
+                    .collect()
+            };
+            devices.into_iter().map(move |d| (h, d))
+        })
+        .collect();
+    candidates.sort_by_key(|(h, device)| {
+        let has_model = h.info.models.iter().any(|m| names(m, model));
+        let (gpu, free, id) = device.map_or((false, 0, String::new()), |d| {
+            (d.kind != DeviceKind::Cpu, d.memory_free_bytes, d.id.clone())
         });
-    if let Some(hive) = best {
-        return Ok(hive.info.clone());
+        (
+            !has_model,
+            !gpu,
+            Reverse(free),
+            h.info.workers.len(),
+            h.info.hive_id.clone(),
+            id,
+        )
+    });
+    if !candidates.is_empty() {
+        return Ok(candidates
+            .into_iter()
+            .map(|(hive, device)| SpawnTarget {
+                hive: hive.info.clone(),
+                device: device.map(|d| d.id.clone()),
+            })
+            .collect());
     }
-    let message = if hives.is_empty() {
-        format!(
+    let message = match (hives.is_empty(), healthy().next(), size) {
+        (true, _, _) => format!(
             "no worker serves {model} and no hive is registered to start one; \
              start a hive with `rbee-keeper hive start`"
-        )
-    } else {
-        format!(
+        ),
+        (false, Some(_), Some(size)) => format!(
+            "no hive has room for {model}: it needs at least {size} bytes, and {}",
+            describe_room(healthy())
+        ),
+        _ => format!(
             "no worker serves {model} and no hive is healthy to start one ({}); \
              check the hives or start one with `rbee-keeper hive start`",
             describe_silence(hives)
-        )
+        ),
     };
     Err(JobFailure::new(ErrorCode::NoCapacity, message))
+}
+
+fn names(entry: &ModelEntry, model: &str) -> bool {
+    entry.id == model || entry.source == model
+}
+
+/// The model's size by any hive's catalog (the largest, should two disagree).
+fn model_size(hives: &[HiveView], model: &str) -> Option<u64> {
+    hives
+        .iter()
+        .flat_map(|h| &h.info.models)
+        .filter(|m| names(m, model) && m.size_bytes > 0)
+        .map(|m| m.size_bytes)
+        .max()
+}
+
+/// `hive a has 1000 bytes free at most (cpu), hive b …`.
+fn describe_room<'a>(hives: impl Iterator<Item = &'a HiveView>) -> String {
+    hives
+        .map(
+            |h| match h.info.devices.iter().max_by_key(|d| d.memory_free_bytes) {
+                Some(d) => format!(
+                    "hive {} has {} bytes free at most ({})",
+                    h.info.hive_id, d.memory_free_bytes, d.id
+                ),
+                None => format!("hive {} reports no device", h.info.hive_id),
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The hive an operation goes to: the one named, or the only one registered.
@@ -187,10 +274,12 @@ mod tests {
         ];
         assert_eq!(chosen(place("m", &workers, &HashSet::new())), "b");
 
-        let workers = vec![
-            view(worker("a", "m", WorkerState::Ready, 1), Health::Healthy, 2),
-            view(worker("b", "m", WorkerState::Ready, 1), Health::Healthy, 1),
-        ];
+        // Equal room (one slot each): the one with fewer jobs in flight.
+        let mut a = worker("a", "m", WorkerState::Ready, 1);
+        a.slots_total = 3;
+        let mut b = worker("b", "m", WorkerState::Ready, 1);
+        b.slots_total = 2;
+        let workers = vec![view(a, Health::Healthy, 2), view(b, Health::Healthy, 1)];
         assert_eq!(chosen(place("m", &workers, &HashSet::new())), "b");
         let excluded = HashSet::from(["b".to_string()]);
         assert_eq!(chosen(place("m", &workers, &excluded)), "a");
@@ -222,13 +311,21 @@ mod tests {
             }
         );
 
-        // A worker with no free slot is still chosen: it queues the request itself.
+        // Every slot taken by the queen's own jobs: the job waits in line.
         let busy = vec![view(
             worker("e", "m", WorkerState::Ready, 0),
             Health::Healthy,
-            3,
+            1,
         )];
-        assert_eq!(chosen(place("m", &busy, &HashSet::new())), "e");
+        assert_eq!(place("m", &busy, &HashSet::new()), Placement::Full);
+        // A heartbeat that still says "busy" after the queen's job ended does not hold the
+        // slot: the queen's count is current.
+        let freed = vec![view(
+            worker("e", "m", WorkerState::Ready, 0),
+            Health::Healthy,
+            0,
+        )];
+        assert_eq!(chosen(place("m", &freed, &HashSet::new())), "e");
     }
 
     #[test]
@@ -245,15 +342,140 @@ mod tests {
             hive_view(hive("b", Vec::new()), Health::Healthy),
             hive_view(stocked, Health::Healthy),
         ];
-        assert_eq!(spawn_hive(&hives, "m").unwrap().hive_id, "z");
-        assert_eq!(spawn_hive(&hives, "other").unwrap().hive_id, "b");
+        assert_eq!(spawn_targets(&hives, "m").unwrap()[0].hive.hive_id, "z");
+        let other = spawn_targets(&hives, "other").unwrap();
+        let order: Vec<&str> = other.iter().map(|t| t.hive.hive_id.as_str()).collect();
+        assert_eq!(order, ["b", "z"], "the stale hive is never a candidate");
+        assert_eq!(other[0].device, None);
 
-        let none = spawn_hive(&[], "m").unwrap_err();
+        let none = spawn_targets(&[], "m").unwrap_err();
         assert_eq!(none.code, ErrorCode::NoCapacity);
         assert!(none.message.contains("rbee-keeper hive start"), "{none}");
-        let stale = spawn_hive(&hives[..1], "m").unwrap_err();
+        let stale = spawn_targets(&hives[..1], "m").unwrap_err();
         assert_eq!(stale.code, ErrorCode::NoCapacity);
         assert!(stale.message.contains("a silent for 20 s"), "{stale}");
+    }
+
+    fn device(id: &str, free: u64) -> DeviceInfo {
+        DeviceInfo {
+            id: id.into(),
+            kind: if id == "cpu" {
+                DeviceKind::Cpu
+            } else {
+                DeviceKind::Cuda
+            },
+            name: id.into(),
+            memory_total_bytes: free * 2,
+            memory_free_bytes: free,
+            cores: None,
+            compute_capability: None,
+        }
+    }
+
+    fn equipped(id: &str, devices: Vec<DeviceInfo>, models: &[(&str, u64)]) -> HiveView {
+        let mut info = hive(id, Vec::new());
+        info.devices = devices;
+        info.models = models
+            .iter()
+            .map(|(model, size)| ModelEntry {
+                id: model.to_string(),
+                source: format!("hf:org/{model}"),
+                state: ModelState::Ready,
+                size_bytes: *size,
+            })
+            .collect();
+        hive_view(info, Health::Healthy)
+    }
+
+    fn target(hives: &[HiveView], model: &str) -> (String, Option<String>) {
+        let chosen = spawn_targets(hives, model).unwrap().remove(0);
+        (chosen.hive.hive_id, chosen.device)
+    }
+
+    fn on(hive: &str, device: &str) -> (String, Option<String>) {
+        (hive.into(), Some(device.into()))
+    }
+
+    #[test]
+    fn spawn_goes_to_a_device_with_room() {
+        const GB: u64 = 1_000_000_000;
+        // The catalog of `a` says how big `m` is; `b` has more room but no GPU big enough.
+        let hives = vec![
+            equipped(
+                "a",
+                vec![device("cpu", 4 * GB), device("cuda:0", 6 * GB)],
+                &[("m", 5 * GB)],
+            ),
+            equipped(
+                "b",
+                vec![device("cpu", 30 * GB), device("cuda:0", 2 * GB)],
+                &[],
+            ),
+        ];
+        assert_eq!(target(&hives, "m"), on("a", "cuda:0"));
+        // `a` has no room left: the size from its catalog rules out `b`'s small GPU.
+        let full = vec![
+            equipped(
+                "a",
+                vec![device("cpu", GB), device("cuda:0", 4 * GB)],
+                &[("m", 5 * GB)],
+            ),
+            hives[1].clone(),
+        ];
+        assert_eq!(target(&full, "hf:org/m"), on("b", "cpu"));
+
+        // Without the model anywhere, its size is unknown: a GPU first, then the most room;
+        // every device is a candidate for when a hive refuses.
+        let order: Vec<(String, Option<String>)> = spawn_targets(&hives, "new")
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.hive.hive_id, t.device))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                on("a", "cuda:0"),
+                on("b", "cuda:0"),
+                on("b", "cpu"),
+                on("a", "cpu")
+            ]
+        );
+        let cpus = vec![
+            equipped("a", vec![device("cpu", 4 * GB)], &[]),
+            equipped("b", vec![device("cpu", 30 * GB)], &[]),
+        ];
+        assert_eq!(target(&cpus, "new"), on("b", "cpu"));
+
+        // A hive that holds the model wins over one with more room.
+        let stocked = vec![
+            equipped("a", vec![device("cpu", 30 * GB)], &[]),
+            equipped("b", vec![device("cpu", 8 * GB)], &[("m", GB)]),
+        ];
+        assert_eq!(target(&stocked, "m"), on("b", "cpu"));
+    }
+
+    #[test]
+    fn no_device_with_room_is_no_capacity_with_the_numbers() {
+        const GB: u64 = 1_000_000_000;
+        let hives = vec![
+            equipped(
+                "a",
+                vec![device("cpu", GB), device("cuda:0", 3 * GB)],
+                &[("m", 5 * GB)],
+            ),
+            equipped("b", vec![device("cpu", 2 * GB)], &[]),
+            hive_view(hive("c", Vec::new()), Health::Stale),
+        ];
+        let err = spawn_targets(&hives, "m").unwrap_err();
+        assert_eq!(err.code, ErrorCode::NoCapacity);
+        for part in [
+            "5000000000 bytes",
+            "hive a has 3000000000 bytes free at most (cuda:0)",
+            "hive b has 2000000000 bytes free at most (cpu)",
+        ] {
+            assert!(err.message.contains(part), "{part}: {err}");
+        }
+        assert!(!err.message.contains("hive c"), "{err}");
     }
 
     #[test]

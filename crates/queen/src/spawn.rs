@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use job_server::{JobContext, JobFailure, terminal_to_result};
-use rbee_contract::{ErrorCode, JobEvent, Operation, WorkerInfo, WorkerSpawnRequest};
+use rbee_contract::{ErrorCode, JOBS_PATH, JobEvent, Operation, WorkerInfo, WorkerSpawnRequest};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::relay::{RelayEnd, relay};
+use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler;
 use crate::state::{Queen, upstream_failure};
 
@@ -125,26 +125,63 @@ pub(crate) async fn cold_start(
     }
 }
 
+/// Asks the placements in turn: a hive that answers `no_capacity` (by its own estimate the
+/// model does not fit on that device, or it has no free port) is passed over for the next.
 async fn spawn_on_hive(
     queen: &Queen,
     model: &str,
     ctx: &JobContext,
 ) -> Result<WorkerInfo, JobFailure> {
-    let hive = scheduler::spawn_hive(&queen.registry.hive_views(), model)?;
+    let targets = scheduler::spawn_targets(&queen.registry.hive_views(), model)?;
+    let mut refusals = Vec::new();
+    for target in targets {
+        let place = match &target.device {
+            Some(device) => format!("hive {} ({device})", target.hive.hive_id),
+            None => format!("hive {}", target.hive.hive_id),
+        };
+        match spawn_on(queen, model, ctx, target).await {
+            Err(failure) if failure.code == ErrorCode::NoCapacity => {
+                tracing::info!(model, %place, reason = %failure.message, "no room; trying the next placement");
+                ctx.emit(JobEvent::narration(format!(
+                    "{place} has no room: {}",
+                    failure.message
+                )))
+                .await?;
+                refusals.push(format!("{place}: {}", failure.message));
+            }
+            result => return result,
+        }
+    }
+    Err(JobFailure::new(
+        ErrorCode::NoCapacity,
+        format!("no hive has room for {model}; {}", refusals.join("; ")),
+    ))
+}
+
+async fn spawn_on(
+    queen: &Queen,
+    model: &str,
+    ctx: &JobContext,
+    target: scheduler::SpawnTarget,
+) -> Result<WorkerInfo, JobFailure> {
+    let hive = target.hive;
     let peer = format!("hive {}", hive.hive_id);
+    let on = target
+        .device
+        .as_deref()
+        .map(|device| format!(" on {device}"))
+        .unwrap_or_default();
     ctx.emit(JobEvent::narration(format!(
-        "no worker serves {model}; asking hive {} to start one",
+        "no worker serves {model}; asking hive {} to start one{on}",
         hive.hive_id
     )))
     .await?;
     let operation = Operation::WorkerSpawn(WorkerSpawnRequest {
         hive_id: Some(hive.hive_id.clone()),
         model: model.to_owned(),
-        device: None,
+        device: target.device,
     });
-    let handle = queen
-        .client(&hive.url)
-        .submit(&operation)
+    let handle = relay::submit(queen.client(&hive.url), JOBS_PATH, operation)
         .await
         .map_err(|err| upstream_failure(&peer, &err))?;
     let mut worker = None;

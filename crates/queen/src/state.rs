@@ -1,5 +1,5 @@
 //! What every part of the queen shares: its configuration, the registry, the HTTP client for
-//! calls to hives and workers, and the cold starts in progress.
+//! calls to hives and workers, the cold starts in progress, the waiting lines and metrics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +9,8 @@ use job_server::JobFailure;
 use rbee_contract::ErrorCode;
 
 use crate::config::QueenConfig;
+use crate::metrics::Metrics;
+use crate::queue::Queues;
 use crate::registry::Registry;
 use crate::spawn::SpawnFlights;
 
@@ -16,6 +18,9 @@ pub(crate) struct Queen {
     pub config: QueenConfig,
     pub registry: Arc<Registry>,
     pub spawns: SpawnFlights,
+    /// Infer jobs waiting for a busy model.
+    pub queues: Queues,
+    pub metrics: Arc<Metrics>,
     http: reqwest::Client,
 }
 
@@ -31,6 +36,8 @@ impl Queen {
         Queen {
             registry: Arc::new(Registry::new(config.heartbeat_interval)),
             spawns: SpawnFlights::default(),
+            queues: Queues::new(config.queue_len, config.queue_timeout),
+            metrics: Arc::new(Metrics::new()),
             config,
             http,
         }

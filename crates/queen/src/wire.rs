@@ -6,20 +6,20 @@ use serde::{Deserialize, Serialize};
 
 /// `GET /v1/workers`: every worker the queen heard from recently. A worker that missed three
 /// heartbeats is listed with state `stale`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
 /// `GET /v1/hives`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HiveList {
     pub hives: Vec<HiveStatus>,
 }
 
 /// A hive as its last heartbeat described it, with what the queen makes of its silence:
 /// `{...HiveInfo, "status": "healthy" | "stale", "last_seen_ms_ago": N}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HiveStatus {
     #[serde(flatten)]
     pub hive: HiveInfo,
@@ -28,7 +28,7 @@ pub struct HiveStatus {
 }
 
 /// Whether a component's heartbeats arrive on time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     Healthy,

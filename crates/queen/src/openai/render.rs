@@ -1,0 +1,360 @@
+//! OpenAI's response and chunk shapes, built from what a job reported. Pure: no I/O, so the
+//! exact wire format is tested here.
+
+use rbee_contract::{FinishReason, Usage};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::ErrorResponse;
+use super::request::Kind;
+
+/// `POST /v1/chat/completions` without `stream`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// `chat.completion`
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: UsageOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    /// Always `null`: rbee does not return log probabilities.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    /// `assistant`
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// `POST /v1/completions` without `stream`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Completion {
+    pub id: String,
+    /// `text_completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<TextChoice>,
+    pub usage: UsageOut,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TextChoice {
+    pub index: u32,
+    pub text: String,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+    /// `null` in every streamed chunk but the last.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// One `data:` line of a streamed chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    /// `chat.completion.chunk`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// One choice; none in the usage chunk.
+    pub choices: Vec<ChunkChoice>,
+    /// Present (`null` but in the last chunk) when `stream_options.include_usage` is true.
+    #[serde(skip_serializing_if = "Presence::is_absent")]
+    #[schema(value_type = Option<UsageOut>)]
+    pub usage: Presence<UsageOut>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChunkChoice {
+    pub index: u32,
+    pub delta: Delta,
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// What a chunk adds to the message: the role in the first chunk, then text.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One `data:` line of a streamed completion.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    /// `text_completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Presence::is_absent")]
+    #[schema(value_type = Option<UsageOut>)]
+    pub usage: Presence<UsageOut>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct UsageOut {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        UsageOut {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.total_tokens,
+        }
+    }
+}
+
+/// A field that is left out, `null`, or a value: OpenAI's chunks carry `"usage": null` only
+/// when the client asked for usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence<T> {
+    Absent,
+    Null,
+    Value(T),
+}
+
+impl<T> Presence<T> {
+    fn is_absent(&self) -> bool {
+        matches!(self, Presence::Absent)
+    }
+}
+
+impl<T: Serialize> Serialize for Presence<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Presence::Value(v) => v.serialize(s),
+            Presence::Absent | Presence::Null => s.serialize_none(),
+        }
+    }
+}
+
+/// What the job has told so far about the text's token counts, for `usage` when the
+/// terminal event carries none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Tally {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+impl Tally {
+    pub fn usage(self, reported: Option<Usage>) -> UsageOut {
+        reported
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, self.completion_tokens))
+            .into()
+    }
+}
+
+pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        // `complete` ends non-generating jobs; an infer job never ends with it.
+        FinishReason::Stop | FinishReason::Complete => "stop",
+    }
+}
+
+/// Renders one request's answer: the ids and echoes every chunk repeats.
+#[derive(Debug, Clone)]
+pub(crate) struct Renderer {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// `Some` when streaming; whether chunks carry `usage`.
+    pub include_usage: bool,
+}
+
+impl Renderer {
+    pub fn new(kind: Kind, job_id: &str, created: u64, model: String, include_usage: bool) -> Self {
+        let prefix = match kind {
+            Kind::Chat => "chatcmpl",
+            Kind::Text => "cmpl",
+        };
+        Renderer {
+            kind,
+            id: format!("{prefix}-{job_id}"),
+            created,
+            model,
+            include_usage,
+        }
+    }
+
+    fn usage_field(&self) -> Presence<UsageOut> {
+        if self.include_usage {
+            Presence::Null
+        } else {
+            Presence::Absent
+        }
+    }
+
+    /// The first chunk of a chat stream: the role and empty content. Completions have none.
+    pub fn opening_chunk(&self) -> Option<String> {
+        match self.kind {
+            Kind::Chat => Some(self.chat_chunk(
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                },
+                None,
+            )),
+            Kind::Text => None,
+        }
+    }
+
+    pub fn content_chunk(&self, text: &str) -> String {
+        match self.kind {
+            Kind::Chat => self.chat_chunk(
+                Delta {
+                    role: None,
+                    content: Some(text.to_string()),
+                },
+                None,
+            ),
+            Kind::Text => self.text_chunk(text, None),
+        }
+    }
+
+    /// The chunk that ends the choice, with an empty delta.
+    pub fn finish_chunk(&self, reason: FinishReason) -> String {
+        let reason = Some(finish_reason(reason));
+        match self.kind {
+            Kind::Chat => self.chat_chunk(
+                Delta {
+                    role: None,
+                    content: None,
+                },
+                reason,
+            ),
+            Kind::Text => self.text_chunk("", reason),
+        }
+    }
+
+    /// The last chunk when `include_usage` is set: no choices, the usage.
+    pub fn usage_chunk(&self, usage: UsageOut) -> String {
+        let usage = Presence::Value(usage);
+        match self.kind {
+            Kind::Chat => encode(&ChatCompletionChunk {
+                id: self.id.clone(),
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage,
+            }),
+            Kind::Text => encode(&CompletionChunk {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: Vec::new(),
+                usage,
+            }),
+        }
+    }
+
+    /// The whole answer of a non-streaming request, as JSON.
+    pub fn response(&self, text: String, reason: FinishReason, usage: UsageOut) -> String {
+        let finish_reason = finish_reason(reason);
+        match self.kind {
+            Kind::Chat => encode(&ChatCompletion {
+                id: self.id.clone(),
+                object: "chat.completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content: text,
+                    },
+                    logprobs: None,
+                    finish_reason,
+                }],
+                usage,
+            }),
+            Kind::Text => encode(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![TextChoice {
+                    index: 0,
+                    text,
+                    logprobs: None,
+                    finish_reason: Some(finish_reason),
+                }],
+                usage,
+            }),
+        }
+    }
+
+    fn chat_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> String {
+        encode(&ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                logprobs: None,
+                finish_reason,
+            }],
+            usage: self.usage_field(),
+        })
+    }
+
+    fn text_chunk(&self, text: &str, finish_reason: Option<&'static str>) -> String {
+        encode(&CompletionChunk {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![TextChoice {
+                index: 0,
+                text: text.to_string(),
+                logprobs: None,
+                finish_reason,
+            }],
+            usage: self.usage_field(),
+        })
+    }
+}
+
+/// The error chunk of a stream that fails after it started.
+pub(crate) fn error_chunk(error: &ErrorResponse) -> String {
+    encode(error)
+}
+
+fn encode<T: Serialize>(value: &T) -> String {
+    // Plain structs of strings and numbers always encode.
+    serde_json::to_string(value).unwrap_or_else(|err| {
+        tracing::error!(%err, "an OpenAI response could not be encoded");
+        r#"{"error":{"message":"the response could not be encoded","type":"server_error","param":null,"code":"internal"}}"#.to_string()
+    })
+}
+
+#[cfg(test)]
+#[path = "render_tests.rs"]
+mod tests;

@@ -1,0 +1,420 @@
+//! Request bodies of `POST /v1/chat/completions` and `POST /v1/completions`, parsed into a
+//! [`ValidRequest`]: the contract's `infer` operation plus what only the OpenAI boundary needs
+//! (streaming, usage chunk, the echo of `model`).
+//!
+//! The body is deserialized with the failing field's path recorded, so every `400` names the
+//! parameter. OpenAI parameters rbee cannot honour are refused by name; each is accepted only
+//! with the value that asks for nothing (e.g. `logprobs: false`, `n: 1`, `tools: []`),
+//! because ignoring any other value would change the answer without telling the client.
+
+use rbee_contract::{ChatMessage, ChatRole, InferRequest};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::body::{
+    ChatCompletionRequest, ChatMessageIn, CompletionRequest, ContentIn, PromptIn, RoleIn,
+    SamplingParams, StopIn, sampling_of,
+};
+use super::error::OpenAiError;
+
+/// At most this many stop sequences, as OpenAI allows.
+const MAX_STOP: usize = 4;
+
+/// Which endpoint a request came to; it decides the chunk and response shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Text,
+}
+
+/// A request that can be run: nothing downstream re-checks it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ValidRequest {
+    pub kind: Kind,
+    /// The `infer` operation to run; its `model` is the one echoed in responses.
+    pub infer: InferRequest,
+    /// `None`: one JSON answer. `Some`: an SSE stream of chunks.
+    pub stream: Option<StreamMode>,
+    /// OpenAI's end-user id: logged, never used.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamMode {
+    /// `stream_options.include_usage`: a last chunk with `usage` and no choices.
+    pub include_usage: bool,
+}
+
+/// Parses a chat completion body.
+pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
+    let request: ChatCompletionRequest = deserialize(body)?;
+    refuse_unless(request.logprobs.is_none_or(|l| !l), "logprobs")?;
+    refuse_unless(request.top_logprobs.is_none_or(|n| n == 0), "top_logprobs")?;
+    refuse_unless(request.tools.as_ref().is_none_or(Vec::is_empty), "tools")?;
+    refuse_unless(
+        request
+            .tool_choice
+            .as_ref()
+            .is_none_or(|c| c.as_str() == Some("none")),
+        "tool_choice",
+    )?;
+    refuse_unless(
+        request.functions.as_ref().is_none_or(Vec::is_empty),
+        "functions",
+    )?;
+    refuse_unless(
+        request
+            .function_call
+            .as_ref()
+            .is_none_or(|c| c.as_str() == Some("none")),
+        "function_call",
+    )?;
+    refuse_unless(
+        request
+            .response_format
+            .as_ref()
+            .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text")),
+        "response_format",
+    )?;
+    refuse_unless(
+        request
+            .modalities
+            .as_ref()
+            .is_none_or(|m| m.iter().all(|m| m == "text")),
+        "modalities",
+    )?;
+    refuse_unless(request.store.is_none_or(|s| !s), "store")?;
+    // Without tools, whether tool calls may run in parallel changes nothing.
+    let _ = request.parallel_tool_calls;
+
+    let max_tokens = match (request.max_tokens, request.max_completion_tokens) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(OpenAiError::invalid(
+                "max_completion_tokens",
+                "give `max_completion_tokens` or `max_tokens`, not two different values",
+            ));
+        }
+        (a, b) => b.or(a),
+    };
+    let messages = parse_messages(request.messages)?;
+    let infer = InferRequest {
+        model: request.model,
+        messages: Some(messages),
+        max_tokens,
+        ..InferRequest::default()
+    };
+    finish(Kind::Chat, infer, request.n, sampling_of!(request))
+}
+
+/// Parses a (legacy) completion body.
+pub(crate) fn parse_completion(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
+    let request: CompletionRequest = deserialize(body)?;
+    refuse_unless(request.logprobs.is_none_or(|n| n == 0), "logprobs")?;
+    refuse_unless(request.echo.is_none_or(|e| !e), "echo")?;
+    refuse_unless(request.best_of.is_none_or(|n| n == 1), "best_of")?;
+    refuse_unless(
+        request.suffix.as_ref().is_none_or(String::is_empty),
+        "suffix",
+    )?;
+    let prompt = match request.prompt {
+        PromptIn::One(prompt) => prompt,
+        PromptIn::Many(mut prompts) if prompts.len() == 1 => prompts.remove(0),
+        PromptIn::Many(prompts) => {
+            return Err(OpenAiError::invalid(
+                "prompt",
+                format!(
+                    "`prompt` is a list of {} strings; rbee completes exactly one prompt per request",
+                    prompts.len()
+                ),
+            ));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(OpenAiError::invalid("prompt", "`prompt` must not be empty"));
+    }
+    let infer = InferRequest {
+        model: request.model,
+        prompt: Some(prompt),
+        max_tokens: request.max_tokens,
+        ..InferRequest::default()
+    };
+    finish(Kind::Text, infer, request.n, sampling_of!(request))
+}
+
+/// What both endpoints check and fill in the same way.
+fn finish(
+    kind: Kind,
+    mut infer: InferRequest,
+    n: Option<u32>,
+    sampling: SamplingParams,
+) -> Result<ValidRequest, OpenAiError> {
+    infer.model = infer.model.trim().to_string();
+    if infer.model.is_empty() {
+        return Err(OpenAiError::invalid("model", "`model` must not be empty"));
+    }
+    if let Some(n) = n
+        && n != 1
+    {
+        return Err(OpenAiError::invalid(
+            "n",
+            format!("`n` must be 1: rbee generates one choice per request (got {n})"),
+        ));
+    }
+    if infer.max_tokens == Some(0) {
+        let param = match kind {
+            Kind::Chat => "max_completion_tokens",
+            Kind::Text => "max_tokens",
+        };
+        return Err(OpenAiError::invalid(
+            param,
+            format!("`{param}` must be at least 1"),
+        ));
+    }
+    let SamplingParams {
+        temperature,
+        top_p,
+        seed,
+        stop,
+        presence_penalty,
+        frequency_penalty,
+        stream,
+        stream_options,
+        user,
+        top_k,
+        min_p,
+        repetition_penalty,
+        logit_bias,
+        metadata,
+        service_tier,
+    } = sampling;
+    refuse_unless(logit_bias.as_ref().is_none_or(Map::is_empty), "logit_bias")?;
+    // Metadata and the service tier describe billing and storage, not the answer.
+    let _ = (metadata, service_tier);
+
+    in_range("temperature", temperature, 0.0, 2.0)?;
+    if let Some(p) = top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(OpenAiError::invalid(
+            "top_p",
+            format!("`top_p` must be in (0, 1], got {p}"),
+        ));
+    }
+    in_range("presence_penalty", presence_penalty, -2.0, 2.0)?;
+    in_range("frequency_penalty", frequency_penalty, -2.0, 2.0)?;
+    in_range("min_p", min_p, 0.0, 1.0)?;
+    if let Some(r) = repetition_penalty
+        && !(r.is_finite() && r > 0.0)
+    {
+        return Err(OpenAiError::invalid(
+            "repetition_penalty",
+            format!("`repetition_penalty` must be above 0, got {r}"),
+        ));
+    }
+    if top_k == Some(0) {
+        return Err(OpenAiError::invalid("top_k", "`top_k` must be at least 1"));
+    }
+    let stop = match stop {
+        None => Vec::new(),
+        Some(StopIn::One(s)) => vec![s],
+        Some(StopIn::Many(list)) => list,
+    };
+    if stop.len() > MAX_STOP {
+        return Err(OpenAiError::invalid(
+            "stop",
+            format!(
+                "`stop` takes at most {MAX_STOP} sequences, got {}",
+                stop.len()
+            ),
+        ));
+    }
+    if stop.iter().any(String::is_empty) {
+        return Err(OpenAiError::invalid(
+            "stop",
+            "`stop` sequences must not be empty",
+        ));
+    }
+    let stream = match (stream.unwrap_or(false), stream_options) {
+        (false, Some(_)) => {
+            return Err(OpenAiError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed when `stream` is true",
+            ));
+        }
+        (false, None) => None,
+        (true, options) => Some(StreamMode {
+            include_usage: options.and_then(|o| o.include_usage).unwrap_or(false),
+        }),
+    };
+    infer.temperature = temperature;
+    infer.top_p = top_p;
+    infer.seed = seed;
+    infer.stop = stop;
+    infer.presence_penalty = presence_penalty;
+    infer.frequency_penalty = frequency_penalty;
+    infer.top_k = top_k;
+    infer.min_p = min_p;
+    infer.repeat_penalty = repetition_penalty;
+    Ok(ValidRequest {
+        kind,
+        infer,
+        stream,
+        user,
+    })
+}
+
+fn parse_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, OpenAiError> {
+    if messages.is_empty() {
+        return Err(OpenAiError::invalid(
+            "messages",
+            "`messages` must hold at least one message",
+        ));
+    }
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, message)| parse_message(i, message))
+        .collect()
+}
+
+fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAiError> {
+    let at = |field: &str| format!("messages[{i}].{field}");
+    let role = match message.role {
+        RoleIn::System | RoleIn::Developer => ChatRole::System,
+        RoleIn::User => ChatRole::User,
+        RoleIn::Assistant => ChatRole::Assistant,
+        RoleIn::Tool | RoleIn::Function => {
+            return Err(OpenAiError::invalid(
+                at("role"),
+                "tool and function messages are not supported: rbee has no tool calling",
+            ));
+        }
+    };
+    let refused = [
+        ("name", message.name.is_some()),
+        (
+            "tool_calls",
+            message.tool_calls.is_some_and(|c| !c.is_empty()),
+        ),
+        ("tool_call_id", message.tool_call_id.is_some()),
+        ("function_call", message.function_call.is_some()),
+        ("refusal", message.refusal.is_some()),
+    ];
+    if let Some((field, _)) = refused.iter().find(|(_, given)| *given) {
+        return Err(OpenAiError::invalid(
+            at(field),
+            format!("`{}` is not supported by rbee", at(field)),
+        ));
+    }
+    let content = match message.content {
+        None => {
+            return Err(OpenAiError::invalid(
+                at("content"),
+                format!("`{}` is required", at("content")),
+            ));
+        }
+        Some(ContentIn::Text(text)) => text,
+        Some(ContentIn::Parts(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.into_iter().enumerate() {
+                let param = format!("messages[{i}].content[{j}]");
+                match (part.kind.as_str(), part.text) {
+                    ("text", Some(text)) => texts.push(text),
+                    ("text", None) => {
+                        return Err(OpenAiError::invalid(
+                            format!("{param}.text"),
+                            format!("`{param}.text` is required"),
+                        ));
+                    }
+                    (other, _) => {
+                        return Err(OpenAiError::invalid(
+                            format!("{param}.type"),
+                            format!(
+                                "content parts of type `{other}` are not supported: rbee takes text only"
+                            ),
+                        ));
+                    }
+                }
+            }
+            // Parts are one message: joined as lines, the way vLLM and llama-server do.
+            texts.join("\n")
+        }
+    };
+    Ok(ChatMessage { role, content })
+}
+
+/// Deserializes `body`, naming the failing parameter in the error.
+fn deserialize<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, OpenAiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        OpenAiError::bad_request(None, format!("the request body is not valid JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        return Err(OpenAiError::bad_request(
+            None,
+            "the request body must be a JSON object",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner().to_string();
+        field_error(&path, &inner)
+    })
+}
+
+/// Turns serde's complaint into a message that names the parameter.
+fn field_error(path: &str, inner: &str) -> OpenAiError {
+    if let Some(rest) = inner.strip_prefix("unknown field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        // The recorded path already ends with the unknown field.
+        let param = match path {
+            "." | "" => field.to_string(),
+            path => path.to_string(),
+        };
+        return OpenAiError::invalid(
+            param.clone(),
+            format!("unrecognized request argument: `{param}` (rbee does not support it)"),
+        );
+    }
+    if let Some(rest) = inner.strip_prefix("missing field `")
+        && let Some((field, _)) = rest.split_once('`')
+    {
+        let param = match path {
+            "." | "" => field.to_string(),
+            parent => format!("{parent}.{field}"),
+        };
+        return OpenAiError::invalid(param.clone(), format!("`{param}` is required"));
+    }
+    let hint = match path.rsplit('.').next().unwrap_or(path) {
+        "stop" => "a string or a list of strings".to_string(),
+        "prompt" => "a string or a list of one string (token lists are not supported)".to_string(),
+        p if p.ends_with("content") => "a string or a list of text parts".to_string(),
+        _ => inner.to_string(),
+    };
+    OpenAiError::invalid(path.to_string(), format!("invalid `{path}`: {hint}"))
+}
+
+fn refuse_unless(harmless: bool, param: &str) -> Result<(), OpenAiError> {
+    if harmless {
+        Ok(())
+    } else {
+        Err(OpenAiError::invalid(
+            param,
+            format!("`{param}` is not supported by rbee"),
+        ))
+    }
+}
+
+fn in_range(param: &str, value: Option<f32>, min: f32, max: f32) -> Result<(), OpenAiError> {
+    match value {
+        Some(v) if !(v.is_finite() && (min..=max).contains(&v)) => Err(OpenAiError::invalid(
+            param,
+            format!("`{param}` must be between {min} and {max}, got {v}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

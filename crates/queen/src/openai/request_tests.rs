@@ -1,0 +1,283 @@
+use rbee_contract::{ChatMessage, ChatRole, ErrorCode};
+use serde_json::{Value, json};
+
+use super::*;
+
+fn chat(body: Value) -> Result<ValidRequest, OpenAiError> {
+    parse_chat(body.to_string().as_bytes())
+}
+
+fn text(body: Value) -> Result<ValidRequest, OpenAiError> {
+    parse_completion(body.to_string().as_bytes())
+}
+
+fn user(content: &str) -> Value {
+    json!({"role": "user", "content": content})
+}
+
+/// The refused parameter and the message of a `400`.
+fn refused(result: Result<ValidRequest, OpenAiError>) -> (String, String) {
+    let err = result.expect_err("a 400");
+    assert_eq!(err.status, 400, "{err:?}");
+    assert_eq!(
+        err.body.code.as_deref(),
+        Some(ErrorCode::BadRequest.as_str())
+    );
+    (err.body.param.unwrap_or_default(), err.body.message)
+}
+
+#[test]
+fn a_chat_request_becomes_an_infer_operation() {
+    let request = chat(json!({
+        "model": " smol ",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Answer in English."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "Hello."},
+            user("Capital of France?"),
+        ],
+        "max_tokens": 12, "temperature": 0.7, "top_p": 0.9, "seed": 42,
+        "stop": "\n", "presence_penalty": 0.5, "frequency_penalty": -0.5,
+        "n": 1, "user": "u-1", "stream": true, "stream_options": {"include_usage": true},
+        "logprobs": false, "tools": [], "logit_bias": {}, "response_format": {"type": "text"},
+        "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1,
+    }))
+    .unwrap();
+    assert_eq!(request.kind, Kind::Chat);
+    assert_eq!(
+        request.stream,
+        Some(StreamMode {
+            include_usage: true
+        })
+    );
+    assert_eq!(request.user.as_deref(), Some("u-1"));
+    let message = |role, content: &str| ChatMessage {
+        role,
+        content: content.into(),
+    };
+    assert_eq!(
+        request.infer,
+        InferRequest {
+            model: "smol".into(),
+            messages: Some(vec![
+                message(ChatRole::System, "Be brief."),
+                message(ChatRole::System, "Answer in English."),
+                message(ChatRole::User, "Hi\nthere"),
+                message(ChatRole::Assistant, "Hello."),
+                message(ChatRole::User, "Capital of France?"),
+            ]),
+            max_tokens: Some(12),
+            temperature: Some(0.7),
+            top_p: Some(0.9),
+            top_k: Some(40),
+            min_p: Some(0.05),
+            repeat_penalty: Some(1.1),
+            presence_penalty: Some(0.5),
+            frequency_penalty: Some(-0.5),
+            seed: Some(42),
+            stop: vec!["\n".into()],
+            prompt: None,
+        }
+    );
+}
+
+#[test]
+fn nulls_are_the_same_as_leaving_a_parameter_out() {
+    let request = chat(json!({
+        "model": "m", "messages": [user("hi")], "temperature": null, "stop": null,
+        "stream": null, "logprobs": null, "tools": null, "n": null, "seed": null,
+    }))
+    .unwrap();
+    assert_eq!(request.stream, None);
+    assert_eq!(request.infer.temperature, None);
+    assert!(request.infer.stop.is_empty());
+}
+
+#[test]
+fn max_completion_tokens_wins_and_must_agree_with_max_tokens() {
+    let both = |a: u32, b: u32| {
+        chat(
+            json!({"model": "m", "messages": [user("hi")], "max_tokens": a, "max_completion_tokens": b}),
+        )
+    };
+    assert_eq!(both(5, 5).unwrap().infer.max_tokens, Some(5));
+    assert_eq!(refused(both(5, 6)).0, "max_completion_tokens");
+    let only = chat(json!({"model": "m", "messages": [user("hi")], "max_completion_tokens": 7}));
+    assert_eq!(only.unwrap().infer.max_tokens, Some(7));
+}
+
+#[test]
+fn a_completion_request_takes_one_prompt() {
+    let request = text(
+        json!({"model": "m", "prompt": "The capital", "max_tokens": 3,
+                             "stop": ["a", "b"], "echo": false, "best_of": 1, "logprobs": null}),
+    )
+    .unwrap();
+    assert_eq!(request.kind, Kind::Text);
+    assert_eq!(request.infer.prompt.as_deref(), Some("The capital"));
+    assert_eq!(request.infer.messages, None);
+    assert_eq!(request.infer.stop, ["a", "b"]);
+    let listed = text(json!({"model": "m", "prompt": ["one"]})).unwrap();
+    assert_eq!(listed.infer.prompt.as_deref(), Some("one"));
+
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": ["a", "b"]}))).0,
+        "prompt"
+    );
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": [1, 2, 3]}))).0,
+        "prompt"
+    );
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": ""}))).0,
+        "prompt"
+    );
+    assert_eq!(refused(text(json!({"model": "m"}))).0, "prompt");
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": "x", "echo": true}))).0,
+        "echo"
+    );
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": "x", "best_of": 2}))).0,
+        "best_of"
+    );
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": "x", "logprobs": 2}))).0,
+        "logprobs"
+    );
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": "x", "suffix": "!"}))).0,
+        "suffix"
+    );
+}
+
+#[test]
+fn unsupported_parameters_are_refused_by_name() {
+    let base = || json!({"model": "m", "messages": [user("hi")]});
+    let with = |key: &str, value: Value| {
+        let mut body = base();
+        body[key] = value;
+        refused(chat(body)).0
+    };
+    assert_eq!(with("logprobs", json!(true)), "logprobs");
+    assert_eq!(with("top_logprobs", json!(3)), "top_logprobs");
+    assert_eq!(
+        with(
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}])
+        ),
+        "tools"
+    );
+    assert_eq!(with("tool_choice", json!("auto")), "tool_choice");
+    assert_eq!(
+        with("response_format", json!({"type": "json_object"})),
+        "response_format"
+    );
+    assert_eq!(with("logit_bias", json!({"50256": -100})), "logit_bias");
+    assert_eq!(with("modalities", json!(["audio"])), "modalities");
+    assert_eq!(with("store", json!(true)), "store");
+    assert_eq!(with("temprature", json!(0.5)), "temprature");
+    let (param, message) = refused(chat(
+        json!({"model": "m", "messages": [user("hi")], "n": 2}),
+    ));
+    assert_eq!(param, "n");
+    assert!(message.contains("must be 1"), "{message}");
+}
+
+#[test]
+fn values_out_of_range_and_wrong_types_name_the_parameter() {
+    let with = |key: &str, value: Value| {
+        let mut body = json!({"model": "m", "messages": [user("hi")]});
+        body[key] = value;
+        refused(chat(body))
+    };
+    for (key, value) in [
+        ("temperature", json!(2.5)),
+        ("temperature", json!(-1)),
+        ("temperature", json!("hot")),
+        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
+        ("presence_penalty", json!(3)),
+        ("frequency_penalty", json!(-3)),
+        ("seed", json!(-1)),
+        ("seed", json!(1.5)),
+        ("max_tokens", json!(0)),
+        ("max_tokens", json!(-5)),
+        ("max_tokens", json!(1e12)),
+        ("stream", json!("yes")),
+        ("stop", json!(7)),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("stop", json!([""])),
+        ("top_k", json!(0)),
+        ("model", json!(5)),
+        ("model", json!("  ")),
+        ("messages", json!("hi")),
+    ] {
+        let (param, message) = with(key, value.clone());
+        let expected = if key == "max_tokens" && value == json!(0) {
+            "max_completion_tokens"
+        } else {
+            key
+        };
+        assert_eq!(param, expected, "{key}={value}: {message}");
+    }
+    let (param, message) = with("stream_options", json!({"include_usage": true}));
+    assert_eq!(param, "stream_options");
+    assert!(message.contains("only allowed when `stream` is true"));
+    let mut body = json!({"model": "m", "messages": [user("hi")], "stream": true});
+    body["stream_options"] = json!({"include_usage": true, "extra": 1});
+    assert_eq!(refused(chat(body)).0, "stream_options.extra");
+}
+
+#[test]
+fn messages_are_checked_part_by_part() {
+    let with_messages =
+        |messages: Value| refused(chat(json!({"model": "m", "messages": messages})));
+    assert_eq!(with_messages(json!([])).0, "messages");
+    assert_eq!(
+        with_messages(json!([{"role": "robot", "content": "x"}])).0,
+        "messages[0].role"
+    );
+    assert_eq!(
+        with_messages(json!([user("a"), {"role": "tool", "content": "x", "tool_call_id": "1"}])).0,
+        "messages[1].role"
+    );
+    assert_eq!(
+        with_messages(json!([{"role": "user"}])).0,
+        "messages[0].content"
+    );
+    assert_eq!(
+        with_messages(json!([{"role": "user", "content": 5}])).0,
+        "messages[0].content"
+    );
+    let (param, message) = with_messages(json!([{"role": "user", "content": [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
+    ]}]));
+    assert_eq!(param, "messages[0].content[1].type");
+    assert!(message.contains("image_url"), "{message}");
+    assert_eq!(
+        with_messages(json!([{"role": "user", "content": [{"type": "text"}]}])).0,
+        "messages[0].content[0].text"
+    );
+    assert_eq!(
+        with_messages(json!([{"role": "user", "content": "x", "name": "bob"}])).0,
+        "messages[0].name"
+    );
+    assert_eq!(
+        with_messages(json!([{"role": "user", "content": "x", "colour": "red"}])).0,
+        "messages[0].colour"
+    );
+    assert_eq!(refused(chat(json!({"model": "m"}))).0, "messages");
+}
+
+#[test]
+fn bodies_that_are_not_json_objects_are_refused() {
+    for body in [&b"{not json"[..], b"", b"[1]", b"\"text\""] {
+        let err = parse_chat(body).unwrap_err();
+        assert_eq!(err.status, 400);
+        assert_eq!(err.body.param, None);
+        assert_eq!(err.body.kind, "invalid_request_error");
+    }
+}

@@ -1,0 +1,201 @@
+//! Reading a job's `JobEvent`s and answering in OpenAI's shapes.
+//!
+//! The job's [`JobSubscription`] is held by whatever answers the client: the handler's future
+//! for a JSON answer, the response body for a stream. When the client goes away, that is
+//! dropped, the subscription with it, and the job server cancels the job; the cancellation
+//! travels on to the worker. Progress events (`queued`, `spawning`, `loading`, narration)
+//! are not content and are not sent.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use job_server::JobSubscription;
+use rbee_contract::{DONE_SENTINEL, ErrorCode, JobEvent};
+
+use super::error::OpenAiError;
+use super::render::{Renderer, Tally, error_chunk};
+
+/// Interval of SSE keep-alive comments while a stream waits for its next token.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Response header naming the queen job behind an answer, for logs and `DELETE /v1/jobs/{id}`.
+pub(crate) const JOB_ID_HEADER: &str = "x-rbee-job-id";
+
+/// Waits for the first event that is not progress (`started`, a token or `done`). A job that
+/// fails before generating is an error answer with the right status, not a stream.
+pub(crate) async fn opening(subscription: &mut JobSubscription) -> Result<JobEvent, OpenAiError> {
+    loop {
+        let Some(item) = subscription.next().await else {
+            return Err(ended_silently());
+        };
+        match &*item.event {
+            JobEvent::Error { code, message } => {
+                return Err(OpenAiError::from_code(*code, message.clone()));
+            }
+            event @ (JobEvent::Started { .. } | JobEvent::Token { .. } | JobEvent::Done { .. }) => {
+                return Ok(event.clone());
+            }
+            progress => {
+                tracing::debug!(job_id = subscription.job_id(), event = ?progress, "progress before generation");
+            }
+        }
+    }
+}
+
+/// Reads the job to its end and answers with one JSON body.
+pub(crate) async fn json(
+    mut subscription: JobSubscription,
+    renderer: &Renderer,
+    first: JobEvent,
+) -> Result<Response, OpenAiError> {
+    let mut tally = Tally::default();
+    let mut text = String::new();
+    let mut event = first;
+    loop {
+        match event {
+            JobEvent::Started { prompt_tokens } => tally.prompt_tokens = prompt_tokens,
+            JobEvent::Token { text: piece, .. } => {
+                tally.completion_tokens += 1;
+                text.push_str(&piece);
+            }
+            JobEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                let body = renderer.response(text, finish_reason, tally.usage(usage));
+                let mut response = (StatusCode::OK, body).into_response();
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                return Ok(response);
+            }
+            JobEvent::Error { code, message } => {
+                return Err(OpenAiError::from_code(code, message));
+            }
+            _ => {}
+        }
+        event = match subscription.next().await {
+            Some(item) => (*item.event).clone(),
+            None => return Err(ended_silently()),
+        };
+    }
+}
+
+/// Answers with an SSE stream of chunks: the opening chunk, content chunks, the finish
+/// chunk, the usage chunk when asked for, then `data: [DONE]`. A job that fails mid-stream
+/// sends an error chunk, then `[DONE]`.
+pub(crate) fn stream(
+    subscription: JobSubscription,
+    renderer: Renderer,
+    first: JobEvent,
+) -> Response {
+    let mut state = StreamState {
+        subscription: Some(subscription),
+        pending: VecDeque::new(),
+        tally: Tally::default(),
+        renderer,
+    };
+    state.pending.extend(state.renderer.opening_chunk());
+    state.take(first);
+    let events = futures::stream::unfold(state, |mut state| async move {
+        state.next_line().await.map(|line| (line, state))
+    });
+    sse(events)
+}
+
+fn sse(lines: impl Stream<Item = String> + Send + 'static) -> Response {
+    use futures::StreamExt;
+    let events = lines.map(|line| Ok::<_, Infallible>(Event::default().data(line)));
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response()
+}
+
+struct StreamState {
+    /// `None` once the terminal event was read; dropping it earlier cancels the job.
+    subscription: Option<JobSubscription>,
+    /// `data:` payloads ready to send.
+    pending: VecDeque<String>,
+    tally: Tally,
+    renderer: Renderer,
+}
+
+impl StreamState {
+    async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(line) = self.pending.pop_front() {
+                return Some(line);
+            }
+            let subscription = self.subscription.as_mut()?;
+            match subscription.next().await {
+                Some(item) => self.take((*item.event).clone()),
+                None => {
+                    self.subscription = None;
+                    self.fail(&ended_silently());
+                }
+            }
+        }
+    }
+
+    /// Queues what one event adds to the stream.
+    fn take(&mut self, event: JobEvent) {
+        match event {
+            JobEvent::Started { prompt_tokens } => self.tally.prompt_tokens = prompt_tokens,
+            JobEvent::Token { text, .. } => {
+                self.tally.completion_tokens += 1;
+                // Empty text (a token inside a multi-byte character or a possible stop
+                // sequence) arrives with a later token; an empty delta says nothing.
+                if !text.is_empty() {
+                    self.pending.push_back(self.renderer.content_chunk(&text));
+                }
+            }
+            JobEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                self.subscription = None;
+                self.pending
+                    .push_back(self.renderer.finish_chunk(finish_reason));
+                if self.renderer.include_usage {
+                    self.pending
+                        .push_back(self.renderer.usage_chunk(self.tally.usage(usage)));
+                }
+                self.pending.push_back(DONE_SENTINEL.to_string());
+            }
+            JobEvent::Error { code, message } => {
+                self.subscription = None;
+                self.fail(&OpenAiError::from_code(code, message));
+            }
+            JobEvent::Queued { .. }
+            | JobEvent::Narration { .. }
+            | JobEvent::Downloading { .. }
+            | JobEvent::Spawning { .. }
+            | JobEvent::Loading { .. }
+            | JobEvent::Data { .. } => {}
+        }
+    }
+
+    fn fail(&mut self, err: &OpenAiError) {
+        tracing::warn!(status = %err.status, code = ?err.body.code, message = %err.body.message,
+            "OpenAI stream failed after it started");
+        self.pending.push_back(error_chunk(&err.body()));
+        self.pending.push_back(DONE_SENTINEL.to_string());
+    }
+}
+
+/// A subscription never ends without its terminal event; if one did, say so.
+fn ended_silently() -> OpenAiError {
+    OpenAiError::from_code(
+        ErrorCode::Internal,
+        "the job's stream ended without a result; details are in the queen's log",
+    )
+}
+
+#[cfg(test)]
+#[path = "respond_tests.rs"]
+mod tests;

@@ -1,0 +1,167 @@
+use std::sync::Mutex;
+
+use job_server::{
+    ApiError, JobContext, JobExecutor, JobFailure, JobOptions, JobOutcome, JobResult, JobServer,
+    JobServerConfig,
+};
+use rbee_contract::{FinishReason, InferRequest, Operation, Usage};
+
+use super::*;
+use crate::openai::request::Kind;
+
+type Script = (Vec<JobEvent>, JobResult);
+
+/// Admits one job, which plays the script's events and ends with its result.
+struct Scripted(Mutex<Option<Script>>);
+
+impl JobExecutor for Scripted {
+    type Job = Script;
+
+    fn admit(&self, _: Operation) -> Result<Script, ApiError> {
+        self.0
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| ApiError::internal("one job per test"))
+    }
+
+    async fn run(&self, (events, result): Script, ctx: JobContext) -> JobResult {
+        for event in events {
+            ctx.emit(event).await?;
+        }
+        result
+    }
+}
+
+async fn subscribed(events: Vec<JobEvent>, result: JobResult) -> JobSubscription {
+    let server = JobServer::new(
+        Scripted(Mutex::new(Some((events, result)))),
+        JobServerConfig::default(),
+    );
+    let created = server
+        .create(
+            Operation::Infer(InferRequest::default()),
+            JobOptions::default(),
+        )
+        .unwrap();
+    server.subscribe(&created.job_id, None).unwrap()
+}
+
+/// The `data:` payloads of a stream over a job that emits `events` and ends with `result`.
+async fn stream_lines(kind: Kind, events: Vec<JobEvent>, result: JobResult) -> Vec<String> {
+    let mut subscription = subscribed(events, result).await;
+    let first = opening(&mut subscription).await.unwrap();
+    let mut state = StreamState {
+        subscription: Some(subscription),
+        pending: VecDeque::new(),
+        tally: Tally::default(),
+        renderer: Renderer::new(kind, "j", 1, "m".into(), true),
+    };
+    state.pending.extend(state.renderer.opening_chunk());
+    state.take(first);
+    let mut lines = Vec::new();
+    while let Some(line) = state.next_line().await {
+        lines.push(line);
+    }
+    lines
+}
+
+fn token(text: &str, index: u32) -> JobEvent {
+    JobEvent::Token {
+        text: text.into(),
+        token_id: 1,
+        index,
+    }
+}
+
+fn progress() -> Vec<JobEvent> {
+    vec![
+        JobEvent::Queued { position: 1 },
+        JobEvent::narration("spawning a worker"),
+        JobEvent::Loading {
+            model: "m".into(),
+            fraction: 0.5,
+            message: None,
+        },
+    ]
+}
+
+#[tokio::test]
+async fn progress_is_not_content_and_empty_tokens_send_nothing() {
+    let mut events = progress();
+    events.extend([
+        JobEvent::Started { prompt_tokens: 4 },
+        token("Hel", 0),
+        token("", 1),
+        token("lo", 2),
+    ]);
+    let done = Ok(JobOutcome::new(FinishReason::Length, None));
+    let lines = stream_lines(Kind::Chat, events, done).await;
+    let prefix =
+        r#"{"id":"chatcmpl-j","object":"chat.completion.chunk","created":1,"model":"m","choices":"#;
+    assert_eq!(
+        lines,
+        [
+            format!(
+                r#"{prefix}[{{"index":0,"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+            ),
+            format!(
+                r#"{prefix}[{{"index":0,"delta":{{"content":"Hel"}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+            ),
+            format!(
+                r#"{prefix}[{{"index":0,"delta":{{"content":"lo"}},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+            ),
+            format!(
+                r#"{prefix}[{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"length"}}],"usage":null}}"#
+            ),
+            // No usage from the job: counted from `started` and the tokens.
+            format!(
+                r#"{prefix}[],"usage":{{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}}}}"#
+            ),
+            "[DONE]".to_string(),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_failure_after_the_start_is_an_error_chunk_then_done() {
+    let events = vec![JobEvent::Started { prompt_tokens: 2 }, token("a", 0)];
+    let lost = Err(JobFailure::new(
+        ErrorCode::WorkerLost,
+        "worker w1 went away",
+    ));
+    let lines = stream_lines(Kind::Text, events, lost).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines[0].contains(r#""text":"a""#), "{lines:?}");
+    assert_eq!(
+        lines[1],
+        r#"{"error":{"message":"worker w1 went away","type":"server_error","param":null,"code":"worker_lost"}}"#
+    );
+    assert_eq!(lines[2], "[DONE]");
+}
+
+#[tokio::test]
+async fn a_failure_before_the_start_is_an_error_answer() {
+    let busy = Err(JobFailure::new(ErrorCode::Busy, "the queue is full"));
+    let mut subscription = subscribed(progress(), busy).await;
+    let err = opening(&mut subscription).await.err().unwrap();
+    assert_eq!(err.status, axum::http::StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(err.retry_after, Some(1));
+}
+
+#[tokio::test]
+async fn a_whole_answer_collects_the_text_and_the_reported_usage() {
+    let events = vec![JobEvent::Started { prompt_tokens: 2 }, token(" Paris", 0)];
+    let done = Ok(JobOutcome::new(FinishReason::Stop, Some(Usage::new(6, 1))));
+    let mut subscription = subscribed(events, done).await;
+    let first = opening(&mut subscription).await.unwrap();
+    let renderer = Renderer::new(Kind::Chat, "j", 1, "m".into(), false);
+    let response = json(subscription, &renderer, first).await.unwrap();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], " Paris");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    assert_eq!(body["usage"]["prompt_tokens"], 6);
+}

@@ -1,0 +1,749 @@
+//! The queen's OpenAI-compatible API as a client sees it, over raw HTTP: the exact shapes of
+//! answers and stream chunks, usage, stop sequences, errors as OpenAI error objects with the
+//! right status, a stream that fails after it started, a client that goes away, and the
+//! official `openai` Python package. Each test runs its own queen (with an API key) and,
+//! where it needs a worker, a real hive that cold-starts one for the first request.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rbee_contract::{JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
+use serde_json::{Value, json};
+use test_harness::{
+    Daemon, JobApi, Script, ScriptedUpstream, free_port, process_gone, read_raw_stream,
+    scratch_dir, smollm2, tiny_model,
+};
+
+const KEY: &str = "openai-test-key";
+const TOKEN: &str = "openai-test-cluster-token";
+/// The variable `cargo xtask test` sets to a python that has `openai` installed.
+const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
+
+/// A queen with an API key, and optionally a real hive that registered with it.
+struct Cluster {
+    queen: Daemon,
+    hive: Option<Daemon>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    async fn queen_only() -> Cluster {
+        let port = free_port();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--heartbeat-interval",
+            "100ms",
+            "--spawn-timeout",
+            "120s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut queen = Daemon::start(
+            "queen-rbee",
+            &args,
+            &[("RBEE_CLUSTER_TOKEN", TOKEN), ("RBEE_API_KEYS", KEY)],
+            format!("http://127.0.0.1:{port}"),
+        )
+        .expect("start queen");
+        queen
+            .wait_for("/health", None, Duration::from_secs(30))
+            .await
+            .expect("queen healthy");
+        Cluster {
+            queen,
+            hive: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A queen and a hive; the hive starts workers on demand.
+    async fn with_hive() -> Cluster {
+        let mut cluster = Cluster::queen_only().await;
+        let port = free_port();
+        let first_worker_port = free_port().min(65_000);
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--queen-url",
+            &cluster.queen.url,
+            "--hive-id",
+            "hive-openai",
+            "--heartbeat-interval",
+            "100ms",
+            "--log-dir",
+            &scratch_dir("openai-logs").display().to_string(),
+            "--worker-port-range",
+            &format!("{first_worker_port}-{}", first_worker_port + 30),
+            "--stop-grace",
+            "2s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let hive = Daemon::start(
+            "rbee-hive",
+            &args,
+            &[("RBEE_CLUSTER_TOKEN", TOKEN)],
+            format!("http://127.0.0.1:{port}"),
+        )
+        .expect("start hive");
+        cluster.hive = Some(hive);
+        eventually("the hive registers", Duration::from_secs(30), async || {
+            let hives = cluster.get("/v1/hives").await.1;
+            (hives["hives"].as_array()?.len() == 1).then_some(())
+        })
+        .await;
+        cluster
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.queen.url)
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url(path))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// A non-streaming request: the status and the JSON body.
+    async fn call(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.post(path, body).await;
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\n{}", self.logs()));
+        (status, json)
+    }
+
+    /// A streaming request: every `data:` payload, in order.
+    async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let response = self.post(path, body).await;
+        assert_eq!(response.status(), 200, "{}", self.logs());
+        sse_data(response).await
+    }
+
+    fn logs(&self) -> String {
+        let mut logs = format!("queen log:\n{}", self.queen.log_text());
+        if let Some(hive) = &self.hive {
+            logs.push_str(&format!("\nhive log:\n{}", hive.log_text()));
+        }
+        logs
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGTERM lets the hive stop the workers it started; a killed hive would leave them.
+        if let Some(hive) = &self.hive
+            && hive.signal("TERM").is_ok()
+        {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !process_gone(hive.pid()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Reads an SSE body to its end; returns the `data:` payloads. Comments are skipped, as
+/// OpenAI clients skip them.
+async fn sse_data(response: reqwest::Response) -> Vec<String> {
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    let mut body = String::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        body.push_str(std::str::from_utf8(&chunk.expect("a chunk")).expect("UTF-8"));
+    }
+    body.split("\n\n")
+        .filter_map(|frame| {
+            let data: Vec<&str> = frame
+                .lines()
+                .filter_map(|line| line.strip_prefix("data: "))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Polls `check` every 50 ms until it yields a value; panics after `timeout`.
+async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn model_id(path: &Path) -> String {
+    path.canonicalize()
+        .expect("canonical model path")
+        .display()
+        .to_string()
+}
+
+/// The chunks of a stream before `[DONE]`, parsed; asserts `[DONE]` is last and alone.
+fn chunks(data: &[String]) -> Vec<Value> {
+    assert_eq!(
+        data.iter().filter(|d| *d == "[DONE]").count(),
+        1,
+        "{data:?}"
+    );
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
+        .collect()
+}
+
+/// What every chunk of one answer repeats.
+fn assert_same_envelope(chunks: &[Value], object: &str, model: &str) {
+    let id = chunks[0]["id"].as_str().expect("an id");
+    for chunk in chunks {
+        assert_eq!(chunk["id"], id, "{chunk}");
+        assert_eq!(chunk["object"], object, "{chunk}");
+        assert_eq!(chunk["model"], model, "{chunk}");
+        assert!(
+            chunk["created"].as_u64().unwrap() > 1_600_000_000,
+            "{chunk}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_and_completions_stream_and_not_in_openai_shapes() {
+    let cluster = Cluster::with_hive().await;
+    let model = model_id(&tiny_model());
+    let (status, listed) = cluster.get("/v1/models").await;
+    assert_eq!(
+        (status, &listed),
+        (200, &json!({"object": "list", "data": []}))
+    );
+
+    // The first request starts a worker through the hive; the answer is a whole chat.
+    let (status, answer) = cluster
+        .call(
+            "/v1/chat/completions",
+            &json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+    assert!(answer["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(answer["object"], "chat.completion");
+    assert_eq!(answer["model"], model);
+    let choice = &answer["choices"][0];
+    assert_eq!(answer["choices"].as_array().unwrap().len(), 1);
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(choice["message"]["content"].is_string());
+    let usage = &answer["usage"];
+    let completion_tokens = usage["completion_tokens"].as_u64().unwrap();
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0, "{usage}");
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + completion_tokens
+    );
+    match choice["finish_reason"].as_str() {
+        Some("length") => assert_eq!(completion_tokens, 5),
+        Some("stop") => assert!(completion_tokens <= 5),
+        other => panic!("finish_reason {other:?}"),
+    }
+
+    // Now the worker is ready, the model is listed, and findable by its id (it has slashes).
+    let (_, listed) = cluster.get("/v1/models").await;
+    assert_eq!(
+        listed["data"],
+        json!([{"id": model, "object": "model", "created": 0, "owned_by": "rbee"}])
+    );
+    for path in [
+        format!("/v1/models/{model}"),
+        format!("/v1/models/%2F{}", &model[1..]),
+    ] {
+        let (status, one) = cluster.get(&path).await;
+        assert_eq!((status, &one["id"]), (200, &json!(model)), "{path}");
+    }
+
+    // The same request streamed, with usage: role chunk, content, finish, usage, [DONE].
+    let data = cluster
+        .stream(
+            "/v1/chat/completions",
+            &json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                    "max_tokens": 5, "temperature": 0, "stream": true,
+                    "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    let chunks_ = chunks(&data);
+    assert_same_envelope(&chunks_, "chat.completion.chunk", &model);
+    let n = chunks_.len();
+    assert_eq!(
+        chunks_[0]["choices"],
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])
+    );
+    let mut streamed = String::new();
+    for chunk in &chunks_[1..n - 2] {
+        let choice = &chunk["choices"][0];
+        assert_eq!(choice["finish_reason"], Value::Null, "{chunk}");
+        assert_eq!(chunk["usage"], Value::Null, "{chunk}");
+        streamed.push_str(choice["delta"]["content"].as_str().expect("content"));
+    }
+    assert_eq!(streamed, choice["message"]["content"].as_str().unwrap());
+    assert_eq!(
+        chunks_[n - 2]["choices"],
+        json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": choice["finish_reason"]}])
+    );
+    assert_eq!(chunks_[n - 1]["choices"], json!([]));
+    assert_eq!(chunks_[n - 1]["usage"], *usage);
+
+    // Completions: text, no role chunk, no usage chunk unless asked for.
+    let request = json!({"model": model, "prompt": "once upon", "max_tokens": 4, "temperature": 0});
+    let (status, whole) = cluster.call("/v1/completions", &request).await;
+    assert_eq!(status, 200, "{whole}");
+    assert!(whole["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert_eq!(whole["object"], "text_completion");
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    let mut streaming = request.clone();
+    streaming["stream"] = json!(true);
+    let data = cluster.stream("/v1/completions", &streaming).await;
+    let pieces = chunks(&data);
+    assert_same_envelope(&pieces, "text_completion", &model);
+    let last = pieces.last().unwrap();
+    assert_eq!(
+        last["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
+    assert_eq!(last["choices"][0]["text"], "");
+    assert!(pieces.iter().all(|p| p.get("usage").is_none()));
+    let streamed: String = pieces
+        .iter()
+        .map(|p| p["choices"][0]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smollm2_answers_and_stops_at_a_stop_sequence() {
+    let cluster = Cluster::with_hive().await;
+    let model = model_id(&smollm2());
+    let prompt = "The capital of France is";
+    let (status, whole) = cluster
+        .call(
+            "/v1/completions",
+            &json!({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{whole}\n{}", cluster.logs());
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+    let at = text.find("Paris").unwrap_or_else(|| panic!("{whole}"));
+
+    let (status, stopped) = cluster
+        .call(
+            "/v1/completions",
+            &json!({"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+                    "stop": "Paris"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["choices"][0]["text"], &text[..at], "{stopped}");
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+
+    let (status, chat) = cluster
+        .call(
+            "/v1/chat/completions",
+            &json!({"model": model, "max_completion_tokens": 24, "temperature": 0,
+                    "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                 {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{chat}");
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "{chat}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_are_openai_error_objects_with_the_right_status() {
+    let cluster = Cluster::queen_only().await;
+    let chat = cluster.url("/v1/chat/completions");
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+
+    // 401: no key, a wrong key, and the cluster token (which is for daemons, not clients).
+    for bearer in [None, Some("wrong"), Some(TOKEN)] {
+        for request in [
+            cluster.http.post(&chat).json(&body),
+            cluster.http.get(cluster.url("/v1/models")),
+        ] {
+            let request = match bearer {
+                Some(key) => request.bearer_auth(key),
+                None => request,
+            };
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{bearer:?}");
+            assert_eq!(response.headers()["www-authenticate"], "Bearer");
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["code"], "invalid_api_key", "{error}");
+            assert_eq!(error["error"]["type"], "authentication_error");
+            assert!(error["error"]["message"].is_string());
+            assert!(error["error"].get("param").is_some());
+        }
+    }
+
+    // 400: the body, every bad value and every unsupported parameter is named.
+    let raw = cluster
+        .http
+        .post(&chat)
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status(), 400);
+    let error: Value = raw.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    for (key, value, param) in [
+        ("temperature", json!("hot"), "temperature"),
+        ("temperature", json!(5), "temperature"),
+        ("n", json!(2), "n"),
+        ("logprobs", json!(true), "logprobs"),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+            "tools",
+        ),
+        (
+            "response_format",
+            json!({"type": "json_object"}),
+            "response_format",
+        ),
+        ("logit_bias", json!({"1": 5}), "logit_bias"),
+        ("stop", json!(["a", "b", "c", "d", "e"]), "stop"),
+        ("messages", json!([]), "messages"),
+        (
+            "messages",
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+            "messages[0].content[0].type",
+        ),
+        ("frobnicate", json!(1), "frobnicate"),
+    ] {
+        let mut request = body.clone();
+        request[key] = value.clone();
+        let (status, error) = cluster.call("/v1/chat/completions", &request).await;
+        assert_eq!(status, 400, "{key}={value}: {error}");
+        assert_eq!(error["error"]["param"], param, "{key}={value}: {error}");
+        assert_eq!(error["error"]["code"], "bad_request");
+    }
+    let (status, error) = cluster
+        .call(
+            "/v1/completions",
+            &json!({"model": "m", "prompt": ["a", "b"]}),
+        )
+        .await;
+    assert_eq!((status, &error["error"]["param"]), (400, &json!("prompt")));
+
+    // 404: a model no worker or hive knows, for the lists and for completions.
+    let (status, error) = cluster.get("/v1/models/gpt-4").await;
+    assert_eq!(status, 404);
+    assert_eq!(error["error"]["code"], "model_not_found");
+    let mut unknown = body.clone();
+    unknown["model"] = json!("gpt-4");
+    let (status, error) = cluster.call("/v1/chat/completions", &unknown).await;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(
+        (&error["error"]["code"], &error["error"]["param"]),
+        (&json!("model_not_found"), &json!("model"))
+    );
+
+    // 503 with Retry-After: a model file could be loaded, but no hive is there to do it.
+    let mut nowhere = body.clone();
+    nowhere["model"] = json!("/models/somewhere.gguf");
+    let response = cluster.post("/v1/chat/completions", &nowhere).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "no_capacity", "{error}");
+    assert_eq!(error["error"]["type"], "server_error");
+
+    // A wrong method is refused in the same shape.
+    let response = cluster
+        .http
+        .get(&chat)
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+
+    // The queen is still healthy and the job API still answers in rbee's own shape.
+    let response = cluster
+        .http
+        .post(cluster.url("/v1/jobs"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "unauthorized");
+}
+
+fn worker_beat(worker_id: &str, url: &str, model: &str) -> Value {
+    json!(WorkerHeartbeat {
+        worker: WorkerInfo {
+            worker_id: worker_id.into(),
+            url: url.into(),
+            model: model.into(),
+            device: "cpu".into(),
+            state: WorkerState::Ready,
+            slots_total: 1,
+            slots_free: 1,
+            hive_id: None,
+            context_length: Some(512),
+        },
+    })
+}
+
+/// Registers a scripted stand-in as the only worker for `model`.
+async fn scripted_worker(cluster: &Cluster, model: &str, script: Script) -> ScriptedUpstream {
+    let worker = ScriptedUpstream::start(script).await;
+    let response = cluster
+        .http
+        .post(cluster.url("/v1/worker-heartbeat"))
+        .bearer_auth(TOKEN)
+        .json(&worker_beat(&format!("w-{model}"), &worker.url, model))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    worker
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_fails_after_it_started_ends_with_an_error_chunk() {
+    let cluster = Cluster::queen_only().await;
+    let _dying = scripted_worker(
+        &cluster,
+        "dying",
+        Script {
+            events: vec![
+                JobEvent::Started { prompt_tokens: 3 },
+                JobEvent::Token {
+                    text: "Hel".into(),
+                    token_id: 7,
+                    index: 0,
+                },
+            ],
+            complete: false,
+        },
+    )
+    .await;
+    let request = json!({"model": "dying", "messages": [{"role": "user", "content": "hi"}],
+                         "stream": true});
+    let data = cluster.stream("/v1/chat/completions", &request).await;
+    assert_eq!(data.len(), 4, "{data:?}");
+    let role: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+    let content: Value = serde_json::from_str(&data[1]).unwrap();
+    assert_eq!(content["choices"][0]["delta"]["content"], "Hel");
+    let error: Value = serde_json::from_str(&data[2]).unwrap();
+    assert_eq!(error["error"]["code"], "worker_lost", "{error}");
+    assert_eq!(error["error"]["type"], "server_error");
+    assert_eq!(data[3], "[DONE]");
+
+    // Not streaming, the same failure is a 502.
+    let mut whole = request.clone();
+    whole["stream"] = json!(false);
+    let (status, error) = cluster.call("/v1/chat/completions", &whole).await;
+    assert_eq!(status, 502, "{error}");
+    assert_eq!(error["error"]["code"], "worker_lost");
+
+    // A saturated worker: 429 with Retry-After, before any stream starts.
+    let _busy = scripted_worker(
+        &cluster,
+        "busy",
+        Script {
+            events: vec![JobEvent::error(
+                rbee_contract::ErrorCode::Busy,
+                "every slot is taken",
+            )],
+            complete: true,
+        },
+    )
+    .await;
+    let response = cluster
+        .post(
+            "/v1/completions",
+            &json!({"model": "busy", "prompt": "x", "stream": true}),
+        )
+        .await;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().contains_key("retry-after"));
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "busy", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_goes_away_cancels_the_generation() {
+    let cluster = Cluster::with_hive().await;
+    let model = model_id(&smollm2());
+    let request = json!({"model": model, "stream": true, "max_tokens": 1500, "temperature": 0,
+                         "prompt": "Count from one to one thousand: one, two, three,"});
+    let response = cluster.post("/v1/completions", &request).await;
+    assert_eq!(response.status(), 200, "{}", cluster.logs());
+    let job_id = response.headers()["x-rbee-job-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut body = response.bytes_stream();
+    let mut received = String::new();
+    while received.matches("\"text\":").count() < 3 {
+        received.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    let busy_worker = async || -> Option<WorkerInfo> {
+        let (_, list) = cluster.get("/v1/workers").await;
+        serde_json::from_value::<Vec<WorkerInfo>>(list["workers"].clone())
+            .ok()?
+            .into_iter()
+            .next()
+    };
+    drop(body);
+
+    // The queen's job ended `cancelled`, and the worker's slot frees long before 1500 tokens.
+    let stream = JobApi::new(&cluster.queen.url, Some(KEY))
+        .open_stream(&rbee_contract::JobCreated {
+            sse_url: rbee_contract::job_stream_path(&job_id),
+            job_id: job_id.clone(),
+        })
+        .await;
+    let stream = read_raw_stream(stream).await.unwrap();
+    assert!(
+        matches!(stream.terminal(), Some(JobEvent::Error { code, .. }) if *code == rbee_contract::ErrorCode::Cancelled),
+        "{:?}",
+        stream.events
+    );
+    eventually(
+        "the worker's slot is free again",
+        Duration::from_secs(30),
+        async || {
+            let worker = busy_worker().await?;
+            (worker.slots_free == worker.slots_total).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A python with the `openai` package: `RBEE_TEST_PYTHON` when `cargo xtask test` set it,
+/// or the venv it creates (`target/py`), made here the same way when missing.
+fn openai_python() -> PathBuf {
+    if let Some(python) = std::env::var_os(PYTHON_ENV) {
+        return PathBuf::from(python);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py");
+    let python = venv.join("bin/python");
+    let has_openai = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_openai(&python) {
+        let steps: [(&str, Vec<&std::ffi::OsStr>); 2] = [
+            (
+                "python3",
+                vec!["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
+            ),
+            (
+                python.to_str().unwrap(),
+                vec![
+                    "-m".as_ref(),
+                    "pip".as_ref(),
+                    "install".as_ref(),
+                    "--quiet".as_ref(),
+                    "openai>=1.40".as_ref(),
+                ],
+            ),
+        ];
+        for (program, args) in steps {
+            let status = Command::new(program).args(&args).status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "cannot install the `openai` Python package into {}: run `cargo xtask test`, \
+                 or set {PYTHON_ENV} to a python that has `openai`",
+                venv.display()
+            );
+        }
+    }
+    python
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_openai_python_client_works_against_the_queen() {
+    let python = openai_python();
+    let cluster = Cluster::with_hive().await;
+    let model = model_id(&smollm2());
+    // Start the worker first, so that the script's model list has the model in it.
+    let (status, warm) = cluster
+        .call(
+            "/v1/completions",
+            &json!({"model": model, "prompt": "Hi", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{warm}\n{}", cluster.logs());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
+    let base_url = cluster.url("/v1");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args([base_url.as_str(), KEY, model.as_str()])
+        .output()
+        .await
+        .expect("run the python script");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stdout.contains("all checks passed"),
+        "{}: {stdout}\n{stderr}\n{}",
+        output.status,
+        cluster.logs()
+    );
+}
