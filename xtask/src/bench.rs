@@ -40,6 +40,8 @@ struct Row {
     ttft: Duration,
     prefill_tps: f64,
     decode_tps: f64,
+    /// Decode rate while one other process keeps a core busy.
+    decode_loaded_tps: f64,
     decoded: usize,
     peak_rss: u64,
 }
@@ -108,9 +110,9 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| format | threads | file MiB | weights read/token MiB | load s | TTFT ms | prefill tok/s | decode tok/s | bandwidth limit tok/s | decode / limit | peak RSS MiB |"
+        "| format | threads | file MiB | weights read/token MiB | load s | TTFT ms | prefill tok/s | decode tok/s | bandwidth limit tok/s | decode / limit | prefill / decode | decode under load tok/s | under load / quiet | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let bw = bandwidth
             .iter()
@@ -119,7 +121,7 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN);
         let limit = bw / row.weight_bytes_per_token as f64;
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.1} | {:.1} | {:.0} % | {:.0} |",
             row.format,
             row.threads,
             mib(row.file_bytes),
@@ -130,6 +132,9 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             row.decode_tps,
             limit,
             100.0 * row.decode_tps / limit,
+            row.prefill_tps / row.decode_tps,
+            row.decode_loaded_tps,
+            100.0 * row.decode_loaded_tps / row.decode_tps,
             mib(row.peak_rss),
         );
         if row.decoded < 2 {
@@ -181,6 +186,10 @@ async fn measure(
     // Warm-up: touches every weight page once, so the measured run reads from memory.
     generate(&client, &prompt, 2).await?;
     let timing = generate(&client, &prompt, decode_tokens).await?;
+    let loaded = {
+        let _busy = BusyProcess::start()?;
+        generate(&client, &prompt, decode_tokens).await?
+    };
     let peak_rss = peak_rss(child.0.id()).unwrap_or(0);
     let file_bytes = std::fs::metadata(model)?.len();
     Ok(Row {
@@ -192,12 +201,34 @@ async fn measure(
         ttft: timing.ttft,
         prefill_tps: timing.prompt_tokens as f64 / timing.ttft.as_secs_f64(),
         decode_tps: timing.decode_rate(),
+        decode_loaded_tps: loaded.decode_rate(),
         decoded: timing.tokens,
         peak_rss,
     })
 }
 
 struct WorkerProcess(Child);
+
+/// The competing load: one process spinning on a core for as long as it lives.
+struct BusyProcess(Child);
+
+impl BusyProcess {
+    fn start() -> anyhow::Result<BusyProcess> {
+        let child = Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start the competing busy process")?;
+        Ok(BusyProcess(child))
+    }
+}
+
+impl Drop for BusyProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 impl Drop for WorkerProcess {
     fn drop(&mut self) {

@@ -4,12 +4,15 @@
 //! It runs GGUF files of the llama family and qwen2 (quantized or not) and safetensors llama
 //! checkpoints in Hugging Face hub layout, on CPU, CUDA or Metal (the last two behind the
 //! `cuda` / `metal` features). Every family sits behind one trait and shares one generation
-//! loop, one sampler and one incremental detokenizer.
+//! loop, one sampler and one incremental detokenizer. On CPU, llama-family GGUF files whose
+//! matrices are Q4_0, Q4_1, Q8_0, Q4_K or Q6_K run on the engine's own kernels and thread pool
+//! (`cpu` module); everything else runs on candle's model code.
 //!
 //! The API is blocking and synchronous: it knows nothing of HTTP, jobs, async runtimes or the
 //! wire contract. The worker owns an [`Engine`] on a dedicated thread and turns its callbacks
 //! into events.
 
+mod cpu;
 mod device;
 mod engine;
 mod error;
@@ -31,8 +34,8 @@ pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
 pub use prompter::Prompter;
 pub use tokenizer::TextTokenizer;
 
-/// Sets how many CPU threads candle uses for inference; 0 keeps candle's default (the number
-/// of physical cores).
+/// Sets how many CPU threads inference uses (candle's pools and the engine's own CPU pool, which
+/// is sized from the same setting when a model loads); 0 keeps candle's default.
 ///
 /// candle sizes its thread pools once, from the `CANDLE_NUM_THREADS` and `RAYON_NUM_THREADS`
 /// environment variables, the first time it computes anything on the CPU. This function sets

@@ -10,6 +10,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
 use super::{CausalLm, LoadedModel, ModelInfo, WeightsFormat, report};
+use crate::cpu;
 use crate::tokenizer::TextTokenizer;
 use crate::{EngineError, LoadProgress};
 
@@ -61,14 +62,19 @@ pub(super) fn load(
         progress,
     };
     let model: Box<dyn CausalLm> = match family {
-        Family::Llama => {
-            let weights = quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
-                .map_err(|e| EngineError::load("llama weights", e))?;
-            Box::new(GgufLlama {
-                active: weights.clone(),
-                pristine: weights,
-            })
+        Family::Llama if device.is_cpu() && cpu::enabled() => {
+            match cpu::Plan::new(&content, info.context_length) {
+                Ok(plan) => {
+                    let threads = candle_core::utils::get_num_threads();
+                    Box::new(plan.load(&content, &mut reader, threads, &mut |_, _| {})?)
+                }
+                Err(why) => {
+                    tracing::info!(reason = %why.0, "the engine's CPU kernels do not cover this file; using candle's");
+                    candle_llama(content, &mut reader, device)?
+                }
+            }
         }
+        Family::Llama => candle_llama(content, &mut reader, device)?,
         Family::Qwen2 => {
             let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
                 .map_err(|e| EngineError::load("qwen2 weights", e))?;
@@ -81,6 +87,19 @@ pub(super) fn load(
         info,
         tokenizer,
     })
+}
+
+fn candle_llama<R: Read + Seek>(
+    content: gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+) -> Result<Box<dyn CausalLm>, EngineError> {
+    let weights = quantized_llama::ModelWeights::from_gguf(content, reader, device)
+        .map_err(|e| EngineError::load("llama weights", e))?;
+    Ok(Box::new(GgufLlama {
+        active: weights.clone(),
+        pristine: weights,
+    }))
 }
 
 #[derive(Debug, Clone, Copy)]

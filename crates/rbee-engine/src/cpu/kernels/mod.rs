@@ -1,0 +1,166 @@
+//! Dot products of quantized weight rows with quantized activations, chosen once per process
+//! for the CPU at hand: AVX2 + FMA on x86-64 when present, otherwise the portable scalar code
+//! in [`super::quant::reference`], which is also what the SIMD kernels are tested against.
+//!
+//! Activations are quantized once per matrix product ([`Activations`]) to the block format the
+//! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
+//! Q8_K super-blocks for Q4_K and Q6_K.
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86;
+
+use super::quant::{
+    ActFormat, BlockQ8, BlockQ8K, QK, QK_K, WeightType, quantize_q8, quantize_q8k, reference,
+};
+
+type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
+type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
+type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
+type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
+
+/// One implementation of every block dot product.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernels {
+    pub name: &'static str,
+    pub q4_0: DotQ8,
+    pub q4_1: DotQ8,
+    pub q8_0: DotQ8,
+    pub q4k: DotQ8K,
+    pub q6k: DotQ8K,
+    /// One row against four tokens, unpacking each weight block once (prefill).
+    pub q4_0x4: DotQ8x4,
+    pub q8_0x4: DotQ8x4,
+    pub q4kx4: DotQ8Kx4,
+}
+
+impl std::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl Kernels {
+    /// The portable reference implementation.
+    pub(crate) fn scalar() -> Kernels {
+        Kernels {
+            name: "scalar",
+            q4_0: reference::dot_q4_0,
+            q4_1: reference::dot_q4_1,
+            q8_0: reference::dot_q8_0,
+            q4k: reference::dot_q4k,
+            q6k: reference::dot_q6k,
+            q4_0x4: |row, acts| acts.map(|a| reference::dot_q4_0(row, a)),
+            q8_0x4: |row, acts| acts.map(|a| reference::dot_q8_0(row, a)),
+            q4kx4: |row, acts| acts.map(|a| reference::dot_q4k(row, a)),
+        }
+    }
+
+    /// The fastest implementation this CPU runs.
+    pub(crate) fn detect() -> Kernels {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if let Some(k) = x86::kernels() {
+            return k;
+        }
+        Kernels::scalar()
+    }
+
+    /// Dot product of one weight row of type `ty` with token `t` of `act`.
+    #[inline]
+    pub(crate) fn dot(&self, ty: WeightType, row: &[u8], act: &Activations, t: usize) -> f32 {
+        match ty {
+            WeightType::Q4_0 => (self.q4_0)(row, act.q8(t)),
+            WeightType::Q4_1 => (self.q4_1)(row, act.q8(t)),
+            WeightType::Q8_0 => (self.q8_0)(row, act.q8(t)),
+            WeightType::Q4K => (self.q4k)(row, act.q8k(t)),
+            WeightType::Q6K => (self.q6k)(row, act.q8k(t)),
+            WeightType::F32 => reference::dot_f32(row, act.f32(t)),
+            WeightType::F16 => reference::dot_f16(row, act.f32(t)),
+        }
+    }
+}
+
+impl Kernels {
+    /// Dot products of one weight row with tokens `t0..t0 + 4` of `act`, when this type has
+    /// a four-token kernel.
+    #[inline]
+    pub(crate) fn dot4(
+        &self,
+        ty: WeightType,
+        row: &[u8],
+        act: &Activations,
+        t0: usize,
+    ) -> Option<[f32; 4]> {
+        let acts = || [act.q8(t0), act.q8(t0 + 1), act.q8(t0 + 2), act.q8(t0 + 3)];
+        let acts_k = || {
+            [
+                act.q8k(t0),
+                act.q8k(t0 + 1),
+                act.q8k(t0 + 2),
+                act.q8k(t0 + 3),
+            ]
+        };
+        match ty {
+            WeightType::Q4_0 => Some((self.q4_0x4)(row, acts())),
+            WeightType::Q8_0 => Some((self.q8_0x4)(row, acts())),
+            WeightType::Q4K => Some((self.q4kx4)(row, acts_k())),
+            _ => None,
+        }
+    }
+}
+
+/// A batch of activation vectors in the formats the next products need. Buffers grow to the
+/// largest batch seen and are reused, so a decode step allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Activations {
+    cols: usize,
+    tokens: usize,
+    f32: Vec<f32>,
+    q8: Vec<BlockQ8>,
+    q8k: Vec<BlockQ8K>,
+}
+
+impl Activations {
+    /// Takes `x` (`tokens` rows of `cols`) and quantizes it to each format in `formats`.
+    pub(crate) fn set(&mut self, x: &[f32], cols: usize, formats: &[ActFormat]) {
+        let tokens = x.len() / cols;
+        self.cols = cols;
+        self.tokens = tokens;
+        for f in formats {
+            match f {
+                ActFormat::F32 => {
+                    self.f32.clear();
+                    self.f32.extend_from_slice(x);
+                }
+                ActFormat::Q8 => {
+                    self.q8.resize(tokens * cols / QK, BlockQ8::default());
+                    quantize_q8(x, &mut self.q8);
+                }
+                ActFormat::Q8K => {
+                    self.q8k.resize(tokens * cols / QK_K, BlockQ8K::default());
+                    quantize_q8k(x, &mut self.q8k);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    fn f32(&self, t: usize) -> &[f32] {
+        &self.f32[t * self.cols..(t + 1) * self.cols]
+    }
+
+    fn q8(&self, t: usize) -> &[BlockQ8] {
+        let n = self.cols / QK;
+        &self.q8[t * n..(t + 1) * n]
+    }
+
+    fn q8k(&self, t: usize) -> &[BlockQ8K] {
+        let n = self.cols / QK_K;
+        &self.q8k[t * n..(t + 1) * n]
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,29 @@
+//! The engine's own CPU inference path for llama-family GGUF models: quantized matrix-vector and
+//! matrix-matrix kernels (AVX2/FMA chosen at run time, a portable scalar reference otherwise), a
+//! persistent thread pool that tolerates competing load, and a forward pass that keeps its working
+//! buffers across steps (a decode step allocates only the logits handed back through
+//! [`crate::model::CausalLm`]) and multiplies the weights in place in one copy of the file's
+//! bytes.
+//!
+//! It is used when the device is the CPU and every matrix has a type with a kernel here (Q4_0,
+//! Q4_1, Q8_0, Q4_K, Q6_K), unless `RBEE_CPU_KERNELS=0`; everything else (GPU devices, F16, F32
+//! or other quantized matrices, qwen2, safetensors) stays on candle's model code. It is not a
+//! general tensor library: it knows exactly one architecture. On aarch64 it runs the scalar
+//! reference kernels (no NEON kernels yet).
+
+mod forward;
+mod kernels;
+mod ops;
+mod pool;
+mod quant;
+mod weights;
+
+pub(crate) use forward::Plan;
+
+/// The environment variable that turns the CPU path off (`0`, `false` or `off`), e.g. to compare
+/// with candle's kernels.
+pub(crate) const ENABLE_ENV: &str = "RBEE_CPU_KERNELS";
+
+pub(crate) fn enabled() -> bool {
+    !std::env::var(ENABLE_ENV).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"))
+}

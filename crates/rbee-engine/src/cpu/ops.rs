@@ -1,0 +1,219 @@
+//! The pieces of the forward pass between the matrix products' kernels and the model: the
+//! products over the thread pool (one token or a batch), RMSNorm, RoPE and causal attention.
+
+use super::forward::Config;
+use super::kernels::{Activations, Kernels};
+use super::pool::Pool;
+use super::quant::ActFormat;
+use super::weights::Mat;
+
+/// The distinct activation formats `mats` consume (at most three), without allocating.
+pub(super) fn formats(mats: &[Mat]) -> Formats {
+    let mut out = Formats {
+        list: [ActFormat::F32; 3],
+        len: 0,
+    };
+    for m in mats {
+        let f = m.ty.act_format();
+        if !out.list[..out.len].contains(&f) {
+            out.list[out.len] = f;
+            out.len += 1;
+        }
+    }
+    out
+}
+
+pub(super) struct Formats {
+    list: [ActFormat; 3],
+    len: usize,
+}
+
+impl std::ops::Deref for Formats {
+    type Target = [ActFormat];
+    fn deref(&self) -> &[ActFormat] {
+        &self.list[..self.len]
+    }
+}
+
+/// Matrix products over the pool.
+pub(super) struct MatMul<'a> {
+    pub data: &'a [u8],
+    pub kernels: &'a Kernels,
+    pub pool: &'a Pool,
+}
+
+impl MatMul<'_> {
+    /// `out = [m₀; m₁; …] · act` for one token: the matrices' rows stacked, in one parallel
+    /// section. `out` grows to the total row count.
+    pub(super) fn run_fused(&self, mats: &[Mat], act: &Activations, out: &mut Vec<f32>) {
+        let total: usize = mats.iter().map(|m| m.rows).sum();
+        out.resize(total, 0.0);
+        let rows_per_chunk = (total / (self.pool.threads() * 16)).clamp(4, 64);
+        let (data, kernels) = (self.data, self.kernels);
+        self.pool
+            .for_each_chunk_mut(&mut out[..], rows_per_chunk, &|c, part| {
+                for (g, o) in (c * rows_per_chunk..).zip(part.iter_mut()) {
+                    let mut r = g;
+                    let mut m = &mats[0];
+                    for candidate in mats {
+                        m = candidate;
+                        if r < m.rows {
+                            break;
+                        }
+                        r -= m.rows;
+                    }
+                    *o = kernels.dot(m.ty, m.row(data, r), act, 0);
+                }
+            });
+    }
+
+    /// `out[t][r] (+)= m[r] · act[t]` for every token `t` of `act` and row `r` of `m`.
+    pub(super) fn run(
+        &self,
+        m: &Mat,
+        act: &Activations,
+        out: &mut [f32],
+        batch: &mut Vec<f32>,
+        accumulate: bool,
+    ) {
+        let n = act.tokens();
+        // Enough chunks that a thread the OS takes away holds up little work; no fewer rows than
+        // keep the per-chunk overhead small.
+        let rows_per_chunk = (m.rows / (self.pool.threads() * 16)).clamp(4, 64);
+        let (data, kernels, ty) = (self.data, self.kernels, m.ty);
+        if n == 1 {
+            self.pool
+                .for_each_chunk_mut(&mut out[..m.rows], rows_per_chunk, &|c, part| {
+                    let r0 = c * rows_per_chunk;
+                    for (k, o) in part.iter_mut().enumerate() {
+                        let v = kernels.dot(ty, m.row(data, r0 + k), act, 0);
+                        if accumulate {
+                            *o += v;
+                        } else {
+                            *o = v;
+                        }
+                    }
+                });
+            return;
+        }
+        batch.resize(m.rows * n, 0.0);
+        self.pool
+            .for_each_chunk_mut(&mut batch[..], rows_per_chunk * n, &|c, part| {
+                let r0 = c * rows_per_chunk;
+                for (k, row_out) in part.chunks_exact_mut(n).enumerate() {
+                    let row = m.row(data, r0 + k);
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        match kernels.dot4(ty, row, act, t) {
+                            Some(four) => row_out[t..t + 4].copy_from_slice(&four),
+                            None => break,
+                        }
+                        t += 4;
+                    }
+                    for (k, o) in row_out[t..].iter_mut().enumerate() {
+                        *o = kernels.dot(ty, row, act, t + k);
+                    }
+                }
+            });
+        for t in 0..n {
+            let dst = &mut out[t * m.rows..(t + 1) * m.rows];
+            for (r, o) in dst.iter_mut().enumerate() {
+                let v = batch[r * n + t];
+                if accumulate {
+                    *o += v;
+                } else {
+                    *o = v;
+                }
+            }
+        }
+    }
+}
+
+/// RMSNorm of each `w.len()`-long row of `x` into `out`, with candle's operation order (divide
+/// by the root, then scale) so that the quantized products that follow see the same values.
+pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = w.len();
+    for (xs, os) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let ss: f32 = xs.iter().map(|v| v * v).sum();
+        let root = (ss / dim as f32 + eps).sqrt();
+        for ((o, v), g) in os.iter_mut().zip(xs).zip(w) {
+            *o = v / root * g;
+        }
+    }
+}
+
+/// Interleaved rotary embedding (GGML's "normal" mode: pairs `(2i, 2i + 1)`) of every head of
+/// every token in `x`, with the tokens' `cos`/`sin` tables.
+pub(super) fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    let tokens = cos.len() / half;
+    let width = x.len() / tokens;
+    for (t, row) in x.chunks_exact_mut(width).enumerate() {
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for head in row.chunks_exact_mut(head_dim) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * c[i] - b * s[i];
+                pair[1] = a * s[i] + b * c[i];
+            }
+        }
+    }
+}
+
+/// Causal attention of the `q` tokens (at positions `pos..`) over the cache. `work` holds, per
+/// head, the head's output `[token][head_dim]` followed by room for one row of scores; the
+/// softmax is computed as candle computes it (scores, max, exponentials, normalized weights,
+/// then the weighted sum of values).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attention(
+    cfg: &Config,
+    pool: &Pool,
+    pos: usize,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    work: &mut [f32],
+) {
+    let hd = cfg.head_dim;
+    let (dim, kv_dim) = (cfg.dim, cfg.kv_dim());
+    let n = q.len() / dim;
+    let kv_len = pos + n;
+    let group = cfg.n_heads / cfg.n_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    pool.for_each_chunk_mut(work, n * hd + kv_len, &|h, chunk| {
+        let (head_out, scores) = chunk.split_at_mut(n * hd);
+        let kv_off = (h / group) * hd;
+        for (t, o) in head_out.chunks_exact_mut(hd).enumerate() {
+            let qv = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
+            let visible = pos + t + 1;
+            let scores = &mut scores[..visible];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in scores.iter_mut().enumerate() {
+                let kv = j * kv_dim + kv_off;
+                *sc = qv
+                    .iter()
+                    .zip(&k_cache[kv..kv + hd])
+                    .map(|(a, b)| a * b)
+                    .sum::<f32>()
+                    * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, sc) in scores.iter().enumerate() {
+                let w = sc / sum;
+                let kv = j * kv_dim + kv_off;
+                for (a, v) in o.iter_mut().zip(&v_cache[kv..kv + hd]) {
+                    *a += w * v;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,193 @@
+//! The weights of a llama-family GGUF file as the CPU forward pass reads them: the file's tensor
+//! data read once into one buffer, and typed views (type, shape, offset) into it. Nothing is
+//! dequantized or copied at load except the small norm vectors.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use candle_core::quantized::{GgmlDType, gguf_file};
+
+use super::quant::{WeightType, dequantize_row};
+use crate::EngineError;
+
+/// A 2-D weight matrix inside the tensor data: `rows` rows of `cols` elements.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mat {
+    pub ty: WeightType,
+    pub rows: usize,
+    pub cols: usize,
+    offset: usize,
+    row_bytes: usize,
+}
+
+impl Mat {
+    #[inline]
+    pub(crate) fn row<'a>(&self, data: &'a [u8], r: usize) -> &'a [u8] {
+        let start = self.offset + r * self.row_bytes;
+        &data[start..start + self.row_bytes]
+    }
+}
+
+/// The GGML types whose matrices the CPU path multiplies.
+fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(WeightType::Q4_0),
+        GgmlDType::Q4_1 => Some(WeightType::Q4_1),
+        GgmlDType::Q8_0 => Some(WeightType::Q8_0),
+        GgmlDType::Q4K => Some(WeightType::Q4K),
+        GgmlDType::Q6K => Some(WeightType::Q6K),
+        _ => None,
+    }
+}
+
+/// The GGML types the CPU path can dequantize (embedding rows, norms).
+fn any_type(dtype: GgmlDType) -> Option<WeightType> {
+    match dtype {
+        GgmlDType::F32 => Some(WeightType::F32),
+        GgmlDType::F16 => Some(WeightType::F16),
+        other => matmul_type(other),
+    }
+}
+
+/// Typed views of the tensors of one GGUF file.
+pub(crate) struct Tensors<'a> {
+    content: &'a gguf_file::Content,
+}
+
+impl<'a> Tensors<'a> {
+    pub(crate) fn new(content: &'a gguf_file::Content) -> Self {
+        Tensors { content }
+    }
+
+    fn info(&self, name: &str) -> Result<&'a gguf_file::TensorInfo, Unsupported> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Unsupported(format!("no tensor {name}")))
+    }
+
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// A matrix the forward pass multiplies with: it must have a type with a kernel.
+    pub(crate) fn matmul(&self, name: &str) -> Result<Mat, Unsupported> {
+        let info = self.info(name)?;
+        let ty = matmul_type(info.ggml_dtype)
+            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+        self.view(name, info, ty)
+    }
+
+    /// A matrix whose rows are only looked up (the token embedding).
+    pub(crate) fn lookup(&self, name: &str) -> Result<Mat, Unsupported> {
+        let info = self.info(name)?;
+        let ty = any_type(info.ggml_dtype)
+            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+        self.view(name, info, ty)
+    }
+
+    fn view(
+        &self,
+        name: &str,
+        info: &gguf_file::TensorInfo,
+        ty: WeightType,
+    ) -> Result<Mat, Unsupported> {
+        let dims = info.shape.dims();
+        let [rows, cols] = dims else {
+            return Err(Unsupported(format!("{name} has shape {dims:?}")));
+        };
+        if !cols.is_multiple_of(ty.block_elems()) {
+            return Err(Unsupported(format!("{name}: {cols} columns")));
+        }
+        Ok(Mat {
+            ty,
+            rows: *rows,
+            cols: *cols,
+            offset: usize::try_from(info.offset).map_err(|_| Unsupported("offset".into()))?,
+            row_bytes: ty.row_bytes(*cols),
+        })
+    }
+
+    /// A 1-D vector of `len` values, dequantized to f32 once its bytes are loaded.
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<VecRef, Unsupported> {
+        let info = self.info(name)?;
+        let ty = any_type(info.ggml_dtype)
+            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+        if info.shape.dims() != [len] || !len.is_multiple_of(ty.block_elems()) {
+            return Err(Unsupported(format!(
+                "{name} has shape {:?}",
+                info.shape.dims()
+            )));
+        }
+        Ok(VecRef {
+            ty,
+            len,
+            offset: usize::try_from(info.offset).map_err(|_| Unsupported("offset".into()))?,
+        })
+    }
+
+    /// Bytes of tensor data: the end of the last tensor.
+    pub(crate) fn data_len(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let bytes =
+                    t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+                t.offset + bytes as u64
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn data_offset(&self) -> u64 {
+        self.content.tensor_data_offset
+    }
+}
+
+/// A 1-D tensor not yet read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VecRef {
+    ty: WeightType,
+    len: usize,
+    offset: usize,
+}
+
+impl VecRef {
+    pub(crate) fn read(&self, data: &[u8]) -> Vec<f32> {
+        let mut out = vec![0f32; self.len];
+        let bytes = self.ty.row_bytes(self.len);
+        dequantize_row(self.ty, &data[self.offset..self.offset + bytes], &mut out);
+        out
+    }
+}
+
+/// Why a file stays on candle's path; logged, never shown to a client.
+#[derive(Debug)]
+pub(crate) struct Unsupported(pub String);
+
+/// Reads the whole tensor data region of the file in one buffer, calling `progress(read,
+/// total)` as it goes.
+pub(crate) fn read_data<R: Read + Seek>(
+    reader: &mut R,
+    tensors: &Tensors<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<u8>, EngineError> {
+    let total = tensors.data_len();
+    let len = usize::try_from(total)
+        .map_err(|_| EngineError::Load("the weights do not fit in memory".into()))?;
+    reader
+        .seek(SeekFrom::Start(tensors.data_offset()))
+        .map_err(|e| EngineError::load("weights", e))?;
+    let mut data = vec![0u8; len];
+    const STEP: usize = 8 << 20;
+    let mut done = 0;
+    while done < len {
+        let end = len.min(done + STEP);
+        reader
+            .read_exact(&mut data[done..end])
+            .map_err(|e| EngineError::load("weights", e))?;
+        done = end;
+        progress(done as u64, total);
+    }
+    Ok(data)
+}
