@@ -5,7 +5,9 @@
 //! cold start goes away, the next waiting job takes over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use job_server::{JobContext, JobFailure, terminal_to_result};
 use rbee_contract::{ErrorCode, JOBS_PATH, JobEvent, Operation, WorkerInfo, WorkerSpawnRequest};
@@ -82,20 +84,15 @@ impl Drop for Flight<'_> {
 }
 
 /// Gets a ready worker for `model` started by a hive, relaying the hive's progress events
-/// (`spawning`, `loading`, ...) on the job. Takes at most the configured spawn timeout.
+/// (`downloading`, `spawning`, `loading`, ...) on the job. Takes at most the configured spawn
+/// timeout, not counting a download that is making progress: a large model may take longer
+/// to fetch than any spawn timeout, and a download that moves is not stuck.
 pub(crate) async fn cold_start(
     queen: &Queen,
     model: &str,
     ctx: &JobContext,
 ) -> Result<WorkerInfo, JobFailure> {
     let limit = queen.config.spawn_timeout;
-    let deadline = Instant::now() + limit;
-    let timed_out = || {
-        JobFailure::new(
-            ErrorCode::Timeout,
-            format!("no worker for {model} became ready within {limit:?}"),
-        )
-    };
     loop {
         match queen.spawns.join(model) {
             Role::Follow(mut rx) => {
@@ -103,26 +100,68 @@ pub(crate) async fn cold_start(
                     "a worker for {model} is already being started; waiting for it"
                 )))
                 .await?;
-                match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
-                    Err(_) => return Err(timed_out()),
-                    Ok(Ok(outcome)) => {
-                        if let Some(result) = &*outcome {
-                            return result.clone();
-                        }
-                    }
-                    // The leading job went away without an outcome: take over.
-                    Ok(Err(_)) => {}
+                // The leading job's attempt is bounded; its outcome (a timeout too) is ours.
+                // Without an outcome the leading job went away: take over.
+                if let Ok(outcome) = rx.wait_for(Option::is_some).await
+                    && let Some(result) = &*outcome
+                {
+                    return result.clone();
                 }
             }
             Role::Lead(flight) => {
-                let result = tokio::time::timeout_at(deadline, spawn_on_hive(queen, model, ctx))
-                    .await
-                    .unwrap_or_else(|_| Err(timed_out()));
+                let deadline = Deadline::after(limit);
+                let attempt = spawn_on_hive(queen, model, ctx, &deadline);
+                tokio::pin!(attempt);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut attempt => break result,
+                        () = tokio::time::sleep_until(deadline.at()) => {
+                            if deadline.at() <= Instant::now() {
+                                break Err(JobFailure::new(
+                                    ErrorCode::Timeout,
+                                    format!("no worker for {model} became ready within {limit:?}"),
+                                ));
+                            }
+                        }
+                    }
+                };
                 flight.finish(&result);
                 return result;
             }
         }
     }
+}
+
+/// When a cold start gives up: `limit` after it began or after the download's latest progress.
+struct Deadline {
+    limit: Duration,
+    base: Instant,
+    /// Milliseconds after `base`.
+    at_ms: AtomicU64,
+}
+
+impl Deadline {
+    fn after(limit: Duration) -> Self {
+        Deadline {
+            limit,
+            base: Instant::now(),
+            at_ms: AtomicU64::new(millis(limit)),
+        }
+    }
+
+    fn at(&self) -> Instant {
+        self.base + Duration::from_millis(self.at_ms.load(Ordering::Relaxed))
+    }
+
+    /// Progress was made now: the limit counts again from here.
+    fn extend(&self) {
+        let at = millis(self.base.elapsed() + self.limit);
+        self.at_ms.fetch_max(at, Ordering::Relaxed);
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Asks the placements in turn: a hive that answers `no_capacity` (by its own estimate the
@@ -131,6 +170,7 @@ async fn spawn_on_hive(
     queen: &Queen,
     model: &str,
     ctx: &JobContext,
+    deadline: &Deadline,
 ) -> Result<WorkerInfo, JobFailure> {
     let targets = scheduler::spawn_targets(&queen.registry.hive_views(), model)?;
     let mut refusals = Vec::new();
@@ -139,7 +179,7 @@ async fn spawn_on_hive(
             Some(device) => format!("hive {} ({device})", target.hive.hive_id),
             None => format!("hive {}", target.hive.hive_id),
         };
-        match spawn_on(queen, model, ctx, target).await {
+        match spawn_on(queen, model, ctx, target, deadline).await {
             Err(failure) if failure.code == ErrorCode::NoCapacity => {
                 tracing::info!(model, %place, reason = %failure.message, "no room; trying the next placement");
                 ctx.emit(JobEvent::narration(format!(
@@ -163,6 +203,7 @@ async fn spawn_on(
     model: &str,
     ctx: &JobContext,
     target: scheduler::SpawnTarget,
+    deadline: &Deadline,
 ) -> Result<WorkerInfo, JobFailure> {
     let hive = target.hive;
     let peer = format!("hive {}", hive.hive_id);
@@ -186,12 +227,17 @@ async fn spawn_on(
         .map_err(|err| upstream_failure(&peer, &err))?;
     let mut worker = None;
     // The spawn's result (`data {"worker": ...}`) is for the queen, not the infer client.
-    let relayed = relay(handle, ctx, |event| match worker_of(event) {
-        Some(info) => {
-            worker = Some(info);
-            false
+    let relayed = relay(handle, ctx, |event| {
+        if matches!(event, JobEvent::Downloading { .. }) {
+            deadline.extend();
         }
-        None => true,
+        match worker_of(event) {
+            Some(info) => {
+                worker = Some(info);
+                false
+            }
+            None => true,
+        }
     })
     .await?;
     let outcome = match relayed.end {
@@ -226,6 +272,25 @@ pub(crate) fn worker_of(event: &JobEvent) -> Option<WorkerInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn download_progress_pushes_the_deadline_back() {
+        let deadline = Deadline::after(Duration::from_secs(10));
+        let first = deadline.at();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        deadline.extend();
+        assert_eq!(deadline.at(), first + Duration::from_secs(8));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(
+            deadline.at() > Instant::now(),
+            "within the limit of the last progress"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            deadline.at() < Instant::now(),
+            "no progress for longer than the limit"
+        );
+    }
 
     #[test]
     fn one_leader_per_model_until_it_is_dropped() {
