@@ -123,6 +123,9 @@ pub fn quickstart(args: &QuickstartArgs) -> anyhow::Result<()> {
     let mut infer = Command::new(keeper);
     infer
         .arg("infer")
+        // SmolLM2-Instruct answers a question asked as a chat message; given as raw text, a
+        // question is often a whole document to it, and it ends at once.
+        .arg("--chat")
         .arg("--model")
         .arg(&model)
         .args(&args.rest)

@@ -87,6 +87,13 @@ impl JobExecutor for Script {
                     ErrorCode::ModelLoadFailed,
                     "worker h1-w1 exited while loading: not a GGUF file\nlast log line",
                 )),
+                // An instruct model given a bare question often ends at once.
+                "silent" => {
+                    ctx.emit(JobEvent::Started { prompt_tokens: 7 })
+                        .await
+                        .map_err(|_| cancelled())?;
+                    Ok(JobOutcome::new(FinishReason::Stop, Some(Usage::new(7, 1))))
+                }
                 "slow" => {
                     let _dropped = SetOnDrop(Arc::clone(&self.slow_job_dropped));
                     for index in 0.. {
@@ -266,6 +273,32 @@ async fn infer_streams_tokens_to_stdout_and_progress_to_stderr() {
         run.err
     );
     assert!(run.err.contains("loading hf:o/r: 50%"), "{}", run.err);
+}
+
+#[tokio::test]
+async fn an_answer_without_text_is_said_on_stderr() {
+    let queen = fake_queen().await;
+    let raw = keeper(
+        &queen.url,
+        queen.home.path(),
+        &["infer", "-m", "silent", "Hi?"],
+    )
+    .await;
+    assert_eq!(raw.result.unwrap(), Outcome::Done);
+    assert_eq!(raw.out, "");
+    assert!(
+        raw.err
+            .contains("the model ended its answer at once, without text; an instruct model may answer with --chat"),
+        "{}",
+        raw.err
+    );
+    let chat = keeper(
+        &queen.url,
+        queen.home.path(),
+        &["infer", "--chat", "-m", "silent", "Hi?"],
+    )
+    .await;
+    assert!(chat.err.contains("without text\n"), "{}", chat.err);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use crate::error::KeeperError;
 
 pub(crate) async fn infer(ctx: &mut Ctx<'_>, args: InferArgs) -> Result<(), KeeperError> {
     let request = build_request(&args, ctx.queen.url().is_local())?;
+    let chat = request.messages.is_some();
     let interrupt = ctx.interrupt.clone();
     until_interrupted(&interrupt, ensure_cluster(ctx)).await?;
 
@@ -32,6 +33,19 @@ pub(crate) async fn infer(ctx: &mut Ctx<'_>, args: InferArgs) -> Result<(), Keep
     };
     let end = follow(ctx, submitted, &what, show).await?;
     ctx.console.end_out_line()?;
+    let ended_at_once = end.finish_reason == FinishReason::Stop
+        && end.usage.is_some_and(|usage| usage.completion_tokens <= 1);
+    if ended_at_once && !ctx.console.json() {
+        // Otherwise the only output is nothing at all, which looks like a failure.
+        let hint = if chat {
+            ""
+        } else {
+            "; an instruct model may answer with --chat"
+        };
+        ctx.console.note(&format!(
+            "the model ended its answer at once, without text{hint}"
+        ));
+    }
     if let Some(usage) = end.usage {
         let mut summary = format!(
             "{} prompt tokens, {} generated",
