@@ -47,13 +47,18 @@ pub(crate) async fn tail_async(path: PathBuf, lines: usize) -> String {
         .unwrap_or_default()
 }
 
-/// A report for humans: `what` followed by the log's last lines, or a note that it is empty.
+/// A report for operators: `what` alone on the first line, then the log's last lines (or a
+/// note that it is empty) and the log's path. Only the first line is meant for every client: the OpenAI
+/// boundary sends that line alone, so no log line or hive path reaches an API client.
 pub(crate) async fn with_tail(what: String, path: &Path) -> String {
     let tail = tail_async(path.to_path_buf(), TAIL_LINES).await;
     if tail.is_empty() {
-        format!("{what} (its log {} is empty)", path.display())
+        format!("{what}\nits log {} is empty", path.display())
     } else {
-        format!("{what}; last lines of {}:\n{tail}", path.display())
+        format!(
+            "{what}\nlast lines of its log:\n{tail}\nlog: {}",
+            path.display()
+        )
     }
 }
 
@@ -108,6 +113,27 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let tail = tail(&path, 2);
         assert_eq!(tail, format!("{line} 998\n{line} 999"));
+    }
+
+    #[tokio::test]
+    async fn a_report_keeps_the_log_and_its_path_off_the_first_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.log");
+        std::fs::write(&path, "loading\nno such tensor\n").unwrap();
+        let report = with_tail("worker w failed".into(), &path).await;
+        let mut lines = report.lines();
+        assert_eq!(lines.next(), Some("worker w failed"));
+        assert_eq!(lines.next(), Some("last lines of its log:"));
+        assert_eq!(lines.next(), Some("loading"));
+        assert!(report.ends_with(&format!("no such tensor\nlog: {}", path.display())));
+
+        let empty = dir.path().join("empty.log");
+        std::fs::write(&empty, "").unwrap();
+        let report = with_tail("worker w failed".into(), &empty).await;
+        assert_eq!(
+            report,
+            format!("worker w failed\nits log {} is empty", empty.display())
+        );
     }
 
     #[test]

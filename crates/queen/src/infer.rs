@@ -20,6 +20,8 @@ use crate::state::{Queen, upstream_failure};
 const INFERENCE_PATH: &str = "/v1/inference";
 /// Workers a job is offered to at most (busy or unfit ones count too).
 const MAX_ATTEMPTS: usize = 8;
+/// Stop sequences a job may give, as many as a worker takes.
+const MAX_STOP: usize = 16;
 
 /// An admitted `infer`: it names a model and exactly one non-empty prompt form, and its
 /// sampling values are in range. What depends on the model (the prompt fitting the context)
@@ -64,6 +66,29 @@ impl ValidInfer {
             && !(0.0..=1.0).contains(&p)
         {
             return bad("`min_p` must be in [0, 1]");
+        }
+        if let Some(r) = request.repeat_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return bad("`repeat_penalty` must be above 0");
+        }
+        for (name, value) in [
+            ("presence_penalty", request.presence_penalty),
+            ("frequency_penalty", request.frequency_penalty),
+        ] {
+            if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+                return Err(ApiError::bad_request(format!(
+                    "`{name}` must be in [-2, 2]"
+                )));
+            }
+        }
+        if request.stop.len() > MAX_STOP {
+            return Err(ApiError::bad_request(format!(
+                "`stop` takes at most {MAX_STOP} sequences"
+            )));
+        }
+        if request.stop.iter().any(String::is_empty) {
+            return bad("`stop` sequences must not be empty");
         }
         Ok(ValidInfer { request })
     }
@@ -337,6 +362,26 @@ mod tests {
             },
             InferRequest {
                 min_p: Some(-0.1),
+                ..request()
+            },
+            InferRequest {
+                repeat_penalty: Some(0.0),
+                ..request()
+            },
+            InferRequest {
+                presence_penalty: Some(2.5),
+                ..request()
+            },
+            InferRequest {
+                frequency_penalty: Some(f32::NAN),
+                ..request()
+            },
+            InferRequest {
+                stop: vec!["\n".into(), String::new()],
+                ..request()
+            },
+            InferRequest {
+                stop: vec!["x".into(); 17],
                 ..request()
             },
         ];

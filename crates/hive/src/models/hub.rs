@@ -8,7 +8,7 @@ use hf_hub::Cache;
 use hf_hub::api::tokio::{Api, ApiBuilder};
 use serde::Deserialize;
 
-use super::reference::HubRef;
+use super::reference::{self, HubRef};
 
 /// The quantizations picked, in order, when `hf:org/repo` names no file.
 pub(crate) const PREFERRED_QUANTS: [&str; 4] = ["Q4_K_M", "Q4_0", "Q8_0", "F16"];
@@ -180,7 +180,13 @@ impl Hub {
 /// first preferred quantization, else the only GGUF file.
 pub(crate) fn choose(reference: &HubRef, files: &[RemoteFile]) -> Result<RemoteFile, HubError> {
     let repo = reference.repo();
-    let ggufs: Vec<&RemoteFile> = files.iter().filter(|f| is_gguf(&f.name)).collect();
+    // The listing comes from whatever `HF_ENDPOINT` names: a file name it gives is only a
+    // candidate when a user could have written it in a reference, so it cannot lead the
+    // download outside the model directory (`../x.gguf`, `/abs.gguf`).
+    let ggufs: Vec<&RemoteFile> = files
+        .iter()
+        .filter(|f| is_gguf(&f.name) && reference::check_file(&f.name).is_ok())
+        .collect();
     let chosen = match reference.file() {
         Some(wanted) => {
             files
@@ -309,5 +315,18 @@ mod tests {
         );
         let missing = chosen("hf:o/r:x.gguf", &["a.Q2_K.gguf"]).unwrap_err();
         assert!(missing.contains("no file x.gguf") && missing.contains("a.Q2_K.gguf"));
+    }
+
+    #[test]
+    fn a_listing_cannot_lead_the_download_out_of_the_model_directory() {
+        let hostile = [
+            "../../escape.Q4_K_M.gguf",
+            "/abs/m.Q4_0.gguf",
+            "d/../m.Q8_0.gguf",
+        ];
+        assert!(chosen("hf:o/r", &hostile).unwrap_err().contains("no .gguf"));
+        let mut with_good = hostile.to_vec();
+        with_good.push("sub/m.Q2_K.gguf");
+        assert_eq!(chosen("hf:o/r", &with_good).unwrap(), "sub/m.Q2_K.gguf");
     }
 }

@@ -156,7 +156,7 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
 
 /// A file of the repo: components as [`check_name`] allows, separated by `/`, ending in
 /// `.gguf` (the one format a single file is a whole model in).
-fn check_file(file: &str) -> Result<String, String> {
+pub(crate) fn check_file(file: &str) -> Result<String, String> {
     if file.is_empty() {
         return Err("the file name after `:` is empty".into());
     }

@@ -90,6 +90,17 @@ impl OpenAiError {
         }
     }
 
+    /// A job's terminal `error` event, for an OpenAI client: the message's first line only.
+    /// Later lines are reports for operators (a worker's log tail, the log's path on its
+    /// hive); they go to the queen's log with the job id, not to API clients.
+    pub fn from_job(job_id: &str, code: ErrorCode, message: &str) -> Self {
+        let first = message.lines().next().unwrap_or_default().trim_end();
+        if first.len() < message.trim_end().len() {
+            tracing::warn!(job_id, %code, message, "job failed; its details are only logged");
+        }
+        Self::from_code(code, first)
+    }
+
     /// A `400` about the request parameter `param`.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
         Self::bad_request(Some(param.into()), message)

@@ -35,7 +35,7 @@ pub(crate) async fn opening(subscription: &mut JobSubscription) -> Result<JobEve
         };
         match &*item.event {
             JobEvent::Error { code, message } => {
-                return Err(OpenAiError::from_code(*code, message.clone()));
+                return Err(OpenAiError::from_job(subscription.job_id(), *code, message));
             }
             event @ (JobEvent::Started { .. } | JobEvent::Token { .. } | JobEvent::Done { .. }) => {
                 return Ok(event.clone());
@@ -75,7 +75,7 @@ pub(crate) async fn json(
                 return Ok(response);
             }
             JobEvent::Error { code, message } => {
-                return Err(OpenAiError::from_code(code, message));
+                return Err(OpenAiError::from_job(subscription.job_id(), code, &message));
             }
             _ => {}
         }
@@ -168,8 +168,12 @@ impl StreamState {
                 self.pending.push_back(DONE_SENTINEL.to_string());
             }
             JobEvent::Error { code, message } => {
-                self.subscription = None;
-                self.fail(&OpenAiError::from_code(code, message));
+                let job_id = self
+                    .subscription
+                    .take()
+                    .map(|s| s.job_id().to_owned())
+                    .unwrap_or_default();
+                self.fail(&OpenAiError::from_job(&job_id, code, &message));
             }
             JobEvent::Queued { .. }
             | JobEvent::Narration { .. }

@@ -141,6 +141,30 @@ async fn a_failure_after_the_start_is_an_error_chunk_then_done() {
 }
 
 #[tokio::test]
+async fn operator_details_after_the_first_line_of_a_failure_stay_in_the_log() {
+    let report = "worker w1 could not load m: not a GGUF file\nlast lines of its log:\n\
+                  ERROR rbee_worker: secret detail\nlog: /var/log/rbee/workers/w1.log";
+    let failed = || Err(JobFailure::new(ErrorCode::ModelLoadFailed, report));
+    let mut subscription = subscribed(progress(), failed()).await;
+    let err = opening(&mut subscription).await.err().unwrap();
+    assert_eq!(err.status, axum::http::StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        err.body.message,
+        "worker w1 could not load m: not a GGUF file"
+    );
+
+    let events = vec![JobEvent::Started { prompt_tokens: 2 }, token("a", 0)];
+    let lines = stream_lines(Kind::Text, events, failed()).await;
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines[1].contains("not a GGUF file") && !lines[1].contains("secret detail"),
+        "{}",
+        lines[1]
+    );
+    assert!(!lines[1].contains("/var/log"), "{}", lines[1]);
+}
+
+#[tokio::test]
 async fn a_failure_before_the_start_is_an_error_answer() {
     let busy = Err(JobFailure::new(ErrorCode::Busy, "the queue is full"));
     let mut subscription = subscribed(progress(), busy).await;
