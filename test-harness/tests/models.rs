@@ -122,6 +122,24 @@ fn transfers(hub: &TestHub) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// How many bytes from its start `hf-hub`'s partial file under `model_dir` holds for good: the
+/// little-endian `u64` it keeps after the file's data.
+fn committed_bytes(model_dir: &Path) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    files_under(&model_dir.join("hub"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".sync.part"))
+        .filter_map(|path| {
+            let mut file = std::fs::File::open(path).ok()?;
+            file.seek(SeekFrom::End(-8)).ok()?;
+            let mut marker = [0u8; 8];
+            file.read_exact(&mut marker).ok()?;
+            Some(u64::from_le_bytes(marker))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Every file under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -371,11 +389,9 @@ async fn a_download_cut_by_a_hive_restart_resumes_afterwards() {
     let mut hive = hive_on(&stalling, &model_dir).await;
     let model = format!("hf:{SMOL_REPO}");
     let job = hive.submit_ok(&download(&model)).await;
+    // The first chunk is on disk once hf-hub's partial file records it as committed.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !transfers(&stalling)
-        .iter()
-        .any(|(start, _)| *start == 10_000_000)
-    {
+    while committed_bytes(&model_dir) < 10_000_000 {
         assert!(Instant::now() < deadline, "the download never got going");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -608,5 +624,40 @@ async fn keeper_infer_on_a_model_no_hive_has_downloads_it_first() {
 
     let stopped = env.run(&["queen", "stop"], Duration::from_secs(60)).await;
     assert_eq!(stopped.code, Some(0), "{stopped:?}");
+    let _ = std::fs::remove_dir_all(&model_dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spawn_that_cannot_fit_is_refused_before_its_model_is_downloaded() {
+    let hub = tiny_hub(Fault::None).await;
+    let model_dir = scratch_dir("models-no-room");
+    let dir = model_dir.display().to_string();
+    let hive = TestHive::start(
+        "models-hive",
+        TOKEN,
+        &[
+            "--model-dir",
+            &dir,
+            "--hf-endpoint",
+            &hub.url,
+            "--memory-reserve",
+            "1TiB",
+        ],
+    )
+    .await;
+
+    let stream = hive
+        .run_job(&json!({"operation": "worker_spawn", "model": format!("hf:{TINY_REPO}")}))
+        .await;
+    let (code, message) = error_of(&stream);
+    assert_eq!(code, ErrorCode::NoCapacity, "{message}");
+    assert!(message.contains("not downloaded"), "{message}");
+    assert!(
+        !events(&stream).any(|e| matches!(e, JobEvent::Downloading { .. })),
+        "{:?}",
+        stream.events
+    );
+    assert_eq!(transfers(&hub), Vec::new(), "no byte of the model moved");
+    assert!(list(&hive).await.is_empty(), "nothing entered the catalog");
     let _ = std::fs::remove_dir_all(&model_dir);
 }

@@ -286,6 +286,57 @@ pub(crate) async fn reserve(
     }
 }
 
+/// Before an `hf:` model is downloaded for a spawn: refuses at once, with `no_capacity`, when
+/// its file and the overhead alone exceed what the device has left, so that a model that could
+/// never run there is not fetched first. The full check, with the KV cache read from the
+/// file's header, comes after the download ([`reserve`]).
+pub(crate) async fn before_download(
+    hive: &Hive,
+    device: &str,
+    model: &str,
+    file_bytes: u64,
+) -> Result<(), JobFailure> {
+    let ledger = Arc::clone(&hive.capacity);
+    let children = Arc::clone(&hive.children);
+    let memory_reserve = hive.config.memory_reserve;
+    let (device, model) = (device.to_owned(), model.to_owned());
+    let estimate = tokio::task::spawn_blocking(move || {
+        let devices = devices::read();
+        let device = devices.find(&device)?;
+        let held = ledger.lock().held(&children.list(), device);
+        let overhead_bytes = overhead(device.kind);
+        Some(CapacityEstimate {
+            device: device.id.clone(),
+            model,
+            required_bytes: file_bytes.saturating_add(overhead_bytes),
+            available_bytes: available(device, held, memory_reserve),
+            weights_bytes: file_bytes,
+            kv_cache_bytes: 0,
+            overhead_bytes,
+            context_length: 0,
+        })
+    })
+    .await
+    .map_err(|e| JobFailure::internal(format!("the capacity check failed: {e}")))?;
+    // An unknown device is refused by the full check, with the list of devices.
+    match estimate {
+        Some(estimate) if !estimate.fits() => Err(JobFailure::new(
+            ErrorCode::NoCapacity,
+            format!(
+                "`{}` does not fit on {}, so it was not downloaded: its file alone needs {} \
+                 bytes ({} weights + {} overhead, before the KV cache) and {} bytes are available",
+                estimate.model,
+                estimate.device,
+                estimate.required_bytes,
+                estimate.weights_bytes,
+                estimate.overhead_bytes,
+                estimate.available_bytes
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The `409` body for an estimate that does not fit.
 pub(crate) fn no_capacity_body(estimate: CapacityEstimate) -> NoCapacityBody {
     NoCapacityBody {

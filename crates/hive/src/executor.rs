@@ -12,7 +12,7 @@ use crate::Hive;
 use crate::children::{SpawnSpec, wait_exit};
 use crate::models::CatalogRow;
 use crate::models::reference::{self, HubRef, ModelRef};
-use crate::{devices, spawn};
+use crate::{capacity, devices, spawn};
 
 /// An admitted operation: the target hive is this one, a model reference is well formed (a
 /// local path exists), a device is well formed, a named worker is one of this hive's
@@ -235,10 +235,14 @@ impl HiveExecutor {
         let model_path = match request.model {
             SpawnModel::Local(path) => path,
             SpawnModel::Hub(model) => {
+                // A model that could never fit the device is not downloaded first.
+                let (hive, device) = (&self.hive, request.device.as_str());
                 let row = self
                     .hive
                     .models
-                    .fetch(&model, &request.model_ref, ctx)
+                    .fetch_checked(&model, &request.model_ref, ctx, |file_bytes| {
+                        capacity::before_download(hive, device, &request.model_ref, file_bytes)
+                    })
                     .await?;
                 row.path.ok_or_else(|| {
                     JobFailure::internal(format!("{} is ready but has no file", row.id))

@@ -151,6 +151,22 @@ impl Models {
         source: &str,
         ctx: &JobContext,
     ) -> Result<CatalogRow, JobFailure> {
+        self.fetch_checked(reference, source, ctx, |_| async { Ok(()) })
+            .await
+    }
+
+    /// [`Models::fetch`], but a model that is not here yet is first shown to `before_download`
+    /// with its file size: it can refuse the download before a byte moves.
+    pub async fn fetch_checked<F>(
+        self: &Arc<Self>,
+        reference: &HubRef,
+        source: &str,
+        ctx: &JobContext,
+        before_download: impl FnOnce(u64) -> F,
+    ) -> Result<CatalogRow, JobFailure>
+    where
+        F: Future<Output = Result<(), JobFailure>>,
+    {
         if let Some(row) = self.ready(reference) {
             return self.used(row).await;
         }
@@ -161,6 +177,7 @@ impl Models {
         if let Some(row) = self.ready(&exact) {
             return self.used(row).await;
         }
+        before_download(file.size).await?;
         ctx.emit(JobEvent::narration(format!(
             "downloading {} ({} bytes) from {}/{repo}",
             file.name,
