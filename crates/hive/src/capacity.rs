@@ -370,7 +370,8 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn device(id: &str, total: u64, free: u64) -> DeviceInfo {
+    /// A device with this much memory; `cpu` is the CPU, anything else a CUDA device.
+    pub(crate) fn device(id: &str, total: u64, free: u64) -> DeviceInfo {
         DeviceInfo {
             id: id.into(),
             kind: if id == "cpu" {

@@ -155,24 +155,10 @@ mod tests {
     use rbee_contract::WorkerState;
 
     use super::*;
+    use crate::capacity::tests::device;
 
     const GIB: u64 = 1 << 30;
 
-    fn device(id: &str, total: u64, free: u64) -> DeviceInfo {
-        DeviceInfo {
-            id: id.into(),
-            kind: if id == "cpu" {
-                DeviceKind::Cpu
-            } else {
-                DeviceKind::Cuda
-            },
-            name: id.into(),
-            memory_total_bytes: total,
-            memory_free_bytes: free,
-            cores: None,
-            compute_capability: None,
-        }
-    }
 
     fn worker(id: &str, model: &str, device: &str) -> WorkerInfo {
         WorkerInfo {

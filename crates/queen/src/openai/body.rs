@@ -3,7 +3,8 @@
 //! document describes. Checking and converting them is `request`'s job.
 //!
 //! OpenAI parameters rbee cannot honour are fields here too, hidden from the document, so
-//! that they are refused by name rather than reported as unknown.
+//! that they are refused by name rather than reported as unknown. The fields both requests
+//! share are written out in each: serde cannot combine `flatten` with `deny_unknown_fields`.
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
