@@ -1,6 +1,7 @@
-//! The queen's two credentials, as a client and a daemon meet them: API keys on every public
+//! The queen's credentials, as a client and a daemon meet them: API keys on every public
 //! route but `/health`, the cluster token on the heartbeat routes, and neither standing in
-//! for the other. The queen is the real binary with two API keys and a cluster token.
+//! for the other; admin keys, when configured, for shutdown and the operations that change a
+//! hive. The queen is the real binary with two API keys and a cluster token.
 
 use std::time::Duration;
 
@@ -12,16 +13,24 @@ use test_harness::{Daemon, JobApi, free_port, read_raw_stream};
 const CLUSTER_TOKEN: &str = "auth-test-cluster-token";
 const KEY_ONE: &str = "auth-test-key-one";
 const KEY_TWO: &str = "auth-test-key-two";
+const ADMIN_KEY: &str = "auth-test-admin-key";
 
 async fn start_queen() -> Daemon {
+    start_queen_with(&[]).await
+}
+
+async fn start_queen_with(extra_env: &[(&str, &str)]) -> Daemon {
     let port = free_port();
+    let api_keys = format!("{KEY_ONE}, {KEY_TWO}");
+    let mut env = vec![
+        ("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN),
+        ("RBEE_API_KEYS", api_keys.as_str()),
+    ];
+    env.extend_from_slice(extra_env);
     let mut queen = Daemon::start(
         "queen-rbee",
         &["--port".to_string(), port.to_string()],
-        &[
-            ("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN),
-            ("RBEE_API_KEYS", &format!("{KEY_ONE}, {KEY_TWO}")),
-        ],
+        &env,
         format!("http://127.0.0.1:{port}"),
     )
     .expect("start queen");
@@ -242,4 +251,222 @@ async fn api_keys_guard_client_routes_and_the_cluster_token_guards_heartbeats() 
     for secret in [CLUSTER_TOKEN, KEY_ONE, KEY_TWO, "not-a-key"] {
         assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
     }
+}
+
+/// A `403` with rbee's error body: the key is valid, but not for this.
+async fn assert_forbidden(response: reqwest::Response, what: &str) {
+    assert_eq!(response.status(), 403, "{what}");
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert_eq!(body["error"]["code"], "forbidden", "{what}: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("admin key"), "{what}: {body}");
+}
+
+/// Registers a hive that answers nothing, so that hive operations are admitted (their jobs
+/// then end with an error) instead of being refused for want of any hive.
+async fn register_dead_hive(queen: &Daemon) {
+    let beat = json!({"hive": {
+        "hive_id": "h-auth", "url": "http://127.0.0.1:1", "devices": [], "workers": [], "models": [],
+    }});
+    let response = call(
+        queen,
+        Method::POST,
+        "/v1/hive-heartbeat",
+        Some(&beat),
+        Some(CLUSTER_TOKEN),
+    )
+    .await;
+    assert_eq!(response.status(), 204);
+}
+
+/// Jobs the queen holds, running and finished, from `/metrics`.
+async fn jobs_held(queen: &Daemon) -> u64 {
+    let page = call(queen, Method::GET, "/metrics", None, Some(ADMIN_KEY))
+        .await
+        .text()
+        .await
+        .unwrap();
+    page.lines()
+        .filter(|line| line.starts_with("rbee_jobs{"))
+        .map(|line| {
+            let count = line.rsplit(' ').next().unwrap_or_default();
+            count.parse::<u64>().unwrap_or_else(|_| panic!("{line}"))
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_admin_keys_only_an_admin_key_changes_the_cluster() {
+    let mut queen = start_queen_with(&[("RBEE_ADMIN_KEYS", ADMIN_KEY)]).await;
+    register_dead_hive(&queen).await;
+    let infer = json!({"operation": "infer", "model": "nobody-serves-this", "prompt": "hi", "max_tokens": 2});
+    let admin_operations = [
+        json!({"operation": "worker_spawn", "model": "hf:org/repo", "device": "cpu"}),
+        json!({"operation": "worker_delete", "worker_id": "w-1"}),
+        json!({"operation": "model_download", "model": "hf:org/repo"}),
+        json!({"operation": "model_delete", "model": "hf:org/repo"}),
+    ];
+    // The job server reads the last of two tags; so must the check.
+    let smuggled = r#"{"operation":"infer","operation":"model_delete","model":"hf:org/repo"}"#;
+
+    // An API key reads the cluster and runs inference...
+    for (method, path) in [
+        (Method::GET, "/v1/workers"),
+        (Method::GET, "/v1/hives"),
+        (Method::GET, "/metrics"),
+        (Method::GET, "/v1/models"),
+    ] {
+        let response = call(&queen, method.clone(), path, None, Some(KEY_ONE)).await;
+        assert_eq!(response.status(), 200, "{method} {path} with an API key");
+    }
+    for body in [
+        &infer,
+        &json!({"operation": "model_list"}),
+        &json!({"operation": "worker_list"}),
+    ] {
+        let response = call(&queen, Method::POST, "/v1/jobs", Some(body), Some(KEY_TWO)).await;
+        assert_eq!(response.status(), 201, "{body} with an API key");
+    }
+
+    // ...but cannot change it: `403`, and no job is created.
+    let held = jobs_held(&queen).await;
+    for body in &admin_operations {
+        let response = call(&queen, Method::POST, "/v1/jobs", Some(body), Some(KEY_ONE)).await;
+        assert_forbidden(response, &format!("{body} with an API key")).await;
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/jobs", queen.url))
+        .bearer_auth(KEY_ONE)
+        .header("content-type", "application/json")
+        .body(smuggled)
+        .send()
+        .await
+        .unwrap();
+    assert_forbidden(response, "a second `operation` tag").await;
+    assert_eq!(
+        jobs_held(&queen).await,
+        held,
+        "a refused operation created a job"
+    );
+    let response = call(&queen, Method::POST, "/v1/shutdown", None, Some(KEY_ONE)).await;
+    assert_forbidden(response, "shutdown with an API key").await;
+
+    // Without a valid key it is still a `401`, and the cluster token is still no client key.
+    for bearer in [None, Some("not-a-key"), Some(CLUSTER_TOKEN)] {
+        let response = call(&queen, Method::POST, "/v1/shutdown", None, bearer).await;
+        assert_refused(response, &format!("shutdown with {bearer:?}")).await;
+        let response = call(
+            &queen,
+            Method::POST,
+            "/v1/jobs",
+            Some(&admin_operations[3]),
+            bearer,
+        )
+        .await;
+        assert_refused(response, &format!("model_delete with {bearer:?}")).await;
+    }
+    // An admin key is no cluster token either.
+    let response = call(
+        &queen,
+        Method::POST,
+        "/v1/worker-heartbeat",
+        Some(&heartbeat()),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert_refused(response, "a heartbeat with the admin key").await;
+
+    // An admin key does everything an API key does, and administers.
+    for path in ["/v1/workers", "/v1/hives", "/metrics", "/v1/models"] {
+        let response = call(&queen, Method::GET, path, None, Some(ADMIN_KEY)).await;
+        assert_eq!(response.status(), 200, "{path} with the admin key");
+    }
+    let chat =
+        json!({"model": "nobody-serves-this", "messages": [{"role": "user", "content": "hi"}]});
+    let response = call(
+        &queen,
+        Method::POST,
+        "/v1/chat/completions",
+        Some(&chat),
+        Some(ADMIN_KEY),
+    )
+    .await;
+    assert!(
+        ![401, 403].contains(&response.status().as_u16()),
+        "chat with the admin key: {}",
+        response.status()
+    );
+    let held = jobs_held(&queen).await;
+    for body in std::iter::once(&infer).chain(&admin_operations) {
+        let response = call(
+            &queen,
+            Method::POST,
+            "/v1/jobs",
+            Some(body),
+            Some(ADMIN_KEY),
+        )
+        .await;
+        assert_eq!(response.status(), 201, "{body} with the admin key");
+        let created: JobCreated = response.json().await.unwrap();
+        // The job ran to a clear end (there is no hive to act on), readable by any client key.
+        let stream = read_raw_stream(
+            JobApi::new(&queen.url, Some(KEY_ONE))
+                .open_stream(&created)
+                .await,
+        )
+        .await
+        .unwrap();
+        stream.assert_one_terminal_then_done("queen");
+    }
+    assert_eq!(
+        jobs_held(&queen).await,
+        held + 1 + admin_operations.len() as u64,
+        "every admitted operation is a job"
+    );
+
+    let response = call(&queen, Method::POST, "/v1/shutdown", None, Some(ADMIN_KEY)).await;
+    assert_eq!(response.status(), 202, "shutdown with the admin key");
+    let status = queen
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the queen exits");
+    assert_eq!(status, Some(0));
+
+    let log = queen.log_text();
+    assert!(
+        !log.contains("every API key can shut the cluster down"),
+        "no warning with admin keys:\n{log}"
+    );
+    for secret in [ADMIN_KEY, KEY_ONE, KEY_TWO] {
+        assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_admin_keys_an_api_key_administers_and_the_queen_warns() {
+    let mut queen = start_queen().await;
+    register_dead_hive(&queen).await;
+    let response = call(
+        &queen,
+        Method::POST,
+        "/v1/jobs",
+        Some(&json!({"operation": "model_delete", "model": "hf:org/repo"})),
+        Some(KEY_ONE),
+    )
+    .await;
+    assert_eq!(response.status(), 201, "model_delete with an API key");
+    let response = call(&queen, Method::POST, "/v1/shutdown", None, Some(KEY_TWO)).await;
+    assert_eq!(response.status(), 202, "shutdown with an API key");
+    let status = queen
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("the queen exits");
+    assert_eq!(status, Some(0));
+    let log = queen.log_text();
+    assert_eq!(
+        log.matches("every API key can shut the cluster down")
+            .count(),
+        1,
+        "one warning at startup:\n{log}"
+    );
 }

@@ -9,10 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use daemon_kit::parse_duration;
-use queen::{QueenConfig, QueenSettings};
+use queen::{QueenConfig, QueenSecrets, QueenSettings};
 use tokio_util::sync::CancellationToken;
 
-/// Flags win over the config file, which wins over the built-in defaults.
+/// Flags win over the config file, which wins over the built-in defaults. Credentials come
+/// from the environment only: RBEE_CLUSTER_TOKEN, RBEE_API_KEYS (client keys, comma-separated)
+/// and RBEE_ADMIN_KEYS (keys that may also shut the cluster down and spawn or delete workers
+/// and models; without them every API key may).
 #[derive(Debug, Parser)]
 #[command(
     name = "queen-rbee",
@@ -27,7 +30,8 @@ struct Args {
     /// Port to listen on [default: 7833].
     #[arg(long, env = "RBEE_QUEEN_PORT")]
     port: Option<u16>,
-    /// Address to bind [default: 127.0.0.1]; any other needs RBEE_CLUSTER_TOKEN and RBEE_API_KEYS.
+    /// Address to bind [default: 127.0.0.1]; any other needs RBEE_CLUSTER_TOKEN and RBEE_API_KEYS
+    /// (or RBEE_ADMIN_KEYS).
     #[arg(long, env = "RBEE_QUEEN_BIND")]
     bind: Option<IpAddr>,
     /// The interval hives and workers send heartbeats at, e.g. 500ms, 5s [default: 5s].
@@ -78,11 +82,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queue_timeout: args.queue_timeout,
         max_jobs: args.max_jobs,
     };
-    let cluster_token = daemon_kit::cluster_token_from_env();
-    let api_keys = std::env::var("RBEE_API_KEYS")
-        .map(|keys| queen::parse_api_keys(&keys))
-        .unwrap_or_default();
-    let config = QueenConfig::resolve(flags.or(file), cluster_token, api_keys)?;
+    let keys_from_env = |name| {
+        std::env::var(name)
+            .map(|keys| queen::parse_api_keys(&keys))
+            .unwrap_or_default()
+    };
+    let secrets = QueenSecrets {
+        cluster_token: daemon_kit::cluster_token_from_env(),
+        api_keys: keys_from_env("RBEE_API_KEYS"),
+        admin_keys: keys_from_env("RBEE_ADMIN_KEYS"),
+    };
+    let config = QueenConfig::resolve(flags.or(file), secrets)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -47,6 +47,10 @@ pub struct QueenConfig {
     pub cluster_token: Option<String>,
     /// Keys accepted from clients on the job API and the lists; none means open (loopback).
     pub api_keys: Vec<String>,
+    /// Keys that may also administer the cluster: shutdown and the worker and model operations
+    /// that change a hive. They are accepted wherever an API key is. With none, API keys
+    /// administer the cluster too.
+    pub admin_keys: Vec<String>,
 }
 
 impl Default for QueenConfig {
@@ -61,6 +65,7 @@ impl Default for QueenConfig {
             max_jobs: DEFAULT_MAX_JOBS,
             cluster_token: None,
             api_keys: Vec::new(),
+            admin_keys: Vec::new(),
         }
     }
 }
@@ -78,6 +83,27 @@ impl std::fmt::Debug for QueenConfig {
             .field("max_jobs", &self.max_jobs)
             .field("cluster_token", &self.cluster_token.is_some())
             .field("api_keys", &self.api_keys.len())
+            .field("admin_keys", &self.admin_keys.len())
+            .finish()
+    }
+}
+
+/// The queen's credentials, read from the environment only (`RBEE_CLUSTER_TOKEN`,
+/// `RBEE_API_KEYS`, `RBEE_ADMIN_KEYS`): never from the config file, which may be
+/// world-readable, nor from flags, which any local user sees in the process list.
+#[derive(Clone, Default)]
+pub struct QueenSecrets {
+    pub cluster_token: Option<String>,
+    pub api_keys: Vec<String>,
+    pub admin_keys: Vec<String>,
+}
+
+impl std::fmt::Debug for QueenSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueenSecrets")
+            .field("cluster_token", &self.cluster_token.is_some())
+            .field("api_keys", &self.api_keys.len())
+            .field("admin_keys", &self.admin_keys.len())
             .finish()
     }
 }
@@ -85,8 +111,7 @@ impl std::fmt::Debug for QueenConfig {
 /// The settings one source gives (the command line with its environment, or the config
 /// file). Unset fields fall through to the next source, then to the defaults above.
 ///
-/// Secrets are not settings: they come from the environment only (`RBEE_CLUSTER_TOKEN`,
-/// `RBEE_API_KEYS`), so that a config file can be world-readable.
+/// Secrets are not settings: they are [`QueenSecrets`], from the environment only.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueenSettings {
@@ -134,15 +159,15 @@ impl QueenSettings {
 
 impl QueenConfig {
     /// Applies the defaults to `settings` and checks the result. A bind address other than
-    /// loopback needs both secrets: without them heartbeats or the job API would be open to
-    /// the network.
+    /// loopback needs the cluster token and client keys (API or admin keys): without them
+    /// heartbeats or the job API would be open to the network.
     pub fn resolve(
         settings: QueenSettings,
-        cluster_token: Option<String>,
-        api_keys: Vec<String>,
+        secrets: QueenSecrets,
     ) -> Result<QueenConfig, ConfigError> {
-        let cluster_token = cluster_token.filter(|t| !t.is_empty());
-        let api_keys: Vec<String> = api_keys.into_iter().filter(|k| !k.is_empty()).collect();
+        let cluster_token = secrets.cluster_token.filter(|t| !t.is_empty());
+        let api_keys = drop_blank(secrets.api_keys);
+        let admin_keys = drop_blank(secrets.admin_keys);
         let listen = SocketAddr::new(
             settings.bind.unwrap_or(DEFAULT_BIND),
             settings.port.unwrap_or(DEFAULT_PORT),
@@ -154,7 +179,7 @@ impl QueenConfig {
                     missing: "RBEE_CLUSTER_TOKEN",
                 });
             }
-            if api_keys.is_empty() {
+            if api_keys.is_empty() && admin_keys.is_empty() {
                 return Err(ConfigError::OpenBind {
                     addr: listen.ip(),
                     missing: "RBEE_API_KEYS",
@@ -183,11 +208,16 @@ impl QueenConfig {
             max_jobs,
             cluster_token,
             api_keys,
+            admin_keys,
         })
     }
 }
 
-/// Splits `RBEE_API_KEYS` (`key1,key2`) into keys, dropping blanks.
+fn drop_blank(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter().filter(|k| !k.is_empty()).collect()
+}
+
+/// Splits `RBEE_API_KEYS` or `RBEE_ADMIN_KEYS` (`key1,key2`) into keys, dropping blanks.
 pub fn parse_api_keys(text: &str) -> Vec<String> {
     text.split(',')
         .map(str::trim)
@@ -237,7 +267,7 @@ mod tests {
             port: Some(7000),
             ..QueenSettings::default()
         };
-        let config = QueenConfig::resolve(flags.or(file), None, Vec::new()).unwrap();
+        let config = QueenConfig::resolve(flags.or(file), QueenSecrets::default()).unwrap();
         assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(config.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(config.spawn_timeout, Duration::from_secs(120));
@@ -249,7 +279,7 @@ mod tests {
     #[test]
     fn queue_settings_come_from_the_file_and_are_checked() {
         let file = parse_toml("queue_len = 3\nqueue_timeout = \"750ms\"\nmax_jobs = 10\n").unwrap();
-        let config = QueenConfig::resolve(file, None, Vec::new()).unwrap();
+        let config = QueenConfig::resolve(file, QueenSecrets::default()).unwrap();
         assert_eq!(config.queue_len, 3);
         assert_eq!(config.queue_timeout, Duration::from_millis(750));
         assert_eq!(config.max_jobs, 10);
@@ -259,7 +289,7 @@ mod tests {
             ..QueenSettings::default()
         };
         for bad in [zero_wait, parse_toml("max_jobs = 0").unwrap()] {
-            let err = QueenConfig::resolve(bad.clone(), None, Vec::new()).unwrap_err();
+            let err = QueenConfig::resolve(bad.clone(), QueenSecrets::default()).unwrap_err();
             assert!(
                 err.to_string().contains("invalid setting"),
                 "{bad:?}: {err}"
@@ -276,17 +306,44 @@ mod tests {
         assert!(parse_toml("port = \"x\"").is_err());
     }
 
+    fn secrets(token: Option<&str>, api: &[&str], admin: &[&str]) -> QueenSecrets {
+        let keys = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect();
+        QueenSecrets {
+            cluster_token: token.map(String::from),
+            api_keys: keys(api),
+            admin_keys: keys(admin),
+        }
+    }
+
     #[test]
     fn a_network_bind_needs_both_secrets() {
         let open = QueenSettings {
             bind: Some("0.0.0.0".parse().unwrap()),
             ..QueenSettings::default()
         };
-        let err = QueenConfig::resolve(open.clone(), None, vec!["k".into()]).unwrap_err();
+        let err = QueenConfig::resolve(open.clone(), secrets(None, &["k"], &[])).unwrap_err();
         assert!(err.to_string().contains("RBEE_CLUSTER_TOKEN"), "{err}");
-        let err = QueenConfig::resolve(open.clone(), Some("t".into()), Vec::new()).unwrap_err();
+        let err = QueenConfig::resolve(open.clone(), secrets(Some("t"), &[""], &[""])).unwrap_err();
         assert!(err.to_string().contains("RBEE_API_KEYS"), "{err}");
-        assert!(QueenConfig::resolve(open, Some("t".into()), vec!["k".into()]).is_ok());
+        assert!(QueenConfig::resolve(open.clone(), secrets(Some("t"), &["k"], &[])).is_ok());
+        // Admin keys alone guard the client routes too.
+        assert!(QueenConfig::resolve(open, secrets(Some("t"), &[], &["a"])).is_ok());
+    }
+
+    #[test]
+    fn blank_keys_are_dropped() {
+        let config = QueenConfig::resolve(
+            QueenSettings::default(),
+            secrets(None, &["k", ""], &["", "a"]),
+        )
+        .unwrap();
+        assert_eq!(config.api_keys, vec!["k"]);
+        assert_eq!(config.admin_keys, vec!["a"]);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("\"a\"") && !shown.contains("\"k\""),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! It is not a hive (it never starts processes) and not a command line (the `queen-rbee`
 //! binary only builds a [`QueenConfig`] and calls [`serve`]).
 
+mod admin;
 mod cascade;
 mod config;
 mod dispatch;
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::{
     ConfigError, DEFAULT_BIND, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_JOBS, DEFAULT_PORT,
     DEFAULT_QUEUE_LEN, DEFAULT_QUEUE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, DEFAULT_SPAWN_TIMEOUT,
-    QueenConfig, QueenSettings, parse_api_keys,
+    QueenConfig, QueenSecrets, QueenSettings, parse_api_keys,
 };
 pub use openapi::openapi_json;
 pub use wire::{Health, HiveList, HiveStatus, WorkerList};
@@ -81,7 +82,13 @@ pub async fn serve(
     let grace = config.shutdown_grace;
     tracing::info!(%local, heartbeat_interval = ?config.heartbeat_interval,
         cluster_token = config.cluster_token.is_some(), api_keys = config.api_keys.len(),
-        "queen listening");
+        admin_keys = config.admin_keys.len(), "queen listening");
+    if config.admin_keys.is_empty() && !config.api_keys.is_empty() {
+        tracing::warn!(
+            "no admin keys (RBEE_ADMIN_KEYS): every API key can shut the cluster down and \
+             spawn or delete workers and models"
+        );
+    }
     let queen = Arc::new(Queen::new(config));
     let jobs = JobServer::new(
         QueenExecutor::new(Arc::clone(&queen)),

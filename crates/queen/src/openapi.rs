@@ -20,7 +20,10 @@ use crate::wire::{Health, HiveList, HiveStatus, WorkerList};
         description = "The public API of rbee's queen: the job protocol, the cluster's lists, \
             shutdown, health, metrics and the OpenAI-compatible API. Every route but `/health` \
             needs `Authorization: Bearer <key>` when keys are configured: client API keys, or \
-            the cluster token on the heartbeat routes.",
+            the cluster token on the heartbeat routes. With admin keys configured, shutdown \
+            and the job operations `worker_spawn`, `worker_delete`, `model_download` and \
+            `model_delete` need an admin key (`403 forbidden` with an API key); an admin key \
+            is accepted wherever an API key is.",
         license(name = "Apache-2.0"),
     ),
     paths(
@@ -89,7 +92,15 @@ impl Modify for BearerSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
         for (name, what) in [
-            ("api_key", "A client API key (RBEE_API_KEYS)"),
+            (
+                "api_key",
+                "A client API key (RBEE_API_KEYS); an admin key (RBEE_ADMIN_KEYS) also serves",
+            ),
+            (
+                "admin_key",
+                "An admin key (RBEE_ADMIN_KEYS), needed to administer the cluster when admin \
+                 keys are configured; without them any API key administers",
+            ),
             (
                 "cluster_token",
                 "The cluster token shared by queen, hives and workers (RBEE_CLUSTER_TOKEN)",
@@ -170,9 +181,10 @@ mod paths {
         responses((status = 200, body = HiveList), (status = 401, body = ApiErrorBody)))]
     fn list_hives() {}
 
-    /// Creates a job; it starts at once.
+    /// Creates a job; it starts at once. With admin keys configured, `worker_spawn`,
+    /// `worker_delete`, `model_download` and `model_delete` need an admin key.
     #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
-        security(("api_key" = [])),
+        security(("api_key" = []), ("admin_key" = [])),
         params(("cancel_on_disconnect" = Option<bool>, Query,
             description = "Closing the stream cancels the job (default true)")),
         request_body = Operation,
@@ -180,6 +192,9 @@ mod paths {
             (status = 201, body = JobCreated, headers(("Location" = String))),
             (status = 400, body = ApiErrorBody, description = "Malformed or unsupported; no job"),
             (status = 401, body = ApiErrorBody),
+            (status = 403, body = ApiErrorBody,
+                description = "An operation that changes the cluster, with an API key that is \
+                    not an admin key; no job"),
             (status = 404, body = ApiErrorBody, description = "Unknown hive"),
             (status = 503, body = ApiErrorBody, description = "Busy or shutting down"),
         ))]
@@ -213,12 +228,15 @@ mod paths {
         ))]
     fn cancel_job() {}
 
-    /// Stops every hive (and their workers), then the queen.
+    /// Stops every hive (and their workers), then the queen. Needs an admin key when admin
+    /// keys are configured.
     #[utoipa::path(post, path = "/v1/shutdown", tag = "cluster",
-        security(("api_key" = [])),
+        security(("admin_key" = []), ("api_key" = [])),
         responses(
             (status = 202, description = "`{\"status\":\"shutting_down\"}`", body = Object),
             (status = 401, body = ApiErrorBody),
+            (status = 403, body = ApiErrorBody,
+                description = "An API key that is not an admin key, with admin keys configured"),
         ))]
     fn shutdown() {}
 

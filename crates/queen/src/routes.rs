@@ -1,12 +1,14 @@
 //! The queen's HTTP surface. `/health` is public; the heartbeat routes need the cluster
-//! token; the job API, the lists, `/metrics` and shutdown need an API key when keys are
-//! configured. The two credentials never stand in for each other. Every request is counted
-//! for `/metrics` by the outermost layer.
+//! token; the job API, the lists, `/metrics` and shutdown need a client key (an API key or
+//! an admin key) when keys are configured, and with admin keys configured shutdown and the
+//! operations that change a hive need an admin key ([`crate::admin`]). The cluster token and
+//! the client keys never stand in for each other. Every request is counted for `/metrics` by
+//! the outermost layer.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
@@ -19,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{self, AdminKeys};
 use crate::config::QueenConfig;
 use crate::executor::QueenExecutor;
 use crate::metrics;
@@ -40,6 +43,7 @@ pub(crate) fn router(
 ) -> Router {
     let cluster_auth = BearerAuth::new(queen.config.cluster_token.clone(), "cluster token");
     let client_auth = client_auth(&queen.config);
+    let admin_keys = AdminKeys::new(&queen.config);
     let metrics = Arc::clone(&queen.metrics);
     let state = AppState {
         queen,
@@ -54,14 +58,28 @@ pub(crate) fn router(
     );
     // The OpenAI routes check the same keys themselves, answering in OpenAI's error shape.
     let openai = crate::openai::router(Arc::clone(&state.queen), jobs.clone(), client_auth.clone());
+    // The admin checks sit inside the client check, so a request without a valid key gets
+    // its `401` before anyone looks at what it asks for. The job API's check reads the body,
+    // so it gets the job server's body limit.
+    let job_api = jobs
+        .router()
+        .layer(axum::middleware::from_fn_with_state(
+            admin_keys.clone(),
+            admin::guard_operations,
+        ))
+        .layer(DefaultBodyLimit::max(jobs.config().body_limit));
+    let shutdown_route = post(shutdown).layer(axum::middleware::from_fn_with_state(
+        admin_keys,
+        admin::require_admin,
+    ));
     let client = client_auth.protect(
         Router::new()
             .route("/v1/workers", get(list_workers))
             .route("/v1/hives", get(list_hives))
-            .route("/v1/shutdown", post(shutdown))
+            .route("/v1/shutdown", shutdown_route)
             .route("/metrics", get(metrics_page))
             .with_state(state)
-            .merge(jobs.router()),
+            .merge(job_api),
     );
     Router::new()
         .route("/health", get(health))
@@ -76,11 +94,12 @@ pub(crate) fn router(
         ))
 }
 
-/// Client routes accept the API keys only: the cluster token is for daemons, and a leaked
-/// client key must not let anyone pose as a worker. With no API keys configured they are
-/// open (the queen then refuses to bind beyond loopback).
+/// Client routes accept the API keys and the admin keys only: the cluster token is for
+/// daemons, and a leaked client key must not let anyone pose as a worker. With no client keys
+/// configured they are open (the queen then refuses to bind beyond loopback).
 fn client_auth(config: &QueenConfig) -> BearerAuth {
-    BearerAuth::new(config.api_keys.iter().cloned(), "API key")
+    let keys = config.api_keys.iter().chain(&config.admin_keys).cloned();
+    BearerAuth::new(keys, "API key")
 }
 
 async fn health() -> Json<Value> {

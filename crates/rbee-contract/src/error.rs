@@ -16,6 +16,9 @@ pub enum ErrorCode {
     UnsupportedOperation,
     /// Missing or wrong credentials.
     Unauthorized,
+    /// Valid credentials that do not allow this request (e.g. an API key where an admin key
+    /// is needed).
+    Forbidden,
     /// No such job, worker, hive or route.
     NotFound,
     /// The requested model is not served here.
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::UnsupportedOperation => "unsupported_operation",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotFound => "not_found",
             ErrorCode::ModelNotFound => "model_not_found",
             ErrorCode::ModelLoadFailed => "model_load_failed",
@@ -76,6 +80,7 @@ impl ErrorCode {
             | ErrorCode::UnsupportedOperation
             | ErrorCode::ContextLengthExceeded => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::ModelNotFound => 404,
             ErrorCode::Busy => 429,
             ErrorCode::NotImplemented => 501,

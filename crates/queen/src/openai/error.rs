@@ -58,6 +58,7 @@ impl OpenAiError {
                 (StatusCode::BAD_REQUEST, "invalid_request_error", None)
             }
             C::Unauthorized => (StatusCode::UNAUTHORIZED, "authentication_error", None),
+            C::Forbidden => (StatusCode::FORBIDDEN, "permission_error", None),
             C::NotFound | C::ModelNotFound => (StatusCode::NOT_FOUND, "not_found_error", None),
             C::Busy => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -162,6 +163,7 @@ mod tests {
             (ErrorCode::UnsupportedOperation, 400, None),
             (ErrorCode::ContextLengthExceeded, 400, None),
             (ErrorCode::Unauthorized, 401, None),
+            (ErrorCode::Forbidden, 403, None),
             (ErrorCode::NotFound, 404, None),
             (ErrorCode::ModelNotFound, 404, None),
             (ErrorCode::Busy, 429, Some(1)),
