@@ -458,6 +458,65 @@ async fn operations_for_unknown_or_ambiguous_hives_are_refused_before_a_job() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn malformed_model_references_are_refused_before_a_job_with_or_without_a_hive() {
+    let hive = ScriptedUpstream::start(Script {
+        events: vec![JobEvent::Done {
+            finish_reason: FinishReason::Complete,
+            usage: None,
+        }],
+        complete: true,
+    })
+    .await;
+    let queen = start_queen(&[], &[("RBEE_CLUSTER_TOKEN", TOKEN)]).await;
+    let jobs = format!("{}/v1/jobs", queen.url);
+    let refused = [
+        (
+            json!({"operation": "model_download", "model": "hf:../b"}),
+            "hf:../b",
+        ),
+        (
+            infer("hf:a/b:../../etc/passwd", "hi", 4),
+            "hf:a/b:../../etc/passwd",
+        ),
+        (
+            json!({"operation": "worker_spawn", "model": "hf:a/b:../../etc/passwd"}),
+            "hf:a/b:../../etc/passwd",
+        ),
+        (infer("s3:bucket/m", "hi", 4), "s3:bucket/m"),
+    ];
+    let refuse_all = async || {
+        for (op, named) in &refused {
+            let response = post_json(jobs.clone(), op, None).await;
+            assert_eq!(response.status(), 400, "{op}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "bad_request", "{body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(message.contains(named), "{message}");
+        }
+    };
+
+    refuse_all().await;
+    let registered = post_json(
+        format!("{}/v1/hive-heartbeat", queen.url),
+        &hive_beat("hive-s", &hive.url),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(registered.status(), 204);
+    refuse_all().await;
+    assert!(hive.requests_to("POST", "/v1/jobs").is_empty());
+
+    // A well-formed reference goes on to the same hive.
+    let ok = json!({"operation": "model_download", "model": "hf:org/repo:m.gguf"});
+    run_job(&queen, &ok)
+        .await
+        .assert_one_terminal_then_done("queen");
+    let submitted = hive.requests_to("POST", "/v1/jobs");
+    assert_eq!(submitted.len(), 1, "{:?}", hive.requests());
+    assert_eq!(submitted[0].body.as_ref(), Some(&ok));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn operations_are_forwarded_and_their_events_relayed_unchanged() {
     let script = vec![
         JobEvent::narration("listing workers"),

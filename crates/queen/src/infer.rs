@@ -8,6 +8,7 @@ use std::collections::HashSet;
 
 use job_client::ClientError;
 use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result};
+use rbee_contract::model_ref::ParsedModelRef;
 use rbee_contract::{ErrorCode, InferRequest, JobEvent, Operation, WorkerInfo};
 use tokio::time::Instant;
 
@@ -40,6 +41,10 @@ impl ValidInfer {
         if request.model.is_empty() {
             return bad("`model` must not be empty");
         }
+        // A hub reference (or an unknown scheme) that a hive would refuse is refused here,
+        // before a cold start; a plain name or a local path is for the registry and the hive.
+        ParsedModelRef::parse(&request.model)
+            .map_err(|err| ApiError::bad_request(err.to_string()))?;
         match (&request.prompt, &request.messages) {
             (Some(_), Some(_)) => return bad("give either `prompt` or `messages`, not both"),
             (None, None) => return bad("`prompt` or `messages` is required"),
@@ -388,6 +393,33 @@ mod tests {
         for case in cases {
             let err = ValidInfer::parse(case.clone()).unwrap_err();
             assert_eq!(err.code, ErrorCode::BadRequest, "{case:?}");
+        }
+    }
+
+    #[test]
+    fn hub_references_are_parsed_and_other_names_pass() {
+        let with_model = |model: &str| InferRequest {
+            model: model.into(),
+            ..request()
+        };
+        for model in [
+            "tinyllama",
+            "/models/m.gguf",
+            "./m.gguf",
+            " hf:org/repo ",
+            "hf:org/repo:dir/m.Q4_0.gguf",
+        ] {
+            assert!(ValidInfer::parse(with_model(model)).is_ok(), "{model}");
+        }
+        for (model, named) in [
+            ("hf:a/b:../../etc/passwd", "hf:a/b:../../etc/passwd"),
+            ("hf:../b", "`hf:../b`"),
+            ("hf:org/repo:m.safetensors", ".gguf"),
+            ("s3:bucket/m", "hf:org/repo"),
+        ] {
+            let err = ValidInfer::parse(with_model(model)).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{model}");
+            assert!(err.message.contains(named), "{model}: {}", err.message);
         }
     }
 }

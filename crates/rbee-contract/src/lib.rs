@@ -5,12 +5,15 @@
 //! pinned by fixtures under `tests/fixtures`; changing a shape is a protocol change.
 //!
 //! It is not the place for validation beyond what the types themselves express: daemons
-//! parse these types into their own validated forms at the edge.
+//! parse these types into their own validated forms at the edge. The one exception is the
+//! grammar of model references ([`model_ref`]), which the queen and the hive must read alike
+//! so that a reference one refuses never reaches the other.
 
 mod capacity;
 mod error;
 mod event;
 mod info;
+pub mod model_ref;
 mod operation;
 
 pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use hf_hub::Cache;
 use hf_hub::api::tokio::{Api, ApiBuilder};
+use rbee_contract::model_ref::is_hub_file;
 use serde::Deserialize;
 
-use super::reference::{self, HubRef};
+use super::reference::HubRef;
 
 /// The quantizations picked, in order, when `hf:org/repo` names no file.
 pub(crate) const PREFERRED_QUANTS: [&str; 4] = ["Q4_K_M", "Q4_0", "Q8_0", "F16"];
@@ -185,7 +186,7 @@ pub(crate) fn choose(reference: &HubRef, files: &[RemoteFile]) -> Result<RemoteF
     // download outside the model directory (`../x.gguf`, `/abs.gguf`).
     let ggufs: Vec<&RemoteFile> = files
         .iter()
-        .filter(|f| is_gguf(&f.name) && reference::check_file(&f.name).is_ok())
+        .filter(|f| is_gguf(&f.name) && is_hub_file(&f.name))
         .collect();
     let chosen = match reference.file() {
         Some(wanted) => {
