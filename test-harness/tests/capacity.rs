@@ -345,6 +345,18 @@ async fn a_hive_without_room_is_passed_over_for_the_next_placement() {
         .await
         .unwrap();
     assert_eq!(registered.status(), 204);
+    // It keeps beating, as a hive does, so that it is never stale however slow the rest is.
+    let beating = {
+        let url = format!("{}/v1/hive-heartbeat", queen.url);
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = client.post(&url).bearer_auth(TOKEN).json(&beat).send().await;
+            }
+        })
+    };
+    let _stop_beating = AbortOnDrop(beating);
 
     // A real hive with room on its CPU.
     let hive = TestHive::start("roomy-hive", TOKEN, &["--queen-url", &queen.url]).await;
@@ -393,4 +405,13 @@ async fn a_hive_without_room_is_passed_over_for_the_next_placement() {
     let workers = hive.workers().await;
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].device, "cpu");
+}
+
+/// Stops a background task when the test ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
