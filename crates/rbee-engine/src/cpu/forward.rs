@@ -233,11 +233,20 @@ impl Plan {
         threads: usize,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<CpuLlama, EngineError> {
-        let data = read_data(reader, &Tensors::new(content), progress)?;
+        let mut data = read_data(reader, &Tensors::new(content), progress)?;
+        let kernels = Kernels::detect();
+        let mut scratch = Vec::new();
+        let mut output = self.output;
+        if !output.same_tensor(&self.embd) {
+            output.tile(&mut data, &kernels, &mut scratch);
+        }
         let layers = self
             .layers
             .into_iter()
-            .map(|l| {
+            .map(|mut l| {
+                for m in &mut l.mats {
+                    m.tile(&mut data, &kernels, &mut scratch);
+                }
                 let [wq, wk, wv, wo, gate, up, down] = l.mats;
                 Layer {
                     attn_norm: l.attn_norm.read(&data),
@@ -255,7 +264,6 @@ impl Plan {
             })
             .collect();
         let pool = Pool::new(threads).map_err(|e| EngineError::load("CPU threads", e))?;
-        let kernels = Kernels::detect();
         tracing::info!(
             kernels = kernels.name,
             threads = pool.threads(),
@@ -267,7 +275,7 @@ impl Plan {
             cfg: self.cfg,
             embd: self.embd,
             layers,
-            output: self.output,
+            output,
             kernels,
             pool,
             len: 0,

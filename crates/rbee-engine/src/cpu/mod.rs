@@ -1,5 +1,6 @@
 //! The engine's own CPU inference path for llama-family GGUF models: quantized matrix-vector and
-//! matrix-matrix kernels (AVX2/FMA chosen at run time, a portable scalar reference otherwise), a
+//! matrix-matrix kernels (AVX2/FMA or AVX-512 VNNI chosen at run time, a portable scalar reference
+//! otherwise; Q4_0, and Q8_0 where VNNI is present, repacked at load into eight-row tiles), a
 //! persistent thread pool that tolerates competing load, and a forward pass that keeps its working
 //! buffers across steps (a decode step allocates only the logits handed back through
 //! [`crate::model::CausalLm`]) and multiplies the weights in place in one copy of the file's

@@ -2,6 +2,7 @@
 //! products over the thread pool (one token or a batch), RMSNorm, RoPE and causal attention.
 
 use super::forward::Config;
+use super::kernels::tiled::TILE_ROWS;
 use super::kernels::{Activations, Kernels};
 use super::pool::Pool;
 use super::quant::ActFormat;
@@ -42,29 +43,74 @@ pub(super) struct MatMul<'a> {
     pub pool: &'a Pool,
 }
 
+/// Rows per unit of work for a product with `rows` rows: enough chunks that a thread the OS
+/// takes away holds up little work, no fewer rows than keep the per-chunk overhead small, and a
+/// multiple of the tile height so that chunks do not split tiles.
+fn rows_per_chunk(rows: usize, threads: usize) -> usize {
+    (rows / (threads * 16)).clamp(TILE_ROWS, 64) / TILE_ROWS * TILE_ROWS
+}
+
 impl MatMul<'_> {
+    /// Rows `r0..r0 + n` of `m` against token `t` of `act`: `emit(k, row r0 + k · act[t])`.
+    /// Whole tiles of a tiled matrix go through the tile kernels.
+    #[inline]
+    fn rows(
+        &self,
+        m: &Mat,
+        r0: usize,
+        n: usize,
+        act: &Activations,
+        t: usize,
+        emit: &mut impl FnMut(usize, f32),
+    ) {
+        let (data, kernels) = (self.data, self.kernels);
+        if !m.tiled {
+            for k in 0..n {
+                emit(k, kernels.dot(m.ty, m.row(data, r0 + k), act, t));
+            }
+            return;
+        }
+        let mut k = 0;
+        while k < n {
+            let r = r0 + k;
+            let tile = m.tile_at(data, r / TILE_ROWS);
+            if r.is_multiple_of(TILE_ROWS) && k + TILE_ROWS <= n {
+                for (lane, v) in kernels.dot_tile(m.ty, tile, act, t).into_iter().enumerate() {
+                    emit(k + lane, v);
+                }
+                k += TILE_ROWS;
+            } else {
+                emit(k, kernels.dot_tile_lane(m.ty, tile, r % TILE_ROWS, act, t));
+                k += 1;
+            }
+        }
+    }
+
     /// `out = [m₀; m₁; …] · act` for one token: the matrices' rows stacked, in one parallel
     /// section. `out` grows to the total row count.
     pub(super) fn run_fused(&self, mats: &[Mat], act: &Activations, out: &mut Vec<f32>) {
         let total: usize = mats.iter().map(|m| m.rows).sum();
         out.resize(total, 0.0);
-        let rows_per_chunk = (total / (self.pool.threads() * 16)).clamp(4, 64);
-        let (data, kernels) = (self.data, self.kernels);
-        self.pool
-            .for_each_chunk_mut(&mut out[..], rows_per_chunk, &|c, part| {
-                for (g, o) in (c * rows_per_chunk..).zip(part.iter_mut()) {
-                    let mut r = g;
-                    let mut m = &mats[0];
-                    for candidate in mats {
-                        m = candidate;
-                        if r < m.rows {
-                            break;
-                        }
-                        r -= m.rows;
-                    }
-                    *o = kernels.dot(m.ty, m.row(data, r), act, 0);
-                }
-            });
+        let rpc = rows_per_chunk(total, self.pool.threads());
+        self.pool.for_each_chunk_mut(&mut out[..], rpc, &|c, part| {
+            // The matrix holding global row `c * rpc`, and that row's index in it.
+            let mut r = c * rpc;
+            let mut mi = 0;
+            while r >= mats[mi].rows {
+                r -= mats[mi].rows;
+                mi += 1;
+            }
+            let mut done = 0;
+            while done < part.len() {
+                let m = &mats[mi];
+                let n = (m.rows - r).min(part.len() - done);
+                let seg = &mut part[done..done + n];
+                self.rows(m, r, n, act, 0, &mut |k, v| seg[k] = v);
+                done += n;
+                r = 0;
+                mi += 1;
+            }
+        });
     }
 
     /// `out[t][r] (+)= m[r] · act[t]` for every token `t` of `act` and row `r` of `m`.
@@ -77,43 +123,24 @@ impl MatMul<'_> {
         accumulate: bool,
     ) {
         let n = act.tokens();
-        // Enough chunks that a thread the OS takes away holds up little work; no fewer rows than
-        // keep the per-chunk overhead small.
-        let rows_per_chunk = (m.rows / (self.pool.threads() * 16)).clamp(4, 64);
-        let (data, kernels, ty) = (self.data, self.kernels, m.ty);
+        let rpc = rows_per_chunk(m.rows, self.pool.threads());
         if n == 1 {
             self.pool
-                .for_each_chunk_mut(&mut out[..m.rows], rows_per_chunk, &|c, part| {
-                    let r0 = c * rows_per_chunk;
-                    for (k, o) in part.iter_mut().enumerate() {
-                        let v = kernels.dot(ty, m.row(data, r0 + k), act, 0);
+                .for_each_chunk_mut(&mut out[..m.rows], rpc, &|c, part| {
+                    self.rows(m, c * rpc, part.len(), act, 0, &mut |k, v| {
                         if accumulate {
-                            *o += v;
+                            part[k] += v;
                         } else {
-                            *o = v;
+                            part[k] = v;
                         }
-                    }
+                    });
                 });
             return;
         }
         batch.resize(m.rows * n, 0.0);
         self.pool
-            .for_each_chunk_mut(&mut batch[..], rows_per_chunk * n, &|c, part| {
-                let r0 = c * rows_per_chunk;
-                for (k, row_out) in part.chunks_exact_mut(n).enumerate() {
-                    let row = m.row(data, r0 + k);
-                    let mut t = 0;
-                    while t + 4 <= n {
-                        match kernels.dot4(ty, row, act, t) {
-                            Some(four) => row_out[t..t + 4].copy_from_slice(&four),
-                            None => break,
-                        }
-                        t += 4;
-                    }
-                    for (k, o) in row_out[t..].iter_mut().enumerate() {
-                        *o = kernels.dot(ty, row, act, t + k);
-                    }
-                }
+            .for_each_chunk_mut(&mut batch[..], rpc * n, &|c, part| {
+                self.batch_rows(m, c * rpc, act, part);
             });
         for t in 0..n {
             let dst = &mut out[t * m.rows..(t + 1) * m.rows];
@@ -125,6 +152,61 @@ impl MatMul<'_> {
                     *o = v;
                 }
             }
+        }
+    }
+
+    /// Rows `r0..` of `m` against every token of `act`, into `part` (row-major, one row of
+    /// `tokens` values per weight row): four tokens per kernel call where the type has a
+    /// four-token kernel, whole tiles through the tile kernels.
+    fn batch_rows(&self, m: &Mat, r0: usize, act: &Activations, part: &mut [f32]) {
+        let (data, kernels, ty) = (self.data, self.kernels, m.ty);
+        let n = act.tokens();
+        let rows = part.len() / n;
+        let mut k = 0;
+        while k < rows {
+            let r = r0 + k;
+            if m.tiled && r.is_multiple_of(TILE_ROWS) && k + TILE_ROWS <= rows {
+                let tile = m.tile_at(data, r / TILE_ROWS);
+                let out = &mut part[k * n..(k + TILE_ROWS) * n];
+                let mut t = 0;
+                while t + 4 <= n {
+                    for (j, lanes) in kernels.dot_tile4(m.ty, tile, act, t).iter().enumerate() {
+                        for (lane, v) in lanes.iter().enumerate() {
+                            out[lane * n + t + j] = *v;
+                        }
+                    }
+                    t += 4;
+                }
+                for t in t..n {
+                    for (lane, v) in kernels.dot_tile(m.ty, tile, act, t).into_iter().enumerate() {
+                        out[lane * n + t] = v;
+                    }
+                }
+                k += TILE_ROWS;
+                continue;
+            }
+            let row_out = &mut part[k * n..(k + 1) * n];
+            if m.tiled {
+                let tile = m.tile_at(data, r / TILE_ROWS);
+                for (t, o) in row_out.iter_mut().enumerate() {
+                    *o = kernels.dot_tile_lane(m.ty, tile, r % TILE_ROWS, act, t);
+                }
+                k += 1;
+                continue;
+            }
+            let row = m.row(data, r);
+            let mut t = 0;
+            while t + 4 <= n {
+                match kernels.dot4(ty, row, act, t) {
+                    Some(four) => row_out[t..t + 4].copy_from_slice(&four),
+                    None => break,
+                }
+                t += 4;
+            }
+            for (j, o) in row_out[t..].iter_mut().enumerate() {
+                *o = kernels.dot(ty, row, act, t + j);
+            }
+            k += 1;
         }
     }
 }

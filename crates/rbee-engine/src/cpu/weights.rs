@@ -6,6 +6,8 @@ use std::io::{Read, Seek, SeekFrom};
 
 use candle_core::quantized::{GgmlDType, gguf_file};
 
+use super::kernels::Kernels;
+use super::kernels::tiled::{self, TILE_ROWS};
 use super::quant::{WeightType, dequantize_row};
 use crate::EngineError;
 
@@ -15,6 +17,9 @@ pub(crate) struct Mat {
     pub ty: WeightType,
     pub rows: usize,
     pub cols: usize,
+    /// Repacked into eight-row tiles ([`tiled`]): read with [`Mat::tile_at`], not
+    /// [`Mat::row`].
+    pub tiled: bool,
     offset: usize,
     row_bytes: usize,
 }
@@ -22,8 +27,40 @@ pub(crate) struct Mat {
 impl Mat {
     #[inline]
     pub(crate) fn row<'a>(&self, data: &'a [u8], r: usize) -> &'a [u8] {
+        debug_assert!(!self.tiled);
         let start = self.offset + r * self.row_bytes;
         &data[start..start + self.row_bytes]
+    }
+
+    /// Tile `g` (rows `8g..8g + 8`) of a tiled matrix.
+    #[inline]
+    pub(crate) fn tile_at<'a>(&self, data: &'a [u8], g: usize) -> &'a [u8] {
+        let len = TILE_ROWS * self.row_bytes;
+        let start = self.offset + g * len;
+        &data[start..start + len]
+    }
+
+    /// Whether `self` and `other` view the same tensor (an output tied to the embedding).
+    pub(crate) fn same_tensor(&self, other: &Mat) -> bool {
+        self.offset == other.offset
+    }
+
+    /// Repacks a Q4_0 or Q8_0 matrix whose row count is a multiple of eight into tiles, in place
+    /// in `data`, when `kernels` multiply that type in tiles; any other matrix is left as it is.
+    pub(crate) fn tile(&mut self, data: &mut [u8], kernels: &Kernels, scratch: &mut Vec<u8>) {
+        if self.tiled || !kernels.tiles(self.ty) || !self.rows.is_multiple_of(TILE_ROWS) {
+            return;
+        }
+        let len = TILE_ROWS * self.row_bytes;
+        let blocks = self.cols / self.ty.block_elems();
+        let all = &mut data[self.offset..self.offset + self.rows * self.row_bytes];
+        for tile in all.chunks_exact_mut(len) {
+            match self.ty {
+                WeightType::Q8_0 => tiled::repack_q8_0(tile, blocks, scratch),
+                _ => tiled::repack(tile, blocks, scratch),
+            }
+        }
+        self.tiled = true;
     }
 }
 
@@ -102,6 +139,7 @@ impl<'a> Tensors<'a> {
             ty,
             rows: *rows,
             cols: *cols,
+            tiled: false,
             offset: usize::try_from(info.offset).map_err(|_| Unsupported("offset".into()))?,
             row_bytes: ty.row_bytes(*cols),
         })

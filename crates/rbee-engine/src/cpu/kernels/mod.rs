@@ -1,13 +1,20 @@
 //! Dot products of quantized weight rows with quantized activations, chosen once per process
-//! for the CPU at hand: AVX2 + FMA on x86-64 when present, otherwise the portable scalar code
-//! in [`super::quant::reference`], which is also what the SIMD kernels are tested against.
+//! for the CPU at hand: AVX2 + FMA on x86-64 when present, with AVX-512 VNNI for the tile and
+//! Q4_K products where the CPU has it, otherwise the portable scalar code in
+//! [`super::quant::reference`] and [`tiled`], which is also what the SIMD kernels are tested
+//! against.
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
 //! Q8_K super-blocks for Q4_K and Q6_K.
 
+pub(crate) mod tiled;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_tiled;
+
+use tiled::{TILE_ROWS, TileAct};
 
 use super::quant::{
     ActFormat, BlockQ8, BlockQ8K, QK, QK_K, WeightType, quantize_q8, quantize_q8k, reference,
@@ -17,6 +24,8 @@ type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
 type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
+type DotTile = fn(&[u8], &[TileAct]) -> [f32; TILE_ROWS];
+type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
 
 /// One implementation of every block dot product.
 #[derive(Clone, Copy)]
@@ -31,6 +40,12 @@ pub(crate) struct Kernels {
     pub q4_0x4: DotQ8x4,
     pub q8_0x4: DotQ8x4,
     pub q4kx4: DotQ8Kx4,
+    /// The eight rows of a Q4_0 tile ([`tiled`]) against one token (decode) and four (prefill).
+    pub q4_0_tile: DotTile,
+    pub q4_0_tilex4: DotTilex4,
+    /// The Q8_0 tile products, where the CPU has them; Q8_0 matrices are repacked into tiles
+    /// only then.
+    pub q8_0_tile: Option<(DotTile, DotTilex4)>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -52,6 +67,9 @@ impl Kernels {
             q4_0x4: |row, acts| acts.map(|a| reference::dot_q4_0(row, a)),
             q8_0x4: |row, acts| acts.map(|a| reference::dot_q8_0(row, a)),
             q4kx4: |row, acts| acts.map(|a| reference::dot_q4k(row, a)),
+            q4_0_tile: tiled::dot,
+            q4_0_tilex4: tiled::dot4,
+            q8_0_tile: None,
         }
     }
 
@@ -62,6 +80,15 @@ impl Kernels {
             return k;
         }
         Kernels::scalar()
+    }
+
+    /// Every implementation this CPU runs, the scalar reference first (for the tests).
+    #[cfg(test)]
+    pub(crate) fn all() -> Vec<Kernels> {
+        let mut out = vec![Kernels::scalar()];
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        out.extend(x86::variants());
+        out
     }
 
     /// Dot product of one weight row of type `ty` with token `t` of `act`.
@@ -80,6 +107,69 @@ impl Kernels {
 }
 
 impl Kernels {
+    /// Whether matrices of type `ty` are repacked into tiles for these kernels.
+    pub(crate) fn tiles(&self, ty: WeightType) -> bool {
+        match ty {
+            WeightType::Q4_0 => true,
+            WeightType::Q8_0 => self.q8_0_tile.is_some(),
+            _ => false,
+        }
+    }
+
+    fn tile_kernels(&self, ty: WeightType) -> (DotTile, DotTilex4) {
+        match (ty, self.q8_0_tile) {
+            (WeightType::Q8_0, Some(k)) => k,
+            (WeightType::Q4_0, _) => (self.q4_0_tile, self.q4_0_tilex4),
+            _ => unreachable!("{ty:?} matrices are not tiled for {}", self.name),
+        }
+    }
+
+    /// The eight rows of tile `tile` (of type `ty`) against token `t` of `act`.
+    #[inline]
+    pub(crate) fn dot_tile(
+        &self,
+        ty: WeightType,
+        tile: &[u8],
+        act: &Activations,
+        t: usize,
+    ) -> [f32; TILE_ROWS] {
+        (self.tile_kernels(ty).0)(tile, act.tile(t))
+    }
+
+    /// The eight rows of tile `tile` against tokens `t0..t0 + 4` of `act`.
+    #[inline]
+    pub(crate) fn dot_tile4(
+        &self,
+        ty: WeightType,
+        tile: &[u8],
+        act: &Activations,
+        t0: usize,
+    ) -> [[f32; TILE_ROWS]; 4] {
+        let acts = [
+            act.tile(t0),
+            act.tile(t0 + 1),
+            act.tile(t0 + 2),
+            act.tile(t0 + 3),
+        ];
+        (self.tile_kernels(ty).1)(tile, acts)
+    }
+
+    /// Row `lane` of tile `tile` against token `t` of `act`, for a tile a chunk of work
+    /// splits (the portable code: this is not a hot path).
+    pub(crate) fn dot_tile_lane(
+        &self,
+        ty: WeightType,
+        tile: &[u8],
+        lane: usize,
+        act: &Activations,
+        t: usize,
+    ) -> f32 {
+        match ty {
+            WeightType::Q8_0 => tiled::dot_lane_q8_0(tile, lane, act.tile(t)),
+            _ => tiled::dot_lane(tile, lane, act.tile(t)),
+        }
+    }
+
     /// Dot products of one weight row with tokens `t0..t0 + 4` of `act`, when this type has
     /// a four-token kernel.
     #[inline]
@@ -116,6 +206,8 @@ pub(crate) struct Activations {
     tokens: usize,
     f32: Vec<f32>,
     q8: Vec<BlockQ8>,
+    /// `q8` as the tile kernels take it.
+    tile: Vec<TileAct>,
     q8k: Vec<BlockQ8K>,
 }
 
@@ -134,6 +226,8 @@ impl Activations {
                 ActFormat::Q8 => {
                     self.q8.resize(tokens * cols / QK, BlockQ8::default());
                     quantize_q8(x, &mut self.q8);
+                    self.tile.clear();
+                    self.tile.extend(self.q8.iter().map(TileAct::new));
                 }
                 ActFormat::Q8K => {
                     self.q8k.resize(tokens * cols / QK_K, BlockQ8K::default());
@@ -154,6 +248,11 @@ impl Activations {
     fn q8(&self, t: usize) -> &[BlockQ8] {
         let n = self.cols / QK;
         &self.q8[t * n..(t + 1) * n]
+    }
+
+    fn tile(&self, t: usize) -> &[TileAct] {
+        let n = self.cols / QK;
+        &self.tile[t * n..(t + 1) * n]
     }
 
     fn q8k(&self, t: usize) -> &[BlockQ8K] {

@@ -71,12 +71,7 @@ const TYPES: [WeightType; 5] = [
 
 #[test]
 fn every_kernel_matches_dequantize_then_multiply() {
-    let mut all = vec![Kernels::scalar()];
-    let detected = Kernels::detect();
-    if detected.name != "scalar" {
-        all.push(detected);
-    }
-    for kernels in &all {
+    for kernels in &Kernels::all() {
         for ty in TYPES {
             // Odd block counts: 1, 3, 7, 11 blocks.
             for (i, blocks) in [1usize, 3, 7, 11].into_iter().enumerate() {
@@ -113,7 +108,7 @@ fn q8_activation_blocks_round_trip_within_half_a_step() {
 #[test]
 fn four_token_kernels_match_one_token_kernels() {
     let mut rng = StdRng::seed_from_u64(5);
-    for kernels in [Kernels::scalar(), Kernels::detect()] {
+    for kernels in Kernels::all() {
         for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
             for blocks in [1usize, 5, 64] {
                 let cols = blocks * ty.block_elems();
@@ -130,6 +125,131 @@ fn four_token_kernels_match_one_token_kernels() {
                     );
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn tile_kernels_match_the_rows_they_were_packed_from() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for ty in [WeightType::Q4_0, WeightType::Q8_0] {
+        for blocks in [1usize, 3, 64] {
+            let cols = blocks * QK;
+            let rows: Vec<Vec<u8>> = (0..tiled::TILE_ROWS)
+                .map(|_| random_row(ty, cols, &mut rng))
+                .collect();
+            let tile = packed(ty, &rows, blocks);
+            let x: Vec<f32> = (0..5 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let mut act = Activations::default();
+            act.set(&x, cols, &[ActFormat::Q8]);
+            let scalar = Kernels::scalar();
+            let want: Vec<Vec<f32>> = (0..5)
+                .map(|t| rows.iter().map(|r| scalar.dot(ty, r, &act, t)).collect())
+                .collect();
+            let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * want.abs().max(1.0);
+            for kernels in Kernels::all().into_iter().filter(|k| k.tiles(ty)) {
+                let name = kernels.name;
+                for (t, want_t) in want.iter().enumerate() {
+                    let got = kernels.dot_tile(ty, &tile, &act, t);
+                    for (lane, (g, w)) in got.iter().zip(want_t).enumerate() {
+                        assert!(
+                            close(*g, *w),
+                            "{name} {ty:?} {blocks} t{t} row {lane}: {g} vs {w}"
+                        );
+                        let one = kernels.dot_tile_lane(ty, &tile, lane, &act, t);
+                        assert!(close(one, *w), "{name} {ty:?} lane {lane}: {one} vs {w}");
+                    }
+                }
+                let four = kernels.dot_tile4(ty, &tile, &act, 1);
+                for (j, lanes) in four.iter().enumerate() {
+                    // The batched prefill must give what decoding token by token gives.
+                    assert_eq!(
+                        *lanes,
+                        kernels.dot_tile(ty, &tile, &act, 1 + j),
+                        "{name} {ty:?}"
+                    );
+                    for (lane, g) in lanes.iter().enumerate() {
+                        let w = want[1 + j][lane];
+                        assert!(
+                            close(*g, w),
+                            "{name} {ty:?} four-token {j} row {lane}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // The Q8_0 layout is exercised by the scalar lane product even where no kernel tiles it.
+    let rows: Vec<Vec<u8>> = (0..tiled::TILE_ROWS)
+        .map(|_| random_row(WeightType::Q8_0, 2 * QK, &mut rng))
+        .collect();
+    let tile = packed(WeightType::Q8_0, &rows, 2);
+    let x: Vec<f32> = (0..2 * QK).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let mut act = Activations::default();
+    act.set(&x, 2 * QK, &[ActFormat::Q8]);
+    for (lane, row) in rows.iter().enumerate() {
+        let want = reference::dot_q8_0(row, act.q8(0));
+        let got = tiled::dot_lane_q8_0(&tile, lane, act.tile(0));
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{got} vs {want}"
+        );
+    }
+}
+
+/// Eight rows of type `ty` packed into one tile.
+fn packed(ty: WeightType, rows: &[Vec<u8>], blocks: usize) -> Vec<u8> {
+    let mut tile = rows.concat();
+    match ty {
+        WeightType::Q8_0 => tiled::repack_q8_0(&mut tile, blocks, &mut Vec::new()),
+        _ => tiled::repack(&mut tile, blocks, &mut Vec::new()),
+    }
+    tile
+}
+
+/// Throughput of the four-token products of each implementation, for comparing kernels by hand
+/// (`cargo test -p rbee-engine --lib kernel_throughput -- --ignored --nocapture`).
+#[test]
+#[ignore = "a measurement, not a check"]
+fn kernel_throughput() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let (rows, cols, tokens) = (256usize, 2048usize, 64usize);
+    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+        let mat: Vec<Vec<u8>> = (0..rows).map(|_| random_row(ty, cols, &mut rng)).collect();
+        let tiles: Vec<Vec<u8>> = match ty {
+            WeightType::Q4_0 | WeightType::Q8_0 => mat
+                .chunks_exact(tiled::TILE_ROWS)
+                .map(|rows| packed(ty, rows, cols / ty.block_elems()))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
+        let mut act = Activations::default();
+        act.set(&x, cols, &[ty.act_format()]);
+        for kernels in Kernels::all().into_iter().skip(1) {
+            let started = std::time::Instant::now();
+            let mut sink = 0f32;
+            for _ in 0..4 {
+                for t in (0..tokens).step_by(4) {
+                    if kernels.tiles(ty) {
+                        for tile in &tiles {
+                            sink += kernels.dot_tile4(ty, tile, &act, t)[0][0];
+                        }
+                    } else {
+                        for row in &mat {
+                            sink += kernels.dot4(ty, row, &act, t).unwrap()[0];
+                        }
+                    }
+                }
+            }
+            let per = started.elapsed().as_secs_f64() / (4 * rows * cols * tokens) as f64;
+            println!(
+                "{ty:?} {}: {:.3} ns per 1000 weight×token ({sink})",
+                kernels.name,
+                per * 1e12
+            );
         }
     }
 }

@@ -3,9 +3,12 @@
 //! bytes by `maddubs` (u8 × i8 pairs summed to i16), then `madd` to i32, then one f32 FMA per
 //! block with the product of the two scales.
 //!
-//! This is the only module of the CPU path with SIMD intrinsics. Its functions are reachable
-//! only through [`kernels`], which returns them after `is_x86_feature_detected!` has proved the
-//! CPU runs AVX2 and FMA; that check is what makes every `unsafe` call below sound.
+//! The four-token Q4_K product also comes in an AVX-512 VNNI variant (`dpwssd` does the `madd`
+//! and the add in one instruction). This module and [`super::x86_tiled`] (the products of
+//! eight-row tiles) are the only ones of the CPU path with SIMD intrinsics. Their functions are
+//! reachable only through [`kernels`], which returns them after `is_x86_feature_detected!` has
+//! proved the CPU runs the features each enables; that check is what makes every `unsafe` call
+//! below sound.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86")]
@@ -16,26 +19,54 @@ use std::arch::x86_64::*;
 use super::super::quant::{BlockQ8, BlockQ8K, QK_K, scale_min_k4};
 use super::Kernels;
 
-/// The AVX2 kernels, when this CPU has AVX2, FMA and F16C.
+/// The fastest kernels this CPU runs, when it has AVX2, FMA and F16C.
 pub(super) fn kernels() -> Option<Kernels> {
-    if is_x86_feature_detected!("avx2")
+    variants().pop()
+}
+
+/// Every x86 variant this CPU runs, slowest first: AVX2 (with FMA and F16C), then AVX2 with the
+/// Q4_0 and Q8_0 tile products and the four-token Q4_K product on AVX-512 VNNI (256-bit
+/// vectors).
+pub(super) fn variants() -> Vec<Kernels> {
+    let mut out = Vec::new();
+    if !(is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+        && is_x86_feature_detected!("f16c"))
     {
-        Some(Kernels {
-            name: "avx2",
-            q4_0: dot_q4_0,
-            q4_1: dot_q4_1,
-            q8_0: dot_q8_0,
-            q4k: dot_q4k,
-            q6k: dot_q6k,
-            q4_0x4: dot_q4_0x4,
-            q8_0x4: dot_q8_0x4,
-            q4kx4: dot_q4kx4,
-        })
-    } else {
-        None
+        return out;
     }
+    let avx2 = Kernels {
+        name: "avx2",
+        q4_0: dot_q4_0,
+        q4_1: dot_q4_1,
+        q8_0: dot_q8_0,
+        q4k: dot_q4k,
+        q6k: dot_q6k,
+        q4_0x4: dot_q4_0x4,
+        q8_0x4: dot_q8_0x4,
+        q4kx4: dot_q4kx4,
+        q4_0_tile: super::x86_tiled::dot_avx2,
+        q4_0_tilex4: super::x86_tiled::dot4_avx2,
+        q8_0_tile: None,
+    };
+    out.push(avx2);
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+    {
+        out.push(Kernels {
+            name: "avx2+vnni",
+            q4_0_tile: super::x86_tiled::dot_vnni,
+            q4_0_tilex4: super::x86_tiled::dot4_vnni,
+            q8_0_tile: Some((
+                super::x86_tiled::dot_q8_0_vnni,
+                super::x86_tiled::dot4_q8_0_vnni,
+            )),
+            q4kx4: dot_q4kx4_vnni,
+            ..avx2
+        });
+    }
+    out
 }
 
 // The safe wrappers below are private and handed out only by `kernels()` after the feature
@@ -253,60 +284,92 @@ unsafe fn q4k_avx2(row: &[u8], act: &[BlockQ8K]) -> f32 {
     hsum(acc)
 }
 
-/// One Q4_K row against four Q8_K activation vectors: the nibbles and scales of each
-/// super-block are unpacked once.
-fn dot_q4kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
-    let n = acts[0].len();
-    assert!(row.len() >= n * 144 && acts.iter().all(|a| a.len() == n));
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn inner(row: &[u8], acts: [&[BlockQ8K]; 4], n: usize) -> [f32; 4] {
-        let m4 = _mm256_set1_epi8(0xF);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for i in 0..n {
-            let b = &row[144 * i..144 * i + 144];
-            // SAFETY: `b` is 144 bytes.
-            let (d, dmin) = unsafe { (f16_ptr(b.as_ptr()), f16_ptr(b.as_ptr().add(2))) };
-            let unpacked = q4k_scales(&b[4..16]);
-            let mut nib = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
-            for (j, q) in nib.iter_mut().enumerate() {
-                // SAFETY: `b[16 + 32j..16 + 32j + 32]` lies inside the 144-byte block.
-                let q4 = unsafe { _mm256_loadu_si256(b.as_ptr().add(16 + 32 * j).cast()) };
-                *q = (
-                    _mm256_and_si256(q4, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
-                );
-            }
-            for t in 0..4 {
-                let a = &acts[t][i];
-                // SAFETY: `a.bsums` is 32 bytes.
-                let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
-                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, unpacked.mins));
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * a.d), summ, acc[t]);
-                let mut sumi = _mm256_setzero_si256();
-                for (j, (lo, hi)) in nib.iter().enumerate() {
-                    // SAFETY: reads `a.qs[64j..64j + 64]`, inside its 256 bytes.
-                    let (ql, qh) = unsafe {
-                        (
-                            _mm256_loadu_si256(a.qs.as_ptr().add(64 * j).cast()),
-                            _mm256_loadu_si256(a.qs.as_ptr().add(64 * j + 32).cast()),
-                        )
-                    };
-                    let pl =
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(*lo, ql), unpacked.scales[2 * j]);
-                    let ph = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(*hi, qh),
-                        unpacked.scales[2 * j + 1],
-                    );
-                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
-                }
-                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), acc[t]);
-            }
-        }
-        acc.map(|a| hsum(a))
-    }
-    // SAFETY: the features were detected before this function was handed out.
-    unsafe { inner(row, acts, n) }
+/// `acc + madd(a, b)` (AVX2).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn madd_add_avx2(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 }
+
+/// `acc + madd(a, b)` in one VNNI instruction.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+fn madd_add_vnni(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_dpwssd_epi32(acc, a, b)
+}
+
+macro_rules! q4kx4 {
+    ($name:ident, $features:literal, $madd_add:ident) => {
+        /// One Q4_K row against four Q8_K activation vectors: the nibbles and scales of each
+        /// super-block are unpacked once.
+        fn $name(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
+            let n = acts[0].len();
+            assert!(row.len() >= n * 144 && acts.iter().all(|a| a.len() == n));
+            #[target_feature(enable = $features)]
+            fn inner(row: &[u8], acts: [&[BlockQ8K]; 4], n: usize) -> [f32; 4] {
+                let m4 = _mm256_set1_epi8(0xF);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for i in 0..n {
+                    let b = &row[144 * i..144 * i + 144];
+                    // SAFETY: `b` is 144 bytes.
+                    let (d, dmin) = unsafe { (f16_ptr(b.as_ptr()), f16_ptr(b.as_ptr().add(2))) };
+                    let unpacked = q4k_scales(&b[4..16]);
+                    let mut nib = [(_mm256_setzero_si256(), _mm256_setzero_si256()); 4];
+                    for (j, q) in nib.iter_mut().enumerate() {
+                        // SAFETY: `b[16 + 32j..16 + 32j + 32]` lies inside the 144-byte block.
+                        let q4 = unsafe { _mm256_loadu_si256(b.as_ptr().add(16 + 32 * j).cast()) };
+                        *q = (
+                            _mm256_and_si256(q4, m4),
+                            _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4),
+                        );
+                    }
+                    for t in 0..4 {
+                        let a = &acts[t][i];
+                        // SAFETY: `a.bsums` is 32 bytes.
+                        let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+                        let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, unpacked.mins));
+                        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * a.d), summ, acc[t]);
+                        let mut sumi = _mm256_setzero_si256();
+                        for (j, (lo, hi)) in nib.iter().enumerate() {
+                            // SAFETY: reads `a.qs[64j..64j + 64]`, inside its 256 bytes.
+                            let (ql, qh) = unsafe {
+                                (
+                                    _mm256_loadu_si256(a.qs.as_ptr().add(64 * j).cast()),
+                                    _mm256_loadu_si256(a.qs.as_ptr().add(64 * j + 32).cast()),
+                                )
+                            };
+                            sumi = $madd_add(
+                                sumi,
+                                _mm256_maddubs_epi16(*lo, ql),
+                                unpacked.scales[2 * j],
+                            );
+                            sumi = $madd_add(
+                                sumi,
+                                _mm256_maddubs_epi16(*hi, qh),
+                                unpacked.scales[2 * j + 1],
+                            );
+                        }
+                        acc[t] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * a.d),
+                            _mm256_cvtepi32_ps(sumi),
+                            acc[t],
+                        );
+                    }
+                }
+                acc.map(|a| hsum(a))
+            }
+            // SAFETY: the features were detected before this function was handed out.
+            unsafe { inner(row, acts, n) }
+        }
+    };
+}
+
+q4kx4!(dot_q4kx4, "avx2,fma,f16c", madd_add_avx2);
+q4kx4!(
+    dot_q4kx4_vnni,
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+    madd_add_vnni
+);
 
 /// The eight 6-bit scales of a Q4_K super-block, each broadcast to sixteen i16 lanes, and its
 /// eight mins laid out to pair with the sixteen `bsums` of a Q8_K block (`m0 m0 m1 m1 …`).
