@@ -55,7 +55,8 @@ impl Shared {
     }
 }
 
-/// `threads - 1` workers plus the calling thread.
+/// `threads - 1` workers plus the calling thread. One caller at a time, and no nesting: a job
+/// must not call back into its own pool (the forward pass owns its pool through `&mut self`).
 pub(crate) struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
@@ -150,6 +151,8 @@ impl Pool {
             unsafe { std::mem::transmute::<&'a (dyn Fn() + Sync + 'a), &'static Job>(job) };
         {
             let mut slot = self.shared.lock();
+            // A panic of an earlier job that also unwound its caller is that job's, not this one's.
+            slot.panicked = false;
             slot.job = Some(JobPtr(erased));
             slot.epoch += 1;
             self.shared.epoch.store(slot.epoch, Ordering::Release);
@@ -305,5 +308,21 @@ mod tests {
             sum.fetch_add(i, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    #[test]
+    fn a_job_that_panics_everywhere_does_not_fail_the_next_one() {
+        let pool = Pool::new(2).unwrap();
+        for _ in 0..50 {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                pool.for_each(64, &|_| panic!("every index"));
+            }));
+            assert!(r.is_err());
+            let sum = AtomicUsize::new(0);
+            pool.for_each(10, &|i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 45);
+        }
     }
 }
