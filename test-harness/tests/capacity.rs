@@ -352,7 +352,12 @@ async fn a_hive_without_room_is_passed_over_for_the_next_placement() {
             let client = reqwest::Client::new();
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let _ = client.post(&url).bearer_auth(TOKEN).json(&beat).send().await;
+                let _ = client
+                    .post(&url)
+                    .bearer_auth(TOKEN)
+                    .json(&beat)
+                    .send()
+                    .await;
             }
         })
     };

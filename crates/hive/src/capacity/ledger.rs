@@ -159,7 +159,6 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-
     fn worker(id: &str, model: &str, device: &str) -> WorkerInfo {
         WorkerInfo {
             worker_id: id.into(),
