@@ -16,6 +16,7 @@ mod procfs;
 mod queen;
 mod receiver;
 mod sse;
+mod wait;
 
 pub use cluster::{CLUSTER_TOKEN, TestCluster};
 pub use daemon::{Daemon, bin_path, free_port};
@@ -29,3 +30,4 @@ pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};
 pub use receiver::HeartbeatReceiver;
 pub use sse::{RawStream, read_raw_stream, read_raw_stream_signalling};
+pub use wait::eventually;

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use rbee_contract::{JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, JobApi, Script, ScriptedUpstream, free_port, process_gone, read_raw_stream,
+    Daemon, JobApi, Script, ScriptedUpstream, eventually, free_port, process_gone, read_raw_stream,
     scratch_dir, smollm2, tiny_model,
 };
 
@@ -191,22 +191,6 @@ async fn sse_data(response: reqwest::Response) -> Vec<String> {
             (!data.is_empty()).then(|| data.join("\n"))
         })
         .collect()
-}
-
-/// Polls `check` every 50 ms until it yields a value; panics after `timeout`.
-async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn model_id(path: &Path) -> String {

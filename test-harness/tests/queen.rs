@@ -13,8 +13,8 @@ use rbee_contract::{
 };
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, JobApi, RawStream, Script, ScriptedUpstream, free_port, read_raw_stream, smollm2,
-    tiny_model,
+    Daemon, JobApi, RawStream, Script, ScriptedUpstream, eventually, free_port, read_raw_stream,
+    smollm2, tiny_model,
 };
 
 const TOKEN: &str = "queen-test-cluster-token";
@@ -70,22 +70,6 @@ fn start_worker(model: &Path, model_ref: &str, queen_url: &str, worker_id: &str)
         format!("http://127.0.0.1:{port}"),
     )
     .expect("start worker")
-}
-
-/// Polls `check` every 20 ms until it yields a value; panics after `timeout`.
-async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn workers(queen: &Daemon) -> Vec<WorkerInfo> {

@@ -10,7 +10,7 @@ use rbee_contract::{ErrorCode, FinishReason, JobEvent, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{
     CLUSTER_TOKEN, Daemon, JobApi, KeeperEnv, RawStream, TestCluster, TestHive, child_pids,
-    free_port, process_gone, read_raw_stream_signalling, slow_model, tiny_model,
+    eventually, free_port, process_gone, read_raw_stream_signalling, slow_model, tiny_model,
 };
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -100,14 +100,10 @@ fn ending(stream: &RawStream, max_tokens: u32, hop: &str, cut: ErrorCode) -> End
 }
 
 async fn wait_gone(pid: u32, what: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !process_gone(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "{what} (pid {pid}) still runs after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(&format!("{what} (pid {pid}) gone"), limit, async || {
+        process_gone(pid).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
