@@ -270,13 +270,20 @@ impl<E: JobExecutor> JobServer<E> {
         self.inner.closed.is_cancelled()
     }
 
+    /// Refuses new jobs from now on (`503 shutting_down`), leaving running ones be. A daemon
+    /// that answers a shutdown request calls it before answering, so that nothing created
+    /// after the answer slips in before [`JobServer::shutdown`] starts draining.
+    pub fn close(&self) {
+        self.inner.closed.cancel();
+        self.inner.tracker.close();
+    }
+
     /// Drains the server: refuses new jobs (`503 shutting_down`) at once, lets running jobs
     /// finish for up to `grace`, then cancels the ones still running, whose streams end with an
     /// `error` event of code `shutting_down` (never a silent cut). Finished jobs stop being
     /// retained. Returns whether every job finished on its own within `grace`.
     pub async fn shutdown(&self, grace: Duration) -> bool {
-        self.inner.closed.cancel();
-        self.inner.tracker.close();
+        self.close();
         let running = *self.inner.running.borrow();
         tracing::info!(running, ?grace, "job server draining");
         let mut count = self.inner.running.subscribe();

@@ -168,6 +168,7 @@ async fn shutdown(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
         hives,
         "shutdown requested; draining jobs, then stopping the hives, then the queen"
     );
+    state.jobs.close();
     state.stop_cluster.cancel();
     let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
     (
