@@ -35,25 +35,9 @@ impl TestCluster {
     /// [`start`](Self::start), with `hive_args` added to the hive's defaults (flags the
     /// defaults do not set, e.g. `--stop-grace`).
     pub async fn start_with(model: &Path, queen_args: &[&str], hive_args: &[&str]) -> TestCluster {
-        let port = free_port();
-        let mut args = vec![
-            "--port".to_string(),
-            port.to_string(),
-            "--heartbeat-interval".to_string(),
-            "100ms".to_string(),
-        ];
-        args.extend(queen_args.iter().map(|a| a.to_string()));
-        let mut queen = Daemon::start(
-            "queen-rbee",
-            &args,
-            &[("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)],
-            format!("http://127.0.0.1:{port}"),
-        )
-        .expect("start queen-rbee");
-        queen
-            .wait_for("/health", None, Duration::from_secs(30))
-            .await
-            .expect("the queen answers /health");
+        let mut args = vec!["--heartbeat-interval", "100ms"];
+        args.extend_from_slice(queen_args);
+        let queen = Daemon::queen(&args, &[("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)]).await;
 
         let hive_port = free_port();
         let first_worker_port = free_port().min(65_000);

@@ -155,6 +155,24 @@ impl Daemon {
         }
     }
 
+    /// A `queen-rbee` on `port` of loopback with `args` and `env`, answering `/health`.
+    pub async fn queen_on(port: u16, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut all = vec!["--port".to_string(), port.to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut queen = Daemon::start("queen-rbee", &all, env, format!("http://127.0.0.1:{port}"))
+            .expect("start queen-rbee");
+        queen
+            .wait_for("/health", None, Duration::from_secs(30))
+            .await
+            .expect("the queen answers /health");
+        queen
+    }
+
+    /// [`Daemon::queen_on`] a free port.
+    pub async fn queen(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::queen_on(free_port(), args, env).await
+    }
+
     /// Sends a signal (e.g. `"TERM"`, `"INT"`, `"KILL"`) with the system's `kill`.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rbee_contract::{ErrorCode, JobCreated, JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
 use reqwest::Method;
 use serde_json::{Value, json};
-use test_harness::{Daemon, JobApi, free_port, read_raw_stream};
+use test_harness::{Daemon, JobApi, read_raw_stream};
 
 const CLUSTER_TOKEN: &str = "auth-test-cluster-token";
 const KEY_ONE: &str = "auth-test-key-one";
@@ -20,25 +20,13 @@ async fn start_queen() -> Daemon {
 }
 
 async fn start_queen_with(extra_env: &[(&str, &str)]) -> Daemon {
-    let port = free_port();
     let api_keys = format!("{KEY_ONE}, {KEY_TWO}");
     let mut env = vec![
         ("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN),
         ("RBEE_API_KEYS", api_keys.as_str()),
     ];
     env.extend_from_slice(extra_env);
-    let mut queen = Daemon::start(
-        "queen-rbee",
-        &["--port".to_string(), port.to_string()],
-        &env,
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start queen");
-    queen
-        .wait_for("/health", None, Duration::from_secs(30))
-        .await
-        .expect("queen healthy");
-    queen
+    Daemon::queen(&[], &env).await
 }
 
 async fn call(

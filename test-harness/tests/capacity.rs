@@ -15,9 +15,7 @@ use rbee_contract::{
     JobEvent, NoCapacityBody,
 };
 use serde_json::{Value, json};
-use test_harness::{
-    Daemon, JobApi, Script, ScriptedUpstream, TestHive, child_pids, free_port, tiny_model,
-};
+use test_harness::{Daemon, JobApi, Script, ScriptedUpstream, TestHive, child_pids, tiny_model};
 
 const TOKEN: &str = "capacity-test-token";
 
@@ -211,23 +209,11 @@ async fn a_spawn_that_does_not_fit_is_refused_before_a_worker_starts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_queen_places_on_a_reported_device_and_relays_the_hives_refusal() {
-    let port = free_port();
-    let mut queen = Daemon::start(
-        "queen-rbee",
-        &[
-            "--port".to_string(),
-            port.to_string(),
-            "--heartbeat-interval".to_string(),
-            "100ms".to_string(),
-        ],
+    let queen = Daemon::queen(
+        &["--heartbeat-interval", "100ms"],
         &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
     )
-    .expect("start queen");
-    queen
-        .wait_for("/health", None, Duration::from_secs(30))
-        .await
-        .expect("queen healthy");
+    .await;
     let hive = TestHive::start(
         "placed-hive",
         TOKEN,
@@ -294,18 +280,7 @@ async fn the_queen_places_on_a_reported_device_and_relays_the_hives_refusal() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hive_without_room_is_passed_over_for_the_next_placement() {
-    let port = free_port();
-    let mut queen = Daemon::start(
-        "queen-rbee",
-        &["--port".to_string(), port.to_string()],
-        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start queen");
-    queen
-        .wait_for("/health", None, Duration::from_secs(30))
-        .await
-        .expect("queen healthy");
+    let queen = Daemon::queen(&[], &[("RBEE_CLUSTER_TOKEN", TOKEN)]).await;
 
     // A hive that reports a big GPU, which the queen tries first, and then refuses.
     let refusing = ScriptedUpstream::start(Script {

@@ -30,29 +30,11 @@ struct Cluster {
 
 impl Cluster {
     async fn queen_only() -> Cluster {
-        let port = free_port();
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--heartbeat-interval",
-            "100ms",
-            "--spawn-timeout",
-            "120s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut queen = Daemon::start(
-            "queen-rbee",
-            &args,
+        let queen = Daemon::queen(
+            &["--heartbeat-interval", "100ms", "--spawn-timeout", "120s"],
             &[("RBEE_CLUSTER_TOKEN", TOKEN), ("RBEE_API_KEYS", KEY)],
-            format!("http://127.0.0.1:{port}"),
         )
-        .expect("start queen");
-        queen
-            .wait_for("/health", None, Duration::from_secs(30))
-            .await
-            .expect("queen healthy");
+        .await;
         Cluster {
             queen,
             hive: None,

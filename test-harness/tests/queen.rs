@@ -26,19 +26,11 @@ fn client() -> reqwest::Client {
 }
 
 async fn start_queen_on(port: u16, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
-    let mut all = vec!["--port".to_string(), port.to_string()];
-    all.extend(args.iter().map(|s| s.to_string()));
-    let mut queen = Daemon::start("queen-rbee", &all, envs, format!("http://127.0.0.1:{port}"))
-        .expect("start queen");
-    queen
-        .wait_for("/health", None, Duration::from_secs(30))
-        .await
-        .expect("queen healthy");
-    queen
+    Daemon::queen_on(port, args, envs).await
 }
 
 async fn start_queen(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
-    start_queen_on(free_port(), args, envs).await
+    Daemon::queen(args, envs).await
 }
 
 /// A real worker that sends heartbeats to `queen_url` every 100 ms, with the cluster token.
