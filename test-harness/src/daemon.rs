@@ -168,6 +168,40 @@ impl Daemon {
         queen
     }
 
+    /// An `llm-worker-rbee` serving `model` on a free loopback port with two threads, the
+    /// cluster token `token` and the extra `args`, not yet waited for.
+    pub fn worker(model: &Path, token: &str, args: &[&str]) -> Daemon {
+        let port = free_port();
+        let mut all: Vec<String> = vec![
+            "--model".into(),
+            model.display().to_string(),
+            "--port".into(),
+            port.to_string(),
+            "--worker-id".into(),
+            "w-test".into(),
+            "--threads".into(),
+            "2".into(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Daemon::start(
+            "llm-worker-rbee",
+            &all,
+            &[("RBEE_CLUSTER_TOKEN", token)],
+            format!("http://127.0.0.1:{port}"),
+        )
+        .expect("start llm-worker-rbee")
+    }
+
+    /// [`Daemon::worker`], once its model is loaded (`/v1/ready`).
+    pub async fn ready_worker(model: &Path, token: &str, args: &[&str]) -> Daemon {
+        let mut worker = Daemon::worker(model, token, args);
+        worker
+            .wait_for("/v1/ready", Some(token), Duration::from_secs(60))
+            .await
+            .expect("the worker becomes ready");
+        worker
+    }
+
     /// [`Daemon::queen_on`] a free port.
     pub async fn queen(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         Daemon::queen_on(free_port(), args, env).await

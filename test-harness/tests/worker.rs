@@ -13,34 +13,11 @@ use test_harness::{
 const TOKEN: &str = "test-cluster-token";
 
 fn start_worker(model: &std::path::Path, extra: &[&str]) -> Daemon {
-    let port = free_port();
-    let mut args: Vec<String> = vec![
-        "--model".into(),
-        model.display().to_string(),
-        "--port".into(),
-        port.to_string(),
-        "--worker-id".into(),
-        "w-test".into(),
-        "--threads".into(),
-        "2".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Daemon::start(
-        "llm-worker-rbee",
-        &args,
-        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start worker")
+    Daemon::worker(model, TOKEN, extra)
 }
 
 async fn ready_worker(model: &std::path::Path, extra: &[&str]) -> Daemon {
-    let mut worker = start_worker(model, extra);
-    worker
-        .wait_for("/v1/ready", Some(TOKEN), Duration::from_secs(60))
-        .await
-        .expect("worker ready");
-    worker
+    Daemon::ready_worker(model, TOKEN, extra).await
 }
 
 fn client() -> reqwest::Client {

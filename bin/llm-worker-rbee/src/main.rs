@@ -50,7 +50,11 @@ struct Args {
     /// CPU threads for inference (default: candle's, the number of physical cores).
     #[arg(long, env = "RBEE_THREADS")]
     threads: Option<usize>,
-    /// Requests that may wait while one generation runs.
+    /// Sequences generated at once (continuous batching), each with its own KV cache. A model
+    /// on candle's code (GPU, F16/F32 matrices, qwen2, safetensors) serves one.
+    #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    slots: u32,
+    /// Requests that may wait while every slot is busy.
     #[arg(long, env = "RBEE_QUEUE_CAPACITY", default_value_t = 4)]
     queue_capacity: usize,
     /// How long shutdown lets running and queued generations finish before ending them.
@@ -114,6 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.hive_id = args.hive_id;
     config.cluster_token = cluster_token;
     config.queue_capacity = args.queue_capacity;
+    config.slots = args.slots as usize;
     config.shutdown_grace = args.shutdown_grace;
     config.hive_pid = args.hive_pid;
 

@@ -248,6 +248,18 @@ impl EventSink {
     pub fn is_cancelled(&self) -> bool {
         self.job.cancel.is_cancelled()
     }
+
+    /// Whether an [`emit`](Self::emit) now would return without waiting for a reader. A
+    /// thread serving several jobs at once uses it to let a job whose readers are behind sit
+    /// out instead of holding up the others; a cancelled or ended job has room (its emit fails
+    /// at once).
+    pub fn has_room(&self) -> bool {
+        if self.job.cancel.is_cancelled() {
+            return true;
+        }
+        let mut log = self.job.log();
+        log.ended() || log.has_room()
+    }
 }
 
 /// One event of a job as read by a subscriber.

@@ -83,6 +83,12 @@ impl EventLog {
         }
     }
 
+    /// Whether a non-terminal event would be appended now without waiting for a reader.
+    pub fn has_room(&mut self) -> bool {
+        self.evict_for_room();
+        self.entries.len() < self.capacity
+    }
+
     /// Appends a non-terminal event, or hands it back when the buffer holds only events no
     /// reader has received yet (the caller waits for room and tries again).
     pub fn try_push(

@@ -1,21 +1,25 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat::ChatTemplate;
+use crate::cpu::SeqTokens;
 use crate::model::{self, CausalLm, ModelInfo};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
 use crate::prompter::Prompter;
-use crate::sampling::Sampler;
-use crate::stop::{Release, StopMatcher};
-use crate::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizerError};
+use crate::sequence::Sequence;
+use crate::tokenizer::TextTokenizer;
 use crate::{DeviceSpec, EngineError};
 
 /// Longest slice of prompt fed to the model in one forward pass. Bounds the attention scores
 /// held at once (heads × chunk × context floats) without costing throughput.
 const PREFILL_CHUNK: usize = 512;
+
+/// Longest slice of prompt fed in a step that other sequences share: long enough to keep the
+/// four-token kernels busy, short enough that the others' next tokens are not held up long.
+const SHARED_PREFILL_CHUNK: usize = 64;
 
 /// What to load and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +28,9 @@ pub struct LoadOptions {
     /// or as its `config.json`.
     pub model_path: PathBuf,
     pub device: DeviceSpec,
+    /// Sequences to run at once (continuous batching), at least 1. A model that runs on
+    /// candle's code holds one; see [`Engine::slots`].
+    pub slots: usize,
 }
 
 /// One step of model loading, for progress displays.
@@ -80,6 +87,7 @@ pub struct Engine {
     info: ModelInfo,
     tokenizer: TextTokenizer,
     prompter: Prompter,
+    slots: usize,
 }
 
 // The worker moves the engine onto a thread of its own.
@@ -104,7 +112,23 @@ impl Engine {
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Engine, EngineError> {
         let device = opts.device.open()?;
-        let loaded = model::load(&opts.model_path, &device, progress)?;
+        let mut loaded = model::load(&opts.model_path, &device, progress)?;
+        let wanted = opts.slots.max(1);
+        let slots = match loaded.model.batched() {
+            Some(cpu) => {
+                cpu.set_sequences(wanted);
+                wanted
+            }
+            None => {
+                if wanted > 1 {
+                    tracing::warn!(
+                        slots = wanted,
+                        "this model runs on candle's code, which holds one sequence; serving one at a time"
+                    );
+                }
+                1
+            }
+        };
         let prompter = Prompter::new(
             loaded.tokenizer.clone(),
             chat_template(&loaded.tokenizer),
@@ -117,6 +141,7 @@ impl Engine {
             dtype = loaded.info.format.dtype(),
             context_length = loaded.info.context_length,
             device = %opts.device,
+            slots,
             "model loaded"
         );
         Ok(Engine {
@@ -125,6 +150,7 @@ impl Engine {
             info: loaded.info,
             tokenizer: loaded.tokenizer,
             prompter,
+            slots,
         })
     }
 
@@ -151,122 +177,118 @@ impl Engine {
         self.prompter.clone()
     }
 
-    /// Runs one generation. `on_token` sees every token with the text it releases and can end
-    /// the generation at once by returning `Break` (the result is then `Cancelled`).
+    /// How many sequences this engine runs at once: the `slots` it was loaded with, or 1 when
+    /// the model runs on candle's code, which holds one KV cache.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Runs one generation in slot 0. `on_token` sees every token with the text it releases
+    /// and can end the generation at once by returning `Break` (the result is then
+    /// `Cancelled`).
     pub fn generate(
         &mut self,
         req: &PreparedRequest,
         on_token: &mut dyn FnMut(GeneratedToken) -> ControlFlow<()>,
     ) -> Result<Completion, EngineError> {
-        let started = Instant::now();
-        self.model.reset()?;
-        let prompt_len = req.prompt_tokens.len();
-        let mut sampler = Sampler::new(&req.params);
-        let mut decoder =
-            IncrementalDecoder::with_context(self.tokenizer.clone(), &req.prompt_tokens);
-        let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
-        let mut stops = StopMatcher::new(&req.params.stop);
-        let mut context = Vec::with_capacity(prompt_len + req.max_tokens);
-        context.extend_from_slice(&req.prompt_tokens);
-        let mut text = String::new();
-        let mut prefill_time = Duration::ZERO;
-
-        let mut logits = self.prefill(&req.prompt_tokens)?;
-        for index in 0..req.max_tokens {
-            let token = sampler.sample(&mut logits, &context)?;
-            if index == 0 {
-                prefill_time = started.elapsed();
+        let mut seq = self.begin(0, req)?;
+        loop {
+            self.step(&mut [&mut seq])?;
+            if seq.has_logits()
+                && let Some(completion) = self.advance(&mut seq, on_token)?
+            {
+                return Ok(completion);
             }
-            sampler.accept(token);
-            context.push(token);
-            let finish = |reason| Completion {
-                finish_reason: reason,
-                prompt_tokens: prompt_len,
-                completion_tokens: index + 1,
-                text: String::new(),
-                prefill_time,
-                decode_time: started.elapsed().saturating_sub(prefill_time),
-            };
-
-            if self.info.eos_token_ids.contains(&token) {
-                // Whatever was held back (a partial character or a stop-sequence prefix that
-                // never completed) is final now; it rides on the EOS token, whose own text is not
-                // emitted.
-                let rest = decoder.finish().map_err(decode_err)?.unwrap_or_default();
-                let tail = match stops.push(&rest) {
-                    Release::Text(t) => t + &stops.flush(),
-                    Release::Stopped(t) => t,
-                };
-                if !tail.is_empty() {
-                    text.push_str(&tail);
-                    let _ = on_token(GeneratedToken {
-                        token_id: token,
-                        index,
-                        text: tail,
-                    });
-                }
-                return Ok(Completion {
-                    text,
-                    ..finish(FinishReason::Stop)
-                });
-            }
-
-            let last = index + 1 == req.max_tokens;
-            let mut piece = decoder.push(token).map_err(decode_err)?.unwrap_or_default();
-            if last {
-                piece.push_str(&decoder.finish().map_err(decode_err)?.unwrap_or_default());
-            }
-            let (mut released, stopped) = match stops.push(&piece) {
-                Release::Text(t) => (t, false),
-                Release::Stopped(t) => (t, true),
-            };
-            if last && !stopped {
-                released.push_str(&stops.flush());
-            }
-            text.push_str(&released);
-            let flow = on_token(GeneratedToken {
-                token_id: token,
-                index,
-                text: released,
-            });
-            if stopped {
-                return Ok(Completion {
-                    text,
-                    ..finish(FinishReason::Stop)
-                });
-            }
-            if flow.is_break() {
-                return Ok(Completion {
-                    text,
-                    ..finish(FinishReason::Cancelled)
-                });
-            }
-            if last {
-                return Ok(Completion {
-                    text,
-                    ..finish(FinishReason::Length)
-                });
-            }
-            logits = self.forward(&[token], prompt_len + index)?;
         }
-        // `prepare` guarantees max_tokens >= 1, so the loop always returns; a hand-built request
-        // with zero tokens to generate ends here.
-        Ok(Completion {
-            finish_reason: FinishReason::Length,
-            prompt_tokens: prompt_len,
-            completion_tokens: 0,
-            text,
-            prefill_time: started.elapsed(),
-            decode_time: Duration::ZERO,
-        })
     }
 
-    fn prefill(&mut self, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let mut logits = None;
-        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            logits = Some(self.forward(chunk, i * PREFILL_CHUNK)?);
+    /// Starts a generation in `slot` (below [`slots`](Self::slots)). Nothing is computed yet:
+    /// [`step`](Self::step) feeds its prompt, then [`advance`](Self::advance) samples each
+    /// token. The slot's earlier sequence, if any, is forgotten at the first step.
+    pub fn begin(&self, slot: usize, req: &PreparedRequest) -> Result<Sequence, EngineError> {
+        if slot >= self.slots {
+            return Err(EngineError::Inference(format!(
+                "slot {slot} is beyond the {} this engine runs",
+                self.slots
+            )));
         }
-        logits.ok_or(EngineError::EmptyPrompt)
+        if req.prompt_tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        Ok(Sequence::new(slot, req, &self.tokenizer))
+    }
+
+    /// Feeds every sequence that waits for input in one forward pass: the next chunk of a
+    /// prompt not yet fed, or the token [`advance`](Self::advance) chose last. Sequences that
+    /// have logits waiting are skipped. A prompt is fed in chunks of at most 512 tokens, or
+    /// 64 when other sequences share the step, so that a long prompt delays their next tokens
+    /// by little.
+    pub fn step(&mut self, seqs: &mut [&mut Sequence]) -> Result<(), EngineError> {
+        let feeding: Vec<usize> = (0..seqs.len())
+            .filter(|&i| !seqs[i].has_logits() && !seqs[i].is_finished())
+            .collect();
+        if feeding.is_empty() {
+            return Ok(());
+        }
+        let chunk = if feeding.len() == 1 {
+            PREFILL_CHUNK
+        } else {
+            SHARED_PREFILL_CHUNK
+        };
+        let inputs: Vec<(usize, Vec<u32>, usize)> = feeding
+            .iter()
+            .map(|&i| {
+                let seq = &seqs[i];
+                (seq.slot, seq.next_input(chunk).to_vec(), seq.fed)
+            })
+            .collect();
+        let logits = self.forward_many(&inputs)?;
+        let vocab = logits.len() / inputs.len();
+        for ((&i, (_, tokens, _)), logits) in
+            feeding.iter().zip(&inputs).zip(logits.chunks_exact(vocab))
+        {
+            seqs[i].fed_tokens(tokens.len(), logits);
+        }
+        Ok(())
+    }
+
+    /// Samples the next token of a sequence whose logits are waiting (see
+    /// [`Sequence::has_logits`]) and hands it to `on_token`; returns the completion when the
+    /// sequence has ended.
+    pub fn advance(
+        &self,
+        seq: &mut Sequence,
+        on_token: &mut dyn FnMut(GeneratedToken) -> ControlFlow<()>,
+    ) -> Result<Option<Completion>, EngineError> {
+        seq.advance(&self.info.eos_token_ids, on_token)
+    }
+
+    /// One forward pass over `(slot, tokens, pos)` entries; the last logits of each entry,
+    /// `[entry][vocab]`.
+    fn forward_many(
+        &mut self,
+        inputs: &[(usize, Vec<u32>, usize)],
+    ) -> Result<Vec<f32>, EngineError> {
+        if let Some(cpu) = self.model.batched() {
+            let entries: Vec<SeqTokens<'_>> = inputs
+                .iter()
+                .map(|(slot, tokens, pos)| SeqTokens {
+                    seq: *slot,
+                    tokens,
+                    pos: *pos,
+                })
+                .collect();
+            return cpu.step(&entries).map(<[f32]>::to_vec);
+        }
+        let [(0, tokens, pos)] = inputs else {
+            return Err(EngineError::Inference(
+                "this model runs one sequence at a time, in slot 0".into(),
+            ));
+        };
+        if *pos == 0 {
+            self.model.reset()?;
+        }
+        self.forward(tokens, *pos)
     }
 
     /// Feeds `tokens` at positions starting from `pos`; returns the last position's logits.

@@ -20,6 +20,7 @@ mod model;
 mod params;
 mod prompter;
 mod sampling;
+mod sequence;
 mod stop;
 
 pub mod chat;
@@ -32,6 +33,7 @@ pub use error::{EngineError, ErrorKind};
 pub use model::{ModelInfo, WeightsFormat};
 pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
 pub use prompter::Prompter;
+pub use sequence::Sequence;
 pub use tokenizer::TextTokenizer;
 
 /// Sets how many CPU threads inference uses (candle's pools and the engine's own CPU pool, which

@@ -21,6 +21,12 @@ pub(crate) trait CausalLm: Send {
 
     /// Forgets every cached position so the next `forward` starts a new sequence at `pos` 0.
     fn reset(&mut self) -> Result<(), EngineError>;
+
+    /// The model as one that holds several sequences and feeds them in one step, when it can
+    /// (the engine's CPU path); `forward` and `reset` then act on its sequence 0.
+    fn batched(&mut self) -> Option<&mut crate::cpu::CpuLlama> {
+        None
+    }
 }
 
 /// How the weights are stored.

@@ -44,6 +44,7 @@ fn load(path: &Path) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
         model_path: path.to_path_buf(),
         device: DeviceSpec::Cpu,
+        slots: 1,
     };
     Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
 }

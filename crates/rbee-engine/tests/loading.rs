@@ -11,6 +11,7 @@ fn load(path: &Path, device: DeviceSpec) -> Result<Engine, EngineError> {
         &LoadOptions {
             model_path: path.to_owned(),
             device,
+            slots: 1,
         },
         &mut |_| {},
     )

@@ -39,6 +39,7 @@ fn loaded() -> Option<&'static Loaded> {
             let opts = LoadOptions {
                 model_path,
                 device: DeviceSpec::Cpu,
+                slots: 1,
             };
             let engine = Engine::load(&opts, &mut |p| progress.push(p)).expect("SmolLM2 loads");
             Some(Loaded {

@@ -24,7 +24,10 @@ pub struct WorkerConfig {
     pub hive_id: Option<String>,
     /// Shared secret of the cluster; `None` leaves the protected routes open (loopback only).
     pub cluster_token: Option<String>,
-    /// Requests that may wait while one generation runs; more are answered `429 busy`.
+    /// Sequences generated at once, each with its own KV cache (continuous batching); at
+    /// least 1. The engine may serve fewer (one, for a model on candle's code).
+    pub slots: usize,
+    /// Requests that may wait while every slot is busy; more are answered `429 busy`.
     pub queue_capacity: usize,
     /// How long shutdown lets running and queued generations finish before it ends them
     /// with `shutting_down`.
@@ -48,6 +51,7 @@ impl WorkerConfig {
             heartbeat_interval: Duration::from_secs(5),
             hive_id: None,
             cluster_token: None,
+            slots: 1,
             queue_capacity: 4,
             shutdown_grace: Duration::from_secs(30),
             hive_pid: None,

@@ -73,7 +73,8 @@ impl JobExecutor for InferExecutor {
             ApiError::new(
                 ErrorCode::Busy,
                 format!(
-                    "the worker is busy: one generation running and {} waiting; retry later",
+                    "the worker is busy: {} generating and {} waiting; retry later",
+                    self.shared.slots(),
                     self.shared.queue_capacity
                 ),
             )
@@ -82,8 +83,11 @@ impl JobExecutor for InferExecutor {
     }
 
     async fn run(&self, job: InferJob, ctx: JobContext) -> JobResult {
-        if job.in_flight.ahead > 0 {
-            let position = u32::try_from(job.in_flight.ahead).unwrap_or(u32::MAX);
+        // Every slot was taken when this request entered: it waits behind the ones that
+        // were already waiting.
+        let slots = self.shared.slots();
+        if job.in_flight.ahead >= slots {
+            let position = u32::try_from(job.in_flight.ahead + 1 - slots).unwrap_or(u32::MAX);
             ctx.emit(JobEvent::Queued { position })
                 .await
                 .map_err(|_| cancelled())?;

@@ -1,18 +1,23 @@
-//! The inference thread: loads the model, then runs one generation at a time.
+//! The inference thread: loads the model, then runs up to one generation per slot at once,
+//! batched (see [`run`]).
 //!
 //! The engine is blocking, so it lives on a thread of its own; handlers only send it
 //! [`Task`]s through a bounded channel and await the outcome. Tokens go straight from this
-//! thread into the job's event sink, whose back-pressure paces generation to the slowest
-//! reader, and whose cancellation stops generation within one token.
+//! thread into each job's event sink; a generation whose reader is behind waits for room
+//! without holding up the others, and a cancelled job leaves the batch within one step.
 
 use std::any::Any;
 use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use job_server::EventSink;
 use rbee_contract::JobEvent;
-use rbee_engine::{Completion, Engine, EngineError, LoadOptions, PreparedRequest};
+use rbee_engine::{
+    Completion, Engine, EngineError, GeneratedToken, LoadOptions, PreparedRequest, Sequence,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +47,7 @@ pub(crate) fn start(
     let options = LoadOptions {
         model_path: config.model_path.clone(),
         device: config.device,
+        slots: config.slots,
     };
     let queue_capacity = config.queue_capacity.max(1);
     std::thread::Builder::new()
@@ -51,11 +57,12 @@ pub(crate) fn start(
                 load_failed.cancel();
                 return;
             };
-            // Admission allows one running plus `queue_capacity` waiting; the running one may
-            // still sit in the channel for a moment after the previous task freed its slot.
-            let (tx, rx) = mpsc::channel(queue_capacity + 1);
+            // Admission allows one running per slot plus `queue_capacity` waiting; a running
+            // one may still sit in the channel for a moment after the previous task freed its
+            // slot.
+            let (tx, rx) = mpsc::channel(queue_capacity + engine.slots());
             let context_length = u32::try_from(engine.info().context_length).unwrap_or(u32::MAX);
-            shared.set_ready(engine.prompter(), tx, context_length);
+            shared.set_ready(engine.prompter(), tx, context_length, engine.slots());
             run(engine, rx, &shared);
         })?;
     Ok(())
@@ -80,78 +87,207 @@ fn load(options: &LoadOptions, shared: &WorkerShared) -> Option<Engine> {
     }
 }
 
+/// A generation in a slot, with what it reports to.
+struct Active {
+    seq: Sequence,
+    sink: EventSink,
+    cancel: CancellationToken,
+    done: oneshot::Sender<Result<Completion, EngineError>>,
+    in_flight: InFlight,
+    span: tracing::Span,
+}
+
+/// How long the thread waits before looking again when every running generation's readers
+/// are behind (nothing to feed, nothing to sample).
+const READERS_BEHIND_PAUSE: Duration = Duration::from_millis(2);
+
+/// Continuous batching: between steps, waiting tasks take free slots and finished or cancelled
+/// generations leave; each step feeds every running sequence (a new one's prompt, the others'
+/// last tokens) in one forward pass, then each samples its next token. A generation whose
+/// stream buffer is full (its reader is behind) sits out until there is room, rather than
+/// holding up the others.
 fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) {
-    while let Some(task) = rx.blocking_recv() {
-        let Task {
-            request,
-            sink,
-            cancel,
-            done,
-            in_flight,
-            span,
-        } = task;
-        let _job = span.enter();
-        if cancel.is_cancelled() {
-            // Cancelled while it waited; the job has already ended.
-            continue;
-        }
-        let prompt_tokens = u32::try_from(request.prompt_tokens().len()).unwrap_or(u32::MAX);
-        if sink
-            .blocking_emit(JobEvent::Started { prompt_tokens })
-            .is_err()
-        {
-            continue;
-        }
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            engine.generate(&request, &mut |token| {
-                if cancel.is_cancelled() {
-                    return ControlFlow::Break(());
+    let slots = engine.slots();
+    let mut active: Vec<Active> = Vec::with_capacity(slots);
+    let mut open = true;
+    loop {
+        while open && active.len() < slots {
+            let task = if active.is_empty() {
+                rx.blocking_recv()
+            } else {
+                match rx.try_recv() {
+                    Ok(task) => Some(task),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
                 }
-                let event = JobEvent::Token {
-                    text: token.text,
-                    token_id: token.token_id,
-                    index: u32::try_from(token.index).unwrap_or(u32::MAX),
-                };
-                match sink.blocking_emit(event) {
-                    Ok(_) => ControlFlow::Continue(()),
-                    Err(_) => ControlFlow::Break(()),
-                }
-            })
-        }));
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(panic) => {
-                // The engine's state is unknown after a panic: report the failure and stop
-                // taking work, so the hive and the queen see a failed worker, not a ready one.
-                let message = panic_message(&*panic);
-                tracing::error!(error = %message, "generation crashed; the worker stops serving");
-                drop(in_flight);
-                let _ = done.send(Err(EngineError::Inference(format!(
-                    "the engine crashed: {message}"
-                ))));
-                shared.set_load_state(LoadState::Failed {
-                    message: format!("the engine crashed: {message}"),
-                });
-                return;
+            };
+            let Some(task) = task else {
+                open = false;
+                break;
+            };
+            let slot = (0..slots)
+                .find(|s| active.iter().all(|a| a.seq.slot() != *s))
+                .unwrap_or_default();
+            if let Some(a) = begin(&engine, slot, task) {
+                active.push(a);
             }
-        };
-        if let Ok(completion) = &outcome {
-            tracing::info!(
-                finish_reason = ?completion.finish_reason,
-                prompt_tokens = completion.prompt_tokens,
-                completion_tokens = completion.completion_tokens,
-                prefill_ms = completion.prefill_time.as_millis() as u64,
-                decode_ms = completion.decode_time.as_millis() as u64,
-                "generation ended"
-            );
         }
-        // Free the slot before the outcome is reported, so a client that sees the terminal
-        // event and at once asks for the next generation finds the worker free.
-        drop(in_flight);
-        // The job may be gone (cancelled); its outcome then has no reader.
-        let _ = done.send(outcome);
+        if active.is_empty() {
+            if open {
+                continue;
+            }
+            break;
+        }
+        // A cancelled job has already ended; dropping its `done` tells its executor so.
+        active.retain(|a| !a.cancel.is_cancelled());
+
+        let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
+        let fed = seqs.iter().any(|s| !s.has_logits());
+        let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step(&mut seqs)));
+        match stepped {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                // The step's sequences are in an unknown state: end every running one.
+                tracing::error!(error = %err, "a generation step failed");
+                for a in active.drain(..) {
+                    finish(a, Err(EngineError::Inference(err.to_string())));
+                }
+                continue;
+            }
+            Err(panic) => return crashed(active, shared, &*panic),
+        }
+
+        let mut advanced = false;
+        let mut still = Vec::with_capacity(active.len());
+        for mut a in active.drain(..) {
+            if !a.seq.has_logits() || !a.sink.has_room() {
+                still.push(a);
+                continue;
+            }
+            advanced = true;
+            let outcome = {
+                let _job = a.span.enter();
+                let (sink, cancel) = (&a.sink, &a.cancel);
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    engine.advance(&mut a.seq, &mut |token| emit_token(sink, cancel, token))
+                }))
+            };
+            match outcome {
+                Ok(Ok(None)) => still.push(a),
+                Ok(Ok(Some(completion))) => finish(a, Ok(completion)),
+                Ok(Err(err)) => finish(a, Err(err)),
+                Err(panic) => {
+                    still.push(a);
+                    return crashed(still, shared, &*panic);
+                }
+            }
+        }
+        active = still;
+        if !fed && !advanced {
+            std::thread::sleep(READERS_BEHIND_PAUSE);
+        }
     }
     tracing::debug!("inference thread ends: queue closed");
+}
+
+/// Starts a task's generation in `slot`, or ends it at once (cancelled while it waited, or
+/// its job already gone).
+fn begin(engine: &Engine, slot: usize, task: Task) -> Option<Active> {
+    let Task {
+        request,
+        sink,
+        cancel,
+        done,
+        in_flight,
+        span,
+    } = task;
+    let _job = span.enter();
+    if cancel.is_cancelled() {
+        // Cancelled while it waited; the job has already ended.
+        return None;
+    }
+    let prompt_tokens = u32::try_from(request.prompt_tokens().len()).unwrap_or(u32::MAX);
+    if sink
+        .blocking_emit(JobEvent::Started { prompt_tokens })
+        .is_err()
+    {
+        return None;
+    }
+    let seq = match engine.begin(slot, &request) {
+        Ok(seq) => seq,
+        Err(err) => {
+            drop(in_flight);
+            let _ = done.send(Err(err));
+            return None;
+        }
+    };
+    drop(_job);
+    Some(Active {
+        seq,
+        sink,
+        cancel,
+        done,
+        in_flight,
+        span,
+    })
+}
+
+fn emit_token(
+    sink: &EventSink,
+    cancel: &CancellationToken,
+    token: GeneratedToken,
+) -> ControlFlow<()> {
+    if cancel.is_cancelled() {
+        return ControlFlow::Break(());
+    }
+    let event = JobEvent::Token {
+        text: token.text,
+        token_id: token.token_id,
+        index: u32::try_from(token.index).unwrap_or(u32::MAX),
+    };
+    match sink.blocking_emit(event) {
+        Ok(_) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    }
+}
+
+/// Reports a generation's outcome, freeing its slot first.
+fn finish(a: Active, outcome: Result<Completion, EngineError>) {
+    let _job = a.span.enter();
+    if let Ok(completion) = &outcome {
+        tracing::info!(
+            finish_reason = ?completion.finish_reason,
+            prompt_tokens = completion.prompt_tokens,
+            completion_tokens = completion.completion_tokens,
+            prefill_ms = completion.prefill_time.as_millis() as u64,
+            decode_ms = completion.decode_time.as_millis() as u64,
+            "generation ended"
+        );
+    }
+    // Free the slot before the outcome is reported, so a client that sees the terminal event
+    // and at once asks for the next generation finds the worker free.
+    drop(a.in_flight);
+    // The job may be gone (cancelled); its outcome then has no reader.
+    let _ = a.done.send(outcome);
+}
+
+/// The engine's state is unknown after a panic: report the failure to every running
+/// generation and stop taking work, so the hive and the queen see a failed worker, not a
+/// ready one.
+fn crashed(active: Vec<Active>, shared: &WorkerShared, panic: &(dyn Any + Send)) {
+    let message = panic_message(panic);
+    tracing::error!(error = %message, "generation crashed; the worker stops serving");
+    for a in active {
+        finish(
+            a,
+            Err(EngineError::Inference(format!(
+                "the engine crashed: {message}"
+            ))),
+        );
+    }
+    shared.set_load_state(LoadState::Failed {
+        message: format!("the engine crashed: {message}"),
+    });
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -1,4 +1,4 @@
-//! The worker's shared picture of itself: load state, busy flag, queue handle.
+//! The worker's shared picture of itself: load state, slots in use, queue handle.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +26,9 @@ pub(crate) struct WorkerShared {
     pub device: String,
     pub hive_id: Option<String>,
     pub queue_capacity: usize,
+    /// Sequences generated at once: as configured until the model is loaded, then what the
+    /// engine serves.
+    slots: AtomicUsize,
     load: watch::Sender<LoadState>,
     /// Set once the model is loaded: prepares prompts off the inference thread.
     prompter: Mutex<Option<Prompter>>,
@@ -48,6 +51,7 @@ impl WorkerShared {
             device: config.device.to_string(),
             hive_id: config.hive_id.clone(),
             queue_capacity: config.queue_capacity,
+            slots: AtomicUsize::new(config.slots.max(1)),
             load,
             prompter: Mutex::new(None),
             queue: Mutex::new(None),
@@ -75,7 +79,14 @@ impl WorkerShared {
         }
     }
 
-    pub fn set_ready(&self, prompter: Prompter, queue: mpsc::Sender<Task>, context_length: u32) {
+    pub fn set_ready(
+        &self,
+        prompter: Prompter,
+        queue: mpsc::Sender<Task>,
+        context_length: u32,
+        slots: usize,
+    ) {
+        self.slots.store(slots.max(1), Ordering::SeqCst);
         *lock(&self.prompter) = Some(prompter);
         *lock(&self.queue) = Some(queue);
         self.set_load_state(LoadState::Ready { context_length });
@@ -107,10 +118,14 @@ impl WorkerShared {
         self.stopping.cancelled().await;
     }
 
-    /// Counts a request in; `None` when running plus waiting would exceed one running
-    /// generation and `queue_capacity` waiting ones.
+    pub fn slots(&self) -> usize {
+        self.slots.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request in; `None` when running plus waiting would exceed a generation in
+    /// every slot and `queue_capacity` waiting ones.
     pub fn try_enter(self: &std::sync::Arc<Self>) -> Option<InFlight> {
-        let limit = 1 + self.queue_capacity;
+        let limit = self.slots() + self.queue_capacity;
         self.in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < limit).then_some(n + 1)
@@ -129,15 +144,21 @@ impl WorkerShared {
             LoadState::Ready { context_length } => (WorkerState::Ready, Some(*context_length)),
             LoadState::Failed { .. } => (WorkerState::Failed, None),
         };
-        let busy = self.in_flight.load(Ordering::SeqCst) > 0;
+        let slots = self.slots();
+        let in_flight = self.in_flight.load(Ordering::SeqCst);
+        let slots_free = if state == WorkerState::Ready {
+            slots.saturating_sub(in_flight)
+        } else {
+            0
+        };
         WorkerInfo {
             worker_id: self.worker_id.clone(),
             url: self.url.clone(),
             model: self.model_ref.clone(),
             device: self.device.clone(),
             state,
-            slots_total: 1,
-            slots_free: u32::from(!busy && state == WorkerState::Ready),
+            slots_total: u32::try_from(slots).unwrap_or(u32::MAX),
+            slots_free: u32::try_from(slots_free).unwrap_or(u32::MAX),
             hive_id: self.hive_id.clone(),
             context_length,
         }
@@ -147,7 +168,7 @@ impl WorkerShared {
 /// One admitted request; leaving (drop) frees its place.
 pub(crate) struct InFlight {
     shared: std::sync::Arc<WorkerShared>,
-    /// Requests that were in flight when this one entered.
+    /// Requests that were in flight (running or waiting) when this one entered.
     pub ahead: usize,
 }
 

@@ -52,9 +52,15 @@ struct Layer {
     gate: Mat,
     up: Mat,
     down: Mat,
-    /// Cached keys and values, `[position][kv_dim]`.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+}
+
+/// The KV cache of one sequence: per layer, keys and values `[position][kv_dim]`.
+#[derive(Default)]
+struct KvCache {
+    /// Positions held.
+    len: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
 }
 
 /// Buffers of one forward pass, sized for the largest batch seen.
@@ -71,6 +77,8 @@ struct Scratch {
     up: Vec<f32>,
     /// Products of a batch, `[row][token]`, before they are transposed into place.
     batch: Vec<f32>,
+    /// Each token's position.
+    positions: Vec<usize>,
     act: Activations,
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -87,9 +95,20 @@ pub(crate) struct CpuLlama {
     output: Mat,
     kernels: Kernels,
     pool: Pool,
-    /// Positions held in the KV cache.
-    len: usize,
+    /// One KV cache per sequence the model holds at once.
+    caches: Vec<KvCache>,
     s: Scratch,
+}
+
+/// Tokens of one sequence fed in a step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeqTokens<'a> {
+    /// Which of the model's sequences (KV caches).
+    pub seq: usize,
+    pub tokens: &'a [u32],
+    /// Position of the first token. Positions from `pos` on are dropped from the cache first,
+    /// so 0 starts the sequence afresh; it may not lie beyond the cached positions.
+    pub pos: usize,
 }
 
 /// What the CPU path needs from the file, checked before any weight is read.
@@ -258,8 +277,6 @@ impl Plan {
                     gate,
                     up,
                     down,
-                    k_cache: Vec::new(),
-                    v_cache: Vec::new(),
                 }
             })
             .collect();
@@ -278,34 +295,69 @@ impl Plan {
             output,
             kernels,
             pool,
-            len: 0,
+            caches: vec![KvCache::default()],
             s: Scratch::default(),
         })
     }
 }
 
 impl CpuLlama {
-    /// Runs `tokens` at positions `pos..`, returning the last position's logits.
-    fn step(&mut self, tokens: &[u32], pos: usize) -> Result<&[f32], EngineError> {
+    /// Holds `n` (at least one) sequences at once; the caches of sequences beyond `n` are
+    /// dropped.
+    pub(crate) fn set_sequences(&mut self, n: usize) {
+        self.caches.resize_with(n.max(1), KvCache::default);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sequences(&self) -> usize {
+        self.caches.len()
+    }
+
+    /// Feeds every entry of `batch` in one pass (their tokens share each matrix product, and
+    /// each attends over its own sequence's cache); returns the last position's logits of each
+    /// entry, `[entry][vocab]`.
+    pub(crate) fn step(&mut self, batch: &[SeqTokens<'_>]) -> Result<&[f32], EngineError> {
         let cfg = &self.cfg;
-        let n = tokens.len();
-        if n == 0 {
+        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
             return Err(EngineError::EmptyPrompt);
         }
-        if pos != self.len {
-            return Err(EngineError::Inference(format!(
-                "position {pos} does not follow the {} cached positions",
-                self.len
-            )));
+        for (i, e) in batch.iter().enumerate() {
+            let Some(cache) = self.caches.get(e.seq) else {
+                return Err(EngineError::Inference(format!(
+                    "sequence {} is beyond the {} held",
+                    e.seq,
+                    self.caches.len()
+                )));
+            };
+            if batch[..i].iter().any(|o| o.seq == e.seq) {
+                return Err(EngineError::Inference(format!(
+                    "sequence {} is fed twice in one step",
+                    e.seq
+                )));
+            }
+            if e.pos > cache.len {
+                return Err(EngineError::Inference(format!(
+                    "position {} does not follow the {} cached positions",
+                    e.pos, cache.len
+                )));
+            }
+            if e.pos + e.tokens.len() > cfg.max_positions {
+                return Err(EngineError::Inference(format!(
+                    "{} positions exceed the context of {}",
+                    e.pos + e.tokens.len(),
+                    cfg.max_positions
+                )));
+            }
+            if let Some(&tok) = e.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+                return Err(EngineError::Inference(format!(
+                    "token {tok} is outside the vocabulary"
+                )));
+            }
         }
-        if pos + n > cfg.max_positions {
-            return Err(EngineError::Inference(format!(
-                "{} positions exceed the context of {}",
-                pos + n,
-                cfg.max_positions
-            )));
-        }
-        let (dim, kv_dim, ffn) = (cfg.dim, cfg.kv_dim(), cfg.ffn);
+        let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
+        let entries = batch.len();
+        let (dim, kv_dim, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn, cfg.head_dim);
+        let n_layers = self.layers.len();
         let s = &mut self.s;
         s.x.resize(n * dim, 0.0);
         s.xn.resize(n * dim, 0.0);
@@ -313,29 +365,39 @@ impl CpuLlama {
         s.k.resize(n * kv_dim, 0.0);
         s.v.resize(n * kv_dim, 0.0);
         s.att.resize(n * dim, 0.0);
-        s.att_heads
-            .resize(cfg.n_heads * (n * cfg.head_dim + pos + n), 0.0);
+        let heads_work = batch
+            .iter()
+            .map(|e| {
+                let m = e.tokens.len();
+                cfg.n_heads * (m * hd + e.pos + m)
+            })
+            .max()
+            .unwrap_or(0);
+        s.att_heads.resize(heads_work, 0.0);
         s.gate.resize(n * ffn, 0.0);
         s.up.resize(n * ffn, 0.0);
-        s.logits.resize(cfg.vocab, 0.0);
-        s.cos.resize(n * cfg.freqs.len(), 0.0);
-        s.sin.resize(n * cfg.freqs.len(), 0.0);
+        s.logits.resize(entries * cfg.vocab, 0.0);
+        let half = cfg.freqs.len();
+        s.cos.resize(n * half, 0.0);
+        s.sin.resize(n * half, 0.0);
+        s.positions.clear();
+        for e in batch {
+            s.positions.extend(e.pos..e.pos + e.tokens.len());
+            let cache = &mut self.caches[e.seq];
+            cache.len = e.pos;
+            cache.k.resize_with(n_layers, Vec::new);
+            cache.v.resize_with(n_layers, Vec::new);
+        }
 
-        for (t, &tok) in tokens.iter().enumerate() {
-            let tok = tok as usize;
-            if tok >= cfg.vocab {
-                return Err(EngineError::Inference(format!(
-                    "token {tok} is outside the vocabulary"
-                )));
-            }
+        let tokens = batch.iter().flat_map(|e| e.tokens);
+        for (t, (&tok, &p)) in tokens.zip(&s.positions).enumerate() {
             dequantize_row(
                 self.embd.ty,
-                self.embd.row(&self.data, tok),
+                self.embd.row(&self.data, tok as usize),
                 &mut s.x[t * dim..(t + 1) * dim],
             );
-            let half = cfg.freqs.len();
             for (i, f) in cfg.freqs.iter().enumerate() {
-                let angle = (pos + t) as f32 * f;
+                let angle = p as f32 * f;
                 s.cos[t * half + i] = angle.cos();
                 s.sin[t * half + i] = angle.sin();
             }
@@ -346,7 +408,7 @@ impl CpuLlama {
             kernels: &self.kernels,
             pool: &self.pool,
         };
-        for layer in &mut self.layers {
+        for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.eps, &mut s.xn);
             s.act
                 .set(&s.xn, dim, &formats(&[layer.wq, layer.wk, layer.wv]));
@@ -363,31 +425,31 @@ impl CpuLlama {
                 mm.run(&layer.wk, &s.act, &mut s.k, &mut s.batch, false);
                 mm.run(&layer.wv, &s.act, &mut s.v, &mut s.batch, false);
             }
-            rope(&mut s.q, cfg.head_dim, &s.cos, &s.sin);
-            rope(&mut s.k, cfg.head_dim, &s.cos, &s.sin);
-            layer.k_cache.truncate(pos * kv_dim);
-            layer.v_cache.truncate(pos * kv_dim);
-            layer.k_cache.extend_from_slice(&s.k);
-            layer.v_cache.extend_from_slice(&s.v);
-            attention(
-                cfg,
-                &self.pool,
-                pos,
-                &s.q,
-                &layer.k_cache,
-                &layer.v_cache,
-                &mut s.att_heads,
-            );
-            // Head-major `[head][token][head_dim]` (plus each head's scores) back to
-            // `[token][dim]`.
-            let per_head = n * cfg.head_dim + pos + n;
-            for h in 0..cfg.n_heads {
-                for t in 0..n {
-                    let src = h * per_head + t * cfg.head_dim;
-                    let dst = t * dim + h * cfg.head_dim;
-                    s.att[dst..dst + cfg.head_dim]
-                        .copy_from_slice(&s.att_heads[src..src + cfg.head_dim]);
+            rope(&mut s.q, hd, &s.cos, &s.sin);
+            rope(&mut s.k, hd, &s.cos, &s.sin);
+            let mut t0 = 0;
+            for e in batch {
+                let m = e.tokens.len();
+                let cache = &mut self.caches[e.seq];
+                let (k_cache, v_cache) = (&mut cache.k[l], &mut cache.v[l]);
+                k_cache.truncate(e.pos * kv_dim);
+                v_cache.truncate(e.pos * kv_dim);
+                k_cache.extend_from_slice(&s.k[t0 * kv_dim..(t0 + m) * kv_dim]);
+                v_cache.extend_from_slice(&s.v[t0 * kv_dim..(t0 + m) * kv_dim]);
+                let per_head = m * hd + e.pos + m;
+                let work = &mut s.att_heads[..cfg.n_heads * per_head];
+                let q = &s.q[t0 * dim..(t0 + m) * dim];
+                attention(cfg, &self.pool, e.pos, q, k_cache, v_cache, work);
+                // Head-major `[head][token][head_dim]` (plus each head's scores) back to
+                // `[token][dim]`.
+                for h in 0..cfg.n_heads {
+                    for t in 0..m {
+                        let src = h * per_head + t * hd;
+                        let dst = (t0 + t) * dim + h * hd;
+                        s.att[dst..dst + hd].copy_from_slice(&s.att_heads[src..src + hd]);
+                    }
                 }
+                t0 += m;
             }
             s.act.set(&s.att, dim, &formats(&[layer.wo]));
             mm.run(&layer.wo, &s.act, &mut s.x, &mut s.batch, true);
@@ -409,11 +471,24 @@ impl CpuLlama {
             s.act.set(&s.gate, ffn, &formats(&[layer.down]));
             mm.run(&layer.down, &s.act, &mut s.x, &mut s.batch, true);
         }
-        self.len = pos + n;
+        for e in batch {
+            self.caches[e.seq].len = e.pos + e.tokens.len();
+        }
 
-        let last = &s.x[(n - 1) * dim..n * dim];
-        rms_norm(last, &self.out_norm, cfg.eps, &mut s.xn[..dim]);
-        s.act.set(&s.xn[..dim], dim, &formats(&[self.output]));
+        // The last position of each entry, normed, against the vocabulary.
+        let mut t_end = 0;
+        for (i, e) in batch.iter().enumerate() {
+            t_end += e.tokens.len();
+            let last = &s.x[(t_end - 1) * dim..t_end * dim];
+            rms_norm(
+                last,
+                &self.out_norm,
+                cfg.eps,
+                &mut s.xn[i * dim..(i + 1) * dim],
+            );
+        }
+        let normed = &s.xn[..entries * dim];
+        s.act.set(normed, dim, &formats(&[self.output]));
         mm.run(&self.output, &s.act, &mut s.logits, &mut s.batch, false);
         Ok(&s.logits)
     }
@@ -422,13 +497,22 @@ impl CpuLlama {
 impl CausalLm for CpuLlama {
     fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let tokens = tokens.flatten_all()?.to_vec1::<u32>()?;
-        let logits = self.step(&tokens, pos).map_err(candle_core::Error::wrap)?;
+        let entry = SeqTokens {
+            seq: 0,
+            tokens: &tokens,
+            pos,
+        };
+        let logits = self.step(&[entry]).map_err(candle_core::Error::wrap)?;
         Tensor::from_slice(logits, (1, logits.len()), &Device::Cpu)
     }
 
     fn reset(&mut self) -> Result<(), EngineError> {
-        self.len = 0;
+        self.caches[0].len = 0;
         Ok(())
+    }
+
+    fn batched(&mut self) -> Option<&mut CpuLlama> {
+        Some(self)
     }
 }
 

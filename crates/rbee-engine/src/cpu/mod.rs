@@ -19,7 +19,7 @@ mod pool;
 mod quant;
 mod weights;
 
-pub(crate) use forward::Plan;
+pub(crate) use forward::{CpuLlama, Plan, SeqTokens};
 
 /// The environment variable that turns the CPU path off (`0`, `false` or `off`), e.g. to compare
 /// with candle's kernels.

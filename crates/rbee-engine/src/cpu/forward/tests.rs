@@ -42,6 +42,15 @@ fn candle_logits(m: &mut quantized_llama::ModelWeights, tokens: &[u32], pos: usi
         .unwrap()
 }
 
+/// Feeds `tokens` of sequence 0 at `pos`.
+fn one<'a>(cpu: &'a mut CpuLlama, tokens: &[u32], pos: usize) -> Result<&'a [f32], EngineError> {
+    cpu.step(&[SeqTokens {
+        seq: 0,
+        tokens,
+        pos,
+    }])
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -84,7 +93,7 @@ fn generated_models_match_candle_at_prefill_and_decode() {
             reference.clear_kv_cache();
             let prompt = [1u32, 17, 300, 42, 5, 99, 7];
             let what = format!("{ty:?} hidden {} threads {threads}", spec.hidden);
-            let got = cpu.step(&prompt, 0).unwrap().to_vec();
+            let got = one(&mut cpu, &prompt, 0).unwrap().to_vec();
             let want = candle_logits(&mut reference, &prompt, 0);
             assert_close(&got, &want, 5e-2, &format!("{what} prefill"));
             assert_eq!(
@@ -97,12 +106,12 @@ fn generated_models_match_candle_at_prefill_and_decode() {
             let mut one_by_one = cpu_model(&path, threads);
             let mut last = Vec::new();
             for (p, &tok) in prompt.iter().enumerate() {
-                last = one_by_one.step(&[tok], p).unwrap().to_vec();
+                last = one(&mut one_by_one, &[tok], p).unwrap().to_vec();
             }
             assert_close(&got, &last, 1e-4, &format!("{what} prefill vs one by one"));
             let mut next = argmax(&got) as u32;
             for pos in prompt.len()..prompt.len() + 4 {
-                let got = cpu.step(&[next], pos).unwrap().to_vec();
+                let got = one(&mut cpu, &[next], pos).unwrap().to_vec();
                 let want = candle_logits(&mut reference, &[next], pos);
                 assert_close(&got, &want, 5e-2, &format!("{what} pos {pos}"));
                 next = argmax(&got) as u32;
@@ -117,15 +126,15 @@ fn a_reset_model_repeats_itself_and_rejects_a_gap() {
     let path = dir.path().join("m.gguf");
     model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q8_0), &path).unwrap();
     let mut cpu = cpu_model(&path, 2);
-    let first = cpu.step(&[1, 2, 3], 0).unwrap().to_vec();
+    let first = one(&mut cpu, &[1, 2, 3], 0).unwrap().to_vec();
     assert!(
-        cpu.step(&[4], 5).is_err(),
+        one(&mut cpu, &[4], 5).is_err(),
         "position 5 after 3 cached positions"
     );
     cpu.reset().unwrap();
-    assert_eq!(cpu.step(&[1, 2, 3], 0).unwrap(), &first[..]);
+    assert_eq!(one(&mut cpu, &[1, 2, 3], 0).unwrap(), &first[..]);
     assert!(
-        cpu.step(&[100_000], 3).is_err(),
+        one(&mut cpu, &[100_000], 3).is_err(),
         "token outside the vocabulary"
     );
 }
@@ -157,7 +166,7 @@ fn smollm2_follows_candles_greedy_tokens() {
     let mut cpu = cpu_model(&path, 2);
     // "The capital of France is" in SmolLM2's vocabulary.
     let prompt = [504u32, 3575, 282, 4649, 314];
-    let mut ours = cpu.step(&prompt, 0).unwrap().to_vec();
+    let mut ours = one(&mut cpu, &prompt, 0).unwrap().to_vec();
     let mut theirs = candle_logits(&mut reference, &prompt, 0);
     let mut decided = 0;
     for pos in prompt.len()..prompt.len() + 40 {
@@ -174,11 +183,94 @@ fn smollm2_follows_candles_greedy_tokens() {
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         assert!(worst < 2.0, "position {pos}: logits differ by {worst}");
-        ours = cpu.step(&[want as u32], pos).unwrap().to_vec();
+        ours = one(&mut cpu, &[want as u32], pos).unwrap().to_vec();
         theirs = candle_logits(&mut reference, &[want as u32], pos);
     }
     assert!(
         decided >= 30,
         "only {decided} of 40 steps were clear choices"
     );
+}
+
+/// Greedy continuation of `prompt` run alone in sequence 0: the logits after the prompt and
+/// after each of `steps` chosen tokens.
+fn alone(cpu: &mut CpuLlama, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
+    let mut out = vec![one(cpu, prompt, 0).unwrap().to_vec()];
+    for i in 0..steps {
+        let next = argmax(out.last().unwrap()) as u32;
+        out.push(one(cpu, &[next], prompt.len() + i).unwrap().to_vec());
+    }
+    out
+}
+
+#[test]
+fn sequences_batched_together_get_the_logits_they_get_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    for ty in [GgufType::Q4_0, GgufType::Q8_0, GgufType::Q4K] {
+        let path = dir.path().join(format!("{ty:?}.gguf"));
+        model_gen::write_model(&ModelSpec::small(), ModelFormat::Gguf(ty), &path).unwrap();
+        let mut cpu = cpu_model(&path, 2);
+        let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17], &[1, 2, 3], &[1, 40, 41, 42, 43, 44, 45]];
+        let want: Vec<_> = prompts.iter().map(|p| alone(&mut cpu, p, 4)).collect();
+
+        cpu.set_sequences(3);
+        assert_eq!(cpu.sequences(), 3);
+        // Sequences 0 and 1 start together; sequence 2 joins two steps later, its prompt fed
+        // in the same step as the others' next tokens; sequence 0 leaves after three tokens.
+        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+        let mut fed = [0usize; 3];
+        for step in 0..7 {
+            let mut inputs: Vec<(usize, Vec<u32>, usize)> = Vec::new();
+            for seq in 0..3 {
+                let joins = [0, 0, 2][seq];
+                let leaves = [3, 5, 5][seq];
+                if step < joins || got[seq].len() > leaves {
+                    continue;
+                }
+                let tokens = match got[seq].last() {
+                    None => prompts[seq].to_vec(),
+                    Some(logits) => vec![argmax(logits) as u32],
+                };
+                inputs.push((seq, tokens, fed[seq]));
+            }
+            let entries: Vec<_> = inputs
+                .iter()
+                .map(|(seq, tokens, pos)| SeqTokens {
+                    seq: *seq,
+                    tokens,
+                    pos: *pos,
+                })
+                .collect();
+            let logits = cpu.step(&entries).unwrap().to_vec();
+            let vocab = logits.len() / entries.len();
+            for (i, e) in entries.iter().enumerate() {
+                got[e.seq].push(logits[i * vocab..(i + 1) * vocab].to_vec());
+                fed[e.seq] += e.tokens.len();
+            }
+        }
+        for seq in 0..3 {
+            let n = got[seq].len();
+            assert!(n >= 4, "{ty:?} sequence {seq} ran {n} steps");
+            for (i, (g, w)) in got[seq].iter().zip(&want[seq]).enumerate() {
+                assert_eq!(g, w, "{ty:?} sequence {seq} step {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_step_refuses_a_sequence_it_does_not_hold_or_feeds_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q8_0), &path).unwrap();
+    let mut cpu = cpu_model(&path, 1);
+    cpu.set_sequences(2);
+    let entry = |seq| SeqTokens {
+        seq,
+        tokens: &[1, 2],
+        pos: 0,
+    };
+    assert!(cpu.step(&[entry(2)]).is_err(), "only sequences 0 and 1");
+    assert!(cpu.step(&[entry(1), entry(1)]).is_err(), "sequence 1 twice");
+    assert_eq!(cpu.step(&[entry(0), entry(1)]).unwrap().len() % 2, 0);
 }

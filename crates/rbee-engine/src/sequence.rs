@@ -1,0 +1,215 @@
+//! One generation in progress: its prompt and tokens so far, sampler, detokenizer and stop
+//! matcher, and whether it waits for input or has logits to sample from. The engine feeds
+//! several of them in one forward pass ([`Engine::step`]) and samples each on its own
+//! ([`Engine::advance`]), so sequences can join and leave a running batch between steps.
+//!
+//! [`Engine::step`]: crate::Engine::step
+//! [`Engine::advance`]: crate::Engine::advance
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use crate::EngineError;
+use crate::engine::{Completion, FinishReason, GeneratedToken};
+use crate::params::PreparedRequest;
+use crate::sampling::Sampler;
+use crate::stop::{Release, StopMatcher};
+use crate::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizerError};
+
+/// A generation started with [`Engine::begin`](crate::Engine::begin).
+pub struct Sequence {
+    pub(crate) slot: usize,
+    prompt_len: usize,
+    max_tokens: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stops: StopMatcher,
+    /// The prompt, then every sampled token.
+    context: Vec<u32>,
+    /// Tokens of `context` already in the model's cache.
+    pub(crate) fed: usize,
+    /// Logits of the last fed position, while they wait to be sampled.
+    logits: Option<Vec<f32>>,
+    /// Tokens sampled so far.
+    sampled: usize,
+    text: String,
+    started: Instant,
+    prefill_time: Duration,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Sequence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequence")
+            .field("slot", &self.slot)
+            .field("prompt_len", &self.prompt_len)
+            .field("fed", &self.fed)
+            .field("sampled", &self.sampled)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Sequence {
+    pub(crate) fn new(slot: usize, req: &PreparedRequest, tokenizer: &TextTokenizer) -> Self {
+        let prompt_len = req.prompt_tokens.len();
+        let mut context = Vec::with_capacity(prompt_len + req.max_tokens);
+        context.extend_from_slice(&req.prompt_tokens);
+        Sequence {
+            slot,
+            prompt_len,
+            max_tokens: req.max_tokens,
+            sampler: Sampler::new(&req.params),
+            decoder: IncrementalDecoder::with_context(tokenizer.clone(), &req.prompt_tokens),
+            stops: StopMatcher::new(&req.params.stop),
+            context,
+            fed: 0,
+            logits: None,
+            sampled: 0,
+            text: String::new(),
+            started: Instant::now(),
+            prefill_time: Duration::ZERO,
+            finished: false,
+        }
+    }
+
+    /// The slot (KV cache) this sequence occupies.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Whether logits wait to be sampled by [`Engine::advance`](crate::Engine::advance); if
+    /// not, the sequence waits to be fed by [`Engine::step`](crate::Engine::step).
+    pub fn has_logits(&self) -> bool {
+        self.logits.is_some()
+    }
+
+    /// Whether the prompt has been fed and the first token sampled.
+    pub fn is_prefilled(&self) -> bool {
+        self.sampled > 0
+    }
+
+    /// Whether [`Engine::advance`](crate::Engine::advance) has returned its completion.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The tokens the next step feeds: up to `chunk` of the prompt, or the last sampled token.
+    pub(crate) fn next_input(&self, chunk: usize) -> &[u32] {
+        let end = self.context.len().min(self.fed + chunk);
+        &self.context[self.fed..end]
+    }
+
+    /// Records that `n` more tokens were fed; `logits` are those of the last one and are kept
+    /// once the whole context is fed.
+    pub(crate) fn fed_tokens(&mut self, n: usize, logits: &[f32]) {
+        self.fed += n;
+        if self.fed == self.context.len() {
+            self.logits = Some(logits.to_vec());
+        }
+    }
+
+    fn finish(&mut self, reason: FinishReason) -> Option<Completion> {
+        self.finished = true;
+        self.logits = None;
+        Some(Completion {
+            finish_reason: reason,
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.sampled,
+            text: std::mem::take(&mut self.text),
+            prefill_time: self.prefill_time,
+            decode_time: self.started.elapsed().saturating_sub(self.prefill_time),
+        })
+    }
+
+    /// Samples a token from the waiting logits, releases its text through `on_token`, and
+    /// either ends the sequence (its completion) or leaves the token to be fed next.
+    pub(crate) fn advance(
+        &mut self,
+        eos_token_ids: &[u32],
+        on_token: &mut dyn FnMut(GeneratedToken) -> ControlFlow<()>,
+    ) -> Result<Option<Completion>, EngineError> {
+        if self.finished {
+            return Err(EngineError::Inference("the sequence has ended".into()));
+        }
+        let Some(mut logits) = self.logits.take() else {
+            return Err(EngineError::Inference(
+                "the sequence waits to be fed; there is nothing to sample".into(),
+            ));
+        };
+        let index = self.sampled;
+        if index >= self.max_tokens {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
+        let token = self.sampler.sample(&mut logits, &self.context)?;
+        if index == 0 {
+            self.prefill_time = self.started.elapsed();
+        }
+        self.sampler.accept(token);
+        self.context.push(token);
+        self.sampled += 1;
+
+        if eos_token_ids.contains(&token) {
+            // Whatever was held back (a partial character or a stop-sequence prefix that never
+            // completed) is final now; it rides on the EOS token, whose own text is not emitted.
+            let rest = self
+                .decoder
+                .finish()
+                .map_err(decode_err)?
+                .unwrap_or_default();
+            let tail = match self.stops.push(&rest) {
+                Release::Text(t) => t + &self.stops.flush(),
+                Release::Stopped(t) => t,
+            };
+            if !tail.is_empty() {
+                self.text.push_str(&tail);
+                let _ = on_token(GeneratedToken {
+                    token_id: token,
+                    index,
+                    text: tail,
+                });
+            }
+            return Ok(self.finish(FinishReason::Stop));
+        }
+
+        let last = index + 1 == self.max_tokens;
+        let mut piece = self
+            .decoder
+            .push(token)
+            .map_err(decode_err)?
+            .unwrap_or_default();
+        if last {
+            piece.push_str(
+                &self
+                    .decoder
+                    .finish()
+                    .map_err(decode_err)?
+                    .unwrap_or_default(),
+            );
+        }
+        let (mut released, stopped) = match self.stops.push(&piece) {
+            Release::Text(t) => (t, false),
+            Release::Stopped(t) => (t, true),
+        };
+        if last && !stopped {
+            released.push_str(&self.stops.flush());
+        }
+        self.text.push_str(&released);
+        let flow = on_token(GeneratedToken {
+            token_id: token,
+            index,
+            text: released,
+        });
+        if stopped {
+            return Ok(self.finish(FinishReason::Stop));
+        }
+        if flow.is_break() {
+            return Ok(self.finish(FinishReason::Cancelled));
+        }
+        if last {
+            return Ok(self.finish(FinishReason::Length));
+        }
+        Ok(None)
+    }
+}

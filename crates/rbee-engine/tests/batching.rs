@@ -1,0 +1,191 @@
+//! Continuous batching through the engine's public API: sequences that share steps, join a
+//! running batch and leave it produce exactly what each produces alone, with sampling on too;
+//! models on candle's code serve one slot.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use model_gen::{GgufType, ModelFormat, ModelSpec};
+use rbee_engine::{
+    Completion, DeviceSpec, Engine, FinishReason, GenerationParams, LoadOptions, PreparedRequest,
+    Prompt, Sequence,
+};
+
+fn generated(format: ModelFormat) -> anyhow::Result<PathBuf> {
+    model_gen::ensure_generated(
+        &ModelSpec::small(),
+        format,
+        &model_gen::paths::generated_dir(),
+    )
+    .with_context(|| format!("generating {format}"))
+}
+
+fn load(path: &Path, slots: usize) -> anyhow::Result<Engine> {
+    let opts = LoadOptions {
+        model_path: path.to_path_buf(),
+        device: DeviceSpec::Cpu,
+        slots,
+    };
+    Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
+}
+
+/// Requests with different prompts, lengths and sampling settings (one greedy, two sampled
+/// with their own seeds, one with a repeat penalty).
+fn requests(engine: &Engine) -> anyhow::Result<Vec<PreparedRequest>> {
+    let cases = [
+        ("Once upon a time", 12, 0.0, 1),
+        ("Hello world, this is a test of batching", 9, 0.8, 7),
+        ("What", 14, 1.0, 42),
+        ("The number 42 is", 6, 0.0, 3),
+    ];
+    cases
+        .into_iter()
+        .map(|(prompt, n, temperature, seed)| {
+            let params = GenerationParams {
+                max_tokens: Some(n),
+                temperature,
+                seed,
+                repeat_penalty: if seed == 3 { 1.3 } else { 1.0 },
+                ..Default::default()
+            };
+            Ok(engine.prepare(Prompt::Text(prompt.into()), params)?)
+        })
+        .collect()
+}
+
+/// Token ids and completion of `req` generated alone.
+fn alone(engine: &mut Engine, req: &PreparedRequest) -> anyhow::Result<(Vec<u32>, Completion)> {
+    let mut ids = Vec::new();
+    let completion = engine.generate(req, &mut |t| {
+        ids.push(t.token_id);
+        ControlFlow::Continue(())
+    })?;
+    Ok((ids, completion))
+}
+
+struct Running {
+    request: usize,
+    seq: Sequence,
+    ids: Vec<u32>,
+}
+
+#[test]
+fn batched_sequences_generate_what_they_generate_alone() -> anyhow::Result<()> {
+    for ty in [GgufType::Q4_0, GgufType::Q4K] {
+        let path = generated(ModelFormat::Gguf(ty))?;
+        let mut engine = load(&path, 2)?;
+        assert_eq!(engine.slots(), 2);
+        let reqs = requests(&engine)?;
+        let want = reqs
+            .iter()
+            .map(|r| alone(&mut engine, r))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+
+        // Two slots, four requests: each waiting request takes the first slot that comes
+        // free, between steps, while the other slot's sequence keeps decoding.
+        let mut waiting: Vec<usize> = (0..reqs.len()).rev().collect();
+        let mut running: Vec<Running> = Vec::new();
+        let mut got: Vec<Option<(Vec<u32>, Completion)>> = vec![None; reqs.len()];
+        let mut steps = 0;
+        while !(waiting.is_empty() && running.is_empty()) {
+            for slot in 0..engine.slots() {
+                if running.iter().all(|r| r.seq.slot() != slot)
+                    && let Some(request) = waiting.pop()
+                {
+                    let seq = engine.begin(slot, &reqs[request])?;
+                    running.push(Running {
+                        request,
+                        seq,
+                        ids: Vec::new(),
+                    });
+                }
+            }
+            let mut seqs: Vec<&mut Sequence> = running.iter_mut().map(|r| &mut r.seq).collect();
+            engine.step(&mut seqs)?;
+            steps += 1;
+            let mut still = Vec::new();
+            for mut r in running.drain(..) {
+                let ids = &mut r.ids;
+                let done = engine.advance(&mut r.seq, &mut |t| {
+                    ids.push(t.token_id);
+                    ControlFlow::Continue(())
+                })?;
+                match done {
+                    Some(c) => got[r.request] = Some((r.ids, c)),
+                    None => still.push(r),
+                }
+            }
+            running = still;
+        }
+        let sequential: usize = want.iter().map(|(ids, _)| ids.len()).sum();
+        assert!(
+            steps < sequential,
+            "{ty:?}: {steps} shared steps for {sequential} tokens"
+        );
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let (ids, completion) = g.as_ref().expect("every request finished");
+            assert_eq!(ids, &w.0, "{ty:?} request {i}: tokens");
+            assert_eq!(completion.text, w.1.text, "{ty:?} request {i}: text");
+            assert_eq!(completion.finish_reason, w.1.finish_reason, "{ty:?} {i}");
+            assert_eq!(completion.completion_tokens, w.1.completion_tokens);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_sequence_cancelled_mid_batch_ends_alone() -> anyhow::Result<()> {
+    let path = generated(ModelFormat::Gguf(GgufType::Q4_0))?;
+    let mut engine = load(&path, 2)?;
+    let reqs = requests(&engine)?;
+    let want = alone(&mut engine, &reqs[0])?;
+    let mut keep = engine.begin(0, &reqs[0])?;
+    let mut cut = engine.begin(1, &reqs[2])?;
+    let mut kept = Vec::new();
+    let mut cut_done = None;
+    let mut kept_done = None;
+    while kept_done.is_none() {
+        let mut seqs: Vec<&mut Sequence> = vec![&mut keep];
+        if cut_done.is_none() {
+            seqs.push(&mut cut);
+        }
+        engine.step(&mut seqs)?;
+        if cut_done.is_none() {
+            // The client of the second sequence goes away after its second token.
+            cut_done = engine.advance(&mut cut, &mut |t| {
+                if t.index == 1 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+        }
+        kept_done = engine.advance(&mut keep, &mut |t| {
+            kept.push(t.token_id);
+            ControlFlow::Continue(())
+        })?;
+    }
+    let cut_done = cut_done.expect("the cut sequence ended");
+    assert_eq!(cut_done.finish_reason, FinishReason::Cancelled);
+    assert_eq!(cut_done.completion_tokens, 2);
+    assert_eq!(kept, want.0, "the other sequence is unaffected");
+    assert!(
+        engine
+            .advance(&mut cut, &mut |_| ControlFlow::Continue(()))
+            .is_err(),
+        "an ended sequence samples nothing more"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_model_on_candles_code_serves_one_slot() -> anyhow::Result<()> {
+    let path = generated(ModelFormat::Gguf(GgufType::F16))?;
+    let engine = load(&path, 4)?;
+    assert_eq!(engine.slots(), 1, "F16 matrices run on candle's code");
+    let reqs = requests(&engine)?;
+    let err = engine.begin(1, &reqs[0]).unwrap_err();
+    assert!(err.to_string().contains("slot 1"), "{err}");
+    Ok(())
+}
