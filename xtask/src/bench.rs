@@ -26,6 +26,10 @@ pub struct WorkerBench {
     /// Tokens generated in the decode measurement.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Concurrent streams of the batching measurement (the worker runs with as many slots as
+    /// the largest); empty to skip it.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    streams: Vec<usize>,
     /// Model preset: tinyllama (the benchmark), or small/tiny for a quick look.
     #[arg(long, default_value = "tinyllama")]
     preset: String,
@@ -44,6 +48,8 @@ struct Row {
     decode_loaded_tps: f64,
     decoded: usize,
     peak_rss: u64,
+    /// Aggregate decode rate with each count of concurrent streams.
+    streams: Vec<(usize, f64)>,
 }
 
 pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
@@ -92,6 +98,7 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
                 *format,
                 threads,
                 args.decode_tokens,
+                &args.streams,
             ))?);
         }
     }
@@ -144,6 +151,34 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(first) = rows.first().filter(|r| !r.streams.is_empty()) {
+        println!();
+        println!(
+            "continuous batching: aggregate decode tok/s while N concurrent streams decode ({} tokens each, same prompt), worker --slots {}",
+            args.decode_tokens,
+            args.streams.iter().max().copied().unwrap_or(1)
+        );
+        println!();
+        let header: Vec<String> = first
+            .streams
+            .iter()
+            .map(|(n, _)| format!("{n} stream{}", if *n == 1 { "" } else { "s" }))
+            .collect();
+        println!("| format | threads | {} | best / 1 stream |", header.join(" | "));
+        println!("|---|---|{}---|", "---|".repeat(header.len()));
+        for row in &rows {
+            let one = row.streams.iter().find(|(n, _)| *n == 1).map(|(_, r)| *r);
+            let best = row.streams.iter().map(|(_, r)| *r).fold(f64::NAN, f64::max);
+            let cells: Vec<String> = row.streams.iter().map(|(_, r)| format!("{r:.1}")).collect();
+            println!(
+                "| {} | {} | {} | {} |",
+                row.format,
+                row.threads,
+                cells.join(" | "),
+                one.map_or("–".into(), |o| format!("{:.1}×", best / o)),
+            );
+        }
+    }
     Ok(())
 }
 
@@ -157,7 +192,9 @@ async fn measure(
     format: GgufType,
     threads: usize,
     decode_tokens: usize,
+    streams: &[usize],
 ) -> anyhow::Result<Row> {
+    let slots = streams.iter().copied().max().unwrap_or(1).max(1);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -172,6 +209,8 @@ async fn measure(
                 &port.to_string(),
             ])
             .args(["--threads", &threads.to_string()])
+            .args(["--slots", &slots.to_string()])
+            .args(["--queue-capacity", &slots.to_string()])
             .env_remove("RBEE_CLUSTER_TOKEN")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -190,7 +229,19 @@ async fn measure(
         let _busy = BusyProcess::start()?;
         generate(&client, &prompt, decode_tokens).await?
     };
+    // Before the concurrent streams, whose extra KV caches are not part of one stream's
+    // footprint.
     let peak_rss = peak_rss(child.0.id()).unwrap_or(0);
+    let mut aggregate = Vec::new();
+    for &n in streams {
+        let runs = futures::future::join_all(
+            (0..n).map(|_| generate(&client, &prompt, decode_tokens)),
+        )
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+        aggregate.push((n, aggregate_decode_rate(&runs)));
+    }
     let file_bytes = std::fs::metadata(model)?.len();
     Ok(Row {
         format,
@@ -204,6 +255,7 @@ async fn measure(
         decode_loaded_tps: loaded.decode_rate(),
         decoded: timing.tokens,
         peak_rss,
+        streams: aggregate,
     })
 }
 
@@ -257,8 +309,31 @@ async fn wait_ready(url: &str, child: &mut Child) -> anyhow::Result<()> {
 struct Timing {
     prompt_tokens: usize,
     ttft: Duration,
+    /// When each token arrived.
+    arrivals: Vec<Instant>,
     first_to_last: Duration,
     tokens: usize,
+}
+
+/// What the streams together decoded per second while all of them were decoding: the tokens
+/// that arrived after the latest first token and up to the earliest last one, over that time.
+/// (Requests sent at once reach the worker a moment apart, so the first prefills alone and the
+/// others join its batch a step or two later; that start is not decode throughput.)
+fn aggregate_decode_rate(runs: &[Timing]) -> f64 {
+    let start = runs.iter().filter_map(|r| r.arrivals.first()).max();
+    let end = runs.iter().filter_map(|r| r.arrivals.last()).min();
+    let (Some(&start), Some(&end)) = (start, end) else {
+        return f64::NAN;
+    };
+    if end <= start {
+        return f64::NAN;
+    }
+    let tokens = runs
+        .iter()
+        .flat_map(|r| &r.arrivals)
+        .filter(|&&t| t > start && t <= end)
+        .count();
+    tokens as f64 / (end - start).as_secs_f64()
 }
 
 impl Timing {
@@ -286,6 +361,7 @@ async fn generate(
     let handle = client.submit(&op).await?;
     let mut events = Box::pin(handle.events());
     let (mut first, mut last, mut tokens, mut prompt_tokens) = (None, None, 0usize, 0usize);
+    let mut arrivals = Vec::with_capacity(max_tokens);
     while let Some(event) = events.next().await {
         match event? {
             JobEvent::Started { prompt_tokens: n } => prompt_tokens = n as usize,
@@ -293,6 +369,7 @@ async fn generate(
                 let now = Instant::now();
                 first.get_or_insert(now);
                 last = Some(now);
+                arrivals.push(now);
                 tokens += 1;
             }
             JobEvent::Error { code, message } => bail!("generation failed: {code}: {message}"),
@@ -305,6 +382,7 @@ async fn generate(
     Ok(Timing {
         prompt_tokens,
         ttft: first - sent,
+        arrivals,
         first_to_last: last - first,
         tokens,
     })

@@ -51,7 +51,7 @@ struct Args {
     #[arg(long, env = "RBEE_THREADS")]
     threads: Option<usize>,
     /// Sequences generated at once (continuous batching), each with its own KV cache. A model
-    /// on candle's code (GPU, F16/F32 matrices, qwen2, safetensors) serves one.
+    /// on candle's code (GPU, F16/F32 matrices, safetensors) serves one.
     #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     slots: u32,
     /// Requests that may wait while every slot is busy.

@@ -2,13 +2,14 @@
 //! `hive::serve`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 use daemon_kit::{parse_duration, parse_size};
-use hive::{HiveConfig, PortRange};
+use hive::{HiveConfig, MAX_WORKER_SLOTS, PortRange};
 use tokio_util::sync::CancellationToken;
 
 /// Flags left out take the defaults of `hive::HiveConfig::new`.
@@ -54,6 +55,10 @@ struct Args {
     /// How long a worker may take to load its model before the spawn fails (default 10m).
     #[arg(long, env = "RBEE_LOAD_TIMEOUT", value_parser = parse_duration)]
     load_timeout: Option<Duration>,
+    /// Sequences each spawned worker decodes at once, each with its own KV cache, 1 to 256
+    /// (default 1); the capacity check counts that many KV caches per worker.
+    #[arg(long, value_name = "N", env = "RBEE_HIVE_WORKER_SLOTS", value_parser = parse_slots)]
+    worker_slots: Option<NonZeroU32>,
     /// Memory of each device that workers must leave free, e.g. 2GiB (default 0); a spawn that
     /// would eat into it is refused with no_capacity.
     #[arg(long, env = "RBEE_MEMORY_RESERVE", value_parser = parse_size)]
@@ -91,6 +96,9 @@ impl Args {
         if let Some(limit) = self.load_timeout {
             config.load_timeout = limit;
         }
+        if let Some(slots) = self.worker_slots {
+            config.worker_slots = slots;
+        }
         if let Some(reserve) = self.memory_reserve {
             config.memory_reserve = reserve;
         }
@@ -103,6 +111,16 @@ impl Args {
         config.hf_token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
         config
     }
+}
+
+/// A slot count a worker accepts: at least one, at most [`MAX_WORKER_SLOTS`].
+fn parse_slots(text: &str) -> Result<NonZeroU32, String> {
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(NonZeroU32::new)
+        .filter(|n| n.get() <= MAX_WORKER_SLOTS)
+        .ok_or_else(|| format!("a worker has 1 to {MAX_WORKER_SLOTS} slots, not '{text}'"))
 }
 
 #[tokio::main]

@@ -1,8 +1,10 @@
 //! Whether a model fits on one of the hive's devices, for `GET /v1/capacity` and for every
 //! `worker_spawn` before its worker starts.
 //!
-//! A model needs `weights + KV cache at the worker's context length + a fixed overhead`
-//! (see `footprint` for how the first two are read from the file, and [`overhead`]). A device
+//! A model needs `weights + KV caches at the worker's context length + a fixed overhead`
+//! (see `footprint` for how the first two are read from the file, and [`overhead`]): one KV
+//! cache per slot of the worker (the hive's `--worker-slots`) when the worker batches the model,
+//! one when it serves a sequence at a time. A device
 //! has `min(free, total − held) − reserve` for it, where `free` and `total` are the device's
 //! memory read now, `held` is what the hive's workers on the same memory (running, loading or
 //! being spawned) need by the same estimate, and `reserve` is the hive's `--memory-reserve`.
@@ -31,6 +33,7 @@ use crate::devices;
 use crate::models::Models;
 use crate::models::reference::{self, HubRef, ModelRef};
 
+use footprint::Footprint;
 pub(crate) use ledger::{Ledger, Reservation};
 
 /// The allowance, beyond weights and KV cache, for a worker on the CPU: the process itself,
@@ -169,7 +172,7 @@ fn evaluate(
     ledger: &Arc<Ledger>,
     children: &Children,
     question: &Question,
-    memory_reserve: u64,
+    limits: Limits,
     reserve: bool,
 ) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
     let devices = devices::read();
@@ -190,26 +193,13 @@ fn evaluate(
             reason,
         }
     })?;
-    let overhead_bytes = overhead(device.kind);
 
     // Everything below happens under the ledger's lock, with the children listed under it,
     // so that a concurrent spawn is seen either as pending or as a child.
     let mut state = ledger.lock();
     let workers = children.list();
-    let held = state.held(&workers, device);
-    let estimate = CapacityEstimate {
-        device: device.id.clone(),
-        model: question.model_ref.clone(),
-        required_bytes: footprint
-            .weights_bytes
-            .saturating_add(footprint.kv_cache_bytes())
-            .saturating_add(overhead_bytes),
-        available_bytes: available(device, held, memory_reserve),
-        weights_bytes: footprint.weights_bytes,
-        kv_cache_bytes: footprint.kv_cache_bytes(),
-        overhead_bytes,
-        context_length: footprint.context_length,
-    };
+    let held = state.held(&workers, device, limits.worker_slots);
+    let estimate = estimate_of(&question.model_ref, device, &footprint, held, limits);
     state.remember(&question.model_ref, &device.id, estimate.required_bytes);
     let reservation = (reserve && estimate.fits()).then(|| {
         let baseline = workers
@@ -219,6 +209,52 @@ fn evaluate(
         state.reserve(ledger, &question.model_ref, &device.id, baseline)
     });
     Ok((estimate, reservation))
+}
+
+/// What a worker of `model` (whose footprint is `footprint`) needs on `device`, and what the
+/// device has left for it while the hive's workers hold `held`.
+fn estimate_of(
+    model: &str,
+    device: &DeviceInfo,
+    footprint: &Footprint,
+    held: u64,
+    limits: Limits,
+) -> CapacityEstimate {
+    let overhead_bytes = overhead(device.kind);
+    let slots = footprint.slots(limits.worker_slots);
+    let kv_cache_bytes = footprint.kv_cache_bytes(slots);
+    CapacityEstimate {
+        device: device.id.clone(),
+        model: model.to_owned(),
+        required_bytes: footprint
+            .weights_bytes
+            .saturating_add(kv_cache_bytes)
+            .saturating_add(overhead_bytes),
+        available_bytes: available(device, held, limits.memory_reserve),
+        weights_bytes: footprint.weights_bytes,
+        kv_cache_bytes,
+        overhead_bytes,
+        context_length: footprint.context_length,
+        slots,
+    }
+}
+
+/// The hive's settings a capacity check uses.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// `--memory-reserve`.
+    memory_reserve: u64,
+    /// `--worker-slots`.
+    worker_slots: u32,
+}
+
+impl Limits {
+    fn of(hive: &Hive) -> Limits {
+        Limits {
+            memory_reserve: hive.config.memory_reserve,
+            worker_slots: hive.config.worker_slots.get(),
+        }
+    }
 }
 
 /// What a device can still give a new worker: the smaller of its free memory and its total
@@ -238,12 +274,10 @@ async fn ask(
 ) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
     let ledger = Arc::clone(&hive.capacity);
     let children = Arc::clone(&hive.children);
-    let memory_reserve = hive.config.memory_reserve;
-    tokio::task::spawn_blocking(move || {
-        evaluate(&ledger, &children, &question, memory_reserve, reserve)
-    })
-    .await
-    .map_err(|e| CapacityError::Internal(e.to_string()))?
+    let limits = Limits::of(hive);
+    tokio::task::spawn_blocking(move || evaluate(&ledger, &children, &question, limits, reserve))
+        .await
+        .map_err(|e| CapacityError::Internal(e.to_string()))?
 }
 
 /// `GET /v1/capacity`: the estimate, whether it fits or not.
@@ -298,22 +332,26 @@ pub(crate) async fn before_download(
 ) -> Result<(), JobFailure> {
     let ledger = Arc::clone(&hive.capacity);
     let children = Arc::clone(&hive.children);
-    let memory_reserve = hive.config.memory_reserve;
+    let limits = Limits::of(hive);
     let (device, model) = (device.to_owned(), model.to_owned());
     let estimate = tokio::task::spawn_blocking(move || {
         let devices = devices::read();
         let device = devices.find(&device)?;
-        let held = ledger.lock().held(&children.list(), device);
+        let held = ledger
+            .lock()
+            .held(&children.list(), device, limits.worker_slots);
         let overhead_bytes = overhead(device.kind);
         Some(CapacityEstimate {
             device: device.id.clone(),
             model,
             required_bytes: file_bytes.saturating_add(overhead_bytes),
-            available_bytes: available(device, held, memory_reserve),
+            available_bytes: available(device, held, limits.memory_reserve),
             weights_bytes: file_bytes,
+            // No KV cache is counted until the header is read.
             kv_cache_bytes: 0,
             overhead_bytes,
             context_length: 0,
+            slots: 0,
         })
     })
     .await
@@ -351,13 +389,19 @@ pub(crate) fn no_capacity_body(estimate: CapacityEstimate) -> NoCapacityBody {
 /// The numbers of a model that does not fit, for people.
 fn shortfall(e: &CapacityEstimate) -> String {
     format!(
-        "`{}` does not fit on {}: it needs {} bytes ({} weights + {} KV cache for {} positions \
-         + {} overhead) and {} bytes are available",
+        "`{}` does not fit on {}: it needs {} bytes ({} weights + {} KV cache for {} {} of {} \
+         positions + {} overhead) and {} bytes are available",
         e.model,
         e.device,
         e.required_bytes,
         e.weights_bytes,
         e.kv_cache_bytes,
+        e.slots,
+        if e.slots == 1 {
+            "sequence"
+        } else {
+            "sequences"
+        },
         e.context_length,
         e.overhead_bytes,
         e.available_bytes
@@ -443,6 +487,85 @@ mod tests {
         assert_eq!(code(Some("s3:bucket/m"), None), ErrorCode::BadRequest);
     }
 
+    /// The tiny generated llama model in `format`, in `dir`.
+    fn tiny(format: model_gen::ModelFormat, dir: &std::path::Path) -> PathBuf {
+        model_gen::ensure_generated(&model_gen::ModelSpec::tiny(), format, dir).unwrap()
+    }
+
+    fn limits(worker_slots: u32) -> Limits {
+        Limits {
+            memory_reserve: 0,
+            worker_slots,
+        }
+    }
+
+    #[test]
+    fn a_worker_with_n_slots_needs_n_kv_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = tiny(
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4_0),
+            dir.path(),
+        );
+        let cpu = device("cpu", 64 * GIB, 60 * GIB);
+        let footprint = footprint::of_path(&model, DeviceKind::Cpu).unwrap();
+        if !footprint.batched {
+            // RBEE_CPU_KERNELS=0 in the environment: the worker would serve one sequence.
+            let four = estimate_of("m", &cpu, &footprint, 0, limits(4));
+            assert_eq!(four.slots, 1);
+            return;
+        }
+        let one = estimate_of("m", &cpu, &footprint, 0, limits(1));
+        let four = estimate_of("m", &cpu, &footprint, 0, limits(4));
+        let per_sequence = footprint.kv_bytes_per_position * footprint.context_length;
+        assert!(per_sequence > 0);
+        assert_eq!((one.slots, one.kv_cache_bytes), (1, per_sequence));
+        assert_eq!((four.slots, four.kv_cache_bytes), (4, 4 * per_sequence));
+        for e in [&one, &four] {
+            assert_eq!(
+                e.required_bytes,
+                e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+            );
+            assert_eq!(e.available_bytes, 60 * GIB);
+        }
+        assert_eq!(four.required_bytes - one.required_bytes, 3 * per_sequence);
+        assert_eq!(four.weights_bytes, one.weights_bytes, "weights are shared");
+        assert!(
+            shortfall(&four).contains(&format!(
+                "{} KV cache for 4 sequences of {} positions",
+                4 * per_sequence,
+                footprint.context_length
+            )),
+            "{}",
+            shortfall(&four)
+        );
+    }
+
+    #[test]
+    fn a_model_on_candles_code_needs_one_kv_cache_whatever_the_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpu = device("cpu", 64 * GIB, 60 * GIB);
+        let gpu = device("cuda:0", 24 * GIB, 20 * GIB);
+        let q4 = tiny(
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4_0),
+            dir.path(),
+        );
+        let f32 = tiny(
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::F32),
+            dir.path(),
+        );
+        let hub = tiny(model_gen::ModelFormat::Hub, dir.path());
+        // A GPU, F32 matrices, a safetensors checkpoint: candle's code, one sequence.
+        for (model, device) in [(&q4, &gpu), (&f32, &cpu), (&hub, &cpu)] {
+            let footprint = footprint::of_path(model, device.kind).unwrap();
+            let estimate = estimate_of("m", device, &footprint, 0, limits(4));
+            assert_eq!(estimate.slots, 1, "{} on {}", model.display(), device.id);
+            assert_eq!(
+                estimate.kv_cache_bytes,
+                footprint.kv_bytes_per_position * footprint.context_length
+            );
+        }
+    }
+
     #[test]
     fn the_shortfall_names_every_number() {
         let estimate = CapacityEstimate {
@@ -454,9 +577,17 @@ mod tests {
             kv_cache_bytes: 400,
             overhead_bytes: 200,
             context_length: 4096,
+            slots: 2,
         };
         let body = no_capacity_body(estimate);
         assert_eq!(body.error.code, ErrorCode::NoCapacity);
+        assert!(
+            body.error
+                .message
+                .contains("400 KV cache for 2 sequences of 4096 positions"),
+            "{}",
+            body.error.message
+        );
         for number in ["1600", "1000", "400", "200", "4096", "cuda:0", "m.gguf"] {
             assert!(
                 body.error.message.contains(number),

@@ -1,12 +1,16 @@
 //! The hive's validated configuration and where its defaults come from.
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 /// The worker binary's file name, looked up beside the hive's own executable, else on `PATH`.
 pub const WORKER_BINARY_NAME: &str = "llm-worker-rbee";
+
+/// The most slots a worker accepts (its `--slots` limit).
+pub const MAX_WORKER_SLOTS: u32 = 256;
 
 /// Everything the hive needs, validated. Built by the `rbee-hive` binary from its command line;
 /// [`HiveConfig::new`] holds every default.
@@ -31,6 +35,9 @@ pub struct HiveConfig {
     pub stop_grace: Duration,
     /// How long a spawned worker may take from start to loaded before the spawn fails.
     pub load_timeout: Duration,
+    /// Sequences each spawned worker decodes at once (its `--slots`), each with its own KV
+    /// cache; the capacity check counts that many KV caches for a model the worker batches.
+    pub worker_slots: NonZeroU32,
     /// Memory of each device that workers must leave free, for the system and other programs;
     /// a spawn that would eat into it is refused (see `GET /v1/capacity`).
     pub memory_reserve: u64,
@@ -64,6 +71,7 @@ impl HiveConfig {
             },
             stop_grace: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
+            worker_slots: NonZeroU32::MIN,
             memory_reserve: 0,
             cluster_token: None,
             model_dir: default_model_dir(),
@@ -228,5 +236,6 @@ mod tests {
                 .contains(WORKER_BINARY_NAME)
         );
         assert!(!default_hive_id().is_empty());
+        assert_eq!(config.worker_slots.get(), 1);
     }
 }

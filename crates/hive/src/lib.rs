@@ -39,8 +39,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    DEFAULT_HF_ENDPOINT, HiveConfig, PortRange, WORKER_BINARY_NAME, default_hive_id,
-    default_log_dir, default_model_dir, default_worker_binary,
+    DEFAULT_HF_ENDPOINT, HiveConfig, MAX_WORKER_SLOTS, PortRange, WORKER_BINARY_NAME,
+    default_hive_id, default_log_dir, default_model_dir, default_worker_binary,
 };
 
 pub use models::ModelsError;
@@ -115,6 +115,12 @@ pub async fn serve(
         return Err(HiveError::Config(format!(
             "refusing to serve on {local} without a cluster token: the routes would be open \
              to the network"
+        )));
+    }
+    if config.worker_slots.get() > MAX_WORKER_SLOTS {
+        return Err(HiveError::Config(format!(
+            "{} worker slots is more than a worker accepts ({MAX_WORKER_SLOTS})",
+            config.worker_slots
         )));
     }
     std::fs::create_dir_all(&config.log_dir).map_err(|source| HiveError::LogDir {

@@ -26,6 +26,7 @@ const WORKER_FLAG_VARS: &[&str] = &[
     "RBEE_HIVE_ID",
     "RBEE_HIVE_PID",
     "RBEE_SHUTDOWN_GRACE",
+    "RBEE_SLOTS",
     "RBEE_CLUSTER_TOKEN",
 ];
 
@@ -60,6 +61,8 @@ pub(crate) fn command(config: &HiveConfig, args: &WorkerArgs, log: std::fs::File
         .args(["--port", &args.port.to_string()])
         .args(["--bind", &args.bind.to_string()])
         .args(["--device", &args.device])
+        // Always given, so that what the capacity check counted is what the worker holds.
+        .args(["--slots", &config.worker_slots.to_string()])
         .args(["--hive-id", &config.hive_id])
         .args([
             "--heartbeat-interval",
@@ -174,6 +177,38 @@ mod tests {
         );
         assert_eq!(worker_advertise_url(None, 9301), None);
         assert_eq!(worker_advertise_url(Some("not a url"), 9301), None);
+    }
+
+    #[test]
+    fn every_worker_is_given_the_hives_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(&dir.path().join("w.log")).unwrap();
+        let mut config = HiveConfig::new("h");
+        config.worker_slots = std::num::NonZeroU32::new(3).unwrap();
+        let args = WorkerArgs {
+            worker_id: "h-w1".into(),
+            model_path: "/models/m.gguf".into(),
+            model_ref: "/models/m.gguf".into(),
+            device: "cpu".into(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 9301,
+            advertise_url: None,
+        };
+        let command = command(&config, &args, log);
+        let argv: Vec<&str> = command
+            .as_std()
+            .get_args()
+            .filter_map(|a| a.to_str())
+            .collect();
+        let at = argv.iter().position(|a| *a == "--slots").expect("--slots");
+        assert_eq!(argv[at + 1], "3", "{argv:?}");
+        // The worker's own variable, inherited from the hive, cannot change it.
+        assert!(
+            command
+                .as_std()
+                .get_envs()
+                .any(|(k, v)| k == "RBEE_SLOTS" && v.is_none())
+        );
     }
 
     #[test]

@@ -25,7 +25,8 @@ impl DevicesResponse {
 /// How much memory a model needs on a device and how much the device has left for it.
 ///
 /// `required_bytes` is `weights_bytes + kv_cache_bytes + overhead_bytes`; the model fits when
-/// it is at most `available_bytes`.
+/// it is at most `available_bytes`. A worker decodes up to `slots` sequences at once, each
+/// with its own KV cache, so `kv_cache_bytes` is `slots` caches of `context_length` positions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapacityEstimate {
     /// `cpu`, `cuda:N` or `metal:N`.
@@ -36,12 +37,21 @@ pub struct CapacityEstimate {
     pub available_bytes: u64,
     /// The weights as the worker holds them in memory.
     pub weights_bytes: u64,
-    /// The KV cache at `context_length` positions.
+    /// The KV caches of `slots` sequences at `context_length` positions each.
     pub kv_cache_bytes: u64,
     /// A fixed allowance for the worker's runtime, buffers and activations.
     pub overhead_bytes: u64,
     /// The context length the worker will use.
     pub context_length: u64,
+    /// Sequences the worker will decode at once, each with a KV cache: the hive's worker
+    /// slots for a model the worker batches, 1 for one it serves a sequence at a time. Absent
+    /// (an older hive), it is 1.
+    #[serde(default = "one_slot")]
+    pub slots: u32,
+}
+
+fn one_slot() -> u32 {
+    1
 }
 
 impl CapacityEstimate {

@@ -143,9 +143,15 @@ fn no_capacity_body_is_an_error_body_with_the_numbers() {
         e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
     );
     assert!(!e.fits());
+    assert_eq!(e.slots, 2);
     // A client that only knows the generic error shape still reads it.
     let generic: ApiErrorBody = serde_json::from_value(fixture("no_capacity.json")).unwrap();
     assert_eq!(generic.error.code, ErrorCode::NoCapacity);
+    // An older hive's body, without `slots`, counted one sequence's KV cache.
+    let mut old = fixture("no_capacity.json");
+    old.as_object_mut().unwrap().remove("slots");
+    let old: NoCapacityBody = serde_json::from_value(old).unwrap();
+    assert_eq!(old.estimate.slots, 1);
 }
 
 #[test]

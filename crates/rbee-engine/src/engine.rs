@@ -79,8 +79,8 @@ pub struct Completion {
 
 /// A loaded model with its tokenizer and chat template, ready to generate.
 ///
-/// All methods block; a server runs the engine on a thread of its own. One generation runs at
-/// a time (`generate` takes `&mut self`).
+/// All methods block; a server runs the engine on a thread of its own. `generate` runs one
+/// generation to its end; `begin`, `step` and `advance` run several side by side, one per slot.
 pub struct Engine {
     model: Box<dyn CausalLm>,
     device: Device,

@@ -4,9 +4,11 @@
 //! It runs GGUF files of the llama family and qwen2 (quantized or not) and safetensors llama
 //! checkpoints in Hugging Face hub layout, on CPU, CUDA or Metal (the last two behind the
 //! `cuda` / `metal` features). Every family sits behind one trait and shares one generation
-//! loop, one sampler and one incremental detokenizer. On CPU, llama-family GGUF files whose
+//! loop, one sampler and one incremental detokenizer. On CPU, llama and qwen2 GGUF files whose
 //! matrices are Q4_0, Q4_1, Q8_0, Q4_K or Q6_K run on the engine's own kernels and thread pool
-//! (`cpu` module); everything else runs on candle's model code.
+//! (`cpu` module); everything else runs on candle's model code. The CPU path holds one KV cache
+//! per slot and feeds several generations in one forward pass (continuous batching: see
+//! [`Engine::step`]); candle's code holds one.
 //!
 //! The API is blocking and synchronous: it knows nothing of HTTP, jobs, async runtimes or the
 //! wire contract. The worker owns an [`Engine`] on a dedicated thread and turns its callbacks
@@ -35,6 +37,14 @@ pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
 pub use prompter::Prompter;
 pub use sequence::Sequence;
 pub use tokenizer::TextTokenizer;
+
+/// Whether a GGUF file, loaded on the CPU with this process's environment (a worker inherits
+/// `RBEE_CPU_KERNELS` from its hive), runs on the engine's own CPU path: the path that holds
+/// one KV cache per slot and batches generations, and that holds the weights once. Reads only
+/// the parsed header.
+pub fn gguf_runs_on_cpu_path(content: &candle_core::quantized::gguf_file::Content) -> bool {
+    cpu::enabled() && cpu::Plan::new(content, usize::MAX).is_ok()
+}
 
 /// Sets how many CPU threads inference uses (candle's pools and the engine's own CPU pool, which
 /// is sized from the same setting when a model loads); 0 keeps candle's default.

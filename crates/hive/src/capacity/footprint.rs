@@ -1,11 +1,18 @@
 //! How much memory a worker needs for a model file, read from the file's header only (a GGUF
 //! header, or a safetensors checkpoint's `config.json` and file sizes), never its weights.
 //!
-//! The rules follow what the worker's engine does with the file: candle's quantized models
-//! keep the GGUF tensors as stored, dequantize the token embedding to f32 for lookups, and
-//! compute (and cache keys and values) in f32; a safetensors checkpoint is converted to f32 on
-//! the CPU and to f16/bf16 on a GPU. The context is the model's, capped for the llama family at
-//! candle's `quantized_llama::MAX_SEQ_LEN` like the engine does.
+//! The rules follow what the worker's engine does with the file: GGUF tensors are kept as
+//! stored (candle's quantized models also dequantize the token embedding to f32 for lookups;
+//! the engine's own CPU path does not), keys and values are cached in f32; a safetensors
+//! checkpoint is converted to f32 on the CPU and to f16/bf16 on a GPU. The context is the
+//! model's, capped for the llama family at candle's `quantized_llama::MAX_SEQ_LEN` like the
+//! engine does.
+//!
+//! A worker decodes up to its `--slots` sequences at once, each with its own KV cache, only for a
+//! model on the engine's own CPU path (a llama or qwen2 GGUF on the CPU whose matrices all have
+//! its kernels); candle's code serves one sequence. [`Footprint::batched`] says which, asking the
+//! engine ([`rbee_engine::gguf_runs_on_cpu_path`]), so that a spawn is not refused for KV caches
+//! its worker would never hold.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -22,12 +29,22 @@ pub(crate) struct Footprint {
     /// Keys and values of one position, over every layer.
     pub kv_bytes_per_position: u64,
     pub context_length: u64,
+    /// Whether the worker runs the model on the engine's CPU path, which holds a KV cache per
+    /// slot; otherwise it serves one sequence whatever its slots.
+    pub batched: bool,
 }
 
 impl Footprint {
-    pub fn kv_cache_bytes(&self) -> u64 {
+    /// The KV caches a worker with `worker_slots` slots holds for this model.
+    pub fn slots(&self, worker_slots: u32) -> u32 {
+        if self.batched { worker_slots.max(1) } else { 1 }
+    }
+
+    /// The KV caches of `slots` sequences at the full context.
+    pub fn kv_cache_bytes(&self, slots: u32) -> u64 {
         self.kv_bytes_per_position
             .saturating_mul(self.context_length)
+            .saturating_mul(u64::from(slots))
     }
 }
 
@@ -35,7 +52,7 @@ impl Footprint {
 /// its directory or a file in it) on a device of `kind`. Blocking.
 pub(crate) fn of_path(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
     if is_gguf(path) {
-        gguf(path)
+        gguf(path, kind)
     } else {
         safetensors(path, kind)
     }
@@ -59,7 +76,7 @@ fn is_gguf(path: &Path) -> bool {
 /// Bytes of one f32, the type candle's quantized models compute and cache in.
 const F32_BYTES: u64 = 4;
 
-fn gguf(path: &Path) -> Result<Footprint, String> {
+fn gguf(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
     let content = gguf_file::Content::read(&mut BufReader::new(file))
         .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
@@ -95,13 +112,15 @@ fn gguf(path: &Path) -> Result<Footprint, String> {
         trained.ok_or(format!("the GGUF file has no {arch}.context_length"))?
     };
 
+    // The engine's CPU path (the one that batches) holds the file's tensor data once;
+    // candle's code also holds the token embedding dequantized, for the lookup.
+    let batched = kind == DeviceKind::Cpu && rbee_engine::gguf_runs_on_cpu_path(&content);
     let mut weights_bytes = 0u64;
     for (name, tensor) in &content.tensor_infos {
         let elements = tensor.shape.elem_count() as u64;
         let dtype = tensor.ggml_dtype;
         weights_bytes += elements / dtype.block_size() as u64 * dtype.type_size() as u64;
-        if name == "token_embd.weight" {
-            // Held a second time, dequantized, for the embedding lookup.
+        if name == "token_embd.weight" && !batched {
             weights_bytes += elements * F32_BYTES;
         }
     }
@@ -109,6 +128,7 @@ fn gguf(path: &Path) -> Result<Footprint, String> {
         weights_bytes,
         kv_bytes_per_position: 2 * layers * kv_heads * head_dim * F32_BYTES,
         context_length,
+        batched,
     })
 }
 
@@ -158,6 +178,7 @@ fn safetensors(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
         weights_bytes: stored_bytes / stored * computed,
         kv_bytes_per_position: 2 * layers * kv_heads * head_dim * computed,
         context_length,
+        batched: false,
     })
 }
 
@@ -218,6 +239,53 @@ mod tests {
         assert_eq!(compute_bytes(Some("bfloat16"), DeviceKind::Cuda), 2);
         assert_eq!(compute_bytes(Some("bfloat16"), DeviceKind::Cpu), 4);
         assert_eq!(compute_bytes(None, DeviceKind::Metal), 4);
+    }
+
+    #[test]
+    fn only_a_gguf_with_kernel_types_on_the_cpu_is_batched() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ModelSpec::tiny();
+        let file =
+            |ty| model_gen::ensure_generated(&spec, ModelFormat::Gguf(ty), dir.path()).unwrap();
+        let kernels = !std::env::var("RBEE_CPU_KERNELS")
+            .is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"));
+        let qwen2 = model_gen::ensure_generated(
+            &ModelSpec::tiny_qwen2(),
+            ModelFormat::Gguf(GgufType::Q8_0),
+            dir.path(),
+        )
+        .unwrap();
+        for path in [file(GgufType::Q4_0), file(GgufType::Q8_0), qwen2] {
+            let cpu = of_path(&path, DeviceKind::Cpu).unwrap();
+            assert_eq!(cpu.batched, kernels);
+            let cuda = of_path(&path, DeviceKind::Cuda).unwrap();
+            assert!(!cuda.batched);
+            assert!(!of_path(&path, DeviceKind::Metal).unwrap().batched);
+            // The CPU path holds the tensors once; candle's code adds an f32 embedding.
+            let embedding = (spec.vocab * spec.hidden * 4) as u64;
+            if kernels {
+                assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
+            }
+        }
+        for ty in [GgufType::F32, GgufType::F16] {
+            assert!(!of_path(&file(ty), DeviceKind::Cpu).unwrap().batched);
+        }
+        let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
+        assert!(!of_path(&hub, DeviceKind::Cpu).unwrap().batched);
+
+        let footprint = Footprint {
+            weights_bytes: 1,
+            kv_bytes_per_position: 10,
+            context_length: 100,
+            batched: true,
+        };
+        assert_eq!(footprint.slots(4), 4);
+        assert_eq!(footprint.kv_cache_bytes(4), 4_000);
+        let unbatched = Footprint {
+            batched: false,
+            ..footprint
+        };
+        assert_eq!(unbatched.slots(4), 1);
     }
 
     #[test]

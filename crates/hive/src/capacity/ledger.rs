@@ -88,7 +88,8 @@ impl LedgerState {
 
     /// What the workers on `device`'s memory need: per model and device, the estimate times the
     /// number of workers, counting a spawn in progress until its worker shows up as a child.
-    pub fn held(&mut self, workers: &[WorkerInfo], device: &DeviceInfo) -> u64 {
+    /// `worker_slots` is what a worker of a model no check has sized yet is assumed to have.
+    pub fn held(&mut self, workers: &[WorkerInfo], device: &DeviceInfo, worker_slots: u32) -> u64 {
         let mut counts: BTreeMap<(String, String), (usize, usize, usize)> = BTreeMap::new();
         for worker in workers
             .iter()
@@ -119,7 +120,7 @@ impl LedgerState {
                         .required
                         .entry(key)
                         .or_insert_with_key(|(model, worker_device)| {
-                            estimate_unknown(model, worker_device, device.kind)
+                            estimate_unknown(model, worker_device, device.kind, worker_slots)
                         });
                 each.saturating_mul(count)
             })
@@ -135,14 +136,14 @@ fn same_memory(a: &str, b: &str) -> bool {
 
 /// The estimate of a worker's model that no check has seen (its spawn could not size it):
 /// read from its path when it is one, else nothing is counted for it.
-fn estimate_unknown(model: &str, worker_device: &str, kind: DeviceKind) -> u64 {
+fn estimate_unknown(model: &str, worker_device: &str, kind: DeviceKind, worker_slots: u32) -> u64 {
     let kind = match worker_device {
         "cpu" => DeviceKind::Cpu,
         d if d.starts_with("metal:") => DeviceKind::Metal,
         _ => kind,
     };
     match footprint::of_path(Path::new(model), kind) {
-        Ok(f) => f.weights_bytes + f.kv_cache_bytes() + overhead(kind),
+        Ok(f) => f.weights_bytes + f.kv_cache_bytes(f.slots(worker_slots)) + overhead(kind),
         Err(reason) => {
             tracing::debug!(model, reason, "cannot estimate a running worker's memory");
             0
@@ -192,8 +193,8 @@ mod tests {
             worker("w2", "a", "cuda:0"),
             worker("w3", "b", "cuda:1"),
         ];
-        assert_eq!(state.held(&workers, &gpu), 6 * GIB);
-        assert_eq!(state.held(&workers[2..], &gpu), 0);
+        assert_eq!(state.held(&workers, &gpu, 1), 6 * GIB);
+        assert_eq!(state.held(&workers[2..], &gpu, 1), 0);
 
         // A spawn of `a` in progress counts until its worker is a child.
         state.pending.insert(
@@ -204,14 +205,14 @@ mod tests {
                 baseline: 2,
             },
         );
-        assert_eq!(state.held(&workers, &gpu), 9 * GIB);
+        assert_eq!(state.held(&workers, &gpu, 1), 9 * GIB);
         let mut with_new = workers.clone();
         with_new.push(worker("w4", "a", "cuda:0"));
-        assert_eq!(state.held(&with_new, &gpu), 9 * GIB, "not twice");
+        assert_eq!(state.held(&with_new, &gpu, 1), 9 * GIB, "not twice");
         // A worker that died meanwhile does not hide the pending spawn.
-        assert_eq!(state.held(&workers[..1], &gpu), 9 * GIB);
+        assert_eq!(state.held(&workers[..1], &gpu, 1), 9 * GIB);
         state.pending.clear();
-        assert_eq!(state.held(&workers[..1], &gpu), 3 * GIB);
+        assert_eq!(state.held(&workers[..1], &gpu, 1), 3 * GIB);
     }
 
     #[test]
@@ -224,7 +225,7 @@ mod tests {
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let mut state = state_knowing(&[("m", "metal:0", 4 * GIB), ("c", "cpu", GIB)]);
         let workers = vec![worker("w1", "m", "metal:0"), worker("w2", "c", "cpu")];
-        assert_eq!(state.held(&workers, &cpu), 5 * GIB);
+        assert_eq!(state.held(&workers, &cpu, 1), 5 * GIB);
     }
 
     #[test]
@@ -232,7 +233,7 @@ mod tests {
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let mut state = LedgerState::default();
         let workers = vec![worker("w1", "/nonexistent/rbee/m.gguf", "cpu")];
-        assert_eq!(state.held(&workers, &cpu), 0);
+        assert_eq!(state.held(&workers, &cpu, 1), 0);
         assert_eq!(state.required.len(), 1);
     }
 }

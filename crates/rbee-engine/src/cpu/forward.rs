@@ -1,9 +1,10 @@
-//! The llama-family forward pass on CPU: embedding lookup, then per layer RMSNorm, Q/K/V
-//! products, interleaved RoPE, causal grouped-query attention over an f32 KV cache, the output
+//! The llama-family forward pass on CPU (llama, and qwen2: the same blocks plus Q/K/V biases and
+//! RoPE over head halves): embedding lookup, then per layer RMSNorm, Q/K/V products (plus
+//! biases), RoPE, causal grouped-query attention over an f32 KV cache, the output
 //! product with the residual add fused in, RMSNorm, gate/up products, SiLU × up, the down product
 //! with the residual add fused in; then the final norm and the vocabulary product for the last
-//! position only. It computes what candle's `quantized_llama` computes, with the same activation
-//! quantization, so greedy decoding picks the same tokens.
+//! position only. It computes what candle's `quantized_llama` and `quantized_qwen2` compute,
+//! with the same activation quantization, so greedy decoding picks the same tokens.
 //!
 //! Every buffer a step needs is kept in [`Scratch`] and reused; the KV cache grows (amortized) to
 //! the longest sequence seen and is kept across `reset`.
@@ -12,7 +13,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use super::kernels::{Activations, Kernels};
-use super::ops::{MatMul, attention, formats, rms_norm, rope};
+use super::ops::{MatMul, RopeStyle, attention, formats, rms_norm, rope};
 use super::pool::Pool;
 use super::quant::dequantize_row;
 use super::weights::{Mat, Tensors, Unsupported, read_data};
@@ -33,6 +34,7 @@ pub(super) struct Config {
     pub(super) eps: f32,
     /// RoPE frequency of each rotated pair.
     pub(super) freqs: Vec<f32>,
+    pub(super) rope: RopeStyle,
     pub(super) max_positions: usize,
 }
 
@@ -52,6 +54,8 @@ struct Layer {
     gate: Mat,
     up: Mat,
     down: Mat,
+    /// Q, K and V biases (qwen2).
+    qkv_bias: Option<[Vec<f32>; 3]>,
 }
 
 /// The KV cache of one sequence: per layer, keys and values `[position][kv_dim]`.
@@ -124,6 +128,7 @@ struct LayerPlan {
     attn_norm: super::weights::VecRef,
     ffn_norm: super::weights::VecRef,
     mats: [Mat; 7],
+    qkv_bias: Option<[super::weights::VecRef; 3]>,
 }
 
 fn md_usize(content: &gguf_file::Content, key: &str) -> Result<usize, Unsupported> {
@@ -142,22 +147,35 @@ fn md_f32(content: &gguf_file::Content, key: &str) -> Option<f32> {
 }
 
 impl Plan {
-    /// Checks that the file is a plain llama model whose matrices all have kernels here.
+    /// Checks that the file is a plain llama or qwen2 model whose matrices all have kernels
+    /// here.
     pub(crate) fn new(
         content: &gguf_file::Content,
         max_positions: usize,
     ) -> Result<Plan, Unsupported> {
-        if md_usize(content, "llama.expert_count").unwrap_or(0) > 1 {
+        let arch = match content.metadata.get("general.architecture") {
+            Some(v) => v
+                .to_string()
+                .map_err(|_| Unsupported("general.architecture is not a string".into()))?
+                .clone(),
+            None => return Err(Unsupported("no general.architecture".into())),
+        };
+        let (rope_style, biased) = match arch.as_str() {
+            "llama" => (RopeStyle::Interleaved, false),
+            "qwen2" => (RopeStyle::Halves, true),
+            other => return Err(Unsupported(format!("architecture {other}"))),
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        if md_usize(content, &key("expert_count")).unwrap_or(0) > 1 {
             return Err(Unsupported("mixture of experts".into()));
         }
-        let n_heads = md_usize(content, "llama.attention.head_count")?;
-        let n_kv_heads = md_usize(content, "llama.attention.head_count_kv")?;
-        let n_layers = md_usize(content, "llama.block_count")?;
-        let dim = md_usize(content, "llama.embedding_length")?;
-        let rope_dim = md_usize(content, "llama.rope.dimension_count")?;
-        let eps = md_f32(content, "llama.attention.layer_norm_rms_epsilon")
-            .ok_or_else(|| Unsupported("no llama.attention.layer_norm_rms_epsilon".into()))?;
-        let base = md_f32(content, "llama.rope.freq_base").unwrap_or(10000.0);
+        let n_heads = md_usize(content, &key("attention.head_count"))?;
+        let n_kv_heads = md_usize(content, &key("attention.head_count_kv"))?;
+        let n_layers = md_usize(content, &key("block_count"))?;
+        let dim = md_usize(content, &key("embedding_length"))?;
+        let eps_key = key("attention.layer_norm_rms_epsilon");
+        let eps = md_f32(content, &eps_key).ok_or_else(|| Unsupported(format!("no {eps_key}")))?;
+        let base = md_f32(content, &key("rope.freq_base")).unwrap_or(10000.0);
         if n_heads == 0
             || n_kv_heads == 0
             || !dim.is_multiple_of(n_heads)
@@ -166,6 +184,8 @@ impl Plan {
             return Err(Unsupported("attention shape".into()));
         }
         let head_dim = dim / n_heads;
+        // qwen2 files do not state it: rotation covers the whole head, as candle does.
+        let rope_dim = md_usize(content, &key("rope.dimension_count")).unwrap_or(head_dim);
         if rope_dim != head_dim || head_dim > MAX_HEAD_DIM || !head_dim.is_multiple_of(2) {
             return Err(Unsupported(format!(
                 "head size {head_dim}, rotary size {rope_dim}"
@@ -209,13 +229,19 @@ impl Plan {
             {
                 return Err(Unsupported(format!("layer {i} shapes")));
             }
-            if t.has(&format!("blk.{i}.attn_q.bias")) {
-                return Err(Unsupported("attention biases".into()));
-            }
+            let qkv_bias = if biased {
+                let b = |n: &str, len| t.vector(&format!("blk.{i}.{n}.bias"), len);
+                Some([b("attn_q", dim)?, b("attn_k", kv_dim)?, b("attn_v", kv_dim)?])
+            } else if t.has(&format!("blk.{i}.attn_q.bias")) {
+                return Err(Unsupported("attention biases in a llama file".into()));
+            } else {
+                None
+            };
             layers.push(LayerPlan {
                 attn_norm: t.vector(&format!("blk.{i}.attn_norm.weight"), dim)?,
                 ffn_norm: t.vector(&format!("blk.{i}.ffn_norm.weight"), dim)?,
                 mats,
+                qkv_bias,
             });
         }
         if embd.cols != dim || output.cols != dim || output.rows != embd.rows {
@@ -235,6 +261,7 @@ impl Plan {
                 vocab: embd.rows,
                 eps,
                 freqs,
+                rope: rope_style,
                 max_positions,
             },
             embd,
@@ -268,6 +295,7 @@ impl Plan {
                 }
                 let [wq, wk, wv, wo, gate, up, down] = l.mats;
                 Layer {
+                    qkv_bias: l.qkv_bias.map(|b| b.map(|v| v.read(&data))),
                     attn_norm: l.attn_norm.read(&data),
                     ffn_norm: l.ffn_norm.read(&data),
                     wq,
@@ -425,8 +453,13 @@ impl CpuLlama {
                 mm.run(&layer.wk, &s.act, &mut s.k, &mut s.batch, false);
                 mm.run(&layer.wv, &s.act, &mut s.v, &mut s.batch, false);
             }
-            rope(&mut s.q, hd, &s.cos, &s.sin);
-            rope(&mut s.k, hd, &s.cos, &s.sin);
+            if let Some([bq, bk, bv]) = &layer.qkv_bias {
+                add_rows(&mut s.q, bq);
+                add_rows(&mut s.k, bk);
+                add_rows(&mut s.v, bv);
+            }
+            rope(&mut s.q, hd, cfg.rope, &s.cos, &s.sin);
+            rope(&mut s.k, hd, cfg.rope, &s.cos, &s.sin);
             let mut t0 = 0;
             for e in batch {
                 let m = e.tokens.len();
@@ -491,6 +524,15 @@ impl CpuLlama {
         s.act.set(normed, dim, &formats(&[self.output]));
         mm.run(&self.output, &s.act, &mut s.logits, &mut s.batch, false);
         Ok(&s.logits)
+    }
+}
+
+/// Adds `bias` to every `bias.len()`-long row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
     }
 }
 

@@ -224,9 +224,18 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Interleaved rotary embedding (GGML's "normal" mode: pairs `(2i, 2i + 1)`) of every head of
-/// every token in `x`, with the tokens' `cos`/`sin` tables.
-pub(super) fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+/// Which elements of a head RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RopeStyle {
+    /// Pairs `(2i, 2i + 1)`: GGML's "normal" mode, for llama files (whose q/k rows llama.cpp's
+    /// converter permuted to suit it).
+    Interleaved,
+    /// Pairs `(i, i + head_dim / 2)`: GGML's "neox" mode, for qwen2.
+    Halves,
+}
+
+/// Rotary embedding of every head of every token in `x`, with the tokens' `cos`/`sin` tables.
+pub(super) fn rope(x: &mut [f32], head_dim: usize, style: RopeStyle, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
     let tokens = cos.len() / half;
     let width = x.len() / tokens;
@@ -236,10 +245,22 @@ pub(super) fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
             &sin[t * half..(t + 1) * half],
         );
         for head in row.chunks_exact_mut(head_dim) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * c[i] - b * s[i];
-                pair[1] = a * s[i] + b * c[i];
+            match style {
+                RopeStyle::Interleaved => {
+                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                        let (a, b) = (pair[0], pair[1]);
+                        pair[0] = a * c[i] - b * s[i];
+                        pair[1] = a * s[i] + b * c[i];
+                    }
+                }
+                RopeStyle::Halves => {
+                    let (lo, hi) = head.split_at_mut(half);
+                    for (i, (a, b)) in lo.iter_mut().zip(hi).enumerate() {
+                        let (x1, x2) = (*a, *b);
+                        *a = x1 * c[i] - x2 * s[i];
+                        *b = x2 * c[i] + x1 * s[i];
+                    }
+                }
             }
         }
     }

@@ -61,21 +61,22 @@ pub(super) fn load(
         reported: 0,
         progress,
     };
-    let model: Box<dyn CausalLm> = match family {
-        Family::Llama if device.is_cpu() && cpu::enabled() => {
-            match cpu::Plan::new(&content, info.context_length) {
-                Ok(plan) => {
-                    let threads = candle_core::utils::get_num_threads();
-                    Box::new(plan.load(&content, &mut reader, threads, &mut |_, _| {})?)
-                }
-                Err(why) => {
-                    tracing::info!(reason = %why.0, "the engine's CPU kernels do not cover this file; using candle's");
-                    candle_llama(content, &mut reader, device)?
-                }
-            }
+    let plan = if device.is_cpu() && cpu::enabled() {
+        cpu::Plan::new(&content, info.context_length)
+            .inspect_err(|why| {
+                tracing::info!(reason = %why.0, "the engine's CPU kernels do not cover this file; using candle's");
+            })
+            .ok()
+    } else {
+        None
+    };
+    let model: Box<dyn CausalLm> = match (plan, family) {
+        (Some(plan), _) => {
+            let threads = candle_core::utils::get_num_threads();
+            Box::new(plan.load(&content, &mut reader, threads, &mut |_, _| {})?)
         }
-        Family::Llama => candle_llama(content, &mut reader, device)?,
-        Family::Qwen2 => {
+        (None, Family::Llama) => candle_llama(content, &mut reader, device)?,
+        (None, Family::Qwen2) => {
             let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
                 .map_err(|e| EngineError::load("qwen2 weights", e))?;
             Box::new(GgufQwen2::new(weights, path, device))

@@ -5,7 +5,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
-use candle_transformers::models::quantized_llama;
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use model_gen::{GgufType, ModelFormat, ModelSpec};
 
 use super::*;
@@ -24,22 +24,47 @@ fn cpu_model(path: &Path, threads: usize) -> CpuLlama {
         .unwrap()
 }
 
-fn candle_model(path: &Path) -> quantized_llama::ModelWeights {
-    let (content, mut reader) = header(path);
-    quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap()
+/// candle's model code for the file's architecture.
+enum Reference {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
 }
 
-fn candle_logits(m: &mut quantized_llama::ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+impl Reference {
+    fn clear_kv_cache(&mut self) {
+        match self {
+            Reference::Llama(m) => m.clear_kv_cache(),
+            Reference::Qwen2(m) => m.clear_kv_cache(),
+        }
+    }
+}
+
+fn candle_model(path: &Path) -> Reference {
+    let (content, mut reader) = header(path);
+    let arch = content.metadata["general.architecture"]
+        .to_string()
+        .unwrap()
+        .clone();
+    match arch.as_str() {
+        "qwen2" => Reference::Qwen2(
+            quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap(),
+        ),
+        _ => Reference::Llama(
+            quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu).unwrap(),
+        ),
+    }
+}
+
+fn candle_logits(m: &mut Reference, tokens: &[u32], pos: usize) -> Vec<f32> {
     let input = Tensor::new(tokens, &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    m.forward(&input, pos)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    let logits = match m {
+        Reference::Llama(m) => m.forward(&input, pos),
+        Reference::Qwen2(m) => m.forward(&input, pos),
+    };
+    logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// Feeds `tokens` of sequence 0 at `pos`.
@@ -83,6 +108,9 @@ fn generated_models_match_candle_at_prefill_and_decode() {
         (ModelSpec::tiny(), GgufType::Q4_0),
         (ModelSpec::small(), GgufType::Q4_0),
         (ModelSpec::small(), GgufType::Q4K),
+        (ModelSpec::tiny_qwen2(), GgufType::Q8_0),
+        (ModelSpec::small_qwen2(), GgufType::Q4_0),
+        (ModelSpec::small_qwen2(), GgufType::Q4K),
     ];
     for (i, (spec, ty)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("m{i}.gguf"));
@@ -92,7 +120,10 @@ fn generated_models_match_candle_at_prefill_and_decode() {
             let mut cpu = cpu_model(&path, threads);
             reference.clear_kv_cache();
             let prompt = [1u32, 17, 300, 42, 5, 99, 7];
-            let what = format!("{ty:?} hidden {} threads {threads}", spec.hidden);
+            let what = format!(
+                "{:?} {ty:?} hidden {} threads {threads}",
+                spec.arch, spec.hidden
+            );
             let got = one(&mut cpu, &prompt, 0).unwrap().to_vec();
             let want = candle_logits(&mut reference, &prompt, 0);
             assert_close(&got, &want, 5e-2, &format!("{what} prefill"));

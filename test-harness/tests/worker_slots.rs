@@ -1,0 +1,191 @@
+//! `rbee-hive --worker-slots N`: every worker it spawns decodes up to N sequences at once, and
+//! says so in its `WorkerInfo` (`slots_total`), for a model the engine batches (a llama GGUF with
+//! quantized matrices on the CPU); a model on candle's code serves one. The capacity check
+//! counts one KV cache per slot the worker will hold, and a slot count a worker would refuse is
+//! refused by the hive at startup.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use model_gen::{GgufType, ModelFormat, ModelSpec};
+use rbee_contract::{ErrorCode, JobEvent, NoCapacityBody, WorkerInfo, WorkerState};
+use serde_json::{Value, json};
+use test_harness::{RawStream, TestHive, bin_path, free_port};
+
+const TOKEN: &str = "slots-test-token";
+
+/// The tiny generated llama model with Q4_0 matrices: on the CPU, the engine's own path.
+fn tiny_q4_0() -> PathBuf {
+    generated(ModelFormat::Gguf(GgufType::Q4_0))
+}
+
+fn generated(format: ModelFormat) -> PathBuf {
+    model_gen::ensure_generated(
+        &ModelSpec::tiny(),
+        format,
+        &model_gen::paths::generated_dir(),
+    )
+    .unwrap_or_else(|e| panic!("generate the tiny model as {format}: {e}"))
+}
+
+fn data_of(stream: &RawStream) -> Value {
+    stream
+        .events
+        .iter()
+        .find_map(|(_, e)| match e {
+            JobEvent::Data { data } => Some(data.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("a data event: {:?}", stream.events))
+}
+
+/// Spawns a worker of `model` on the CPU and returns its info from the spawn's `data` event.
+async fn spawn(hive: &TestHive, model: &Path) -> WorkerInfo {
+    let stream = hive
+        .run_job(&json!({"operation": "worker_spawn", "model": model.display().to_string()}))
+        .await;
+    stream.assert_one_terminal_then_done("hive");
+    assert!(
+        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
+        "{:?}\nhive log:\n{}",
+        stream.events,
+        hive.daemon.log_text()
+    );
+    serde_json::from_value(data_of(&stream)["worker"].clone()).expect("a WorkerInfo")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_worker_gets_the_hives_slots() {
+    // The worker binary the hive runs sits beside it: build the current one.
+    bin_path("llm-worker-rbee");
+    let hive = TestHive::start("slots-hive", TOKEN, &["--worker-slots", "3"]).await;
+
+    let batched = spawn(&hive, &tiny_q4_0()).await;
+    assert_eq!(batched.state, WorkerState::Ready, "{batched:?}");
+    assert_eq!(batched.slots_total, 3, "{batched:?}");
+    assert_eq!(batched.slots_free, 3, "an idle worker: {batched:?}");
+
+    // The hive's own listings say the same, by the route and by the jobs.
+    let listed = hive.workers().await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].slots_total, 3, "{listed:?}");
+    let got = hive
+        .run_job(&json!({"operation": "worker_get", "worker_id": batched.worker_id}))
+        .await;
+    assert_eq!(data_of(&got)["worker"]["slots_total"], json!(3));
+
+    // A safetensors checkpoint runs on candle's code: the same flag, one slot.
+    let single = spawn(&hive, &generated(ModelFormat::Hub)).await;
+    assert_eq!(single.slots_total, 1, "{single:?}");
+    let job = hive.run_job(&json!({"operation": "worker_list"})).await;
+    let workers: Vec<WorkerInfo> =
+        serde_json::from_value(data_of(&job)["workers"].clone()).expect("a worker list");
+    let mut slots: Vec<(String, u32)> = workers
+        .iter()
+        .map(|w| (w.worker_id.clone(), w.slots_total))
+        .collect();
+    slots.sort();
+    let mut expected = vec![
+        (batched.worker_id.clone(), 3),
+        (single.worker_id.clone(), 1),
+    ];
+    expected.sort();
+    assert_eq!(slots, expected);
+}
+
+/// `GET /v1/capacity` on a hive whose reserve leaves nothing, so that it answers `409` with
+/// the numbers.
+async fn numbers(hive: &TestHive, model: &Path) -> NoCapacityBody {
+    let response = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/capacity?device=cpu&model={}",
+            hive.url(),
+            model.display().to_string().replace('/', "%2F")
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("GET /v1/capacity");
+    assert_eq!(response.status(), 409);
+    response.json().await.expect("a no-capacity body")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_capacity_check_counts_a_kv_cache_per_slot() {
+    let spec = ModelSpec::tiny();
+    let head_dim = (spec.hidden / spec.heads) as u64;
+    // Keys and values in f32 over every layer, for the tiny model's whole context.
+    let one_sequence =
+        2 * spec.layers as u64 * spec.kv_heads as u64 * head_dim * 4 * spec.context_length as u64;
+    let full = ["--memory-reserve", "1TiB"];
+
+    let single = TestHive::start("one-slot-hive", TOKEN, &full).await;
+    let four = TestHive::start(
+        "four-slot-hive",
+        TOKEN,
+        &["--memory-reserve", "1TiB", "--worker-slots", "4"],
+    )
+    .await;
+    let model = tiny_q4_0();
+    let one = numbers(&single, &model).await.estimate;
+    let body = numbers(&four, &model).await;
+    let many = &body.estimate;
+    assert_eq!((one.slots, one.kv_cache_bytes), (1, one_sequence));
+    assert_eq!((many.slots, many.kv_cache_bytes), (4, 4 * one_sequence));
+    assert_eq!(
+        many.required_bytes,
+        many.weights_bytes + many.kv_cache_bytes + many.overhead_bytes
+    );
+    assert_eq!(many.required_bytes - one.required_bytes, 3 * one_sequence);
+    assert_eq!(body.error.code, ErrorCode::NoCapacity);
+    let message = &body.error.message;
+    assert!(
+        message.contains(&format!(
+            "{} KV cache for 4 sequences of {} positions",
+            4 * one_sequence,
+            spec.context_length
+        )),
+        "{message}"
+    );
+
+    // A model the worker serves one sequence at a time is counted once.
+    let checkpoint = numbers(&four, &generated(ModelFormat::Hub)).await.estimate;
+    assert_eq!(checkpoint.slots, 1, "{checkpoint:?}");
+    assert_eq!(checkpoint.kv_cache_bytes, one_sequence);
+}
+
+/// Runs `rbee-hive` with `args` and `env` and expects it to refuse to start.
+async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
+    let port = free_port().to_string();
+    let mut command = tokio::process::Command::new(bin_path("rbee-hive"));
+    command
+        .args(["--port", &port])
+        .args(args)
+        .env_remove("RBEE_CLUSTER_TOKEN")
+        .env_remove("RBEE_HIVE_WORKER_SLOTS")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("rbee-hive {args:?} {env:?} started instead of refusing"))
+        .expect("run rbee-hive");
+    assert!(!output.status.success(), "{args:?} {env:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let first = stderr.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        first.contains("--worker-slots"),
+        "{args:?} {env:?}: {stderr}"
+    );
+    first
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slot_counts_a_worker_would_refuse_are_refused_at_startup() {
+    let zero = refused(&["--worker-slots", "0"], &[]).await;
+    assert!(zero.contains("1 to 256"), "{zero}");
+    refused(&["--worker-slots", "257"], &[]).await;
+    refused(&["--worker-slots", "many"], &[]).await;
+    let from_env = refused(&[], &[("RBEE_HIVE_WORKER_SLOTS", "0")]).await;
+    assert!(from_env.contains("'0'"), "{from_env}");
+}
