@@ -8,7 +8,7 @@ use futures::StreamExt;
 use model_gen::{GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{JobEvent, WorkerInfo};
 use serde_json::{Value, json};
-use test_harness::{Daemon, JobApi, eventually, read_raw_stream, smollm2};
+use test_harness::{Daemon, JobApi, eventually, read_raw_stream, slow_model, smollm2};
 
 const TOKEN: &str = "test-cluster-token";
 
@@ -171,4 +171,44 @@ async fn zero_slots_is_refused_with_a_clear_message() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--slots"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_queen_fills_a_workers_slots_before_it_queues() {
+    let cluster =
+        test_harness::TestCluster::start_with(&slow_model(), &[], &["--worker-slots", "2"]).await;
+    assert_eq!(cluster.worker.slots_total, 2);
+    let api = cluster.jobs();
+    let body = json!({"operation": "infer", "model": cluster.model, "prompt": "one two three",
+                      "max_tokens": 120, "temperature": 0});
+    let created = futures::future::join_all((0..3).map(|_| api.submit_ok("/v1/jobs", &body))).await;
+    let streams = futures::future::join_all(created.iter().map(|c| async {
+        read_raw_stream(api.open_stream(c).await)
+            .await
+            .expect("a readable stream")
+    }))
+    .await;
+    let mut waited = 0;
+    for stream in &streams {
+        stream.assert_one_terminal_then_done("queen");
+        assert!(
+            matches!(stream.terminal(), Some(JobEvent::Done { .. })),
+            "{:?}",
+            stream.terminal()
+        );
+        if stream
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, JobEvent::Queued { .. }))
+        {
+            waited += 1;
+        }
+    }
+    assert_eq!(waited, 1, "two jobs take the two slots, the third waits");
+    let workers = cluster.queen_json("/v1/workers").await;
+    assert_eq!(
+        workers["workers"].as_array().map(Vec::len),
+        Some(1),
+        "one worker served all three: {workers}"
+    );
 }

@@ -199,6 +199,21 @@ mod tests {
     }
 
     #[test]
+    fn room_is_what_the_next_push_would_find() {
+        let mut log = EventLog::new(2);
+        assert!(log.has_room());
+        push(&mut log, 0);
+        assert!(log.has_room());
+        push(&mut log, 1);
+        assert!(!log.has_room(), "two undelivered events fill it");
+        assert_eq!(push(&mut log, 2), None);
+        let r = log.open_reader(None).unwrap();
+        log.read(r).unwrap();
+        assert!(log.has_room(), "a delivered event makes room");
+        assert!(push(&mut log, 2).is_some());
+    }
+
+    #[test]
     fn a_slow_reader_holds_events_a_fast_reader_already_received() {
         let mut log = EventLog::new(2);
         let fast = log.open_reader(None).unwrap();
