@@ -112,6 +112,9 @@ impl Sequence {
     fn finish(&mut self, reason: FinishReason) -> Option<Completion> {
         self.finished = true;
         self.logits = None;
+        if self.sampled == 0 {
+            self.prefill_time = self.started.elapsed();
+        }
         Some(Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len,
@@ -120,6 +123,13 @@ impl Sequence {
             prefill_time: self.prefill_time,
             decode_time: self.started.elapsed().saturating_sub(self.prefill_time),
         })
+    }
+
+    /// Ends the sequence as cancelled, e.g. when its client went away between steps; its
+    /// completion counts what was generated so far.
+    pub fn cancel(&mut self) -> Completion {
+        self.finish(FinishReason::Cancelled)
+            .expect("finish always yields a completion")
     }
 
     /// Samples a token from the waiting logits, releases its text through `on_token`, and

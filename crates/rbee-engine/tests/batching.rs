@@ -189,3 +189,21 @@ fn a_model_on_candles_code_serves_one_slot() -> anyhow::Result<()> {
     assert!(err.to_string().contains("slot 1"), "{err}");
     Ok(())
 }
+
+#[test]
+fn a_sequence_cancelled_between_steps_reports_what_it_generated() -> anyhow::Result<()> {
+    let path = generated(ModelFormat::Gguf(GgufType::Q4_0))?;
+    let mut engine = load(&path, 1)?;
+    let reqs = requests(&engine)?;
+    let mut seq = engine.begin(0, &reqs[0])?;
+    engine.step(&mut [&mut seq])?;
+    let first = engine.advance(&mut seq, &mut |_| ControlFlow::Continue(()))?;
+    assert!(first.is_none());
+    let done = seq.cancel();
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert_eq!(done.completion_tokens, 1);
+    assert!(seq.is_finished());
+    engine.step(&mut [&mut seq])?;
+    assert!(!seq.has_logits(), "an ended sequence is not fed");
+    Ok(())
+}

@@ -138,8 +138,14 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             }
             break;
         }
-        // A cancelled job has already ended; dropping its `done` tells its executor so.
-        active.retain(|a| !a.cancel.is_cancelled());
+        // A cancelled job has already ended; its generation leaves before the next step.
+        let (cancelled, running): (Vec<_>, Vec<_>) =
+            active.into_iter().partition(|a| a.cancel.is_cancelled());
+        active = running;
+        for mut a in cancelled {
+            let completion = a.seq.cancel();
+            finish(a, Ok(completion));
+        }
 
         let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
         let fed = seqs.iter().any(|s| !s.has_logits());
@@ -159,7 +165,8 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
 
         let mut advanced = false;
         let mut still = Vec::with_capacity(active.len());
-        for mut a in active.drain(..) {
+        let mut pending = std::mem::take(&mut active).into_iter();
+        while let Some(mut a) = pending.next() {
             if !a.seq.has_logits() || !a.sink.has_room() {
                 still.push(a);
                 continue;
@@ -178,6 +185,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                 Ok(Err(err)) => finish(a, Err(err)),
                 Err(panic) => {
                     still.push(a);
+                    still.extend(pending);
                     return crashed(still, shared, &*panic);
                 }
             }
