@@ -1,6 +1,7 @@
-//! The engine's own CPU inference path for llama-family GGUF models: quantized matrix-vector and
-//! matrix-matrix kernels (AVX2/FMA or AVX-512 VNNI chosen at run time, a portable scalar reference
-//! otherwise; Q4_0, and Q8_0 where VNNI is present, repacked at load into eight-row tiles), a
+//! The engine's own CPU inference path for llama and qwen2 GGUF models: quantized matrix-vector and
+//! matrix-matrix kernels (AVX2/FMA or AVX-512 VNNI on x86-64, NEON with or without `dotprod` on
+//! aarch64, chosen at run time; a portable scalar reference otherwise; Q4_0, Q4_K with the SIMD
+//! kernels, and Q8_0 with VNNI or `dotprod`, repacked at load into eight-row tiles), a
 //! persistent thread pool that tolerates competing load, and a forward pass that keeps its working
 //! buffers across steps (a decode step allocates only the logits handed back through
 //! [`crate::model::CausalLm`]) and multiplies the weights in place in one copy of the file's
@@ -8,9 +9,9 @@
 //!
 //! It is used when the device is the CPU and every matrix has a type with a kernel here (Q4_0,
 //! Q4_1, Q8_0, Q4_K, Q6_K), unless `RBEE_CPU_KERNELS=0`; everything else (GPU devices, F16, F32
-//! or other quantized matrices, qwen2, safetensors) stays on candle's model code. It is not a
-//! general tensor library: it knows exactly one architecture. On aarch64 it runs the scalar
-//! reference kernels (no NEON kernels yet).
+//! or other quantized matrices, safetensors) stays on candle's model code. It is not a general
+//! tensor library: it knows exactly one block structure (llama's, with qwen2's biases and RoPE
+//! layout as options).
 
 mod forward;
 mod kernels;

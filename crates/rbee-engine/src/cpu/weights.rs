@@ -8,6 +8,7 @@ use candle_core::quantized::{GgmlDType, gguf_file};
 
 use super::kernels::Kernels;
 use super::kernels::tiled::{self, TILE_ROWS};
+use super::kernels::tiled_k;
 use super::quant::{WeightType, dequantize_row};
 use crate::EngineError;
 
@@ -17,7 +18,7 @@ pub(crate) struct Mat {
     pub ty: WeightType,
     pub rows: usize,
     pub cols: usize,
-    /// Repacked into eight-row tiles ([`tiled`]): read with [`Mat::tile_at`], not
+    /// Repacked into eight-row tiles ([`tiled`], [`tiled_k`]): read with [`Mat::tile_at`], not
     /// [`Mat::row`].
     pub tiled: bool,
     offset: usize,
@@ -45,8 +46,9 @@ impl Mat {
         self.offset == other.offset
     }
 
-    /// Repacks a Q4_0 or Q8_0 matrix whose row count is a multiple of eight into tiles, in place
-    /// in `data`, when `kernels` multiply that type in tiles; any other matrix is left as it is.
+    /// Repacks a Q4_0, Q8_0 or Q4_K matrix whose row count is a multiple of eight into tiles,
+    /// in place in `data`, when `kernels` multiply that type in tiles; any other matrix is left
+    /// as it is.
     pub(crate) fn tile(&mut self, data: &mut [u8], kernels: &Kernels, scratch: &mut Vec<u8>) {
         if self.tiled || !kernels.tiles(self.ty) || !self.rows.is_multiple_of(TILE_ROWS) {
             return;
@@ -57,6 +59,7 @@ impl Mat {
         for tile in all.chunks_exact_mut(len) {
             match self.ty {
                 WeightType::Q8_0 => tiled::repack_q8_0(tile, blocks, scratch),
+                WeightType::Q4K => tiled_k::repack(tile, blocks, scratch),
                 _ => tiled::repack(tile, blocks, scratch),
             }
         }

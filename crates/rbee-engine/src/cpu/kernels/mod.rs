@@ -1,18 +1,32 @@
 //! Dot products of quantized weight rows with quantized activations, chosen once per process
 //! for the CPU at hand: AVX2 + FMA on x86-64 when present, with AVX-512 VNNI for the tile and
-//! Q4_K products where the CPU has it, otherwise the portable scalar code in
-//! [`super::quant::reference`] and [`tiled`], which is also what the SIMD kernels are tested
-//! against.
+//! Q4_K products where the CPU has it; NEON on aarch64, with the `dotprod`
+//! extension's `sdot` where the CPU has it; otherwise the portable scalar code in
+//! [`super::quant::reference`], [`tiled`] and [`tiled_k`], which is also what the SIMD kernels
+//! are tested against.
+//!
+//! Matrices of the types a set of kernels multiplies in eight-row tiles ([`Kernels::tiles`]:
+//! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels) are repacked at
+//! load; the others keep the file's rows and go through the one-row kernels.
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
 //! Q8_K super-blocks for Q4_K and Q6_K.
 
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "aarch64")]
+mod neon_tiled;
+#[cfg(target_arch = "aarch64")]
+mod neon_tiled_k;
 pub(crate) mod tiled;
+pub(crate) mod tiled_k;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_tiled;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_tiled_k;
 
 use tiled::{TILE_ROWS, TileAct};
 
@@ -26,6 +40,8 @@ type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
 type DotTile = fn(&[u8], &[TileAct]) -> [f32; TILE_ROWS];
 type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
+type DotTileK = fn(&[u8], &[BlockQ8K]) -> [f32; TILE_ROWS];
+type DotTileKx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4];
 
 /// One implementation of every block dot product.
 #[derive(Clone, Copy)]
@@ -46,6 +62,10 @@ pub(crate) struct Kernels {
     /// The Q8_0 tile products, where the CPU has them; Q8_0 matrices are repacked into tiles
     /// only then.
     pub q8_0_tile: Option<(DotTile, DotTilex4)>,
+    /// The Q4_K tile products ([`tiled_k`]), where there are SIMD ones; Q4_K matrices are
+    /// repacked into tiles only then (the portable code keeps the rows: its tile product is
+    /// no faster).
+    pub q4k_tile: Option<(DotTileK, DotTileKx4)>,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -70,6 +90,7 @@ impl Kernels {
             q4_0_tile: tiled::dot,
             q4_0_tilex4: tiled::dot4,
             q8_0_tile: None,
+            q4k_tile: None,
         }
     }
 
@@ -77,6 +98,10 @@ impl Kernels {
     pub(crate) fn detect() -> Kernels {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if let Some(k) = x86::kernels() {
+            return k;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(k) = neon::kernels() {
             return k;
         }
         Kernels::scalar()
@@ -88,6 +113,8 @@ impl Kernels {
         let mut out = vec![Kernels::scalar()];
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         out.extend(x86::variants());
+        #[cfg(target_arch = "aarch64")]
+        out.extend(neon::variants());
         out
     }
 
@@ -112,6 +139,7 @@ impl Kernels {
         match ty {
             WeightType::Q4_0 => true,
             WeightType::Q8_0 => self.q8_0_tile.is_some(),
+            WeightType::Q4K => self.q4k_tile.is_some(),
             _ => false,
         }
     }
@@ -133,6 +161,9 @@ impl Kernels {
         act: &Activations,
         t: usize,
     ) -> [f32; TILE_ROWS] {
+        if let (WeightType::Q4K, Some((one, _))) = (ty, self.q4k_tile) {
+            return one(tile, act.q8k(t));
+        }
         (self.tile_kernels(ty).0)(tile, act.tile(t))
     }
 
@@ -145,6 +176,15 @@ impl Kernels {
         act: &Activations,
         t0: usize,
     ) -> [[f32; TILE_ROWS]; 4] {
+        if let (WeightType::Q4K, Some((_, four))) = (ty, self.q4k_tile) {
+            let acts = [
+                act.q8k(t0),
+                act.q8k(t0 + 1),
+                act.q8k(t0 + 2),
+                act.q8k(t0 + 3),
+            ];
+            return four(tile, acts);
+        }
         let acts = [
             act.tile(t0),
             act.tile(t0 + 1),
@@ -166,6 +206,7 @@ impl Kernels {
     ) -> f32 {
         match ty {
             WeightType::Q8_0 => tiled::dot_lane_q8_0(tile, lane, act.tile(t)),
+            WeightType::Q4K => tiled_k::dot_lane(tile, lane, act.q8k(t)),
             _ => tiled::dot_lane(tile, lane, act.tile(t)),
         }
     }

@@ -81,6 +81,57 @@ fn every_kernel_matches_dequantize_then_multiply() {
     }
 }
 
+/// On aarch64, detection picks the last (fastest) NEON variant; each variant's four-token row
+/// products give its one-token products bit for bit, and its K-quant row and Q4_K tile products
+/// the scalar reference's (they keep its integer sums and its float operations).
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_kernels_are_detected_and_bit_identical_where_they_promise() {
+    let variants = neon::variants();
+    let names: Vec<_> = variants.iter().map(|k| k.name).collect();
+    eprintln!("NEON variants on this CPU: {names:?}");
+    assert_eq!(Some(&Kernels::detect().name), names.last());
+    let mut rng = StdRng::seed_from_u64(23);
+    let scalar = Kernels::scalar();
+    for kernels in &variants {
+        for ty in TYPES {
+            for blocks in [1usize, 5, 64] {
+                let cols = blocks * ty.block_elems();
+                let row = random_row(ty, cols, &mut rng);
+                let x: Vec<f32> = (0..4 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let mut act = Activations::default();
+                act.set(&x, cols, &[ty.act_format()]);
+                let one: Vec<f32> = (0..4).map(|t| kernels.dot(ty, &row, &act, t)).collect();
+                if let Some(four) = kernels.dot4(ty, &row, &act, 0) {
+                    assert_eq!(four.as_slice(), one, "{} {ty:?} {blocks}", kernels.name);
+                }
+                if matches!(ty, WeightType::Q4K | WeightType::Q6K) {
+                    let want: Vec<f32> = (0..4).map(|t| scalar.dot(ty, &row, &act, t)).collect();
+                    assert_eq!(one, want, "{} {ty:?} {blocks}", kernels.name);
+                }
+            }
+        }
+        // Q4_K tiles likewise give the scalar tile product's results.
+        for blocks in [1usize, 3] {
+            let cols = blocks * QK_K;
+            let rows: Vec<Vec<u8>> = (0..tiled::TILE_ROWS)
+                .map(|_| random_row(WeightType::Q4K, cols, &mut rng))
+                .collect();
+            let tile = packed(WeightType::Q4K, &rows, blocks);
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let mut act = Activations::default();
+            act.set(&x, cols, &[ActFormat::Q8K]);
+            assert!(kernels.tiles(WeightType::Q4K), "{}", kernels.name);
+            assert_eq!(
+                kernels.dot_tile(WeightType::Q4K, &tile, &act, 0),
+                tiled_k::dot(&tile, act.q8k(0)),
+                "{} Q4K tile {blocks}",
+                kernels.name
+            );
+        }
+    }
+}
+
 #[test]
 fn q8_activation_blocks_round_trip_within_half_a_step() {
     let mut rng = StdRng::seed_from_u64(9);
@@ -118,10 +169,13 @@ fn four_token_kernels_match_one_token_kernels() {
                 act.set(&x, cols, &[ty.act_format()]);
                 let four = kernels.dot4(ty, &row, &act, 2).unwrap();
                 for (k, got) in four.iter().enumerate() {
+                    // Bit-identical: a sequence must get the same logits alone and batched.
                     let one = kernels.dot(ty, &row, &act, 2 + k);
-                    assert!(
-                        (got - one).abs() <= 1e-4 * one.abs().max(1.0),
-                        "{ty:?} {got} vs {one}"
+                    assert_eq!(
+                        got.to_bits(),
+                        one.to_bits(),
+                        "{}: {ty:?} {got} vs {one}",
+                        kernels.name
                     );
                 }
             }
@@ -129,54 +183,112 @@ fn four_token_kernels_match_one_token_kernels() {
     }
 }
 
-#[test]
-fn tile_kernels_match_the_rows_they_were_packed_from() {
-    let mut rng = StdRng::seed_from_u64(11);
-    for ty in [WeightType::Q4_0, WeightType::Q8_0] {
-        for blocks in [1usize, 3, 64] {
-            let cols = blocks * QK;
-            let rows: Vec<Vec<u8>> = (0..tiled::TILE_ROWS)
-                .map(|_| random_row(ty, cols, &mut rng))
-                .collect();
-            let tile = packed(ty, &rows, blocks);
-            let x: Vec<f32> = (0..5 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let mut act = Activations::default();
-            act.set(&x, cols, &[ActFormat::Q8]);
-            let scalar = Kernels::scalar();
-            let want: Vec<Vec<f32>> = (0..5)
-                .map(|t| rows.iter().map(|r| scalar.dot(ty, r, &act, t)).collect())
-                .collect();
-            let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * want.abs().max(1.0);
-            for kernels in Kernels::all().into_iter().filter(|k| k.tiles(ty)) {
-                let name = kernels.name;
-                for (t, want_t) in want.iter().enumerate() {
-                    let got = kernels.dot_tile(ty, &tile, &act, t);
-                    for (lane, (g, w)) in got.iter().zip(want_t).enumerate() {
-                        assert!(
-                            close(*g, *w),
-                            "{name} {ty:?} {blocks} t{t} row {lane}: {g} vs {w}"
-                        );
-                        let one = kernels.dot_tile_lane(ty, &tile, lane, &act, t);
-                        assert!(close(one, *w), "{name} {ty:?} lane {lane}: {one} vs {w}");
-                    }
-                }
-                let four = kernels.dot_tile4(ty, &tile, &act, 1);
-                for (j, lanes) in four.iter().enumerate() {
-                    // The batched prefill must give what decoding token by token gives.
-                    assert_eq!(
-                        *lanes,
-                        kernels.dot_tile(ty, &tile, &act, 1 + j),
-                        "{name} {ty:?}"
-                    );
-                    for (lane, g) in lanes.iter().enumerate() {
-                        let w = want[1 + j][lane];
-                        assert!(
-                            close(*g, w),
-                            "{name} {ty:?} four-token {j} row {lane}: {g} vs {w}"
-                        );
+/// Eight rows of `ty` with `blocks` blocks: random, or (`extreme`) every weight and scale at
+/// its largest, to catch an intermediate sum that saturates or overflows.
+fn tile_rows(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) -> Vec<Vec<u8>> {
+    let cols = blocks * ty.block_elems();
+    (0..tiled::TILE_ROWS)
+        .map(|_| {
+            let mut row = random_row(ty, cols, rng);
+            if extreme {
+                for b in row.chunks_exact_mut(ty.block_bytes()) {
+                    match ty {
+                        WeightType::Q4K => b[4..].fill(0xFF),
+                        WeightType::Q8_0 => b[2..].fill(0x7F),
+                        _ => b[2..].fill(0xFF),
                     }
                 }
             }
+            row
+        })
+        .collect()
+}
+
+/// Every tile kernel of `ty` on one tile of `blocks` blocks against dequantize-then-multiply,
+/// against the one-row kernels on the rows the tile was packed from, and its four-token product
+/// against its one-token product.
+fn check_tile(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) {
+    let cols = blocks * ty.block_elems();
+    let rows = tile_rows(ty, blocks, extreme, rng);
+    let tile = packed(ty, &rows, blocks);
+    let x: Vec<f32> = if extreme {
+        // Every activation quantizes to -127.
+        vec![2.0; 5 * cols]
+    } else {
+        (0..5 * cols).map(|_| rng.random_range(-2.0..2.0)).collect()
+    };
+    let mut act = Activations::default();
+    act.set(&x, cols, &[ty.act_format()]);
+    let scalar = Kernels::scalar();
+    let want: Vec<Vec<f32>> = (0..5)
+        .map(|t| rows.iter().map(|r| scalar.dot(ty, r, &act, t)).collect())
+        .collect();
+    let close = |got: f32, want: f32| (got - want).abs() <= 1e-4 * want.abs().max(1.0);
+    // Dequantize-then-multiply, within the activations' 8-bit rounding (as in `check`).
+    let exact: Vec<Vec<(f32, f32)>> = (0..5)
+        .map(|t| {
+            let xs = &x[t * cols..(t + 1) * cols];
+            rows.iter()
+                .map(|r| {
+                    let mut w = vec![0f32; cols];
+                    dequantize_row(ty, r, &mut w);
+                    let exact: f32 = w.iter().zip(xs).map(|(a, b)| a * b).sum();
+                    let magnitude: f32 = w.iter().zip(xs).map(|(a, b)| (a * b).abs()).sum();
+                    let mass: f32 = w.iter().map(|a| a.abs()).sum();
+                    (exact, mass / 127.0 + magnitude * 2e-3 + 1e-4)
+                })
+                .collect()
+        })
+        .collect();
+    let mut tile_kernels: Vec<(&str, Kernels)> = Kernels::all()
+        .into_iter()
+        .filter(|k| k.tiles(ty))
+        .map(|k| (k.name, k))
+        .collect();
+    if ty == WeightType::Q4K {
+        // The portable reference tile product, which no portable `Kernels` uses.
+        let reference = Kernels {
+            q4k_tile: Some((tiled_k::dot, tiled_k::dot4)),
+            ..Kernels::scalar()
+        };
+        tile_kernels.push(("scalar tile", reference));
+    }
+    for (name, kernels) in &tile_kernels {
+        let rows_own: Vec<Vec<f32>> = (0..5)
+            .map(|t| rows.iter().map(|r| kernels.dot(ty, r, &act, t)).collect())
+            .collect();
+        for t in 0..5 {
+            let got = kernels.dot_tile(ty, &tile, &act, t);
+            for (lane, g) in got.iter().enumerate() {
+                let w = want[t][lane];
+                let case = format!("{name} {ty:?} {blocks} blocks t{t} row {lane}");
+                assert!(close(*g, w), "{case}: {g} vs scalar row {w}");
+                let own = rows_own[t][lane];
+                assert!(close(*g, own), "{case}: {g} vs the kernels' row {own}");
+                let (e, tol) = exact[t][lane];
+                assert!((g - e).abs() <= tol, "{case}: {g} vs f32 {e} ± {tol}");
+                let one = kernels.dot_tile_lane(ty, &tile, lane, &act, t);
+                assert!(close(one, w), "{case}: lane product {one} vs {w}");
+            }
+        }
+        let four = kernels.dot_tile4(ty, &tile, &act, 1);
+        for (j, lanes) in four.iter().enumerate() {
+            // The batched prefill must give what decoding token by token gives.
+            assert_eq!(
+                *lanes,
+                kernels.dot_tile(ty, &tile, &act, 1 + j),
+                "{name} {ty:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tile_kernels_match_the_rows_they_were_packed_from() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+        for (blocks, extreme) in [(1, false), (3, false), (64, false), (3, true)] {
+            check_tile(ty, blocks, extreme, &mut rng);
         }
     }
     // The Q8_0 layout is exercised by the scalar lane product even where no kernel tiles it.
@@ -202,13 +314,51 @@ fn packed(ty: WeightType, rows: &[Vec<u8>], blocks: usize) -> Vec<u8> {
     let mut tile = rows.concat();
     match ty {
         WeightType::Q8_0 => tiled::repack_q8_0(&mut tile, blocks, &mut Vec::new()),
+        WeightType::Q4K => tiled_k::repack(&mut tile, blocks, &mut Vec::new()),
         _ => tiled::repack(&mut tile, blocks, &mut Vec::new()),
     }
     tile
 }
 
-/// Throughput of the four-token products of each implementation, for comparing kernels by hand
-/// (`cargo test -p rbee-engine --lib kernel_throughput -- --ignored --nocapture`).
+/// The eight Q4_K rows a tile was packed from, rebuilt from the tile's layout alone.
+fn unpacked_q4k(tile: &[u8], blocks: usize) -> Vec<Vec<u8>> {
+    let mut rows = vec![vec![0u8; blocks * 144]; tiled::TILE_ROWS];
+    for (b, col) in tile.chunks_exact(tiled_k::TILE_BLOCK_Q4K).enumerate() {
+        for (r, row) in rows.iter_mut().enumerate() {
+            let dst = &mut row[144 * b..144 * b + 144];
+            dst[..2].copy_from_slice(&col[2 * r..2 * r + 2]);
+            dst[2..4].copy_from_slice(&col[16 + 2 * r..18 + 2 * r]);
+            let (sc, mn) = tiled_k::scales_mins(col, r);
+            for j in 0..4 {
+                dst[4 + j] = sc[j] | (sc[4 + j] >> 4) << 6;
+                dst[8 + j] = mn[j] | (mn[4 + j] >> 4) << 6;
+                dst[12 + j] = sc[4 + j] & 15 | (mn[4 + j] & 15) << 4;
+            }
+            for l in 0..128 {
+                let (p, k, e) = (l / 32, l % 32 / 4, l % 4);
+                dst[16 + l] = col[tiled_k::NIBBLES + 256 * p + 32 * k + 4 * r + e];
+            }
+        }
+    }
+    rows
+}
+
+#[test]
+fn q4k_tiles_hold_exactly_the_rows_they_were_packed_from() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for blocks in [1usize, 2, 22] {
+        let rows = tile_rows(WeightType::Q4K, blocks, false, &mut rng);
+        let tile = packed(WeightType::Q4K, &rows, blocks);
+        assert_eq!(tile.len(), rows.concat().len());
+        assert_eq!(unpacked_q4k(&tile, blocks), rows);
+    }
+}
+
+/// Throughput of the one-token (decode) and four-token (prefill) products of each SIMD
+/// implementation, on plain rows and, where the implementation tiles the type, on tiles, for
+/// comparing kernels by hand (`cargo test -p rbee-engine --lib kernel_throughput -- --ignored
+/// --nocapture`). The weights (256 × 2048) stay in L2, so this measures compute, not memory;
+/// each figure is the fastest of 16 passes over 64 tokens.
 #[test]
 #[ignore = "a measurement, not a check"]
 fn kernel_throughput() {
@@ -216,40 +366,119 @@ fn kernel_throughput() {
     let (rows, cols, tokens) = (256usize, 2048usize, 64usize);
     for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
         let mat: Vec<Vec<u8>> = (0..rows).map(|_| random_row(ty, cols, &mut rng)).collect();
-        let tiles: Vec<Vec<u8>> = match ty {
-            WeightType::Q4_0 | WeightType::Q8_0 => mat
-                .chunks_exact(tiled::TILE_ROWS)
-                .map(|rows| packed(ty, rows, cols / ty.block_elems()))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let tiles: Vec<Vec<u8>> = mat
+            .chunks_exact(tiled::TILE_ROWS)
+            .map(|rows| packed(ty, rows, cols / ty.block_elems()))
+            .collect();
         let x: Vec<f32> = (0..tokens * cols)
             .map(|_| rng.random_range(-2.0..2.0))
             .collect();
         let mut act = Activations::default();
         act.set(&x, cols, &[ty.act_format()]);
         for kernels in Kernels::all().into_iter().skip(1) {
-            let started = std::time::Instant::now();
             let mut sink = 0f32;
-            for _ in 0..4 {
-                for t in (0..tokens).step_by(4) {
-                    if kernels.tiles(ty) {
-                        for tile in &tiles {
-                            sink += kernels.dot_tile4(ty, tile, &act, t)[0][0];
+            let mut pass = |tiled: bool, four: bool| {
+                let started = std::time::Instant::now();
+                let step = if four { 4 } else { 1 };
+                for t in (0..tokens).step_by(step) {
+                    match (tiled, four) {
+                        (true, true) => {
+                            for tile in &tiles {
+                                sink += kernels.dot_tile4(ty, tile, &act, t)[0][0];
+                            }
                         }
-                    } else {
-                        for row in &mat {
-                            sink += kernels.dot4(ty, row, &act, t).unwrap()[0];
+                        (true, false) => {
+                            for tile in &tiles {
+                                sink += kernels.dot_tile(ty, tile, &act, t)[0];
+                            }
+                        }
+                        (false, true) => {
+                            for row in &mat {
+                                sink += kernels.dot4(ty, row, &act, t).map_or(0.0, |s| s[0]);
+                            }
+                        }
+                        (false, false) => {
+                            for row in &mat {
+                                sink += kernels.dot(ty, row, &act, t);
+                            }
                         }
                     }
                 }
+                started.elapsed().as_secs_f64() / (rows * cols * tokens) as f64 * 1e12
+            };
+            let layouts: &[bool] = if kernels.tiles(ty) {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for &tiled in layouts {
+                let [one, four] = [false, true]
+                    .map(|four| (0..16).map(|_| pass(tiled, four)).fold(f64::MAX, f64::min));
+                println!(
+                    "{ty:?} {} {}: one token {one:.2}, four tokens {four:.2} ns per 1000 \
+                     weight×token",
+                    kernels.name,
+                    if tiled { "tiles" } else { "rows" },
+                );
             }
-            let per = started.elapsed().as_secs_f64() / (4 * rows * cols * tokens) as f64;
-            println!(
-                "{ty:?} {}: {:.3} ns per 1000 weight×token ({sink})",
-                kernels.name,
-                per * 1e12
-            );
+            assert!(sink.is_finite());
         }
+    }
+    decode_from_memory();
+}
+
+/// The one-token products (tiles and plain rows) of the fastest kernels over a matrix far
+/// larger than the caches, as a share of the bandwidth of a plain read of the same bytes on one
+/// thread: how close decode can come to the memory limit.
+fn decode_from_memory() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let kernels = Kernels::detect();
+    let (cols, tiles) = (2048usize, 8192usize);
+    let best = |f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                f();
+                started.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+        if !kernels.tiles(ty) {
+            continue;
+        }
+        let rows = tile_rows(ty, cols / ty.block_elems(), false, &mut rng);
+        let tile = packed(ty, &rows, cols / ty.block_elems());
+        let mat = tile.repeat(tiles);
+        let mut act = Activations::default();
+        let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        act.set(&x, cols, &[ty.act_format()]);
+        let mut sink = 0f32;
+        let from_tiles = best(&mut || {
+            for t in mat.chunks_exact(tile.len()) {
+                sink += kernels.dot_tile(ty, t, &act, 0)[0];
+            }
+        });
+        let plain = rows.concat().repeat(tiles);
+        let from_rows = best(&mut || {
+            for r in plain.chunks_exact(ty.row_bytes(cols)) {
+                sink += kernels.dot(ty, r, &act, 0);
+            }
+        });
+        let mut words = 0u64;
+        let read = best(&mut || {
+            words = mat.chunks_exact(8).fold(words, |s, w| {
+                s.wrapping_add(u64::from_le_bytes(w.try_into().unwrap()))
+            });
+        });
+        let gb = mat.len() as f64 / 1e9;
+        println!(
+            "{ty:?} {} one-token products from memory, share of a plain read ({:.1} GB/s): \
+             tiles {:.0} %, rows {:.0} % ({sink} {words})",
+            kernels.name,
+            gb / read,
+            100.0 * read / from_tiles,
+            100.0 * read / from_rows,
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Q4_0 and Q8_0 matrices repacked at load into tiles of eight rows, and the scalar reference
-//! products over them.
+//! products over them (Q4_K tiles, with their 256-element super-blocks, are in
+//! [`super::tiled_k`]).
 //!
 //! A plain row interleaves a 2-byte scale with the weights of each 32-weight block, so a kernel
 //! reading one row at a time pays, per block, a scalar scale load, a horizontal sum and the
@@ -22,7 +23,8 @@
 //! One `dpbusd` of a group with four activations broadcast to every lane adds four products to
 //! each row's sum at once, so a column needs no horizontal sums; the +128 adds 128 × (sum of
 //! the activations) to every row alike, taken out once per activation block. Only kernels with
-//! that instruction (VNNI) read this layout, so Q8_0 matrices are repacked only for them.
+//! that instruction (VNNI), or aarch64's `sdot` (which flips the bytes back to signed on load),
+//! read this layout, so Q8_0 matrices are repacked only for them.
 
 use super::super::quant::{BlockQ8, QK, f16_at};
 

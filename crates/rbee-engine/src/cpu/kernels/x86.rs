@@ -4,11 +4,11 @@
 //! block with the product of the two scales.
 //!
 //! The four-token Q4_K product also comes in an AVX-512 VNNI variant (`dpwssd` does the `madd`
-//! and the add in one instruction). This module and [`super::x86_tiled`] (the products of
-//! eight-row tiles) are the only ones of the CPU path with SIMD intrinsics. Their functions are
-//! reachable only through [`kernels`], which returns them after `is_x86_feature_detected!` has
-//! proved the CPU runs the features each enables; that check is what makes every `unsafe` call
-//! below sound.
+//! and the add in one instruction). This module, [`super::x86_tiled`] and
+//! [`super::x86_tiled_k`] (the products of eight-row tiles) are the only x86 ones of the CPU
+//! path with SIMD intrinsics. Their functions are reachable only through [`kernels`], which
+//! returns them after `is_x86_feature_detected!` has proved the CPU runs the features each
+//! enables; that check is what makes every `unsafe` call below sound.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86")]
@@ -25,8 +25,8 @@ pub(super) fn kernels() -> Option<Kernels> {
 }
 
 /// Every x86 variant this CPU runs, slowest first: AVX2 (with FMA and F16C), then AVX2 with the
-/// Q4_0 and Q8_0 tile products and the four-token Q4_K product on AVX-512 VNNI (256-bit
-/// vectors).
+/// Q4_0, Q8_0 and Q4_K tile products and the four-token Q4_K row product on AVX-512 VNNI
+/// (256-bit vectors).
 pub(super) fn variants() -> Vec<Kernels> {
     let mut out = Vec::new();
     if !(is_x86_feature_detected!("avx2")
@@ -48,6 +48,7 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_0_tile: super::x86_tiled::dot_avx2,
         q4_0_tilex4: super::x86_tiled::dot4_avx2,
         q8_0_tile: None,
+        q4k_tile: Some((super::x86_tiled_k::dot_avx2, super::x86_tiled_k::dot4_avx2)),
     };
     out.push(avx2);
     if is_x86_feature_detected!("avx512f")
@@ -63,6 +64,7 @@ pub(super) fn variants() -> Vec<Kernels> {
                 super::x86_tiled::dot4_q8_0_vnni,
             )),
             q4kx4: dot_q4kx4_vnni,
+            q4k_tile: Some((super::x86_tiled_k::dot_vnni, super::x86_tiled_k::dot4_vnni)),
             ..avx2
         });
     }
@@ -181,28 +183,35 @@ macro_rules! signed_kernels {
             hsum(_mm256_add_ps(acc[0], acc[1]))
         }
 
-        /// One row against four activation vectors: each weight block is unpacked once.
+        /// One row against four activation vectors: each weight block is unpacked once. Each
+        /// token keeps two accumulators, alternating by block as the one-token product does,
+        /// so the results are bit-identical to it (a sequence gets the same logits alone and
+        /// in a batch).
         fn $four(row: &[u8], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
             let n = acts[0].len();
             assert!(row.len() >= n * $bytes && acts.iter().all(|a| a.len() == n));
             #[target_feature(enable = "avx2,fma,f16c")]
             fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
                 let $row = row.as_ptr();
-                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
                 for $i in 0..n {
                     // SAFETY: `i < n` blocks, inside the row by the assert above.
                     let (d, qx) = unsafe { $block };
                     let ax = _mm256_sign_epi8(qx, qx);
+                    let k = $i & 1;
                     for (acc, act) in acc.iter_mut().zip(acts) {
                         let a = &act[$i];
                         // SAFETY: `a.qs` is 32 bytes.
                         let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
                         let sy = _mm256_sign_epi8(qy, qx);
-                        *acc =
-                            _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(ax, sy), *acc);
+                        acc[k] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * a.d),
+                            mul_sum_u8_i8(ax, sy),
+                            acc[k],
+                        );
                     }
                 }
-                acc.map(|a| hsum(a))
+                acc.map(|[a, b]| hsum(_mm256_add_ps(a, b)))
             }
             // SAFETY: the features were detected before this function was handed out.
             unsafe { inner(row, acts, n) }

@@ -1,0 +1,415 @@
+//! NEON dot products of one weight row with quantized activations on aarch64, in the style of
+//! ggml's: 4-bit and 8-bit weights are widened to signed bytes and multiplied with the
+//! activation bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q8_0), or
+//! exact integer sums per 256-weight super-block scaled once as the scalar reference does (Q4_K,
+//! Q6_K, which therefore give the reference's results bit for bit).
+//!
+//! Two variants: baseline NEON (`smull` + `sadalp`: bytes multiplied to i16, pairs added into
+//! i32 lanes), and one for CPUs with the `dotprod` extension, whose `sdot` multiplies four byte
+//! pairs and adds them to an i32 lane in one instruction. `vdotq_s32` is still unstable in Rust
+//! (`stdarch_neon_dotprod`), so `sdot` is emitted with `asm!` in [`dot_sdot`] and
+//! [`super::neon_tiled::group_sdot`]. The four-token products run the one-token products'
+//! operations in the same order for each token, so a prompt gives the same sums in a batch as
+//! token by token.
+//!
+//! This module, [`super::neon_tiled`] and [`super::neon_tiled_k`] (the products of eight-row
+//! Q4_0, Q8_0 and Q4_K tiles) are the only ones of the aarch64 CPU path with SIMD intrinsics.
+//! NEON is part of the aarch64 baseline (the target enables it for every function), and the
+//! `dotprod` functions are reachable only through [`variants`], which hands them out after
+//! `is_aarch64_feature_detected!("dotprod")`; that is what makes every `unsafe` call of a
+//! `target_feature` function below sound. Every load is bounds-checked through [`ld_u8`] and
+//! [`ld_i8`].
+#![allow(unsafe_code)]
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+
+use super::Kernels;
+use super::{neon_tiled, neon_tiled_k};
+
+/// The fastest NEON kernels this CPU runs (every aarch64 CPU runs the baseline ones).
+pub(super) fn kernels() -> Option<Kernels> {
+    variants().pop()
+}
+
+/// Every NEON variant this CPU runs, slowest first: baseline NEON, then with `dotprod`.
+pub(super) fn variants() -> Vec<Kernels> {
+    let neon = Kernels {
+        name: "neon",
+        q4_0: base::dot_q4_0,
+        q4_1: base::dot_q4_1,
+        q8_0: base::dot_q8_0,
+        q4k: base::dot_q4k,
+        q6k: base::dot_q6k,
+        q4_0x4: base::dot_q4_0x4,
+        q8_0x4: base::dot_q8_0x4,
+        q4kx4: base::dot_q4kx4,
+        q4_0_tile: neon_tiled::dot_neon,
+        q4_0_tilex4: neon_tiled::dot4_neon,
+        q8_0_tile: None,
+        q4k_tile: Some((neon_tiled_k::dot_neon, neon_tiled_k::dot4_neon)),
+    };
+    let mut out = vec![neon];
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        out.push(Kernels {
+            name: "neon+dotprod",
+            q4_0: dotprod::dot_q4_0,
+            q4_1: dotprod::dot_q4_1,
+            q8_0: dotprod::dot_q8_0,
+            q4k: dotprod::dot_q4k,
+            q6k: dotprod::dot_q6k,
+            q4_0x4: dotprod::dot_q4_0x4,
+            q8_0x4: dotprod::dot_q8_0x4,
+            q4kx4: dotprod::dot_q4kx4,
+            q4_0_tile: neon_tiled::dot_dotprod,
+            q4_0_tilex4: neon_tiled::dot4_dotprod,
+            q8_0_tile: Some((neon_tiled::dot_q8_0_dotprod, neon_tiled::dot4_q8_0_dotprod)),
+            q4k_tile: Some((neon_tiled_k::dot_dotprod, neon_tiled_k::dot4_dotprod)),
+        });
+    }
+    out
+}
+
+/// The 16 bytes of `s` from `at`, as a vector; panics past the end of `s`.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(super) fn ld_u8(s: &[u8], at: usize) -> uint8x16_t {
+    let s = &s[at..at + 16];
+    // SAFETY: `s` is 16 readable bytes; `vld1q_u8` has no alignment requirement.
+    unsafe { vld1q_u8(s.as_ptr()) }
+}
+
+/// The 16 signed bytes of `s` from `at`, as a vector; panics past the end of `s`.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(super) fn ld_i8(s: &[i8], at: usize) -> int8x16_t {
+    let s = &s[at..at + 16];
+    // SAFETY: `s` is 16 readable bytes; `vld1q_s8` has no alignment requirement.
+    unsafe { vld1q_s8(s.as_ptr()) }
+}
+
+/// The f16 at `bytes[at..at + 2]` as f32 (`fcvtl`, part of baseline NEON).
+#[inline]
+#[target_feature(enable = "neon")]
+pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([bytes[at], bytes[at + 1]]);
+    vgetq_lane_f32::<0>(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(bits))))
+}
+
+/// `acc` plus the sixteen products `x·y`, added into the four lanes in pairs (baseline NEON: no
+/// product or pair sum of two i8 overflows i16's `smull` lanes and i32's `sadalp` lanes). Which
+/// lane a product lands in differs from [`dot_sdot`]; the sum of the lanes is the same.
+#[inline]
+#[target_feature(enable = "neon")]
+pub(super) fn dot_mull(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+    let lo = vmull_s8(vget_low_s8(x), vget_low_s8(y));
+    let hi = vmull_high_s8(x, y);
+    vpadalq_s16(vpadalq_s16(acc, lo), hi)
+}
+
+/// `acc` plus the sixteen products `x·y`, lane `i` taking bytes `4i..4i + 4` (`sdot`).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+pub(super) fn dot_sdot(mut acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+    // SAFETY: `sdot` reads the two byte vectors and updates `acc`, touching no memory, stack or
+    // flags; the `dotprod` feature this function requires is what makes the instruction valid.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {x:v}.16b, {y:v}.16b",
+            acc = inout(vreg) acc,
+            x = in(vreg) x,
+            y = in(vreg) y,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+    }
+    acc
+}
+
+/// Defines every row kernel of one variant: the functions of `target_feature` `$features`
+/// built on the byte dot product `$dot`. A macro rather than functions taking `$dot`, so that
+/// it is inlined into each loop under the variant's features.
+macro_rules! row_kernels {
+    ($features:literal, $dot:ident) => {
+        use std::arch::aarch64::*;
+
+        use super::super::super::quant::{BlockQ8, BlockQ8K, scale_min_k4};
+        use super::{f16_at, ld_i8, ld_u8, $dot};
+
+        /// A Q4_0 block's nibbles as signed weights `q - 8`: weights 0..16, then 16..32.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q4_0_block(b: &[u8]) -> [int8x16_t; 2] {
+            let q = ld_u8(b, 2);
+            let eight = vdupq_n_s8(8);
+            [
+                vsubq_s8(vreinterpretq_s8_u8(vandq_u8(q, vdupq_n_u8(0xF))), eight),
+                vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(q)), eight),
+            ]
+        }
+
+        /// A Q8_0 block's 32 weights.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q8_0_block(b: &[u8]) -> [int8x16_t; 2] {
+            [
+                vreinterpretq_s8_u8(ld_u8(b, 2)),
+                vreinterpretq_s8_u8(ld_u8(b, 18)),
+            ]
+        }
+
+        /// `acc + d · Σ w·a`, over one 32-weight block: the step the one-token and four-token
+        /// products share, so both round alike.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn block_fma(acc: float32x4_t, w: &[int8x16_t; 2], a: &BlockQ8, d: f32) -> float32x4_t {
+            let p = $dot(
+                $dot(vdupq_n_s32(0), w[0], ld_i8(&a.qs, 0)),
+                w[1],
+                ld_i8(&a.qs, 16),
+            );
+            vfmaq_f32(acc, vcvtq_f32_s32(p), vdupq_n_f32(d * a.d))
+        }
+
+        /// Defines the one-token and four-token products of a 32-weight block type whose
+        /// blocks take `$bytes` bytes and unpack with `$unpack`.
+        macro_rules! block_kernels {
+            ($one:ident, $four:ident, $bytes:literal, $unpack:ident) => {
+                pub(super) fn $one(row: &[u8], act: &[BlockQ8]) -> f32 {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], act: &[BlockQ8]) -> f32 {
+                        let mut acc = vdupq_n_f32(0.0);
+                        for (b, a) in row.chunks_exact($bytes).zip(act) {
+                            acc = block_fma(acc, &$unpack(b), a, f16_at(b, 0));
+                        }
+                        vaddvq_f32(acc)
+                    }
+                    assert!(row.len() >= act.len() * $bytes);
+                    // SAFETY: the variant's features are present (baseline NEON, or `dotprod`
+                    // detected before this function was handed out).
+                    unsafe { inner(row, act) }
+                }
+
+                /// One row against four activation vectors: each weight block is unpacked
+                /// once.
+                pub(super) fn $four(row: &[u8], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
+                        let mut acc = [vdupq_n_f32(0.0); 4];
+                        for (i, b) in row.chunks_exact($bytes).take(n).enumerate() {
+                            let (w, d) = ($unpack(b), f16_at(b, 0));
+                            for (acc, act) in acc.iter_mut().zip(acts) {
+                                *acc = block_fma(*acc, &w, &act[i], d);
+                            }
+                        }
+                        acc.map(|a| vaddvq_f32(a))
+                    }
+                    let n = acts[0].len();
+                    assert!(row.len() >= n * $bytes && acts.iter().all(|a| a.len() == n));
+                    // SAFETY: as in the one-token product.
+                    unsafe { inner(row, acts, n) }
+                }
+            };
+        }
+
+        block_kernels!(dot_q4_0, dot_q4_0x4, 18, q4_0_block);
+        block_kernels!(dot_q8_0, dot_q8_0x4, 34, q8_0_block);
+
+        pub(super) fn dot_q4_1(row: &[u8], act: &[BlockQ8]) -> f32 {
+            #[target_feature(enable = $features)]
+            fn inner(row: &[u8], act: &[BlockQ8]) -> f32 {
+                let m4 = vdupq_n_u8(0xF);
+                let mut acc = vdupq_n_f32(0.0);
+                let mut offsets = 0f32;
+                for (b, a) in row.chunks_exact(20).zip(act) {
+                    // Nibbles 0..15 are valid signed bytes: multiplied as they are, the minimum
+                    // is added once per block.
+                    let q = ld_u8(b, 4);
+                    let lo = vreinterpretq_s8_u8(vandq_u8(q, m4));
+                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
+                    let p = $dot(
+                        $dot(vdupq_n_s32(0), lo, ld_i8(&a.qs, 0)),
+                        hi,
+                        ld_i8(&a.qs, 16),
+                    );
+                    acc = vfmaq_f32(acc, vcvtq_f32_s32(p), vdupq_n_f32(f16_at(b, 0) * a.d));
+                    offsets += f16_at(b, 2) * a.s;
+                }
+                vaddvq_f32(acc) + offsets
+            }
+            assert!(row.len() >= act.len() * 20);
+            // SAFETY: as in `dot_q4_0`.
+            unsafe { inner(row, act) }
+        }
+
+        /// A Q4_K super-block unpacked: its two scales, its eight sub-block scales and mins,
+        /// and its nibbles (`w[j]` the low then high nibbles of bytes `32j..32j + 32`, i.e.
+        /// sub-blocks `2j` and `2j + 1`).
+        struct Q4k {
+            d: f32,
+            dmin: f32,
+            scales: [i32; 8],
+            mins: int16x8_t,
+            w: [[int8x16_t; 4]; 4],
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q4k_block(b: &[u8]) -> Q4k {
+            let m4 = vdupq_n_u8(0xF);
+            let mut scales = [0i32; 8];
+            let mut mins = [0i16; 8];
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &b[4..16]);
+                scales[j] = i32::from(s);
+                mins[j] = i16::from(m);
+            }
+            let mut w = [[vdupq_n_s8(0); 4]; 4];
+            for (j, w) in w.iter_mut().enumerate() {
+                let (q0, q1) = (ld_u8(b, 16 + 32 * j), ld_u8(b, 32 + 32 * j));
+                *w = [
+                    vreinterpretq_s8_u8(vandq_u8(q0, m4)),
+                    vreinterpretq_s8_u8(vandq_u8(q1, m4)),
+                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(q0)),
+                    vreinterpretq_s8_u8(vshrq_n_u8::<4>(q1)),
+                ];
+            }
+            // SAFETY: `mins` is eight i16.
+            let mins = unsafe { vld1q_s16(mins.as_ptr()) };
+            Q4k {
+                d: f16_at(b, 0),
+                dmin: f16_at(b, 2),
+                scales,
+                mins,
+                w,
+            }
+        }
+
+        /// `sum` plus one unpacked Q4_K super-block against one Q8_K block, with the scalar
+        /// reference's integer sums and its float operations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q4k_add(sum: f32, q: &Q4k, a: &BlockQ8K) -> f32 {
+            // SAFETY: `a.bsums` is sixteen i16.
+            let (b0, b1) = unsafe {
+                (
+                    vld1q_s16(a.bsums.as_ptr()),
+                    vld1q_s16(a.bsums.as_ptr().add(8)),
+                )
+            };
+            // Sums of 32 activations, one per sub-block; each fits i16 (at most 32 × 128).
+            let bs = vpaddq_s16(b0, b1);
+            let summ = vmull_s16(vget_low_s16(bs), vget_low_s16(q.mins));
+            let summ = vaddvq_s32(vmlal_high_s16(summ, bs, q.mins));
+            let mut sumi = vdupq_n_s32(0);
+            for (j, w) in q.w.iter().enumerate() {
+                let lo = $dot(
+                    $dot(vdupq_n_s32(0), w[0], ld_i8(&a.qs, 64 * j)),
+                    w[1],
+                    ld_i8(&a.qs, 64 * j + 16),
+                );
+                let hi = $dot(
+                    $dot(vdupq_n_s32(0), w[2], ld_i8(&a.qs, 64 * j + 32)),
+                    w[3],
+                    ld_i8(&a.qs, 64 * j + 48),
+                );
+                sumi = vmlaq_n_s32(sumi, lo, q.scales[2 * j]);
+                sumi = vmlaq_n_s32(sumi, hi, q.scales[2 * j + 1]);
+            }
+            let sumi = vaddvq_s32(sumi);
+            sum + (q.d * a.d * sumi as f32 - q.dmin * a.d * summ as f32)
+        }
+
+        pub(super) fn dot_q4k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+            #[target_feature(enable = $features)]
+            fn inner(row: &[u8], act: &[BlockQ8K]) -> f32 {
+                let mut sum = 0f32;
+                for (b, a) in row.chunks_exact(144).zip(act) {
+                    sum = q4k_add(sum, &q4k_block(b), a);
+                }
+                sum
+            }
+            assert!(row.len() >= act.len() * 144);
+            // SAFETY: as in `dot_q4_0`.
+            unsafe { inner(row, act) }
+        }
+
+        /// One Q4_K row against four Q8_K activation vectors: the nibbles and scales of each
+        /// super-block are unpacked once.
+        pub(super) fn dot_q4kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
+            #[target_feature(enable = $features)]
+            fn inner(row: &[u8], acts: [&[BlockQ8K]; 4], n: usize) -> [f32; 4] {
+                let mut sum = [0f32; 4];
+                for (i, b) in row.chunks_exact(144).take(n).enumerate() {
+                    let q = q4k_block(b);
+                    for (sum, act) in sum.iter_mut().zip(acts) {
+                        *sum = q4k_add(*sum, &q, &act[i]);
+                    }
+                }
+                sum
+            }
+            let n = acts[0].len();
+            assert!(row.len() >= n * 144 && acts.iter().all(|a| a.len() == n));
+            // SAFETY: as in `dot_q4_0`.
+            unsafe { inner(row, acts, n) }
+        }
+
+        pub(super) fn dot_q6k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+            #[target_feature(enable = $features)]
+            fn inner(row: &[u8], act: &[BlockQ8K]) -> f32 {
+                let m4 = vdupq_n_u8(0xF);
+                let m32 = vdupq_n_s8(32);
+                let mut sum = 0f32;
+                for (b, a) in row.chunks_exact(210).zip(act) {
+                    let scales = &b[192..208];
+                    let mut sumi = vdupq_n_s32(0);
+                    for n in 0..2 {
+                        for c in 0..2 {
+                            // Weights `32k + 16c..32k + 16c + 16` of this half, for k in 0..4:
+                            // low nibbles of bytes `l`, of `l + 32`, high nibbles of each, with
+                            // bit pairs 0, 1, 2, 3 of the high bits on top; stored + 32.
+                            let l1 = ld_u8(b, 64 * n + 16 * c);
+                            let l2 = ld_u8(b, 64 * n + 32 + 16 * c);
+                            let h = ld_u8(b, 128 + 32 * n + 16 * c);
+                            let q = [
+                                vorrq_u8(
+                                    vandq_u8(l1, m4),
+                                    vshlq_n_u8::<4>(vandq_u8(h, vdupq_n_u8(3))),
+                                ),
+                                vorrq_u8(
+                                    vandq_u8(l2, m4),
+                                    vshlq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC))),
+                                ),
+                                vorrq_u8(vshrq_n_u8::<4>(l1), vandq_u8(h, vdupq_n_u8(0x30))),
+                                vorrq_u8(
+                                    vshrq_n_u8::<4>(l2),
+                                    vshrq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC0))),
+                                ),
+                            ];
+                            for (k, q) in q.into_iter().enumerate() {
+                                let w = vsubq_s8(vreinterpretq_s8_u8(q), m32);
+                                let y = ld_i8(&a.qs, 128 * n + 32 * k + 16 * c);
+                                let s = i32::from(scales[8 * n + 2 * k + c] as i8);
+                                sumi = vmlaq_n_s32(sumi, $dot(vdupq_n_s32(0), w, y), s);
+                            }
+                        }
+                    }
+                    sum += vaddvq_s32(sumi) as f32 * f16_at(b, 208) * a.d;
+                }
+                sum
+            }
+            assert!(row.len() >= act.len() * 210);
+            // SAFETY: as in `dot_q4_0`.
+            unsafe { inner(row, act) }
+        }
+    };
+}
+
+/// Baseline NEON.
+mod base {
+    row_kernels!("neon", dot_mull);
+}
+
+/// NEON with `dotprod`.
+mod dotprod {
+    row_kernels!("neon,dotprod", dot_sdot);
+}
