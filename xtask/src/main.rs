@@ -4,6 +4,7 @@
 //!
 //! It is a tool for developers and CI, never a dependency of the product.
 
+mod aarch64;
 mod bench;
 mod fetch;
 mod generate;
@@ -35,6 +36,9 @@ enum Command {
     FetchSmollm2(fetch::FetchArgs),
     /// Write a deterministic random-weight model and print the files written.
     GenModel(generate::GenArgs),
+    /// Run the engine's CPU kernel tests for aarch64 under qemu, with and without the
+    /// `dotprod` extension (installs the cross linker and qemu with apt-get if missing).
+    TestAarch64(aarch64::Aarch64Args),
 }
 
 #[derive(Subcommand)]
@@ -52,5 +56,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),
+        Command::TestAarch64(args) => aarch64::test(&args),
     }
 }

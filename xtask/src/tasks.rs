@@ -7,7 +7,7 @@ use anyhow::{Context, ensure};
 
 use crate::fetch::ensure_smollm2;
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(workspace_root());
     command
@@ -20,7 +20,7 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
+pub fn run(mut command: Command, what: &str) -> anyhow::Result<()> {
     let status = command
         .status()
         .with_context(|| format!("cannot start {what}"))?;
