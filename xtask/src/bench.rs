@@ -164,7 +164,10 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             .iter()
             .map(|(n, _)| format!("{n} stream{}", if *n == 1 { "" } else { "s" }))
             .collect();
-        println!("| format | threads | {} | best / 1 stream |", header.join(" | "));
+        println!(
+            "| format | threads | {} | best / 1 stream |",
+            header.join(" | ")
+        );
         println!("|---|---|{}---|", "---|".repeat(header.len()));
         for row in &rows {
             let one = row.streams.iter().find(|(n, _)| *n == 1).map(|(_, r)| *r);
@@ -234,12 +237,11 @@ async fn measure(
     let peak_rss = peak_rss(child.0.id()).unwrap_or(0);
     let mut aggregate = Vec::new();
     for &n in streams {
-        let runs = futures::future::join_all(
-            (0..n).map(|_| generate(&client, &prompt, decode_tokens)),
-        )
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        let runs =
+            futures::future::join_all((0..n).map(|_| generate(&client, &prompt, decode_tokens)))
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<_>>>()?;
         aggregate.push((n, aggregate_decode_rate(&runs)));
     }
     let file_bytes = std::fs::metadata(model)?.len();

@@ -231,7 +231,11 @@ impl Plan {
             }
             let qkv_bias = if biased {
                 let b = |n: &str, len| t.vector(&format!("blk.{i}.{n}.bias"), len);
-                Some([b("attn_q", dim)?, b("attn_k", kv_dim)?, b("attn_v", kv_dim)?])
+                Some([
+                    b("attn_q", dim)?,
+                    b("attn_k", kv_dim)?,
+                    b("attn_v", kv_dim)?,
+                ])
             } else if t.has(&format!("blk.{i}.attn_q.bias")) {
                 return Err(Unsupported("attention biases in a llama file".into()));
             } else {
