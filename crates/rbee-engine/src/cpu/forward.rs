@@ -444,19 +444,9 @@ impl CpuLlama {
             rms_norm(&s.x, &layer.attn_norm, cfg.eps, &mut s.xn);
             s.act
                 .set(&s.xn, dim, &formats(&[layer.wq, layer.wk, layer.wv]));
-            if n == 1 {
-                // One parallel section for the three products of a decode step.
-                mm.run_fused(&[layer.wq, layer.wk, layer.wv], &s.act, &mut s.batch);
-                let (q, rest) = s.batch.split_at(dim);
-                let (k, v) = rest.split_at(kv_dim);
-                s.q.copy_from_slice(q);
-                s.k.copy_from_slice(k);
-                s.v.copy_from_slice(&v[..kv_dim]);
-            } else {
-                mm.run(&layer.wq, &s.act, &mut s.q, &mut s.batch, false);
-                mm.run(&layer.wk, &s.act, &mut s.k, &mut s.batch, false);
-                mm.run(&layer.wv, &s.act, &mut s.v, &mut s.batch, false);
-            }
+            // One parallel section for the three products.
+            mm.run_fused(&[layer.wq, layer.wk, layer.wv], &s.act, &mut s.batch);
+            unstack(&s.batch, n, &mut [&mut s.q[..], &mut s.k[..], &mut s.v[..]]);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 add_rows(&mut s.q, bq);
                 add_rows(&mut s.k, bk);
@@ -493,15 +483,8 @@ impl CpuLlama {
 
             rms_norm(&s.x, &layer.ffn_norm, cfg.eps, &mut s.xn);
             s.act.set(&s.xn, dim, &formats(&[layer.gate, layer.up]));
-            if n == 1 {
-                mm.run_fused(&[layer.gate, layer.up], &s.act, &mut s.batch);
-                let (g, u) = s.batch.split_at(ffn);
-                s.gate.copy_from_slice(g);
-                s.up.copy_from_slice(&u[..ffn]);
-            } else {
-                mm.run(&layer.gate, &s.act, &mut s.gate, &mut s.batch, false);
-                mm.run(&layer.up, &s.act, &mut s.up, &mut s.batch, false);
-            }
+            mm.run_fused(&[layer.gate, layer.up], &s.act, &mut s.batch);
+            unstack(&s.batch, n, &mut [&mut s.gate[..], &mut s.up[..]]);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
@@ -528,6 +511,29 @@ impl CpuLlama {
         s.act.set(normed, dim, &formats(&[self.output]));
         mm.run(&self.output, &s.act, &mut s.logits, &mut s.batch, false);
         Ok(&s.logits)
+    }
+}
+
+/// Splits the `[row][token]` products of stacked matrices (from `run_fused`) into one
+/// `[token][row]` buffer per matrix, in stacking order; each buffer holds `n` times its
+/// matrix's rows.
+fn unstack(stacked: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+    let mut row0 = 0;
+    for out in outs.iter_mut() {
+        let rows = out.len() / n;
+        if n == 1 {
+            out.copy_from_slice(&stacked[row0..row0 + rows]);
+        } else {
+            for (r, values) in stacked[row0 * n..(row0 + rows) * n]
+                .chunks_exact(n)
+                .enumerate()
+            {
+                for (t, v) in values.iter().enumerate() {
+                    out[t * rows + r] = *v;
+                }
+            }
+        }
+        row0 += rows;
     }
 }
 

@@ -86,31 +86,39 @@ impl MatMul<'_> {
         }
     }
 
-    /// `out = [m₀; m₁; …] · act` for one token: the matrices' rows stacked, in one parallel
-    /// section. `out` grows to the total row count.
+    /// `out = [m₀; m₁; …] · act`: the matrices' rows stacked, in one parallel section, for
+    /// every token of `act`. `out` grows to the total row count times the tokens and holds, per
+    /// stacked row, one value per token (`[row][token]`; for one token simply the rows).
     pub(super) fn run_fused(&self, mats: &[Mat], act: &Activations, out: &mut Vec<f32>) {
+        let n = act.tokens();
         let total: usize = mats.iter().map(|m| m.rows).sum();
-        out.resize(total, 0.0);
+        out.resize(total * n, 0.0);
         let rpc = rows_per_chunk(total, self.pool.threads());
-        self.pool.for_each_chunk_mut(&mut out[..], rpc, &|c, part| {
-            // The matrix holding global row `c * rpc`, and that row's index in it.
-            let mut r = c * rpc;
-            let mut mi = 0;
-            while r >= mats[mi].rows {
-                r -= mats[mi].rows;
-                mi += 1;
-            }
-            let mut done = 0;
-            while done < part.len() {
-                let m = &mats[mi];
-                let n = (m.rows - r).min(part.len() - done);
-                let seg = &mut part[done..done + n];
-                self.rows(m, r, n, act, 0, &mut |k, v| seg[k] = v);
-                done += n;
-                r = 0;
-                mi += 1;
-            }
-        });
+        self.pool
+            .for_each_chunk_mut(&mut out[..], rpc * n, &|c, part| {
+                // The matrix holding global row `c * rpc`, and that row's index in it.
+                let mut r = c * rpc;
+                let mut mi = 0;
+                while r >= mats[mi].rows {
+                    r -= mats[mi].rows;
+                    mi += 1;
+                }
+                let rows = part.len() / n;
+                let mut done = 0;
+                while done < rows {
+                    let m = &mats[mi];
+                    let k = (m.rows - r).min(rows - done);
+                    let seg = &mut part[done * n..(done + k) * n];
+                    if n == 1 {
+                        self.rows(m, r, k, act, 0, &mut |i, v| seg[i] = v);
+                    } else {
+                        self.batch_rows(m, r, act, seg);
+                    }
+                    done += k;
+                    r = 0;
+                    mi += 1;
+                }
+            });
     }
 
     /// `out[t][r] (+)= m[r] · act[t]` for every token `t` of `act` and row `r` of `m`.
