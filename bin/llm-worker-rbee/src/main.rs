@@ -52,7 +52,7 @@ struct Args {
     threads: Option<usize>,
     /// Sequences generated at once (continuous batching), each with its own KV cache. A model
     /// on candle's code (GPU, F16/F32 matrices, safetensors) serves one.
-    #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(rbee_contract::MAX_WORKER_SLOTS)))]
     slots: u32,
     /// Requests that may wait while every slot is busy.
     #[arg(long, env = "RBEE_QUEUE_CAPACITY", default_value_t = 4)]

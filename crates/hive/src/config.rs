@@ -9,8 +9,7 @@ use std::time::Duration;
 /// The worker binary's file name, looked up beside the hive's own executable, else on `PATH`.
 pub const WORKER_BINARY_NAME: &str = "llm-worker-rbee";
 
-/// The most slots a worker accepts (its `--slots` limit).
-pub const MAX_WORKER_SLOTS: u32 = 256;
+pub use rbee_contract::MAX_WORKER_SLOTS;
 
 /// Everything the hive needs, validated. Built by the `rbee-hive` binary from its command line;
 /// [`HiveConfig::new`] holds every default.

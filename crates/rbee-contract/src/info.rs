@@ -1,5 +1,9 @@
 use serde::{Deserialize, Serialize};
 
+/// The most sequences a worker decodes at once (`llm-worker-rbee --slots`, `rbee-hive
+/// --worker-slots`): one KV cache each.
+pub const MAX_WORKER_SLOTS: u32 = 256;
+
 /// What a worker reports about itself in every heartbeat. The first heartbeat registers it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -20,8 +20,8 @@ pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
 pub use event::{FinishReason, JobEvent, Usage};
 pub use info::{
-    DeviceInfo, DeviceKind, HiveHeartbeat, HiveInfo, ModelDetails, ModelEntry, ModelState,
-    WorkerHeartbeat, WorkerInfo, WorkerState,
+    DeviceInfo, DeviceKind, HiveHeartbeat, HiveInfo, MAX_WORKER_SLOTS, ModelDetails, ModelEntry,
+    ModelState, WorkerHeartbeat, WorkerInfo, WorkerState,
 };
 pub use operation::{
     ChatMessage, ChatRole, HiveTarget, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,

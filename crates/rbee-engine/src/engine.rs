@@ -19,6 +19,7 @@ const PREFILL_CHUNK: usize = 512;
 
 /// Longest slice of prompt fed in a step that other sequences share: long enough to keep the
 /// four-token kernels busy, short enough that the others' next tokens are not held up long.
+/// Every step also stays within [`PREFILL_CHUNK`] tokens in all.
 const SHARED_PREFILL_CHUNK: usize = 64;
 
 /// What to load and where.
@@ -88,6 +89,8 @@ pub struct Engine {
     tokenizer: TextTokenizer,
     prompter: Prompter,
     slots: usize,
+    /// How many sequences each slot has been given: a [`Sequence`] of an older one is stale.
+    slot_epochs: Vec<u64>,
 }
 
 // The worker moves the engine onto a thread of its own.
@@ -151,6 +154,7 @@ impl Engine {
             tokenizer: loaded.tokenizer,
             prompter,
             slots,
+            slot_epochs: vec![0; slots],
         })
     }
 
@@ -204,44 +208,66 @@ impl Engine {
 
     /// Starts a generation in `slot` (below [`slots`](Self::slots)). Nothing is computed yet:
     /// [`step`](Self::step) feeds its prompt, then [`advance`](Self::advance) samples each
-    /// token. The slot's earlier sequence, if any, is forgotten at the first step.
-    pub fn begin(&self, slot: usize, req: &PreparedRequest) -> Result<Sequence, EngineError> {
-        if slot >= self.slots {
+    /// token. The slot's earlier sequence, if any, is forgotten: stepping it again is an error.
+    pub fn begin(&mut self, slot: usize, req: &PreparedRequest) -> Result<Sequence, EngineError> {
+        let Some(epoch) = self.slot_epochs.get_mut(slot) else {
             return Err(EngineError::Inference(format!(
                 "slot {slot} is beyond the {} this engine runs",
                 self.slots
             )));
-        }
+        };
         if req.prompt_tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        Ok(Sequence::new(slot, req, &self.tokenizer))
+        *epoch += 1;
+        Ok(Sequence::new(slot, *epoch, req, &self.tokenizer))
     }
 
-    /// Feeds every sequence that waits for input in one forward pass: the next chunk of a
-    /// prompt not yet fed, or the token [`advance`](Self::advance) chose last. Sequences that
-    /// have logits waiting are skipped. A prompt is fed in chunks of at most 512 tokens, or
-    /// 64 when other sequences share the step, so that a long prompt delays their next tokens
-    /// by little.
+    /// Feeds every sequence that waits for input in one forward pass: the token
+    /// [`advance`](Self::advance) chose last, or the next chunk of a prompt not yet fed.
+    /// Sequences that have logits waiting are skipped. A step feeds at most 512 tokens: every
+    /// waiting next token first, then prompt chunks of at most 64 tokens each while other
+    /// sequences share the step (512 for a sequence alone), in order, as far as the budget
+    /// goes; a prompt left out continues in the next step. So a long prompt delays the others'
+    /// next tokens by little, and a step's working memory does not grow with the slots.
     pub fn step(&mut self, seqs: &mut [&mut Sequence]) -> Result<(), EngineError> {
-        let feeding: Vec<usize> = (0..seqs.len())
+        if let Some(stale) = seqs
+            .iter()
+            .find(|s| self.slot_epochs.get(s.slot) != Some(&s.epoch))
+        {
+            return Err(EngineError::Inference(format!(
+                "a sequence of slot {} was replaced by a later one",
+                stale.slot
+            )));
+        }
+        let waiting: Vec<usize> = (0..seqs.len())
             .filter(|&i| !seqs[i].has_logits() && !seqs[i].is_finished())
             .collect();
-        if feeding.is_empty() {
-            return Ok(());
-        }
-        let chunk = if feeding.len() == 1 {
+        let chunk = if waiting.len() == 1 {
             PREFILL_CHUNK
         } else {
             SHARED_PREFILL_CHUNK
         };
-        let inputs: Vec<(usize, Vec<u32>, usize)> = feeding
-            .iter()
-            .map(|&i| {
-                let seq = &seqs[i];
-                (seq.slot, seq.next_input(chunk).to_vec(), seq.fed)
-            })
-            .collect();
+        // Decoding sequences first, then prompts, within the step's budget.
+        let (decoding, prompting): (Vec<usize>, Vec<usize>) =
+            waiting.into_iter().partition(|&i| seqs[i].is_prefilled());
+        let mut budget = PREFILL_CHUNK;
+        let mut feeding = Vec::with_capacity(decoding.len() + prompting.len());
+        let mut inputs: Vec<(usize, Vec<u32>, usize)> = Vec::with_capacity(feeding.capacity());
+        for i in decoding.into_iter().chain(prompting) {
+            let take = chunk.min(budget);
+            if take == 0 {
+                break;
+            }
+            let seq = &seqs[i];
+            let tokens = seq.next_input(take).to_vec();
+            budget -= tokens.len();
+            inputs.push((seq.slot, tokens, seq.fed));
+            feeding.push(i);
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
         let logits = self.forward_many(&inputs)?;
         let vocab = logits.len() / inputs.len();
         for ((&i, (_, tokens, _)), logits) in

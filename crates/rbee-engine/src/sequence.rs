@@ -19,6 +19,8 @@ use crate::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizerError};
 /// A generation started with [`Engine::begin`](crate::Engine::begin).
 pub struct Sequence {
     pub(crate) slot: usize,
+    /// Which of the slot's sequences this is (see `Engine::begin`).
+    pub(crate) epoch: u64,
     prompt_len: usize,
     max_tokens: usize,
     sampler: Sampler,
@@ -51,12 +53,18 @@ impl std::fmt::Debug for Sequence {
 }
 
 impl Sequence {
-    pub(crate) fn new(slot: usize, req: &PreparedRequest, tokenizer: &TextTokenizer) -> Self {
+    pub(crate) fn new(
+        slot: usize,
+        epoch: u64,
+        req: &PreparedRequest,
+        tokenizer: &TextTokenizer,
+    ) -> Self {
         let prompt_len = req.prompt_tokens.len();
         let mut context = Vec::with_capacity(prompt_len + req.max_tokens);
         context.extend_from_slice(&req.prompt_tokens);
         Sequence {
             slot,
+            epoch,
             prompt_len,
             max_tokens: req.max_tokens,
             sampler: Sampler::new(&req.params),
@@ -109,27 +117,26 @@ impl Sequence {
         }
     }
 
-    fn finish(&mut self, reason: FinishReason) -> Option<Completion> {
+    fn finish(&mut self, reason: FinishReason) -> Completion {
         self.finished = true;
         self.logits = None;
         if self.sampled == 0 {
             self.prefill_time = self.started.elapsed();
         }
-        Some(Completion {
+        Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len,
             completion_tokens: self.sampled,
             text: std::mem::take(&mut self.text),
             prefill_time: self.prefill_time,
             decode_time: self.started.elapsed().saturating_sub(self.prefill_time),
-        })
+        }
     }
 
     /// Ends the sequence as cancelled, e.g. when its client went away between steps; its
     /// completion counts what was generated so far.
     pub fn cancel(&mut self) -> Completion {
         self.finish(FinishReason::Cancelled)
-            .expect("finish always yields a completion")
     }
 
     /// Samples a token from the waiting logits, releases its text through `on_token`, and
@@ -149,7 +156,7 @@ impl Sequence {
         };
         let index = self.sampled;
         if index >= self.max_tokens {
-            return Ok(self.finish(FinishReason::Length));
+            return Ok(Some(self.finish(FinishReason::Length)));
         }
         let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
         let token = self.sampler.sample(&mut logits, &self.context)?;
@@ -180,7 +187,7 @@ impl Sequence {
                     text: tail,
                 });
             }
-            return Ok(self.finish(FinishReason::Stop));
+            return Ok(Some(self.finish(FinishReason::Stop)));
         }
 
         let last = index + 1 == self.max_tokens;
@@ -212,13 +219,13 @@ impl Sequence {
             text: released,
         });
         if stopped {
-            return Ok(self.finish(FinishReason::Stop));
+            return Ok(Some(self.finish(FinishReason::Stop)));
         }
         if flow.is_break() {
-            return Ok(self.finish(FinishReason::Cancelled));
+            return Ok(Some(self.finish(FinishReason::Cancelled)));
         }
         if last {
-            return Ok(self.finish(FinishReason::Length));
+            return Ok(Some(self.finish(FinishReason::Length)));
         }
         Ok(None)
     }

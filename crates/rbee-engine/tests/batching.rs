@@ -182,7 +182,7 @@ fn a_sequence_cancelled_mid_batch_ends_alone() -> anyhow::Result<()> {
 #[test]
 fn a_model_on_candles_code_serves_one_slot() -> anyhow::Result<()> {
     let path = generated(ModelFormat::Gguf(GgufType::F16))?;
-    let engine = load(&path, 4)?;
+    let mut engine = load(&path, 4)?;
     assert_eq!(engine.slots(), 1, "F16 matrices run on candle's code");
     let reqs = requests(&engine)?;
     let err = engine.begin(1, &reqs[0]).unwrap_err();
@@ -205,5 +205,80 @@ fn a_sequence_cancelled_between_steps_reports_what_it_generated() -> anyhow::Res
     assert!(seq.is_finished());
     engine.step(&mut [&mut seq])?;
     assert!(!seq.has_logits(), "an ended sequence is not fed");
+    Ok(())
+}
+
+#[test]
+fn a_long_prompt_joining_a_batch_is_fed_over_several_steps_with_the_same_result()
+-> anyhow::Result<()> {
+    let path = generated(ModelFormat::Gguf(GgufType::Q4_0))?;
+    let mut engine = load(&path, 3)?;
+    let long = "the quick brown fox jumps over the lazy dog and runs ".repeat(10);
+    let params = GenerationParams {
+        max_tokens: Some(6),
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let long = engine.prepare(Prompt::Text(long), params)?;
+    assert!(
+        long.prompt_tokens().len() > 200,
+        "a prompt of several chunks"
+    );
+    let reqs = requests(&engine)?;
+    let (want_long, _) = alone(&mut engine, &long)?;
+    let (want_short, _) = alone(&mut engine, &reqs[0])?;
+
+    let mut short = engine.begin(0, &reqs[0])?;
+    let mut joined = engine.begin(1, &long)?;
+    let (mut got_short, mut got_long) = (Vec::new(), Vec::new());
+    let (mut short_done, mut long_done) = (false, false);
+    let mut steps_while_prefilling = 0;
+    while !(short_done && long_done) {
+        let mut seqs: Vec<&mut Sequence> = Vec::new();
+        if !short_done {
+            seqs.push(&mut short);
+        }
+        if !long_done {
+            seqs.push(&mut joined);
+        }
+        engine.step(&mut seqs)?;
+        if !joined.is_prefilled() && !joined.has_logits() {
+            steps_while_prefilling += 1;
+        }
+        for (seq, ids, done) in [
+            (&mut short, &mut got_short, &mut short_done),
+            (&mut joined, &mut got_long, &mut long_done),
+        ] {
+            if !*done && seq.has_logits() {
+                *done = engine
+                    .advance(seq, &mut |t| {
+                        ids.push(t.token_id);
+                        ControlFlow::Continue(())
+                    })?
+                    .is_some();
+            }
+        }
+    }
+    assert!(
+        steps_while_prefilling >= 3,
+        "the long prompt went in 64-token chunks beside the short one ({steps_while_prefilling} steps)"
+    );
+    assert_eq!(got_short, want_short, "the short sequence");
+    assert_eq!(got_long, want_long, "the long sequence");
+    Ok(())
+}
+
+#[test]
+fn a_replaced_sequence_cannot_be_stepped() -> anyhow::Result<()> {
+    let path = generated(ModelFormat::Gguf(GgufType::Q4_0))?;
+    let mut engine = load(&path, 1)?;
+    let reqs = requests(&engine)?;
+    let mut old = engine.begin(0, &reqs[0])?;
+    engine.step(&mut [&mut old])?;
+    let mut new = engine.begin(0, &reqs[1])?;
+    let err = engine.step(&mut [&mut old]).unwrap_err();
+    assert!(err.to_string().contains("replaced"), "{err}");
+    engine.step(&mut [&mut new])?;
+    assert!(new.has_logits());
     Ok(())
 }

@@ -114,7 +114,17 @@ impl JobExecutor for InferExecutor {
         })?;
         let completion = outcome
             .await
-            .map_err(|_| cancelled())?
+            .map_err(|_| {
+                // The inference thread drops a task unanswered only for a job already
+                // cancelled; anything else is a fault of the worker's, not the client's.
+                if ctx.cancel.is_cancelled() {
+                    cancelled()
+                } else {
+                    JobFailure::internal(
+                        "the generation ended without an outcome; see the worker's log",
+                    )
+                }
+            })?
             .map_err(engine_failure)?;
         let usage = Usage::new(
             u32::try_from(completion.prompt_tokens).unwrap_or(u32::MAX),

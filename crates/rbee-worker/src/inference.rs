@@ -97,9 +97,11 @@ struct Active {
     span: tracing::Span,
 }
 
-/// How long the thread waits before looking again when every running generation's readers
-/// are behind (nothing to feed, nothing to sample).
-const READERS_BEHIND_PAUSE: Duration = Duration::from_millis(2);
+/// How long the thread first waits before looking again when every running generation's
+/// readers are behind (nothing to feed, nothing to sample); the wait doubles while they stay
+/// behind, up to [`READERS_BEHIND_MAX_PAUSE`].
+const READERS_BEHIND_PAUSE: Duration = Duration::from_millis(1);
+const READERS_BEHIND_MAX_PAUSE: Duration = Duration::from_millis(20);
 
 /// Continuous batching: between steps, waiting tasks take free slots and finished or cancelled
 /// generations leave; each step feeds every running sequence (a new one's prompt, the others'
@@ -110,6 +112,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
     let slots = engine.slots();
     let mut active: Vec<Active> = Vec::with_capacity(slots);
     let mut open = true;
+    let mut pause = READERS_BEHIND_PAUSE;
     loop {
         while open && active.len() < slots {
             let task = if active.is_empty() {
@@ -128,7 +131,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             let slot = (0..slots)
                 .find(|s| active.iter().all(|a| a.seq.slot() != *s))
                 .unwrap_or_default();
-            if let Some(a) = begin(&engine, slot, task) {
+            if let Some(a) = begin(&mut engine, slot, task) {
                 active.push(a);
             }
         }
@@ -160,7 +163,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                 }
                 continue;
             }
-            Err(panic) => return crashed(active, shared, &*panic),
+            Err(panic) => return crashed(active, rx, shared, &*panic),
         }
 
         let mut advanced = false;
@@ -186,13 +189,16 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                 Err(panic) => {
                     still.push(a);
                     still.extend(pending);
-                    return crashed(still, shared, &*panic);
+                    return crashed(still, rx, shared, &*panic);
                 }
             }
         }
         active = still;
         if !fed && !advanced {
-            std::thread::sleep(READERS_BEHIND_PAUSE);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(READERS_BEHIND_MAX_PAUSE);
+        } else {
+            pause = READERS_BEHIND_PAUSE;
         }
     }
     tracing::debug!("inference thread ends: queue closed");
@@ -200,7 +206,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
 
 /// Starts a task's generation in `slot`, or ends it at once (cancelled while it waited, or
 /// its job already gone).
-fn begin(engine: &Engine, slot: usize, task: Task) -> Option<Active> {
+fn begin(engine: &mut Engine, slot: usize, task: Task) -> Option<Active> {
     let Task {
         request,
         sink,
@@ -279,23 +285,28 @@ fn finish(a: Active, outcome: Result<Completion, EngineError>) {
     let _ = a.done.send(outcome);
 }
 
-/// The engine's state is unknown after a panic: report the failure to every running
-/// generation and stop taking work, so the hive and the queen see a failed worker, not a
-/// ready one.
-fn crashed(active: Vec<Active>, shared: &WorkerShared, panic: &(dyn Any + Send)) {
-    let message = panic_message(panic);
+/// The engine's state is unknown after a panic: report the failure to every running and
+/// waiting generation and stop taking work, so the hive and the queen see a failed worker, not
+/// a ready one.
+fn crashed(
+    active: Vec<Active>,
+    mut rx: mpsc::Receiver<Task>,
+    shared: &WorkerShared,
+    panic: &(dyn Any + Send),
+) {
+    let message = format!("the engine crashed: {}", panic_message(panic));
     tracing::error!(error = %message, "generation crashed; the worker stops serving");
-    for a in active {
-        finish(
-            a,
-            Err(EngineError::Inference(format!(
-                "the engine crashed: {message}"
-            ))),
-        );
-    }
     shared.set_load_state(LoadState::Failed {
-        message: format!("the engine crashed: {message}"),
+        message: message.clone(),
     });
+    for a in active {
+        finish(a, Err(EngineError::Inference(message.clone())));
+    }
+    rx.close();
+    while let Ok(task) = rx.try_recv() {
+        drop(task.in_flight);
+        let _ = task.done.send(Err(EngineError::Inference(message.clone())));
+    }
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
