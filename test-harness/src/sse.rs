@@ -26,6 +26,18 @@ impl RawStream {
             .collect()
     }
 
+    /// The payload of the first `data` event (an operation's result, e.g. a spawned worker's
+    /// `WorkerInfo`); panics, listing the events, when there is none.
+    pub fn data(&self) -> serde_json::Value {
+        self.events
+            .iter()
+            .find_map(|(_, e)| match e {
+                JobEvent::Data { data } => Some(data.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("a data event: {:?}", self.events))
+    }
+
     pub fn terminal(&self) -> Option<&JobEvent> {
         self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
     }

@@ -77,17 +77,6 @@ fn spawned_worker(stream: &RawStream) -> WorkerInfo {
         .expect("a data event with the worker")
 }
 
-fn data_of(stream: &RawStream) -> Value {
-    stream
-        .events
-        .iter()
-        .find_map(|(_, e)| match e {
-            JobEvent::Data { data } => Some(data.clone()),
-            _ => None,
-        })
-        .expect("a data event")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn spawn_streams_progress_and_the_worker_then_delete_stops_it() {
     let hive = start_hive(&[]).await;
@@ -155,7 +144,7 @@ async fn spawn_streams_progress_and_the_worker_then_delete_stops_it() {
     // Listed by the job, by the route and by worker_get.
     let listed = run_job(&hive, &json!({"operation": "worker_list"})).await;
     let workers: Vec<WorkerInfo> =
-        serde_json::from_value(data_of(&listed)["workers"].clone()).unwrap();
+        serde_json::from_value(listed.data()["workers"].clone()).unwrap();
     assert_eq!(workers, vec![worker.clone()]);
     assert_eq!(hive.workers().await, vec![worker.clone()]);
     let got = run_job(
@@ -163,10 +152,7 @@ async fn spawn_streams_progress_and_the_worker_then_delete_stops_it() {
         &json!({"operation": "worker_get", "worker_id": worker.worker_id}),
     )
     .await;
-    assert_eq!(
-        data_of(&got)["worker"]["worker_id"],
-        json!(worker.worker_id)
-    );
+    assert_eq!(got.data()["worker"]["worker_id"], json!(worker.worker_id));
 
     // Heartbeats carry the hive, its CPU and its worker; the worker beats to the same queen.
     hive.wait_until(
@@ -255,7 +241,7 @@ async fn a_worker_killed_with_sigkill_is_noticed() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let listed = run_job(&hive, &json!({"operation": "worker_list"})).await;
-    assert_eq!(data_of(&listed)["workers"], json!([]));
+    assert_eq!(listed.data()["workers"], json!([]));
     hive.wait_until(
         Duration::from_secs(10),
         "a heartbeat without the dead worker",

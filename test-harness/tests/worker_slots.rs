@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use model_gen::{GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{ErrorCode, JobEvent, NoCapacityBody, WorkerInfo, WorkerState};
-use serde_json::{Value, json};
-use test_harness::{RawStream, TestHive, bin_path, free_port};
+use serde_json::json;
+use test_harness::{TestHive, bin_path, free_port};
 
 const TOKEN: &str = "slots-test-token";
 
@@ -28,17 +28,6 @@ fn generated(format: ModelFormat) -> PathBuf {
     .unwrap_or_else(|e| panic!("generate the tiny model as {format}: {e}"))
 }
 
-fn data_of(stream: &RawStream) -> Value {
-    stream
-        .events
-        .iter()
-        .find_map(|(_, e)| match e {
-            JobEvent::Data { data } => Some(data.clone()),
-            _ => None,
-        })
-        .unwrap_or_else(|| panic!("a data event: {:?}", stream.events))
-}
-
 /// Spawns a worker of `model` on the CPU and returns its info from the spawn's `data` event.
 async fn spawn(hive: &TestHive, model: &Path) -> WorkerInfo {
     let stream = hive
@@ -51,7 +40,7 @@ async fn spawn(hive: &TestHive, model: &Path) -> WorkerInfo {
         stream.events,
         hive.daemon.log_text()
     );
-    serde_json::from_value(data_of(&stream)["worker"].clone()).expect("a WorkerInfo")
+    serde_json::from_value(stream.data()["worker"].clone()).expect("a WorkerInfo")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -72,14 +61,14 @@ async fn every_worker_gets_the_hives_slots() {
     let got = hive
         .run_job(&json!({"operation": "worker_get", "worker_id": batched.worker_id}))
         .await;
-    assert_eq!(data_of(&got)["worker"]["slots_total"], json!(3));
+    assert_eq!(got.data()["worker"]["slots_total"], json!(3));
 
     // A safetensors checkpoint runs on candle's code: the same flag, one slot.
     let single = spawn(&hive, &generated(ModelFormat::Hub)).await;
     assert_eq!(single.slots_total, 1, "{single:?}");
     let job = hive.run_job(&json!({"operation": "worker_list"})).await;
     let workers: Vec<WorkerInfo> =
-        serde_json::from_value(data_of(&job)["workers"].clone()).expect("a worker list");
+        serde_json::from_value(job.data()["workers"].clone()).expect("a worker list");
     let mut slots: Vec<(String, u32)> = workers
         .iter()
         .map(|w| (w.worker_id.clone(), w.slots_total))
