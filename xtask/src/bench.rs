@@ -442,8 +442,14 @@ fn peak_rss(pid: u32) -> Option<u64> {
 /// larger than any cache; the best of several passes counts.
 pub fn memory_read_bandwidth(threads: usize) -> f64 {
     const BYTES: usize = 1 << 30;
-    let buffer: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
-    let chunk = buffer.len().div_ceil(threads.max(1));
+    // Backed like the worker's weights (huge pages where Linux allows), so that the limit and
+    // the decode rate pay the same address translation.
+    let mut buffer = vec![0u8; BYTES];
+    rbee_engine::advise_huge_pages(&mut buffer);
+    for (i, word) in buffer.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&(i as u64).to_ne_bytes());
+    }
+    let chunk = (buffer.len() / 64).div_ceil(threads.max(1)) * 64;
     let mut best = Duration::MAX;
     let mut checksum = 0u64;
     for _ in 0..5 {
@@ -463,17 +469,18 @@ pub fn memory_read_bandwidth(threads: usize) -> f64 {
 }
 
 /// Eight independent accumulators let the compiler keep several loads in flight.
-fn sum(data: &[u64]) -> u64 {
+fn sum(data: &[u8]) -> u64 {
     let mut acc = [0u64; 8];
-    let mut chunks = data.chunks_exact(8);
+    let mut chunks = data.chunks_exact(64);
     for c in &mut chunks {
-        for i in 0..8 {
-            acc[i] = acc[i].wrapping_add(c[i]);
+        for (i, word) in c.chunks_exact(8).enumerate() {
+            let word = u64::from_ne_bytes(word.try_into().unwrap_or_default());
+            acc[i] = acc[i].wrapping_add(word);
         }
     }
     let tail = chunks
         .remainder()
         .iter()
-        .fold(0u64, |a, &b| a.wrapping_add(b));
+        .fold(0u64, |a, &b| a.wrapping_add(u64::from(b)));
     acc.iter().fold(tail, |a, &b| a.wrapping_add(b))
 }

@@ -46,6 +46,13 @@ pub fn gguf_runs_on_cpu_path(content: &candle_core::quantized::gguf_file::Conten
     cpu::enabled() && cpu::Plan::new(content, usize::MAX).is_ok()
 }
 
+/// Backs the 2 MiB-aligned part of a fresh, not yet touched buffer with huge pages where Linux
+/// allows it, as the CPU path does for its weights; a benchmark measuring the memory bandwidth
+/// the weights are read at backs its buffer the same way.
+pub fn advise_huge_pages(buf: &mut [u8]) {
+    cpu::advise_huge_pages(buf);
+}
+
 /// Sets how many CPU threads inference uses (candle's pools and the engine's own CPU pool, which
 /// is sized from the same setting when a model loads); 0 keeps candle's default.
 ///

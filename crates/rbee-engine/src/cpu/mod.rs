@@ -21,6 +21,7 @@ mod quant;
 mod weights;
 
 pub(crate) use forward::{CpuLlama, Plan, SeqTokens};
+pub(crate) use weights::advise_huge_pages;
 
 /// The environment variable that turns the CPU path off (`0`, `false` or `off`), e.g. to compare
 /// with candle's kernels.
