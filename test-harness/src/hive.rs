@@ -105,6 +105,26 @@ impl TestHive {
         self.jobs().run("/v1/jobs", body).await
     }
 
+    /// Runs `worker_spawn` for `model` on the hive's default device and returns the spawned
+    /// worker's info; panics with the events and the hive's log unless the job ends `done`.
+    pub async fn spawn_worker(&self, model: &std::path::Path) -> WorkerInfo {
+        let stream = self
+            .run_job(&serde_json::json!({"operation": "worker_spawn", "model": model.display().to_string()}))
+            .await;
+        stream.assert_one_terminal_then_done("hive");
+        stream.assert_ids_increase();
+        assert!(
+            matches!(
+                stream.terminal(),
+                Some(rbee_contract::JobEvent::Done { .. })
+            ),
+            "{:?}\nhive log:\n{}",
+            stream.events,
+            self.daemon.log_text()
+        );
+        stream.worker()
+    }
+
     /// `GET /v1/workers`.
     pub async fn workers(&self) -> Vec<WorkerInfo> {
         let body: Value = self

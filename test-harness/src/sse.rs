@@ -38,6 +38,26 @@ impl RawStream {
             .unwrap_or_else(|| panic!("a data event: {:?}", self.events))
     }
 
+    /// The `WorkerInfo` in the first `data` event (a `worker_spawn` or `worker_get` result).
+    pub fn worker(&self) -> rbee_contract::WorkerInfo {
+        serde_json::from_value(self.data()["worker"].clone())
+            .unwrap_or_else(|e| panic!("a WorkerInfo in the data event: {e}: {:?}", self.events))
+    }
+
+    /// Event ids that only go up, as a resuming client relies on.
+    pub fn assert_ids_increase(&self) {
+        let ids: Vec<u64> = self
+            .events
+            .iter()
+            .map(|(id, _)| {
+                id.as_deref()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or_else(|| panic!("an event without a numeric id: {:?}", self.events))
+            })
+            .collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+
     pub fn terminal(&self) -> Option<&JobEvent> {
         self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
     }

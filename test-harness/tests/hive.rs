@@ -40,12 +40,7 @@ async fn run_job(hive: &TestHive, body: &Value) -> RawStream {
 /// The stream's ending promises, and event ids that only go up.
 fn assert_well_formed(stream: &RawStream) {
     stream.assert_one_terminal_then_done("hive");
-    let ids: Vec<u64> = stream
-        .events
-        .iter()
-        .map(|(id, _)| id.as_deref().unwrap().parse().unwrap())
-        .collect();
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    stream.assert_ids_increase();
 }
 
 fn spawn_op(model: &Path) -> Value {
@@ -54,27 +49,7 @@ fn spawn_op(model: &Path) -> Value {
 
 /// Spawns a worker for the tiny model and returns its info from the spawn job's `data` event.
 async fn spawn_tiny(hive: &TestHive) -> WorkerInfo {
-    let stream = run_job(hive, &spawn_op(&tiny_model())).await;
-    assert!(
-        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
-        "{:?}\nhive log:\n{}",
-        stream.events,
-        hive.daemon.log_text()
-    );
-    spawned_worker(&stream)
-}
-
-fn spawned_worker(stream: &RawStream) -> WorkerInfo {
-    stream
-        .events
-        .iter()
-        .find_map(|(_, e)| match e {
-            JobEvent::Data { data } => {
-                Some(serde_json::from_value(data["worker"].clone()).unwrap())
-            }
-            _ => None,
-        })
-        .expect("a data event with the worker")
+    hive.spawn_worker(&tiny_model()).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,7 +95,7 @@ async fn spawn_streams_progress_and_the_worker_then_delete_stops_it() {
         }
     );
 
-    let worker = spawned_worker(&stream);
+    let worker = stream.worker();
     assert_eq!(&worker.worker_id, worker_id);
     assert_eq!(worker.state, WorkerState::Ready);
     assert_eq!(worker.hive_id.as_deref(), Some(HIVE_ID));

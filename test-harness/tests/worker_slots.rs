@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{ErrorCode, JobEvent, NoCapacityBody, WorkerInfo, WorkerState};
+use rbee_contract::{ErrorCode, NoCapacityBody, WorkerInfo, WorkerState};
 use serde_json::json;
 use test_harness::{TestHive, bin_path, free_port};
 
@@ -28,28 +28,13 @@ fn generated(format: ModelFormat) -> PathBuf {
     .unwrap_or_else(|e| panic!("generate the tiny model as {format}: {e}"))
 }
 
-/// Spawns a worker of `model` on the CPU and returns its info from the spawn's `data` event.
-async fn spawn(hive: &TestHive, model: &Path) -> WorkerInfo {
-    let stream = hive
-        .run_job(&json!({"operation": "worker_spawn", "model": model.display().to_string()}))
-        .await;
-    stream.assert_one_terminal_then_done("hive");
-    assert!(
-        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
-        "{:?}\nhive log:\n{}",
-        stream.events,
-        hive.daemon.log_text()
-    );
-    serde_json::from_value(stream.data()["worker"].clone()).expect("a WorkerInfo")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn every_worker_gets_the_hives_slots() {
     // The worker binary the hive runs sits beside it: build the current one.
     bin_path("llm-worker-rbee");
     let hive = TestHive::start("slots-hive", TOKEN, &["--worker-slots", "3"]).await;
 
-    let batched = spawn(&hive, &tiny_q4_0()).await;
+    let batched = hive.spawn_worker(&tiny_q4_0()).await;
     assert_eq!(batched.state, WorkerState::Ready, "{batched:?}");
     assert_eq!(batched.slots_total, 3, "{batched:?}");
     assert_eq!(batched.slots_free, 3, "an idle worker: {batched:?}");
@@ -64,7 +49,7 @@ async fn every_worker_gets_the_hives_slots() {
     assert_eq!(got.data()["worker"]["slots_total"], json!(3));
 
     // A safetensors checkpoint runs on candle's code: the same flag, one slot.
-    let single = spawn(&hive, &generated(ModelFormat::Hub)).await;
+    let single = hive.spawn_worker(&generated(ModelFormat::Hub)).await;
     assert_eq!(single.slots_total, 1, "{single:?}");
     let job = hive.run_job(&json!({"operation": "worker_list"})).await;
     let workers: Vec<WorkerInfo> =
