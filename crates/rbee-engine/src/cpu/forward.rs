@@ -13,7 +13,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
 use super::kernels::{Activations, Kernels};
-use super::ops::{MatMul, RopeStyle, attention, formats, rms_norm, rope};
+use super::ops::{
+    AttnEntry, MatMul, RopeStyle, attention, attention_work, formats, rms_norm, rope,
+};
 use super::pool::Pool;
 use super::quant::dequantize_row;
 use super::weights::{Mat, Tensors, Unsupported, read_data};
@@ -58,7 +60,8 @@ struct Layer {
     qkv_bias: Option<[Vec<f32>; 3]>,
 }
 
-/// The KV cache of one sequence: per layer, keys and values `[position][kv_dim]`.
+/// The KV cache of one sequence: per layer and KV head (`layer * n_kv_heads + head`), keys and
+/// values `[position][head_dim]`, so that a head's attention reads two contiguous runs.
 #[derive(Default)]
 struct KvCache {
     /// Positions held.
@@ -397,15 +400,6 @@ impl CpuLlama {
         s.k.resize(n * kv_dim, 0.0);
         s.v.resize(n * kv_dim, 0.0);
         s.att.resize(n * dim, 0.0);
-        let heads_work = batch
-            .iter()
-            .map(|e| {
-                let m = e.tokens.len();
-                cfg.n_heads * (m * hd + e.pos + m)
-            })
-            .max()
-            .unwrap_or(0);
-        s.att_heads.resize(heads_work, 0.0);
         s.gate.resize(n * ffn, 0.0);
         s.up.resize(n * ffn, 0.0);
         s.logits.resize(entries * cfg.vocab, 0.0);
@@ -417,8 +411,8 @@ impl CpuLlama {
             s.positions.extend(e.pos..e.pos + e.tokens.len());
             let cache = &mut self.caches[e.seq];
             cache.len = e.pos;
-            cache.k.resize_with(n_layers, Vec::new);
-            cache.v.resize_with(n_layers, Vec::new);
+            cache.k.resize_with(n_layers * cfg.n_kv_heads, Vec::new);
+            cache.v.resize_with(n_layers * cfg.n_kv_heads, Vec::new);
         }
 
         let tokens = batch.iter().flat_map(|e| e.tokens);
@@ -454,24 +448,53 @@ impl CpuLlama {
             }
             rope(&mut s.q, hd, cfg.rope, &s.cos, &s.sin);
             rope(&mut s.k, hd, cfg.rope, &s.cos, &s.sin);
+            let n_kv = cfg.n_kv_heads;
+            let heads = l * n_kv..(l + 1) * n_kv;
             let mut t0 = 0;
             for e in batch {
-                let m = e.tokens.len();
                 let cache = &mut self.caches[e.seq];
-                let (k_cache, v_cache) = (&mut cache.k[l], &mut cache.v[l]);
-                k_cache.truncate(e.pos * kv_dim);
-                v_cache.truncate(e.pos * kv_dim);
-                k_cache.extend_from_slice(&s.k[t0 * kv_dim..(t0 + m) * kv_dim]);
-                v_cache.extend_from_slice(&s.v[t0 * kv_dim..(t0 + m) * kv_dim]);
-                let per_head = m * hd + e.pos + m;
-                let work = &mut s.att_heads[..cfg.n_heads * per_head];
-                let q = &s.q[t0 * dim..(t0 + m) * dim];
-                attention(cfg, &self.pool, e.pos, q, k_cache, v_cache, work);
-                // Head-major `[head][token][head_dim]` (plus each head's scores) back to
-                // `[token][dim]`.
+                for (h, (k_head, v_head)) in cache.k[heads.clone()]
+                    .iter_mut()
+                    .zip(&mut cache.v[heads.clone()])
+                    .enumerate()
+                {
+                    k_head.truncate(e.pos * hd);
+                    v_head.truncate(e.pos * hd);
+                    for t in t0..t0 + e.tokens.len() {
+                        let at = t * kv_dim + h * hd;
+                        k_head.extend_from_slice(&s.k[at..at + hd]);
+                        v_head.extend_from_slice(&s.v[at..at + hd]);
+                    }
+                }
+                t0 += e.tokens.len();
+            }
+            let mut t0 = 0;
+            let attn: Vec<AttnEntry<'_>> = batch
+                .iter()
+                .map(|e| {
+                    let m = e.tokens.len();
+                    let cache = &self.caches[e.seq];
+                    let entry = AttnEntry {
+                        pos: e.pos,
+                        q: &s.q[t0 * dim..(t0 + m) * dim],
+                        k: &cache.k[heads.clone()],
+                        v: &cache.v[heads.clone()],
+                    };
+                    t0 += m;
+                    entry
+                })
+                .collect();
+            let per_head = attention_work(cfg, &attn);
+            s.att_heads.resize(entries * cfg.n_heads * per_head, 0.0);
+            attention(cfg, &self.pool, &attn, &mut s.att_heads);
+            // `[entry][head][token][head_dim]` back to `[token][dim]`.
+            let mut t0 = 0;
+            for (i, e) in batch.iter().enumerate() {
+                let m = e.tokens.len();
                 for h in 0..cfg.n_heads {
+                    let chunk = (i * cfg.n_heads + h) * per_head;
                     for t in 0..m {
-                        let src = h * per_head + t * hd;
+                        let src = chunk + t * hd;
                         let dst = (t0 + t) * dim + h * hd;
                         s.att[dst..dst + hd].copy_from_slice(&s.att_heads[src..src + hd]);
                     }

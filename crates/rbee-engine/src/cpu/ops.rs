@@ -274,42 +274,60 @@ pub(super) fn rope(x: &mut [f32], head_dim: usize, style: RopeStyle, cos: &[f32]
     }
 }
 
-/// Causal attention of the `q` tokens (at positions `pos..`) over the cache. `work` holds, per
-/// head, the head's output `[token][head_dim]` followed by room for one row of scores; the
-/// softmax is computed as candle computes it (scores, max, exponentials, normalized weights,
-/// then the weighted sum of values).
-#[allow(clippy::too_many_arguments)]
-pub(super) fn attention(
-    cfg: &Config,
-    pool: &Pool,
-    pos: usize,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    work: &mut [f32],
-) {
+/// One sequence's share of a step's attention: its tokens' queries `[token][dim]`, at
+/// positions `pos..`, over its cache of one layer, which already holds those tokens' keys and
+/// values; `k` and `v` hold one `[position][head_dim]` buffer per KV head.
+pub(super) struct AttnEntry<'a> {
+    pub pos: usize,
+    pub q: &'a [f32],
+    pub k: &'a [Vec<f32>],
+    pub v: &'a [Vec<f32>],
+}
+
+impl AttnEntry<'_> {
+    fn tokens(&self, dim: usize) -> usize {
+        self.q.len() / dim
+    }
+}
+
+/// Room [`attention`] needs per (entry, head): the head's output `[token][head_dim]` plus one
+/// row of scores.
+pub(super) fn attention_work(cfg: &Config, entries: &[AttnEntry<'_>]) -> usize {
+    entries
+        .iter()
+        .map(|e| {
+            let m = e.tokens(cfg.dim);
+            m * cfg.head_dim + e.pos + m
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Causal attention of every entry's tokens over its own cache, in one parallel section of one
+/// (entry, head) per chunk. Chunk `e * n_heads + h` of `work` (each [`attention_work`] long)
+/// receives head `h`'s output for entry `e`'s tokens, `[token][head_dim]`. The softmax is
+/// computed as candle computes it (scores, max, exponentials, normalized weights, then the
+/// weighted sum of values). A head reads its KV head's keys and values as two contiguous
+/// runs, which the hardware prefetches.
+pub(super) fn attention(cfg: &Config, pool: &Pool, entries: &[AttnEntry<'_>], work: &mut [f32]) {
     let hd = cfg.head_dim;
-    let (dim, kv_dim) = (cfg.dim, cfg.kv_dim());
-    let n = q.len() / dim;
-    let kv_len = pos + n;
+    let dim = cfg.dim;
+    let per_head = attention_work(cfg, entries);
     let group = cfg.n_heads / cfg.n_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    pool.for_each_chunk_mut(work, n * hd + kv_len, &|h, chunk| {
+    let work = &mut work[..entries.len() * cfg.n_heads * per_head];
+    pool.for_each_chunk_mut(work, per_head, &|c, chunk| {
+        let (e, h) = (&entries[c / cfg.n_heads], c % cfg.n_heads);
+        let n = e.tokens(dim);
+        let (k_head, v_head) = (&e.k[h / group], &e.v[h / group]);
         let (head_out, scores) = chunk.split_at_mut(n * hd);
-        let kv_off = (h / group) * hd;
         for (t, o) in head_out.chunks_exact_mut(hd).enumerate() {
-            let qv = &q[t * dim + h * hd..t * dim + (h + 1) * hd];
-            let visible = pos + t + 1;
+            let qv = &e.q[t * dim + h * hd..t * dim + (h + 1) * hd];
+            let visible = e.pos + t + 1;
             let scores = &mut scores[..visible];
             let mut max = f32::NEG_INFINITY;
-            for (j, sc) in scores.iter_mut().enumerate() {
-                let kv = j * kv_dim + kv_off;
-                *sc = qv
-                    .iter()
-                    .zip(&k_cache[kv..kv + hd])
-                    .map(|(a, b)| a * b)
-                    .sum::<f32>()
-                    * scale;
+            for (sc, k) in scores.iter_mut().zip(k_head.chunks_exact(hd)) {
+                *sc = dot_f32(qv, k) * scale;
                 max = max.max(*sc);
             }
             let mut sum = 0f32;
@@ -318,13 +336,39 @@ pub(super) fn attention(
                 sum += *sc;
             }
             o.fill(0.0);
-            for (j, sc) in scores.iter().enumerate() {
+            for (sc, v) in scores.iter().zip(v_head.chunks_exact(hd)) {
                 let w = sc / sum;
-                let kv = j * kv_dim + kv_off;
-                for (a, v) in o.iter_mut().zip(&v_cache[kv..kv + hd]) {
+                for (a, v) in o.iter_mut().zip(v) {
                     *a += w * v;
                 }
             }
         }
     });
+}
+
+/// `a · b` over eight interleaved partial sums, added pairwise at the end: one fixed order of
+/// additions on every machine and in every batch, which the compiler turns into vector code
+/// (a plain running sum is a chain of dependent additions that it may not reorder).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..LANES {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let quads = [
+        acc[0] + acc[4],
+        acc[1] + acc[5],
+        acc[2] + acc[6],
+        acc[3] + acc[7],
+    ];
+    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
