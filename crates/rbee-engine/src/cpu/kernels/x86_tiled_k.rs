@@ -23,6 +23,7 @@ use std::arch::x86_64::*;
 use super::super::quant::BlockQ8K;
 use super::tiled::TILE_ROWS;
 use super::tiled_k::{NIBBLES, SCALES, TILE_BLOCK_Q4K};
+use super::x86_tiled::prefetch_ahead;
 
 /// Byte shuffle control picking, in every 32-bit lane `r`, bytes `4r + lo` and `4r + hi` of its
 /// 128-bit half as two i16 (`hi = None`: as one i32). A lane of an unpacked scale vector holds
@@ -225,6 +226,10 @@ macro_rules! q4k_tile_kernels {
             assert!(tile.len() >= n * TILE_BLOCK_Q4K && acts.iter().all(|a| a.len() == n));
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..n {
+                if N > 1 {
+                    let column = tile.as_ptr().wrapping_add(TILE_BLOCK_Q4K * b);
+                    prefetch_ahead(column, TILE_BLOCK_Q4K);
+                }
                 // SAFETY: column `b < n` lies inside the tile (asserted above); its first 32
                 // bytes are the eight `d` and the eight `dmin`.
                 let (d8, dmin8, sums) = unsafe {
