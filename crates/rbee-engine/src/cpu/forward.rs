@@ -486,7 +486,7 @@ impl CpuLlama {
                 .collect();
             let per_head = attention_work(cfg, &attn);
             s.att_heads.resize(entries * cfg.n_heads * per_head, 0.0);
-            attention(cfg, &self.pool, &attn, &mut s.att_heads);
+            attention(cfg, &self.kernels, &self.pool, &attn, &mut s.att_heads);
             // `[entry][head][token][head_dim]` back to `[token][dim]`.
             let mut t0 = 0;
             for (i, e) in batch.iter().enumerate() {
@@ -544,16 +544,10 @@ fn unstack(stacked: &[f32], n: usize, outs: &mut [&mut [f32]]) {
     let mut row0 = 0;
     for out in outs.iter_mut() {
         let rows = out.len() / n;
-        if n == 1 {
-            out.copy_from_slice(&stacked[row0..row0 + rows]);
-        } else {
-            for (r, values) in stacked[row0 * n..(row0 + rows) * n]
-                .chunks_exact(n)
-                .enumerate()
-            {
-                for (t, v) in values.iter().enumerate() {
-                    out[t * rows + r] = *v;
-                }
+        let src = &stacked[row0 * n..(row0 + rows) * n];
+        for (t, dst) in out.chunks_exact_mut(rows).enumerate() {
+            for (d, v) in dst.iter_mut().zip(src.iter().skip(t).step_by(n)) {
+                *d = *v;
             }
         }
         row0 += rows;

@@ -150,15 +150,12 @@ impl MatMul<'_> {
             .for_each_chunk_mut(&mut batch[..], rpc * n, &|c, part| {
                 self.batch_rows(m, c * rpc, act, part);
             });
-        for t in 0..n {
-            let dst = &mut out[t * m.rows..(t + 1) * m.rows];
-            for (r, o) in dst.iter_mut().enumerate() {
-                let v = batch[r * n + t];
-                if accumulate {
-                    *o += v;
-                } else {
-                    *o = v;
-                }
+        for (t, dst) in out[..n * m.rows].chunks_exact_mut(m.rows).enumerate() {
+            let values = batch.iter().skip(t).step_by(n);
+            if accumulate {
+                dst.iter_mut().zip(values).for_each(|(o, v)| *o += v);
+            } else {
+                dst.iter_mut().zip(values).for_each(|(o, v)| *o = *v);
             }
         }
     }
@@ -305,51 +302,119 @@ pub(super) fn attention_work(cfg: &Config, entries: &[AttnEntry<'_>]) -> usize {
 
 /// Causal attention of every entry's tokens over its own cache, in one parallel section of one
 /// (entry, head) per chunk. Chunk `e * n_heads + h` of `work` (each [`attention_work`] long)
-/// receives head `h`'s output for entry `e`'s tokens, `[token][head_dim]`. The softmax is
-/// computed as candle computes it (scores, max, exponentials, normalized weights, then the
-/// weighted sum of values). A head reads its KV head's keys and values as two contiguous
-/// runs, which the hardware prefetches.
-pub(super) fn attention(cfg: &Config, pool: &Pool, entries: &[AttnEntry<'_>], work: &mut [f32]) {
+/// receives head `h`'s output for entry `e`'s tokens, `[token][head_dim]`.
+pub(super) fn attention(
+    cfg: &Config,
+    kernels: &Kernels,
+    pool: &Pool,
+    entries: &[AttnEntry<'_>],
+    work: &mut [f32],
+) {
     let hd = cfg.head_dim;
     let dim = cfg.dim;
     let per_head = attention_work(cfg, entries);
     let group = cfg.n_heads / cfg.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let work = &mut work[..entries.len() * cfg.n_heads * per_head];
     pool.for_each_chunk_mut(work, per_head, &|c, chunk| {
         let (e, h) = (&entries[c / cfg.n_heads], c % cfg.n_heads);
         let n = e.tokens(dim);
-        let (k_head, v_head) = (&e.k[h / group], &e.v[h / group]);
-        let (head_out, scores) = chunk.split_at_mut(n * hd);
-        for (t, o) in head_out.chunks_exact_mut(hd).enumerate() {
-            let qv = &e.q[t * dim + h * hd..t * dim + (h + 1) * hd];
-            let visible = e.pos + t + 1;
-            let scores = &mut scores[..visible];
-            let mut max = f32::NEG_INFINITY;
-            for (sc, k) in scores.iter_mut().zip(k_head.chunks_exact(hd)) {
-                *sc = dot_f32(qv, k) * scale;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            o.fill(0.0);
-            for (sc, v) in scores.iter().zip(v_head.chunks_exact(hd)) {
-                let w = sc / sum;
-                for (a, v) in o.iter_mut().zip(v) {
-                    *a += w * v;
-                }
-            }
-        }
+        let head = HeadAttn {
+            q: &e.q[h * hd..],
+            q_stride: dim,
+            head_dim: hd,
+            pos: e.pos,
+            k: &e.k[h / group],
+            v: &e.v[h / group],
+        };
+        let (out, scores) = chunk.split_at_mut(n * hd);
+        (kernels.attend)(&head, out, scores);
     });
 }
 
-/// `a · b` over eight interleaved partial sums, added pairwise at the end: one fixed order of
-/// additions on every machine and in every batch, which the compiler turns into vector code
-/// (a plain running sum is a chain of dependent additions that it may not reorder).
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+/// One head's attention for the tokens of one sequence.
+pub(crate) struct HeadAttn<'a> {
+    /// Token `t`'s query is `q[t * q_stride..][..head_dim]`.
+    pub q: &'a [f32],
+    pub q_stride: usize,
+    pub head_dim: usize,
+    /// Position of the first token.
+    pub pos: usize,
+    /// The head's keys and values, `[position][head_dim]`, through the last token's position.
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// Values of the weighted sum that one pass over the keys accumulates in registers.
+const OUT_BLOCK: usize = 32;
+
+/// [`HeadAttn`] into `out` (`[token][head_dim]`), with `scores` as room for one row of
+/// weights. The softmax is computed as candle computes it (scores, max, exponentials,
+/// normalized weights, then the weighted sum of values, each value in position order).
+pub(crate) fn attend_head(a: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
+    attend_head_with(a, out, scores, dot_f32);
+}
+
+/// [`attend_head`] with `dot` for the query-key products, which must sum in [`dot_f32`]'s
+/// order. Written so that the compiler keeps the running sums of the weighted values in vector
+/// registers; the x86 kernels compile it once more with AVX2 and an AVX2 `dot`
+/// ([`super::kernels::Kernels::attend`]), which gives the same results bit for bit.
+#[inline(always)]
+pub(crate) fn attend_head_with(
+    a: &HeadAttn<'_>,
+    out: &mut [f32],
+    scores: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+) {
+    let hd = a.head_dim;
+    let scale = 1.0 / (hd as f32).sqrt();
+    for (t, o) in out.chunks_exact_mut(hd).enumerate() {
+        let q = &a.q[t * a.q_stride..t * a.q_stride + hd];
+        let visible = a.pos + t + 1;
+        let scores = &mut scores[..visible];
+        let mut max = f32::NEG_INFINITY;
+        for (sc, k) in scores.iter_mut().zip(a.k.chunks_exact(hd)) {
+            *sc = dot(q, k) * scale;
+            max = max.max(*sc);
+        }
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        for sc in scores.iter_mut() {
+            *sc /= sum;
+        }
+        let mut i0 = 0;
+        while i0 < hd {
+            let width = OUT_BLOCK.min(hd - i0);
+            let mut acc = [0f32; OUT_BLOCK];
+            if width == OUT_BLOCK {
+                for (w, v) in scores.iter().zip(a.v.chunks_exact(hd)) {
+                    let v = &v[i0..i0 + OUT_BLOCK];
+                    for i in 0..OUT_BLOCK {
+                        acc[i] += w * v[i];
+                    }
+                }
+            } else {
+                for (w, v) in scores.iter().zip(a.v.chunks_exact(hd)) {
+                    for (acc, v) in acc.iter_mut().zip(&v[i0..i0 + width]) {
+                        *acc += w * v;
+                    }
+                }
+            }
+            o[i0..i0 + width].copy_from_slice(&acc[..width]);
+            i0 += width;
+        }
+    }
+}
+
+/// `a · b` (of equal lengths) over eight interleaved partial sums (lane `i` adds the products
+/// of elements `8j + i`), which are then added as halves: lanes `i` and `i + 4`, then `i` and
+/// `i + 2`, then 0 and 1; the products of the last `len % 8` elements are added last. One fixed
+/// order on every machine and in every batch, and unlike a plain running sum not one chain of
+/// dependent additions.
+#[inline(always)]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 8;
     let mut acc = [0f32; LANES];
     let (a8, b8) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -360,15 +425,17 @@ fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in a8.zip(b8) {
+        let (x, y): (&[f32; LANES], &[f32; LANES]) = (x.try_into().unwrap(), y.try_into().unwrap());
         for i in 0..LANES {
             acc[i] += x[i] * y[i];
         }
     }
-    let quads = [
-        acc[0] + acc[4],
-        acc[1] + acc[5],
-        acc[2] + acc[6],
-        acc[3] + acc[7],
-    ];
-    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    acc[0] + tail
 }

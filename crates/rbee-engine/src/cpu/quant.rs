@@ -121,6 +121,18 @@ fn round_f16(x: f32) -> f32 {
 }
 
 /// Quantizes `x` (a multiple of 32 long) into 32-element blocks.
+/// `x.round() as i8`: the nearest integer, halves away from zero, saturated to the `i8` range
+/// (NaN to 0), in a few plain instructions instead of a call to the C library's `roundf`, which
+/// the baseline x86-64 target needs for `round` and which the compiler cannot vectorize.
+#[inline]
+pub(crate) fn round_i8(x: f32) -> i8 {
+    let x = x.clamp(-128.0, 127.0);
+    let whole = x as i32;
+    // Exact: with |x| ≤ 128 the fraction loses no bits.
+    let frac = x - whole as f32;
+    (whole + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i8
+}
+
 pub(crate) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     for (xs, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -128,7 +140,7 @@ pub(crate) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in y.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
+            *q = round_i8(v * id);
             sum += i32::from(*q);
         }
         y.d = round_f16(d);
@@ -153,7 +165,7 @@ pub(crate) fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
         }
         let iscale = -127.0 / max;
         for (q, &v) in y.qs.iter_mut().zip(xs) {
-            *q = (iscale * v).round().clamp(-128.0, 127.0) as i8;
+            *q = round_i8(iscale * v);
         }
         for (s, qs) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
             *s = qs.iter().map(|&q| i16::from(q)).sum();

@@ -9,6 +9,9 @@
 //! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels) are repacked at
 //! load; the others keep the file's rows and go through the one-row kernels.
 //!
+//! The kernels also carry the attention of one head ([`super::ops::attend_head`]), compiled for
+//! the vector width at hand.
+//!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
 //! Q8_K super-blocks for Q4_K and Q6_K.
@@ -30,6 +33,8 @@ mod x86_tiled_k;
 
 use tiled::{TILE_ROWS, TileAct};
 
+use super::ops::{HeadAttn, attend_head};
+
 use super::quant::{
     ActFormat, BlockQ8, BlockQ8K, QK, QK_K, WeightType, quantize_q8, quantize_q8k, reference,
 };
@@ -42,6 +47,7 @@ type DotTile = fn(&[u8], &[TileAct]) -> [f32; TILE_ROWS];
 type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
 type DotTileK = fn(&[u8], &[BlockQ8K]) -> [f32; TILE_ROWS];
 type DotTileKx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4];
+type Attend = fn(&HeadAttn<'_>, &mut [f32], &mut [f32]);
 
 /// One implementation of every block dot product.
 #[derive(Clone, Copy)]
@@ -66,6 +72,8 @@ pub(crate) struct Kernels {
     /// repacked into tiles only then (the portable code keeps the rows: its tile product is
     /// no faster).
     pub q4k_tile: Option<(DotTileK, DotTileKx4)>,
+    /// One head's attention ([`attend_head`], compiled for these kernels' vector width).
+    pub attend: Attend,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -91,6 +99,7 @@ impl Kernels {
             q4_0_tilex4: tiled::dot4,
             q8_0_tile: None,
             q4k_tile: None,
+            attend: attend_head,
         }
     }
 

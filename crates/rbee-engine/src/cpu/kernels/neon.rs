@@ -48,6 +48,8 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_0_tilex4: neon_tiled::dot4_neon,
         q8_0_tile: None,
         q4k_tile: Some((neon_tiled_k::dot_neon, neon_tiled_k::dot4_neon)),
+        // NEON is the aarch64 baseline: the portable build already uses it.
+        attend: super::super::ops::attend_head,
     };
     let mut out = vec![neon];
     if std::arch::is_aarch64_feature_detected!("dotprod") {
@@ -65,6 +67,7 @@ pub(super) fn variants() -> Vec<Kernels> {
             q4_0_tilex4: neon_tiled::dot4_dotprod,
             q8_0_tile: Some((neon_tiled::dot_q8_0_dotprod, neon_tiled::dot4_q8_0_dotprod)),
             q4k_tile: Some((neon_tiled_k::dot_dotprod, neon_tiled_k::dot4_dotprod)),
+            ..neon
         });
     }
     out

@@ -185,6 +185,96 @@ fn four_token_kernels_match_one_token_kernels() {
 
 /// Eight rows of `ty` with `blocks` blocks: random, or (`extreme`) every weight and scale at
 /// its largest, to catch an intermediate sum that saturates or overflows.
+/// The activations' rounding is `round() as i8`, on halves, near-halves, the ends of the range
+/// and beyond, and random values.
+#[test]
+fn activation_rounding_is_round_half_away_from_zero_saturated() {
+    use crate::cpu::quant::round_i8;
+    let mut cases = vec![
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.0,
+        -0.0,
+        1e30,
+        -1e30,
+    ];
+    for i in -130..=130 {
+        let x = i as f32 + 0.5;
+        cases.extend([x, x.next_up(), x.next_down(), i as f32, -x]);
+    }
+    let mut rng = StdRng::seed_from_u64(6);
+    cases.extend((0..100_000).map(|_| rng.random_range(-140.0f32..140.0)));
+    for x in cases {
+        assert_eq!(round_i8(x), x.round() as i8, "{x}");
+    }
+}
+
+/// Attention by every variant gives the portable code's outputs bit for bit (so a sequence
+/// decodes alike on every x86 CPU), and they are a softmax-weighted mean of the values: the
+/// scores computed in f64 give the same outputs within f32 rounding.
+#[test]
+fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
+    use crate::cpu::ops::{HeadAttn, attend_head};
+    let mut rng = StdRng::seed_from_u64(5);
+    for (head_dim, pos, tokens) in [(64, 0, 3), (64, 37, 1), (128, 5, 4), (20, 9, 2)] {
+        let stride = 3 * head_dim;
+        let len = pos + tokens;
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0..2.0)).collect() };
+        let (q, k, v) = (
+            values(tokens * stride),
+            values(len * head_dim),
+            values(len * head_dim),
+        );
+        let head = HeadAttn {
+            q: &q[head_dim..],
+            q_stride: stride,
+            head_dim,
+            pos,
+            k: &k,
+            v: &v,
+        };
+        let run = |attend: fn(&HeadAttn<'_>, &mut [f32], &mut [f32])| {
+            let (mut out, mut scores) = (vec![0f32; tokens * head_dim], vec![0f32; len]);
+            attend(&head, &mut out, &mut scores);
+            out
+        };
+        let portable = run(attend_head);
+        for kernels in Kernels::all() {
+            assert!(
+                run(kernels.attend) == portable,
+                "{} attention differs from the portable code (head_dim {head_dim})",
+                kernels.name
+            );
+        }
+        for t in 0..tokens {
+            let qv = &q[t * stride + head_dim..t * stride + 2 * head_dim];
+            let visible = pos + t + 1;
+            let scores: Vec<f64> = (0..visible)
+                .map(|j| {
+                    let kj = &k[j * head_dim..(j + 1) * head_dim];
+                    let dot: f64 = qv.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    dot / (head_dim as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for i in 0..head_dim {
+                let want: f64 = (0..visible)
+                    .map(|j| weights[j] / total * v[j * head_dim + i] as f64)
+                    .sum();
+                let got = portable[t * head_dim + i] as f64;
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "token {t} value {i}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
 fn tile_rows(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) -> Vec<Vec<u8>> {
     let cols = blocks * ty.block_elems();
     (0..tiled::TILE_ROWS)

@@ -16,6 +16,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::super::ops::{HeadAttn, attend_head_with};
 use super::super::quant::{BlockQ8, BlockQ8K, QK_K, scale_min_k4};
 use super::Kernels;
 
@@ -49,6 +50,7 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_0_tilex4: super::x86_tiled::dot4_avx2,
         q8_0_tile: None,
         q4k_tile: Some((super::x86_tiled_k::dot_avx2, super::x86_tiled_k::dot4_avx2)),
+        attend,
     };
     out.push(avx2);
     if is_x86_feature_detected!("avx512f")
@@ -73,6 +75,41 @@ pub(super) fn variants() -> Vec<Kernels> {
 
 // The safe wrappers below are private and handed out only by `kernels()` after the feature
 // check, so calling the `target_feature` functions from them is sound.
+
+fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
+        attend_head_with(head, out, scores, |a, b| dot_f32_avx2(a, b));
+    }
+    // SAFETY: AVX2, FMA and F16C were detected before this function was handed out.
+    unsafe { inner(head, out, scores) }
+}
+
+/// [`super::super::ops::dot_f32`] in AVX2, with the same order of additions (so the same
+/// result bit for bit): one vector of eight partial sums, its halves added as 128, 64 and 32
+/// bits, then the tail's products.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let body = a.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..body).step_by(8) {
+        // SAFETY: `i + 8 <= body <= len` for both slices.
+        let (x, y) = unsafe {
+            (
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+            )
+        };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    let tail: f32 = a[body..].iter().zip(&b[body..]).map(|(x, y)| x * y).sum();
+    let quads = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let pairs = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
+    let one = _mm_add_ss(pairs, _mm_shuffle_ps::<0b01>(pairs, pairs));
+    _mm_cvtss_f32(one) + tail
+}
 
 fn dot_q4_0(row: &[u8], act: &[BlockQ8]) -> f32 {
     assert!(row.len() >= act.len() * 18);
