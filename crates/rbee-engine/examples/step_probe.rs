@@ -1,6 +1,7 @@
 //! Decode speed of the engine alone, without the worker's HTTP and the benchmark's clients on
 //! the same cores: `N` sequences with the same 64-word prompt step together, and the probe
-//! prints the aggregate decode rate and the time a step takes. For profiling a step (`perf
+//! prints the rate their prompts were fed at, the aggregate decode rate and the time a decode
+//! step takes. For profiling a step (`perf
 //! record`) and for comparing kernel changes quickly; `cargo xtask bench worker` is the
 //! benchmark of record.
 //!
@@ -49,6 +50,11 @@ fn main() -> anyhow::Result<()> {
         let mut seqs: Vec<Sequence> = (0..n)
             .map(|slot| engine.begin(slot, &req))
             .collect::<Result<_, _>>()?;
+        let started = Instant::now();
+        while !seqs.iter().all(|s| s.has_logits()) {
+            engine.step(&mut seqs.iter_mut().collect::<Vec<_>>())?;
+        }
+        let prefill = started.elapsed().as_secs_f64();
         let mut generated = 0;
         let mut steps = 0;
         let mut clock = None;
@@ -68,7 +74,8 @@ fn main() -> anyhow::Result<()> {
         let (started, generated0, steps0) = clock.context("no token was generated")?;
         let seconds = started.elapsed().as_secs_f64();
         println!(
-            "{n} sequence(s), {threads} thread(s): {:.1} tok/s, {:.1} ms per step",
+            "{n} sequence(s), {threads} thread(s): prefill {:.1} tok/s, decode {:.1} tok/s, {:.1} ms per decode step",
+            (n * req.prompt_tokens().len()) as f64 / prefill,
             (generated - generated0) as f64 / seconds,
             1e3 * seconds / (steps - steps0) as f64
         );

@@ -14,7 +14,7 @@ use candle_core::{Device, Tensor};
 
 use super::kernels::{Activations, Kernels};
 use super::ops::{
-    AttnEntry, MatMul, RopeStyle, attention, attention_work, formats, rms_norm, rope,
+    AttnEntry, MatMul, RopeStyle, attention, attention_work, formats, rms_norm, rope, transpose,
 };
 use super::pool::Pool;
 use super::quant::dequantize_row;
@@ -544,12 +544,7 @@ fn unstack(stacked: &[f32], n: usize, outs: &mut [&mut [f32]]) {
     let mut row0 = 0;
     for out in outs.iter_mut() {
         let rows = out.len() / n;
-        let src = &stacked[row0 * n..(row0 + rows) * n];
-        for (t, dst) in out.chunks_exact_mut(rows).enumerate() {
-            for (d, v) in dst.iter_mut().zip(src.iter().skip(t).step_by(n)) {
-                *d = *v;
-            }
-        }
+        transpose(&stacked[row0 * n..(row0 + rows) * n], n, out, |o, v| *o = v);
         row0 += rows;
     }
 }

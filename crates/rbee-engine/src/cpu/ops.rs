@@ -150,13 +150,11 @@ impl MatMul<'_> {
             .for_each_chunk_mut(&mut batch[..], rpc * n, &|c, part| {
                 self.batch_rows(m, c * rpc, act, part);
             });
-        for (t, dst) in out[..n * m.rows].chunks_exact_mut(m.rows).enumerate() {
-            let values = batch.iter().skip(t).step_by(n);
-            if accumulate {
-                dst.iter_mut().zip(values).for_each(|(o, v)| *o += v);
-            } else {
-                dst.iter_mut().zip(values).for_each(|(o, v)| *o = *v);
-            }
+        let out = &mut out[..n * m.rows];
+        if accumulate {
+            transpose(batch, n, out, |o, v| *o += v);
+        } else {
+            transpose(batch, n, out, |o, v| *o = v);
         }
     }
 
@@ -213,6 +211,30 @@ impl MatMul<'_> {
             }
             k += 1;
         }
+    }
+}
+
+/// Rows of `src` per block of [`transpose`]: a block's values (`ROWS × n`) stay in the first
+/// cache level while it is read token by token.
+const TRANSPOSE_ROWS: usize = 16;
+
+/// `op(dst[t][r], src[r][t])` for every token `t` of `n` and every row `r`: products laid out
+/// `[row][token]` into `[token][row]`, a block of rows at a time, so that neither side is read
+/// or written with a stride that misses the cache on every value.
+#[inline]
+pub(super) fn transpose(src: &[f32], n: usize, dst: &mut [f32], op: impl Fn(&mut f32, f32)) {
+    let rows = dst.len() / n;
+    let mut r0 = 0;
+    while r0 < rows {
+        let width = TRANSPOSE_ROWS.min(rows - r0);
+        let block = &src[r0 * n..(r0 + width) * n];
+        for t in 0..n {
+            let out = &mut dst[t * rows + r0..t * rows + r0 + width];
+            for (o, v) in out.iter_mut().zip(block.iter().skip(t).step_by(n)) {
+                op(o, *v);
+            }
+        }
+        r0 += width;
     }
 }
 
