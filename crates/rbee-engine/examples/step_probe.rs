@@ -1,9 +1,8 @@
 //! Decode speed of the engine alone, without the worker's HTTP and the benchmark's clients on
 //! the same cores: `N` sequences with the same 64-word prompt step together, and the probe
 //! prints the rate their prompts were fed at, the aggregate decode rate and the time a decode
-//! step takes. For profiling a step (`perf
-//! record`) and for comparing kernel changes quickly; `cargo xtask bench worker` is the
-//! benchmark of record.
+//! step takes. For profiling a step (`perf record`) and for comparing kernel changes quickly;
+//! `cargo xtask bench worker` is the benchmark of record.
 //!
 //! `cargo run -p rbee-engine --example step_probe -- MODEL.gguf [THREADS] [N,N,…] [TOKENS]`
 
@@ -71,7 +70,9 @@ fn main() -> anyhow::Result<()> {
                 })?;
             }
         }
-        let (started, generated0, steps0) = clock.context("no token was generated")?;
+        let (started, generated0, steps0) = clock
+            .filter(|&(_, _, steps0)| steps > steps0)
+            .context("the sequences ended before the clock started (end of sequence?)")?;
         let seconds = started.elapsed().as_secs_f64();
         println!(
             "{n} sequence(s), {threads} thread(s): prefill {:.1} tok/s, decode {:.1} tok/s, {:.1} ms per decode step",

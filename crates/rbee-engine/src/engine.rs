@@ -229,7 +229,8 @@ impl Engine {
     /// waiting next token first, then prompt chunks of at most 64 tokens each while other
     /// sequences share the step (512 for a sequence alone), in order, as far as the budget
     /// goes; a prompt left out continues in the next step. So a long prompt delays the others'
-    /// next tokens by little, and a step's working memory does not grow with the slots.
+    /// next tokens by little, and a step's working memory grows with the slots only by one row
+    /// of attention scores per head and sequence.
     pub fn step(&mut self, seqs: &mut [&mut Sequence]) -> Result<(), EngineError> {
         if let Some(stale) = seqs
             .iter()

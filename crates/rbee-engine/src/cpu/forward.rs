@@ -12,10 +12,9 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
+use super::attention::{Layout, attention};
 use super::kernels::{Activations, Kernels};
-use super::ops::{
-    AttnEntry, MatMul, RopeStyle, attention, attention_work, formats, rms_norm, rope, transpose,
-};
+use super::ops::{MatMul, RopeStyle, formats, rms_norm, rope, transpose};
 use super::pool::Pool;
 use super::quant::dequantize_row;
 use super::weights::{Mat, Tensors, Unsupported, read_data};
@@ -79,7 +78,9 @@ struct Scratch {
     k: Vec<f32>,
     v: Vec<f32>,
     att: Vec<f32>,
+    /// The heads' outputs and scores, laid out by `att_layout`.
     att_heads: Vec<f32>,
+    att_layout: Layout,
     gate: Vec<f32>,
     up: Vec<f32>,
     /// Products of a batch, `[row][token]`, before they are transposed into place.
@@ -406,6 +407,10 @@ impl CpuLlama {
         let half = cfg.freqs.len();
         s.cos.resize(n * half, 0.0);
         s.sin.resize(n * half, 0.0);
+        let work = s
+            .att_layout
+            .plan(cfg, batch.iter().map(|e| (e.pos, e.tokens.len())));
+        s.att_heads.resize(work, 0.0);
         s.positions.clear();
         for e in batch {
             s.positions.extend(e.pos..e.pos + e.tokens.len());
@@ -468,39 +473,22 @@ impl CpuLlama {
                 }
                 t0 += e.tokens.len();
             }
-            let mut t0 = 0;
-            let attn: Vec<AttnEntry<'_>> = batch
-                .iter()
-                .map(|e| {
-                    let m = e.tokens.len();
-                    let cache = &self.caches[e.seq];
-                    let entry = AttnEntry {
-                        pos: e.pos,
-                        q: &s.q[t0 * dim..(t0 + m) * dim],
-                        k: &cache.k[heads.clone()],
-                        v: &cache.v[heads.clone()],
-                    };
-                    t0 += m;
-                    entry
-                })
-                .collect();
-            let per_head = attention_work(cfg, &attn);
-            s.att_heads.resize(entries * cfg.n_heads * per_head, 0.0);
-            attention(cfg, &self.kernels, &self.pool, &attn, &mut s.att_heads);
-            // `[entry][head][token][head_dim]` back to `[token][dim]`.
-            let mut t0 = 0;
-            for (i, e) in batch.iter().enumerate() {
-                let m = e.tokens.len();
-                for h in 0..cfg.n_heads {
-                    let chunk = (i * cfg.n_heads + h) * per_head;
-                    for t in 0..m {
-                        let src = chunk + t * hd;
-                        let dst = (t0 + t) * dim + h * hd;
-                        s.att[dst..dst + hd].copy_from_slice(&s.att_heads[src..src + hd]);
-                    }
-                }
-                t0 += m;
-            }
+            let caches = &self.caches;
+            let kv = |entry: usize| {
+                let cache = &caches[batch[entry].seq];
+                (&cache.k[heads.clone()], &cache.v[heads.clone()])
+            };
+            let layout = &s.att_layout;
+            attention(
+                cfg,
+                &self.kernels,
+                &self.pool,
+                layout,
+                &s.q,
+                &kv,
+                &mut s.att_heads,
+            );
+            layout.gather(&s.att_heads, &mut s.att);
             s.act.set(&s.att, dim, &formats(&[layer.wo]));
             mm.run(&layer.wo, &s.act, &mut s.x, &mut s.batch, true);
 

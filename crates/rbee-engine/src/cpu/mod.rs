@@ -13,6 +13,7 @@
 //! tensor library: it knows exactly one block structure (llama's, with qwen2's biases and RoPE
 //! layout as options).
 
+mod attention;
 mod forward;
 mod kernels;
 mod ops;

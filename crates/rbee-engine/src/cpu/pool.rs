@@ -144,6 +144,31 @@ impl Pool {
         });
     }
 
+    /// Splits `out` into the parts that end at each of `ends` (ascending, the last at most
+    /// `out.len()`; the first starts at 0) and runs `f(index, part)` for each, spread over the
+    /// pool.
+    pub(crate) fn for_each_part_mut<T: Send>(
+        &self,
+        out: &mut [T],
+        ends: &[usize],
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
+        assert!(
+            ends.is_sorted() && ends.last().is_none_or(|&end| end <= out.len()),
+            "parts out of order or beyond the buffer"
+        );
+        let base = SendPtr(out.as_mut_ptr());
+        self.for_each(ends.len(), &|i| {
+            let start = if i == 0 { 0 } else { ends[i - 1] };
+            // SAFETY: `for_each` calls each `i` exactly once, and the ends ascend within `out`
+            // (asserted above), so the ranges `start..ends[i]` are disjoint and inside `out`,
+            // which stays mutably borrowed until `for_each` returns.
+            let part =
+                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), ends[i] - start) };
+            f(i, part);
+        });
+    }
+
     /// Runs `job` on the calling thread and on every worker that wakes while it is open.
     fn run<'a>(&self, job: &'a (dyn Fn() + Sync + 'a)) {
         // SAFETY: only the lifetime is erased. The pointer is published in `slot.job` and a

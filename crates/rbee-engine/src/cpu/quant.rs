@@ -120,7 +120,6 @@ fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
-/// Quantizes `x` (a multiple of 32 long) into 32-element blocks.
 /// `x.round() as i8`: the nearest integer, halves away from zero, saturated to the `i8` range
 /// (NaN to 0), in a few plain instructions instead of a call to the C library's `roundf`, which
 /// the baseline x86-64 target needs for `round` and which the compiler cannot vectorize.
@@ -133,6 +132,7 @@ pub(crate) fn round_i8(x: f32) -> i8 {
     (whole + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)) as i8
 }
 
+/// Quantizes `x` (a multiple of 32 long) into 32-element blocks.
 pub(crate) fn quantize_q8(x: &[f32], out: &mut [BlockQ8]) {
     for (xs, y) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));

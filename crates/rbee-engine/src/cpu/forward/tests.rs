@@ -170,6 +170,24 @@ fn a_reset_model_repeats_itself_and_rejects_a_gap() {
     );
 }
 
+/// Feeding from a position inside the cache drops the positions from there on: the logits are
+/// those of a fresh sequence with the same tokens.
+#[test]
+fn feeding_from_an_earlier_position_forgets_what_followed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q4_0), &path).unwrap();
+    let mut rewound = cpu_model(&path, 2);
+    one(&mut rewound, &[1, 2, 3, 4, 5, 6], 0).unwrap();
+    let got = one(&mut rewound, &[9, 8], 3).unwrap().to_vec();
+    let mut fresh = cpu_model(&path, 2);
+    let want = one(&mut fresh, &[1, 2, 3, 9, 8], 0).unwrap().to_vec();
+    assert_close(&got, &want, 1e-4, "rewound to position 3");
+    let got = one(&mut rewound, &[7], 5).unwrap().to_vec();
+    let want = one(&mut fresh, &[7], 5).unwrap().to_vec();
+    assert_eq!(got, want, "the next token after the rewind");
+}
+
 #[test]
 fn unsupported_files_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();

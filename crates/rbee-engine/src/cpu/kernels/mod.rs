@@ -9,8 +9,8 @@
 //! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels) are repacked at
 //! load; the others keep the file's rows and go through the one-row kernels.
 //!
-//! The kernels also carry the attention of one head ([`super::ops::attend_head`]), compiled for
-//! the vector width at hand.
+//! The kernels also carry the attention of one head ([`super::attention::attend_head`]),
+//! compiled for the vector width at hand.
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
@@ -33,7 +33,7 @@ mod x86_tiled_k;
 
 use tiled::{TILE_ROWS, TileAct};
 
-use super::ops::{HeadAttn, attend_head};
+use super::attention::{HeadAttn, attend_head};
 
 use super::quant::{
     ActFormat, BlockQ8, BlockQ8K, QK, QK_K, WeightType, quantize_q8, quantize_q8k, reference,

@@ -49,7 +49,7 @@ pub(super) fn variants() -> Vec<Kernels> {
         q8_0_tile: None,
         q4k_tile: Some((neon_tiled_k::dot_neon, neon_tiled_k::dot4_neon)),
         // NEON is the aarch64 baseline: the portable build already uses it.
-        attend: super::super::ops::attend_head,
+        attend: super::super::attention::attend_head,
     };
     let mut out = vec![neon];
     if std::arch::is_aarch64_feature_detected!("dotprod") {

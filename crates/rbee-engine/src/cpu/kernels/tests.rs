@@ -183,8 +183,6 @@ fn four_token_kernels_match_one_token_kernels() {
     }
 }
 
-/// Eight rows of `ty` with `blocks` blocks: random, or (`extreme`) every weight and scale at
-/// its largest, to catch an intermediate sum that saturates or overflows.
 /// The activations' rounding is `round() as i8`, on halves, near-halves, the ends of the range
 /// and beyond, and random values.
 #[test]
@@ -211,11 +209,11 @@ fn activation_rounding_is_round_half_away_from_zero_saturated() {
 }
 
 /// Attention by every variant gives the portable code's outputs bit for bit (so a sequence
-/// decodes alike on every x86 CPU), and they are a softmax-weighted mean of the values: the
-/// scores computed in f64 give the same outputs within f32 rounding.
+/// decodes alike whichever variant the CPU gets), and they are a softmax-weighted mean of the
+/// values: the scores computed in f64 give the same outputs within f32 rounding.
 #[test]
 fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
-    use crate::cpu::ops::{HeadAttn, attend_head};
+    use crate::cpu::attention::{HeadAttn, attend_head};
     let mut rng = StdRng::seed_from_u64(5);
     for (head_dim, pos, tokens) in [(64, 0, 3), (64, 37, 1), (128, 5, 4), (20, 9, 2)] {
         let stride = 3 * head_dim;
@@ -275,6 +273,8 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
     }
 }
 
+/// Eight rows of `ty` with `blocks` blocks: random, or (`extreme`) every weight and scale at
+/// its largest, to catch an intermediate sum that saturates or overflows.
 fn tile_rows(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) -> Vec<Vec<u8>> {
     let cols = blocks * ty.block_elems();
     (0..tiled::TILE_ROWS)

@@ -4,7 +4,9 @@
 //! block with the product of the two scales.
 //!
 //! The four-token Q4_K product also comes in an AVX-512 VNNI variant (`dpwssd` does the `madd`
-//! and the add in one instruction). This module, [`super::x86_tiled`] and
+//! and the add in one instruction). The attention of one head is the portable code of
+//! [`super::super::attention`] compiled with AVX2, its query-key products in AVX2 intrinsics
+//! with the portable order of additions. This module, [`super::x86_tiled`] and
 //! [`super::x86_tiled_k`] (the products of eight-row tiles) are the only x86 ones of the CPU
 //! path with SIMD intrinsics. Their functions are reachable only through [`kernels`], which
 //! returns them after `is_x86_feature_detected!` has proved the CPU runs the features each
@@ -16,7 +18,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::super::ops::{HeadAttn, attend_head_with};
+use super::super::attention::{HeadAttn, attend_head_with};
 use super::super::quant::{BlockQ8, BlockQ8K, QK_K, scale_min_k4};
 use super::Kernels;
 
@@ -85,7 +87,7 @@ fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
     unsafe { inner(head, out, scores) }
 }
 
-/// [`super::super::ops::dot_f32`] in AVX2, with the same order of additions (so the same
+/// [`super::super::attention::dot_f32`] in AVX2, with the same order of additions (so the same
 /// result bit for bit): one vector of eight partial sums, its halves added as 128, 64 and 32
 /// bits, then the tail's products.
 #[inline]
