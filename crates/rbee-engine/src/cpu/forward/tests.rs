@@ -100,6 +100,14 @@ fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
     );
 }
 
+/// The tiny generated llama model of type `ty`, in a directory that lives as long as the guard.
+fn tiny_model(ty: GgufType) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(ty), &path).unwrap();
+    (dir, path)
+}
+
 #[test]
 fn generated_models_match_candle_at_prefill_and_decode() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,9 +161,7 @@ fn generated_models_match_candle_at_prefill_and_decode() {
 
 #[test]
 fn a_reset_model_repeats_itself_and_rejects_a_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.gguf");
-    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q8_0), &path).unwrap();
+    let (_dir, path) = tiny_model(GgufType::Q8_0);
     let mut cpu = cpu_model(&path, 2);
     let first = one(&mut cpu, &[1, 2, 3], 0).unwrap().to_vec();
     assert!(
@@ -174,9 +180,7 @@ fn a_reset_model_repeats_itself_and_rejects_a_gap() {
 /// those of a fresh sequence with the same tokens.
 #[test]
 fn feeding_from_an_earlier_position_forgets_what_followed_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.gguf");
-    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q4_0), &path).unwrap();
+    let (_dir, path) = tiny_model(GgufType::Q4_0);
     let mut rewound = cpu_model(&path, 2);
     one(&mut rewound, &[1, 2, 3, 4, 5, 6], 0).unwrap();
     let got = one(&mut rewound, &[9, 8], 3).unwrap().to_vec();
@@ -309,9 +313,7 @@ fn sequences_batched_together_get_the_logits_they_get_alone() {
 
 #[test]
 fn a_step_refuses_a_sequence_it_does_not_hold_or_feeds_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("m.gguf");
-    model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q8_0), &path).unwrap();
+    let (_dir, path) = tiny_model(GgufType::Q8_0);
     let mut cpu = cpu_model(&path, 1);
     cpu.set_sequences(2);
     let entry = |seq| SeqTokens {
