@@ -223,6 +223,10 @@ const TRANSPOSE_ROWS: usize = 16;
 /// or written with a stride that misses the cache on every value.
 #[inline]
 pub(super) fn transpose(src: &[f32], n: usize, dst: &mut [f32], op: impl Fn(&mut f32, f32)) {
+    if n == 1 {
+        dst.iter_mut().zip(src).for_each(|(o, v)| op(o, *v));
+        return;
+    }
     let rows = dst.len() / n;
     let mut r0 = 0;
     while r0 < rows {
