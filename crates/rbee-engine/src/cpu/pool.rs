@@ -8,8 +8,10 @@
 //! parallel sections of one step, also when the worker's HTTP threads take a core for a moment)
 //! and then block on a condition variable, so an idle pool burns no CPU.
 //!
-//! This module erases the lifetime of the job closure to hand it to the workers, which is the
-//! only `unsafe` here; [`Pool::run`] documents why it is sound.
+//! This module erases the lifetime of the job closure to hand it to the workers ([`Pool::run`]
+//! documents why that is sound), and hands disjoint parts of one buffer to the threads from a
+//! raw pointer, in one place (`Pool::for_each_range_mut`) whose callers prove the parts
+//! disjoint. That is the `unsafe` here.
 #![allow(unsafe_code)]
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -132,16 +134,16 @@ impl Pool {
     ) {
         let chunk = chunk.max(1);
         let len = out.len();
-        let base = SendPtr(out.as_mut_ptr());
-        self.for_each(len.div_ceil(chunk), &|i| {
-            let start = i * chunk;
-            let end = len.min(start + chunk);
-            // SAFETY: `for_each` calls each `i` exactly once, so the ranges `start..end` are
-            // disjoint and inside `out`, which stays mutably borrowed until `for_each` returns.
-            let part =
-                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-            f(i, part);
-        });
+        // SAFETY: consecutive chunks of `chunk` elements, the last cut at `len`, are disjoint
+        // and inside `out`.
+        unsafe {
+            self.for_each_range_mut(
+                out,
+                len.div_ceil(chunk),
+                &|i| i * chunk..len.min((i + 1) * chunk),
+                f,
+            )
+        };
     }
 
     /// Splits `out` into the parts that end at each of `ends` (ascending, the last at most
@@ -157,14 +159,36 @@ impl Pool {
             ends.is_sorted() && ends.last().is_none_or(|&end| end <= out.len()),
             "parts out of order or beyond the buffer"
         );
+        // SAFETY: the ends ascend within `out` (asserted above), so the parts are disjoint and
+        // inside it.
+        unsafe {
+            self.for_each_range_mut(
+                out,
+                ends.len(),
+                &|i| (if i == 0 { 0 } else { ends[i - 1] })..ends[i],
+                f,
+            )
+        };
+    }
+
+    /// Runs `f(i, &mut out[range(i)])` for every `i` in `0..parts`, spread over the pool.
+    ///
+    /// # Safety
+    /// The ranges `range(i)` must be disjoint and inside `out`.
+    unsafe fn for_each_range_mut<T: Send>(
+        &self,
+        out: &mut [T],
+        parts: usize,
+        range: &(dyn Fn(usize) -> std::ops::Range<usize> + Sync),
+        f: &(dyn Fn(usize, &mut [T]) + Sync),
+    ) {
         let base = SendPtr(out.as_mut_ptr());
-        self.for_each(ends.len(), &|i| {
-            let start = if i == 0 { 0 } else { ends[i - 1] };
-            // SAFETY: `for_each` calls each `i` exactly once, and the ends ascend within `out`
-            // (asserted above), so the ranges `start..ends[i]` are disjoint and inside `out`,
-            // which stays mutably borrowed until `for_each` returns.
-            let part =
-                unsafe { std::slice::from_raw_parts_mut(base.get().add(start), ends[i] - start) };
+        self.for_each(parts, &|i| {
+            let r = range(i);
+            // SAFETY: `for_each` calls each `i` exactly once and the ranges are disjoint and
+            // inside `out` (the caller's guarantee), which stays mutably borrowed until
+            // `for_each` returns.
+            let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(r.start), r.len()) };
             f(i, part);
         });
     }
