@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         model_path: path.into(),
         device: DeviceSpec::Cpu,
         slots: counts.iter().copied().max().unwrap_or(1),
+        context_length: None,
     };
     let mut engine = Engine::load(&opts, &mut |_| {})?;
     let prompt: String = (0..64).map(|i| format!("w{i} ")).collect();

@@ -32,6 +32,14 @@ pub struct LoadOptions {
     /// Sequences to run at once (continuous batching), at least 1. A model that runs on
     /// candle's code holds one; see [`Engine::slots`].
     pub slots: usize,
+    /// Positions a prompt plus its completion may occupy, in each slot; `None` takes the
+    /// context the model was trained for. More than that is allowed, with a warning, as
+    /// llama.cpp allows it: the engine's CPU path computes RoPE for any position, though the
+    /// model's answers past its trained context may degrade. Where the code that runs the model
+    /// has a fixed limit (candle's llama: 4,096 positions; candle's qwen2 and safetensors llama:
+    /// the trained context), the context is capped there, also with a warning. The result is
+    /// [`ModelInfo::context_length`].
+    pub context_length: Option<usize>,
 }
 
 /// One step of model loading, for progress displays.
@@ -115,7 +123,7 @@ impl Engine {
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<Engine, EngineError> {
         let device = opts.device.open()?;
-        let mut loaded = model::load(&opts.model_path, &device, progress)?;
+        let mut loaded = model::load(&opts.model_path, &device, opts.context_length, progress)?;
         let wanted = opts.slots.max(1);
         let slots = match loaded.model.batched() {
             Some(cpu) => {

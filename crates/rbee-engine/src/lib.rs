@@ -46,6 +46,19 @@ pub fn gguf_runs_on_cpu_path(content: &candle_core::quantized::gguf_file::Conten
     cpu::enabled() && cpu::Plan::new(content, usize::MAX).is_ok()
 }
 
+/// The context a model loaded from a GGUF file runs with, by the rules of
+/// [`LoadOptions::context_length`]: `requested` (`None` or 0: the trained context), capped where
+/// the code that runs it has a fixed limit. `on_cpu_path` is whether the file runs on the
+/// engine's CPU path (see [`gguf_runs_on_cpu_path`]; on a GPU it does not). Reads only the parsed
+/// header; `None` when it does not state the context.
+pub fn gguf_context_length(
+    content: &candle_core::quantized::gguf_file::Content,
+    on_cpu_path: bool,
+    requested: Option<usize>,
+) -> Option<usize> {
+    model::gguf_context_length(content, on_cpu_path, requested)
+}
+
 /// Backs the 2 MiB-aligned part of a fresh, not yet touched buffer with huge pages where Linux
 /// allows it, as the CPU path does for its weights; a benchmark measuring the memory bandwidth
 /// the weights are read at backs its buffer the same way.

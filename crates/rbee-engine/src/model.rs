@@ -3,6 +3,8 @@
 mod gguf;
 mod safetensors;
 
+pub(crate) use gguf::context_length_of as gguf_context_length;
+
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -54,9 +56,11 @@ pub struct ModelInfo {
     /// `llama` or `qwen2`.
     pub architecture: String,
     pub format: WeightsFormat,
-    /// Positions a prompt plus its completion may occupy. This can be below what the model was
-    /// trained for when the implementation has a smaller fixed limit (see `trained_context_length`).
+    /// Positions a prompt plus its completion may occupy, in each slot: the context asked for
+    /// at load ([`LoadOptions::context_length`](crate::LoadOptions::context_length)) or else
+    /// the trained one, capped where the code that runs the model has a smaller fixed limit.
     pub context_length: usize,
+    /// The context the model was trained for, as its file states it.
     pub trained_context_length: usize,
     /// Rows of the output layer, i.e. the number of logits per position.
     pub vocab_size: usize,
@@ -79,10 +83,12 @@ pub(crate) struct LoadedModel {
     pub(crate) tokenizer: TextTokenizer,
 }
 
-/// Loads a `.gguf` file, or a safetensors llama checkpoint given as its directory or any file in it.
+/// Loads a `.gguf` file, or a safetensors llama checkpoint given as its directory or any file in it,
+/// for a context of `context` positions (`None`: the trained context; see [`context_length`]).
 pub(crate) fn load(
     path: &Path,
     device: &Device,
+    context: Option<usize>,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
     if !path.exists() {
@@ -97,10 +103,57 @@ pub(crate) fn load(
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
         || gguf::has_magic(path);
     if is_gguf {
-        gguf::load(path, device, progress)
+        gguf::load(path, device, context, progress)
     } else {
-        safetensors::load(path, device, progress)
+        let mut loaded = safetensors::load(path, device, progress)?;
+        // candle's llama precomputes its rotary tables for the trained context and slides its
+        // KV cache past it.
+        let trained = loaded.info.trained_context_length;
+        loaded.info.context_length =
+            context_length(context, trained, Some(trained), "candle's llama");
+        Ok(loaded)
     }
+}
+
+/// The context a model runs with: `requested`, or `trained` when none was (or 0 was, as
+/// llama.cpp reads `-c 0`), capped at `limit`, the most positions the code that runs the model
+/// (named `runner`, for the warning) holds (`None`: no fixed limit). A context beyond the
+/// trained one is allowed, as llama.cpp allows it, with a warning; a cap is warned about when it
+/// cuts what was asked for or trained.
+pub(crate) fn context_length(
+    requested: Option<usize>,
+    trained: usize,
+    limit: Option<usize>,
+    runner: &str,
+) -> usize {
+    let wanted = requested.filter(|&n| n > 0).unwrap_or(trained);
+    let resolved = resolve_context(requested, trained, limit);
+    if wanted > trained && limit.is_none_or(|limit| limit > trained) {
+        tracing::warn!(
+            context_length = wanted,
+            trained_context_length = trained,
+            "the context asked for is longer than the model was trained for; its answers past \
+             the trained context may degrade"
+        );
+    }
+    if resolved < wanted {
+        tracing::warn!(
+            context_length = resolved,
+            asked = wanted,
+            "{runner} holds at most {resolved} positions; the context is capped there"
+        );
+    }
+    resolved
+}
+
+/// [`context_length`] without the warnings.
+pub(crate) fn resolve_context(
+    requested: Option<usize>,
+    trained: usize,
+    limit: Option<usize>,
+) -> usize {
+    let wanted = requested.filter(|&n| n > 0).unwrap_or(trained);
+    limit.map_or(wanted, |limit| wanted.min(limit))
 }
 
 /// Reports `fraction` of the load done, with a message.

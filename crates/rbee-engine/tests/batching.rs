@@ -26,6 +26,7 @@ fn load(path: &Path, slots: usize) -> anyhow::Result<Engine> {
         model_path: path.to_path_buf(),
         device: DeviceSpec::Cpu,
         slots,
+        context_length: None,
     };
     Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
 }

@@ -45,6 +45,7 @@ fn load(path: &Path) -> anyhow::Result<Engine> {
         model_path: path.to_path_buf(),
         device: DeviceSpec::Cpu,
         slots: 1,
+        context_length: None,
     };
     Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
 }

@@ -12,6 +12,7 @@ fn load(path: &Path, device: DeviceSpec) -> Result<Engine, EngineError> {
             model_path: path.to_owned(),
             device,
             slots: 1,
+            context_length: None,
         },
         &mut |_| {},
     )

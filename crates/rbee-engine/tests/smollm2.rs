@@ -40,6 +40,7 @@ fn loaded() -> Option<&'static Loaded> {
                 model_path,
                 device: DeviceSpec::Cpu,
                 slots: 1,
+                context_length: None,
             };
             let engine = Engine::load(&opts, &mut |p| progress.push(p)).expect("SmolLM2 loads");
             Some(Loaded {

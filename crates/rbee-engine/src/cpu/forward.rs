@@ -6,8 +6,9 @@
 //! position only. It computes what candle's `quantized_llama` and `quantized_qwen2` compute,
 //! with the same activation quantization, so greedy decoding picks the same tokens.
 //!
-//! Every buffer a step needs is kept in [`Scratch`] and reused; the KV cache grows (amortized) to
-//! the longest sequence seen and is kept across `reset`.
+//! Every buffer a step needs is kept in [`Scratch`] and reused; each sequence's KV cache takes
+//! room for `max_positions` (the context) the first time it is fed, never more, and is kept
+//! across `reset`.
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -465,6 +466,13 @@ impl CpuLlama {
                 {
                     k_head.truncate(e.pos * hd);
                     v_head.truncate(e.pos * hd);
+                    // Room for the whole context at once: pages are touched only as positions
+                    // fill them, and the cache never grows past what the hive's capacity check
+                    // counted (amortized doubling would).
+                    if k_head.capacity() == 0 {
+                        k_head.reserve_exact(cfg.max_positions * hd);
+                        v_head.reserve_exact(cfg.max_positions * hd);
+                    }
                     for t in t0..t0 + e.tokens.len() {
                         let at = t * kv_dim + h * hd;
                         k_head.extend_from_slice(&s.k[at..at + hd]);

@@ -31,6 +31,7 @@ pub(super) fn has_magic(path: &Path) -> bool {
 pub(super) fn load(
     path: &Path,
     device: &Device,
+    context: Option<usize>,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
     report(progress, 0.0, format!("reading {}", path.display()));
@@ -51,7 +52,8 @@ pub(super) fn load(
     report(progress, 0.05, "building the tokenizer from GGUF metadata");
     let tokenizer =
         TextTokenizer::from_gguf(&content).map_err(|e| EngineError::load("tokenizer", e))?;
-    let info = describe(path, &content, &arch, family, &tokenizer)?;
+    let mut info = describe(path, &content, &arch, family, &tokenizer)?;
+    let trained = info.trained_context_length;
 
     let total = info.weights_bytes;
     let mut reader = ProgressReader {
@@ -62,13 +64,19 @@ pub(super) fn load(
         progress,
     };
     let plan = if device.is_cpu() && cpu::enabled() {
-        cpu::Plan::new(&content, info.context_length)
+        cpu::Plan::new(&content, super::resolve_context(context, trained, None))
             .inspect_err(|why| {
                 tracing::info!(reason = %why.0, "the engine's CPU kernels do not cover this file; using candle's");
             })
             .ok()
     } else {
         None
+    };
+    info.context_length = if plan.is_some() {
+        super::context_length(context, trained, None, "the engine's CPU path")
+    } else {
+        let limit = candle_context_limit(&arch, trained);
+        super::context_length(context, trained, limit, "candle's model code")
     };
     let model: Box<dyn CausalLm> = match (plan, family) {
         (Some(plan), _) => {
@@ -137,14 +145,11 @@ fn describe(
     let n_heads = required("attention.head_count")?;
     let n_kv_heads = required("attention.head_count_kv").unwrap_or(n_heads);
     let trained_context_length = match family {
-        // quantized_llama precomputes rotary tables for a fixed number of positions.
         Family::Llama => required("context_length").unwrap_or(quantized_llama::MAX_SEQ_LEN),
         Family::Qwen2 => required("context_length")?,
     };
-    let context_length = match family {
-        Family::Llama => trained_context_length.min(quantized_llama::MAX_SEQ_LEN),
-        Family::Qwen2 => trained_context_length,
-    };
+    // The caller sets the context the model runs with once it knows which code runs it.
+    let context_length = trained_context_length;
     let vocab_size = content
         .tensor_infos
         .get("token_embd.weight")
@@ -199,6 +204,39 @@ fn describe(
         n_heads,
         n_kv_heads,
     })
+}
+
+/// The most positions candle's model code for `arch` holds, where it has a fixed limit:
+/// `quantized_llama` precomputes its rotary tables for [`quantized_llama::MAX_SEQ_LEN`]
+/// positions and `quantized_qwen2` for the trained context. The engine's CPU path has no such
+/// limit.
+fn candle_context_limit(arch: &str, trained: usize) -> Option<usize> {
+    match arch {
+        "llama" => Some(quantized_llama::MAX_SEQ_LEN),
+        _ => Some(trained),
+    }
+}
+
+/// The context a worker loading this file runs with, by the rules of [`load`], from the header
+/// alone: `requested` or the trained context, capped where candle's code runs it
+/// (`on_cpu_path` false). `None` when the file does not state what is needed.
+pub(crate) fn context_length_of(
+    content: &gguf_file::Content,
+    on_cpu_path: bool,
+    requested: Option<usize>,
+) -> Option<usize> {
+    let arch = metadata_str(content, "general.architecture")?;
+    let trained = match metadata_usize(content, &format!("{arch}.context_length")) {
+        Some(n) => n,
+        None if arch == "llama" => quantized_llama::MAX_SEQ_LEN,
+        None => return None,
+    };
+    let limit = if on_cpu_path {
+        None
+    } else {
+        candle_context_limit(arch, trained)
+    };
+    Some(super::resolve_context(requested, trained, limit))
 }
 
 fn metadata_str<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
@@ -419,7 +457,7 @@ mod tests {
         let path = dir.path().join("llama.gguf");
         let format = ModelFormat::Gguf(GgufType::Q8_0);
         model_gen::write_model(&ModelSpec::tiny(), format, &path).unwrap();
-        let mut loaded = load(&path, &Device::Cpu, &mut |_| {}).unwrap();
+        let mut loaded = load(&path, &Device::Cpu, None, &mut |_| {}).unwrap();
         assert_eq!(
             loaded.info.format,
             WeightsFormat::Gguf {
