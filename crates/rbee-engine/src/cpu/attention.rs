@@ -84,12 +84,24 @@ impl Layout {
     }
 }
 
+/// How a layer's heads weigh keys: the scale of the query-key products, the soft cap of the
+/// scaled products (`cap · tanh(s / cap)`, gemma 2), and the sliding window of a local layer
+/// (a token sees itself and the `window - 1` positions before it).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeadShape {
+    pub scale: f32,
+    pub softcap: Option<f32>,
+    pub window: Option<usize>,
+}
+
 /// Causal attention of every entry of `layout` over its own cache of one layer: `q` holds the
-/// step's queries (`[token][dim]`), and `kv(entry)` gives the entry's keys and values, one
+/// step's queries (`[token][n_heads · head_dim]`), and `kv(entry)` gives the entry's keys and values, one
 /// `[position][head_dim]` buffer per KV head, which already hold its new tokens. Each head's
 /// output lands in its part of `work` (see [`Layout`]; [`Layout::gather`] puts it in place).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention<'a>(
     cfg: &Config,
+    shape: HeadShape,
     kernels: &Kernels,
     pool: &Pool,
     layout: &Layout,
@@ -97,7 +109,7 @@ pub(super) fn attention<'a>(
     kv: &(dyn Fn(usize) -> (&'a [Vec<f32>], &'a [Vec<f32>]) + Sync),
     work: &mut [f32],
 ) {
-    let (hd, dim) = (cfg.head_dim, cfg.dim);
+    let (hd, dim) = (cfg.head_dim, cfg.q_dim());
     let group = cfg.n_heads / cfg.n_kv_heads;
     pool.for_each_part_mut(work, &layout.ends, &|c, part| {
         let (entry, h) = (c / cfg.n_heads, c % cfg.n_heads);
@@ -110,6 +122,9 @@ pub(super) fn attention<'a>(
             pos: layout.positions[entry],
             k: &k[h / group],
             v: &v[h / group],
+            scale: shape.scale,
+            softcap: shape.softcap.unwrap_or(0.0),
+            window: shape.window.unwrap_or(usize::MAX),
         };
         let (out, scores) = part.split_at_mut(tokens.len() * hd);
         (kernels.attend)(&head, out, scores);
@@ -127,6 +142,10 @@ pub(crate) struct HeadAttn<'a> {
     /// The head's keys and values, `[position][head_dim]`, through the last token's position.
     pub k: &'a [f32],
     pub v: &'a [f32],
+    /// See [`HeadShape`]; a soft cap of 0 is none, a window of `usize::MAX` is none.
+    pub scale: f32,
+    pub softcap: f32,
+    pub window: usize,
 }
 
 /// Values of the weighted sum that one pass over the positions accumulates in registers.
@@ -151,14 +170,19 @@ pub(crate) fn attend_head_with(
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let hd = a.head_dim;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = a.scale;
     for (t, o) in out.chunks_exact_mut(hd).enumerate() {
         let q = &a.q[t * a.q_stride..t * a.q_stride + hd];
-        let visible = a.pos + t + 1;
-        let scores = &mut scores[..visible];
+        let end = a.pos + t + 1;
+        let first = end.saturating_sub(a.window);
+        let scores = &mut scores[..end - first];
+        let (keys, values) = (&a.k[first * hd..end * hd], &a.v[first * hd..end * hd]);
         let mut max = f32::NEG_INFINITY;
-        for (sc, k) in scores.iter_mut().zip(a.k.chunks_exact(hd)) {
+        for (sc, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
             *sc = dot(q, k) * scale;
+            if a.softcap > 0.0 {
+                *sc = (*sc / a.softcap).tanh() * a.softcap;
+            }
             max = max.max(*sc);
         }
         let mut sum = 0f32;
@@ -174,14 +198,14 @@ pub(crate) fn attend_head_with(
             let width = OUT_BLOCK.min(hd - i0);
             let mut acc = [0f32; OUT_BLOCK];
             if width == OUT_BLOCK {
-                for (w, v) in scores.iter().zip(a.v.chunks_exact(hd)) {
+                for (w, v) in scores.iter().zip(values.chunks_exact(hd)) {
                     let v = &v[i0..i0 + OUT_BLOCK];
                     for i in 0..OUT_BLOCK {
                         acc[i] += w * v[i];
                     }
                 }
             } else {
-                for (w, v) in scores.iter().zip(a.v.chunks_exact(hd)) {
+                for (w, v) in scores.iter().zip(values.chunks_exact(hd)) {
                     for (acc, v) in acc.iter_mut().zip(&v[i0..i0 + width]) {
                         *acc += w * v;
                     }

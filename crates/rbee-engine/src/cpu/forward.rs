@@ -1,10 +1,14 @@
-//! The llama-family forward pass on CPU (llama, and qwen2: the same blocks plus Q/K/V biases and
-//! RoPE over head halves): embedding lookup, then per layer RMSNorm, Q/K/V products (plus
-//! biases), RoPE, causal grouped-query attention over an f32 KV cache, the output
-//! product with the residual add fused in, RMSNorm, gate/up products, SiLU × up, the down product
-//! with the residual add fused in; then the final norm and the vocabulary product for the last
-//! position only. It computes what candle's `quantized_llama` and `quantized_qwen2` compute,
-//! with the same activation quantization, so greedy decoding picks the same tokens.
+//! The forward pass on CPU of every family in [`super::arch::ARCHITECTURES`]: embedding lookup
+//! (scaled, for gemma), then per layer RMSNorm, Q/K/V products (stacked or fused, plus qwen2's
+//! biases, qwen3's and gemma3's per-head norms), RoPE (pairs or halves, per-layer tables,
+//! factors from the file), causal grouped-query attention over an f32 KV cache (scaled,
+//! soft-capped and windowed as the layer asks), the output product added to the residual
+//! stream (normed first, for gemma), RMSNorm, gate/up products, SiLU or GELU × up, the down
+//! product added likewise; then the final norm, the vocabulary product for the last position
+//! only, and gemma's logit soft-capping. It computes what llama.cpp computes for these
+//! architectures, with the same activation quantization (checked against llama.cpp's own
+//! outputs in `tests/llama_cpp_refs.rs`), and what candle's `quantized_llama` and
+//! `quantized_qwen2` compute for llama and qwen2.
 //!
 //! Every buffer a step needs is kept in [`Scratch`] and reused; each sequence's KV cache takes
 //! room for `max_positions` (the context) the first time it is fed, never more, and is kept
@@ -13,12 +17,13 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use super::attention::{Layout, attention};
+use super::arch::{FfnAct, Hyper, RopeParams};
+use super::attention::{HeadShape, Layout, attention};
 use super::kernels::{Activations, Kernels};
-use super::ops::{MatMul, RopeStyle, formats, rms_norm, rope, transpose};
+use super::ops::{MatMul, RopeStyle, formats, gelu, rms_norm, rms_norm_in_place, rope, transpose};
 use super::pool::Pool;
 use super::quant::dequantize_row;
-use super::weights::{Mat, Tensors, Unsupported, read_data};
+use super::weights::{Mat, Tensors, Unsupported, VecRef, read_data};
 use crate::EngineError;
 use crate::model::CausalLm;
 
@@ -34,9 +39,15 @@ pub(super) struct Config {
     pub(super) ffn: usize,
     pub(super) vocab: usize,
     pub(super) eps: f32,
-    /// RoPE frequency of each rotated pair.
-    pub(super) freqs: Vec<f32>,
     pub(super) rope: RopeStyle,
+    /// RoPE frequency of each rotated pair, one table per variant (global, sliding-window).
+    pub(super) rope_tables: Vec<Vec<f32>>,
+    pub(super) rope_mscale: f32,
+    pub(super) attn_scale: f32,
+    pub(super) attn_softcap: Option<f32>,
+    pub(super) final_softcap: Option<f32>,
+    pub(super) embed_scale: Option<f32>,
+    pub(super) ffn_act: FfnAct,
     pub(super) max_positions: usize,
 }
 
@@ -44,20 +55,60 @@ impl Config {
     pub(super) fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
+
+    pub(super) fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+}
+
+/// The Q/K/V products: three matrices, or one with the three stacked (Phi-3).
+#[derive(Clone, Copy)]
+enum Qkv {
+    Split([Mat; 3]),
+    Fused(Mat),
+}
+
+impl Qkv {
+    fn mats(&self) -> &[Mat] {
+        match self {
+            Qkv::Split(m) => m,
+            Qkv::Fused(m) => std::slice::from_ref(m),
+        }
+    }
+}
+
+/// The gate and up products: two matrices, or one with both stacked, gate first (Phi-3).
+#[derive(Clone, Copy)]
+enum GateUp {
+    Split([Mat; 2]),
+    Fused(Mat),
+}
+
+impl GateUp {
+    fn mats(&self) -> &[Mat] {
+        match self {
+            GateUp::Split(m) => m,
+            GateUp::Fused(m) => std::slice::from_ref(m),
+        }
+    }
 }
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Mat,
-    wk: Mat,
-    wv: Mat,
+    qkv: Qkv,
     wo: Mat,
     ffn_norm: Vec<f32>,
-    gate: Mat,
-    up: Mat,
+    gate_up: GateUp,
     down: Mat,
     /// Q, K and V biases (qwen2).
     qkv_bias: Option<[Vec<f32>; 3]>,
+    /// Per-head norms of queries and keys (qwen3, gemma3).
+    qk_norm: Option<[Vec<f32>; 2]>,
+    /// Norms of the attention and FFN outputs before their residual adds (gemma).
+    post_norms: Option<[Vec<f32>; 2]>,
+    /// The sliding window of a local layer.
+    window: Option<usize>,
+    rope_table: usize,
 }
 
 /// The KV cache of one sequence: per layer and KV head (`layer * n_kv_heads + head`), keys and
@@ -82,6 +133,8 @@ struct Scratch {
     /// The heads' outputs and scores, laid out by `att_layout`.
     att_heads: Vec<f32>,
     att_layout: Layout,
+    /// A block's output before its post-norm (gemma).
+    out: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
     /// Products of a batch, `[row][token]`, before they are transposed into place.
@@ -89,12 +142,13 @@ struct Scratch {
     /// Each token's position.
     positions: Vec<usize>,
     act: Activations,
+    /// Per RoPE table, each token's cosines and sines.
     cos: Vec<f32>,
     sin: Vec<f32>,
     logits: Vec<f32>,
 }
 
-/// A llama-family GGUF model run by the engine's own CPU kernels.
+/// A GGUF model of one of the [`ARCHITECTURES`] run by the engine's own CPU kernels.
 pub(crate) struct CpuLlama {
     data: Vec<u8>,
     cfg: Config,
@@ -123,154 +177,178 @@ pub(crate) struct SeqTokens<'a> {
 /// What the CPU path needs from the file, checked before any weight is read.
 pub(crate) struct Plan {
     cfg: Config,
+    rope_global: RopeParams,
+    rope_local: Option<RopeParams>,
+    rope_factors: Option<VecRef>,
     embd: Mat,
     layers: Vec<LayerPlan>,
-    out_norm: super::weights::VecRef,
+    out_norm: VecRef,
     output: Mat,
 }
 
 struct LayerPlan {
-    attn_norm: super::weights::VecRef,
-    ffn_norm: super::weights::VecRef,
-    mats: [Mat; 7],
-    qkv_bias: Option<[super::weights::VecRef; 3]>,
+    attn_norm: VecRef,
+    ffn_norm: VecRef,
+    qkv: Qkv,
+    wo: Mat,
+    gate_up: GateUp,
+    down: Mat,
+    qkv_bias: Option<[VecRef; 3]>,
+    qk_norm: Option<[VecRef; 2]>,
+    post_norms: Option<[VecRef; 2]>,
+    window: Option<usize>,
+    rope_table: usize,
 }
 
-fn md_usize(content: &gguf_file::Content, key: &str) -> Result<usize, Unsupported> {
-    let v = content
-        .metadata
-        .get(key)
-        .ok_or_else(|| Unsupported(format!("no {key}")))?;
-    v.to_u32()
-        .map(|n| n as usize)
-        .or_else(|_| v.to_u64().map(|n| n as usize))
-        .map_err(|_| Unsupported(format!("{key} is not an integer")))
-}
-
-fn md_f32(content: &gguf_file::Content, key: &str) -> Option<f32> {
-    content.metadata.get(key).and_then(|v| v.to_f32().ok())
+impl LayerPlan {
+    fn mats_mut(&mut self) -> impl Iterator<Item = &mut Mat> {
+        let qkv: &mut [Mat] = match &mut self.qkv {
+            Qkv::Split(m) => m,
+            Qkv::Fused(m) => std::slice::from_mut(m),
+        };
+        let gate_up: &mut [Mat] = match &mut self.gate_up {
+            GateUp::Split(m) => m,
+            GateUp::Fused(m) => std::slice::from_mut(m),
+        };
+        qkv.iter_mut()
+            .chain(gate_up)
+            .chain([&mut self.wo, &mut self.down])
+    }
 }
 
 impl Plan {
-    /// Checks that the file is a plain llama or qwen2 model whose matrices all have kernels
-    /// here.
+    /// Checks that the file is a model of one of the [`ARCHITECTURES`] whose matrices all have
+    /// kernels here. `max_positions` is the context it will run with.
     pub(crate) fn new(
         content: &gguf_file::Content,
         max_positions: usize,
     ) -> Result<Plan, Unsupported> {
-        let arch = match content.metadata.get("general.architecture") {
-            Some(v) => v
-                .to_string()
-                .map_err(|_| Unsupported("general.architecture is not a string".into()))?
-                .clone(),
-            None => return Err(Unsupported("no general.architecture".into())),
-        };
-        let (rope_style, biased) = match arch.as_str() {
-            "llama" => (RopeStyle::Interleaved, false),
-            "qwen2" => (RopeStyle::Halves, true),
-            other => return Err(Unsupported(format!("architecture {other}"))),
-        };
-        let key = |k: &str| format!("{arch}.{k}");
-        if md_usize(content, &key("expert_count")).unwrap_or(0) > 1 {
-            return Err(Unsupported("mixture of experts".into()));
-        }
-        let n_heads = md_usize(content, &key("attention.head_count"))?;
-        let n_kv_heads = md_usize(content, &key("attention.head_count_kv"))?;
-        let n_layers = md_usize(content, &key("block_count"))?;
-        let dim = md_usize(content, &key("embedding_length"))?;
-        let eps_key = key("attention.layer_norm_rms_epsilon");
-        let eps = md_f32(content, &eps_key).ok_or_else(|| Unsupported(format!("no {eps_key}")))?;
-        let base = md_f32(content, &key("rope.freq_base")).unwrap_or(10000.0);
-        if n_heads == 0
-            || n_kv_heads == 0
-            || !dim.is_multiple_of(n_heads)
-            || !n_heads.is_multiple_of(n_kv_heads)
-        {
-            return Err(Unsupported("attention shape".into()));
-        }
-        let head_dim = dim / n_heads;
-        // qwen2 files do not state it: rotation covers the whole head, as candle does.
-        let rope_dim = md_usize(content, &key("rope.dimension_count")).unwrap_or(head_dim);
-        if rope_dim != head_dim || head_dim > MAX_HEAD_DIM || !head_dim.is_multiple_of(2) {
-            return Err(Unsupported(format!(
-                "head size {head_dim}, rotary size {rope_dim}"
-            )));
-        }
         let t = Tensors::new(content);
+        let h = Hyper::read(content, max_positions)?;
+        if h.head_dim > MAX_HEAD_DIM {
+            return Err(Unsupported(format!("head size {}", h.head_dim)));
+        }
+        let (dim, q_dim, kv_dim) = (h.dim, h.q_dim(), h.kv_dim());
         let embd = t.lookup("token_embd.weight")?;
         let output = if t.has("output.weight") {
             t.matmul("output.weight")?
         } else {
             t.matmul("token_embd.weight")?
         };
-        let kv_dim = n_kv_heads * head_dim;
-        let mut layers = Vec::with_capacity(n_layers);
-        let mut ffn = 0;
-        for i in 0..n_layers {
-            let m = |n: &str| t.matmul(&format!("blk.{i}.{n}.weight"));
-            let mats = [
-                m("attn_q")?,
-                m("attn_k")?,
-                m("attn_v")?,
-                m("attn_output")?,
-                m("ffn_gate")?,
-                m("ffn_up")?,
-                m("ffn_down")?,
-            ];
-            ffn = mats[4].rows;
-            let shapes = [
-                (dim, dim),
-                (kv_dim, dim),
-                (kv_dim, dim),
-                (dim, dim),
-                (ffn, dim),
-                (ffn, dim),
-                (dim, ffn),
-            ];
-            if mats
-                .iter()
-                .zip(shapes)
-                .any(|(m, (r, c))| (m.rows, m.cols) != (r, c))
-            {
-                return Err(Unsupported(format!("layer {i} shapes")));
+        let shape = |m: &Mat, rows: usize, cols: usize, what: &str| {
+            if (m.rows, m.cols) == (rows, cols) {
+                Ok(())
+            } else {
+                Err(Unsupported(format!(
+                    "{what} is {}×{}, expected {rows}×{cols}",
+                    m.rows, m.cols
+                )))
             }
-            let qkv_bias = if biased {
-                let b = |n: &str, len| t.vector(&format!("blk.{i}.{n}.bias"), len);
+        };
+        let mut layers = Vec::with_capacity(h.n_layers);
+        let mut ffn = 0;
+        for (i, lh) in h.layers.iter().enumerate() {
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
+            let m = |n: &str| t.matmul(&name(n));
+            let v = |n: &str, len| t.vector(&name(n), len);
+            for unexpected in ["attn_output.bias", "ffn_down.bias", "ffn_up.bias"] {
+                if t.has(&format!("blk.{i}.{unexpected}")) {
+                    return Err(Unsupported(format!("blk.{i}.{unexpected}")));
+                }
+            }
+            let qkv = if t.has(&name("attn_qkv")) {
+                let fused = m("attn_qkv")?;
+                shape(&fused, q_dim + 2 * kv_dim, dim, &name("attn_qkv"))?;
+                Qkv::Fused(fused)
+            } else {
+                let [q, k, v] = [m("attn_q")?, m("attn_k")?, m("attn_v")?];
+                shape(&q, q_dim, dim, &name("attn_q"))?;
+                shape(&k, kv_dim, dim, &name("attn_k"))?;
+                shape(&v, kv_dim, dim, &name("attn_v"))?;
+                Qkv::Split([q, k, v])
+            };
+            let wo = m("attn_output")?;
+            shape(&wo, dim, q_dim, &name("attn_output"))?;
+            let down = m("ffn_down")?;
+            ffn = down.cols;
+            shape(&down, dim, ffn, &name("ffn_down"))?;
+            let gate_up = if t.has(&name("ffn_gate")) {
+                let [g, u] = [m("ffn_gate")?, m("ffn_up")?];
+                shape(&g, ffn, dim, &name("ffn_gate"))?;
+                shape(&u, ffn, dim, &name("ffn_up"))?;
+                GateUp::Split([g, u])
+            } else {
+                let fused = m("ffn_up")?;
+                shape(&fused, 2 * ffn, dim, &name("ffn_up"))?;
+                GateUp::Fused(fused)
+            };
+            let bias = |n: &str, len| t.vector(&format!("blk.{i}.{n}.bias"), len);
+            let qkv_bias = if h.qkv_bias {
                 Some([
-                    b("attn_q", dim)?,
-                    b("attn_k", kv_dim)?,
-                    b("attn_v", kv_dim)?,
+                    bias("attn_q", q_dim)?,
+                    bias("attn_k", kv_dim)?,
+                    bias("attn_v", kv_dim)?,
                 ])
             } else if t.has(&format!("blk.{i}.attn_q.bias")) {
-                return Err(Unsupported("attention biases in a llama file".into()));
+                return Err(Unsupported(format!(
+                    "attention biases in a {:?} file",
+                    h.family
+                )));
+            } else {
+                None
+            };
+            let qk_norm = if h.qk_norm {
+                Some([v("attn_q_norm", h.head_dim)?, v("attn_k_norm", h.head_dim)?])
+            } else {
+                None
+            };
+            let post_norms = if h.post_norms {
+                Some([v("post_attention_norm", dim)?, v("post_ffw_norm", dim)?])
             } else {
                 None
             };
             layers.push(LayerPlan {
-                attn_norm: t.vector(&format!("blk.{i}.attn_norm.weight"), dim)?,
-                ffn_norm: t.vector(&format!("blk.{i}.ffn_norm.weight"), dim)?,
-                mats,
+                attn_norm: v("attn_norm", dim)?,
+                ffn_norm: v("ffn_norm", dim)?,
+                qkv,
+                wo,
+                gate_up,
+                down,
                 qkv_bias,
+                qk_norm,
+                post_norms,
+                window: lh.window,
+                rope_table: lh.rope_table,
             });
         }
         if embd.cols != dim || output.cols != dim || output.rows != embd.rows {
             return Err(Unsupported("embedding shapes".into()));
         }
-        let freqs = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
-            .collect();
+        let rope_factors = if t.has(h.rope_factors) {
+            Some(t.vector(h.rope_factors, h.head_dim / 2)?)
+        } else {
+            None
+        };
         Ok(Plan {
+            rope_global: h.rope_global,
+            rope_local: h.rope_local,
+            rope_factors,
             cfg: Config {
                 dim,
-                n_heads,
-                n_kv_heads,
-                head_dim,
+                n_heads: h.n_heads,
+                n_kv_heads: h.n_kv_heads,
+                head_dim: h.head_dim,
                 ffn,
                 vocab: embd.rows,
-                eps,
-                freqs,
-                rope: rope_style,
+                eps: h.eps,
+                rope: h.rope,
+                rope_tables: Vec::new(),
+                rope_mscale: h.rope_mscale,
+                attn_scale: h.attn_scale,
+                attn_softcap: h.attn_softcap,
+                final_softcap: h.final_softcap,
+                embed_scale: h.embed_scale,
+                ffn_act: h.ffn_act,
                 max_positions,
             },
             embd,
@@ -299,23 +377,29 @@ impl Plan {
             .layers
             .into_iter()
             .map(|mut l| {
-                for m in &mut l.mats {
+                for m in l.mats_mut() {
                     m.tile(&mut data, &kernels, &mut scratch);
                 }
-                let [wq, wk, wv, wo, gate, up, down] = l.mats;
+                let read = |v: VecRef| v.read(&data);
                 Layer {
-                    qkv_bias: l.qkv_bias.map(|b| b.map(|v| v.read(&data))),
-                    attn_norm: l.attn_norm.read(&data),
-                    ffn_norm: l.ffn_norm.read(&data),
-                    wq,
-                    wk,
-                    wv,
-                    wo,
-                    gate,
-                    up,
-                    down,
+                    qkv_bias: l.qkv_bias.map(|b| b.map(read)),
+                    qk_norm: l.qk_norm.map(|b| b.map(read)),
+                    post_norms: l.post_norms.map(|b| b.map(read)),
+                    attn_norm: read(l.attn_norm),
+                    ffn_norm: read(l.ffn_norm),
+                    qkv: l.qkv,
+                    wo: l.wo,
+                    gate_up: l.gate_up,
+                    down: l.down,
+                    window: l.window,
+                    rope_table: l.rope_table,
                 }
             })
+            .collect();
+        let mut cfg = self.cfg;
+        let factors = self.rope_factors.map(|f| f.read(&data));
+        cfg.rope_tables = std::iter::once(self.rope_global.table(cfg.head_dim, factors.as_deref()))
+            .chain(self.rope_local.map(|r| r.table(cfg.head_dim, None)))
             .collect();
         let pool = Pool::new(threads).map_err(|e| EngineError::load("CPU threads", e))?;
         tracing::info!(
@@ -326,7 +410,7 @@ impl Plan {
         Ok(CpuLlama {
             out_norm: self.out_norm.read(&data),
             data,
-            cfg: self.cfg,
+            cfg,
             embd: self.embd,
             layers,
             output,
@@ -393,21 +477,23 @@ impl CpuLlama {
         }
         let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
         let entries = batch.len();
-        let (dim, kv_dim, ffn, hd) = (cfg.dim, cfg.kv_dim(), cfg.ffn, cfg.head_dim);
+        let (dim, q_dim, kv_dim, ffn, hd) =
+            (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn, cfg.head_dim);
         let n_layers = self.layers.len();
         let s = &mut self.s;
         s.x.resize(n * dim, 0.0);
         s.xn.resize(n * dim, 0.0);
-        s.q.resize(n * dim, 0.0);
+        s.q.resize(n * q_dim, 0.0);
         s.k.resize(n * kv_dim, 0.0);
         s.v.resize(n * kv_dim, 0.0);
-        s.att.resize(n * dim, 0.0);
+        s.att.resize(n * q_dim, 0.0);
         s.gate.resize(n * ffn, 0.0);
         s.up.resize(n * ffn, 0.0);
         s.logits.resize(entries * cfg.vocab, 0.0);
-        let half = cfg.freqs.len();
-        s.cos.resize(n * half, 0.0);
-        s.sin.resize(n * half, 0.0);
+        let half = hd / 2;
+        let table_len = n * half;
+        s.cos.resize(cfg.rope_tables.len() * table_len, 0.0);
+        s.sin.resize(cfg.rope_tables.len() * table_len, 0.0);
         let work = s
             .att_layout
             .plan(cfg, batch.iter().map(|e| (e.pos, e.tokens.len())));
@@ -423,15 +509,18 @@ impl CpuLlama {
 
         let tokens = batch.iter().flat_map(|e| e.tokens);
         for (t, (&tok, &p)) in tokens.zip(&s.positions).enumerate() {
-            dequantize_row(
-                self.embd.ty,
-                self.embd.row(&self.data, tok as usize),
-                &mut s.x[t * dim..(t + 1) * dim],
-            );
-            for (i, f) in cfg.freqs.iter().enumerate() {
-                let angle = p as f32 * f;
-                s.cos[t * half + i] = angle.cos();
-                s.sin[t * half + i] = angle.sin();
+            let x = &mut s.x[t * dim..(t + 1) * dim];
+            dequantize_row(self.embd.ty, self.embd.row(&self.data, tok as usize), x);
+            if let Some(scale) = cfg.embed_scale {
+                x.iter_mut().for_each(|v| *v *= scale);
+            }
+            for (table, freqs) in cfg.rope_tables.iter().enumerate() {
+                let at = table * table_len + t * half;
+                for (i, f) in freqs.iter().enumerate() {
+                    let angle = p as f32 * f;
+                    s.cos[at + i] = angle.cos() * cfg.rope_mscale;
+                    s.sin[at + i] = angle.sin() * cfg.rope_mscale;
+                }
             }
         }
 
@@ -442,18 +531,24 @@ impl CpuLlama {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, cfg.eps, &mut s.xn);
-            s.act
-                .set(&s.xn, dim, &formats(&[layer.wq, layer.wk, layer.wv]));
+            let qkv = layer.qkv.mats();
+            s.act.set(&s.xn, dim, &formats(qkv));
             // One parallel section for the three products.
-            mm.run_fused(&[layer.wq, layer.wk, layer.wv], &s.act, &mut s.batch);
+            mm.run_fused(qkv, &s.act, &mut s.batch);
             unstack(&s.batch, n, &mut [&mut s.q[..], &mut s.k[..], &mut s.v[..]]);
             if let Some([bq, bk, bv]) = &layer.qkv_bias {
                 add_rows(&mut s.q, bq);
                 add_rows(&mut s.k, bk);
                 add_rows(&mut s.v, bv);
             }
-            rope(&mut s.q, hd, cfg.rope, &s.cos, &s.sin);
-            rope(&mut s.k, hd, cfg.rope, &s.cos, &s.sin);
+            if let Some([nq, nk]) = &layer.qk_norm {
+                rms_norm_in_place(&mut s.q, nq, cfg.eps);
+                rms_norm_in_place(&mut s.k, nk, cfg.eps);
+            }
+            let table = layer.rope_table * table_len..(layer.rope_table + 1) * table_len;
+            let (cos, sin) = (&s.cos[table.clone()], &s.sin[table]);
+            rope(&mut s.q, hd, cfg.rope, cos, sin);
+            rope(&mut s.k, hd, cfg.rope, cos, sin);
             let n_kv = cfg.n_kv_heads;
             let heads = l * n_kv..(l + 1) * n_kv;
             let mut t0 = 0;
@@ -487,8 +582,14 @@ impl CpuLlama {
                 (&cache.k[heads.clone()], &cache.v[heads.clone()])
             };
             let layout = &s.att_layout;
+            let shape = HeadShape {
+                scale: cfg.attn_scale,
+                softcap: cfg.attn_softcap,
+                window: layer.window,
+            };
             attention(
                 cfg,
+                shape,
                 &self.kernels,
                 &self.pool,
                 layout,
@@ -497,18 +598,40 @@ impl CpuLlama {
                 &mut s.att_heads,
             );
             layout.gather(&s.att_heads, &mut s.att);
-            s.act.set(&s.att, dim, &formats(&[layer.wo]));
-            mm.run(&layer.wo, &s.act, &mut s.x, &mut s.batch, true);
+            s.act.set(&s.att, q_dim, &formats(&[layer.wo]));
+            add_block_output(
+                &mm,
+                &layer.wo,
+                layer.post_norms.as_ref().map(|[a, _]| a),
+                cfg.eps,
+                s,
+            );
 
             rms_norm(&s.x, &layer.ffn_norm, cfg.eps, &mut s.xn);
-            s.act.set(&s.xn, dim, &formats(&[layer.gate, layer.up]));
-            mm.run_fused(&[layer.gate, layer.up], &s.act, &mut s.batch);
+            let gate_up = layer.gate_up.mats();
+            s.act.set(&s.xn, dim, &formats(gate_up));
+            mm.run_fused(gate_up, &s.act, &mut s.batch);
             unstack(&s.batch, n, &mut [&mut s.gate[..], &mut s.up[..]]);
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+            match cfg.ffn_act {
+                FfnAct::Silu => {
+                    for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                        *g = *g / (1.0 + (-*g).exp()) * u;
+                    }
+                }
+                FfnAct::Gelu => {
+                    for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                        *g = gelu(*g) * u;
+                    }
+                }
             }
             s.act.set(&s.gate, ffn, &formats(&[layer.down]));
-            mm.run(&layer.down, &s.act, &mut s.x, &mut s.batch, true);
+            add_block_output(
+                &mm,
+                &layer.down,
+                layer.post_norms.as_ref().map(|[_, b]| b),
+                cfg.eps,
+                s,
+            );
         }
         for e in batch {
             self.caches[e.seq].len = e.pos + e.tokens.len();
@@ -529,7 +652,41 @@ impl CpuLlama {
         let normed = &s.xn[..entries * dim];
         s.act.set(normed, dim, &formats(&[self.output]));
         mm.run(&self.output, &s.act, &mut s.logits, &mut s.batch, false);
+        if let Some(cap) = cfg.final_softcap {
+            for v in &mut s.logits {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
         Ok(&s.logits)
+    }
+}
+
+/// Adds the product of `m` and the activations in `s.act` to the residual stream `s.x`:
+/// straight into it, or, where the block has a post-norm (gemma), normed first.
+fn add_block_output(
+    mm: &MatMul<'_>,
+    m: &Mat,
+    post_norm: Option<&Vec<f32>>,
+    eps: f32,
+    s: &mut Scratch,
+) {
+    let Scratch {
+        act,
+        x,
+        xn,
+        out,
+        batch,
+        ..
+    } = s;
+    let Some(norm) = post_norm else {
+        mm.run(m, act, x, batch, true);
+        return;
+    };
+    out.resize(x.len(), 0.0);
+    mm.run(m, act, out, batch, false);
+    rms_norm(out, norm, eps, xn);
+    for (x, o) in x.iter_mut().zip(xn.iter()) {
+        *x += o;
     }
 }
 

@@ -13,6 +13,7 @@
 //! tensor library: it knows exactly one block structure (llama's, with qwen2's biases and RoPE
 //! layout as options).
 
+mod arch;
 mod attention;
 mod forward;
 mod kernels;
@@ -21,6 +22,7 @@ mod pool;
 mod quant;
 mod weights;
 
+pub(crate) use arch::ARCHITECTURES;
 pub(crate) use forward::{CpuLlama, Plan, SeqTokens};
 pub(crate) use weights::advise_huge_pages;
 

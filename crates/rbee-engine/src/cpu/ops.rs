@@ -255,6 +255,35 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] of each `w.len()`-long row of `x`, in place (per-head query and key norms).
+pub(super) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    for xs in x.chunks_exact_mut(dim) {
+        let ss: f32 = xs.iter().map(|v| v * v).sum();
+        let root = (ss / dim as f32 + eps).sqrt();
+        for (v, g) in xs.iter_mut().zip(w) {
+            *v = *v / root * g;
+        }
+    }
+}
+
+/// GELU with the tanh approximation, as ggml computes it on the CPU: the input rounded to f16
+/// and the result looked up in a table of f16 values (so rounded to f16 too), except beyond
+/// ±10, where it is 0 or the input.
+pub(super) fn gelu(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let h = half::f16::from_f32(x).to_f32();
+    let y = 0.5 * h * (1.0 + (SQRT_2_OVER_PI * h * (1.0 + COEF_A * h * h)).tanh());
+    half::f16::from_f32(y).to_f32()
+}
+
 /// Which elements of a head RoPE rotates together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum RopeStyle {

@@ -17,6 +17,7 @@ pub(crate) const QK: usize = 32;
 pub(crate) enum WeightType {
     F32,
     F16,
+    BF16,
     Q4_0,
     Q4_1,
     Q8_0,
@@ -27,8 +28,12 @@ pub(crate) enum WeightType {
 /// Which activation blocks a weight type's dot product consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ActFormat {
-    /// Plain f32 (F32 and F16 weights).
+    /// Plain f32 (F32 weights).
     F32,
+    /// f32 values rounded to f16 (F16 weights: ggml multiplies them with f16 activations).
+    F16,
+    /// f32 values rounded to bf16 (BF16 weights, likewise).
+    BF16,
     /// [`BlockQ8`] (Q4_0, Q4_1, Q8_0).
     Q8,
     /// [`BlockQ8K`] (Q4_K, Q6_K).
@@ -39,7 +44,7 @@ impl WeightType {
     /// Elements per block.
     pub(crate) fn block_elems(self) -> usize {
         match self {
-            Self::F32 | Self::F16 => 1,
+            Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => QK,
             Self::Q4K | Self::Q6K => QK_K,
         }
@@ -49,7 +54,7 @@ impl WeightType {
     pub(crate) fn block_bytes(self) -> usize {
         match self {
             Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q8_0 => 34,
@@ -64,7 +69,9 @@ impl WeightType {
 
     pub(crate) fn act_format(self) -> ActFormat {
         match self {
-            Self::F32 | Self::F16 => ActFormat::F32,
+            Self::F32 => ActFormat::F32,
+            Self::F16 => ActFormat::F16,
+            Self::BF16 => ActFormat::BF16,
             Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => ActFormat::Q8,
             Self::Q4K | Self::Q6K => ActFormat::Q8K,
         }
@@ -116,7 +123,17 @@ pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-fn round_f16(x: f32) -> f32 {
+/// `bytes[at..at + 2]` as a little-endian bf16.
+pub(crate) fn bf16_at(bytes: &[u8], at: usize) -> f32 {
+    half::bf16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// `x` rounded to the nearest bf16 (ties to even), as ggml rounds activations for BF16 weights.
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+pub(crate) fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
 }
 
@@ -198,6 +215,11 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
         WeightType::F16 => {
             for (i, o) in out.iter_mut().enumerate() {
                 *o = f16_at(row, 2 * i);
+            }
+        }
+        WeightType::BF16 => {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = bf16_at(row, 2 * i);
             }
         }
         WeightType::Q4_0 => {
@@ -363,6 +385,13 @@ pub(crate) mod reference {
         act.iter()
             .enumerate()
             .map(|(i, &x)| f16_at(row, 2 * i) * x)
+            .sum()
+    }
+
+    pub(crate) fn dot_bf16(row: &[u8], act: &[f32]) -> f32 {
+        act.iter()
+            .enumerate()
+            .map(|(i, &x)| bf16_at(row, 2 * i) * x)
             .sum()
     }
 }

@@ -70,6 +70,9 @@ impl Mat {
 /// The GGML types whose matrices the CPU path multiplies.
 fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
     match dtype {
+        GgmlDType::F32 => Some(WeightType::F32),
+        GgmlDType::F16 => Some(WeightType::F16),
+        GgmlDType::BF16 => Some(WeightType::BF16),
         GgmlDType::Q4_0 => Some(WeightType::Q4_0),
         GgmlDType::Q4_1 => Some(WeightType::Q4_1),
         GgmlDType::Q8_0 => Some(WeightType::Q8_0),
@@ -81,11 +84,7 @@ fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
 
 /// The GGML types the CPU path can dequantize (embedding rows, norms).
 fn any_type(dtype: GgmlDType) -> Option<WeightType> {
-    match dtype {
-        GgmlDType::F32 => Some(WeightType::F32),
-        GgmlDType::F16 => Some(WeightType::F16),
-        other => matmul_type(other),
-    }
+    matmul_type(dtype)
 }
 
 /// Typed views of the tensors of one GGUF file.

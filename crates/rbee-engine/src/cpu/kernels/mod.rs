@@ -37,8 +37,10 @@ use super::attention::{HeadAttn, attend_head};
 
 use super::quant::{
     ActFormat, BlockQ8, BlockQ8K, QK, QK_K, WeightType, quantize_q8, quantize_q8k, reference,
+    round_bf16, round_f16,
 };
 
+type DotF32 = fn(&[u8], &[f32]) -> f32;
 type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
 type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
@@ -58,6 +60,9 @@ pub(crate) struct Kernels {
     pub q8_0: DotQ8,
     pub q4k: DotQ8K,
     pub q6k: DotQ8K,
+    /// F32 and F16 rows against f32 activations (for F16, rounded to f16 already).
+    pub f32: DotF32,
+    pub f16: DotF32,
     /// One row against four tokens, unpacking each weight block once (prefill).
     pub q4_0x4: DotQ8x4,
     pub q8_0x4: DotQ8x4,
@@ -92,6 +97,8 @@ impl Kernels {
             q8_0: reference::dot_q8_0,
             q4k: reference::dot_q4k,
             q6k: reference::dot_q6k,
+            f32: reference::dot_f32,
+            f16: reference::dot_f16,
             q4_0x4: |row, acts| acts.map(|a| reference::dot_q4_0(row, a)),
             q8_0x4: |row, acts| acts.map(|a| reference::dot_q8_0(row, a)),
             q4kx4: |row, acts| acts.map(|a| reference::dot_q4k(row, a)),
@@ -136,8 +143,9 @@ impl Kernels {
             WeightType::Q8_0 => (self.q8_0)(row, act.q8(t)),
             WeightType::Q4K => (self.q4k)(row, act.q8k(t)),
             WeightType::Q6K => (self.q6k)(row, act.q8k(t)),
-            WeightType::F32 => reference::dot_f32(row, act.f32(t)),
-            WeightType::F16 => reference::dot_f16(row, act.f32(t)),
+            WeightType::F32 => (self.f32)(row, act.f32(t)),
+            WeightType::F16 => (self.f16)(row, act.f16(t)),
+            WeightType::BF16 => reference::dot_bf16(row, act.bf16(t)),
         }
     }
 }
@@ -255,6 +263,9 @@ pub(crate) struct Activations {
     cols: usize,
     tokens: usize,
     f32: Vec<f32>,
+    /// The activations rounded to f16 and to bf16, still as f32.
+    f16: Vec<f32>,
+    bf16: Vec<f32>,
     q8: Vec<BlockQ8>,
     /// `q8` as the tile kernels take it.
     tile: Vec<TileAct>,
@@ -272,6 +283,14 @@ impl Activations {
                 ActFormat::F32 => {
                     self.f32.clear();
                     self.f32.extend_from_slice(x);
+                }
+                ActFormat::F16 => {
+                    self.f16.clear();
+                    self.f16.extend(x.iter().map(|&v| round_f16(v)));
+                }
+                ActFormat::BF16 => {
+                    self.bf16.clear();
+                    self.bf16.extend(x.iter().map(|&v| round_bf16(v)));
                 }
                 ActFormat::Q8 => {
                     self.q8.resize(tokens * cols / QK, BlockQ8::default());
@@ -293,6 +312,14 @@ impl Activations {
 
     fn f32(&self, t: usize) -> &[f32] {
         &self.f32[t * self.cols..(t + 1) * self.cols]
+    }
+
+    fn f16(&self, t: usize) -> &[f32] {
+        &self.f16[t * self.cols..(t + 1) * self.cols]
+    }
+
+    fn bf16(&self, t: usize) -> &[f32] {
+        &self.bf16[t * self.cols..(t + 1) * self.cols]
     }
 
     fn q8(&self, t: usize) -> &[BlockQ8] {

@@ -41,6 +41,8 @@ pub(super) fn variants() -> Vec<Kernels> {
         q8_0: base::dot_q8_0,
         q4k: base::dot_q4k,
         q6k: base::dot_q6k,
+        f32: super::super::quant::reference::dot_f32,
+        f16: super::super::quant::reference::dot_f16,
         q4_0x4: base::dot_q4_0x4,
         q8_0x4: base::dot_q8_0x4,
         q4kx4: base::dot_q4kx4,

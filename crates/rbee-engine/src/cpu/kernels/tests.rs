@@ -10,6 +10,26 @@ use crate::cpu::quant::dequantize_row;
 /// Random but well-formed blocks: scales are small finite f16 values, everything else is
 /// arbitrary bytes (every nibble and 6-bit pattern is a valid quantized value).
 fn random_row(ty: WeightType, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+    let mut values = Vec::new();
+    if matches!(ty, WeightType::F32 | WeightType::F16 | WeightType::BF16) {
+        values.extend((0..cols).map(|_| rng.random_range(-0.5f32..0.5)));
+    }
+    match ty {
+        WeightType::F32 => return values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        WeightType::F16 => {
+            return values
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect();
+        }
+        WeightType::BF16 => {
+            return values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+        }
+        _ => {}
+    }
     let mut row: Vec<u8> = (0..ty.row_bytes(cols)).map(|_| rng.random()).collect();
     let put = |row: &mut [u8], at: usize, v: f32| {
         row[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
@@ -24,7 +44,7 @@ fn random_row(ty: WeightType, cols: usize, rng: &mut StdRng) -> Vec<u8> {
                 put(&mut row, o + 2, rng.random_range(-0.05..0.05));
             }
             WeightType::Q6K => put(&mut row, o + 208, rng.random_range(0.0001..0.005)),
-            WeightType::F32 | WeightType::F16 => {}
+            WeightType::F32 | WeightType::F16 | WeightType::BF16 => {}
         }
     }
     row
@@ -76,6 +96,58 @@ fn every_kernel_matches_dequantize_then_multiply() {
             // Odd block counts: 1, 3, 7, 11 blocks.
             for (i, blocks) in [1usize, 3, 7, 11].into_iter().enumerate() {
                 check(kernels, ty, blocks * ty.block_elems(), 17 * i as u64 + 3);
+            }
+        }
+    }
+}
+
+/// Float rows multiply the activations rounded as ggml rounds them for that weight type (f16
+/// for F16, bf16 for BF16, none for F32), in any order of additions: every kernel gives the
+/// exact products' sum within f32 rounding, at lengths with and without a tail.
+#[test]
+fn float_rows_multiply_the_rounded_activations() {
+    for kernels in &Kernels::all() {
+        for ty in [WeightType::F32, WeightType::F16, WeightType::BF16] {
+            for (i, cols) in [8usize, 37, 64, 100, 2048].into_iter().enumerate() {
+                let mut rng = StdRng::seed_from_u64(31 + i as u64);
+                let row = random_row(ty, cols, &mut rng);
+                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let rounded: Vec<f32> = match ty {
+                    WeightType::F16 => x.iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                    WeightType::BF16 => x
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_f32())
+                        .collect(),
+                    _ => x.clone(),
+                };
+                let mut w = vec![0f32; cols];
+                dequantize_row(ty, &row, &mut w);
+                let exact: f64 = w
+                    .iter()
+                    .zip(&rounded)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let magnitude: f64 = w
+                    .iter()
+                    .zip(&rounded)
+                    .map(|(a, b)| (a * b).abs() as f64)
+                    .sum();
+                let mut act = Activations::default();
+                act.set(&x, cols, &[ty.act_format()]);
+                let got = kernels.dot(ty, &row, &act, 0) as f64;
+                assert!(
+                    (got - exact).abs() <= 1e-6 * magnitude + 1e-7,
+                    "{} {ty:?} cols {cols}: {got} vs {exact}",
+                    kernels.name
+                );
+                if ty != WeightType::F32 {
+                    let unrounded: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    assert!(
+                        (got - exact).abs() < (got - unrounded).abs() || exact == unrounded,
+                        "{} {ty:?} cols {cols}: the activations were not rounded",
+                        kernels.name
+                    );
+                }
             }
         }
     }
@@ -210,12 +282,23 @@ fn activation_rounding_is_round_half_away_from_zero_saturated() {
 
 /// Attention by every variant gives the portable code's outputs bit for bit (so a sequence
 /// decodes alike whichever variant the CPU gets), and they are a softmax-weighted mean of the
-/// values: the scores computed in f64 give the same outputs within f32 rounding.
+/// values: the scores computed in f64 give the same outputs within f32 rounding, also with a
+/// soft cap and a sliding window.
 #[test]
 fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
     use crate::cpu::attention::{HeadAttn, attend_head};
     let mut rng = StdRng::seed_from_u64(5);
-    for (head_dim, pos, tokens) in [(64, 0, 3), (64, 37, 1), (128, 5, 4), (20, 9, 2)] {
+    let cases = [
+        (64, 0, 3, 0.0, usize::MAX),
+        (64, 37, 1, 0.0, usize::MAX),
+        (128, 5, 4, 0.0, usize::MAX),
+        (20, 9, 2, 0.0, usize::MAX),
+        (64, 37, 3, 0.0, 8),
+        (64, 3, 4, 0.0, 8),
+        (128, 20, 2, 1.5, usize::MAX),
+        (64, 30, 5, 2.0, 16),
+    ];
+    for (head_dim, pos, tokens, softcap, window) in cases {
         let stride = 3 * head_dim;
         let len = pos + tokens;
         let mut values =
@@ -225,6 +308,7 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
             values(len * head_dim),
             values(len * head_dim),
         );
+        let scale = 1.0 / (head_dim as f32).sqrt();
         let head = HeadAttn {
             q: &q[head_dim..],
             q_stride: stride,
@@ -232,6 +316,9 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
             pos,
             k: &k,
             v: &v,
+            scale,
+            softcap,
+            window,
         };
         let run = |attend: fn(&HeadAttn<'_>, &mut [f32], &mut [f32])| {
             let (mut out, mut scores) = (vec![0f32; tokens * head_dim], vec![0f32; len]);
@@ -248,20 +335,26 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
         }
         for t in 0..tokens {
             let qv = &q[t * stride + head_dim..t * stride + 2 * head_dim];
-            let visible = pos + t + 1;
-            let scores: Vec<f64> = (0..visible)
+            let end = pos + t + 1;
+            let first = end.saturating_sub(window);
+            let scores: Vec<f64> = (first..end)
                 .map(|j| {
                     let kj = &k[j * head_dim..(j + 1) * head_dim];
                     let dot: f64 = qv.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    dot / (head_dim as f64).sqrt()
+                    let s = dot / (head_dim as f64).sqrt();
+                    if softcap > 0.0 {
+                        (s / softcap as f64).tanh() * softcap as f64
+                    } else {
+                        s
+                    }
                 })
                 .collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let total: f64 = weights.iter().sum();
             for i in 0..head_dim {
-                let want: f64 = (0..visible)
-                    .map(|j| weights[j] / total * v[j * head_dim + i] as f64)
+                let want: f64 = (first..end)
+                    .map(|j| weights[j - first] / total * v[j * head_dim + i] as f64)
                     .sum();
                 let got = portable[t * head_dim + i] as f64;
                 assert!(

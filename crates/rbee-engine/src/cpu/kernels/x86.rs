@@ -45,6 +45,8 @@ pub(super) fn variants() -> Vec<Kernels> {
         q8_0: dot_q8_0,
         q4k: dot_q4k,
         q6k: dot_q6k,
+        f32: dot_row_f32,
+        f16: dot_row_f16,
         q4_0x4: dot_q4_0x4,
         q8_0x4: dot_q8_0x4,
         q4kx4: dot_q4kx4,
@@ -77,6 +79,87 @@ pub(super) fn variants() -> Vec<Kernels> {
 
 // The safe wrappers below are private and handed out only by `kernels()` after the feature
 // check, so calling the `target_feature` functions from them is sound.
+
+fn dot_row_f32(row: &[u8], act: &[f32]) -> f32 {
+    unsafe { dot_row_f32_avx2(row, act) }
+}
+
+fn dot_row_f16(row: &[u8], act: &[f32]) -> f32 {
+    unsafe { dot_row_f16_avx2(row, act) }
+}
+
+/// An F32 row (little-endian bytes) against `act`: four 8-lane accumulators, then the tail.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_row_f32_avx2(row: &[u8], act: &[f32]) -> f32 {
+    let n = act.len();
+    assert!(row.len() >= 4 * n);
+    let (w, x) = (row.as_ptr(), act.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at `i..i + 8 <= n` of `act` and the same of `row`,
+    // whose length was checked above; unaligned loads accept any address.
+    unsafe {
+        while i + 32 <= n {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let at = i + 8 * j;
+                let wv = _mm256_loadu_ps(w.add(4 * at).cast());
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(w.add(4 * i).cast());
+            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), acc[0]);
+            i += 8;
+        }
+    }
+    let mut sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    for k in i..n {
+        let b = &row[4 * k..4 * k + 4];
+        sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * act[k];
+    }
+    sum
+}
+
+/// An F16 row against `act`: eight weights widened to f32 per `vcvtph2ps`, four 8-lane
+/// accumulators, then the tail.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_row_f16_avx2(row: &[u8], act: &[f32]) -> f32 {
+    let n = act.len();
+    assert!(row.len() >= 2 * n);
+    let (w, x) = (row.as_ptr(), act.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 8 values at `i..i + 8 <= n` of `act` and 16 bytes at
+    // `2i..2i + 16` of `row`, whose length was checked above; unaligned loads accept any
+    // address.
+    unsafe {
+        while i + 32 <= n {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let at = i + 8 * j;
+                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * at).cast()));
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i).cast()));
+            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), acc[0]);
+            i += 8;
+        }
+    }
+    let mut sum = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    for k in i..n {
+        sum += super::super::quant::f16_at(row, 2 * k) * act[k];
+    }
+    sum
+}
 
 fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
     #[target_feature(enable = "avx2,fma,f16c")]
