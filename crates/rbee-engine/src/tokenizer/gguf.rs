@@ -11,6 +11,7 @@ use tokenizers::models::bpe::{BPE, Merges, Vocab};
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
 
+use super::eog::Declared;
 use super::gguf_meta::{Meta, missing};
 use super::pretokenize::PreTokenization;
 use super::{Spec, TokenizerError};
@@ -113,12 +114,16 @@ pub(super) fn spec_from_gguf(content: &Content) -> Result<Spec, TokenizerError> 
         )
     };
 
-    let mut extra_eos_ids = Vec::new();
-    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
-        extra_eos_ids.extend(token_id(key)?);
-    }
+    let mut declared_ends = Declared {
+        eot: token_id("tokenizer.ggml.eot_token_id")?,
+        eom: token_id("tokenizer.ggml.eom_token_id")?,
+        fim_pad: token_id("tokenizer.ggml.fim_pad_token_id")?,
+        fim_rep: token_id("tokenizer.ggml.fim_rep_token_id")?,
+        fim_sep: token_id("tokenizer.ggml.fim_sep_token_id")?,
+        others: Vec::new(),
+    };
     if let Some(ids) = meta.ints("tokenizer.ggml.eos_token_ids")? {
-        extra_eos_ids.extend(
+        declared_ends.others.extend(
             ids.into_iter()
                 .filter(|&id| id >= 0 && (id as usize) < tokens.len())
                 .map(|id| id as u32),
@@ -130,7 +135,7 @@ pub(super) fn spec_from_gguf(content: &Content) -> Result<Spec, TokenizerError> 
         vocab_size: tokens.len(),
         bos_id,
         eos_id,
-        extra_eos_ids,
+        declared_ends,
         add_bos: meta
             .bool("tokenizer.ggml.add_bos_token")?
             .unwrap_or(add_bos_default),

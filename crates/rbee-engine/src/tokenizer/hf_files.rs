@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use super::eog::Declared;
 use super::{Spec, TokenizerError};
 
 pub(super) fn spec_from_file(path: &Path) -> Result<Spec, TokenizerError> {
@@ -47,13 +48,13 @@ pub(super) fn spec_from_file(path: &Path) -> Result<Spec, TokenizerError> {
             && around_empty.last() == eos_id.as_ref()
     });
 
-    let mut extra_eos_ids = Vec::new();
+    let mut declared_ends = Declared::default();
     if let Some(generation) = &generation {
         match &generation["eos_token_id"] {
-            Value::Number(n) => {
-                extra_eos_ids.extend(n.as_u64().and_then(|id| u32::try_from(id).ok()))
-            }
-            Value::Array(ids) => extra_eos_ids.extend(
+            Value::Number(n) => declared_ends
+                .others
+                .extend(n.as_u64().and_then(|id| u32::try_from(id).ok())),
+            Value::Array(ids) => declared_ends.others.extend(
                 ids.iter()
                     .filter_map(Value::as_u64)
                     .filter_map(|id| u32::try_from(id).ok()),
@@ -79,7 +80,7 @@ pub(super) fn spec_from_file(path: &Path) -> Result<Spec, TokenizerError> {
         inner,
         bos_id,
         eos_id,
-        extra_eos_ids,
+        declared_ends,
         add_bos,
         add_eos,
         chat_template,

@@ -7,35 +7,25 @@
 //! [`IncrementalDecoder`] turns a stream of generated ids into text without ever splitting a
 //! character. Rendering chat templates is [`crate::chat`]'s job, not this module's.
 
+mod eog;
 mod gguf;
 mod gguf_meta;
 mod hf_files;
 mod incremental;
+mod literal;
 mod pretokenize;
 
+use std::collections::HashSet;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
 
 pub use incremental::IncrementalDecoder;
-
-/// Texts of control tokens that end a turn or a document in common model families. A model
-/// declares one EOS id, yet its chat fine-tune may stop with a sibling (SmolLM2 and Qwen emit
-/// `<|endoftext|>` as well as `<|im_end|>`), so any special token among these also ends generation.
-const END_OF_GENERATION_TEXTS: &[&str] = &[
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<EOT>",
-    "<｜end▁of▁sentence｜>",
-];
+use literal::SpecialTexts;
 
 /// Why a tokenizer could not be built or used.
 #[derive(Debug, thiserror::Error)]
@@ -67,8 +57,8 @@ struct Spec {
     vocab_size: usize,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
-    /// Further end-of-generation ids the model declares besides its EOS.
-    extra_eos_ids: Vec<u32>,
+    /// End-of-generation ids the model declares besides its EOS.
+    declared_ends: eog::Declared,
     add_bos: bool,
     add_eos: bool,
     chat_template: Option<String>,
@@ -94,6 +84,10 @@ struct Shared {
     add_bos: bool,
     add_eos: bool,
     chat_template: Option<String>,
+    special_texts: SpecialTexts,
+    special_ids: HashSet<u32>,
+    /// `inner` with special-token matching off, built the first time a text needs it.
+    literal: OnceLock<Tokenizer>,
 }
 
 impl TextTokenizer {
@@ -121,18 +115,15 @@ impl TextTokenizer {
         let bos = spec.bos_id.and_then(named);
         let eos = spec.eos_id.and_then(named);
 
-        let mut eos_ids: Vec<u32> = spec.eos_id.into_iter().chain(spec.extra_eos_ids).collect();
-        let mut family: Vec<u32> = added
-            .iter()
-            .filter(|(_, token)| {
-                token.special && END_OF_GENERATION_TEXTS.contains(&token.content.as_str())
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        family.sort_unstable();
-        eos_ids.extend(family);
-        let mut seen = std::collections::HashSet::new();
-        eos_ids.retain(|id| seen.insert(*id));
+        let eos_ids = eog::end_of_generation_ids(
+            spec.eos_id,
+            &spec.declared_ends,
+            |text| inner.token_to_id(text),
+            |id| inner.id_to_token(id),
+        );
+        let special = || added.iter().filter(|(_, token)| token.special);
+        let special_texts = SpecialTexts::new(special().map(|(_, token)| token.content.clone()));
+        let special_ids = special().map(|(id, _)| *id).collect();
 
         Self(Arc::new(Shared {
             vocab_size: spec.vocab_size.max(inner.get_vocab_size(true)),
@@ -143,6 +134,9 @@ impl TextTokenizer {
             add_bos: spec.add_bos,
             add_eos: spec.add_eos,
             chat_template: spec.chat_template,
+            special_texts,
+            special_ids,
+            literal: OnceLock::new(),
         }))
     }
 
@@ -166,6 +160,39 @@ impl TextTokenizer {
             ids.extend(self.0.eos.as_ref().map(|t| t.id));
         }
         Ok(ids)
+    }
+
+    /// Token ids for `text`, in which special-token text that overlaps one of the byte ranges
+    /// `text_spans` is tokenized as ordinary text; elsewhere special tokens are recognised as
+    /// [`encode`](Self::encode) does (no BOS or EOS is added). Without spans this is exactly
+    /// `encode(text, false)`. A chat prompt passes the spans of control-token text that came
+    /// from inside its messages.
+    pub fn encode_with_text_spans(
+        &self,
+        text: &str,
+        text_spans: &[Range<usize>],
+    ) -> Result<Vec<u32>, TokenizerError> {
+        if text_spans.is_empty() {
+            return self.encode(text, false);
+        }
+        let literal = self.0.literal.get_or_init(|| {
+            let mut literal = self.0.inner.clone();
+            literal.set_encode_special_tokens(true);
+            literal
+        });
+        literal::encode_with_text_spans(
+            &self.0.inner,
+            literal,
+            &self.0.special_ids,
+            text,
+            text_spans,
+        )
+    }
+
+    /// Byte ranges of `text` that the tokenizer would read as special (control) tokens, such
+    /// as `<|im_end|>` typed into a message; the leftmost match first, the longest at a position.
+    pub fn find_special_text(&self, text: &str) -> Vec<Range<usize>> {
+        self.0.special_texts.find(text)
     }
 
     /// The text of `ids`; `skip_special` leaves out control tokens such as `<|im_end|>`.

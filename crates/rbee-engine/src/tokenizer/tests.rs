@@ -261,3 +261,50 @@ fn byte_level_vocabulary_with_merges_and_end_tokens() {
     // not a control token, so only its declaration counts.
     assert_eq!(tokenizer.eos_token_ids(), &[5, 7, 6]);
 }
+
+#[test]
+fn special_token_text_is_found_leftmost_and_longest_first() {
+    let tokenizer = sentencepiece();
+    let text = "a<s></s>b </s";
+    let found: Vec<&str> = tokenizer
+        .find_special_text(text)
+        .into_iter()
+        .map(|r| &text[r])
+        .collect();
+    assert_eq!(found, ["<s>", "</s>"]);
+    assert_eq!(tokenizer.find_special_text("<unk> é"), [0..5]);
+}
+
+#[test]
+fn special_token_text_inside_text_spans_is_tokenized_as_text() {
+    let tokenizer = sentencepiece();
+    let text = "<s>hello</s>world</s>";
+    // Without spans: exactly `encode(text, false)`.
+    assert_eq!(
+        tokenizer.encode_with_text_spans(text, &[]).unwrap(),
+        tokenizer.encode(text, false).unwrap()
+    );
+    assert_eq!(
+        tokenizer.encode(text, false).unwrap(),
+        [1, HELLO, 2, WORLD, 2]
+    );
+    // The first `</s>` is text: it joins "hello" and "world" in one piece of text, spelled in
+    // bytes (the vocabulary has no `<`, `/`, `s` or `>`); the last one stays a control token.
+    let byte = |b: u8| BYTE_BASE + u32::from(b);
+    assert_eq!(
+        tokenizer.encode_with_text_spans(text, &[8..12]).unwrap(),
+        [
+            1,
+            HELLO,
+            byte(b'<'),
+            byte(b'/'),
+            byte(b's'),
+            byte(b'>'),
+            // "world" inside the piece has no leading space: "w", "or", "ld".
+            259 + 5,
+            259 + 11,
+            259 + 16,
+            2,
+        ]
+    );
+}
