@@ -256,59 +256,84 @@ fn alone(cpu: &mut CpuLlama, prompt: &[u32], steps: usize) -> Vec<Vec<f32>> {
     out
 }
 
+/// Three sequences fed in shared steps (joining and leaving at different steps, a prompt fed
+/// beside the others' next tokens) get, bit for bit, the logits each gets alone.
+fn check_batched_equals_alone(spec: &ModelSpec, ty: GgufType, dir: &Path) {
+    let what = format!("{} {ty}", spec.arch);
+    let path = dir.join(format!("{}-{ty}.gguf", spec.cache_key()));
+    model_gen::write_model(spec, ModelFormat::Gguf(ty), &path).unwrap();
+    let mut cpu = cpu_model(&path, 2);
+    // Long enough prompts that gemma's sliding windows are crossed.
+    let long: Vec<u32> = (0..24).map(|i| 1 + (i * 37 % 300)).collect();
+    let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17], &long, &[1, 40, 41, 42, 43, 44, 45]];
+    let want: Vec<_> = prompts.iter().map(|p| alone(&mut cpu, p, 4)).collect();
+
+    cpu.set_sequences(3);
+    assert_eq!(cpu.sequences(), 3);
+    // Sequences 0 and 1 start together; sequence 2 joins two steps later, its prompt fed
+    // in the same step as the others' next tokens; sequence 0 leaves after three tokens.
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
+    let mut fed = [0usize; 3];
+    for step in 0..7 {
+        let mut inputs: Vec<(usize, Vec<u32>, usize)> = Vec::new();
+        for seq in 0..3 {
+            let joins = [0, 0, 2][seq];
+            let leaves = [3, 5, 5][seq];
+            if step < joins || got[seq].len() > leaves {
+                continue;
+            }
+            let tokens = match got[seq].last() {
+                None => prompts[seq].to_vec(),
+                Some(logits) => vec![argmax(logits) as u32],
+            };
+            inputs.push((seq, tokens, fed[seq]));
+        }
+        let entries: Vec<_> = inputs
+            .iter()
+            .map(|(seq, tokens, pos)| SeqTokens {
+                seq: *seq,
+                tokens,
+                pos: *pos,
+            })
+            .collect();
+        let logits = cpu.step(&entries).unwrap().to_vec();
+        let vocab = logits.len() / entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            got[e.seq].push(logits[i * vocab..(i + 1) * vocab].to_vec());
+            fed[e.seq] += e.tokens.len();
+        }
+    }
+    for seq in 0..3 {
+        let n = got[seq].len();
+        assert!(n >= 4, "{what} sequence {seq} ran {n} steps");
+        for (i, (g, w)) in got[seq].iter().zip(&want[seq]).enumerate() {
+            assert_eq!(g, w, "{what} sequence {seq} step {i}");
+        }
+    }
+}
+
 #[test]
 fn sequences_batched_together_get_the_logits_they_get_alone() {
     let dir = tempfile::tempdir().unwrap();
     for ty in [GgufType::Q4_0, GgufType::Q8_0, GgufType::Q4K] {
-        let path = dir.path().join(format!("{ty:?}.gguf"));
-        model_gen::write_model(&ModelSpec::small(), ModelFormat::Gguf(ty), &path).unwrap();
-        let mut cpu = cpu_model(&path, 2);
-        let prompts: [&[u32]; 3] = [&[1, 5, 9, 13, 17], &[1, 2, 3], &[1, 40, 41, 42, 43, 44, 45]];
-        let want: Vec<_> = prompts.iter().map(|p| alone(&mut cpu, p, 4)).collect();
-
-        cpu.set_sequences(3);
-        assert_eq!(cpu.sequences(), 3);
-        // Sequences 0 and 1 start together; sequence 2 joins two steps later, its prompt fed
-        // in the same step as the others' next tokens; sequence 0 leaves after three tokens.
-        let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); 3];
-        let mut fed = [0usize; 3];
-        for step in 0..7 {
-            let mut inputs: Vec<(usize, Vec<u32>, usize)> = Vec::new();
-            for seq in 0..3 {
-                let joins = [0, 0, 2][seq];
-                let leaves = [3, 5, 5][seq];
-                if step < joins || got[seq].len() > leaves {
-                    continue;
-                }
-                let tokens = match got[seq].last() {
-                    None => prompts[seq].to_vec(),
-                    Some(logits) => vec![argmax(logits) as u32],
-                };
-                inputs.push((seq, tokens, fed[seq]));
-            }
-            let entries: Vec<_> = inputs
-                .iter()
-                .map(|(seq, tokens, pos)| SeqTokens {
-                    seq: *seq,
-                    tokens,
-                    pos: *pos,
-                })
-                .collect();
-            let logits = cpu.step(&entries).unwrap().to_vec();
-            let vocab = logits.len() / entries.len();
-            for (i, e) in entries.iter().enumerate() {
-                got[e.seq].push(logits[i * vocab..(i + 1) * vocab].to_vec());
-                fed[e.seq] += e.tokens.len();
-            }
-        }
-        for seq in 0..3 {
-            let n = got[seq].len();
-            assert!(n >= 4, "{ty:?} sequence {seq} ran {n} steps");
-            for (i, (g, w)) in got[seq].iter().zip(&want[seq]).enumerate() {
-                assert_eq!(g, w, "{ty:?} sequence {seq} step {i}");
-            }
-        }
+        check_batched_equals_alone(&ModelSpec::small(), ty, dir.path());
     }
+}
+
+#[test]
+fn every_family_batched_gets_the_logits_it_gets_alone() {
+    use model_gen::Arch;
+    let dir = tempfile::tempdir().unwrap();
+    for arch in [Arch::Qwen3, Arch::Gemma2, Arch::Gemma3, Arch::Phi3] {
+        check_batched_equals_alone(&ModelSpec::small_arch(arch), GgufType::Q4KM, dir.path());
+        check_batched_equals_alone(&ModelSpec::tiny_arch(arch), GgufType::F16, dir.path());
+    }
+    check_batched_equals_alone(&ModelSpec::small_llama3(), GgufType::Q4KM, dir.path());
+    check_batched_equals_alone(
+        &ModelSpec::tiny().with_head_dim(32),
+        GgufType::F32,
+        dir.path(),
+    );
 }
 
 #[test]
