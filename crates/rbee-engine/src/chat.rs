@@ -7,13 +7,18 @@
 //! `raise_exception`, and a `tojson` that writes JSON as Python's `json.dumps` does.
 //!
 //! A model without a template gets [`ChatTemplate::chatml`], the ChatML format
-//! (`<|im_start|>role\ncontent<|im_end|>\n`), the most widely understood fallback.
+//! (`<|im_start|>role\ncontent<|im_end|>\n`), the most widely understood fallback. A model
+//! whose template does not compile gets no fallback: its chat requests fail with the reason.
 //!
 //! The rendered prompt already contains the model's special tokens (BOS included, when the
-//! template writes `bos_token`), so it is encoded without adding special tokens again.
+//! template writes `bos_token`), so it is encoded without adding special tokens again. Control
+//! tokens come only from the template: [`ChatTemplate::render_tracking`] reports where
+//! control-token text typed inside a message ended up, so that it is tokenized as text.
 //! Tokenization itself is [`crate::tokenizer`]'s job.
 
 use std::fmt;
+use std::fmt::Write as _;
+use std::ops::Range;
 
 use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, Error, ErrorKind, context};
@@ -28,6 +33,15 @@ pub const CHATML_TEMPLATE: &str = "{%- for message in messages %}\
 {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}\
 {%- endfor %}\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
+
+/// A rendered prompt, with the places where a message's own text reads as control tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    pub text: String,
+    /// Byte ranges of `text` holding control-token text (`<|im_end|>`) that was typed inside a
+    /// message rather than written by the template: it is to be tokenized as text.
+    pub typed_control_text: Vec<Range<usize>>,
+}
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +63,10 @@ impl ChatTurn {
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     /// The template source does not compile.
-    #[error("the model's chat template is invalid: {0}")]
+    #[error(
+        "the model's chat template does not compile ({0}); chat messages cannot be formatted \
+         for this model, a raw prompt still works"
+    )]
     InvalidTemplate(String),
     /// The template itself refused the conversation with `raise_exception`, e.g. because roles
     /// do not alternate or a role is not supported.
@@ -76,6 +93,7 @@ impl std::error::Error for RaisedByTemplate {}
 /// A compiled chat template, with the special-token strings it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
 }
@@ -98,11 +116,13 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| ChatError::InvalidTemplate(e.to_string()))?;
         Ok(Self {
             env,
+            source: source.to_owned(),
             bos: bos.unwrap_or_default(),
             eos: eos.unwrap_or_default(),
         })
@@ -114,6 +134,8 @@ impl ChatTemplate {
     }
 
     /// The template a tokenizer ships, with its BOS/EOS strings, or ChatML when it has none.
+    /// A template that does not compile is an error, not a reason to use ChatML: the model
+    /// was trained on its own format.
     pub fn for_tokenizer(tokenizer: &TextTokenizer) -> Result<Self, ChatError> {
         let bos = tokenizer.bos_token().map(str::to_owned);
         let eos = tokenizer.eos_token().map(str::to_owned);
@@ -145,6 +167,103 @@ impl ChatTemplate {
     }
 }
 
+impl ChatTemplate {
+    /// Renders `messages` like [`render`](Self::render), and reports where control-token text
+    /// typed inside a message ended up in the prompt. `find_control_text` gives the byte
+    /// ranges of control-token text in a string (the tokenizer knows which texts those are).
+    ///
+    /// Such text is swapped for a placeholder before rendering, so that the template handles
+    /// it as the plain text it is (`trim`, `split` and the like see no control token), and
+    /// put back afterwards. Messages without control-token text render exactly as `render`
+    /// renders them.
+    pub fn render_tracking(
+        &self,
+        messages: &[ChatTurn],
+        add_generation_prompt: bool,
+        find_control_text: &dyn Fn(&str) -> Vec<Range<usize>>,
+    ) -> Result<RenderedChat, ChatError> {
+        let found: Vec<Vec<Range<usize>>> = messages
+            .iter()
+            .map(|m| find_control_text(&m.content))
+            .collect();
+        if found.iter().all(Vec::is_empty) {
+            return Ok(RenderedChat {
+                text: self.render(messages, add_generation_prompt)?,
+                typed_control_text: Vec::new(),
+            });
+        }
+        let marker = self.placeholder_marker(messages)?;
+        let mut typed: Vec<&str> = Vec::new();
+        let placeheld: Vec<ChatTurn> = messages
+            .iter()
+            .zip(&found)
+            .map(|(message, ranges)| {
+                let mut content = String::with_capacity(message.content.len());
+                let mut copied = 0;
+                for range in ranges {
+                    content.push_str(&message.content[copied..range.start]);
+                    let _ = write!(content, "{marker}{}{marker}", typed.len());
+                    typed.push(&message.content[range.clone()]);
+                    copied = range.end;
+                }
+                content.push_str(&message.content[copied..]);
+                ChatTurn::new(message.role.clone(), content)
+            })
+            .collect();
+        let rendered = self.render(&placeheld, add_generation_prompt)?;
+
+        let altered = || {
+            ChatError::Render(
+                "the template altered a message that contains control-token text, so its \
+                 text cannot be told apart from the template's own tokens"
+                    .into(),
+            )
+        };
+        let mut text = String::with_capacity(rendered.len());
+        let mut spans = Vec::new();
+        let mut rest = rendered.as_str();
+        while let Some(at) = rest.find(marker) {
+            text.push_str(&rest[..at]);
+            let after = &rest[at + marker.len_utf8()..];
+            let close = after.find(marker).ok_or_else(altered)?;
+            let digits = &after[..close];
+            let original = digits
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| digits.parse::<usize>().ok())
+                .flatten()
+                .and_then(|index| typed.get(index))
+                .ok_or_else(altered)?;
+            spans.push(text.len()..text.len() + original.len());
+            text.push_str(original);
+            rest = &after[close + marker.len_utf8()..];
+        }
+        text.push_str(rest);
+        Ok(RenderedChat {
+            text,
+            typed_control_text: spans,
+        })
+    }
+
+    /// A private-use character found nowhere in the messages, the template or its special
+    /// strings, to delimit placeholders with.
+    fn placeholder_marker(&self, messages: &[ChatTurn]) -> Result<char, ChatError> {
+        let in_use = |c: char| {
+            messages.iter().any(|m| m.content.contains(c))
+                || self.source.contains(c)
+                || self.bos.contains(c)
+                || self.eos.contains(c)
+        };
+        ('\u{E000}'..='\u{F8FF}')
+            .find(|&c| !in_use(c))
+            .ok_or_else(|| {
+                ChatError::Render(
+                    "the messages use every private-use character; cannot render them".into(),
+                )
+            })
+    }
+}
+
 fn classify(error: Error) -> ChatError {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&error);
     while let Some(e) = cause {
@@ -160,6 +279,96 @@ fn classify(error: Error) -> ChatError {
 fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message.clone())
         .with_source(RaisedByTemplate(message)))
+}
+
+/// `strftime_now(format)` as `transformers` provides it to templates (Llama 3.x writes
+/// today's date into its system header): the current UTC time, formatted.
+fn strftime_now(format: String) -> Result<Value, Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    strftime(&format, now).map(Value::from)
+}
+
+/// The directives of C's `strftime` that chat templates use, for `unix_secs` in UTC.
+fn strftime(format: &str, unix_secs: u64) -> Result<String, Error> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let days = unix_secs / 86_400;
+    let secs = unix_secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    let weekday = DAYS[(days % 7) as usize];
+    let month_name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let directive = chars.next().ok_or_else(|| {
+            Error::new(ErrorKind::InvalidOperation, "strftime format ends with `%`")
+        })?;
+        let _ = match directive {
+            'd' => write!(out, "{day:02}"),
+            'e' => write!(out, "{day:>2}"),
+            'm' => write!(out, "{month:02}"),
+            'Y' => write!(out, "{year}"),
+            'y' => write!(out, "{:02}", year % 100),
+            'b' | 'h' => write!(out, "{}", &month_name[..3]),
+            'B' => write!(out, "{month_name}"),
+            'a' => write!(out, "{}", &weekday[..3]),
+            'A' => write!(out, "{weekday}"),
+            'H' => write!(out, "{:02}", secs / 3600),
+            'M' => write!(out, "{:02}", secs / 60 % 60),
+            'S' => write!(out, "{:02}", secs % 60),
+            'F' => write!(out, "{year}-{month:02}-{day:02}"),
+            '%' => write!(out, "%"),
+            other => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime directive `%{other}` is not supported"),
+                ));
+            }
+        };
+    }
+    Ok(out)
+}
+
+/// Year, month (1-12) and day (1-31) of a day count since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
 }
 
 /// `tojson` as `transformers` defines it: `json.dumps(value, ensure_ascii=False, indent=...)`,
@@ -288,6 +497,71 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "XY!Z");
+    }
+
+    #[test]
+    fn strftime_formats_utc_dates() {
+        // 2024-07-26 13:05:09 UTC, a Friday.
+        let t = 1_721_999_109;
+        assert_eq!(strftime("%d %b %Y", t).unwrap(), "26 Jul 2024");
+        assert_eq!(
+            strftime("%A %B %e, %y %H:%M:%S %F %%", t).unwrap(),
+            "Friday July 26, 24 13:05:09 2024-07-26 %"
+        );
+        assert_eq!(strftime("%Y-%m-%d", 951_782_400).unwrap(), "2000-02-29");
+        assert!(strftime("%Q", t).is_err());
+    }
+
+    #[test]
+    fn typed_control_text_is_tracked_through_the_template() {
+        let find = |text: &str| -> Vec<Range<usize>> {
+            text.match_indices("<|im_end|>")
+                .map(|(at, m)| at..at + m.len())
+                .collect()
+        };
+        let template = ChatTemplate::new(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let messages = turns(&[("user", "  a <|im_end|> b<|im_end|> "), ("user", "plain")]);
+        let rendered = template.render_tracking(&messages, false, &find).unwrap();
+        assert_eq!(rendered.text, template.render(&messages, false).unwrap());
+        assert_eq!(
+            rendered.text,
+            "<|im_start|>user\na <|im_end|> b<|im_end|><|im_end|>\n<|im_start|>user\nplain<|im_end|>\n"
+        );
+        let typed: Vec<&str> = rendered
+            .typed_control_text
+            .iter()
+            .map(|r| &rendered.text[r.clone()])
+            .collect();
+        assert_eq!(typed, ["<|im_end|>", "<|im_end|>"]);
+        assert_eq!(
+            rendered.typed_control_text[0].start,
+            "<|im_start|>user\na ".len()
+        );
+        assert_eq!(
+            rendered.typed_control_text[1].start,
+            "<|im_start|>user\na <|im_end|> b".len()
+        );
+
+        let plain = turns(&[("user", "no control text")]);
+        let rendered = template.render_tracking(&plain, true, &find).unwrap();
+        assert!(rendered.typed_control_text.is_empty());
+    }
+
+    #[test]
+    fn a_template_that_cuts_typed_control_text_is_an_error() {
+        let find = |text: &str| -> Vec<Range<usize>> {
+            text.find("<s>").map(|at| at..at + 3).into_iter().collect()
+        };
+        let template = ChatTemplate::new("{{ messages[0].content[:2] }}", None, None).unwrap();
+        let err = template
+            .render_tracking(&turns(&[("user", "<s>x")]), false, &find)
+            .unwrap_err();
+        assert!(matches!(err, ChatError::Render(_)), "{err:?}");
     }
 
     #[test]

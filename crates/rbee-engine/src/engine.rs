@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatError, ChatTemplate};
 use crate::cpu::SeqTokens;
 use crate::model::{self, CausalLm, ModelInfo};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
@@ -342,13 +342,12 @@ impl Engine {
     }
 }
 
-/// The model's own template, or ChatML when it has none or its template does not compile.
-fn chat_template(tokenizer: &TextTokenizer) -> ChatTemplate {
-    match ChatTemplate::for_tokenizer(tokenizer) {
-        Ok(template) => template,
-        Err(e) => {
-            tracing::warn!(error = %e, "the model's chat template does not compile; using ChatML");
-            ChatTemplate::chatml()
-        }
+/// The model's own template, or ChatML when it has none. A template that does not compile is
+/// kept as the error every chat request answers with; raw prompts still work.
+fn chat_template(tokenizer: &TextTokenizer) -> Result<ChatTemplate, ChatError> {
+    let template = ChatTemplate::for_tokenizer(tokenizer);
+    if let Err(e) = &template {
+        tracing::warn!(error = %e, "chat requests will fail: the model's chat template does not compile");
     }
+    template
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::EngineError;
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatError, ChatTemplate};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 
@@ -12,7 +12,9 @@ use crate::tokenizer::{TextTokenizer, TokenizerError};
 #[derive(Debug, Clone)]
 pub struct Prompter {
     tokenizer: TextTokenizer,
-    template: Arc<ChatTemplate>,
+    /// The model's chat template, or why it does not compile: then chat requests fail with
+    /// that reason, while raw prompts still work.
+    template: Arc<Result<ChatTemplate, ChatError>>,
     context_length: usize,
     vocab_size: usize,
 }
@@ -20,7 +22,7 @@ pub struct Prompter {
 impl Prompter {
     pub(crate) fn new(
         tokenizer: TextTokenizer,
-        template: ChatTemplate,
+        template: Result<ChatTemplate, ChatError>,
         context_length: usize,
         vocab_size: usize,
     ) -> Self {
@@ -74,15 +76,21 @@ impl Prompter {
                 if turns.is_empty() {
                     return Err(EngineError::EmptyPrompt);
                 }
-                let rendered = self
+                let template = self
                     .template
-                    .render(turns, true)
+                    .as_ref()
+                    .as_ref()
+                    .map_err(|e| EngineError::Template(e.to_string()))?;
+                // Control tokens come only from the template: the same text typed inside a
+                // message is tokenized as text.
+                let rendered = template
+                    .render_tracking(turns, true, &|text| self.tokenizer.find_special_text(text))
                     .map_err(|e| EngineError::Template(e.to_string()))?;
                 // Templates carry their special tokens; BOS is added only when the template
                 // left it out but the model expects it.
                 let mut tokens = self
                     .tokenizer
-                    .encode(&rendered, false)
+                    .encode_with_text_spans(&rendered.text, &rendered.typed_control_text)
                     .map_err(tokenizer_err)?;
                 if self.tokenizer.add_bos()
                     && let Some(bos) = self.tokenizer.bos_token_id()

@@ -1,7 +1,11 @@
 //! Chat templates as models ship them: SmolLM2's (from its GGUF file), a Llama-2 template that
-//! polices role order with `raise_exception`, and a Llama-3 template that writes `bos_token`.
+//! polices role order with `raise_exception`, a Llama-3 template that writes `bos_token`, and
+//! the published templates of Llama 3.1 and 3.2, Qwen2.5, Qwen3, Gemma 2 and 3 and Phi-3.5
+//! (`tests/data/templates`, verbatim from the models' `tokenizer_config.json`), each rendering
+//! a conversation to the prompt its model was trained on.
 
 use std::fs::File;
+use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
 use rbee_engine::chat::{ChatError, ChatTemplate, ChatTurn};
@@ -146,5 +150,179 @@ fn trim_and_lstrip_blocks_match_transformers() {
             .render(&turns(&[("user", "a"), ("user", "b")]), false)
             .unwrap(),
         "U:a\nU:b\n"
+    );
+}
+
+fn published(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/templates")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn compiled(name: &str, bos: &str, eos: &str) -> ChatTemplate {
+    ChatTemplate::new(&published(name), Some(bos.into()), Some(eos.into()))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// system, user, assistant, user: the conversation every published template renders below.
+fn conversation() -> Vec<ChatTurn> {
+    turns(&[
+        ("system", "You are terse."),
+        ("user", "Hi!"),
+        ("assistant", "Hello."),
+        ("user", "What is 2+2?"),
+    ])
+}
+
+#[test]
+fn llama_3_1_renders_headers_with_its_knowledge_date() {
+    // Llama 3.3 ships the same template.
+    let template = compiled("llama-3.1.jinja", "<|begin_of_text|>", "<|eot_id|>");
+    assert_eq!(
+        template.render(&conversation(), true).unwrap(),
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
+         Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n\
+         You are terse.<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+    // Without a system message the header is still written, with an empty system prompt.
+    assert_eq!(
+        template.render(&turns(&[("user", " Hi! ")]), true).unwrap(),
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
+         Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+}
+
+#[test]
+fn llama_3_2_writes_todays_date_with_strftime_now() {
+    let template = compiled("llama-3.2.jinja", "<|begin_of_text|>", "<|eot_id|>");
+    let prompt = template.render(&conversation(), true).unwrap();
+    let (head, rest) = prompt.split_once("Today Date: ").unwrap();
+    let (date, tail) = rest.split_once("\n\n").unwrap();
+    assert_eq!(
+        head,
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n\
+         Cutting Knowledge Date: December 2023\n"
+    );
+    // `strftime_now("%d %b %Y")`: e.g. "06 Dec 2026", the current date rather than the
+    // template's fallback of 26 Jul 2024.
+    let parts: Vec<&str> = date.split(' ').collect();
+    assert_eq!(parts.len(), 3, "{date:?}");
+    assert!(parts[0].len() == 2 && parts[0].parse::<u32>().is_ok_and(|d| (1..=31).contains(&d)));
+    assert!(
+        [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"
+        ]
+        .contains(&parts[1])
+    );
+    assert!(parts[2].parse::<u32>().is_ok_and(|y| y >= 2025), "{date:?}");
+    assert_eq!(
+        tail,
+        "You are terse.<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>\
+         <|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>\
+         <|start_header_id|>assistant<|end_header_id|>\n\n"
+    );
+}
+
+const CHATML_CONVERSATION: &str = "<|im_start|>system\nYou are terse.<|im_end|>\n\
+    <|im_start|>user\nHi!<|im_end|>\n\
+    <|im_start|>assistant\nHello.<|im_end|>\n\
+    <|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+    <|im_start|>assistant\n";
+
+#[test]
+fn qwen2_5_renders_chatml_with_its_default_system_prompt() {
+    let template = compiled("qwen2.5.jinja", "", "<|im_end|>");
+    assert_eq!(
+        template.render(&conversation(), true).unwrap(),
+        CHATML_CONVERSATION
+    );
+    assert_eq!(
+        template.render(&turns(&[("user", "Hi!")]), true).unwrap(),
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+         <|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn qwen3_renders_chatml_and_drops_old_reasoning() {
+    let template = compiled("qwen3.jinja", "", "<|im_end|>");
+    assert_eq!(
+        template.render(&conversation(), true).unwrap(),
+        CHATML_CONVERSATION
+    );
+    // Reasoning of turns before the last user message is dropped (`messages[::-1]`,
+    // `namespace`, `.split('</think>')`); a final assistant turn keeps it.
+    let thinking = turns(&[
+        ("user", "Hi!"),
+        ("assistant", "<think>\nGreet back.\n</think>\n\nHello."),
+        ("user", "What is 2+2?"),
+        ("assistant", "<think>\nAdd.\n</think>\n\n4"),
+    ]);
+    assert_eq!(
+        template.render(&thinking, false).unwrap(),
+        "<|im_start|>user\nHi!<|im_end|>\n\
+         <|im_start|>assistant\nHello.<|im_end|>\n\
+         <|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+         <|im_start|>assistant\n<think>\nAdd.\n</think>\n\n4<|im_end|>\n"
+    );
+}
+
+#[test]
+fn gemma_2_renders_turns_and_refuses_a_system_message() {
+    let template = compiled("gemma-2.jinja", "<bos>", "<eos>");
+    let without_system = &conversation()[1..];
+    assert_eq!(
+        template.render(without_system, true).unwrap(),
+        "<bos><start_of_turn>user\nHi!<end_of_turn>\n\
+         <start_of_turn>model\nHello.<end_of_turn>\n\
+         <start_of_turn>user\nWhat is 2+2?<end_of_turn>\n\
+         <start_of_turn>model\n"
+    );
+    match template.render(&conversation(), true).unwrap_err() {
+        ChatError::Rejected(message) => assert_eq!(message, "System role not supported"),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn gemma_3_folds_the_system_message_into_the_first_user_turn() {
+    let template = compiled("gemma-3.jinja", "<bos>", "<eos>");
+    assert_eq!(
+        template.render(&conversation(), true).unwrap(),
+        "<bos><start_of_turn>user\nYou are terse.\n\nHi!<end_of_turn>\n\
+         <start_of_turn>model\nHello.<end_of_turn>\n\
+         <start_of_turn>user\nWhat is 2+2?<end_of_turn>\n\
+         <start_of_turn>model\n"
+    );
+    let err = template
+        .render(&turns(&[("user", "a"), ("user", "b")]), true)
+        .unwrap_err();
+    assert!(matches!(err, ChatError::Rejected(_)), "{err:?}");
+}
+
+#[test]
+fn phi_3_5_renders_its_role_tags() {
+    let template = compiled("phi-3.5.jinja", "<s>", "<|endoftext|>");
+    assert_eq!(
+        template.render(&conversation(), true).unwrap(),
+        "<|system|>\nYou are terse.<|end|>\n\
+         <|user|>\nHi!<|end|>\n\
+         <|assistant|>\nHello.<|end|>\n\
+         <|user|>\nWhat is 2+2?<|end|>\n\
+         <|assistant|>\n"
+    );
+    // Without the generation prompt the template closes with EOS.
+    assert_eq!(
+        template.render(&turns(&[("user", "Hi!")]), false).unwrap(),
+        "<|user|>\nHi!<|end|>\n<|endoftext|>"
     );
 }
