@@ -1,12 +1,14 @@
 //! rbee's inference engine: loads a model with candle, tokenizes and renders prompts, samples
 //! tokens and streams them to a callback.
 //!
-//! It runs GGUF files of the llama family and qwen2 (quantized or not) and safetensors llama
-//! checkpoints in Hugging Face hub layout, on CPU, CUDA or Metal (the last two behind the
-//! `cuda` / `metal` features). Every family sits behind one trait and shares one generation
-//! loop, one sampler and one incremental detokenizer. On CPU, llama and qwen2 GGUF files whose
-//! matrices are Q4_0, Q4_1, Q8_0, Q4_K or Q6_K run on the engine's own kernels and thread pool
-//! (`cpu` module); everything else runs on candle's model code. The CPU path holds one KV cache
+//! It runs GGUF files of the llama, qwen2, qwen3, gemma2, gemma3 and phi3 architectures
+//! (quantized or not) and safetensors llama checkpoints in Hugging Face hub layout, on CPU, CUDA
+//! or Metal (the last two behind the `cuda` / `metal` features). Every family sits behind one
+//! trait and shares one generation loop, one sampler and one incremental detokenizer. On CPU,
+//! GGUF files whose matrices are F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K or Q6_K run on the
+//! engine's own kernels and thread pool (`cpu` module), computed as llama.cpp computes them;
+//! everything else runs on candle's model code, which takes only the llama and qwen2 files it
+//! computes correctly. The CPU path holds one KV cache
 //! per slot and feeds several generations in one forward pass (continuous batching: see
 //! [`Engine::step`]); candle's code holds one.
 //!

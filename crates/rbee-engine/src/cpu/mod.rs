@@ -1,4 +1,5 @@
-//! The engine's own CPU inference path for llama and qwen2 GGUF models: quantized matrix-vector and
+//! The engine's own CPU inference path for GGUF models of every family in [`ARCHITECTURES`]
+//! (llama, qwen2, qwen3, gemma2, gemma3, phi3): quantized matrix-vector and
 //! matrix-matrix kernels (AVX2/FMA or AVX-512 VNNI on x86-64, NEON with or without `dotprod` on
 //! aarch64, chosen at run time; a portable scalar reference otherwise; Q4_0, Q4_K with the SIMD
 //! kernels, and Q8_0 with VNNI or `dotprod`, repacked at load into eight-row tiles), a
@@ -7,11 +8,11 @@
 //! [`crate::model::CausalLm`]) and multiplies the weights in place in one copy of the file's
 //! bytes.
 //!
-//! It is used when the device is the CPU and every matrix has a type with a kernel here (Q4_0,
-//! Q4_1, Q8_0, Q4_K, Q6_K), unless `RBEE_CPU_KERNELS=0`; everything else (GPU devices, F16, F32
-//! or other quantized matrices, safetensors) stays on candle's model code. It is not a general
-//! tensor library: it knows exactly one block structure (llama's, with qwen2's biases and RoPE
-//! layout as options).
+//! It is used when the device is the CPU and every matrix has a type with a kernel here (F32,
+//! F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), unless `RBEE_CPU_KERNELS=0`; everything else (GPU
+//! devices, other quantized matrices, safetensors) stays on candle's model code, for the files
+//! that code computes correctly. It is not a general tensor library: it knows one block
+//! structure, llama's, with each family's differences as settings ([`arch`]).
 
 mod arch;
 mod attention;
