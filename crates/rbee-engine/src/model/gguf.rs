@@ -1,4 +1,5 @@
-//! GGUF files: llama-family and qwen2, quantized or not.
+//! GGUF files of the architectures in [`cpu::ARCHITECTURES`], quantized or not: on the engine's
+//! CPU path, or on candle's model code (llama and qwen2, where it computes them correctly).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -39,20 +40,26 @@ pub(super) fn load(
     let arch = metadata_str(&content, "general.architecture")
         .ok_or_else(|| EngineError::Load("the GGUF file has no general.architecture".into()))?
         .to_owned();
-    let family = match arch.as_str() {
-        "llama" => Family::Llama,
-        "qwen2" => Family::Qwen2,
-        other => {
-            return Err(EngineError::UnsupportedModel(format!(
-                "GGUF architecture `{other}` is not supported (supported: llama, qwen2)"
-            )));
-        }
-    };
+    if !cpu::ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(EngineError::UnsupportedModel(format!(
+            "GGUF architecture `{arch}` is not supported (supported: {})",
+            cpu::ARCHITECTURES.join(", ")
+        )));
+    }
+    if let Some(experts) = metadata_usize(&content, &format!("{arch}.expert_count"))
+        && experts > 0
+    {
+        return Err(EngineError::UnsupportedModel(format!(
+            "mixture-of-experts models are not supported (this `{arch}` file has {experts} experts; \
+             supported: dense {})",
+            cpu::ARCHITECTURES.join(", ")
+        )));
+    }
 
     report(progress, 0.05, "building the tokenizer from GGUF metadata");
     let tokenizer =
         TextTokenizer::from_gguf(&content).map_err(|e| EngineError::load("tokenizer", e))?;
-    let mut info = describe(path, &content, &arch, family, &tokenizer)?;
+    let mut info = describe(path, &content, &arch, &tokenizer)?;
     let trained = info.trained_context_length;
 
     let total = info.weights_bytes;
@@ -63,32 +70,43 @@ pub(super) fn load(
         reported: 0,
         progress,
     };
-    let plan = if device.is_cpu() && cpu::enabled() {
-        cpu::Plan::new(&content, super::resolve_context(context, trained, None))
-            .inspect_err(|why| {
-                tracing::info!(reason = %why.0, "the engine's CPU kernels do not cover this file; using candle's");
-            })
-            .ok()
+    // The engine's CPU path, or why not: candle's model code then runs the file, where it
+    // computes it correctly.
+    let plan = if !device.is_cpu() {
+        Err("it runs on the CPU only".to_owned())
+    } else if !cpu::enabled() {
+        Err(format!("{}=0 turns it off", cpu::ENABLE_ENV))
     } else {
-        None
+        cpu::Plan::new(&content, super::resolve_context(context, trained, None))
+            .map_err(|why| why.0)
     };
+    if let Err(why) = &plan {
+        if let Some(what) = candle_cannot_run(&content, &arch) {
+            return Err(EngineError::UnsupportedModel(format!(
+                "candle's model code cannot run {what} correctly, and the engine's own CPU path, \
+                 which can, does not take this file here: {why}"
+            )));
+        }
+        tracing::info!(reason = %why, "the engine's CPU path does not take this file; using candle's model code");
+    }
+    let plan = plan.ok();
     info.context_length = if plan.is_some() {
         super::context_length(context, trained, None, "the engine's CPU path")
     } else {
         let limit = candle_context_limit(&arch, trained);
         super::context_length(context, trained, limit, "candle's model code")
     };
-    let model: Box<dyn CausalLm> = match (plan, family) {
-        (Some(plan), _) => {
+    let model: Box<dyn CausalLm> = match plan {
+        Some(plan) => {
             let threads = candle_core::utils::get_num_threads();
             Box::new(plan.load(&content, &mut reader, threads, &mut |_, _| {})?)
         }
-        (None, Family::Llama) => candle_llama(content, &mut reader, device)?,
-        (None, Family::Qwen2) => {
+        None if arch == "qwen2" => {
             let weights = quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, device)
                 .map_err(|e| EngineError::load("qwen2 weights", e))?;
             Box::new(GgufQwen2::new(weights, path, device))
         }
+        None => candle_llama(content, &mut reader, device)?,
     };
     report(progress, 1.0, "model loaded");
     Ok(LoadedModel {
@@ -111,10 +129,30 @@ fn candle_llama<R: Read + Seek>(
     }))
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Family {
-    Llama,
-    Qwen2,
+/// What in `content` candle's `quantized_llama` and `quantized_qwen2` would compute wrongly,
+/// if anything: they know plain llama and qwen2 blocks only, and read neither Llama 3's RoPE
+/// factors nor an explicit head size.
+fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String> {
+    if arch != "llama" && arch != "qwen2" {
+        return Some(format!("`{arch}` files"));
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Some("Llama 3's RoPE scaling (the file's rope_freqs.weight)".into());
+    }
+    let key = |k: &str| metadata_usize(content, &format!("{arch}.{k}"));
+    if let (Some(dim), Some(heads)) = (key("embedding_length"), key("attention.head_count"))
+        && heads > 0
+        && [key("attention.key_length"), key("attention.value_length")]
+            .into_iter()
+            .flatten()
+            .any(|len| len * heads != dim)
+    {
+        return Some("a head size other than the hidden size over the head count".into());
+    }
+    if metadata_str(content, &format!("{arch}.rope.scaling.type")).is_some_and(|t| t != "none") {
+        return Some("RoPE scaling".into());
+    }
+    None
 }
 
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
@@ -133,7 +171,6 @@ fn describe(
     path: &Path,
     content: &gguf_file::Content,
     arch: &str,
-    family: Family,
     tokenizer: &TextTokenizer,
 ) -> Result<ModelInfo, EngineError> {
     let required = |key: &str| {
@@ -144,9 +181,9 @@ fn describe(
     let hidden_size = required("embedding_length")?;
     let n_heads = required("attention.head_count")?;
     let n_kv_heads = required("attention.head_count_kv").unwrap_or(n_heads);
-    let trained_context_length = match family {
-        Family::Llama => required("context_length").unwrap_or(quantized_llama::MAX_SEQ_LEN),
-        Family::Qwen2 => required("context_length")?,
+    let trained_context_length = match arch {
+        "llama" => required("context_length").unwrap_or(quantized_llama::MAX_SEQ_LEN),
+        _ => required("context_length")?,
     };
     // The caller sets the context the model runs with once it knows which code runs it.
     let context_length = trained_context_length;
@@ -155,10 +192,7 @@ fn describe(
         .get("token_embd.weight")
         .map(|t| t.shape.dims()[0])
         .ok_or_else(|| EngineError::Load("the GGUF file has no token_embd.weight".into()))?;
-    let consistent = n_heads > 0
-        && n_kv_heads > 0
-        && n_heads.is_multiple_of(n_kv_heads)
-        && hidden_size.is_multiple_of(n_heads);
+    let consistent = n_heads > 0 && n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads);
     if !consistent {
         return Err(EngineError::Load(format!(
             "inconsistent attention shape: hidden {hidden_size}, {n_heads} heads, {n_kv_heads} KV heads"
@@ -467,5 +501,41 @@ mod tests {
         let first = logits(loaded.model.as_mut(), &[1, 7, 8]);
         loaded.model.reset().unwrap();
         assert_eq!(logits(loaded.model.as_mut(), &[1, 7, 8]), first);
+    }
+
+    /// Files candle's model code would compute wrongly are refused, with both reasons, where
+    /// the engine's path does not take them (here: Q5_0 matrices); the plain llama file of the
+    /// same type still runs on candle's code.
+    #[test]
+    fn what_candle_would_get_wrong_is_refused_off_the_engine_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (ModelSpec::tiny_llama3(), Some("rope_freqs")),
+            (ModelSpec::tiny().with_head_dim(32), Some("head size")),
+            (ModelSpec::tiny_arch(model_gen::Arch::Gemma3), Some("`gemma3` files")),
+            (ModelSpec::tiny(), None),
+            (ModelSpec::tiny_qwen2(), None),
+        ];
+        for (i, (spec, refusal)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("m{i}.gguf"));
+            // Q4_K falls back to Q5_0 in these small matrices, which the engine's path lacks.
+            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q4K), &path).unwrap();
+            let (content, _) = read_header(&path).unwrap();
+            let arch = metadata_str(&content, "general.architecture").unwrap().to_owned();
+            let result = load(&path, &Device::Cpu, None, &mut |_| {});
+            match refusal {
+                Some(what) => {
+                    let err = result.err().expect("refused").to_string();
+                    assert!(err.contains(what), "{arch}: {err}");
+                    assert!(err.contains("Q5_0"), "{arch}: {err}");
+                    assert!(candle_cannot_run(&content, &arch).is_some());
+                }
+                None => {
+                    let mut loaded = result.unwrap();
+                    assert!(loaded.model.batched().is_none(), "{arch} runs on candle's code");
+                    assert!(candle_cannot_run(&content, &arch).is_none());
+                }
+            }
+        }
     }
 }
