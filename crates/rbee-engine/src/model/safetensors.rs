@@ -36,6 +36,7 @@ pub(super) fn load(
     report(progress, 0.0, format!("reading {}", config_path.display()));
     let raw_config = read_json(&config_path)?;
     check_architecture(&raw_config)?;
+    check_candle_computes(&raw_config)?;
     let mut config: LlamaConfig = serde_json::from_value(raw_config.clone())
         .map_err(|e| EngineError::load("config.json is not a llama config", e))?;
     check_dimensions(&config)?;
@@ -120,6 +121,37 @@ fn check_architecture(config: &serde_json::Value) -> Result<(), EngineError> {
             "config.json names neither model_type nor a supported architecture".into(),
         )),
     }
+}
+
+/// What in `config` candle's llama would compute wrongly: it reads Llama 3's RoPE scaling but
+/// no other kind, and derives the head size from the hidden size.
+fn check_candle_computes(config: &serde_json::Value) -> Result<(), EngineError> {
+    let number = |key: &str| config.get(key).and_then(serde_json::Value::as_u64);
+    if let (Some(head_dim), Some(hidden), Some(heads)) = (
+        number("head_dim"),
+        number("hidden_size"),
+        number("num_attention_heads"),
+    ) && head_dim * heads != hidden
+    {
+        return Err(EngineError::UnsupportedModel(format!(
+            "safetensors checkpoints with a head size other than hidden_size / num_attention_heads \
+             ({head_dim} vs {hidden} / {heads}) are not supported; use a GGUF file of the model"
+        )));
+    }
+    if let Some(scaling) = config.get("rope_scaling").filter(|v| !v.is_null()) {
+        let kind = scaling
+            .get("rope_type")
+            .or_else(|| scaling.get("type"))
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("unknown");
+        if kind != "llama3" {
+            return Err(EngineError::UnsupportedModel(format!(
+                "safetensors checkpoints with `{kind}` RoPE scaling are not supported (only \
+                 Llama 3's); use a GGUF file of the model"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_dimensions(c: &LlamaConfig) -> Result<(), EngineError> {
@@ -314,5 +346,28 @@ impl CausalLm for SafetensorsLlama {
     fn reset(&mut self) -> Result<(), EngineError> {
         self.cache = self.pristine_cache.clone();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::check_candle_computes;
+
+    #[test]
+    fn checkpoints_candle_would_compute_wrongly_are_refused() {
+        let base = json!({"hidden_size": 64, "num_attention_heads": 4});
+        assert!(check_candle_computes(&base).is_ok());
+        let llama3 = json!({"hidden_size": 64, "num_attention_heads": 4,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}});
+        assert!(check_candle_computes(&llama3).is_ok());
+        let nemo = json!({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 32});
+        let err = check_candle_computes(&nemo).unwrap_err().to_string();
+        assert!(err.contains("head size"), "{err}");
+        let yarn = json!({"hidden_size": 64, "num_attention_heads": 4,
+            "rope_scaling": {"type": "yarn", "factor": 4.0}});
+        let err = check_candle_computes(&yarn).unwrap_err().to_string();
+        assert!(err.contains("`yarn` RoPE scaling"), "{err}");
     }
 }
