@@ -8,15 +8,24 @@ use model_gen::{Arch, ModelFormat, ModelSpec};
 
 #[derive(clap::Args)]
 pub struct GenArgs {
-    /// Model size: tiny (hundreds of KB), small (a few MB) or tinyllama (1.1 B parameters).
-    #[arg(long, value_parser = ["tiny", "small", "tinyllama"])]
+    /// Model size: tiny (hundreds of KB), small (a few MB) or tinyllama (1.1 B parameters),
+    /// in the family's own defaults; tiny-llama3 and small-llama3 are llama with Llama 3 RoPE
+    /// scaling (`rope_freqs.weight`) and chat format.
+    #[arg(long, value_parser = ["tiny", "small", "tinyllama", "tiny-llama3", "small-llama3"])]
     preset: String,
-    /// llama or qwen2.
+    /// llama, qwen2, qwen3, gemma2, gemma3 or phi3.
     #[arg(long, default_value = "llama")]
     arch: Arch,
-    /// hub (a directory of safetensors and tokenizer files), f32, f16, q8_0, q4_0 or q4_k.
+    /// hub (a directory of safetensors and tokenizer files; llama and qwen2 only), f32, f16,
+    /// q8_0, q4_0, q4_k, q6_k or q4_k_m.
     #[arg(long)]
     format: ModelFormat,
+    /// An explicit attention head size (`attention.key_length`), as Mistral-Nemo has.
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Leave out `rope_freqs.weight` of a llama3 preset (otherwise the same file).
+    #[arg(long)]
+    without_rope_freqs: bool,
     /// Output directory (hub) or file (GGUF).
     #[arg(long)]
     out: PathBuf,
@@ -26,7 +35,13 @@ pub struct GenArgs {
 }
 
 pub fn run(args: &GenArgs) -> anyhow::Result<()> {
-    let spec = ModelSpec::preset(&args.preset, args.arch)?.with_seed(args.seed);
+    let mut spec = ModelSpec::preset(&args.preset, args.arch)?.with_seed(args.seed);
+    if let Some(head_dim) = args.head_dim {
+        spec = spec.with_head_dim(head_dim);
+    }
+    if args.without_rope_freqs {
+        spec = spec.without_rope_freqs();
+    }
     let started = Instant::now();
     model_gen::write_model(&spec, args.format, &args.out)
         .with_context(|| format!("writing {} to {}", args.format, args.out.display()))?;

@@ -14,20 +14,22 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::Error;
-use crate::spec::ModelSpec;
-use crate::tokenizer::{self, Vocab};
+use crate::spec::{Arch, ModelSpec, RopeScaling};
+use crate::tokenizer::Vocab;
 use crate::weights::{Role, TensorDef, tensor_defs};
 
 const GGUF_MAGIC: u32 = 0x4655_4747;
 const GGUF_VERSION: u32 = 3;
 const ALIGNMENT: u64 = 32;
 
-/// The weight type of a GGUF file. Norm scales and biases stay F32 in every file.
+/// The weight type of a GGUF file. Norm scales, biases and RoPE factors stay F32 in every
+/// file.
 ///
 /// Quantized files follow llama.cpp's choices where they matter: a matrix whose rows do not
-/// split into the type's blocks falls back (Q4_K to Q5_0, then anything to F16), and in the
-/// 4-bit files the output head (the embedding when tied) is Q8_0, since llama.cpp also keeps
-/// it at a higher precision (it uses Q6_K).
+/// split into the type's blocks falls back (Q4_K to Q5_0, Q6_K to Q8_0, then anything to
+/// F16). In the Q4_0 and Q4_K files the output head (the embedding when tied) is Q8_0;
+/// [`GgufType::Q6K`] and [`GgufType::Q4KM`] pick every tensor's type as llama.cpp's
+/// quantizer does for `MOSTLY_Q6_K` and `MOSTLY_Q4_K_M`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgufType {
     F32,
@@ -35,10 +37,24 @@ pub enum GgufType {
     Q8_0,
     Q4_0,
     Q4K,
+    Q6K,
+    /// llama.cpp's Q4_K_M mix: Q4_K matrices; Q6_K for the output head (the embedding when
+    /// tied) and for `attn_v` (`attn_qkv` when fused) and `ffn_down` on the layers
+    /// llama.cpp's `use_more_bits` picks (the first and last eighth and every third layer
+    /// between); an untied embedding stays Q4_K.
+    Q4KM,
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4K];
+    pub const ALL: [GgufType; 7] = [
+        Self::F32,
+        Self::F16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4K,
+        Self::Q6K,
+        Self::Q4KM,
+    ];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
     pub fn name(self) -> &'static str {
@@ -48,6 +64,8 @@ impl GgufType {
             Self::Q8_0 => "q8_0",
             Self::Q4_0 => "q4_0",
             Self::Q4K => "q4_k",
+            Self::Q6K => "q6_k",
+            Self::Q4KM => "q4_k_m",
         }
     }
 
@@ -60,16 +78,8 @@ impl GgufType {
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
             Self::Q4K => 14,
-        }
-    }
-
-    fn ggml(self) -> GgmlDType {
-        match self {
-            Self::F32 => GgmlDType::F32,
-            Self::F16 => GgmlDType::F16,
-            Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4_0 => GgmlDType::Q4_0,
-            Self::Q4K => GgmlDType::Q4K,
+            Self::Q4KM => 15,
+            Self::Q6K => 18,
         }
     }
 
@@ -79,22 +89,78 @@ impl GgufType {
 
     /// The dtype one tensor gets in a file of this type.
     pub(crate) fn dtype_for(self, def: &TensorDef, spec: &ModelSpec) -> GgmlDType {
+        use GgmlDType as G;
         let is_head =
             def.role == Role::Output || (spec.tie_embeddings && def.role == Role::Embedding);
-        let wanted = match def.role {
-            Role::Norm | Role::OutputNorm | Role::Bias => return GgmlDType::F32,
-            _ if is_head && matches!(self, Self::Q4_0 | Self::Q4K) => GgmlDType::Q8_0,
-            _ => self.ggml(),
-        };
         let fits = |dtype: GgmlDType| def.cols().is_multiple_of(dtype.block_size());
+        let wanted = match (self, def.role) {
+            (_, Role::Norm | Role::OutputNorm | Role::Bias | Role::RopeFactors) => {
+                return G::F32;
+            }
+            (Self::F32, _) => G::F32,
+            (Self::F16, _) => G::F16,
+            (Self::Q8_0, _) => G::Q8_0,
+            (Self::Q4_0 | Self::Q4K, _) if is_head => G::Q8_0,
+            (Self::Q4_0, _) => G::Q4_0,
+            (Self::Q4K, _) => G::Q4K,
+            // The quantizer's output rule: Q6_K when the rows hold 256-blocks, else Q8_0.
+            (Self::Q6K | Self::Q4KM, _) if is_head => {
+                return if fits(G::Q6K) { G::Q6K } else { G::Q8_0 };
+            }
+            (Self::Q6K, _) => G::Q6K,
+            (Self::Q4KM, _) => match (def.category(), def.layer()) {
+                (Category::AttnV | Category::FfnDown, Some(layer))
+                    if use_more_bits(layer, spec.layers) =>
+                {
+                    G::Q6K
+                }
+                _ => G::Q4K,
+            },
+        };
         if fits(wanted) {
             wanted
-        } else if wanted == GgmlDType::Q4K && fits(GgmlDType::Q5_0) {
-            GgmlDType::Q5_0
+        } else if wanted == G::Q4K && fits(G::Q5_0) {
+            G::Q5_0
+        } else if wanted == G::Q6K && fits(G::Q8_0) {
+            G::Q8_0
         } else {
-            GgmlDType::F16
+            G::F16
         }
     }
+}
+
+/// llama.cpp's tensor categories for quantization, by name as its quantizer tells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Category {
+    /// `attn_v` or a fused `attn_qkv`: llama.cpp treats both as the value projection.
+    AttnV,
+    FfnDown,
+    Other,
+}
+
+impl TensorDef {
+    pub(crate) fn category(&self) -> Category {
+        let name = self.gguf_name.as_str();
+        if name.contains("attn_qkv.weight") || name.contains("attn_v.weight") {
+            Category::AttnV
+        } else if name.contains("ffn_down") {
+            Category::FfnDown
+        } else {
+            Category::Other
+        }
+    }
+
+    /// The block index of a `blk.N.` tensor.
+    pub(crate) fn layer(&self) -> Option<usize> {
+        let rest = self.gguf_name.strip_prefix("blk.")?;
+        rest.split('.').next()?.parse().ok()
+    }
+}
+
+/// llama.cpp's quantizer gives these layers' `attn_v` and `ffn_down` more bits: the first
+/// and last eighth, and every third layer between.
+pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
+    layer < n_layers / 8 || layer >= 7 * n_layers / 8 || (layer - n_layers / 8) % 3 == 2
 }
 
 impl std::fmt::Display for GgufType {
@@ -112,16 +178,16 @@ impl std::str::FromStr for GgufType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 Error::UnknownName(format!(
-                    "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0 or q4_k)"
+                    "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0, q4_k, q6_k or q4_k_m)"
                 ))
             })
     }
 }
 
-/// The metadata of a GGUF file for `spec`, in the order it is written.
+/// The metadata of a GGUF file for `spec`, in the order it is written: the keys llama.cpp's
+/// converter writes for the family, then the quantizer's, then the vocabulary's.
 pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
     let arch = spec.arch.gguf_name();
-    let u32v = |v: usize| Value::U32(v as u32);
     let mut md = vec![
         (
             "general.architecture".to_string(),
@@ -133,34 +199,122 @@ pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
     if ty.is_quantized() {
         md.push(("general.quantization_version".into(), Value::U32(2)));
     }
-    let arch_keys = [
+    md.extend(
+        arch_keys(spec)
+            .into_iter()
+            .map(|(k, v)| (format!("{arch}.{k}"), v)),
+    );
+    md.extend(tokenizer_metadata(spec));
+    md
+}
+
+/// `{arch}.*` keys (without the prefix).
+fn arch_keys(spec: &ModelSpec) -> Vec<(&'static str, Value)> {
+    let u32v = |v: usize| Value::U32(v as u32);
+    let f32v = |v: f64| Value::F32(v as f32);
+    let head_lengths = [
+        ("attention.key_length", u32v(spec.head_dim())),
+        ("attention.value_length", u32v(spec.head_dim())),
+    ];
+    let sizes = [
         ("context_length", u32v(spec.context_length)),
         ("embedding_length", u32v(spec.hidden)),
         ("block_count", u32v(spec.layers)),
         ("feed_forward_length", u32v(spec.ffn)),
         ("attention.head_count", u32v(spec.heads)),
         ("attention.head_count_kv", u32v(spec.kv_heads)),
-        (
-            "attention.layer_norm_rms_epsilon",
-            Value::F32(spec.rms_eps as f32),
-        ),
-        ("rope.dimension_count", u32v(spec.head_dim())),
-        ("rope.freq_base", Value::F32(spec.rope_theta as f32)),
-        ("vocab_size", u32v(spec.vocab)),
     ];
-    md.extend(
-        arch_keys
-            .into_iter()
-            .map(|(k, v)| (format!("{arch}.{k}"), v)),
-    );
+    let eps = ("attention.layer_norm_rms_epsilon", f32v(spec.rms_eps));
+    let mut keys = Vec::new();
+    match spec.arch {
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => {
+            keys.extend(sizes);
+            keys.extend([
+                eps,
+                ("rope.dimension_count", u32v(spec.head_dim())),
+                ("rope.freq_base", f32v(spec.rope_theta)),
+                ("vocab_size", u32v(spec.vocab)),
+            ]);
+            if spec.explicit_head_dim.is_some() {
+                keys.extend(head_lengths);
+            }
+        }
+        // Gemma 2's converter writes no rope keys: llama.cpp's default base (10 000) applies
+        // to every layer.
+        Arch::Gemma2 => {
+            keys.extend(sizes);
+            keys.push(eps);
+            keys.extend(head_lengths);
+            if let Some(cap) = spec.attn_softcap {
+                keys.push(("attn_logit_softcapping", Value::F32(cap)));
+            }
+            if let Some(cap) = spec.final_softcap {
+                keys.push(("final_logit_softcapping", Value::F32(cap)));
+            }
+            if let Some(window) = spec.sliding_window {
+                keys.push(("attention.sliding_window", u32v(window)));
+            }
+        }
+        // Gemma 3's `rope.freq_base` is the global layers'; the converter writes no base for
+        // the local ones, so llama.cpp uses its default 10 000 there.
+        Arch::Gemma3 => {
+            keys.extend(sizes);
+            keys.extend([("rope.freq_base", f32v(spec.rope_theta)), eps]);
+            keys.extend(head_lengths);
+            if let Some(cap) = spec.final_softcap {
+                keys.push(("final_logit_softcapping", Value::F32(cap)));
+            }
+            if let Some(window) = spec.sliding_window {
+                keys.push(("attention.sliding_window", u32v(window)));
+            }
+        }
+        Arch::Phi3 => {
+            keys.push(sizes[0].clone());
+            if let RopeScaling::LongRope { original_context } = spec.rope_scaling {
+                keys.push((
+                    "rope.scaling.original_context_length",
+                    u32v(original_context),
+                ));
+            }
+            keys.extend(sizes[1..].iter().cloned());
+            keys.extend([
+                eps,
+                ("rope.dimension_count", u32v(spec.head_dim())),
+                ("rope.freq_base", f32v(spec.rope_theta)),
+            ]);
+            if spec.explicit_head_dim.is_some() {
+                keys.extend(head_lengths);
+            }
+            // Phi-3 mini and 3.5 configs carry a sliding window, which llama.cpp ignores
+            // (with a warning); the window here spans the whole context.
+            keys.push(("attention.sliding_window", u32v(spec.context_length)));
+            if let Some(factor) = spec.longrope_attn_factor() {
+                keys.push(("rope.scaling.attn_factor", Value::F32(factor)));
+            }
+        }
+    }
+    keys
+}
 
-    let vocab = Vocab::new(spec.vocab);
+/// `tokenizer.ggml.*` keys and the chat template.
+fn tokenizer_metadata(spec: &ModelSpec) -> Vec<(String, Value)> {
+    let vocab = Vocab::for_spec(spec);
+    let format = vocab.format;
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    let (bos, eos, unk, pad) = (
+        vocab.bos_id(),
+        vocab.eos_id(),
+        vocab.unk_id(),
+        vocab.pad_id(),
+    );
+    let mut md = vec![(
+        "tokenizer.ggml.model".to_string(),
+        Value::String("llama".into()),
+    )];
+    if spec.arch == Arch::Phi3 {
+        md.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
+    }
     md.extend([
-        (
-            "tokenizer.ggml.model".to_string(),
-            Value::String("llama".into()),
-        ),
         ("tokenizer.ggml.tokens".into(), strings(vocab.tokens)),
         (
             "tokenizer.ggml.scores".into(),
@@ -170,25 +324,27 @@ pub fn gguf_metadata(spec: &ModelSpec, ty: GgufType) -> Vec<(String, Value)> {
             "tokenizer.ggml.token_type".into(),
             Value::Array(vocab.token_types.into_iter().map(Value::I32).collect()),
         ),
-        (
-            "tokenizer.ggml.bos_token_id".into(),
-            Value::U32(tokenizer::BOS_ID),
-        ),
-        (
-            "tokenizer.ggml.eos_token_id".into(),
-            Value::U32(tokenizer::EOS_ID),
-        ),
-        (
-            "tokenizer.ggml.unknown_token_id".into(),
-            Value::U32(tokenizer::UNK_ID),
-        ),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
-        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            Value::String(tokenizer::CHAT_TEMPLATE.into()),
-        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(unk)),
     ]);
+    if let Some(pad) = pad {
+        md.push(("tokenizer.ggml.padding_token_id".into(), Value::U32(pad)));
+    }
+    md.extend([
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Value::Bool(format.add_bos()),
+        ),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+    ]);
+    if !format.add_space_prefix() {
+        md.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(false)));
+    }
+    md.push((
+        "tokenizer.chat_template".into(),
+        Value::String(format.chat_template().into()),
+    ));
     md
 }
 

@@ -8,24 +8,31 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, View};
 use serde::Serialize;
 
-use crate::spec::{Arch, ModelSpec};
+use crate::spec::{Arch, ModelSpec, RopeScaling};
 use crate::tokenizer::{self, Vocab};
 use crate::weights::{TensorDef, tensor_defs};
 use crate::{Error, io_error};
 
-/// Writes the four hub files of `spec` into `dir` (created if missing).
+/// Writes the four hub files of `spec` into `dir` (created if missing). Hub layout is
+/// written for llama and qwen2; the other families are written as GGUF only.
 pub fn write_hub_dir(spec: &ModelSpec, dir: &Path) -> Result<(), Error> {
     spec.validate()?;
+    if !matches!(spec.arch, Arch::Llama | Arch::Qwen2) {
+        return Err(Error::InvalidSpec(format!(
+            "hub layout is written for llama and qwen2, not {}; write it as GGUF",
+            spec.arch
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
     let write_text = |name: &str, text: String| {
         let path = dir.join(name);
         std::fs::write(&path, text + "\n").map_err(|e| io_error(&path, e))
     };
+    let vocab = Vocab::for_spec(spec);
     write_text(
         "config.json",
-        serde_json::to_string_pretty(&HfConfig::new(spec))?,
+        serde_json::to_string_pretty(&HfConfig::new(spec, &vocab))?,
     )?;
-    let vocab = Vocab::new(spec.vocab);
     write_text("tokenizer.json", tokenizer::tokenizer_json(&vocab)?)?;
     write_text(
         "tokenizer_config.json",
@@ -34,6 +41,7 @@ pub fn write_hub_dir(spec: &ModelSpec, dir: &Path) -> Result<(), Error> {
 
     let views: Vec<(String, LazyTensor<'_>)> = tensor_defs(spec)
         .into_iter()
+        .filter(TensorDef::in_hub)
         .map(|def| (def.hf_name.clone(), LazyTensor { def, spec }))
         .collect();
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -88,9 +96,21 @@ struct HfConfig {
     bos_token_id: u32,
     eos_token_id: u32,
     torch_dtype: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rope_scaling: Option<Llama3RopeScaling>,
     /// Qwen2 configs carry their sliding-window settings (unused: the window is the context).
     #[serde(flatten)]
     sliding_window: Option<SlidingWindow>,
+}
+
+/// transformers' `rope_scaling` for `rope_type: llama3`.
+#[derive(Serialize)]
+struct Llama3RopeScaling {
+    rope_type: &'static str,
+    factor: f32,
+    low_freq_factor: f32,
+    high_freq_factor: f32,
+    original_max_position_embeddings: usize,
 }
 
 #[derive(Serialize)]
@@ -101,10 +121,25 @@ struct SlidingWindow {
 }
 
 impl HfConfig {
-    fn new(spec: &ModelSpec) -> Self {
+    fn new(spec: &ModelSpec, vocab: &Vocab) -> Self {
         let (architecture, model_type) = match spec.arch {
-            Arch::Llama => ("LlamaForCausalLM", "llama"),
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            _ => ("LlamaForCausalLM", "llama"),
+        };
+        let rope_scaling = match spec.rope_scaling {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => Some(Llama3RopeScaling {
+                rope_type: "llama3",
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original_context,
+            }),
+            _ => None,
         };
         Self {
             architectures: [architecture],
@@ -122,9 +157,10 @@ impl HfConfig {
             rope_theta: spec.rope_theta,
             tie_word_embeddings: spec.tie_embeddings,
             attention_bias: spec.arch.has_qkv_bias(),
-            bos_token_id: tokenizer::BOS_ID,
-            eos_token_id: tokenizer::EOS_ID,
+            bos_token_id: vocab.bos_id(),
+            eos_token_id: vocab.eos_id(),
             torch_dtype: "float32",
+            rope_scaling,
             sliding_window: (spec.arch == Arch::Qwen2).then_some(SlidingWindow {
                 use_sliding_window: false,
                 sliding_window: spec.context_length,

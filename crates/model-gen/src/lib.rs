@@ -1,4 +1,5 @@
-//! Deterministic random-weight llama and qwen2 models for tests and benchmarks.
+//! Deterministic random-weight models of the llama, qwen2, qwen3, gemma2, gemma3 and phi3
+//! families for tests and benchmarks.
 //!
 //! A [`ModelSpec`] (dimensions plus a seed) fully determines the bytes written, in Hugging Face
 //! hub layout ([`write_hub_dir`]) or as GGUF ([`write_gguf`]): the same spec always gives
@@ -22,9 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use cache::{ModelFormat, ensure_generated, write_model};
-pub use gguf::{GgufType, gguf_metadata, write_gguf};
+pub use gguf::{GgufType, gguf_metadata, use_more_bits, write_gguf};
 pub use hub::write_hub_dir;
-pub use spec::{Arch, GENERATOR_VERSION, ModelSpec};
+pub use spec::{Arch, GENERATOR_VERSION, ModelSpec, RopeScaling};
+pub use tokenizer::ChatFormat;
 pub use weights::{hf_permute, llama_cpp_permute};
 
 #[derive(Debug, thiserror::Error)]

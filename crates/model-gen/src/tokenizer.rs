@@ -1,8 +1,10 @@
 //! The generated SentencePiece-style vocabulary, written as `tokenizer.json`,
 //! `tokenizer_config.json` and GGUF `tokenizer.ggml.*` metadata.
 //!
-//! The vocabulary is `<unk>`, `<s>`, `</s>`, the 256 byte tokens, every printable ASCII
-//! character and `▁`, then word-start pieces (`▁` followed by letters). The multi-character
+//! The vocabulary is the chat format's leading special tokens (`<unk>`, `<s>`, `</s>` for
+//! llama 2), the 256 byte tokens, every printable ASCII character and `▁`, then word-start
+//! pieces (`▁` followed by letters), and last the format's control tokens (`<|im_start|>`,
+//! `<|eot_id|>`, ...), where real checkpoints keep their added tokens. The multi-character
 //! pieces form a prefix-closed set and none continues a word, so the only possible merges
 //! extend a word-start piece by one character. Greedy BPE by merge rank, llama.cpp's
 //! score-driven merging and a unigram (Viterbi) segmentation over the scores all end in the
@@ -13,12 +15,72 @@ use serde::ser::SerializeMap;
 
 use crate::spec::ModelSpec;
 
+/// Ids of the llama 2 format ([`ChatFormat::Llama2`], the vocabulary of [`Vocab::new`]).
 pub const UNK_ID: u32 = 0;
 pub const BOS_ID: u32 = 1;
 pub const EOS_ID: u32 = 2;
 
 /// llama-2 style, without a BOS (the tokenizer adds it: `add_bos_token` is true).
 pub const CHAT_TEMPLATE: &str = r"{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + message['content'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}";
+
+/// Meta-Llama-3-8B-Instruct's template: BOS, then a header and `<|eot_id|>` per message.
+pub const LLAMA3_CHAT_TEMPLATE: &str = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+
+/// Qwen2-Instruct's ChatML template (with its default system message).
+pub const CHATML_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Gemma 3's template (Gemma 2's, plus a system message folded into the first user turn).
+pub const GEMMA_CHAT_TEMPLATE: &str = r#"{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '
+
+' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '
+
+' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '
+' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>
+' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model
+'}}
+{%- endif -%}
+"#;
+
+/// Phi-3.5-mini-instruct's template.
+pub const PHI3_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}";
 
 /// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
@@ -27,12 +89,125 @@ pub const TOKEN_TYPE_CONTROL: i32 = 3;
 pub const TOKEN_TYPE_BYTE: i32 = 6;
 
 const SPACE: char = '▁';
-const SPECIALS: [&str; 3] = ["<unk>", "<s>", "</s>"];
 /// `▁` plus the 94 printable ASCII characters other than space.
 const N_CHARS: usize = 1 + 94;
 
-/// The smallest vocabulary the generator can build: specials, bytes and single characters.
-pub const MIN_VOCAB: usize = SPECIALS.len() + 256 + N_CHARS;
+/// The smallest llama 2 vocabulary the generator can build: specials, bytes and single
+/// characters.
+pub const MIN_VOCAB: usize = 3 + 256 + N_CHARS;
+
+/// A family's special tokens and chat template, as its converted GGUF files carry them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChatFormat {
+    /// `<s>` / `</s>`, `[INST]` turns.
+    Llama2,
+    /// `<|begin_of_text|>` as BOS, header turns ending in `<|eot_id|>`, which is the EOS
+    /// (as in the Llama 3 instruct checkpoints).
+    Llama3,
+    /// Qwen's `<|im_start|>` / `<|im_end|>` turns: EOS `<|im_end|>`, BOS `<|endoftext|>`
+    /// (set but not added: `add_bos_token` is false).
+    ChatMl,
+    /// Gemma's `<pad>`, `<eos>`, `<bos>`, `<unk>` at ids 0 to 3, `<start_of_turn>` /
+    /// `<end_of_turn>` turns (EOS `<eos>`; `<end_of_turn>` ends a generation by its text),
+    /// and no space prefix.
+    Gemma,
+    /// Phi-3's `<|user|>`, `<|assistant|>`, `<|system|>` turns ending in `<|end|>`; EOS
+    /// `<|endoftext|>`, BOS `<s>` not added.
+    Phi3,
+}
+
+impl ChatFormat {
+    /// Special tokens at the start of the vocabulary, from id 0.
+    fn leading(self) -> &'static [&'static str] {
+        match self {
+            Self::Llama2 | Self::Phi3 => &["<unk>", "<s>", "</s>"],
+            Self::Llama3 => &["<unk>", "<|begin_of_text|>", "<|end_of_text|>"],
+            Self::ChatMl => &["<unk>"],
+            Self::Gemma => &["<pad>", "<eos>", "<bos>", "<unk>"],
+        }
+    }
+
+    /// Control tokens at the end of the vocabulary, in this order.
+    fn trailing(self) -> &'static [&'static str] {
+        match self {
+            Self::Llama2 => &[],
+            Self::Llama3 => &["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            Self::ChatMl => &["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            Self::Gemma => &["<start_of_turn>", "<end_of_turn>"],
+            Self::Phi3 => &[
+                "<|endoftext|>",
+                "<|assistant|>",
+                "<|system|>",
+                "<|end|>",
+                "<|user|>",
+            ],
+        }
+    }
+
+    pub fn bos_token(self) -> &'static str {
+        match self {
+            Self::Llama2 | Self::Phi3 => "<s>",
+            Self::Llama3 => "<|begin_of_text|>",
+            Self::ChatMl => "<|endoftext|>",
+            Self::Gemma => "<bos>",
+        }
+    }
+
+    pub fn eos_token(self) -> &'static str {
+        match self {
+            Self::Llama2 => "</s>",
+            Self::Llama3 => "<|eot_id|>",
+            Self::ChatMl => "<|im_end|>",
+            Self::Gemma => "<eos>",
+            Self::Phi3 => "<|endoftext|>",
+        }
+    }
+
+    pub fn unk_token(self) -> &'static str {
+        "<unk>"
+    }
+
+    /// The padding token the converted files name, where they name one.
+    pub fn pad_token(self) -> Option<&'static str> {
+        match self {
+            Self::Llama2 | Self::Llama3 => None,
+            Self::ChatMl | Self::Phi3 => Some("<|endoftext|>"),
+            Self::Gemma => Some("<pad>"),
+        }
+    }
+
+    /// Whether the tokenizer prepends BOS (`tokenizer.ggml.add_bos_token`).
+    pub fn add_bos(self) -> bool {
+        matches!(self, Self::Llama2 | Self::Llama3 | Self::Gemma)
+    }
+
+    /// Whether a space is prepended to the text before tokenizing. Gemma's converter writes
+    /// `tokenizer.ggml.add_space_prefix = false`; the others leave llama.cpp's SentencePiece
+    /// default (true).
+    pub fn add_space_prefix(self) -> bool {
+        !matches!(self, Self::Gemma)
+    }
+
+    pub fn chat_template(self) -> &'static str {
+        match self {
+            Self::Llama2 => CHAT_TEMPLATE,
+            Self::Llama3 => LLAMA3_CHAT_TEMPLATE,
+            Self::ChatMl => CHATML_CHAT_TEMPLATE,
+            Self::Gemma => GEMMA_CHAT_TEMPLATE,
+            Self::Phi3 => PHI3_CHAT_TEMPLATE,
+        }
+    }
+
+    /// Every special token, leading then trailing.
+    pub fn special_tokens(self) -> impl Iterator<Item = &'static str> {
+        self.leading().iter().chain(self.trailing()).copied()
+    }
+
+    /// The smallest vocabulary of this format: specials, bytes and single characters.
+    pub fn min_vocab(self) -> usize {
+        self.leading().len() + 256 + N_CHARS + self.trailing().len()
+    }
+}
 
 /// Common words come first so that ordinary test text tokenizes into multi-character pieces
 /// even in a small vocabulary; all of their prefixes are pieces too.
@@ -55,24 +230,49 @@ pub struct Vocab {
     pub tokens: Vec<String>,
     pub scores: Vec<f32>,
     pub token_types: Vec<i32>,
+    pub format: ChatFormat,
 }
 
 impl Vocab {
-    /// Builds exactly `size` entries (`size >= MIN_VOCAB`, checked by `ModelSpec::validate`).
+    /// The llama 2 vocabulary of exactly `size` entries (`size >= MIN_VOCAB`, checked by
+    /// `ModelSpec::validate`).
     pub fn new(size: usize) -> Self {
+        Self::with_format(size, ChatFormat::Llama2)
+    }
+
+    /// The vocabulary of `spec`: its size and chat format.
+    pub fn for_spec(spec: &ModelSpec) -> Self {
+        Self::with_format(spec.vocab, spec.chat)
+    }
+
+    /// Exactly `size` entries with the special tokens of `format`
+    /// (`size >= format.min_vocab()`).
+    pub fn with_format(size: usize, format: ChatFormat) -> Self {
         assert!(
-            size >= MIN_VOCAB,
-            "vocab {size} is below the minimum {MIN_VOCAB}"
+            size >= format.min_vocab(),
+            "vocab {size} is below the minimum {}",
+            format.min_vocab()
         );
-        let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
-        let mut token_types = vec![TOKEN_TYPE_UNKNOWN, TOKEN_TYPE_CONTROL, TOKEN_TYPE_CONTROL];
+        let mut tokens: Vec<String> = format.leading().iter().map(|s| s.to_string()).collect();
+        let mut token_types: Vec<i32> = format
+            .leading()
+            .iter()
+            .map(|&t| {
+                if t == format.unk_token() {
+                    TOKEN_TYPE_UNKNOWN
+                } else {
+                    TOKEN_TYPE_CONTROL
+                }
+            })
+            .collect();
         for b in 0..=255u8 {
             tokens.push(format!("<0x{b:02X}>"));
             token_types.push(TOKEN_TYPE_BYTE);
         }
         let first_normal = tokens.len();
+        let trailing = format.trailing();
 
-        let mut pieces = NormalPieces::new(size - first_normal);
+        let mut pieces = NormalPieces::new(size - first_normal - trailing.len());
         pieces.push(SPACE.to_string());
         for c in '!'..='~' {
             pieces.push(c.to_string());
@@ -99,13 +299,46 @@ impl Vocab {
         // score higher and a unigram segmentation agrees with BPE (see the module docs).
         let mut scores = vec![0f32; first_normal];
         scores.extend((0..n_normal).map(|rank| -1.0 - 0.5 * rank as f32 / n_normal as f32));
+        scores.resize(size, 0.0);
         tokens.extend(pieces.list);
-        token_types.resize(size, TOKEN_TYPE_NORMAL);
+        token_types.resize(first_normal + n_normal, TOKEN_TYPE_NORMAL);
+        tokens.extend(trailing.iter().map(|t| t.to_string()));
+        token_types.resize(size, TOKEN_TYPE_CONTROL);
         Self {
             tokens,
             scores,
             token_types,
+            format,
         }
+    }
+
+    /// The id of `token`, if the vocabulary has it.
+    pub fn id_of(&self, token: &str) -> Option<u32> {
+        self.tokens
+            .iter()
+            .position(|t| t == token)
+            .map(|i| i as u32)
+    }
+
+    fn special_id(&self, token: &str) -> u32 {
+        self.id_of(token)
+            .expect("every special token of the format is in its vocabulary")
+    }
+
+    pub fn bos_id(&self) -> u32 {
+        self.special_id(self.format.bos_token())
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.special_id(self.format.eos_token())
+    }
+
+    pub fn unk_id(&self) -> u32 {
+        self.special_id(self.format.unk_token())
+    }
+
+    pub fn pad_id(&self) -> Option<u32> {
+        self.format.pad_token().map(|t| self.special_id(t))
     }
 
     /// BPE merges, in rank order: each word-start piece from its prefix and last character.
@@ -157,18 +390,27 @@ impl NormalPieces {
 }
 
 /// `tokenizer.json` in the Hugging Face `tokenizers` format: a BPE model with byte fallback,
-/// the SentencePiece normalizer and decoder, and a BOS-adding post-processor.
+/// the SentencePiece normalizer and decoder, the format's special tokens as added tokens, and
+/// a BOS-adding post-processor where the format adds BOS.
 pub fn tokenizer_json(vocab: &Vocab) -> Result<String, serde_json::Error> {
     let merges = vocab.merges();
+    let format = vocab.format;
+    let mut normalizers = Vec::with_capacity(2);
+    if format.add_space_prefix() {
+        normalizers.push(Normalizer::Prepend { prepend: "▁" });
+    }
+    normalizers.push(Normalizer::Replace {
+        pattern: Pattern { string: " " },
+        content: "▁",
+    });
     let file = TokenizerJson {
         version: "1.0",
         truncation: None,
         padding: None,
-        added_tokens: SPECIALS
-            .iter()
-            .enumerate()
-            .map(|(id, content)| AddedToken {
-                id: id as u32,
+        added_tokens: format
+            .special_tokens()
+            .map(|content| AddedToken {
+                id: vocab.special_id(content),
                 content,
                 single_word: false,
                 lstrip: false,
@@ -177,22 +419,18 @@ pub fn tokenizer_json(vocab: &Vocab) -> Result<String, serde_json::Error> {
                 special: true,
             })
             .collect(),
-        normalizer: Normalizer::Sequence {
-            normalizers: vec![
-                Normalizer::Prepend { prepend: "▁" },
-                Normalizer::Replace {
-                    pattern: Pattern { string: " " },
-                    content: "▁",
-                },
-            ],
-        },
+        normalizer: Normalizer::Sequence { normalizers },
         pre_tokenizer: None,
-        post_processor: PostProcessor::bos_template(),
-        decoder: Decoder::sentencepiece(),
+        post_processor: PostProcessor::template(
+            format
+                .add_bos()
+                .then(|| (format.bos_token(), vocab.bos_id())),
+        ),
+        decoder: Decoder::sentencepiece(format.add_space_prefix()),
         model: BpeModel {
             kind: "BPE",
             dropout: None,
-            unk_token: SPECIALS[0],
+            unk_token: format.unk_token(),
             continuing_subword_prefix: None,
             end_of_word_suffix: None,
             fuse_unk: true,
@@ -207,14 +445,15 @@ pub fn tokenizer_json(vocab: &Vocab) -> Result<String, serde_json::Error> {
 
 /// `tokenizer_config.json`: special tokens, BOS policy and the chat template.
 pub fn tokenizer_config_json(spec: &ModelSpec) -> Result<String, serde_json::Error> {
+    let format = spec.chat;
     serde_json::to_string_pretty(&TokenizerConfig {
-        add_bos_token: true,
+        add_bos_token: format.add_bos(),
         add_eos_token: false,
-        bos_token: SPECIALS[BOS_ID as usize],
-        eos_token: SPECIALS[EOS_ID as usize],
-        unk_token: SPECIALS[UNK_ID as usize],
-        pad_token: None,
-        chat_template: CHAT_TEMPLATE,
+        bos_token: format.bos_token(),
+        eos_token: format.eos_token(),
+        unk_token: format.unk_token(),
+        pad_token: format.pad_token(),
+        chat_template: format.chat_template(),
         model_max_length: spec.context_length,
         clean_up_tokenization_spaces: false,
         tokenizer_class: "LlamaTokenizerFast",
@@ -267,23 +506,25 @@ enum Normalizer {
 }
 
 impl Decoder {
-    /// `▁` back to spaces, byte tokens back to bytes, and the prepended space removed.
-    fn sentencepiece() -> Self {
-        Self::Sequence {
-            decoders: vec![
-                Decoder::Replace {
-                    pattern: Pattern { string: "▁" },
-                    content: " ",
-                },
-                Decoder::ByteFallback,
-                Decoder::Fuse,
-                Decoder::Strip {
-                    content: " ",
-                    start: 1,
-                    stop: 0,
-                },
-            ],
+    /// `▁` back to spaces, byte tokens back to bytes, and the prepended space (if any)
+    /// removed.
+    fn sentencepiece(space_prefix: bool) -> Self {
+        let mut decoders = vec![
+            Decoder::Replace {
+                pattern: Pattern { string: "▁" },
+                content: " ",
+            },
+            Decoder::ByteFallback,
+            Decoder::Fuse,
+        ];
+        if space_prefix {
+            decoders.push(Decoder::Strip {
+                content: " ",
+                start: 1,
+                stop: 0,
+            });
         }
+        Self::Sequence { decoders }
     }
 }
 
@@ -316,20 +557,24 @@ struct PostProcessor {
 }
 
 impl PostProcessor {
-    fn bos_template() -> Self {
-        let bos = |type_id| TemplatePiece::SpecialToken { id: "<s>", type_id };
+    /// Prepends `bos` (text and id) to every sequence, or nothing.
+    fn template(bos: Option<(&'static str, u32)>) -> Self {
         let seq = |id, type_id| TemplatePiece::Sequence { id, type_id };
+        let (single, pair) = match bos {
+            Some((token, _)) => {
+                let bos = |type_id| TemplatePiece::SpecialToken { id: token, type_id };
+                (
+                    vec![bos(0), seq("A", 0)],
+                    vec![bos(0), seq("A", 0), bos(1), seq("B", 1)],
+                )
+            }
+            None => (vec![seq("A", 0)], vec![seq("A", 0), seq("B", 1)]),
+        };
         Self {
             kind: "TemplateProcessing",
-            single: vec![bos(0), seq("A", 0)],
-            pair: vec![bos(0), seq("A", 0), bos(1), seq("B", 1)],
-            special_tokens: SpecialTokens {
-                bos: SpecialTokenIds {
-                    id: "<s>",
-                    ids: [BOS_ID],
-                    tokens: ["<s>"],
-                },
-            },
+            single,
+            pair,
+            special_tokens: SpecialTokens(bos),
         }
     }
 }
@@ -340,10 +585,24 @@ enum TemplatePiece {
     Sequence { id: &'static str, type_id: u32 },
 }
 
-#[derive(Serialize)]
-struct SpecialTokens {
-    #[serde(rename = "<s>")]
-    bos: SpecialTokenIds,
+/// `{"<bos text>": {"id": ..., "ids": [...], "tokens": [...]}}`, or `{}`.
+struct SpecialTokens(Option<(&'static str, u32)>);
+
+impl Serialize for SpecialTokens {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(usize::from(self.0.is_some())))?;
+        if let Some((token, id)) = self.0 {
+            map.serialize_entry(
+                token,
+                &SpecialTokenIds {
+                    id: token,
+                    ids: [id],
+                    tokens: [token],
+                },
+            )?;
+        }
+        map.end()
+    }
 }
 
 #[derive(Serialize)]

@@ -1,8 +1,9 @@
-//! Which tensors a model has, how they are initialised, and the llama rope row permutation
-//! between the Hugging Face and GGUF layouts.
+//! Which tensors a model has, how they are initialised, and how llama.cpp's converter turns
+//! the Hugging Face weights into GGUF ones (llama's q/k row permutation, Gemma's `1 + w`
+//! norms, the generated RoPE factor tensors).
 
 use crate::rng::SplitMix64;
-use crate::spec::ModelSpec;
+use crate::spec::{Arch, ModelSpec};
 
 /// The role of a tensor, which decides its initial scale and its dtype in quantized files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,12 +12,16 @@ pub(crate) enum Role {
     /// The output head (absent when tied to the embedding).
     Output,
     Linear,
-    /// An RMSNorm scale: all ones, always stored as F32.
+    /// An RMSNorm scale of the hidden state or of one head: all ones (Gemma: zeros in
+    /// Hugging Face's `1 + w` form), always stored as F32.
     Norm,
     /// The RMSNorm before the output head, stored as F32.
     OutputNorm,
     /// A q/k/v bias (qwen2), always stored as F32.
     Bias,
+    /// Per-dimension RoPE frequency divisors the converter generates (`rope_freqs`,
+    /// `rope_factors_long`, `rope_factors_short`): GGUF only, F32.
+    RopeFactors,
 }
 
 /// One tensor, named in both layouts. `shape` is `[rows, cols]` (PyTorch order: `[out, in]`)
@@ -54,37 +59,46 @@ impl TensorDef {
             .expect("tensors have at least one dimension")
     }
 
+    /// Whether the tensor exists in Hugging Face layout (the RoPE factor tensors are made by
+    /// the converter).
+    pub(crate) fn in_hub(&self) -> bool {
+        self.role != Role::RopeFactors
+    }
+
     /// The values in Hugging Face layout. They depend only on the seed and the HF name.
     pub(crate) fn generate(&self, spec: &ModelSpec) -> Vec<f32> {
         let mut values = vec![0f32; self.elem_count()];
+        // Gemma keeps `w` of a `1 + w` scale: its unit scale is 0.
+        let norm_offset = if spec.arch.is_gemma() { 1.0 } else { 0.0 };
         let std = match self.role {
             Role::Norm => {
-                values.fill(1.0);
+                values.fill(1.0 - norm_offset);
                 return values;
             }
             // A tied head scores each token by its embedding's dot product with the final
             // state, which still contains the current token's embedding: untrained, it would
             // predict the current token forever. Random signs on the final norm decorrelate
-            // the two while keeping every scale at 1.
+            // the two; their magnitude sets the logits' spread.
             Role::OutputNorm if spec.tie_embeddings => {
+                let magnitude =
+                    spec.logit_std / (embedding_std(spec) * (spec.hidden as f32).sqrt());
                 let mut rng = SplitMix64::for_tensor(spec.seed, &self.hf_name);
-                values
-                    .iter_mut()
-                    .for_each(|v| *v = if rng.next_u64() >> 63 == 0 { 1.0 } else { -1.0 });
+                values.iter_mut().for_each(|v| {
+                    let sign = if rng.next_u64() >> 63 == 0 { 1.0 } else { -1.0 };
+                    *v = sign * magnitude - norm_offset;
+                });
                 return values;
             }
             Role::OutputNorm => {
-                values.fill(1.0);
+                values.fill(1.0 - norm_offset);
                 return values;
             }
-            // The residual stream starts at unit scale so each layer's contribution (of
-            // similar size) moves it, and the next token depends on the context, not just
-            // on the last token.
-            Role::Embedding => 1.0,
-            // Logits with a standard deviation of about 6 make the greedy choice a wide
-            // margin decision: float reordering between loaders cannot flip it, and even
-            // 4-bit quantization rarely does.
-            Role::Output => 6.0 / (spec.hidden as f32).sqrt(),
+            Role::RopeFactors => return self.rope_factors(spec),
+            Role::Embedding => embedding_std(spec),
+            // Logits with a standard deviation of `logit_std` (6 and more) make the greedy
+            // choice a wide margin decision: float reordering between loaders cannot flip
+            // it, and even 4-bit quantization rarely does.
+            Role::Output => spec.logit_std / (spec.hidden as f32).sqrt(),
             // Unit-variance inputs (after RMSNorm) give unit-variance outputs.
             Role::Linear => 1.0 / (self.cols() as f32).sqrt(),
             Role::Bias => 0.1,
@@ -95,9 +109,24 @@ impl TensorDef {
         values
     }
 
-    /// The values in GGUF layout: llama's q/k rows permuted as llama.cpp's converter does.
+    fn rope_factors(&self, spec: &ModelSpec) -> Vec<f32> {
+        let values = if self.gguf_name.starts_with("rope_freqs") {
+            spec.llama3_rope_freqs()
+        } else {
+            let long = self.gguf_name.starts_with("rope_factors_long");
+            spec.longrope_factors()
+                .map(|(short, long_factors)| if long { long_factors } else { short })
+        };
+        values.expect("rope factor tensors exist only for specs with those factors")
+    }
+
+    /// The values in GGUF layout, as llama.cpp's converter writes them: llama's q/k rows
+    /// permuted, Gemma's norms as `1 + w`.
     pub(crate) fn generate_gguf(&self, spec: &ModelSpec) -> Vec<f32> {
-        let values = self.generate(spec);
+        let mut values = self.generate(spec);
+        if spec.arch.is_gemma() && matches!(self.role, Role::Norm | Role::OutputNorm) {
+            values.iter_mut().for_each(|v| *v += 1.0);
+        }
         match self.gguf_rope_heads {
             Some(heads) => llama_cpp_permute(&values, self.shape[0], self.shape[1], heads),
             None => values,
@@ -105,64 +134,151 @@ impl TensorDef {
     }
 }
 
-/// Every tensor of `spec`, in GGUF file order (embedding, blocks, final norm, output).
+/// The embedding's standard deviation. Gemma multiplies the embedding by `sqrt(hidden)`
+/// before the first layer; dividing by it here starts its residual stream at unit scale like
+/// the other families', so each layer's output moves it.
+fn embedding_std(spec: &ModelSpec) -> f32 {
+    if spec.arch.is_gemma() {
+        1.0 / (spec.hidden as f32).sqrt()
+    } else {
+        1.0
+    }
+}
+
+/// Every tensor of `spec`, in GGUF file order: the converter's generated RoPE factors first,
+/// then embedding, blocks, final norm, output.
 pub(crate) fn tensor_defs(spec: &ModelSpec) -> Vec<TensorDef> {
     let h = spec.hidden;
+    let head_dim = spec.head_dim();
+    let q_dim = spec.q_dim();
     let kv = spec.kv_dim();
-    let mut defs = vec![TensorDef::new(
+    let mut defs = Vec::new();
+    let rope_factors = |name: &str| {
+        TensorDef::new(
+            name.into(),
+            format!("{name}.weight"),
+            vec![head_dim / 2],
+            Role::RopeFactors,
+        )
+    };
+    if spec.llama3_rope_freqs().is_some() && spec.write_rope_freqs {
+        defs.push(rope_factors("rope_freqs"));
+    }
+    if spec.longrope_factors().is_some() {
+        defs.push(rope_factors("rope_factors_long"));
+        defs.push(rope_factors("rope_factors_short"));
+    }
+    defs.push(TensorDef::new(
         "model.embed_tokens.weight".into(),
         "token_embd.weight".into(),
         vec![spec.vocab, h],
         Role::Embedding,
-    )];
-    let llama_rope = spec.arch == crate::Arch::Llama;
+    ));
+    let gemma = spec.arch.is_gemma();
     for n in 0..spec.layers {
         let hf = |s: &str| format!("model.layers.{n}.{s}");
         let gg = |s: &str| format!("blk.{n}.{s}");
         let linear = |hf_s: &str, gg_s: &str, rows: usize, cols: usize| {
             TensorDef::new(hf(hf_s), gg(gg_s), vec![rows, cols], Role::Linear)
         };
-        let norm = |hf_s: &str, gg_s: &str| TensorDef::new(hf(hf_s), gg(gg_s), vec![h], Role::Norm);
+        let norm = |hf_s: &str, gg_s: &str, len: usize| {
+            TensorDef::new(hf(hf_s), gg(gg_s), vec![len], Role::Norm)
+        };
 
-        defs.push(norm("input_layernorm.weight", "attn_norm.weight"));
-        let mut q = linear("self_attn.q_proj.weight", "attn_q.weight", h, h);
-        let mut k = linear("self_attn.k_proj.weight", "attn_k.weight", kv, h);
-        if llama_rope {
-            q.gguf_rope_heads = Some(spec.heads);
-            k.gguf_rope_heads = Some(spec.kv_heads);
+        defs.push(norm("input_layernorm.weight", "attn_norm.weight", h));
+        if spec.arch == Arch::Phi3 {
+            defs.push(linear(
+                "self_attn.qkv_proj.weight",
+                "attn_qkv.weight",
+                q_dim + 2 * kv,
+                h,
+            ));
+        } else {
+            let mut q = linear("self_attn.q_proj.weight", "attn_q.weight", q_dim, h);
+            let mut k = linear("self_attn.k_proj.weight", "attn_k.weight", kv, h);
+            if spec.arch.permutes_qk() {
+                q.gguf_rope_heads = Some(spec.heads);
+                k.gguf_rope_heads = Some(spec.kv_heads);
+            }
+            defs.push(q);
+            defs.push(k);
+            defs.push(linear("self_attn.v_proj.weight", "attn_v.weight", kv, h));
         }
-        defs.push(q);
-        defs.push(k);
-        defs.push(linear("self_attn.v_proj.weight", "attn_v.weight", kv, h));
         if spec.arch.has_qkv_bias() {
             for (hf_s, gg_s, len) in [
-                ("self_attn.q_proj.bias", "attn_q.bias", h),
+                ("self_attn.q_proj.bias", "attn_q.bias", q_dim),
                 ("self_attn.k_proj.bias", "attn_k.bias", kv),
                 ("self_attn.v_proj.bias", "attn_v.bias", kv),
             ] {
                 defs.push(TensorDef::new(hf(hf_s), gg(gg_s), vec![len], Role::Bias));
             }
         }
+        if spec.arch.has_qk_norm() {
+            defs.push(norm(
+                "self_attn.q_norm.weight",
+                "attn_q_norm.weight",
+                head_dim,
+            ));
+            defs.push(norm(
+                "self_attn.k_norm.weight",
+                "attn_k_norm.weight",
+                head_dim,
+            ));
+        }
         defs.push(linear(
             "self_attn.o_proj.weight",
             "attn_output.weight",
             h,
-            h,
+            q_dim,
         ));
-        defs.push(norm("post_attention_layernorm.weight", "ffn_norm.weight"));
-        defs.push(linear(
-            "mlp.gate_proj.weight",
-            "ffn_gate.weight",
-            spec.ffn,
-            h,
-        ));
-        defs.push(linear("mlp.up_proj.weight", "ffn_up.weight", spec.ffn, h));
+        if gemma {
+            defs.push(norm(
+                "post_attention_layernorm.weight",
+                "post_attention_norm.weight",
+                h,
+            ));
+            defs.push(norm(
+                "pre_feedforward_layernorm.weight",
+                "ffn_norm.weight",
+                h,
+            ));
+        } else {
+            defs.push(norm(
+                "post_attention_layernorm.weight",
+                "ffn_norm.weight",
+                h,
+            ));
+        }
+        if spec.arch == Arch::Phi3 {
+            // Gate rows first, then up rows, as Phi-3's `gate_up_proj` holds them.
+            defs.push(linear(
+                "mlp.gate_up_proj.weight",
+                "ffn_up.weight",
+                2 * spec.ffn,
+                h,
+            ));
+        } else {
+            defs.push(linear(
+                "mlp.gate_proj.weight",
+                "ffn_gate.weight",
+                spec.ffn,
+                h,
+            ));
+            defs.push(linear("mlp.up_proj.weight", "ffn_up.weight", spec.ffn, h));
+        }
         defs.push(linear(
             "mlp.down_proj.weight",
             "ffn_down.weight",
             h,
             spec.ffn,
         ));
+        if gemma {
+            defs.push(norm(
+                "post_feedforward_layernorm.weight",
+                "post_ffw_norm.weight",
+                h,
+            ));
+        }
     }
     defs.push(TensorDef::new(
         "model.norm.weight".into(),

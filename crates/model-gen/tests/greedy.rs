@@ -52,6 +52,7 @@ fn hub_tokens(spec: &ModelSpec, dir: &Path) -> Vec<u32> {
             let mut model = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
             greedy(|t, pos| model.forward(&ids(t), pos).unwrap())
         }
+        other => panic!("no hub model for {other}"),
     }
 }
 
@@ -69,6 +70,7 @@ fn gguf_tokens(spec: &ModelSpec, path: &Path) -> Vec<u32> {
                 quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
             greedy(|t, pos| m.forward(&ids(t), pos).unwrap())
         }
+        other => panic!("no candle GGUF model for {other} here"),
     }
 }
 
@@ -116,6 +118,7 @@ fn gguf_logits(spec: &ModelSpec, path: &Path, prompt: &[u32]) -> Vec<f32> {
         Arch::Qwen2 => quantized_qwen2::ModelWeights::from_gguf(content, &mut file, &Device::Cpu)
             .unwrap()
             .forward(&ids(prompt), 0),
+        other => panic!("no candle GGUF model for {other} here"),
     };
     logits.unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
