@@ -4,9 +4,12 @@
 //! The rules follow what the worker's engine does with the file: GGUF tensors are kept as
 //! stored (candle's quantized models also dequantize the token embedding to f32 for lookups;
 //! the engine's own CPU path does not), keys and values are cached in f32; a safetensors
-//! checkpoint is converted to f32 on the CPU and to f16/bf16 on a GPU. The context is the
-//! model's, capped for the llama family at candle's `quantized_llama::MAX_SEQ_LEN` like the
-//! engine does.
+//! checkpoint is converted to f32 on the CPU and to f16/bf16 on a GPU. The context is the one
+//! the worker will run with: the hive's `--worker-ctx-size` or else the trained context, capped
+//! where candle's code has a fixed limit, by the engine's own rule
+//! ([`rbee_engine::gguf_context_length`]). The engine's CPU path sets a cache's room for the
+//! whole context aside the first time it is fed and never grows it further, so what is counted
+//! here is what a slot holds at most.
 //!
 //! A worker decodes up to its `--slots` sequences at once, each with its own KV cache, only for a
 //! model on the engine's own CPU path (a llama or qwen2 GGUF on the CPU whose matrices all have
@@ -19,7 +22,6 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_transformers::models::quantized_llama::MAX_SEQ_LEN;
 use rbee_contract::DeviceKind;
 
 /// What a model takes once loaded, apart from the fixed overhead.
@@ -49,12 +51,17 @@ impl Footprint {
 }
 
 /// The footprint of the model at `path` (a `.gguf` file, or a safetensors checkpoint given as
-/// its directory or a file in it) on a device of `kind`. Blocking.
-pub(crate) fn of_path(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
+/// its directory or a file in it) on a device of `kind`, for a worker whose `--ctx-size` is
+/// `ctx_size` (`None`: the trained context). Blocking.
+pub(crate) fn of_path(
+    path: &Path,
+    kind: DeviceKind,
+    ctx_size: Option<u64>,
+) -> Result<Footprint, String> {
     if is_gguf(path) {
-        gguf(path, kind)
+        gguf(path, kind, ctx_size)
     } else {
-        safetensors(path, kind)
+        safetensors(path, kind, ctx_size)
     }
 }
 
@@ -76,7 +83,7 @@ fn is_gguf(path: &Path) -> bool {
 /// Bytes of one f32, the type candle's quantized models compute and cache in.
 const F32_BYTES: u64 = 4;
 
-fn gguf(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
+fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprint, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
     let content = gguf_file::Content::read(&mut BufReader::new(file))
         .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
@@ -103,18 +110,14 @@ fn gguf(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
         return Err(format!("{arch}.attention.head_count is 0"));
     }
     let head_dim = number("attention.key_length").unwrap_or(hidden / heads);
-    let trained = number("context_length");
-    let context_length = if arch == "llama" {
-        // The engine's llama precomputes its rotary tables for this many positions.
-        let cap = MAX_SEQ_LEN as u64;
-        trained.unwrap_or(cap).min(cap)
-    } else {
-        trained.ok_or(format!("the GGUF file has no {arch}.context_length"))?
-    };
 
     // The engine's CPU path (the one that batches) holds the file's tensor data once;
     // candle's code also holds the token embedding dequantized, for the lookup.
     let batched = kind == DeviceKind::Cpu && rbee_engine::gguf_runs_on_cpu_path(&content);
+    let requested = ctx_size.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    let context_length = rbee_engine::gguf_context_length(&content, batched, requested)
+        .ok_or(format!("the GGUF file has no {arch}.context_length"))?
+        as u64;
     let mut weights_bytes = 0u64;
     for (name, tensor) in &content.tensor_infos {
         let elements = tensor.shape.elem_count() as u64;
@@ -134,7 +137,7 @@ fn gguf(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
 
 /// A safetensors llama checkpoint: `config.json` gives the shape, the `.safetensors` files'
 /// sizes the weights as stored, converted to the type the engine computes in on `kind`.
-fn safetensors(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
+fn safetensors(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprint, String> {
     let dir: PathBuf = if path.is_dir() {
         path.to_owned()
     } else {
@@ -155,7 +158,11 @@ fn safetensors(path: &Path, kind: DeviceKind) -> Result<Footprint, String> {
         return Err("its config.json has 0 attention heads".into());
     }
     let head_dim = number("head_dim").unwrap_or(hidden / heads);
-    let context_length = required("max_position_embeddings")?;
+    // candle's llama holds at most its trained context, as the engine caps it.
+    let trained = required("max_position_embeddings")?;
+    let context_length = ctx_size
+        .filter(|&n| n > 0)
+        .map_or(trained, |n| n.min(trained));
 
     let declared = config.get("torch_dtype").and_then(|v| v.as_str());
     let stored = match declared {
@@ -204,7 +211,7 @@ mod tests {
         let spec = ModelSpec::tiny();
         let path = model_gen::ensure_generated(&spec, ModelFormat::Gguf(GgufType::F32), dir.path())
             .unwrap();
-        let footprint = of_path(&path, DeviceKind::Cpu).unwrap();
+        let footprint = of_path(&path, DeviceKind::Cpu, None).unwrap();
         let (layers, kv_heads, head_dim) = (
             spec.layers as u64,
             spec.kv_heads as u64,
@@ -228,7 +235,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::tiny();
         let model = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
-        let cpu = of_path(&model, DeviceKind::Cpu).unwrap();
+        let cpu = of_path(&model, DeviceKind::Cpu, None).unwrap();
         assert_eq!(cpu.context_length, spec.context_length as u64);
         let head_dim = (spec.hidden / spec.heads) as u64;
         assert_eq!(
@@ -255,23 +262,36 @@ mod tests {
             dir.path(),
         )
         .unwrap();
-        for path in [file(GgufType::Q4_0), file(GgufType::Q8_0), qwen2] {
-            let cpu = of_path(&path, DeviceKind::Cpu).unwrap();
+        let gemma3 = model_gen::ensure_generated(
+            &ModelSpec::tiny_arch(model_gen::Arch::Gemma3),
+            ModelFormat::Gguf(GgufType::Q8_0),
+            dir.path(),
+        )
+        .unwrap();
+        let float = [file(GgufType::F32), file(GgufType::F16)];
+        for path in [file(GgufType::Q4_0), file(GgufType::Q8_0), qwen2, gemma3]
+            .into_iter()
+            .chain(float)
+        {
+            let cpu = of_path(&path, DeviceKind::Cpu, None).unwrap();
             assert_eq!(cpu.batched, kernels);
-            let cuda = of_path(&path, DeviceKind::Cuda).unwrap();
+            let cuda = of_path(&path, DeviceKind::Cuda, None).unwrap();
             assert!(!cuda.batched);
-            assert!(!of_path(&path, DeviceKind::Metal).unwrap().batched);
+            assert!(!of_path(&path, DeviceKind::Metal, None).unwrap().batched);
             // The CPU path holds the tensors once; candle's code adds an f32 embedding.
             let embedding = (spec.vocab * spec.hidden * 4) as u64;
             if kernels {
                 assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
             }
         }
-        for ty in [GgufType::F32, GgufType::F16] {
-            assert!(!of_path(&file(ty), DeviceKind::Cpu).unwrap().batched);
-        }
+        // Q4_K falls back to Q5_0 in the tiny model's rows, a type the CPU path lacks.
+        assert!(
+            !of_path(&file(GgufType::Q4K), DeviceKind::Cpu, None)
+                .unwrap()
+                .batched
+        );
         let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
-        assert!(!of_path(&hub, DeviceKind::Cpu).unwrap().batched);
+        assert!(!of_path(&hub, DeviceKind::Cpu, None).unwrap().batched);
 
         let footprint = Footprint {
             weights_bytes: 1,
@@ -289,15 +309,54 @@ mod tests {
     }
 
     #[test]
+    fn the_context_is_the_workers_by_the_engines_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        // Trained for more positions than candle's llama holds (4096).
+        let spec = ModelSpec {
+            context_length: 16384,
+            ..ModelSpec::tiny()
+        };
+        let q8 = model_gen::ensure_generated(&spec, ModelFormat::Gguf(GgufType::Q8_0), dir.path())
+            .unwrap();
+        let context = |kind, ctx_size| of_path(&q8, kind, ctx_size).unwrap().context_length;
+        if of_path(&q8, DeviceKind::Cpu, None).unwrap().batched {
+            // The engine's CPU path: the trained context, or the one asked for, even beyond it.
+            assert_eq!(context(DeviceKind::Cpu, None), 16384);
+            assert_eq!(context(DeviceKind::Cpu, Some(0)), 16384);
+            assert_eq!(context(DeviceKind::Cpu, Some(6000)), 6000);
+            assert_eq!(context(DeviceKind::Cpu, Some(20000)), 20000);
+        }
+        // candle's llama, which a GPU runs: at most 4096.
+        assert_eq!(context(DeviceKind::Cuda, None), 4096);
+        assert_eq!(context(DeviceKind::Cuda, Some(20000)), 4096);
+        assert_eq!(context(DeviceKind::Cuda, Some(1000)), 1000);
+
+        // A safetensors checkpoint: at most its trained context.
+        let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
+        let hub_context = |ctx_size| {
+            of_path(&hub, DeviceKind::Cpu, ctx_size)
+                .unwrap()
+                .context_length
+        };
+        assert_eq!(hub_context(None), 16384);
+        assert_eq!(hub_context(Some(6000)), 6000);
+        assert_eq!(hub_context(Some(20000)), 16384);
+
+        // The KV caches counted are of that context.
+        let sized = of_path(&q8, DeviceKind::Cuda, Some(1000)).unwrap();
+        assert_eq!(sized.kv_cache_bytes(1), sized.kv_bytes_per_position * 1000);
+    }
+
+    #[test]
     fn files_that_are_not_models_are_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.gguf");
         std::fs::write(&junk, b"not a model").unwrap();
-        let err = of_path(&junk, DeviceKind::Cpu).unwrap_err();
+        let err = of_path(&junk, DeviceKind::Cpu, None).unwrap_err();
         assert!(err.contains("not a readable GGUF file"), "{err}");
         let text = dir.path().join("notes.txt");
         std::fs::write(&text, b"hello").unwrap();
-        let err = of_path(&text, DeviceKind::Cpu).unwrap_err();
+        let err = of_path(&text, DeviceKind::Cpu, None).unwrap_err();
         assert!(err.contains("config.json"), "{err}");
     }
 }
