@@ -54,6 +54,12 @@ struct Args {
     /// on candle's code (GPU, F16/F32 matrices, safetensors) serves one.
     #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(rbee_contract::MAX_WORKER_SLOTS)))]
     slots: u32,
+    /// Positions a prompt plus its completion may occupy, in each slot (default, or 0: the
+    /// context the model was trained for). Each slot's KV cache holds this many positions.
+    /// More than the trained context is allowed, with a warning; candle's code caps it at what
+    /// it holds (4096 for a llama-family GGUF on a GPU).
+    #[arg(long, value_name = "N", env = "RBEE_CTX_SIZE")]
+    ctx_size: Option<u32>,
     /// Requests that may wait while every slot is busy.
     #[arg(long, env = "RBEE_QUEUE_CAPACITY", default_value_t = 4)]
     queue_capacity: usize,
@@ -119,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.cluster_token = cluster_token;
     config.queue_capacity = args.queue_capacity;
     config.slots = args.slots as usize;
+    config.context_length = args.ctx_size.filter(|&n| n > 0).map(|n| n as usize);
     config.shutdown_grace = args.shutdown_grace;
     config.hive_pid = args.hive_pid;
 

@@ -27,6 +27,10 @@ pub struct WorkerConfig {
     /// Sequences generated at once, each with its own KV cache (continuous batching); at
     /// least 1. The engine may serve fewer (one, for a model on candle's code).
     pub slots: usize,
+    /// Positions a prompt plus its completion may occupy, in each slot; `None` takes the
+    /// model's trained context. See `rbee_engine::LoadOptions::context_length` for how more
+    /// than the trained context and the limits of candle's code are handled.
+    pub context_length: Option<usize>,
     /// Requests that may wait while every slot is busy; more are answered `429 busy`.
     pub queue_capacity: usize,
     /// How long shutdown lets running and queued generations finish before it ends them
@@ -52,6 +56,7 @@ impl WorkerConfig {
             hive_id: None,
             cluster_token: None,
             slots: 1,
+            context_length: None,
             queue_capacity: 4,
             shutdown_grace: Duration::from_secs(30),
             hive_pid: None,

@@ -48,7 +48,7 @@ pub(crate) fn start(
         model_path: config.model_path.clone(),
         device: config.device,
         slots: config.slots,
-        context_length: None,
+        context_length: config.context_length,
     };
     let queue_capacity = config.queue_capacity.max(1);
     std::thread::Builder::new()
