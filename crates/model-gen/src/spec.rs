@@ -311,13 +311,14 @@ impl ModelSpec {
                 ..self
             },
             // Phi-3 mini: as many KV heads as heads, a separate head, LongRoPE. An original
-            // context of 128 below the trained context: llama.cpp takes the long factors for
-            // a context above 128 and the short ones otherwise.
+            // context of 256 below the trained context: llama.cpp takes the long factors for a
+            // context above 256 and the short ones otherwise (it pads every context to a
+            // multiple of 256, so 256 is the smallest it runs).
             Arch::Phi3 => Self {
                 arch,
                 kv_heads: self.heads,
                 rope_scaling: RopeScaling::LongRope {
-                    original_context: 128,
+                    original_context: 256,
                 },
                 chat: ChatFormat::Phi3,
                 logit_std: WIDE_LOGIT_STD,

@@ -188,7 +188,10 @@ fn presets_have_each_family_shape() {
     let RopeScaling::LongRope { original_context } = phi3.rope_scaling else {
         panic!("phi3 without LongRoPE");
     };
-    assert!(original_context < 256 && original_context < phi3.context_length);
+    // llama.cpp runs at least 256 tokens of context: at 256 it takes the short factors, above
+    // it the long ones.
+    assert_eq!(original_context, 256);
+    assert!(original_context < ModelSpec::tiny_arch(Arch::Phi3).context_length);
 }
 
 #[test]
@@ -236,10 +239,10 @@ fn metadata_keys_are_the_converters_per_family() {
 
     let spec = ModelSpec::tiny_arch(Arch::Phi3);
     let c = read(&write(&spec, GgufType::F32, dir.path()));
-    assert_eq!(u32_of(&c, "phi3.rope.scaling.original_context_length"), 128);
+    assert_eq!(u32_of(&c, "phi3.rope.scaling.original_context_length"), 256);
     assert_eq!(u32_of(&c, "phi3.context_length"), 512);
-    // sqrt(1 + ln(512 / 128) / ln(128)), as the converter computes it.
-    let expected = (1.0 + (4f64).ln() / (128f64).ln()).sqrt() as f32;
+    // sqrt(1 + ln(512 / 256) / ln(256)), as the converter computes it.
+    let expected = (1.0 + (2f64).ln() / (256f64).ln()).sqrt() as f32;
     assert_eq!(f32_of(&c, "phi3.rope.scaling.attn_factor"), expected);
     assert_eq!(u32_of(&c, "phi3.rope.dimension_count"), 16);
     assert!(c.metadata.contains_key("phi3.attention.sliding_window"));
