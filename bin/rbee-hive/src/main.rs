@@ -59,6 +59,11 @@ struct Args {
     /// (default 1); the capacity check counts that many KV caches per worker.
     #[arg(long, value_name = "N", env = "RBEE_HIVE_WORKER_SLOTS", value_parser = parse_slots)]
     worker_slots: Option<NonZeroU32>,
+    /// Positions of context each spawned worker runs its model with (its --ctx-size), each
+    /// slot's KV cache holding that many (default, or 0: each model's trained context); the
+    /// capacity check counts KV caches of this context.
+    #[arg(long, value_name = "N", env = "RBEE_HIVE_WORKER_CTX_SIZE")]
+    worker_ctx_size: Option<u32>,
     /// Memory of each device that workers must leave free, e.g. 2GiB (default 0); a spawn that
     /// would eat into it is refused with no_capacity.
     #[arg(long, env = "RBEE_MEMORY_RESERVE", value_parser = parse_size)]
@@ -99,6 +104,7 @@ impl Args {
         if let Some(slots) = self.worker_slots {
             config.worker_slots = slots;
         }
+        config.worker_ctx_size = self.worker_ctx_size.and_then(NonZeroU32::new);
         if let Some(reserve) = self.memory_reserve {
             config.memory_reserve = reserve;
         }

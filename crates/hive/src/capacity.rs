@@ -4,7 +4,8 @@
 //! A model needs `weights + KV caches at the worker's context length + a fixed overhead`
 //! (see `footprint` for how the first two are read from the file, and [`overhead`]): one KV
 //! cache per slot of the worker (the hive's `--worker-slots`) when the worker batches the model,
-//! one when it serves a sequence at a time. A device
+//! one when it serves a sequence at a time, each of the context the worker runs the model with
+//! (the hive's `--worker-ctx-size`, else the model's trained context). A device
 //! has `min(free, total − held) − reserve` for it, where `free` and `total` are the device's
 //! memory read now, `held` is what the hive's workers on the same memory (running, loading or
 //! being spawned) need by the same estimate, and `reserve` is the hive's `--memory-reserve`.
@@ -187,18 +188,17 @@ fn evaluate(
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
-    let footprint = footprint::of_path(&question.model_path, device.kind).map_err(|reason| {
-        CapacityError::Unreadable {
-            model: question.model_ref.clone(),
-            reason,
-        }
+    let footprint = footprint::of_path(&question.model_path, device.kind, limits.worker_ctx_size)
+        .map_err(|reason| CapacityError::Unreadable {
+        model: question.model_ref.clone(),
+        reason,
     })?;
 
     // Everything below happens under the ledger's lock, with the children listed under it,
     // so that a concurrent spawn is seen either as pending or as a child.
     let mut state = ledger.lock();
     let workers = children.list();
-    let held = state.held(&workers, device, limits.worker_slots);
+    let held = state.held(&workers, device, limits);
     let estimate = estimate_of(&question.model_ref, device, &footprint, held, limits);
     state.remember(&question.model_ref, &device.id, estimate.required_bytes);
     let reservation = (reserve && estimate.fits()).then(|| {
@@ -241,11 +241,13 @@ fn estimate_of(
 
 /// The hive's settings a capacity check uses.
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+pub(crate) struct Limits {
     /// `--memory-reserve`.
     memory_reserve: u64,
     /// `--worker-slots`.
     worker_slots: u32,
+    /// `--worker-ctx-size`; `None` for each model's trained context.
+    worker_ctx_size: Option<u64>,
 }
 
 impl Limits {
@@ -253,6 +255,7 @@ impl Limits {
         Limits {
             memory_reserve: hive.config.memory_reserve,
             worker_slots: hive.config.worker_slots.get(),
+            worker_ctx_size: hive.config.worker_ctx_size.map(|n| u64::from(n.get())),
         }
     }
 }
@@ -337,9 +340,7 @@ pub(crate) async fn before_download(
     let estimate = tokio::task::spawn_blocking(move || {
         let devices = devices::read();
         let device = devices.find(&device)?;
-        let held = ledger
-            .lock()
-            .held(&children.list(), device, limits.worker_slots);
+        let held = ledger.lock().held(&children.list(), device, limits);
         let overhead_bytes = overhead(device.kind);
         Some(CapacityEstimate {
             device: device.id.clone(),
@@ -492,10 +493,11 @@ mod tests {
         model_gen::ensure_generated(&model_gen::ModelSpec::tiny(), format, dir).unwrap()
     }
 
-    fn limits(worker_slots: u32) -> Limits {
+    pub(crate) fn limits(worker_slots: u32) -> Limits {
         Limits {
             memory_reserve: 0,
             worker_slots,
+            worker_ctx_size: None,
         }
     }
 
@@ -507,7 +509,7 @@ mod tests {
             dir.path(),
         );
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
-        let footprint = footprint::of_path(&model, DeviceKind::Cpu).unwrap();
+        let footprint = footprint::of_path(&model, DeviceKind::Cpu, None).unwrap();
         if !footprint.batched {
             // RBEE_CPU_KERNELS=0 in the environment: the worker would serve one sequence.
             let four = estimate_of("m", &cpu, &footprint, 0, limits(4));
@@ -549,14 +551,15 @@ mod tests {
             model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4_0),
             dir.path(),
         );
-        let f32 = tiny(
-            model_gen::ModelFormat::Gguf(model_gen::GgufType::F32),
+        // The tiny model's rows do not split into Q4_K's blocks: its matrices are Q5_0.
+        let q5 = tiny(
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4K),
             dir.path(),
         );
         let hub = tiny(model_gen::ModelFormat::Hub, dir.path());
-        // A GPU, F32 matrices, a safetensors checkpoint: candle's code, one sequence.
-        for (model, device) in [(&q4, &gpu), (&f32, &cpu), (&hub, &cpu)] {
-            let footprint = footprint::of_path(model, device.kind).unwrap();
+        // A GPU, Q5_0 matrices, a safetensors checkpoint: candle's code, one sequence.
+        for (model, device) in [(&q4, &gpu), (&q5, &cpu), (&hub, &cpu)] {
+            let footprint = footprint::of_path(model, device.kind, None).unwrap();
             let estimate = estimate_of("m", device, &footprint, 0, limits(4));
             assert_eq!(estimate.slots, 1, "{} on {}", model.display(), device.id);
             assert_eq!(

@@ -37,6 +37,10 @@ pub struct HiveConfig {
     /// Sequences each spawned worker decodes at once (its `--slots`), each with its own KV
     /// cache; the capacity check counts that many KV caches for a model the worker batches.
     pub worker_slots: NonZeroU32,
+    /// Positions of context each spawned worker runs its model with (its `--ctx-size`), each
+    /// slot's KV cache holding that many; `None` leaves every model its trained context. The
+    /// capacity check counts KV caches of this context.
+    pub worker_ctx_size: Option<NonZeroU32>,
     /// Memory of each device that workers must leave free, for the system and other programs;
     /// a spawn that would eat into it is refused (see `GET /v1/capacity`).
     pub memory_reserve: u64,
@@ -71,6 +75,7 @@ impl HiveConfig {
             stop_grace: Duration::from_secs(30),
             load_timeout: Duration::from_secs(600),
             worker_slots: NonZeroU32::MIN,
+            worker_ctx_size: None,
             memory_reserve: 0,
             cluster_token: None,
             model_dir: default_model_dir(),

@@ -1,6 +1,7 @@
 //! One worker process: its command line, and stopping it by its own handle.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -27,6 +28,7 @@ const WORKER_FLAG_VARS: &[&str] = &[
     "RBEE_HIVE_PID",
     "RBEE_SHUTDOWN_GRACE",
     "RBEE_SLOTS",
+    "RBEE_CTX_SIZE",
     "RBEE_CLUSTER_TOKEN",
 ];
 
@@ -63,6 +65,14 @@ pub(crate) fn command(config: &HiveConfig, args: &WorkerArgs, log: std::fs::File
         .args(["--device", &args.device])
         // Always given, so that what the capacity check counted is what the worker holds.
         .args(["--slots", &config.worker_slots.to_string()])
+        // 0 is the model's trained context.
+        .args([
+            "--ctx-size",
+            &config
+                .worker_ctx_size
+                .map_or(0, NonZeroU32::get)
+                .to_string(),
+        ])
         .args(["--hive-id", &config.hive_id])
         .args([
             "--heartbeat-interval",
@@ -209,6 +219,45 @@ mod tests {
                 .get_envs()
                 .any(|(k, v)| k == "RBEE_SLOTS" && v.is_none())
         );
+    }
+
+    #[test]
+    fn every_worker_is_given_the_hives_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = WorkerArgs {
+            worker_id: "h-w1".into(),
+            model_path: "/models/m.gguf".into(),
+            model_ref: "/models/m.gguf".into(),
+            device: "cpu".into(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port: 9301,
+            advertise_url: None,
+        };
+        let ctx_size_of = |config: &HiveConfig| {
+            let log = open_log(&dir.path().join("w.log")).unwrap();
+            let command = command(config, &args, log);
+            let argv: Vec<String> = command
+                .as_std()
+                .get_args()
+                .filter_map(|a| a.to_str().map(str::to_owned))
+                .collect();
+            assert!(
+                command
+                    .as_std()
+                    .get_envs()
+                    .any(|(k, v)| k == "RBEE_CTX_SIZE" && v.is_none()),
+                "an inherited RBEE_CTX_SIZE must not reach the worker"
+            );
+            let at = argv
+                .iter()
+                .position(|a| a == "--ctx-size")
+                .expect("--ctx-size");
+            argv[at + 1].clone()
+        };
+        let mut config = HiveConfig::new("h");
+        assert_eq!(ctx_size_of(&config), "0", "0: the model's trained context");
+        config.worker_ctx_size = NonZeroU32::new(16384);
+        assert_eq!(ctx_size_of(&config), "16384");
     }
 
     #[test]

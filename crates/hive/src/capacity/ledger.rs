@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rbee_contract::{DeviceInfo, DeviceKind, WorkerInfo};
 
-use super::{footprint, overhead};
+use super::{Limits, footprint, overhead};
 
 /// Spawns in progress and the estimates of the models workers run, shared by every check.
 #[derive(Default)]
@@ -88,8 +88,9 @@ impl LedgerState {
 
     /// What the workers on `device`'s memory need: per model and device, the estimate times the
     /// number of workers, counting a spawn in progress until its worker shows up as a child.
-    /// `worker_slots` is what a worker of a model no check has sized yet is assumed to have.
-    pub fn held(&mut self, workers: &[WorkerInfo], device: &DeviceInfo, worker_slots: u32) -> u64 {
+    /// A worker of a model no check has sized yet is assumed to have the slots and context of
+    /// `limits`.
+    pub fn held(&mut self, workers: &[WorkerInfo], device: &DeviceInfo, limits: Limits) -> u64 {
         let mut counts: BTreeMap<(String, String), (usize, usize, usize)> = BTreeMap::new();
         for worker in workers
             .iter()
@@ -120,7 +121,7 @@ impl LedgerState {
                         .required
                         .entry(key)
                         .or_insert_with_key(|(model, worker_device)| {
-                            estimate_unknown(model, worker_device, device.kind, worker_slots)
+                            estimate_unknown(model, worker_device, device.kind, limits)
                         });
                 each.saturating_mul(count)
             })
@@ -136,14 +137,14 @@ fn same_memory(a: &str, b: &str) -> bool {
 
 /// The estimate of a worker's model that no check has seen (its spawn could not size it):
 /// read from its path when it is one, else nothing is counted for it.
-fn estimate_unknown(model: &str, worker_device: &str, kind: DeviceKind, worker_slots: u32) -> u64 {
+fn estimate_unknown(model: &str, worker_device: &str, kind: DeviceKind, limits: Limits) -> u64 {
     let kind = match worker_device {
         "cpu" => DeviceKind::Cpu,
         d if d.starts_with("metal:") => DeviceKind::Metal,
         _ => kind,
     };
-    match footprint::of_path(Path::new(model), kind) {
-        Ok(f) => f.weights_bytes + f.kv_cache_bytes(f.slots(worker_slots)) + overhead(kind),
+    match footprint::of_path(Path::new(model), kind, limits.worker_ctx_size) {
+        Ok(f) => f.weights_bytes + f.kv_cache_bytes(f.slots(limits.worker_slots)) + overhead(kind),
         Err(reason) => {
             tracing::debug!(model, reason, "cannot estimate a running worker's memory");
             0
@@ -156,7 +157,7 @@ mod tests {
     use rbee_contract::WorkerState;
 
     use super::*;
-    use crate::capacity::tests::device;
+    use crate::capacity::tests::{device, limits};
 
     const GIB: u64 = 1 << 30;
 
@@ -193,8 +194,8 @@ mod tests {
             worker("w2", "a", "cuda:0"),
             worker("w3", "b", "cuda:1"),
         ];
-        assert_eq!(state.held(&workers, &gpu, 1), 6 * GIB);
-        assert_eq!(state.held(&workers[2..], &gpu, 1), 0);
+        assert_eq!(state.held(&workers, &gpu, limits(1)), 6 * GIB);
+        assert_eq!(state.held(&workers[2..], &gpu, limits(1)), 0);
 
         // A spawn of `a` in progress counts until its worker is a child.
         state.pending.insert(
@@ -205,14 +206,14 @@ mod tests {
                 baseline: 2,
             },
         );
-        assert_eq!(state.held(&workers, &gpu, 1), 9 * GIB);
+        assert_eq!(state.held(&workers, &gpu, limits(1)), 9 * GIB);
         let mut with_new = workers.clone();
         with_new.push(worker("w4", "a", "cuda:0"));
-        assert_eq!(state.held(&with_new, &gpu, 1), 9 * GIB, "not twice");
+        assert_eq!(state.held(&with_new, &gpu, limits(1)), 9 * GIB, "not twice");
         // A worker that died meanwhile does not hide the pending spawn.
-        assert_eq!(state.held(&workers[..1], &gpu, 1), 9 * GIB);
+        assert_eq!(state.held(&workers[..1], &gpu, limits(1)), 9 * GIB);
         state.pending.clear();
-        assert_eq!(state.held(&workers[..1], &gpu, 1), 3 * GIB);
+        assert_eq!(state.held(&workers[..1], &gpu, limits(1)), 3 * GIB);
     }
 
     #[test]
@@ -225,7 +226,7 @@ mod tests {
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let mut state = state_knowing(&[("m", "metal:0", 4 * GIB), ("c", "cpu", GIB)]);
         let workers = vec![worker("w1", "m", "metal:0"), worker("w2", "c", "cpu")];
-        assert_eq!(state.held(&workers, &cpu, 1), 5 * GIB);
+        assert_eq!(state.held(&workers, &cpu, limits(1)), 5 * GIB);
     }
 
     #[test]
@@ -233,7 +234,7 @@ mod tests {
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let mut state = LedgerState::default();
         let workers = vec![worker("w1", "/nonexistent/rbee/m.gguf", "cpu")];
-        assert_eq!(state.held(&workers, &cpu, 1), 0);
+        assert_eq!(state.held(&workers, &cpu, limits(1)), 0);
         assert_eq!(state.required.len(), 1);
     }
 }
