@@ -1,7 +1,8 @@
 //! Each generated family's vocabulary and chat template, as its GGUF metadata carries them
-//! (model-gen writes them the way llama.cpp's converter does): the family's end-of-turn token
-//! ends a generation, and the same text typed inside a message is tokenized as text while the
-//! template's own copies stay control tokens.
+//! (model-gen writes them the way llama.cpp's converter does): the tokens that end a generation
+//! are the ones llama.cpp's `llama_vocab_is_eog` reports for the generated files (checked with
+//! llama-cpp-python 0.3.36), and end-of-turn text typed inside a message is tokenized as text
+//! while the template's own copies stay control tokens.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -11,16 +12,27 @@ use model_gen::{Arch, GgufType, ModelSpec};
 use rbee_engine::tokenizer::TextTokenizer;
 use rbee_engine::{ChatTemplate, ChatTurn};
 
-/// Each family with the token its template ends a turn with.
-fn families() -> Vec<(ModelSpec, &'static str)> {
+/// Each family with the token its template ends a turn with, and every token that ends a
+/// generation.
+fn families() -> Vec<(ModelSpec, &'static str, &'static [&'static str])> {
+    const QWEN: &[&str] = &["<|endoftext|>", "<|im_end|>"];
+    const GEMMA: &[&str] = &["<eos>", "<end_of_turn>"];
     vec![
-        (ModelSpec::tiny_arch(Arch::Llama), "</s>"),
-        (ModelSpec::tiny_llama3(), "<|eot_id|>"),
-        (ModelSpec::tiny_arch(Arch::Qwen2), "<|im_end|>"),
-        (ModelSpec::tiny_arch(Arch::Qwen3), "<|im_end|>"),
-        (ModelSpec::tiny_arch(Arch::Gemma2), "<end_of_turn>"),
-        (ModelSpec::tiny_arch(Arch::Gemma3), "<end_of_turn>"),
-        (ModelSpec::tiny_arch(Arch::Phi3), "<|end|>"),
+        (ModelSpec::tiny_arch(Arch::Llama), "</s>", &["</s>"]),
+        (
+            ModelSpec::tiny_llama3(),
+            "<|eot_id|>",
+            &["<|end_of_text|>", "<|eot_id|>"],
+        ),
+        (ModelSpec::tiny_arch(Arch::Qwen2), "<|im_end|>", QWEN),
+        (ModelSpec::tiny_arch(Arch::Qwen3), "<|im_end|>", QWEN),
+        (ModelSpec::tiny_arch(Arch::Gemma2), "<end_of_turn>", GEMMA),
+        (ModelSpec::tiny_arch(Arch::Gemma3), "<end_of_turn>", GEMMA),
+        (
+            ModelSpec::tiny_arch(Arch::Phi3),
+            "<|end|>",
+            &["</s>", "<|endoftext|>", "<|end|>"],
+        ),
     ]
 }
 
@@ -62,15 +74,25 @@ fn whole_ids(tokenizer: &TextTokenizer, messages: &[ChatTurn]) -> Vec<u32> {
 }
 
 #[test]
-fn every_family_ends_at_its_end_of_turn_token() {
-    for (spec, end_of_turn) in families() {
+fn every_family_ends_where_llama_cpp_ends() {
+    for (spec, end_of_turn, ends) in families() {
         let tokenizer = tokenizer(&spec);
-        let id = tokenizer.token_to_id(end_of_turn).unwrap();
-        assert!(tokenizer.is_eos(id), "{}: {end_of_turn}", spec.arch);
-        let eos = tokenizer.eos_token().unwrap();
-        assert!(
-            tokenizer.is_eos(tokenizer.token_to_id(eos).unwrap()),
-            "{}: {eos}",
+        let mut texts: Vec<String> = tokenizer
+            .eos_token_ids()
+            .iter()
+            .map(|&id| tokenizer.token_to_str(id).unwrap())
+            .collect();
+        texts.sort();
+        let mut expected: Vec<&str> = ends.to_vec();
+        expected.sort();
+        assert_eq!(texts, expected, "{}", spec.arch);
+        assert!(texts.iter().any(|t| t == end_of_turn), "{}", spec.arch);
+        assert_eq!(
+            tokenizer.eos_token_ids()[0],
+            tokenizer
+                .token_to_id(tokenizer.eos_token().unwrap())
+                .unwrap(),
+            "{}: the declared EOS comes first",
             spec.arch
         );
     }
@@ -78,7 +100,7 @@ fn every_family_ends_at_its_end_of_turn_token() {
 
 #[test]
 fn in_every_family_typed_end_of_turn_text_stays_text() {
-    for (spec, end_of_turn) in families() {
+    for (spec, end_of_turn, _) in families() {
         let tokenizer = tokenizer(&spec);
         let id = tokenizer.token_to_id(end_of_turn).unwrap();
         let count = |ids: &[u32]| ids.iter().filter(|&&i| i == id).count();

@@ -71,9 +71,12 @@ fn metadata_is_what_smollm2_declares() {
     assert_eq!(tokenizer.bos_token(), Some("<|im_start|>"));
     assert_eq!(tokenizer.eos_token(), Some("<|im_end|>"));
     assert!(!tokenizer.add_bos(), "SmolLM2 sets add_bos_token = false");
-    // The declared EOS first, then `<|endoftext|>`, the document end SmolLM2 also emits.
-    assert_eq!(tokenizer.eos_token_ids(), &[2, 0]);
+    // The declared EOS first, then `<|endoftext|>`, the document end SmolLM2 also emits, and
+    // `<reponame>`, which llama.cpp takes for the fill-in-the-middle repository token: the set
+    // llama.cpp 0.3.36 (llama-cpp-python) reports for this file is {0, 2, 4}.
+    assert_eq!(tokenizer.eos_token_ids(), &[2, 0, 4]);
     assert!(tokenizer.is_eos(0) && tokenizer.is_eos(2) && !tokenizer.is_eos(1));
+    assert!(!tokenizer.is_eos(3) && !tokenizer.is_eos(5), "<repo_name>, <file_sep>");
     assert!(tokenizer.chat_template().unwrap().contains("<|im_start|>"));
     assert_eq!(tokenizer.token_to_str(378).as_deref(), Some("ĠThe"));
     assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(2));
@@ -199,6 +202,7 @@ fn a_saved_tokenizer_json_loads_with_its_config() {
     assert!(loaded.add_bos());
     assert_eq!(loaded.encode("The", true).unwrap(), [1, 504]);
     assert_eq!(loaded.eos_token(), Some("<|im_end|>"));
-    assert_eq!(loaded.eos_token_ids(), &[2, 5, 0]);
+    // EOS, then by id: `<|endoftext|>`, `<reponame>` and the listed 5.
+    assert_eq!(loaded.eos_token_ids(), &[2, 0, 4, 5]);
     assert_eq!(loaded.chat_template(), tokenizer.chat_template());
 }
