@@ -25,7 +25,7 @@ pub use hub::{Fault, FileRequest, HUB_COMMIT, TestHub, TestHubBuilder};
 pub use jobs::JobApi;
 pub use keeper::{KeeperEnv, KeeperOutput, send_signal};
 pub use loopback::serve_on_loopback;
-pub use models::{slow_model, smollm2, tiny_model};
+pub use models::{long_context_model, slow_model, smollm2, tiny_model};
 pub use procfs::{child_pids, process_gone};
 pub use queen::{Recorded, Script, ScriptedUpstream};
 pub use receiver::HeartbeatReceiver;

@@ -24,6 +24,21 @@ pub fn tiny_model() -> PathBuf {
     .expect("generate the tiny test model")
 }
 
+/// The tiny generated llama model, as a Q8_0 GGUF, with a file that says it was trained for
+/// 16,384 positions: a long context on a model fast enough to feed it in seconds.
+pub fn long_context_model() -> PathBuf {
+    let spec = ModelSpec {
+        context_length: 16384,
+        ..ModelSpec::tiny()
+    };
+    model_gen::ensure_generated(
+        &spec,
+        ModelFormat::Gguf(GgufType::Q8_0),
+        &model_gen::paths::generated_dir(),
+    )
+    .expect("generate the long-context test model")
+}
+
 /// A generated llama model big enough that a long generation takes seconds on a CPU (about
 /// 30 M parameters as Q8_0, a 2048-token context), for tests that must act while a stream is
 /// still in flight.
