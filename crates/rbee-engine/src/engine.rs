@@ -298,6 +298,18 @@ impl Engine {
         seq.advance(&self.info.eos_token_ids, on_token)
     }
 
+    /// Feeds `tokens` to slot 0 at positions from `pos` and returns the last one's logits,
+    /// without sampling, so the reference tests can feed llama.cpp's tokens and compare
+    /// logits. Slot 0's sequence, if any, is forgotten.
+    #[doc(hidden)]
+    pub fn logits_for_test(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, EngineError> {
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        self.slot_epochs[0] += 1;
+        self.forward_many(&[(0, tokens.to_vec(), pos)])
+    }
+
     /// One forward pass over `(slot, tokens, pos)` entries; the last logits of each entry,
     /// `[entry][vocab]`.
     fn forward_many(
