@@ -165,9 +165,7 @@ impl ChatTemplate {
             })
             .map_err(classify)
     }
-}
 
-impl ChatTemplate {
     /// Renders `messages` like [`render`](Self::render), and reports where control-token text
     /// typed inside a message ended up in the prompt. `find_control_text` gives the byte
     /// ranges of control-token text in a string (the tokenizer knows which texts those are).
