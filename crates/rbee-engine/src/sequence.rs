@@ -60,7 +60,8 @@ impl Sequence {
         tokenizer: &TextTokenizer,
     ) -> Self {
         let prompt_len = req.prompt_tokens.len();
-        let mut context = Vec::with_capacity(prompt_len + req.max_tokens);
+        // Room for a typical completion up front; a budget as long as a huge context grows into it.
+        let mut context = Vec::with_capacity(prompt_len + req.max_tokens.min(4096));
         context.extend_from_slice(&req.prompt_tokens);
         Sequence {
             slot,

@@ -151,3 +151,28 @@ fn a_context_smaller_than_trained_bounds_prompt_and_generation() -> anyhow::Resu
     }
     Ok(())
 }
+
+#[test]
+fn a_kv_cache_too_large_to_set_aside_fails_the_request_with_a_reason() -> anyhow::Result<()> {
+    let path = generated(&ModelSpec::tiny(), GgufType::Q8_0)?;
+    if !on_cpu_path(&path)? {
+        eprintln!("skipped: the engine's CPU path is turned off");
+        return Ok(());
+    }
+    // More positions than any allocation may hold: the cache is set aside for the whole
+    // context at its first use, so the request fails there, clearly, instead of the process.
+    let mut engine = load(&path, 1, Some(usize::MAX / 2))?;
+    let params = GenerationParams {
+        max_tokens: Some(4),
+        ..GenerationParams::greedy()
+    };
+    let req = engine.prepare(Prompt::Text(words(4)), params)?;
+    let err = engine
+        .generate(&req, &mut |_| ControlFlow::Continue(()))
+        .expect_err("no such KV cache");
+    assert!(
+        err.to_string().contains("cannot set aside a KV cache"),
+        "{err}"
+    );
+    Ok(())
+}

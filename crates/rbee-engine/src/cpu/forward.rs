@@ -564,9 +564,16 @@ impl CpuLlama {
                     // Room for the whole context at once: pages are touched only as positions
                     // fill them, and the cache never grows past what the hive's capacity check
                     // counted (amortized doubling would).
-                    if k_head.capacity() == 0 {
-                        k_head.reserve_exact(cfg.max_positions * hd);
-                        v_head.reserve_exact(cfg.max_positions * hd);
+                    let room = cfg.max_positions.saturating_mul(hd);
+                    for head in [&mut *k_head, &mut *v_head] {
+                        if head.capacity() < room {
+                            head.try_reserve_exact(room - head.len()).map_err(|e| {
+                                EngineError::Inference(format!(
+                                    "cannot set aside a KV cache of {} positions: {e}",
+                                    cfg.max_positions
+                                ))
+                            })?;
+                        }
                     }
                     for t in t0..t0 + e.tokens.len() {
                         let at = t * kv_dim + h * hd;
