@@ -44,7 +44,8 @@ struct Case {
     /// The fixture's file stem and the name tests report.
     name: &'static str,
     arch: Arch,
-    /// The `ModelSpec` constructor (see [`spec`]); the test maps the same names.
+    /// A [`ModelSpec::preset`] name (`small`, `small-llama3`); the test generates the model
+    /// again from the same name.
     preset: &'static str,
     ty: GgufType,
 }
@@ -119,11 +120,6 @@ const CASES: &[Case] = &[
     case("phi3-small-q4_k_m", Arch::Phi3, "small", GgufType::Q4KM),
 ];
 
-/// The spec a preset name stands for, in `arch`.
-fn spec(preset: &str, arch: Arch) -> anyhow::Result<ModelSpec> {
-    Ok(ModelSpec::preset(preset, arch)?)
-}
-
 #[derive(Debug, clap::Args)]
 pub struct RefsArgs {
     /// Only these cases (by name); all when none is given.
@@ -157,7 +153,7 @@ pub fn run_refs(args: &RefsArgs) -> anyhow::Result<()> {
     let models = model_gen::paths::generated_dir();
     let mut jobs = Vec::with_capacity(selected.len());
     for case in &selected {
-        let spec = spec(case.preset, case.arch)?;
+        let spec = ModelSpec::preset(case.preset, case.arch)?;
         let path = model_gen::ensure_generated(&spec, ModelFormat::Gguf(case.ty), &models)
             .with_context(|| format!("generating the model of {}", case.name))?;
         let prompt = prompt_ids(case.name, &path)?;

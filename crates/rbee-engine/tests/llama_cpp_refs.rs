@@ -102,11 +102,6 @@ impl Tolerance {
     }
 }
 
-/// The spec a fixture's preset names (the names `xtask/src/refs.rs` writes).
-fn spec(preset: &str, arch: Arch) -> anyhow::Result<ModelSpec> {
-    Ok(ModelSpec::preset(preset, arch)?)
-}
-
 fn fixtures() -> anyhow::Result<Vec<(PathBuf, Fixture)>> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(FIXTURES)
         .with_context(|| format!("reading {FIXTURES}"))?
@@ -150,7 +145,7 @@ fn model_of(fixture: &Fixture) -> anyhow::Result<PathBuf> {
     let m = &fixture.model;
     let arch: Arch = m.arch.parse()?;
     let ty: GgufType = m.r#type.parse()?;
-    let spec = spec(&m.preset, arch)?.with_seed(m.seed);
+    let spec = ModelSpec::preset(&m.preset, arch)?.with_seed(m.seed);
     let path = model_gen::ensure_generated(
         &spec,
         ModelFormat::Gguf(ty),
@@ -368,7 +363,7 @@ fn a_llama3_file_decodes_llama_cpp_tokens_only_with_its_rope_freqs() -> anyhow::
     assert_eq!(ids, reference, "{CASE}: the file with rope_freqs.weight");
 
     let arch: Arch = fixture.model.arch.parse()?;
-    let spec = spec(&fixture.model.preset, arch)?
+    let spec = ModelSpec::preset(&fixture.model.preset, arch)?
         .with_seed(fixture.model.seed)
         .without_rope_freqs();
     let ty: GgufType = fixture.model.r#type.parse()?;
