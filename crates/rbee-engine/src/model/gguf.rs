@@ -512,7 +512,10 @@ mod tests {
         let cases = [
             (ModelSpec::tiny_llama3(), Some("rope_freqs")),
             (ModelSpec::tiny().with_head_dim(32), Some("head size")),
-            (ModelSpec::tiny_arch(model_gen::Arch::Gemma3), Some("`gemma3` files")),
+            (
+                ModelSpec::tiny_arch(model_gen::Arch::Gemma3),
+                Some("`gemma3` files"),
+            ),
             (ModelSpec::tiny(), None),
             (ModelSpec::tiny_qwen2(), None),
         ];
@@ -521,7 +524,9 @@ mod tests {
             // Q4_K falls back to Q5_0 in these small matrices, which the engine's path lacks.
             model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q4K), &path).unwrap();
             let (content, _) = read_header(&path).unwrap();
-            let arch = metadata_str(&content, "general.architecture").unwrap().to_owned();
+            let arch = metadata_str(&content, "general.architecture")
+                .unwrap()
+                .to_owned();
             let result = load(&path, &Device::Cpu, None, &mut |_| {});
             match refusal {
                 Some(what) => {
@@ -532,7 +537,10 @@ mod tests {
                 }
                 None => {
                     let mut loaded = result.unwrap();
-                    assert!(loaded.model.batched().is_none(), "{arch} runs on candle's code");
+                    assert!(
+                        loaded.model.batched().is_none(),
+                        "{arch} runs on candle's code"
+                    );
                     assert!(candle_cannot_run(&content, &arch).is_none());
                 }
             }

@@ -117,9 +117,9 @@ fn dot_row_f32_avx2(row: &[u8], act: &[f32]) -> f32 {
         _mm256_add_ps(acc[0], acc[1]),
         _mm256_add_ps(acc[2], acc[3]),
     ));
-    for k in i..n {
+    for (k, &x) in act.iter().enumerate().skip(i) {
         let b = &row[4 * k..4 * k + 4];
-        sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * act[k];
+        sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * x;
     }
     sum
 }
@@ -155,8 +155,8 @@ fn dot_row_f16_avx2(row: &[u8], act: &[f32]) -> f32 {
         _mm256_add_ps(acc[0], acc[1]),
         _mm256_add_ps(acc[2], acc[3]),
     ));
-    for k in i..n {
-        sum += super::super::quant::f16_at(row, 2 * k) * act[k];
+    for (k, &x) in act.iter().enumerate().skip(i) {
+        sum += super::super::quant::f16_at(row, 2 * k) * x;
     }
     sum
 }
