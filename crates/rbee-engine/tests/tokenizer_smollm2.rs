@@ -76,7 +76,10 @@ fn metadata_is_what_smollm2_declares() {
     // llama.cpp 0.3.36 (llama-cpp-python) reports for this file is {0, 2, 4}.
     assert_eq!(tokenizer.eos_token_ids(), &[2, 0, 4]);
     assert!(tokenizer.is_eos(0) && tokenizer.is_eos(2) && !tokenizer.is_eos(1));
-    assert!(!tokenizer.is_eos(3) && !tokenizer.is_eos(5), "<repo_name>, <file_sep>");
+    assert!(
+        !tokenizer.is_eos(3) && !tokenizer.is_eos(5),
+        "<repo_name>, <file_sep>"
+    );
     assert!(tokenizer.chat_template().unwrap().contains("<|im_start|>"));
     assert_eq!(tokenizer.token_to_str(378).as_deref(), Some("ĠThe"));
     assert_eq!(tokenizer.token_to_id("<|im_end|>"), Some(2));
