@@ -152,12 +152,12 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_on_candles_code_reports_one_slot() {
     let model = model_gen::ensure_generated(
-        &ModelSpec::tiny(),
-        // Q4_K falls back to Q5_0 in the tiny model's rows: a type the engine's path lacks.
-        ModelFormat::Gguf(GgufType::Q4K),
+        &ModelSpec::small(),
+        // Q5_K matrices, which the engine's path has no kernel for.
+        ModelFormat::Gguf(GgufType::Q5K),
         &model_gen::paths::generated_dir(),
     )
-    .expect("generate a Q5_0 model");
+    .expect("generate a Q5_K model");
     let worker = Daemon::ready_worker(&model, TOKEN, &["--slots", "4"]).await;
     let info = info(&worker).await;
     assert_eq!((info.slots_total, info.slots_free), (1, 1));

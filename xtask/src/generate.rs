@@ -17,7 +17,7 @@ pub struct GenArgs {
     #[arg(long, default_value = "llama")]
     arch: Arch,
     /// hub (a directory of safetensors and tokenizer files; llama and qwen2 only), f32, f16,
-    /// q8_0, q4_0, q4_k, q6_k or q4_k_m.
+    /// q8_0, q4_0, q4_k, q6_k, q4_k_m or q5_k.
     #[arg(long)]
     format: ModelFormat,
     /// An explicit attention head size (`attention.key_length`), as Mistral-Nemo has.

@@ -43,10 +43,13 @@ pub enum GgufType {
     /// llama.cpp's `use_more_bits` picks (the first and last eighth and every third layer
     /// between); an untied embedding stays Q4_K.
     Q4KM,
+    /// Q5_K matrices (the output head Q6_K), like llama.cpp's `MOSTLY_Q5_K_S`: a type the
+    /// engine's CPU path has no kernel for, so tests use it for files that path does not take.
+    Q5K,
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 7] = [
+    pub const ALL: [GgufType; 8] = [
         Self::F32,
         Self::F16,
         Self::Q8_0,
@@ -54,6 +57,7 @@ impl GgufType {
         Self::Q4K,
         Self::Q6K,
         Self::Q4KM,
+        Self::Q5K,
     ];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
@@ -66,6 +70,7 @@ impl GgufType {
             Self::Q4K => "q4_k",
             Self::Q6K => "q6_k",
             Self::Q4KM => "q4_k_m",
+            Self::Q5K => "q5_k",
         }
     }
 
@@ -79,6 +84,7 @@ impl GgufType {
             Self::Q8_0 => 7,
             Self::Q4K => 14,
             Self::Q4KM => 15,
+            Self::Q5K => 16,
             Self::Q6K => 18,
         }
     }
@@ -104,10 +110,11 @@ impl GgufType {
             (Self::Q4_0, _) => G::Q4_0,
             (Self::Q4K, _) => G::Q4K,
             // The quantizer's output rule: Q6_K when the rows hold 256-blocks, else Q8_0.
-            (Self::Q6K | Self::Q4KM, _) if is_head => {
+            (Self::Q6K | Self::Q4KM | Self::Q5K, _) if is_head => {
                 return if fits(G::Q6K) { G::Q6K } else { G::Q8_0 };
             }
             (Self::Q6K, _) => G::Q6K,
+            (Self::Q5K, _) => G::Q5K,
             (Self::Q4KM, _) => match (def.category(), def.layer()) {
                 (Category::AttnV | Category::FfnDown, Some(layer))
                     if use_more_bits(layer, spec.layers) =>
@@ -121,6 +128,8 @@ impl GgufType {
             wanted
         } else if wanted == G::Q4K && fits(G::Q5_0) {
             G::Q5_0
+        } else if wanted == G::Q5K && fits(G::Q5_1) {
+            G::Q5_1
         } else if wanted == G::Q6K && fits(G::Q8_0) {
             G::Q8_0
         } else {
@@ -178,7 +187,7 @@ impl std::str::FromStr for GgufType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 Error::UnknownName(format!(
-                    "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0, q4_k, q6_k or q4_k_m)"
+                    "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0, q4_k, q6_k, q4_k_m or q5_k)"
                 ))
             })
     }

@@ -290,12 +290,14 @@ mod tests {
                 assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
             }
         }
-        // Q4_K falls back to Q5_0 in the tiny model's rows, a type the CPU path lacks.
-        assert!(
-            !of_path(&file(GgufType::Q4K), DeviceKind::Cpu, None)
-                .unwrap()
-                .batched
-        );
+        // Q5_K matrices, which the CPU path has no kernel for.
+        let q5_k = model_gen::ensure_generated(
+            &ModelSpec::small(),
+            ModelFormat::Gguf(GgufType::Q5K),
+            dir.path(),
+        )
+        .unwrap();
+        assert!(!of_path(&q5_k, DeviceKind::Cpu, None).unwrap().batched);
         let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
         assert!(!of_path(&hub, DeviceKind::Cpu, None).unwrap().batched);
 

@@ -20,6 +20,8 @@ pub(crate) enum WeightType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q6K,
@@ -34,7 +36,7 @@ pub(crate) enum ActFormat {
     F16,
     /// f32 values rounded to bf16 (BF16 weights, likewise).
     BF16,
-    /// [`BlockQ8`] (Q4_0, Q4_1, Q8_0).
+    /// [`BlockQ8`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
     Q8,
     /// [`BlockQ8K`] (Q4_K, Q6_K).
     Q8K,
@@ -45,7 +47,7 @@ impl WeightType {
     pub(crate) fn block_elems(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => QK,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
             Self::Q4K | Self::Q6K => QK_K,
         }
     }
@@ -57,6 +59,8 @@ impl WeightType {
             Self::F16 | Self::BF16 => 2,
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
             Self::Q6K => 210,
@@ -72,7 +76,7 @@ impl WeightType {
             Self::F32 => ActFormat::F32,
             Self::F16 => ActFormat::F16,
             Self::BF16 => ActFormat::BF16,
-            Self::Q4_0 | Self::Q4_1 | Self::Q8_0 => ActFormat::Q8,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => ActFormat::Q8,
             Self::Q4K | Self::Q6K => ActFormat::Q8K,
         }
     }
@@ -191,6 +195,21 @@ pub(crate) fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     }
 }
 
+/// The 5-bit values of a Q5_0 or Q5_1 block from its high bits (`qh`, four bytes) and nibbles
+/// (`qs`, 16 bytes) as ggml lays them out: elements `0..16` are the low nibbles with bits
+/// `0..16` of `qh`, elements `16..32` the high nibbles with bits `16..32`.
+#[inline]
+pub(crate) fn q5_values(block: &[u8]) -> [[u8; 16]; 2] {
+    let qh = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+    let qs = &block[4..20];
+    let mut out = [[0u8; 16]; 2];
+    for j in 0..16 {
+        out[0][j] = (qs[j] & 0xF) | ((((qh >> j) << 4) & 0x10) as u8);
+        out[1][j] = (qs[j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
+    }
+    out
+}
+
 /// The 6-bit scale and min of sub-block `j` of a Q4_K super-block.
 pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
@@ -228,6 +247,23 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 for l in 0..16 {
                     y[l] = (f32::from(b[2 + l] & 0xF) - 8.0) * d;
                     y[l + 16] = (f32::from(b[2 + l] >> 4) - 8.0) * d;
+                }
+            }
+        }
+        WeightType::Q5_0 | WeightType::Q5_1 => {
+            let (header, min_at) = if ty == WeightType::Q5_0 {
+                (2, None)
+            } else {
+                (4, Some(2))
+            };
+            for (b, y) in row.chunks_exact(be).zip(out.chunks_exact_mut(QK)) {
+                let d = f16_at(b, 0);
+                let m = min_at.map_or(0.0, |at| f16_at(b, at));
+                let offset = if min_at.is_some() { 0 } else { 16 };
+                let [lo, hi] = q5_values(&b[header..]);
+                for l in 0..16 {
+                    y[l] = (i32::from(lo[l]) - offset) as f32 * d + m;
+                    y[l + 16] = (i32::from(hi[l]) - offset) as f32 * d + m;
                 }
             }
         }
@@ -316,6 +352,36 @@ pub(crate) mod reference {
             for l in 0..16 {
                 s += i32::from(b[4 + l] & 0xF) * i32::from(a.qs[l]);
                 s += i32::from(b[4 + l] >> 4) * i32::from(a.qs[l + 16]);
+            }
+            sum += s as f32 * f16_at(b, 0) * a.d + f16_at(b, 2) * a.s;
+        }
+        sum
+    }
+
+    /// Q5_0 against Q8_0 activations: `d_w · d_a · Σ (q - 16) · a`.
+    pub(crate) fn dot_q5_0(row: &[u8], act: &[BlockQ8]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in row.chunks_exact(22).zip(act) {
+            let [lo, hi] = q5_values(&b[2..]);
+            let mut s = 0i32;
+            for l in 0..16 {
+                s += (i32::from(lo[l]) - 16) * i32::from(a.qs[l]);
+                s += (i32::from(hi[l]) - 16) * i32::from(a.qs[l + 16]);
+            }
+            sum += s as f32 * f16_at(b, 0) * a.d;
+        }
+        sum
+    }
+
+    /// Q5_1 against Q8_1-style activations: `d_w · d_a · Σ q · a + m_w · s_a`.
+    pub(crate) fn dot_q5_1(row: &[u8], act: &[BlockQ8]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in row.chunks_exact(24).zip(act) {
+            let [lo, hi] = q5_values(&b[4..]);
+            let mut s = 0i32;
+            for l in 0..16 {
+                s += i32::from(lo[l]) * i32::from(a.qs[l]);
+                s += i32::from(hi[l]) * i32::from(a.qs[l + 16]);
             }
             sum += s as f32 * f16_at(b, 0) * a.d + f16_at(b, 2) * a.s;
         }

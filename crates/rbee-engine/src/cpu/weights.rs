@@ -75,6 +75,8 @@ fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
         GgmlDType::BF16 => Some(WeightType::BF16),
         GgmlDType::Q4_0 => Some(WeightType::Q4_0),
         GgmlDType::Q4_1 => Some(WeightType::Q4_1),
+        GgmlDType::Q5_0 => Some(WeightType::Q5_0),
+        GgmlDType::Q5_1 => Some(WeightType::Q5_1),
         GgmlDType::Q8_0 => Some(WeightType::Q8_0),
         GgmlDType::Q4K => Some(WeightType::Q4K),
         GgmlDType::Q6K => Some(WeightType::Q6K),

@@ -504,25 +504,25 @@ mod tests {
     }
 
     /// Files candle's model code would compute wrongly are refused, with both reasons, where
-    /// the engine's path does not take them (here: Q5_0 matrices); the plain llama file of the
+    /// the engine's path does not take them (here: Q5_K matrices); the plain llama file of the
     /// same type still runs on candle's code.
     #[test]
     fn what_candle_would_get_wrong_is_refused_off_the_engine_path() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [
-            (ModelSpec::tiny_llama3(), Some("rope_freqs")),
-            (ModelSpec::tiny().with_head_dim(32), Some("head size")),
+            (ModelSpec::small_llama3(), Some("rope_freqs")),
+            (ModelSpec::small().with_head_dim(64), Some("head size")),
             (
-                ModelSpec::tiny_arch(model_gen::Arch::Gemma3),
+                ModelSpec::small_arch(model_gen::Arch::Gemma3),
                 Some("`gemma3` files"),
             ),
-            (ModelSpec::tiny(), None),
-            (ModelSpec::tiny_qwen2(), None),
+            (ModelSpec::small(), None),
+            (ModelSpec::small_qwen2(), None),
         ];
         for (i, (spec, refusal)) in cases.into_iter().enumerate() {
             let path = dir.path().join(format!("m{i}.gguf"));
-            // Q4_K falls back to Q5_0 in these small matrices, which the engine's path lacks.
-            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q4K), &path).unwrap();
+            // Q5_K matrices, which the engine's path has no kernel for.
+            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q5K), &path).unwrap();
             let (content, _) = read_header(&path).unwrap();
             let arch = metadata_str(&content, "general.architecture")
                 .unwrap()
@@ -532,7 +532,7 @@ mod tests {
                 Some(what) => {
                     let err = result.err().expect("refused").to_string();
                     assert!(err.contains(what), "{arch}: {err}");
-                    assert!(err.contains("Q5_0"), "{arch}: {err}");
+                    assert!(err.contains("Q5K"), "{arch}: {err}");
                     assert!(candle_cannot_run(&content, &arch).is_some());
                 }
                 None => {

@@ -140,6 +140,8 @@ impl Kernels {
         match ty {
             WeightType::Q4_0 => (self.q4_0)(row, act.q8(t)),
             WeightType::Q4_1 => (self.q4_1)(row, act.q8(t)),
+            WeightType::Q5_0 => reference::dot_q5_0(row, act.q8(t)),
+            WeightType::Q5_1 => reference::dot_q5_1(row, act.q8(t)),
             WeightType::Q8_0 => (self.q8_0)(row, act.q8(t)),
             WeightType::Q4K => (self.q4k)(row, act.q8k(t)),
             WeightType::Q6K => (self.q6k)(row, act.q8k(t)),

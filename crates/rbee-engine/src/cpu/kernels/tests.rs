@@ -38,7 +38,13 @@ fn random_row(ty: WeightType, cols: usize, rng: &mut StdRng) -> Vec<u8> {
     for b in 0..cols / ty.block_elems() {
         let o = b * bb;
         match ty {
-            WeightType::Q4_0 | WeightType::Q8_0 => put(&mut row, o, rng.random_range(0.001..0.05)),
+            WeightType::Q4_0 | WeightType::Q5_0 | WeightType::Q8_0 => {
+                put(&mut row, o, rng.random_range(0.001..0.05))
+            }
+            WeightType::Q5_1 => {
+                put(&mut row, o, rng.random_range(0.001..0.05));
+                put(&mut row, o + 2, rng.random_range(-0.05..0.05));
+            }
             WeightType::Q4_1 | WeightType::Q4K => {
                 put(&mut row, o, rng.random_range(0.001..0.05));
                 put(&mut row, o + 2, rng.random_range(-0.05..0.05));
@@ -81,9 +87,11 @@ fn check(kernels: &Kernels, ty: WeightType, cols: usize, seed: u64) {
     }
 }
 
-const TYPES: [WeightType; 5] = [
+const TYPES: [WeightType; 7] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
+    WeightType::Q5_0,
+    WeightType::Q5_1,
     WeightType::Q8_0,
     WeightType::Q4K,
     WeightType::Q6K,
@@ -663,5 +671,42 @@ fn decode_from_memory() {
             100.0 * read / from_tiles,
             100.0 * read / from_rows,
         );
+    }
+}
+
+/// Block layouts as ggml defines them: rows quantized by candle (an implementation of ggml's
+/// formats of its own) dequantize here to what candle dequantizes them to.
+#[test]
+fn block_layouts_dequantize_as_ggml_defines_them() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let cols = 512;
+    let mut rng = StdRng::seed_from_u64(41);
+    let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+    let source = Tensor::from_vec(x, (1, cols), &Device::Cpu).unwrap();
+    let types = [
+        (GgmlDType::Q4_0, WeightType::Q4_0),
+        (GgmlDType::Q4_1, WeightType::Q4_1),
+        (GgmlDType::Q5_0, WeightType::Q5_0),
+        (GgmlDType::Q5_1, WeightType::Q5_1),
+        (GgmlDType::Q8_0, WeightType::Q8_0),
+        (GgmlDType::Q4K, WeightType::Q4K),
+        (GgmlDType::Q6K, WeightType::Q6K),
+        (GgmlDType::F16, WeightType::F16),
+        (GgmlDType::BF16, WeightType::BF16),
+    ];
+    for (ggml, ty) in types {
+        let q = QTensor::quantize(&source, ggml).unwrap();
+        let bytes = q.data().unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut got = vec![0f32; cols];
+        dequantize_row(ty, &bytes, &mut got);
+        assert_eq!(got, want, "{ty:?}");
     }
 }
