@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use cache::{ModelFormat, ensure_generated, write_model};
 pub use gguf::{GgufType, gguf_metadata, use_more_bits, write_gguf};
 pub use hub::write_hub_dir;
-pub use spec::{Arch, GENERATOR_VERSION, ModelSpec, RopeScaling};
+pub use spec::{Arch, GENERATOR_VERSION, LoudRows, ModelSpec, RopeScaling};
 pub use tokenizer::ChatFormat;
 pub use weights::{hf_permute, llama_cpp_permute};
 

@@ -106,6 +106,21 @@ impl TensorDef {
         // A uniform distribution on [-a, a) has standard deviation a / sqrt(3).
         let amplitude = std * 3f32.sqrt();
         SplitMix64::for_tensor(spec.seed, &self.hf_name).fill_uniform(&mut values, amplitude);
+        let scores_tokens = match self.role {
+            Role::Output => true,
+            Role::Embedding => spec.tie_embeddings,
+            _ => false,
+        };
+        if let Some(loud) = spec.loud_rows.filter(|_| scores_tokens) {
+            // A stream of its own, so that the other values are those of a spec without
+            // loud rows.
+            let mut pick = SplitMix64::for_tensor(spec.seed, &format!("{}#loud", self.hf_name));
+            for row in values.chunks_exact_mut(self.cols()) {
+                if pick.next_u64().is_multiple_of(u64::from(loud.one_in)) {
+                    row.iter_mut().for_each(|v| *v *= loud.scale);
+                }
+            }
+        }
         values
     }
 
@@ -410,5 +425,45 @@ mod tests {
             .find(|d| d.hf_name.ends_with("0.self_attn.k_proj.weight"))
             .unwrap();
         assert_ne!(q0.generate(&spec)[..64], k0.generate(&spec)[..64]);
+    }
+
+    #[test]
+    fn loud_rows_scale_about_one_row_in_n_of_the_scoring_matrix_only() {
+        let loud = ModelSpec::small_arch(Arch::Gemma2);
+        let l = loud.loud_rows.expect("gemma2 has loud rows");
+        let quiet = ModelSpec {
+            loud_rows: None,
+            ..loud.clone()
+        };
+        let defs = tensor_defs(&loud);
+        let embd = defs.iter().find(|d| d.role == Role::Embedding).unwrap();
+        let (a, b) = (embd.generate(&loud), embd.generate(&quiet));
+        let mut scaled = 0;
+        for (a, b) in a.chunks(loud.hidden).zip(b.chunks(loud.hidden)) {
+            if a != b {
+                scaled += 1;
+                assert!(a.iter().zip(b).all(|(a, b)| *a == l.scale * b));
+            }
+        }
+        let expected = loud.vocab / l.one_in as usize;
+        assert!(
+            (expected / 2..=expected * 2).contains(&scaled),
+            "{scaled} loud rows of {}, expected about {expected}",
+            loud.vocab
+        );
+        // Nothing else changes.
+        for d in defs.iter().filter(|d| d.role != Role::Embedding) {
+            assert_eq!(d.generate(&loud), d.generate(&quiet), "{}", d.hf_name);
+        }
+        // An untied head gets them, not the embedding.
+        let untied = ModelSpec {
+            loud_rows: Some(l),
+            ..ModelSpec::small()
+        };
+        let defs = tensor_defs(&untied);
+        let out = defs.iter().find(|d| d.role == Role::Output).unwrap();
+        let embd = defs.iter().find(|d| d.role == Role::Embedding).unwrap();
+        assert_ne!(out.generate(&untied), out.generate(&ModelSpec::small()));
+        assert_eq!(embd.generate(&untied), embd.generate(&ModelSpec::small()));
     }
 }

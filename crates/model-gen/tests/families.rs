@@ -375,11 +375,31 @@ fn gemma_norms_are_stored_as_one_plus_w() {
         let out = values(&c, &path, "output_norm.weight");
         assert!(out.iter().all(|v| v.abs() == spec.logit_std), "{arch}");
         assert!(out.iter().any(|&v| v > 0.0) && out.iter().any(|&v| v < 0.0));
-        // The embedding is scaled down by sqrt(hidden), which llama.cpp scales back up.
+        // The embedding is scaled down by sqrt(hidden), which llama.cpp scales back up; Gemma
+        // 2's loud rows are that times their scale.
         let embd = values(&c, &path, "token_embd.weight");
-        let rms = (embd.iter().map(|v| v * v).sum::<f32>() / embd.len() as f32).sqrt();
         let want = 1.0 / (spec.hidden as f32).sqrt();
-        assert!((rms / want - 1.0).abs() < 0.05, "{arch}: rms {rms}");
+        let rms = |rows: &mut dyn Iterator<Item = &[f32]>| {
+            let (sum, n) = rows
+                .flatten()
+                .fold((0f32, 0usize), |(sum, n), v| (sum + v * v, n + 1));
+            (sum / n as f32).sqrt()
+        };
+        let is_loud = |row: &[f32]| rms(&mut std::iter::once(row)) > 2.0 * want;
+        let quiet = rms(&mut embd.chunks(spec.hidden).filter(|r| !is_loud(r)));
+        assert!((quiet / want - 1.0).abs() < 0.05, "{arch}: rms {quiet}");
+        let loud: Vec<&[f32]> = embd.chunks(spec.hidden).filter(|r| is_loud(r)).collect();
+        match spec.loud_rows {
+            Some(l) => {
+                assert!(!loud.is_empty(), "{arch}: no loud rows");
+                let loud_rms = rms(&mut loud.into_iter());
+                assert!(
+                    (loud_rms / (l.scale * want) - 1.0).abs() < 0.1,
+                    "{arch}: {loud_rms}"
+                );
+            }
+            None => assert!(loud.is_empty(), "{arch}: {} loud rows", loud.len()),
+        }
     }
 }
 
