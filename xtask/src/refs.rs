@@ -48,6 +48,8 @@ struct Case {
     /// again from the same name.
     preset: &'static str,
     ty: GgufType,
+    /// The weight seed; the tests read it from the fixture.
+    seed: u64,
 }
 
 const fn case(name: &'static str, arch: Arch, preset: &'static str, ty: GgufType) -> Case {
@@ -56,6 +58,13 @@ const fn case(name: &'static str, arch: Arch, preset: &'static str, ty: GgufType
         arch,
         preset,
         ty,
+        seed: 0,
+    }
+}
+
+impl Case {
+    const fn with_seed(self, seed: u64) -> Self {
+        Self { seed, ..self }
     }
 }
 
@@ -68,8 +77,12 @@ const CASES: &[Case] = &[
     case("llama-small-f16", Arch::Llama, "small", GgufType::F16),
     case("llama-small-q8_0", Arch::Llama, "small", GgufType::Q8_0),
     case("llama-small-q4_0", Arch::Llama, "small", GgufType::Q4_0),
-    case("llama-small-q4_k", Arch::Llama, "small", GgufType::Q4K),
-    case("llama-small-q6_k", Arch::Llama, "small", GgufType::Q6K),
+    // Seed 0's weights put only 16 (Q4_K) and 12 (Q6_K) of the 32 greedy steps' top two
+    // further apart than these types' tolerance: too many near-ties for the argmax to mean
+    // much. Seed 2 is simply a draw with more clear steps (22 and 19); its Q4_K and Q6_K
+    // files test the same kernels.
+    case("llama-small-q4_k", Arch::Llama, "small", GgufType::Q4K).with_seed(2),
+    case("llama-small-q6_k", Arch::Llama, "small", GgufType::Q6K).with_seed(2),
     case("llama-small-q4_k_m", Arch::Llama, "small", GgufType::Q4KM),
     case(
         "llama3-small-f32",
@@ -153,7 +166,7 @@ pub fn run_refs(args: &RefsArgs) -> anyhow::Result<()> {
     let models = model_gen::paths::generated_dir();
     let mut jobs = Vec::with_capacity(selected.len());
     for case in &selected {
-        let spec = ModelSpec::preset(case.preset, case.arch)?;
+        let spec = ModelSpec::preset(case.preset, case.arch)?.with_seed(case.seed);
         let path = model_gen::ensure_generated(&spec, ModelFormat::Gguf(case.ty), &models)
             .with_context(|| format!("generating the model of {}", case.name))?;
         let prompt = prompt_ids(case.name, &path)?;
