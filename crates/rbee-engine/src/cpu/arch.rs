@@ -45,6 +45,18 @@ impl Family {
         })
     }
 
+    /// The architecture's name in `general.architecture`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+            Family::Phi3 => "phi3",
+        }
+    }
+
     fn is_gemma(self) -> bool {
         matches!(self, Family::Gemma2 | Family::Gemma3)
     }
@@ -75,7 +87,7 @@ pub(super) struct Hyper {
     pub rope_local: Option<RopeParams>,
     /// The tensor whose values divide the global layers' frequencies, when the file has it:
     /// Llama 3's `rope_freqs`, or the one of Phi-3's LongRoPE pair that suits the context.
-    pub rope_factors: &'static str,
+    pub rope_factors: Option<&'static str>,
     /// Multiplies RoPE's cosines and sines (`rope.scaling.attn_factor`).
     pub rope_mscale: f32,
     pub attn_scale: f32,
@@ -235,18 +247,23 @@ impl Hyper {
         };
         let rope_mscale = md.f32("rope.scaling.attn_factor").unwrap_or(1.0);
         let rope_factors = match family {
+            // llama.cpp gives llama's LongRoPE files the pair too; no published file has that.
+            Family::Llama if scaling == "longrope" => {
+                return Err(Unsupported("LongRoPE in a llama file".into()));
+            }
+            Family::Llama => Some("rope_freqs.weight"),
             Family::Phi3 => {
                 let original = md
                     .usize("rope.scaling.original_context_length")?
                     .or(md.usize("context_length")?)
                     .unwrap_or(0);
-                if max_positions > original {
+                Some(if max_positions > original {
                     "rope_factors_long.weight"
                 } else {
                     "rope_factors_short.weight"
-                }
+                })
             }
-            _ => "rope_freqs.weight",
+            _ => None,
         };
         let rope_global = RopeParams {
             base,

@@ -17,7 +17,10 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 
-use super::arch::{FfnAct, Hyper, RopeParams};
+use std::cell::RefCell;
+use std::collections::HashSet;
+
+use super::arch::{Family, FfnAct, Hyper, RopeParams};
 use super::attention::{HeadShape, Layout, attention};
 use super::kernels::{Activations, Kernels};
 use super::ops::{MatMul, RopeStyle, formats, gelu, rms_norm, rms_norm_in_place, rope, transpose};
@@ -229,9 +232,17 @@ impl Plan {
             return Err(Unsupported(format!("head size {}", h.head_dim)));
         }
         let (dim, q_dim, kv_dim) = (h.dim, h.q_dim(), h.kv_dim());
-        let embd = t.lookup("token_embd.weight")?;
-        let output = if t.has("output.weight") {
-            t.matmul("output.weight")?
+        // Every tensor the block reads; any other one in the file is refused below, as
+        // llama.cpp refuses a file with tensors its graph does not create.
+        let used: RefCell<HashSet<String>> = RefCell::default();
+        let take = |name: String| {
+            used.borrow_mut().insert(name.clone());
+            name
+        };
+        let embd = t.lookup(&take("token_embd.weight".into()))?;
+        // Gemma 2's head is always its embedding (llama.cpp never reads an `output.weight`).
+        let output = if h.family != Family::Gemma2 && t.has("output.weight") {
+            t.matmul(&take("output.weight".into()))?
         } else {
             t.matmul("token_embd.weight")?
         };
@@ -249,13 +260,8 @@ impl Plan {
         let mut ffn = 0;
         for (i, lh) in h.layers.iter().enumerate() {
             let name = |n: &str| format!("blk.{i}.{n}.weight");
-            let m = |n: &str| t.matmul(&name(n));
-            let v = |n: &str, len| t.vector(&name(n), len);
-            for unexpected in ["attn_output.bias", "ffn_down.bias", "ffn_up.bias"] {
-                if t.has(&format!("blk.{i}.{unexpected}")) {
-                    return Err(Unsupported(format!("blk.{i}.{unexpected}")));
-                }
-            }
+            let m = |n: &str| t.matmul(&take(name(n)));
+            let v = |n: &str, len| t.vector(&take(name(n)), len);
             let qkv = if t.has(&name("attn_qkv")) {
                 let fused = m("attn_qkv")?;
                 shape(&fused, q_dim + 2 * kv_dim, dim, &name("attn_qkv"))?;
@@ -282,18 +288,13 @@ impl Plan {
                 shape(&fused, 2 * ffn, dim, &name("ffn_up"))?;
                 GateUp::Fused(fused)
             };
-            let bias = |n: &str, len| t.vector(&format!("blk.{i}.{n}.bias"), len);
+            let bias = |n: &str, len| t.vector(&take(format!("blk.{i}.{n}.bias")), len);
             let qkv_bias = if h.qkv_bias {
                 Some([
                     bias("attn_q", q_dim)?,
                     bias("attn_k", kv_dim)?,
                     bias("attn_v", kv_dim)?,
                 ])
-            } else if t.has(&format!("blk.{i}.attn_q.bias")) {
-                return Err(Unsupported(format!(
-                    "attention biases in a {:?} file",
-                    h.family
-                )));
             } else {
                 None
             };
@@ -324,11 +325,22 @@ impl Plan {
         if embd.cols != dim || output.cols != dim || output.rows != embd.rows {
             return Err(Unsupported("embedding shapes".into()));
         }
-        let rope_factors = if t.has(h.rope_factors) {
-            Some(t.vector(h.rope_factors, h.head_dim / 2)?)
-        } else {
-            None
+        let rope_factors = match h.rope_factors {
+            Some(name) if t.has(name) => Some(t.vector(&take(name.into()), h.head_dim / 2)?),
+            _ => None,
         };
+        let out_norm = t.vector(&take("output_norm.weight".into()), dim)?;
+        // Phi-3 files carry both LongRoPE factor sets; the one the context needs was taken.
+        let known = |name: &str| {
+            used.borrow().contains(name)
+                || (h.family == Family::Phi3 && name.starts_with("rope_factors_"))
+        };
+        if let Some(extra) = content.tensor_infos.keys().find(|name| !known(name)) {
+            return Err(Unsupported(format!(
+                "{extra}, a tensor the {} block has no use for",
+                h.family.name()
+            )));
+        }
         Ok(Plan {
             rope_global: h.rope_global,
             rope_local: h.rope_local,
@@ -353,7 +365,7 @@ impl Plan {
             },
             embd,
             layers,
-            out_norm: t.vector("output_norm.weight", dim)?,
+            out_norm,
             output,
         })
     }

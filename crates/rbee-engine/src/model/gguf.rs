@@ -83,8 +83,8 @@ pub(super) fn load(
     if let Err(why) = &plan {
         if let Some(what) = candle_cannot_run(&content, &arch) {
             return Err(EngineError::UnsupportedModel(format!(
-                "candle's model code cannot run {what} correctly, and the engine's own CPU path, \
-                 which can, does not take this file here: {why}"
+                "this `{arch}` file cannot be run: the engine's CPU path does not take it here \
+                 ({why}), and candle's model code cannot run {what} correctly"
             )));
         }
         tracing::info!(reason = %why, "the engine's CPU path does not take this file; using candle's model code");
@@ -152,6 +152,34 @@ fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String>
     if metadata_str(content, &format!("{arch}.rope.scaling.type")).is_some_and(|t| t != "none") {
         return Some("RoPE scaling".into());
     }
+    // llama.cpp reads a linear scale without a type too, and an attention factor.
+    let number = |k: &str| {
+        content
+            .metadata
+            .get(&format!("{arch}.{k}"))
+            .and_then(|v| v.to_f32().ok())
+    };
+    let scaled = |k: &str, neutral: &[f32]| number(k).is_some_and(|x| !neutral.contains(&x));
+    if scaled("rope.scaling.factor", &[0.0, 1.0])
+        || scaled("rope.scale_linear", &[0.0, 1.0])
+        || scaled("rope.scaling.attn_factor", &[1.0])
+    {
+        return Some("RoPE scaling".into());
+    }
+    // candle's llama reads no biases; its qwen2 reads those of Q, K and V only.
+    let qwen2_bias = |name: &str| {
+        arch == "qwen2"
+            && ["attn_q.bias", "attn_k.bias", "attn_v.bias"]
+                .iter()
+                .any(|b| name.ends_with(b))
+    };
+    if let Some(name) = content
+        .tensor_infos
+        .keys()
+        .find(|name| name.ends_with(".bias") && !qwen2_bias(name))
+    {
+        return Some(format!("a file with bias tensors ({name})"));
+    }
     None
 }
 
@@ -190,7 +218,7 @@ fn describe(
     let vocab_size = content
         .tensor_infos
         .get("token_embd.weight")
-        .map(|t| t.shape.dims()[0])
+        .and_then(|t| t.shape.dims().first().copied())
         .ok_or_else(|| EngineError::Load("the GGUF file has no token_embd.weight".into()))?;
     let consistent = n_heads > 0 && n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads);
     if !consistent {
@@ -545,5 +573,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A llama file with tensors its block does not read (here, qwen2's biases under a llama
+    /// name) is refused by the engine's path and by candle's; a linear RoPE scale without a
+    /// scaling type is seen too.
+    #[test]
+    fn biases_and_untyped_rope_scaling_are_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qwen2.gguf");
+        let format = ModelFormat::Gguf(GgufType::Q8_0);
+        model_gen::write_model(&ModelSpec::tiny_qwen2(), format, &path).unwrap();
+        let (mut content, _) = read_header(&path).unwrap();
+        content.metadata = std::mem::take(&mut content.metadata)
+            .into_iter()
+            .map(|(k, v)| (k.replacen("qwen2.", "llama.", 1), v))
+            .collect();
+        content.metadata.insert(
+            "general.architecture".into(),
+            gguf_file::Value::String("llama".into()),
+        );
+        let why = cpu::Plan::new(&content, 512).err().expect("refused").0;
+        assert!(why.contains(".bias"), "{why}");
+        let what = candle_cannot_run(&content, "llama").expect("refused");
+        assert!(what.contains("bias"), "{what}");
+
+        let path = dir.path().join("llama.gguf");
+        model_gen::write_model(&ModelSpec::tiny(), format, &path).unwrap();
+        let (mut content, _) = read_header(&path).unwrap();
+        assert!(candle_cannot_run(&content, "llama").is_none());
+        content
+            .metadata
+            .insert("llama.rope.scale_linear".into(), gguf_file::Value::F32(2.0));
+        let what = candle_cannot_run(&content, "llama").expect("refused");
+        assert!(what.contains("RoPE scaling"), "{what}");
+        assert!(
+            cpu::Plan::new(&content, 512).is_ok(),
+            "the engine's path scales"
+        );
     }
 }
