@@ -114,7 +114,7 @@ impl<'a> Tensors<'a> {
     pub(crate) fn matmul(&self, name: &str) -> Result<Mat, Unsupported> {
         let info = self.info(name)?;
         let ty = matmul_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
         self.view(name, info, ty)
     }
 
@@ -122,7 +122,7 @@ impl<'a> Tensors<'a> {
     pub(crate) fn lookup(&self, name: &str) -> Result<Mat, Unsupported> {
         let info = self.info(name)?;
         let ty = any_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
         self.view(name, info, ty)
     }
 
@@ -153,7 +153,7 @@ impl<'a> Tensors<'a> {
     pub(crate) fn vector(&self, name: &str, len: usize) -> Result<VecRef, Unsupported> {
         let info = self.info(name)?;
         let ty = any_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {:?}", info.ggml_dtype)))?;
+            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
         if info.shape.dims() != [len] || !len.is_multiple_of(ty.block_elems()) {
             return Err(Unsupported(format!(
                 "{name} has shape {:?}",
@@ -261,4 +261,25 @@ pub(crate) fn read_data<R: Read + Seek>(
         progress(done as u64, total);
     }
     Ok(data)
+}
+
+/// llama.cpp's names for the GGML types.
+pub(crate) fn ggml_name(dtype: GgmlDType) -> &'static str {
+    match dtype {
+        GgmlDType::F32 => "F32",
+        GgmlDType::F16 => "F16",
+        GgmlDType::BF16 => "BF16",
+        GgmlDType::Q4_0 => "Q4_0",
+        GgmlDType::Q4_1 => "Q4_1",
+        GgmlDType::Q5_0 => "Q5_0",
+        GgmlDType::Q5_1 => "Q5_1",
+        GgmlDType::Q8_0 => "Q8_0",
+        GgmlDType::Q8_1 => "Q8_1",
+        GgmlDType::Q2K => "Q2_K",
+        GgmlDType::Q3K => "Q3_K",
+        GgmlDType::Q4K => "Q4_K",
+        GgmlDType::Q5K => "Q5_K",
+        GgmlDType::Q6K => "Q6_K",
+        GgmlDType::Q8K => "Q8_K",
+    }
 }

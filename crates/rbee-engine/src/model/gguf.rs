@@ -243,7 +243,7 @@ fn describe(
     let dtype = bytes_by_dtype
         .iter()
         .max_by_key(|(_, b)| *b)
-        .map_or("unknown", |(d, _)| ggml_name(*d));
+        .map_or("unknown", |(d, _)| cpu::ggml_name(*d));
 
     let name = metadata_str(content, "general.name")
         .map(str::to_owned)
@@ -315,27 +315,6 @@ fn metadata_usize(content: &gguf_file::Content, key: &str) -> Option<usize> {
         .map(|n| n as usize)
         .or_else(|_| v.to_u64().map(|n| n as usize))
         .ok()
-}
-
-/// llama.cpp's names for the GGML types.
-fn ggml_name(dtype: GgmlDType) -> &'static str {
-    match dtype {
-        GgmlDType::F32 => "F32",
-        GgmlDType::F16 => "F16",
-        GgmlDType::BF16 => "BF16",
-        GgmlDType::Q4_0 => "Q4_0",
-        GgmlDType::Q4_1 => "Q4_1",
-        GgmlDType::Q5_0 => "Q5_0",
-        GgmlDType::Q5_1 => "Q5_1",
-        GgmlDType::Q8_0 => "Q8_0",
-        GgmlDType::Q8_1 => "Q8_1",
-        GgmlDType::Q2K => "Q2_K",
-        GgmlDType::Q3K => "Q3_K",
-        GgmlDType::Q4K => "Q4_K",
-        GgmlDType::Q5K => "Q5_K",
-        GgmlDType::Q6K => "Q6_K",
-        GgmlDType::Q8K => "Q8_K",
-    }
 }
 
 /// Passes reads through and turns the bytes read into load progress.
@@ -560,7 +539,7 @@ mod tests {
                 Some(what) => {
                     let err = result.err().expect("refused").to_string();
                     assert!(err.contains(what), "{arch}: {err}");
-                    assert!(err.contains("Q5K"), "{arch}: {err}");
+                    assert!(err.contains("Q5_K"), "{arch}: {err}");
                     assert!(candle_cannot_run(&content, &arch).is_some());
                 }
                 None => {

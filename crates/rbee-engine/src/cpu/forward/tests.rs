@@ -205,7 +205,7 @@ fn unsupported_files_are_refused_with_a_reason() {
         model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q5K), &path).unwrap();
         let (content, _) = header(&path);
         let err = Plan::new(&content, 512).err().expect("refused");
-        assert!(err.0.contains("Q5K"), "{}: {}", spec.arch, err.0);
+        assert!(err.0.contains("Q5_K"), "{}: {}", spec.arch, err.0);
     }
 }
 
