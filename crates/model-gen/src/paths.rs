@@ -1,6 +1,9 @@
 //! Where test and benchmark models live on this machine (always outside the repository).
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 /// Overrides the root of the test-model cache.
 pub const TEST_MODELS_ENV: &str = "RBEE_TEST_MODELS";
@@ -50,4 +53,23 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
     let path = smollm2_default_path();
     let size = std::fs::metadata(&path).ok()?.len();
     (size == SMOLLM2_SIZE).then_some(path)
+}
+
+/// The sha256 of the file at `path`, in lowercase hex, read a MiB at a time.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
