@@ -193,6 +193,19 @@ impl Daemon {
     }
 
     /// [`Daemon::worker`], once its model is loaded (`/v1/ready`).
+    /// A worker's `GET /v1/info`, with the cluster `token`.
+    pub async fn worker_info(&self, token: &str) -> rbee_contract::WorkerInfo {
+        reqwest::Client::new()
+            .get(format!("{}/v1/info", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /v1/info")
+            .json()
+            .await
+            .expect("a WorkerInfo")
+    }
+
     pub async fn ready_worker(model: &Path, token: &str, args: &[&str]) -> Daemon {
         let mut worker = Daemon::worker(model, token, args);
         worker

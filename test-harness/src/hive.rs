@@ -125,6 +125,24 @@ impl TestHive {
         stream.worker()
     }
 
+    /// `GET /v1/capacity` of `model` on the CPU of a hive with no room for it (e.g. one
+    /// started with a reserve of everything): asserts the `409` and returns its body.
+    pub async fn no_capacity(&self, model: &std::path::Path) -> rbee_contract::NoCapacityBody {
+        let response = self
+            .http
+            .get(format!(
+                "{}/v1/capacity?device=cpu&model={}",
+                self.url(),
+                model.display().to_string().replace('/', "%2F")
+            ))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET /v1/capacity");
+        assert_eq!(response.status(), 409);
+        response.json().await.expect("a no-capacity body")
+    }
+
     /// `GET /v1/workers`.
     pub async fn workers(&self) -> Vec<WorkerInfo> {
         let body: Value = self

@@ -5,12 +5,9 @@
 //! --worker-ctx-size` reaches every worker it spawns and its capacity check counts KV caches of
 //! that context.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rbee_contract::{
-    ApiErrorBody, ErrorCode, FinishReason, JobEvent, NoCapacityBody, Usage, WorkerInfo, WorkerState,
-};
+use rbee_contract::{ApiErrorBody, ErrorCode, FinishReason, JobEvent, Usage, WorkerState};
 use serde_json::json;
 use test_harness::{Daemon, HeartbeatReceiver, JobApi, TestHive, long_context_model};
 
@@ -36,18 +33,6 @@ fn cpu_kernels() -> bool {
 /// no piece that joins punctuation).
 fn prompt_of(n: usize) -> String {
     "!".repeat(n)
-}
-
-async fn info(worker: &Daemon) -> WorkerInfo {
-    reqwest::Client::new()
-        .get(format!("{}/v1/info", worker.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /v1/info")
-        .json()
-        .await
-        .expect("a WorkerInfo")
 }
 
 /// Runs an `infer` to its end; its finish reason and usage, or the stream's events.
@@ -87,7 +72,10 @@ async fn a_worker_with_ctx_size_serves_an_8192_token_prompt_and_reports_its_cont
         ],
     )
     .await;
-    assert_eq!(info(&worker).await.context_length, Some(CONTEXT));
+    assert_eq!(
+        worker.worker_info(TOKEN).await.context_length,
+        Some(CONTEXT)
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let beat = loop {
         let ready = queen
@@ -144,24 +132,10 @@ async fn without_ctx_size_a_worker_runs_the_trained_context() {
     let worker = Daemon::ready_worker(&long_context_model(), TOKEN, &[]).await;
     // On candle's code (RBEE_CPU_KERNELS=0), quantized_llama holds 4,096 positions.
     let expected = if cpu_kernels() { TRAINED } else { 4096 };
-    assert_eq!(info(&worker).await.context_length, Some(expected));
-}
-
-/// The `409` numbers of `model` on the CPU of a hive that has no room for anything.
-async fn numbers(hive: &TestHive, model: &Path) -> rbee_contract::CapacityEstimate {
-    let response = reqwest::Client::new()
-        .get(format!(
-            "{}/v1/capacity?device=cpu&model={}",
-            hive.url(),
-            model.display().to_string().replace('/', "%2F")
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /v1/capacity");
-    assert_eq!(response.status(), 409);
-    let body: NoCapacityBody = response.json().await.expect("a no-capacity body");
-    body.estimate
+    assert_eq!(
+        worker.worker_info(TOKEN).await.context_length,
+        Some(expected)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +147,7 @@ async fn the_hives_worker_ctx_size_reaches_its_workers_and_its_capacity_check() 
     // A reserve larger than any machine leaves no room, so the hive answers with its numbers.
     let full = ["--memory-reserve", "1TiB", "--worker-slots", "2"];
     let trained = TestHive::start("ctx-trained-hive", TOKEN, &full).await;
-    let e = numbers(&trained, &model).await;
+    let e = trained.no_capacity(&model).await.estimate;
     let default_context = if cpu_kernels() { TRAINED } else { 4096 };
     assert_eq!(e.context_length, u64::from(default_context));
     assert_eq!(u64::from(e.slots), slots);
@@ -190,7 +164,7 @@ async fn the_hives_worker_ctx_size_reaches_its_workers_and_its_capacity_check() 
         &[&full[..], &["--worker-ctx-size", &ctx]].concat(),
     )
     .await;
-    let e = numbers(&sized, &model).await;
+    let e = sized.no_capacity(&model).await.estimate;
     assert_eq!(e.context_length, u64::from(CONTEXT));
     assert_eq!(
         e.kv_cache_bytes,

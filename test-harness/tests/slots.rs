@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{JobEvent, WorkerInfo};
+use rbee_contract::JobEvent;
 use serde_json::{Value, json};
 use test_harness::{Daemon, JobApi, eventually, read_raw_stream, slow_model, smollm2};
 
@@ -14,18 +14,6 @@ const TOKEN: &str = "test-cluster-token";
 
 fn jobs(worker: &Daemon) -> JobApi {
     JobApi::new(&worker.url, Some(TOKEN))
-}
-
-async fn info(worker: &Daemon) -> WorkerInfo {
-    reqwest::Client::new()
-        .get(format!("{}/v1/info", worker.url))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /v1/info")
-        .json()
-        .await
-        .expect("a WorkerInfo")
 }
 
 fn greedy(prompt: &str, max_tokens: u32) -> Value {
@@ -42,7 +30,7 @@ const PROMPTS: [&str; 2] = [
 async fn two_slots_generate_side_by_side_with_the_text_each_gets_alone() {
     let worker = Daemon::ready_worker(&smollm2(), TOKEN, &["--slots", "2"]).await;
     let api = jobs(&worker);
-    let before = info(&worker).await;
+    let before = worker.worker_info(TOKEN).await;
     assert_eq!((before.slots_total, before.slots_free), (2, 2));
 
     let mut alone = Vec::new();
@@ -87,7 +75,7 @@ async fn two_slots_generate_side_by_side_with_the_text_each_gets_alone() {
     eventually(
         "both slots free again",
         Duration::from_secs(10),
-        async || (info(&worker).await.slots_free == 2).then_some(()),
+        async || (worker.worker_info(TOKEN).await.slots_free == 2).then_some(()),
     )
     .await;
 }
@@ -123,7 +111,11 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
             }
         }
     }
-    assert_eq!(info(&worker).await.slots_free, 0, "both slots generating");
+    assert_eq!(
+        worker.worker_info(TOKEN).await.slots_free,
+        0,
+        "both slots generating"
+    );
 
     let deleted = reqwest::Client::new()
         .delete(format!("{}/v1/jobs/{}", worker.url, cut.job_id))
@@ -135,7 +127,7 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
     eventually(
         "the cancelled generation's slot comes free",
         Duration::from_secs(10),
-        async || (info(&worker).await.slots_free == 1).then_some(()),
+        async || (worker.worker_info(TOKEN).await.slots_free == 1).then_some(()),
     )
     .await;
     // The other stream keeps receiving tokens after the cancel.
@@ -146,7 +138,11 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
             other => panic!("the kept stream ended early: {other:?}"),
         }
     }
-    assert_eq!(info(&worker).await.slots_free, 1, "still one generating");
+    assert_eq!(
+        worker.worker_info(TOKEN).await.slots_free,
+        1,
+        "still one generating"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -159,7 +155,7 @@ async fn a_model_on_candles_code_reports_one_slot() {
     )
     .expect("generate a Q5_K model");
     let worker = Daemon::ready_worker(&model, TOKEN, &["--slots", "4"]).await;
-    let info = info(&worker).await;
+    let info = worker.worker_info(TOKEN).await;
     assert_eq!((info.slots_total, info.slots_free), (1, 1));
 }
 

@@ -4,11 +4,11 @@
 //! counts one KV cache per slot the worker will hold, and a slot count a worker would refuse is
 //! refused by the hive at startup.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{ErrorCode, NoCapacityBody, WorkerInfo, WorkerState};
+use rbee_contract::{ErrorCode, WorkerInfo, WorkerState};
 use serde_json::json;
 use test_harness::{TestHive, bin_path, free_port};
 
@@ -67,23 +67,6 @@ async fn every_worker_gets_the_hives_slots() {
     assert_eq!(slots, expected);
 }
 
-/// `GET /v1/capacity` on a hive whose reserve leaves nothing, so that it answers `409` with
-/// the numbers.
-async fn numbers(hive: &TestHive, model: &Path) -> NoCapacityBody {
-    let response = reqwest::Client::new()
-        .get(format!(
-            "{}/v1/capacity?device=cpu&model={}",
-            hive.url(),
-            model.display().to_string().replace('/', "%2F")
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /v1/capacity");
-    assert_eq!(response.status(), 409);
-    response.json().await.expect("a no-capacity body")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_capacity_check_counts_a_kv_cache_per_slot() {
     let spec = ModelSpec::tiny();
@@ -101,8 +84,8 @@ async fn the_capacity_check_counts_a_kv_cache_per_slot() {
     )
     .await;
     let model = tiny_q4_0();
-    let one = numbers(&single, &model).await.estimate;
-    let body = numbers(&four, &model).await;
+    let one = single.no_capacity(&model).await.estimate;
+    let body = four.no_capacity(&model).await;
     let many = &body.estimate;
     assert_eq!((one.slots, one.kv_cache_bytes), (1, one_sequence));
     assert_eq!((many.slots, many.kv_cache_bytes), (4, 4 * one_sequence));
@@ -123,7 +106,10 @@ async fn the_capacity_check_counts_a_kv_cache_per_slot() {
     );
 
     // A model the worker serves one sequence at a time is counted once.
-    let checkpoint = numbers(&four, &generated(ModelFormat::Hub)).await.estimate;
+    let checkpoint = four
+        .no_capacity(&generated(ModelFormat::Hub))
+        .await
+        .estimate;
     assert_eq!(checkpoint.slots, 1, "{checkpoint:?}");
     assert_eq!(checkpoint.kv_cache_bytes, one_sequence);
 }
