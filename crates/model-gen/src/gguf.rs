@@ -46,10 +46,12 @@ pub enum GgufType {
     /// Q5_K matrices (the output head Q6_K), like llama.cpp's `MOSTLY_Q5_K_S`: a type the
     /// engine's CPU path has no kernel for, so tests use it for files that path does not take.
     Q5K,
+    /// BF16 matrices, like llama.cpp's `MOSTLY_BF16` (the converter's `--outtype bf16`).
+    BF16,
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 8] = [
+    pub const ALL: [GgufType; 9] = [
         Self::F32,
         Self::F16,
         Self::Q8_0,
@@ -58,6 +60,7 @@ impl GgufType {
         Self::Q6K,
         Self::Q4KM,
         Self::Q5K,
+        Self::BF16,
     ];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
@@ -71,6 +74,7 @@ impl GgufType {
             Self::Q6K => "q6_k",
             Self::Q4KM => "q4_k_m",
             Self::Q5K => "q5_k",
+            Self::BF16 => "bf16",
         }
     }
 
@@ -86,11 +90,12 @@ impl GgufType {
             Self::Q4KM => 15,
             Self::Q5K => 16,
             Self::Q6K => 18,
+            Self::BF16 => 32,
         }
     }
 
     fn is_quantized(self) -> bool {
-        !matches!(self, Self::F32 | Self::F16)
+        !matches!(self, Self::F32 | Self::F16 | Self::BF16)
     }
 
     /// The dtype one tensor gets in a file of this type.
@@ -105,6 +110,7 @@ impl GgufType {
             }
             (Self::F32, _) => G::F32,
             (Self::F16, _) => G::F16,
+            (Self::BF16, _) => G::BF16,
             (Self::Q8_0, _) => G::Q8_0,
             (Self::Q4_0 | Self::Q4K, _) if is_head => G::Q8_0,
             (Self::Q4_0, _) => G::Q4_0,
@@ -187,7 +193,7 @@ impl std::str::FromStr for GgufType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 Error::UnknownName(format!(
-                    "unknown GGUF type {s:?} (expected f32, f16, q8_0, q4_0, q4_k, q6_k, q4_k_m or q5_k)"
+                    "unknown GGUF type {s:?} (expected f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m or q5_k)"
                 ))
             })
     }
@@ -275,6 +281,15 @@ fn arch_keys(spec: &ModelSpec) -> Vec<(&'static str, Value)> {
             }
             if let Some(window) = spec.sliding_window {
                 keys.push(("attention.sliding_window", u32v(window)));
+            }
+            // Gemma 3 4B/12B/27B configs carry `rope_scaling: {rope_type: linear, factor: 8}`,
+            // which the converter writes as these two keys; llama.cpp applies it to the global
+            // layers only.
+            if let Some(factor) = spec.rope_linear_factor {
+                keys.extend([
+                    ("rope.scaling.type", Value::String("linear".into())),
+                    ("rope.scaling.factor", Value::F32(factor)),
+                ]);
             }
         }
         Arch::Phi3 => {

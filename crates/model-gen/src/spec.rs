@@ -146,6 +146,9 @@ pub struct ModelSpec {
     pub logit_std: f32,
     /// A few output-head rows (the embedding's, when the head is tied) with a larger norm.
     pub loud_rows: Option<LoudRows>,
+    /// Gemma 3's linear RoPE scaling (`rope.scaling.type = linear`, `rope.scaling.factor`):
+    /// the global layers' positions divided by this factor.
+    pub rope_linear_factor: Option<f32>,
 }
 
 /// Output-head rows scaled up, so that the logits have a heavier upper tail than a normal
@@ -187,6 +190,7 @@ impl ModelSpec {
             chat: ChatFormat::Llama2,
             logit_std: 6.0,
             loud_rows: None,
+            rope_linear_factor: None,
         }
     }
 
@@ -385,8 +389,10 @@ impl ModelSpec {
         }
     }
 
-    /// A preset by name: `tiny`, `small`, `tinyllama`, or `tiny-llama3` / `small-llama3` /
-    /// `tinyllama-llama3` (llama only), in the given architecture.
+    /// A preset by name: `tiny`, `small`, `tinyllama`, `tiny-llama3` / `small-llama3` /
+    /// `tinyllama-llama3` (llama only), or `small-linear8` (gemma3 only: [`ModelSpec::small`]
+    /// with the linear RoPE scaling by 8 of every Gemma 3 4B/12B/27B file), in the given
+    /// architecture.
     pub fn preset(name: &str, arch: Arch) -> Result<Self, Error> {
         let spec = match (name, arch) {
             ("tiny", _) => Self::tiny_arch(arch),
@@ -395,14 +401,20 @@ impl ModelSpec {
             ("tiny-llama3", Arch::Llama) => Self::tiny_llama3(),
             ("small-llama3", Arch::Llama) => Self::small_llama3(),
             ("tinyllama-llama3", Arch::Llama) => Self::tinyllama().into_llama3(false),
+            ("small-linear8", Arch::Gemma3) => Self::small_arch(arch).with_rope_linear_factor(8.0),
             ("tiny-llama3" | "small-llama3" | "tinyllama-llama3", _) => {
                 return Err(Error::UnknownName(format!(
                     "preset {name:?} is a llama preset, not {arch}"
                 )));
             }
+            ("small-linear8", _) => {
+                return Err(Error::UnknownName(format!(
+                    "preset {name:?} is a gemma3 preset, not {arch}"
+                )));
+            }
             (other, _) => {
                 return Err(Error::UnknownName(format!(
-                    "unknown preset {other:?} (expected tiny, small, tinyllama, tiny-llama3, small-llama3 or tinyllama-llama3)"
+                    "unknown preset {other:?} (expected tiny, small, tinyllama, tiny-llama3, small-llama3, tinyllama-llama3 or small-linear8)"
                 )));
             }
         };
@@ -418,6 +430,14 @@ impl ModelSpec {
     pub fn with_head_dim(self, head_dim: usize) -> Self {
         Self {
             explicit_head_dim: Some(head_dim),
+            ..self
+        }
+    }
+
+    /// Gemma 3's linear RoPE scaling of the global layers by `factor`.
+    pub fn with_rope_linear_factor(self, factor: f32) -> Self {
+        Self {
+            rope_linear_factor: Some(factor),
             ..self
         }
     }
@@ -614,6 +634,17 @@ impl ModelSpec {
         {
             return fail("soft-capping values must be positive".into());
         }
+        if let Some(factor) = self.rope_linear_factor {
+            if self.arch != Arch::Gemma3 {
+                return fail(format!(
+                    "linear RoPE scaling is written for gemma3, not {}",
+                    self.arch
+                ));
+            }
+            if !positive(factor) {
+                return fail("the linear RoPE scaling factor must be positive".into());
+            }
+        }
         // llama.cpp's gemma2 always reads the embedding as the output head.
         if self.arch == Arch::Gemma2 && !self.tie_embeddings {
             return fail("gemma2 ties its output head to the embedding".into());
@@ -647,10 +678,14 @@ impl ModelSpec {
             self.chat,
             self.logit_std,
         );
-        // Appended only when set, so that specs without loud rows keep their keys (and their
-        // cached files).
+        // Appended only when set, so that specs without loud rows or linear RoPE scaling keep
+        // their keys (and their cached files).
         let canonical = match self.loud_rows {
             Some(LoudRows { one_in, scale }) => format!("{canonical}|loud{one_in}x{scale:e}"),
+            None => canonical,
+        };
+        let canonical = match self.rope_linear_factor {
+            Some(factor) => format!("{canonical}|ropelinear{factor:e}"),
             None => canonical,
         };
         format!(

@@ -8,7 +8,8 @@ use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{self, Content, Value, VersionedMagic};
 use model_gen::{
-    GgufType, ModelSpec, gguf_metadata, hf_permute, llama_cpp_permute, write_gguf, write_hub_dir,
+    Arch, GgufType, ModelSpec, gguf_metadata, hf_permute, llama_cpp_permute, write_gguf,
+    write_hub_dir,
 };
 
 fn read(path: &Path) -> Content {
@@ -136,7 +137,7 @@ fn quantized_files_pick_llama_cpp_dtypes_and_fallbacks() {
                 assert_eq!(*dtype, GgmlDType::F32, "{ty} {name}");
             }
         }
-        let quantized = !matches!(ty, GgufType::F32 | GgufType::F16);
+        let quantized = !matches!(ty, GgufType::F32 | GgufType::F16 | GgufType::BF16);
         assert_eq!(
             content
                 .metadata
@@ -147,6 +148,7 @@ fn quantized_files_pick_llama_cpp_dtypes_and_fallbacks() {
     };
     use GgmlDType as G;
     expect(&tiny, GgufType::F16, G::F16, G::F16, Some(G::F16));
+    expect(&tiny, GgufType::BF16, G::BF16, G::BF16, Some(G::BF16));
     expect(&tiny, GgufType::Q8_0, G::Q8_0, G::Q8_0, Some(G::Q8_0));
     expect(&tiny, GgufType::Q4_0, G::Q4_0, G::Q4_0, Some(G::Q8_0));
     // Rows of 64 and 128 do not hold a 256-element Q4_K block: llama.cpp's fallback is Q5_0.
@@ -191,6 +193,73 @@ fn qwen2_gguf_has_qkv_biases_and_qwen2_keys() {
         }
     }
     assert!(!content.tensor_infos.contains_key("output.weight"));
+}
+
+/// Gemma 3's `small-linear8` preset writes the two keys the converter writes for a config's
+/// `rope_scaling: {rope_type: linear, factor: 8}`; the plain preset writes neither.
+#[test]
+fn gemma3_linear_rope_scaling_is_written_only_when_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = ModelSpec::preset("small-linear8", Arch::Gemma3).unwrap();
+    let md = gguf_metadata(&scaled, GgufType::F32);
+    let get = |md: &[(String, Value)], key: &str| {
+        md.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        get(&md, "gemma3.rope.scaling.type")
+            .unwrap()
+            .to_string()
+            .unwrap(),
+        "linear"
+    );
+    assert_eq!(
+        get(&md, "gemma3.rope.scaling.factor")
+            .unwrap()
+            .to_f32()
+            .unwrap(),
+        8.0
+    );
+    let plain = ModelSpec::preset("small", Arch::Gemma3).unwrap();
+    let md = gguf_metadata(&plain, GgufType::F32);
+    assert!(get(&md, "gemma3.rope.scaling.type").is_none());
+    assert!(get(&md, "gemma3.rope.scaling.factor").is_none());
+    assert_ne!(scaled.cache_key(), plain.cache_key());
+    // Only the two keys differ: the weights are the same.
+    let a = read(&write(&scaled, GgufType::F32, dir.path()));
+    let b = read(&write(&plain, GgufType::F32, dir.path()));
+    assert_eq!(a.metadata.len(), b.metadata.len() + 2);
+    assert_eq!(dtypes(&a), dtypes(&b));
+    assert!(ModelSpec::preset("small-linear8", Arch::Llama).is_err());
+}
+
+/// A BF16 file holds each matrix rounded to bf16 (to nearest, ties to even, as llama.cpp's
+/// converter rounds) and its norms in F32.
+#[test]
+fn bf16_files_hold_the_f32_weights_rounded_to_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ModelSpec::tiny();
+    let f32_file = write(&spec, GgufType::F32, dir.path());
+    let bf16_file = write(&spec, GgufType::BF16, dir.path());
+    let (full, half) = (read(&f32_file), read(&bf16_file));
+    assert_eq!(u32_of(&half, "general.file_type"), 32);
+    // Round to nearest even on the upper 16 bits (the weights are finite).
+    let to_bf16 = |x: f32| {
+        let bits = x.to_bits();
+        f32::from_bits(((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) << 16)
+    };
+    for name in ["blk.0.attn_q.weight", "output.weight"] {
+        let expected: Vec<f32> = f32_values(&full, &f32_file, name)
+            .into_iter()
+            .map(to_bf16)
+            .collect();
+        assert_eq!(f32_values(&half, &bf16_file, name), expected, "{name}");
+    }
+    let norm = "blk.1.ffn_norm.weight";
+    assert_eq!(dtypes(&half)[norm], GgmlDType::F32);
+    assert_eq!(
+        f32_values(&half, &bf16_file, norm),
+        f32_values(&full, &f32_file, norm)
+    );
 }
 
 fn f32_values(content: &Content, file: &Path, name: &str) -> Vec<f32> {
