@@ -2,7 +2,9 @@
 
 Reads a job from the JSON file named on the command line:
     {"n_threads": int, "top_k": int,
-     "cases": [{"name": str, "model": path, "prompt": [ids], "steps": int}, ...]}
+     "cases": [{"name": str, "model": path, "prompt": [ids], "steps": int, "n_ctx": int},
+               ...]}
+(n_ctx 0: the model's trained context)
 and prints one JSON object on stdout:
     {"llama_cpp_python": version, "n_ctx": {name: int},
      "cases": {name: [{"argmax": id, "top": [[id, logit], ...]}, ...]}}
@@ -26,8 +28,9 @@ GGML_TYPE_F32 = 0
 def run_case(case, n_threads, top_k):
     llm = llama_cpp.Llama(
         model_path=case["model"],
-        # 0: the model's trained context, as a default llama.cpp or rbee run gets.
-        n_ctx=0,
+        # 0: the model's trained context, as a default llama.cpp or rbee run gets. Phi-3's
+        # LongRoPE factors depend on it (short ones up to the original context, else long).
+        n_ctx=case.get("n_ctx", 0),
         n_batch=512,
         n_ubatch=512,
         n_threads=n_threads,

@@ -8,7 +8,6 @@
 //! greedily for [`STEPS`] steps and keeps the argmax and the top [`TOP_K`] logits of every
 //! step. The tests never need llama.cpp: they compare the engine with these files.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,7 +15,6 @@ use anyhow::{Context, bail, ensure};
 use candle_core::quantized::gguf_file::{Content, Value};
 use model_gen::{Arch, GENERATOR_VERSION, GgufType, ModelFormat, ModelSpec};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::tasks::{run, workspace_root};
 
@@ -50,6 +48,10 @@ struct Case {
     ty: GgufType,
     /// The weight seed; the tests read it from the fixture.
     seed: u64,
+    /// The context llama.cpp runs with (a multiple of 256, as llama.cpp pads it); `None`: the
+    /// file's trained context. The fixture records the context either way, and the tests load
+    /// the engine with it.
+    n_ctx: Option<usize>,
 }
 
 const fn case(name: &'static str, arch: Arch, preset: &'static str, ty: GgufType) -> Case {
@@ -59,6 +61,7 @@ const fn case(name: &'static str, arch: Arch, preset: &'static str, ty: GgufType
         preset,
         ty,
         seed: 0,
+        n_ctx: None,
     }
 }
 
@@ -66,12 +69,20 @@ impl Case {
     const fn with_seed(self, seed: u64) -> Self {
         Self { seed, ..self }
     }
+
+    const fn with_n_ctx(self, n_ctx: usize) -> Self {
+        Self {
+            n_ctx: Some(n_ctx),
+            ..self
+        }
+    }
 }
 
 /// Every reference case. The `small` presets are used throughout: their rows split into the
-/// blocks of every type, so a Q4_K file is Q4_K, not its fallback. llama and qwen2 run every
-/// weight type the engine has kernels for; the other families the float types, Q8_0 and the
-/// mix of a typical download (Q4_K_M).
+/// blocks of every type, so a Q4_K file is Q4_K, not its fallback. llama runs every weight
+/// type the engine has kernels for, qwen2 all but BF16; the other families the float types,
+/// Q8_0 and the mix of a typical download (Q4_K_M). A few cases add a setting real files have
+/// that the plain presets lack (Gemma 3's linear RoPE scaling, Phi-3 at its original context).
 const CASES: &[Case] = &[
     case("llama-small-f32", Arch::Llama, "small", GgufType::F32),
     case("llama-small-f16", Arch::Llama, "small", GgufType::F16),
@@ -84,6 +95,8 @@ const CASES: &[Case] = &[
     case("llama-small-q4_k", Arch::Llama, "small", GgufType::Q4K).with_seed(2),
     case("llama-small-q6_k", Arch::Llama, "small", GgufType::Q6K).with_seed(2),
     case("llama-small-q4_k_m", Arch::Llama, "small", GgufType::Q4KM),
+    // ggml multiplies BF16 rows with activations rounded to bf16.
+    case("llama-small-bf16", Arch::Llama, "small", GgufType::BF16),
     case(
         "llama3-small-f32",
         Arch::Llama,
@@ -127,10 +140,26 @@ const CASES: &[Case] = &[
     case("gemma3-small-f16", Arch::Gemma3, "small", GgufType::F16),
     case("gemma3-small-q8_0", Arch::Gemma3, "small", GgufType::Q8_0),
     case("gemma3-small-q4_k_m", Arch::Gemma3, "small", GgufType::Q4KM),
+    // Linear RoPE scaling by 8 on the global layers, as in every Gemma 3 4B/12B/27B file.
+    case(
+        "gemma3-small-linear8-f32",
+        Arch::Gemma3,
+        "small-linear8",
+        GgufType::F32,
+    ),
+    case(
+        "gemma3-small-linear8-q8_0",
+        Arch::Gemma3,
+        "small-linear8",
+        GgufType::Q8_0,
+    ),
     case("phi3-small-f32", Arch::Phi3, "small", GgufType::F32),
     case("phi3-small-f16", Arch::Phi3, "small", GgufType::F16),
     case("phi3-small-q8_0", Arch::Phi3, "small", GgufType::Q8_0),
     case("phi3-small-q4_k_m", Arch::Phi3, "small", GgufType::Q4KM),
+    // A context of 256, the original one: llama.cpp takes the short LongRoPE factors (the
+    // other phi3 cases run at the trained context of 1024, so with the long ones).
+    case("phi3-small-short-f32", Arch::Phi3, "small", GgufType::F32).with_n_ctx(256),
 ];
 
 #[derive(Debug, clap::Args)]
@@ -178,10 +207,11 @@ pub fn run_refs(args: &RefsArgs) -> anyhow::Result<()> {
                 r#type: case.ty.to_string(),
                 seed: spec.seed,
                 generator_version: GENERATOR_VERSION,
-                sha256: sha256_file(&path)?,
+                sha256: model_gen::paths::sha256_file(&path)?,
             },
             path,
             prompt,
+            n_ctx: case.n_ctx,
         });
     }
 
@@ -196,6 +226,7 @@ pub fn run_refs(args: &RefsArgs) -> anyhow::Result<()> {
                 "model": job.path,
                 "prompt": job.prompt,
                 "steps": STEPS,
+                "n_ctx": job.n_ctx.unwrap_or(0),
             })
         })
         .collect();
@@ -238,6 +269,13 @@ pub fn run_refs(args: &RefsArgs) -> anyhow::Result<()> {
             steps.len()
         );
         let n_ctx = results.n_ctx.get(job.name).copied().unwrap_or_default();
+        if let Some(wanted) = job.n_ctx {
+            ensure!(
+                n_ctx == wanted,
+                "{}: llama.cpp ran with a context of {n_ctx}, not the {wanted} asked for",
+                job.name
+            );
+        }
         let fixture = Fixture {
             case: job.name.to_string(),
             model: job.model,
@@ -300,6 +338,7 @@ struct Job {
     model: ModelIdentity,
     path: PathBuf,
     prompt: Vec<u32>,
+    n_ctx: Option<usize>,
 }
 
 /// What the script prints.
@@ -438,27 +477,6 @@ fn prompt_ids(case: &str, model: &Path) -> anyhow::Result<Vec<u32>> {
         prompt.push(normal[(z % normal.len() as u64) as usize]);
     }
     Ok(prompt)
-}
-
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Build flags for llama.cpp: portable code (no `-march=native`, so the venv runs on any

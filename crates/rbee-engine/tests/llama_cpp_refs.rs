@@ -1,21 +1,20 @@
 //! The engine against llama.cpp itself, on generated random-weight models: for every fixture
 //! in `tests/fixtures/llama_cpp/` (written by `cargo xtask refs`, which runs the pinned
-//! llama-cpp-python), the same prompt ids and the same greedy ids, fed one by one, give the
-//! same argmax and the same top logits within a stated tolerance.
+//! llama-cpp-python), the same prompt ids and the same greedy ids, fed one by one, at the
+//! context llama.cpp ran with, give the same argmax and the same top logits within a stated
+//! tolerance.
 //!
 //! Each fixture names the generated file it was made from (model-gen preset, architecture,
 //! type, seed) and its SHA-256: the test generates the file again and refuses to compare
 //! against a fixture made from other bytes. These tests never run llama.cpp.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use rbee_engine::{DeviceSpec, Engine, LoadOptions};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama_cpp");
 
@@ -24,8 +23,16 @@ struct Fixture {
     case: String,
     model: ModelIdentity,
     llama_cpp_python: String,
+    settings: Settings,
     prompt: Vec<u32>,
     steps: Vec<Step>,
+}
+
+/// How llama.cpp ran; the engine runs with the same context.
+#[derive(Debug, Deserialize)]
+struct Settings {
+    /// Phi-3's LongRoPE picks its factors by the context.
+    n_ctx: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,7 +76,11 @@ impl Tolerance {
     ///
     /// F32 (0.006 at a logit of 50): both sides compute in f32 and differ in summation order
     /// only. F16 (0.032 at 50, 0.06 %): llama.cpp rounds the activations to f16 before every
-    /// product with F16 weights. Quantized types (3.2 % of the logit): both sides quantize the
+    /// product with F16 weights. BF16 (0.053 at 15, 0.35 %; 0.0085 for F16 on the same
+    /// model): likewise in bf16, whose 8-bit significand is 3 bits shorter than f16's, so
+    /// F16's tolerance times 8; and, as with quantized types, a difference upstream flips
+    /// some of those coarse roundings, so near-ties (a margin of 0.035 at 19) can swap and
+    /// the argmax is compared at the decisive steps only. Quantized types (3.2 % of the logit): both sides quantize the
     /// activations to 8 bits before every product, and any difference upstream, however small,
     /// flips some roundings, which changes the next products by whole quantization steps; so
     /// the two runs differ by about the activation quantization noise itself. llama.cpp differs
@@ -88,6 +99,12 @@ impl Tolerance {
                 abs: 2e-2,
                 rel: 1e-3,
                 argmax_everywhere: true,
+                min_decisive: 24,
+            },
+            "bf16" => Self {
+                abs: 0.1,
+                rel: 8e-3,
+                argmax_everywhere: false,
                 min_decisive: 24,
             },
             "q8_0" | "q4_0" | "q4_k" | "q6_k" | "q4_k_m" => Self {
@@ -121,24 +138,6 @@ fn fixtures() -> anyhow::Result<Vec<(PathBuf, Fixture)>> {
         .collect()
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// The fixture's model, generated again into the shared test-model cache, checked against the
 /// fixture's hash.
 fn model_of(fixture: &Fixture) -> anyhow::Result<PathBuf> {
@@ -151,7 +150,7 @@ fn model_of(fixture: &Fixture) -> anyhow::Result<PathBuf> {
         ModelFormat::Gguf(ty),
         &model_gen::paths::generated_dir(),
     )?;
-    let sha = sha256_file(&path)?;
+    let sha = model_gen::paths::sha256_file(&path)?;
     ensure!(
         sha == m.sha256,
         "fixture is stale: run cargo xtask refs (model-gen now writes {} with sha256 {sha}, \
@@ -164,12 +163,13 @@ fn model_of(fixture: &Fixture) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn load(path: &Path) -> anyhow::Result<Engine> {
+/// The engine on `path` with a context of `n_ctx` positions, as llama.cpp ran.
+fn load(path: &Path, n_ctx: usize) -> anyhow::Result<Engine> {
     let opts = LoadOptions {
         model_path: path.to_path_buf(),
         device: DeviceSpec::Cpu,
         slots: 1,
-        context_length: None,
+        context_length: Some(n_ctx),
     };
     Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
 }
@@ -268,7 +268,7 @@ fn check(fixture: &Fixture) -> anyhow::Result<Summary> {
         "a fixture needs steps with at least two logits each"
     );
     let path = model_of(fixture)?;
-    let mut engine = load(&path)?;
+    let mut engine = load(&path, fixture.settings.n_ctx)?;
     // The reference's own greedy ids, fed back one by one: every step sees the same context.
     let forced: Vec<u32> = fixture.steps[..fixture.steps.len() - 1]
         .iter()
@@ -359,7 +359,11 @@ fn a_llama3_file_decodes_llama_cpp_tokens_only_with_its_rope_freqs() -> anyhow::
     let reference: Vec<u32> = fixture.steps.iter().map(|s| s.argmax).collect();
 
     let with = model_of(fixture)?;
-    let ids = greedy_ids(&mut load(&with)?, &fixture.prompt, reference.len())?;
+    let ids = greedy_ids(
+        &mut load(&with, fixture.settings.n_ctx)?,
+        &fixture.prompt,
+        reference.len(),
+    )?;
     assert_eq!(ids, reference, "{CASE}: the file with rope_freqs.weight");
 
     let arch: Arch = fixture.model.arch.parse()?;
@@ -372,7 +376,7 @@ fn a_llama3_file_decodes_llama_cpp_tokens_only_with_its_rope_freqs() -> anyhow::
         ModelFormat::Gguf(ty),
         &model_gen::paths::generated_dir(),
     )?;
-    let mut engine = load(&without)?;
+    let mut engine = load(&without, fixture.settings.n_ctx)?;
     let ids = greedy_ids(&mut engine, &fixture.prompt, reference.len())?;
     let differing = ids.iter().zip(&reference).filter(|(a, b)| a != b).count();
     eprintln!(
@@ -383,6 +387,96 @@ fn a_llama3_file_decodes_llama_cpp_tokens_only_with_its_rope_freqs() -> anyhow::
         ids, reference,
         "without rope_freqs.weight the engine still decodes llama.cpp's tokens: the tensor \
          makes no difference"
+    );
+    Ok(())
+}
+
+/// The greedy ids of `fixture`'s prompt from the engine on `path` with a context of `n_ctx`,
+/// and how many differ from llama.cpp's.
+fn differing_greedy_ids(fixture: &Fixture, path: &Path, n_ctx: usize) -> anyhow::Result<usize> {
+    let reference: Vec<u32> = fixture.steps.iter().map(|s| s.argmax).collect();
+    let ids = greedy_ids(&mut load(path, n_ctx)?, &fixture.prompt, reference.len())?;
+    Ok(ids.iter().zip(&reference).filter(|(a, b)| a != b).count())
+}
+
+fn fixture_named(case: &str) -> anyhow::Result<Fixture> {
+    fixtures()?
+        .into_iter()
+        .map(|(_, f)| f)
+        .find(|f| f.case == case)
+        .with_context(|| format!("no fixture {case} in {FIXTURES}"))
+}
+
+/// phi3-small-short-f32 runs at the original context, so with the short LongRoPE factors: the
+/// same file at its trained context (the long factors) decodes other tokens, so the fixture
+/// checks the choice of factors and not only what phi3-small-f32 checks.
+#[test]
+fn a_phi3_file_at_its_original_context_decodes_other_tokens_than_at_its_trained_one()
+-> anyhow::Result<()> {
+    const CASE: &str = "phi3-small-short-f32";
+    let fixture = fixture_named(CASE)?;
+    let path = model_of(&fixture)?;
+    assert_eq!(
+        differing_greedy_ids(&fixture, &path, fixture.settings.n_ctx)?,
+        0,
+        "{CASE} at a context of {}",
+        fixture.settings.n_ctx
+    );
+    let trained =
+        ModelSpec::preset(&fixture.model.preset, fixture.model.arch.parse()?)?.context_length;
+    assert!(
+        trained > fixture.settings.n_ctx,
+        "{CASE} runs at the trained context"
+    );
+    let differing = differing_greedy_ids(&fixture, &path, trained)?;
+    eprintln!(
+        "{CASE} at the trained context {trained}: {differing} of {} greedy ids differ",
+        fixture.steps.len()
+    );
+    assert_ne!(
+        differing, 0,
+        "the long LongRoPE factors decode the same tokens as the short ones"
+    );
+    Ok(())
+}
+
+/// gemma3-small-linear8-f32's file scales the global layers' RoPE by 8: the same weights
+/// without the scaling decode other tokens, so the fixture checks that the engine reads it.
+#[test]
+fn a_gemma3_file_decodes_llama_cpp_tokens_only_with_its_linear_rope_scaling() -> anyhow::Result<()>
+{
+    const CASE: &str = "gemma3-small-linear8-f32";
+    let fixture = fixture_named(CASE)?;
+    let with = model_of(&fixture)?;
+    assert_eq!(
+        differing_greedy_ids(&fixture, &with, fixture.settings.n_ctx)?,
+        0,
+        "{CASE}: the file with linear RoPE scaling"
+    );
+    let spec = ModelSpec::preset(&fixture.model.preset, fixture.model.arch.parse()?)?
+        .with_seed(fixture.model.seed);
+    ensure!(
+        spec.rope_linear_factor.is_some(),
+        "preset {} has no linear RoPE scaling",
+        fixture.model.preset
+    );
+    let unscaled = ModelSpec {
+        rope_linear_factor: None,
+        ..spec
+    };
+    let without = model_gen::ensure_generated(
+        &unscaled,
+        ModelFormat::Gguf(fixture.model.r#type.parse()?),
+        &model_gen::paths::generated_dir(),
+    )?;
+    let differing = differing_greedy_ids(&fixture, &without, fixture.settings.n_ctx)?;
+    eprintln!(
+        "{CASE} without the scaling: {differing} of {} greedy ids differ",
+        fixture.steps.len()
+    );
+    assert_ne!(
+        differing, 0,
+        "without the linear RoPE scaling the engine still decodes llama.cpp's tokens"
     );
     Ok(())
 }
