@@ -1,5 +1,6 @@
-//! `cargo xtask bench worker`: the worker's speed on TinyLlama-sized generated models,
-//! measured through its HTTP API as a client sees it, next to the machine's memory bandwidth.
+//! `cargo xtask bench worker`: the worker's speed on TinyLlama-sized generated models of each
+//! family, measured through its HTTP API as a client sees it, next to the machine's memory
+//! bandwidth.
 //!
 //! Figures are printed, never asserted: speed depends on the machine.
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
-use model_gen::{GgufType, ModelFormat, ModelSpec};
+use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{InferRequest, JobEvent, Operation};
 
 /// Prompt length of the prefill measurement.
@@ -17,6 +18,10 @@ const PROMPT_TOKENS: usize = 64;
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerBench {
+    /// Model families to measure: llama, qwen2, qwen3, gemma2, gemma3, phi3, or llama3 (the
+    /// llama preset with Llama 3's RoPE factors in `rope_freqs.weight`).
+    #[arg(long, value_delimiter = ',', default_value = "llama")]
+    archs: Vec<Family>,
     /// GGUF types to measure.
     #[arg(long, value_delimiter = ',', default_value = "q4_0,q8_0,q4_k")]
     formats: Vec<GgufType>,
@@ -30,12 +35,63 @@ pub struct WorkerBench {
     /// the largest); empty to skip it.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     streams: Vec<usize>,
-    /// Model preset: tinyllama (the benchmark), or small/tiny for a quick look.
+    /// Model preset: tinyllama (the benchmark: about 1.1 B parameters in every family), or
+    /// small/tiny for a quick look.
     #[arg(long, default_value = "tinyllama")]
     preset: String,
 }
 
+/// A benchmarked model family: a model-gen architecture, or llama with Llama 3's RoPE factors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    Arch(Arch),
+    Llama3,
+}
+
+impl std::str::FromStr for Family {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "llama3" {
+            return Ok(Family::Llama3);
+        }
+        s.parse()
+            .map(Family::Arch)
+            .map_err(|_| format!("unknown family {s:?} (expected llama, llama3, qwen2, qwen3, gemma2, gemma3 or phi3)"))
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Family::Arch(arch) => arch.fmt(f),
+            Family::Llama3 => f.write_str("llama3"),
+        }
+    }
+}
+
+impl Family {
+    /// The family's spec of a preset; llama3 is model-gen's `{preset}-llama3`.
+    fn spec(self, preset: &str) -> anyhow::Result<ModelSpec> {
+        let spec = match self {
+            Family::Arch(arch) => ModelSpec::preset(preset, arch),
+            Family::Llama3 => ModelSpec::preset(&format!("{preset}-llama3"), Arch::Llama),
+        };
+        Ok(spec?)
+    }
+}
+
+/// One model to measure.
+struct Model {
+    family: Family,
+    format: GgufType,
+    parameters: usize,
+    path: std::path::PathBuf,
+}
+
 struct Row {
+    family: Family,
+    parameters: usize,
     format: GgufType,
     threads: usize,
     file_bytes: u64,
@@ -53,7 +109,12 @@ struct Row {
 }
 
 pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
-    let spec = ModelSpec::preset(&args.preset, model_gen::Arch::Llama)?;
+    // Every spec first, so that a bad family or preset fails before the long build.
+    let specs = args
+        .archs
+        .iter()
+        .map(|&family| Ok((family, family.spec(&args.preset)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     // The dev profile builds every dependency and the engine at opt-level 3 (see Cargo.toml),
     // so the worker the tests run is the one measured, without a second, release build.
     eprintln!("building llm-worker-rbee…");
@@ -65,20 +126,27 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
     let worker = crate::tasks::workspace_root().join("target/debug/llm-worker-rbee");
 
     let mut models = Vec::new();
-    for &format in &args.formats {
-        eprintln!("preparing the {} {format} model…", args.preset);
-        let started = Instant::now();
-        let path = model_gen::ensure_generated(
-            &spec,
-            ModelFormat::Gguf(format),
-            &model_gen::paths::generated_dir(),
-        )?;
-        eprintln!(
-            "  {} ({:.1} s)",
-            path.display(),
-            started.elapsed().as_secs_f64()
-        );
-        models.push((format, path));
+    for (family, spec) in &specs {
+        for &format in &args.formats {
+            eprintln!("preparing the {} {family} {format} model…", args.preset);
+            let started = Instant::now();
+            let path = model_gen::ensure_generated(
+                spec,
+                ModelFormat::Gguf(format),
+                &model_gen::paths::generated_dir(),
+            )?;
+            eprintln!(
+                "  {} ({:.1} s)",
+                path.display(),
+                started.elapsed().as_secs_f64()
+            );
+            models.push(Model {
+                family: *family,
+                format,
+                parameters: spec.parameter_count(),
+                path,
+            });
+        }
     }
 
     let bandwidth: Vec<(usize, f64)> = args
@@ -89,13 +157,15 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Runtime::new()?;
     let mut rows = Vec::new();
-    for (format, path) in &models {
+    for model in &models {
         for &threads in &args.threads {
-            eprintln!("measuring {format} with {threads} thread(s)…");
+            eprintln!(
+                "measuring {} {} with {threads} thread(s)…",
+                model.family, model.format
+            );
             rows.push(runtime.block_on(measure(
                 &worker,
-                path,
-                *format,
+                model,
                 threads,
                 args.decode_tokens,
                 &args.streams,
@@ -105,9 +175,8 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "worker benchmark: {} dims ({} parameters), prompt {PROMPT_TOKENS} tokens, greedy",
-        args.preset,
-        spec.parameter_count()
+        "worker benchmark: {} size class, prompt {PROMPT_TOKENS} tokens, greedy",
+        args.preset
     );
     for (threads, bytes_per_second) in &bandwidth {
         println!(
@@ -117,9 +186,9 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
     }
     println!();
     println!(
-        "| format | threads | file MiB | weights read/token MiB | load s | TTFT ms | prefill tok/s | decode tok/s | bandwidth limit tok/s | decode / limit | prefill / decode | decode under load tok/s | under load / quiet | peak RSS MiB |"
+        "| arch | params M | format | threads | file MiB | weights read/token MiB | load s | TTFT ms | prefill tok/s | decode tok/s | bandwidth limit tok/s | decode / limit | prefill / decode | decode under load tok/s | under load / quiet | peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for row in &rows {
         let bw = bandwidth
             .iter()
@@ -128,7 +197,9 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN);
         let limit = bw / row.weight_bytes_per_token as f64;
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.1} | {:.1} | {:.0} % | {:.0} |",
+            "| {} | {:.0} | {} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} | {:.1} | {:.0} % | {:.1} | {:.1} | {:.0} % | {:.0} |",
+            row.family,
+            row.parameters as f64 / 1e6,
             row.format,
             row.threads,
             mib(row.file_bytes),
@@ -146,8 +217,8 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
         );
         if row.decoded < 2 {
             println!(
-                "  ({}: only {} tokens decoded; decode figure not meaningful)",
-                row.format, row.decoded
+                "  ({} {}: only {} tokens decoded; decode figure not meaningful)",
+                row.family, row.format, row.decoded
             );
         }
     }
@@ -165,16 +236,17 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             .map(|(n, _)| format!("{n} stream{}", if *n == 1 { "" } else { "s" }))
             .collect();
         println!(
-            "| format | threads | {} | best / 1 stream |",
+            "| arch | format | threads | {} | best / 1 stream |",
             header.join(" | ")
         );
-        println!("|---|---|{}---|", "---|".repeat(header.len()));
+        println!("|---|---|---|{}---|", "---|".repeat(header.len()));
         for row in &rows {
             let one = row.streams.iter().find(|(n, _)| *n == 1).map(|(_, r)| *r);
             let best = row.streams.iter().map(|(_, r)| *r).fold(f64::NAN, f64::max);
             let cells: Vec<String> = row.streams.iter().map(|(_, r)| format!("{r:.1}")).collect();
             println!(
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
+                row.family,
                 row.format,
                 row.threads,
                 cells.join(" | "),
@@ -191,8 +263,7 @@ fn mib(bytes: u64) -> f64 {
 
 async fn measure(
     worker: &Path,
-    model: &Path,
-    format: GgufType,
+    model: &Model,
     threads: usize,
     decode_tokens: usize,
     streams: &[usize],
@@ -207,7 +278,7 @@ async fn measure(
         Command::new(worker)
             .args([
                 "--model",
-                &model.display().to_string(),
+                &model.path.display().to_string(),
                 "--port",
                 &port.to_string(),
             ])
@@ -223,7 +294,7 @@ async fn measure(
     wait_ready(&url, &mut child.0).await?;
     let load = started.elapsed();
 
-    let prompt = prompt_of(model, PROMPT_TOKENS)?;
+    let prompt = prompt_of(&model.path, PROMPT_TOKENS)?;
     let client = job_client::JobClient::new(&url);
     // Warm-up: touches every weight page once, so the measured run reads from memory.
     generate(&client, &prompt, 2).await?;
@@ -244,12 +315,14 @@ async fn measure(
                 .collect::<anyhow::Result<Vec<_>>>()?;
         aggregate.push((n, aggregate_decode_rate(&runs)));
     }
-    let file_bytes = std::fs::metadata(model)?.len();
+    let file_bytes = std::fs::metadata(&model.path)?.len();
     Ok(Row {
-        format,
+        family: model.family,
+        parameters: model.parameters,
+        format: model.format,
         threads,
         file_bytes,
-        weight_bytes_per_token: weight_bytes_per_token(model)?,
+        weight_bytes_per_token: weight_bytes_per_token(&model.path)?,
         load,
         ttft: timing.ttft,
         prefill_tps: timing.prompt_tokens as f64 / timing.ttft.as_secs_f64(),
