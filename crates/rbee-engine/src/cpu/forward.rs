@@ -631,18 +631,7 @@ impl CpuLlama {
             s.act.set(&s.xn, dim, &formats(gate_up));
             mm.run_fused(gate_up, &s.act, &mut s.batch);
             unstack(&s.batch, n, &mut [&mut s.gate[..], &mut s.up[..]]);
-            match cfg.ffn_act {
-                FfnAct::Silu => {
-                    for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                        *g = *g / (1.0 + (-*g).exp()) * u;
-                    }
-                }
-                FfnAct::Gelu => {
-                    for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                        *g = gelu(*g) * u;
-                    }
-                }
-            }
+            gated_activation(&self.pool, cfg.ffn_act, &mut s.gate, &s.up);
             s.act.set(&s.gate, ffn, &formats(&[layer.down]));
             add_block_output(
                 &mm,
@@ -678,6 +667,26 @@ impl CpuLlama {
         }
         Ok(&s.logits)
     }
+}
+
+/// `gate = act(gate) × up`, over the pool: the gate of a step is `tokens × ffn` values.
+fn gated_activation(pool: &Pool, act: FfnAct, gate: &mut [f32], up: &[f32]) {
+    const CHUNK: usize = 2048;
+    pool.for_each_chunk_mut(gate, CHUNK, &|c, part| {
+        let up = &up[c * CHUNK..c * CHUNK + part.len()];
+        match act {
+            FfnAct::Silu => {
+                for (g, u) in part.iter_mut().zip(up) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            }
+            FfnAct::Gelu => {
+                for (g, u) in part.iter_mut().zip(up) {
+                    *g = gelu(*g) * u;
+                }
+            }
+        }
+    });
 }
 
 /// Adds the product of `m` and the activations in `s.act` to the residual stream `s.x`:

@@ -270,18 +270,28 @@ pub(super) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 /// GELU with the tanh approximation, as ggml computes it on the CPU: the input rounded to f16
 /// and the result looked up in a table of f16 values (so rounded to f16 too), except beyond
 /// ±10, where it is 0 or the input.
+#[inline]
 pub(super) fn gelu(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    const COEF_A: f32 = 0.044_715;
     if x <= -10.0 {
         return 0.0;
     }
     if x >= 10.0 {
         return x;
     }
-    let h = half::f16::from_f32(x).to_f32();
+    let table = GELU_TABLE.get_or_init(|| (0..=u16::MAX).map(gelu_of_f16).collect());
+    let h = half::f16::from_f32(x).to_bits();
+    half::f16::from_bits(table[usize::from(h)]).to_f32()
+}
+
+/// The f16 GELU of every f16 input, by bit pattern (128 KiB, made on first use).
+static GELU_TABLE: std::sync::OnceLock<Box<[u16]>> = std::sync::OnceLock::new();
+
+fn gelu_of_f16(bits: u16) -> u16 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    let h = half::f16::from_bits(bits).to_f32();
     let y = 0.5 * h * (1.0 + (SQRT_2_OVER_PI * h * (1.0 + COEF_A * h * h)).tanh());
-    half::f16::from_f32(y).to_f32()
+    half::f16::from_f32(y).to_bits()
 }
 
 /// Which elements of a head RoPE rotates together.
