@@ -9,9 +9,13 @@ use model_gen::{Arch, ModelFormat, ModelSpec};
 #[derive(clap::Args)]
 pub struct GenArgs {
     /// Model size: tiny (hundreds of KB), small (a few MB) or tinyllama (1.1 B parameters),
-    /// in the family's own defaults; tiny-llama3 and small-llama3 are llama with Llama 3 RoPE
-    /// scaling (`rope_freqs.weight`) and chat format.
-    #[arg(long, value_parser = ["tiny", "small", "tinyllama", "tiny-llama3", "small-llama3"])]
+    /// in the family's own defaults; tiny-llama3, small-llama3 and tinyllama-llama3 are llama
+    /// with Llama 3 RoPE scaling (`rope_freqs.weight`) and chat format; small-linear8 is
+    /// gemma3 with Gemma 3's linear RoPE scaling (factor 8) on its global layers.
+    #[arg(long, value_parser = [
+        "tiny", "small", "tinyllama", "tiny-llama3", "small-llama3", "tinyllama-llama3",
+        "small-linear8",
+    ])]
     preset: String,
     /// llama, qwen2, qwen3, gemma2, gemma3 or phi3.
     #[arg(long, default_value = "llama")]
