@@ -13,8 +13,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 use candle_core::quantized::gguf_file::{Content, Value};
+use model_gen::reference::{Fixture, ModelIdentity, Settings, Step};
 use model_gen::{Arch, GENERATOR_VERSION, GgufType, ModelFormat, ModelSpec};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::tasks::{run, workspace_root};
 
@@ -347,45 +348,6 @@ struct ScriptOutput {
     llama_cpp_python: String,
     n_ctx: std::collections::HashMap<String, usize>,
     cases: std::collections::HashMap<String, Vec<Step>>,
-}
-
-/// One fixture file.
-#[derive(Serialize)]
-struct Fixture {
-    case: String,
-    model: ModelIdentity,
-    llama_cpp_python: String,
-    settings: Settings,
-    prompt: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-/// Which generated file the fixture was made from: enough to generate it again, and its hash
-/// to tell whether the generator still writes the same bytes.
-#[derive(Serialize)]
-struct ModelIdentity {
-    arch: String,
-    preset: String,
-    r#type: String,
-    seed: u64,
-    generator_version: u32,
-    sha256: String,
-}
-
-/// How llama.cpp ran.
-#[derive(Serialize)]
-struct Settings {
-    n_ctx: usize,
-    n_threads: usize,
-    kv_cache: String,
-    flash_attn: bool,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Step {
-    argmax: u32,
-    /// `(id, logit)`, highest logit first.
-    top: Vec<(u32, f64)>,
 }
 
 /// JSON in the field order above, with the model, the settings and the prompt on one line each

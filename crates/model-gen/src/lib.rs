@@ -14,6 +14,7 @@ mod cache;
 mod gguf;
 mod hub;
 pub mod paths;
+pub mod reference;
 mod rng;
 mod spec;
 pub mod tokenizer;

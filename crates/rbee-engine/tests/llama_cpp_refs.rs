@@ -12,45 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
+use model_gen::reference::Fixture;
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use rbee_engine::{DeviceSpec, Engine, LoadOptions};
-use serde::Deserialize;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama_cpp");
-
-#[derive(Debug, Deserialize)]
-struct Fixture {
-    case: String,
-    model: ModelIdentity,
-    llama_cpp_python: String,
-    settings: Settings,
-    prompt: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-/// How llama.cpp ran; the engine runs with the same context.
-#[derive(Debug, Deserialize)]
-struct Settings {
-    /// Phi-3's LongRoPE picks its factors by the context.
-    n_ctx: usize,
-}
-
-#[derive(Debug, Deserialize)]
-struct ModelIdentity {
-    arch: String,
-    preset: String,
-    r#type: String,
-    seed: u64,
-    generator_version: u32,
-    sha256: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Step {
-    argmax: u32,
-    /// `(id, logit)`, highest first.
-    top: Vec<(u32, f64)>,
-}
 
 /// How the engine's logits are compared with llama.cpp's, by weight type.
 #[derive(Debug, Clone, Copy)]
