@@ -53,7 +53,8 @@ impl WeightsFormat {
 pub struct ModelInfo {
     /// `general.name` of a GGUF file or the checkpoint directory's name.
     pub name: String,
-    /// `llama` or `qwen2`.
+    /// `general.architecture` (`llama`, `qwen2`, `gemma3`, …) or `llama` for a safetensors
+    /// checkpoint.
     pub architecture: String,
     pub format: WeightsFormat,
     /// Positions a prompt plus its completion may occupy, in each slot: the context asked for

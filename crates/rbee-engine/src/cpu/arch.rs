@@ -12,7 +12,15 @@ use super::ops::RopeStyle;
 use super::weights::Unsupported;
 
 /// The GGUF architectures the engine runs, as `general.architecture` names them.
-pub(crate) const ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
+pub(crate) const ARCHITECTURES: [&str; 6] = {
+    let mut names = [""; 6];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Family::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Family {
@@ -33,20 +41,21 @@ pub(crate) enum Family {
 }
 
 impl Family {
+    const ALL: [Family; 6] = [
+        Family::Llama,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+        Family::Phi3,
+    ];
+
     pub(crate) fn from_name(name: &str) -> Option<Family> {
-        Some(match name {
-            "llama" => Family::Llama,
-            "qwen2" => Family::Qwen2,
-            "qwen3" => Family::Qwen3,
-            "gemma2" => Family::Gemma2,
-            "gemma3" => Family::Gemma3,
-            "phi3" => Family::Phi3,
-            _ => return None,
-        })
+        Family::ALL.into_iter().find(|f| f.name() == name)
     }
 
     /// The architecture's name in `general.architecture`.
-    pub(crate) fn name(self) -> &'static str {
+    pub(crate) const fn name(self) -> &'static str {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",

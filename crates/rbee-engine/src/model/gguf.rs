@@ -130,8 +130,8 @@ fn candle_llama<R: Read + Seek>(
 }
 
 /// What in `content` candle's `quantized_llama` and `quantized_qwen2` would compute wrongly,
-/// if anything: they know plain llama and qwen2 blocks only, and read neither Llama 3's RoPE
-/// factors nor an explicit head size.
+/// if anything: they know plain llama and qwen2 blocks only, and read no RoPE factors or
+/// scaling, no explicit head size and no biases but qwen2's Q, K and V ones.
 fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String> {
     if arch != "llama" && arch != "qwen2" {
         return Some(format!("`{arch}` files"));
