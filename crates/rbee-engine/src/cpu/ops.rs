@@ -247,8 +247,7 @@ pub(super) fn transpose(src: &[f32], n: usize, dst: &mut [f32], op: impl Fn(&mut
 pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let dim = w.len();
     for (xs, os) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        let ss: f32 = xs.iter().map(|v| v * v).sum();
-        let root = (ss / dim as f32 + eps).sqrt();
+        let root = rms_root(xs, eps);
         for ((o, v), g) in os.iter_mut().zip(xs).zip(w) {
             *o = v / root * g;
         }
@@ -257,14 +256,18 @@ pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// [`rms_norm`] of each `w.len()`-long row of `x`, in place (per-head query and key norms).
 pub(super) fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let dim = w.len();
-    for xs in x.chunks_exact_mut(dim) {
-        let ss: f32 = xs.iter().map(|v| v * v).sum();
-        let root = (ss / dim as f32 + eps).sqrt();
+    for xs in x.chunks_exact_mut(w.len()) {
+        let root = rms_root(xs, eps);
         for (v, g) in xs.iter_mut().zip(w) {
             *v = *v / root * g;
         }
     }
+}
+
+/// `sqrt(mean(x²) + eps)`.
+fn rms_root(xs: &[f32], eps: f32) -> f32 {
+    let ss: f32 = xs.iter().map(|v| v * v).sum();
+    (ss / xs.len() as f32 + eps).sqrt()
 }
 
 /// GELU with the tanh approximation, as ggml computes it on the CPU: the input rounded to f16
