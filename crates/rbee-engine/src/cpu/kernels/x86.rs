@@ -88,75 +88,69 @@ fn dot_row_f16(row: &[u8], act: &[f32]) -> f32 {
     unsafe { dot_row_f16_avx2(row, act) }
 }
 
-/// An F32 row (little-endian bytes) against `act`: four 8-lane accumulators, then the tail.
+/// An F32 row (little-endian bytes) against `act`.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_row_f32_avx2(row: &[u8], act: &[f32]) -> f32 {
-    let n = act.len();
-    assert!(row.len() >= 4 * n);
-    let (w, x) = (row.as_ptr(), act.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY: every load reads 8 floats at `i..i + 8 <= n` of `act` and the same of `row`,
-    // whose length was checked above; unaligned loads accept any address.
-    unsafe {
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let at = i + 8 * j;
-                let wv = _mm256_loadu_ps(w.add(4 * at).cast());
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *a);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            let wv = _mm256_loadu_ps(w.add(4 * i).cast());
-            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), acc[0]);
-            i += 8;
-        }
-    }
-    let mut sum = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
-    for (k, &x) in act.iter().enumerate().skip(i) {
-        let b = &row[4 * k..4 * k + 4];
-        sum += f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * x;
-    }
-    sum
+    // SAFETY: `dot_float_row` asks for 32 readable bytes at each pointer it passes.
+    dot_float_row::<4>(
+        row,
+        act,
+        |w| unsafe { _mm256_loadu_ps(w.cast()) },
+        |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+    )
 }
 
-/// An F16 row against `act`: eight weights widened to f32 per `vcvtph2ps`, four 8-lane
-/// accumulators, then the tail.
+/// An F16 row against `act`: eight weights widened to f32 per `vcvtph2ps`.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_row_f16_avx2(row: &[u8], act: &[f32]) -> f32 {
+    // SAFETY: `dot_float_row` asks for 16 readable bytes at each pointer it passes.
+    dot_float_row::<2>(
+        row,
+        act,
+        |w| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.cast())) },
+        |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+    )
+}
+
+/// A row of `BYTES`-byte floats against `act`: `load` widens the eight weights at a pointer
+/// (with `8 * BYTES` bytes readable there) to f32, four 8-lane accumulators take 32 weights a
+/// round, then eight at a time, and `one` reads each weight of the tail.
+#[inline(always)]
+fn dot_float_row<const BYTES: usize>(
+    row: &[u8],
+    act: &[f32],
+    load: impl Fn(*const u8) -> __m256,
+    one: impl Fn(&[u8]) -> f32,
+) -> f32 {
     let n = act.len();
-    assert!(row.len() >= 2 * n);
+    assert!(row.len() >= BYTES * n);
     let (w, x) = (row.as_ptr(), act.as_ptr());
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [unsafe { _mm256_setzero_ps() }; 4];
     let mut i = 0;
-    // SAFETY: every load reads 8 values at `i..i + 8 <= n` of `act` and 16 bytes at
-    // `2i..2i + 16` of `row`, whose length was checked above; unaligned loads accept any
-    // address.
+    // SAFETY: every load reads 8 values at `i..i + 8 <= n` of `act` and `8 * BYTES` bytes at
+    // `BYTES * i` of `row`, whose length was checked above; unaligned loads accept any
+    // address. The callers run with AVX2 and FMA enabled.
     unsafe {
         while i + 32 <= n {
             for (j, a) in acc.iter_mut().enumerate() {
                 let at = i + 8 * j;
-                let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * at).cast()));
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), *a);
+                *a = _mm256_fmadd_ps(load(w.add(BYTES * at)), _mm256_loadu_ps(x.add(at)), *a);
             }
             i += 32;
         }
         while i + 8 <= n {
-            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i).cast()));
-            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(load(w.add(BYTES * i)), _mm256_loadu_ps(x.add(i)), acc[0]);
             i += 8;
         }
     }
-    let mut sum = hsum(_mm256_add_ps(
-        _mm256_add_ps(acc[0], acc[1]),
-        _mm256_add_ps(acc[2], acc[3]),
-    ));
+    let mut sum = unsafe {
+        hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ))
+    };
     for (k, &x) in act.iter().enumerate().skip(i) {
-        sum += super::super::quant::f16_at(row, 2 * k) * x;
+        sum += one(&row[BYTES * k..BYTES * (k + 1)]) * x;
     }
     sum
 }
