@@ -239,7 +239,7 @@ impl Plan {
             used.borrow_mut().insert(name.clone());
             name
         };
-        let embd = t.lookup(&take("token_embd.weight".into()))?;
+        let embd = t.matmul(&take("token_embd.weight".into()))?;
         // Gemma 2's head is always its embedding (llama.cpp never reads an `output.weight`).
         let output = if h.family != Family::Gemma2 && t.has("output.weight") {
             t.matmul(&take("output.weight".into()))?

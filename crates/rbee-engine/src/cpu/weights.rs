@@ -67,8 +67,8 @@ impl Mat {
     }
 }
 
-/// The GGML types whose matrices the CPU path multiplies.
-fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
+/// The GGML types the CPU path multiplies and dequantizes (matrices, embedding rows, norms).
+fn weight_type(dtype: GgmlDType) -> Option<WeightType> {
     match dtype {
         GgmlDType::F32 => Some(WeightType::F32),
         GgmlDType::F16 => Some(WeightType::F16),
@@ -82,11 +82,6 @@ fn matmul_type(dtype: GgmlDType) -> Option<WeightType> {
         GgmlDType::Q6K => Some(WeightType::Q6K),
         _ => None,
     }
-}
-
-/// The GGML types the CPU path can dequantize (embedding rows, norms).
-fn any_type(dtype: GgmlDType) -> Option<WeightType> {
-    matmul_type(dtype)
 }
 
 /// Typed views of the tensors of one GGUF file.
@@ -110,18 +105,11 @@ impl<'a> Tensors<'a> {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// A matrix the forward pass multiplies with: it must have a type with a kernel.
+    /// A matrix the forward pass multiplies with or looks rows up in (the token embedding): it
+    /// must have a type with a kernel.
     pub(crate) fn matmul(&self, name: &str) -> Result<Mat, Unsupported> {
         let info = self.info(name)?;
-        let ty = matmul_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
-        self.view(name, info, ty)
-    }
-
-    /// A matrix whose rows are only looked up (the token embedding).
-    pub(crate) fn lookup(&self, name: &str) -> Result<Mat, Unsupported> {
-        let info = self.info(name)?;
-        let ty = any_type(info.ggml_dtype)
+        let ty = weight_type(info.ggml_dtype)
             .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
         self.view(name, info, ty)
     }
@@ -152,7 +140,7 @@ impl<'a> Tensors<'a> {
     /// A 1-D vector of `len` values, dequantized to f32 once its bytes are loaded.
     pub(crate) fn vector(&self, name: &str, len: usize) -> Result<VecRef, Unsupported> {
         let info = self.info(name)?;
-        let ty = any_type(info.ggml_dtype)
+        let ty = weight_type(info.ggml_dtype)
             .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
         if info.shape.dims() != [len] || !len.is_multiple_of(ty.block_elems()) {
             return Err(Unsupported(format!(
