@@ -189,13 +189,9 @@ mod tests {
         assert_eq!(worker_advertise_url(Some("not a url"), 9301), None);
     }
 
-    #[test]
-    fn every_worker_is_given_the_hives_slots() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = open_log(&dir.path().join("w.log")).unwrap();
-        let mut config = HiveConfig::new("h");
-        config.worker_slots = std::num::NonZeroU32::new(3).unwrap();
-        let args = WorkerArgs {
+    /// A worker of `/models/m.gguf` on the CPU, at port 9301.
+    fn worker_args() -> WorkerArgs {
+        WorkerArgs {
             worker_id: "h-w1".into(),
             model_path: "/models/m.gguf".into(),
             model_ref: "/models/m.gguf".into(),
@@ -203,7 +199,16 @@ mod tests {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 9301,
             advertise_url: None,
-        };
+        }
+    }
+
+    #[test]
+    fn every_worker_is_given_the_hives_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open_log(&dir.path().join("w.log")).unwrap();
+        let mut config = HiveConfig::new("h");
+        config.worker_slots = std::num::NonZeroU32::new(3).unwrap();
+        let args = worker_args();
         let command = command(&config, &args, log);
         let argv: Vec<&str> = command
             .as_std()
@@ -224,15 +229,7 @@ mod tests {
     #[test]
     fn every_worker_is_given_the_hives_context() {
         let dir = tempfile::tempdir().unwrap();
-        let args = WorkerArgs {
-            worker_id: "h-w1".into(),
-            model_path: "/models/m.gguf".into(),
-            model_ref: "/models/m.gguf".into(),
-            device: "cpu".into(),
-            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            port: 9301,
-            advertise_url: None,
-        };
+        let args = worker_args();
         let ctx_size_of = |config: &HiveConfig| {
             let log = open_log(&dir.path().join("w.log")).unwrap();
             let command = command(config, &args, log);
