@@ -15,28 +15,31 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of one of rbee's binaries, built first (once per binary and test process) so that
-/// `cargo test` alone always runs the current code.
+/// Path of one of rbee's binaries. The first call in a test process builds every binary of the
+/// workspace with the command `cargo xtask test` builds them with (`cargo build --workspace
+/// --bins`), so `cargo test` alone always runs the current code, and under `cargo xtask test` the
+/// build finds everything up to date: one feature set, each binary compiled once. (Building one
+/// package alone would resolve its dependencies' features differently and compile candle again.)
 pub fn bin_path(name: &str) -> PathBuf {
-    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static BUILT: Mutex<bool> = Mutex::new(false);
     let mut built = BUILT
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !built.iter().any(|b| b == name) {
+    if !*built {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile = target_dir()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned());
         let mut command = Command::new(cargo);
         command
-            .args(["build", "--quiet", "--package", name, "--bin", name])
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile.as_deref() == Some("release") {
             command.arg("--release");
         }
         match command.status() {
-            Ok(status) if status.success() => built.push(name.to_string()),
-            Ok(status) => panic!("cargo build --bin {name} failed: {status}"),
+            Ok(status) if status.success() => *built = true,
+            Ok(status) => panic!("cargo build --workspace --bins failed: {status}"),
             Err(err) => panic!("cannot run cargo: {err}"),
         }
     }
