@@ -8,6 +8,7 @@ use crate::chat::{ChatError, ChatTemplate};
 use crate::cpu::SeqTokens;
 use crate::model::{self, CausalLm, ModelInfo};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
+use crate::prompt_cache::{PromptCache, PromptCacheOptions};
 use crate::prompter::Prompter;
 use crate::sequence::Sequence;
 use crate::tokenizer::TextTokenizer;
@@ -76,6 +77,9 @@ pub enum FinishReason {
 pub struct Completion {
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens not evaluated because the slot already held their keys and values (the
+    /// prompt cache); always below `prompt_tokens`.
+    pub cached_tokens: usize,
     /// Tokens sampled, counting a final end-of-sequence token.
     pub completion_tokens: usize,
     /// Everything released through [`GeneratedToken::text`], concatenated.
@@ -99,6 +103,8 @@ pub struct Engine {
     slots: usize,
     /// How many sequences each slot has been given: a [`Sequence`] of an older one is stale.
     slot_epochs: Vec<u64>,
+    /// What each slot's KV cache holds, and the store of recent prefixes.
+    cache: PromptCache,
 }
 
 // The worker moves the engine onto a thread of its own.
@@ -163,6 +169,7 @@ impl Engine {
             prompter,
             slots,
             slot_epochs: vec![0; slots],
+            cache: PromptCache::new(slots),
         })
     }
 
@@ -195,6 +202,37 @@ impl Engine {
         self.slots
     }
 
+    /// Sets how the prompt cache behaves (by default slots reuse what they hold, with no store).
+    /// The engine's CPU path reuses prefixes; a model on candle's code, whose cache cannot be
+    /// cut back to a prefix, evaluates every prompt whole and reports no cached tokens.
+    pub fn set_prompt_cache(&mut self, options: PromptCacheOptions) {
+        self.cache.set_options(options);
+    }
+
+    pub fn prompt_cache(&self) -> PromptCacheOptions {
+        self.cache.options()
+    }
+
+    /// Bytes the prompt cache's store of recent prefixes holds now (at most
+    /// [`PromptCacheOptions::store_bytes`]).
+    pub fn prompt_cache_store_bytes(&self) -> usize {
+        self.cache.store_used()
+    }
+
+    /// Of the `free` slots, the one a request for `req` should take: the one holding the
+    /// longest prefix of its prompt, else the one least recently taken. `None` when `free`
+    /// names no slot of this engine.
+    pub fn choose_slot(&self, free: &[usize], req: &PreparedRequest) -> Option<usize> {
+        self.cache.choose_slot(free, &req.prompt_tokens)
+    }
+
+    /// Routing keys (see [`begin_with_routing_keys`](Self::begin_with_routing_keys)) of the
+    /// requests whose prefixes the slots and the prompt cache's store hold, most recently used
+    /// first, without repeats, at most [`MAX_ROUTING_KEYS`](crate::MAX_ROUTING_KEYS).
+    pub fn routing_keys_held(&self) -> Vec<u64> {
+        self.cache.routing_keys()
+    }
+
     /// Runs one generation in slot 0. `on_token` sees every token with the text it releases
     /// and can end the generation at once by returning `Break` (the result is then
     /// `Cancelled`).
@@ -217,8 +255,23 @@ impl Engine {
     /// Starts a generation in `slot` (below [`slots`](Self::slots)). Nothing is computed yet:
     /// [`step`](Self::step) feeds its prompt, then [`advance`](Self::advance) samples each
     /// token. The slot's earlier sequence, if any, is forgotten: stepping it again is an error.
+    ///
+    /// The prefix of the prompt that the slot's KV cache already holds, or that the prompt
+    /// cache's store holds (copied into the slot), is not fed again; see
+    /// [`Completion::cached_tokens`].
     pub fn begin(&mut self, slot: usize, req: &PreparedRequest) -> Result<Sequence, EngineError> {
-        let Some(epoch) = self.slot_epochs.get_mut(slot) else {
+        self.begin_with_routing_keys(slot, req, &[])
+    }
+
+    /// [`begin`](Self::begin), recording `keys` (hashes a router computes over the request's
+    /// messages) with what the slot will hold, for [`routing_keys_held`](Self::routing_keys_held).
+    pub fn begin_with_routing_keys(
+        &mut self,
+        slot: usize,
+        req: &PreparedRequest,
+        keys: &[u64],
+    ) -> Result<Sequence, EngineError> {
+        let Some(epoch) = self.slot_epochs.get(slot) else {
             return Err(EngineError::Inference(format!(
                 "slot {slot} is beyond the {} this engine runs",
                 self.slots
@@ -227,8 +280,19 @@ impl Engine {
         if req.prompt_tokens.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        *epoch += 1;
-        Ok(Sequence::new(slot, *epoch, req, &self.tokenizer))
+        let epoch = epoch + 1;
+        let reuse = self
+            .cache
+            .take(slot, &req.prompt_tokens, keys, self.model.batched())?;
+        // The slot's cache may have changed: an earlier sequence of the slot is stale now.
+        self.slot_epochs[slot] = epoch;
+        Ok(Sequence::new(
+            slot,
+            epoch,
+            req,
+            &self.tokenizer,
+            reuse.cached,
+        ))
     }
 
     /// Feeds every sequence that waits for input in one forward pass: the token
@@ -313,6 +377,21 @@ impl Engine {
     /// One forward pass over `(slot, tokens, pos)` entries; the last logits of each entry,
     /// `[entry][vocab]`.
     fn forward_many(
+        &mut self,
+        inputs: &[(usize, Vec<u32>, usize)],
+    ) -> Result<Vec<f32>, EngineError> {
+        let logits = self.forward_uncached(inputs);
+        for (slot, tokens, pos) in inputs {
+            match &logits {
+                Ok(_) => self.cache.fed(*slot, tokens, *pos),
+                Err(_) => self.cache.forget_from(*slot, *pos),
+            }
+        }
+        logits
+    }
+
+    /// [`forward_many`](Self::forward_many) without recording what the slots hold.
+    fn forward_uncached(
         &mut self,
         inputs: &[(usize, Vec<u32>, usize)],
     ) -> Result<Vec<f32>, EngineError> {

@@ -22,6 +22,7 @@ mod engine;
 mod error;
 mod model;
 mod params;
+mod prompt_cache;
 mod prompter;
 mod sampling;
 mod sequence;
@@ -36,6 +37,7 @@ pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, 
 pub use error::{EngineError, ErrorKind};
 pub use model::{ModelInfo, WeightsFormat};
 pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
+pub use prompt_cache::{MAX_ROUTING_KEYS, PromptCacheOptions};
 pub use prompter::Prompter;
 pub use sequence::Sequence;
 pub use tokenizer::TextTokenizer;

@@ -30,6 +30,8 @@ pub struct Sequence {
     context: Vec<u32>,
     /// Tokens of `context` already in the model's cache.
     pub(crate) fed: usize,
+    /// Prompt tokens the slot held before the sequence began (not evaluated).
+    cached: usize,
     /// Logits of the last fed position, while they wait to be sampled.
     logits: Option<Vec<f32>>,
     /// Tokens sampled so far.
@@ -58,6 +60,7 @@ impl Sequence {
         epoch: u64,
         req: &PreparedRequest,
         tokenizer: &TextTokenizer,
+        cached: usize,
     ) -> Self {
         let prompt_len = req.prompt_tokens.len();
         // Room for a typical completion up front; a budget as long as a huge context grows into it.
@@ -72,7 +75,8 @@ impl Sequence {
             decoder: IncrementalDecoder::with_context(tokenizer.clone(), &req.prompt_tokens),
             stops: StopMatcher::new(&req.params.stop),
             context,
-            fed: 0,
+            fed: cached.min(prompt_len.saturating_sub(1)),
+            cached: cached.min(prompt_len.saturating_sub(1)),
             logits: None,
             sampled: 0,
             text: String::new(),
@@ -91,6 +95,17 @@ impl Sequence {
     /// not, the sequence waits to be fed by [`Engine::step`](crate::Engine::step).
     pub fn has_logits(&self) -> bool {
         self.logits.is_some()
+    }
+
+    /// Prompt tokens taken from the prompt cache rather than evaluated.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
+    /// The logits waiting to be sampled, for tests that compare them.
+    #[doc(hidden)]
+    pub fn pending_logits(&self) -> Option<&[f32]> {
+        self.logits.as_deref()
     }
 
     /// Whether the prompt has been fed and the first token sampled.
@@ -127,6 +142,7 @@ impl Sequence {
         Completion {
             finish_reason: reason,
             prompt_tokens: self.prompt_len,
+            cached_tokens: self.cached,
             completion_tokens: self.sampled,
             text: std::mem::take(&mut self.text),
             prefill_time: self.prefill_time,

@@ -124,6 +124,20 @@ struct KvCache {
     v: Vec<Vec<f32>>,
 }
 
+/// A copy of the first positions of a sequence's KV cache, kept by the prompt cache to be put
+/// back into any sequence later ([`CpuLlama::save_prefix`], [`CpuLlama::restore_prefix`]).
+pub(crate) struct KvPrefix {
+    len: usize,
+    /// Per layer and KV head (as in [`KvCache`]), `len` positions of keys, then of values.
+    data: Vec<f32>,
+}
+
+impl KvPrefix {
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+}
+
 /// Buffers of one forward pass, sized for the largest batch seen.
 #[derive(Default)]
 struct Scratch {
@@ -446,6 +460,76 @@ impl CpuLlama {
         self.caches.len()
     }
 
+    /// Bytes one position takes in a sequence's KV cache (keys and values of every layer).
+    pub(crate) fn kv_bytes_per_position(&self) -> usize {
+        2 * self.layers.len() * self.cfg.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Positions sequence `seq`'s cache holds.
+    pub(crate) fn cached_positions(&self, seq: usize) -> usize {
+        self.caches.get(seq).map_or(0, |c| c.len)
+    }
+
+    /// A copy of the first `len` positions of sequence `seq`'s cache (fewer if it holds fewer).
+    pub(crate) fn save_prefix(&self, seq: usize, len: usize) -> Result<KvPrefix, EngineError> {
+        let hd = self.cfg.head_dim;
+        let Some(cache) = self.caches.get(seq) else {
+            return Ok(KvPrefix {
+                len: 0,
+                data: Vec::new(),
+            });
+        };
+        let len = len.min(cache.len);
+        let mut data = Vec::new();
+        data.try_reserve_exact(2 * cache.k.len() * len * hd)
+            .map_err(|e| EngineError::Inference(format!("cannot keep a prompt prefix: {e}")))?;
+        for (k, v) in cache.k.iter().zip(&cache.v) {
+            data.extend_from_slice(&k[..len * hd]);
+            data.extend_from_slice(&v[..len * hd]);
+        }
+        Ok(KvPrefix { len, data })
+    }
+
+    /// Makes the first `len` positions of `prefix` (at most its length) the whole content of
+    /// sequence `seq`'s cache.
+    pub(crate) fn restore_prefix(
+        &mut self,
+        seq: usize,
+        prefix: &KvPrefix,
+        len: usize,
+    ) -> Result<(), EngineError> {
+        let cfg = &self.cfg;
+        let hd = cfg.head_dim;
+        let heads = self.layers.len() * cfg.n_kv_heads;
+        let len = len.min(prefix.len).min(cfg.max_positions);
+        let Some(cache) = self.caches.get_mut(seq) else {
+            return Err(EngineError::Inference(format!(
+                "sequence {seq} is beyond the {} held",
+                self.caches.len()
+            )));
+        };
+        if prefix.data.len() != 2 * heads * prefix.len * hd {
+            return Err(EngineError::Inference(
+                "a stored prompt prefix does not fit this model".into(),
+            ));
+        }
+        cache.len = 0;
+        cache.k.resize_with(heads, Vec::new);
+        cache.v.resize_with(heads, Vec::new);
+        let run = prefix.len * hd;
+        for (h, (k, v)) in cache.k.iter_mut().zip(&mut cache.v).enumerate() {
+            let at = 2 * h * run;
+            k.clear();
+            v.clear();
+            reserve_context(k, cfg)?;
+            reserve_context(v, cfg)?;
+            k.extend_from_slice(&prefix.data[at..at + len * hd]);
+            v.extend_from_slice(&prefix.data[at + run..at + run + len * hd]);
+        }
+        cache.len = len;
+        Ok(())
+    }
+
     /// Feeds every entry of `batch` in one pass (their tokens share each matrix product, and
     /// each attends over its own sequence's cache); returns the last position's logits of each
     /// entry, `[entry][vocab]`.
@@ -573,20 +657,8 @@ impl CpuLlama {
                 {
                     k_head.truncate(e.pos * hd);
                     v_head.truncate(e.pos * hd);
-                    // Room for the whole context at once: pages are touched only as positions
-                    // fill them, and the cache never grows past what the hive's capacity check
-                    // counted (amortized doubling would).
-                    let room = cfg.max_positions.saturating_mul(hd);
-                    for head in [&mut *k_head, &mut *v_head] {
-                        if head.capacity() < room {
-                            head.try_reserve_exact(room - head.len()).map_err(|e| {
-                                EngineError::Inference(format!(
-                                    "cannot set aside a KV cache of {} positions: {e}",
-                                    cfg.max_positions
-                                ))
-                            })?;
-                        }
-                    }
+                    reserve_context(k_head, cfg)?;
+                    reserve_context(v_head, cfg)?;
                     for t in t0..t0 + e.tokens.len() {
                         let at = t * kv_dim + h * hd;
                         k_head.extend_from_slice(&s.k[at..at + hd]);
@@ -667,6 +739,22 @@ impl CpuLlama {
         }
         Ok(&s.logits)
     }
+}
+
+/// Room in one head's keys or values for the whole context at once: pages are touched only as
+/// positions fill them, and the cache never grows past what the hive's capacity check counted
+/// (amortized doubling would).
+fn reserve_context(head: &mut Vec<f32>, cfg: &Config) -> Result<(), EngineError> {
+    let room = cfg.max_positions.saturating_mul(cfg.head_dim);
+    if head.capacity() < room {
+        head.try_reserve_exact(room - head.len()).map_err(|e| {
+            EngineError::Inference(format!(
+                "cannot set aside a KV cache of {} positions: {e}",
+                cfg.max_positions
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// `gate = act(gate) × up`, over the pool: the gate of a step is `tokens × ffn` values.

@@ -1,0 +1,351 @@
+//! Prompt cache (prefix reuse): what each slot's KV cache holds, and a bounded store of recent
+//! prefixes taken out of slots.
+//!
+//! Chat clients send the whole conversation every turn. A slot keeps the tokens whose keys and
+//! values it holds after its sequence ends; a new request goes to the free slot that holds the
+//! longest common prefix with its prompt, and only the rest of the prompt is evaluated. When a
+//! slot's tokens would be mostly overwritten by an unrelated request, a copy of their keys and
+//! values goes into a least-recently-used store bounded in bytes; a later request that starts
+//! with a stored prefix gets it copied back into its slot. Positions are absolute and each
+//! position's keys and values depend only on the tokens before it, and the engine computes a
+//! position the same way whatever else shares its step, so a request gets exactly the tokens it
+//! would get without the cache.
+
+use crate::EngineError;
+use crate::cpu::{CpuLlama, KvPrefix};
+
+/// How the prompt cache behaves; see [`Engine::set_prompt_cache`](crate::Engine::set_prompt_cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptCacheOptions {
+    /// Whether a request reuses the prefix of its prompt that a slot (or the store) holds.
+    /// Off, every prompt is evaluated from its first token.
+    pub enabled: bool,
+    /// Bytes the store of recent prefixes may hold (0: no store, only what the slots hold).
+    pub store_bytes: usize,
+}
+
+impl Default for PromptCacheOptions {
+    /// Slots reuse what they hold; no store (it costs memory the caller should choose).
+    fn default() -> Self {
+        PromptCacheOptions {
+            enabled: true,
+            store_bytes: 0,
+        }
+    }
+}
+
+/// Prefixes shorter than this are not worth a copy into the store.
+const MIN_STORED: usize = 16;
+
+/// Most routing keys [`PromptCache::routing_keys`] returns.
+pub const MAX_ROUTING_KEYS: usize = 1024;
+
+/// What a slot's KV cache holds.
+#[derive(Default)]
+struct Held {
+    /// The tokens at positions `0..tokens.len()` of the slot's cache.
+    tokens: Vec<u32>,
+    /// Routing keys of the request that produced them.
+    keys: Vec<u64>,
+    /// When a request last took the slot (the cache's clock).
+    used: u64,
+}
+
+/// A prefix taken out of a slot.
+struct Stored {
+    tokens: Vec<u32>,
+    keys: Vec<u64>,
+    kv: KvPrefix,
+    used: u64,
+}
+
+/// Where a request's cached prefix came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Reuse {
+    /// Prompt tokens whose keys and values are already in the slot.
+    pub cached: usize,
+    /// Whether they were copied back from the store.
+    pub from_store: bool,
+}
+
+pub(crate) struct PromptCache {
+    options: PromptCacheOptions,
+    slots: Vec<Held>,
+    store: Vec<Stored>,
+    store_used: usize,
+    clock: u64,
+}
+
+impl PromptCache {
+    pub(crate) fn new(slots: usize) -> Self {
+        PromptCache {
+            options: PromptCacheOptions::default(),
+            slots: (0..slots).map(|_| Held::default()).collect(),
+            store: Vec::new(),
+            store_used: 0,
+            clock: 0,
+        }
+    }
+
+    pub(crate) fn options(&self) -> PromptCacheOptions {
+        self.options
+    }
+
+    /// Applies `options`; a smaller store drops its least recently used prefixes to fit.
+    pub(crate) fn set_options(&mut self, options: PromptCacheOptions) {
+        self.options = options;
+        if !options.enabled {
+            self.store.clear();
+            self.store_used = 0;
+        }
+        self.evict_to(options.store_bytes);
+    }
+
+    /// Bytes the store holds now.
+    pub(crate) fn store_used(&self) -> usize {
+        self.store_used
+    }
+
+    /// Records that `tokens` were fed to `slot` at positions from `pos`: the slot's cache now
+    /// holds its tokens before `pos`, then these.
+    pub(crate) fn fed(&mut self, slot: usize, tokens: &[u32], pos: usize) {
+        if let Some(held) = self.slots.get_mut(slot) {
+            held.tokens.truncate(pos);
+            held.tokens.extend_from_slice(tokens);
+        }
+    }
+
+    /// Forgets what `slot` holds from position `pos` on (a step that failed may have left
+    /// those positions half written).
+    pub(crate) fn forget_from(&mut self, slot: usize, pos: usize) {
+        if let Some(held) = self.slots.get_mut(slot) {
+            held.tokens.truncate(pos);
+        }
+    }
+
+    /// Of the `free` slots, the one holding the longest common prefix with `prompt`; among
+    /// equals, the one least recently taken, so that what the others hold lives longer.
+    pub(crate) fn choose_slot(&self, free: &[usize], prompt: &[u32]) -> Option<usize> {
+        let usable = reusable(prompt);
+        free.iter()
+            .copied()
+            .filter(|&s| s < self.slots.len())
+            .max_by_key(|&s| {
+                let held = &self.slots[s];
+                let common = if self.options.enabled {
+                    common_prefix(&held.tokens, usable)
+                } else {
+                    0
+                };
+                (common, std::cmp::Reverse(held.used))
+            })
+    }
+
+    /// Prepares `slot` for a request with `prompt` and routing `keys`: keeps the longest prefix
+    /// of the prompt found in the slot or the store (copied into the slot from there), after
+    /// keeping the slot's own tokens in the store when the request would overwrite most of
+    /// them. `model` is `None` when the model cannot truncate its cache; nothing is then reused.
+    pub(crate) fn take(
+        &mut self,
+        slot: usize,
+        prompt: &[u32],
+        keys: &[u64],
+        model: Option<&mut CpuLlama>,
+    ) -> Result<Reuse, EngineError> {
+        self.clock += 1;
+        let clock = self.clock;
+        let Some(held) = self.slots.get_mut(slot) else {
+            return Ok(Reuse::default());
+        };
+        held.used = clock;
+        held.keys = keys.to_vec();
+        let (Some(model), true) = (model, self.options.enabled) else {
+            // The sequence starts at position 0, which overwrites everything held.
+            held.tokens.clear();
+            return Ok(Reuse::default());
+        };
+        // The model's cache may hold fewer positions than recorded if a step failed.
+        held.tokens.truncate(model.cached_positions(slot));
+        let usable = reusable(prompt);
+        let in_slot = common_prefix(&held.tokens, usable);
+        let stored = self
+            .store
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common_prefix(&e.tokens, usable)))
+            .max_by_key(|&(i, common)| (common, self.store[i].used));
+        let held = &self.slots[slot];
+        if held.tokens.len() >= MIN_STORED && 2 * in_slot < held.tokens.len() {
+            let tokens = held.tokens.clone();
+            let keys = held.keys.clone();
+            self.keep(model, slot, tokens, keys)?;
+        }
+        // `keep` may have reordered the store: look the winner up again by its tokens.
+        let restore = match stored {
+            Some((_, common)) if common > in_slot => self
+                .store
+                .iter()
+                .position(|e| common_prefix(&e.tokens, usable) == common)
+                .map(|i| (i, common)),
+            _ => None,
+        };
+        let held = &mut self.slots[slot];
+        let reuse = match restore {
+            Some((i, common)) => {
+                let entry = &mut self.store[i];
+                model.restore_prefix(slot, &entry.kv, common)?;
+                entry.used = clock;
+                held.tokens.clear();
+                held.tokens.extend_from_slice(&entry.tokens[..common]);
+                Reuse {
+                    cached: common,
+                    from_store: true,
+                }
+            }
+            None => {
+                held.tokens.truncate(in_slot);
+                Reuse {
+                    cached: in_slot,
+                    from_store: false,
+                }
+            }
+        };
+        Ok(reuse)
+    }
+
+    /// Puts a copy of `slot`'s cache (its `tokens`) into the store, if it fits, dropping the
+    /// least recently used prefixes to make room and those it extends.
+    fn keep(
+        &mut self,
+        model: &CpuLlama,
+        slot: usize,
+        tokens: Vec<u32>,
+        keys: Vec<u64>,
+    ) -> Result<(), EngineError> {
+        let limit = self.options.store_bytes;
+        let bytes = tokens.len() * model.kv_bytes_per_position();
+        if bytes == 0 || bytes > limit {
+            return Ok(());
+        }
+        // Already held by a prefix at least as long: only refresh it.
+        if let Some(e) = self
+            .store
+            .iter_mut()
+            .find(|e| e.tokens.len() >= tokens.len() && e.tokens.starts_with(&tokens))
+        {
+            e.used = self.clock;
+            return Ok(());
+        }
+        self.store.retain(|e| {
+            let extended = tokens.starts_with(&e.tokens);
+            if extended {
+                self.store_used -= e.kv.bytes();
+            }
+            !extended
+        });
+        self.evict_to(limit - bytes);
+        let kv = model.save_prefix(slot, tokens.len())?;
+        self.store_used += kv.bytes();
+        self.store.push(Stored {
+            tokens,
+            keys,
+            kv,
+            used: self.clock,
+        });
+        Ok(())
+    }
+
+    /// Drops the least recently used stored prefixes until the store holds at most `bytes`.
+    fn evict_to(&mut self, bytes: usize) {
+        while self.store_used > bytes {
+            let Some((oldest, _)) = self.store.iter().enumerate().min_by_key(|(_, e)| e.used)
+            else {
+                break;
+            };
+            let gone = self.store.swap_remove(oldest);
+            self.store_used -= gone.kv.bytes();
+        }
+    }
+
+    /// The routing keys of what the slots and the store hold, most recently used first,
+    /// without repeats, at most [`MAX_ROUTING_KEYS`].
+    pub(crate) fn routing_keys(&self) -> Vec<u64> {
+        let mut entries: Vec<(u64, &[u64])> = self
+            .slots
+            .iter()
+            .filter(|h| !h.tokens.is_empty())
+            .map(|h| (h.used, h.keys.as_slice()))
+            .chain(self.store.iter().map(|e| (e.used, e.keys.as_slice())))
+            .collect();
+        entries.sort_by_key(|&(used, _)| std::cmp::Reverse(used));
+        let mut seen = std::collections::HashSet::new();
+        let mut keys = Vec::new();
+        for (_, ks) in entries {
+            for &k in ks {
+                if keys.len() == MAX_ROUTING_KEYS {
+                    return keys;
+                }
+                if seen.insert(k) {
+                    keys.push(k);
+                }
+            }
+        }
+        keys
+    }
+}
+
+/// The prompt tokens a cache may supply: all but the last, which is always evaluated for the
+/// logits of the first generated token.
+fn reusable(prompt: &[u32]) -> &[u32] {
+    &prompt[..prompt.len().saturating_sub(1)]
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_prompt_token_is_never_cached() {
+        assert_eq!(common_prefix(&[1, 2, 3], reusable(&[1, 2, 3])), 2);
+        assert_eq!(common_prefix(&[1, 2, 3], reusable(&[1, 2, 4, 5])), 2);
+        assert_eq!(common_prefix(&[1, 2, 3], reusable(&[7])), 0);
+    }
+
+    #[test]
+    fn a_slot_is_chosen_by_its_common_prefix_then_by_age() {
+        let mut cache = PromptCache::new(3);
+        cache.fed(0, &[1, 2, 3, 4], 0);
+        cache.fed(1, &[1, 2, 9], 0);
+        cache.slots[2].used = 5;
+        assert_eq!(cache.choose_slot(&[0, 1, 2], &[1, 2, 3, 4, 5]), Some(0));
+        assert_eq!(cache.choose_slot(&[1, 2], &[1, 2, 3, 4, 5]), Some(1));
+        // Nothing in common: the least recently taken slot.
+        assert_eq!(cache.choose_slot(&[0, 1, 2], &[8, 8]), Some(0));
+        cache.slots[0].used = 9;
+        cache.slots[1].used = 7;
+        assert_eq!(cache.choose_slot(&[0, 1, 2], &[8, 8]), Some(2));
+        cache.set_options(PromptCacheOptions {
+            enabled: false,
+            store_bytes: 0,
+        });
+        assert_eq!(cache.choose_slot(&[0, 1], &[1, 2, 3, 4, 5]), Some(1));
+    }
+
+    #[test]
+    fn routing_keys_come_most_recent_first_without_repeats() {
+        let mut cache = PromptCache::new(2);
+        cache.fed(0, &[1], 0);
+        cache.fed(1, &[2], 0);
+        cache.slots[0].keys = vec![10, 11];
+        cache.slots[0].used = 1;
+        cache.slots[1].keys = vec![10, 12];
+        cache.slots[1].used = 2;
+        assert_eq!(cache.routing_keys(), vec![10, 12, 11]);
+        cache.slots[1].tokens.clear();
+        assert_eq!(cache.routing_keys(), vec![10, 11]);
+    }
+}
