@@ -30,7 +30,7 @@ use rbee_contract::{
 
 use crate::Hive;
 use crate::children::{Children, SpawnSpec};
-use crate::devices;
+use crate::devices::{self, Gpus};
 use crate::models::Models;
 use crate::models::reference::{self, HubRef, ModelRef};
 
@@ -172,11 +172,12 @@ pub(crate) fn catalog_path(models: &Models, hub: &HubRef) -> Result<PathBuf, Api
 fn evaluate(
     ledger: &Arc<Ledger>,
     children: &Children,
+    gpus: &dyn Gpus,
     question: &Question,
     limits: Limits,
     reserve: bool,
 ) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
-    let devices = devices::read();
+    let devices = devices::read(gpus);
     let device = devices
         .find(&question.device)
         .ok_or_else(|| CapacityError::UnknownDevice {
@@ -277,8 +278,11 @@ async fn ask(
 ) -> Result<(CapacityEstimate, Option<Reservation>), CapacityError> {
     let ledger = Arc::clone(&hive.capacity);
     let children = Arc::clone(&hive.children);
+    let gpus = Arc::clone(&hive.gpus);
     let limits = Limits::of(hive);
-    tokio::task::spawn_blocking(move || evaluate(&ledger, &children, &question, limits, reserve))
+    tokio::task::spawn_blocking(move || {
+        evaluate(&ledger, &children, gpus.as_ref(), &question, limits, reserve)
+    })
         .await
         .map_err(|e| CapacityError::Internal(e.to_string()))?
 }
@@ -335,10 +339,11 @@ pub(crate) async fn before_download(
 ) -> Result<(), JobFailure> {
     let ledger = Arc::clone(&hive.capacity);
     let children = Arc::clone(&hive.children);
+    let gpus = Arc::clone(&hive.gpus);
     let limits = Limits::of(hive);
     let (device, model) = (device.to_owned(), model.to_owned());
     let estimate = tokio::task::spawn_blocking(move || {
-        let devices = devices::read();
+        let devices = devices::read(gpus.as_ref());
         let device = devices.find(&device)?;
         let held = ledger.lock().held(&children.list(), device, limits);
         let overhead_bytes = overhead(device.kind);

@@ -3,15 +3,68 @@
 //! the `metal` feature on macOS the Apple GPU.
 //!
 //! NVML is loaded at run time, once per hive process: a machine without the NVIDIA driver
-//! reports no CUDA device, which is a normal answer and never an error. This module only
-//! reads; what fits where is `capacity`'s business. Every read blocks (files under `/proc`,
-//! driver calls), so the async side goes through [`read_async`].
+//! reports no CUDA device, which is a normal answer and never an error. The hive reads the GPUs
+//! through [`Gpus`], which is NVML in the service ([`nvml_gpus`]) and fixed answers in tests, so
+//! that placement on GPUs is tested on machines without one. This module only reads; what fits
+//! where is `capacity`'s business. Every read blocks (files under `/proc`, driver calls), so the
+//! async side goes through [`read_async`].
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use nvml_wrapper::Nvml;
 use rbee_contract::{DeviceInfo, DeviceKind};
 use sysinfo::{CpuRefreshKind, MemoryRefreshKind, System};
+
+/// One NVIDIA GPU, as the driver describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Gpu {
+    pub name: String,
+    pub memory_total_bytes: u64,
+    pub memory_free_bytes: u64,
+    /// `(major, minor)`, e.g. `(8, 0)` for an A100; `None` when the driver does not say.
+    pub compute_capability: Option<(u32, u32)>,
+}
+
+/// Where the hive reads its NVIDIA GPUs: the seam between the hive and NVML. Indices are NVML's,
+/// which become the devices' `cuda:N` ids. Blocking.
+pub(crate) trait Gpus: Send + Sync {
+    /// How many GPUs there are; `Ok(0)` where there is no driver.
+    fn count(&self) -> Result<u32, String>;
+    /// GPU `index`, read now (its free memory changes as programs use it).
+    fn describe(&self, index: u32) -> Result<Gpu, String>;
+}
+
+/// The GPUs NVML reports, or none where the library or the driver is missing.
+pub(crate) fn nvml_gpus() -> Arc<dyn Gpus> {
+    Arc::new(NvmlGpus(nvml()))
+}
+
+struct NvmlGpus(Option<&'static Nvml>);
+
+impl Gpus for NvmlGpus {
+    fn count(&self) -> Result<u32, String> {
+        match self.0 {
+            None => Ok(0),
+            Some(nvml) => nvml.device_count().map_err(|e| e.to_string()),
+        }
+    }
+
+    fn describe(&self, index: u32) -> Result<Gpu, String> {
+        let nvml = self.0.ok_or("NVML is not loaded")?;
+        let described = nvml.device_by_index(index).and_then(|device| {
+            let memory = device.memory_info()?;
+            Ok(Gpu {
+                name: device.name()?,
+                memory_total_bytes: memory.total,
+                memory_free_bytes: memory.free,
+                compute_capability: device.cuda_compute_capability().ok().and_then(|c| {
+                    Some((u32::try_from(c.major).ok()?, u32::try_from(c.minor).ok()?))
+                }),
+            })
+        });
+        described.map_err(|e| e.to_string())
+    }
+}
 
 /// The machine's devices, read now.
 #[derive(Debug, Clone)]
@@ -50,10 +103,10 @@ pub(crate) fn parse_id(text: &str) -> Option<String> {
     }
 }
 
-/// Reads every device. Blocking: call it off the reactor.
-pub(crate) fn read() -> Devices {
+/// Reads every device, the NVIDIA GPUs from `gpus`. Blocking: call it off the reactor.
+pub(crate) fn read(gpus: &dyn Gpus) -> Devices {
     let memory = system_memory();
-    let mut gpus = cuda_devices(nvml());
+    let mut gpus = cuda_devices(gpus);
     gpus.extend(metal_devices(&memory));
     Devices {
         cpu: cpu(&memory),
@@ -62,8 +115,8 @@ pub(crate) fn read() -> Devices {
 }
 
 /// [`read`] on the blocking pool.
-pub(crate) async fn read_async() -> Devices {
-    match tokio::task::spawn_blocking(read).await {
+pub(crate) async fn read_async(gpus: Arc<dyn Gpus>) -> Devices {
+    match tokio::task::spawn_blocking(move || read(gpus.as_ref())).await {
         Ok(devices) => devices,
         Err(err) => {
             // Only a panic in a device library gets here; the hive still describes its CPU.
@@ -163,12 +216,10 @@ fn nvml() -> Option<&'static Nvml> {
 }
 
 /// One entry per NVIDIA GPU, `cuda:N` in NVML's index order (the CUDA order on a machine
-/// without `CUDA_VISIBLE_DEVICES`). A GPU that cannot be described is left out, with a log.
-fn cuda_devices(nvml: Option<&Nvml>) -> Vec<DeviceInfo> {
-    let Some(nvml) = nvml else {
-        return Vec::new();
-    };
-    let count = match nvml.device_count() {
+/// without `CUDA_VISIBLE_DEVICES`). A GPU that cannot be described is left out, with a log; the
+/// others keep their index.
+fn cuda_devices(gpus: &dyn Gpus) -> Vec<DeviceInfo> {
+    let count = match gpus.count() {
         Ok(count) => count,
         Err(err) => {
             tracing::warn!(error = %err, "NVML cannot count the GPUs");
@@ -176,26 +227,22 @@ fn cuda_devices(nvml: Option<&Nvml>) -> Vec<DeviceInfo> {
         }
     };
     (0..count)
-        .filter_map(|index| {
-            let described = nvml.device_by_index(index).and_then(|device| {
-                let memory = device.memory_info()?;
-                let capability = device
-                    .cuda_compute_capability()
-                    .map(|c| format!("{}.{}", c.major, c.minor))
-                    .ok();
-                Ok(DeviceInfo {
-                    id: format!("cuda:{index}"),
-                    kind: DeviceKind::Cuda,
-                    name: device.name()?,
-                    memory_total_bytes: memory.total,
-                    memory_free_bytes: memory.free,
-                    cores: None,
-                    compute_capability: capability,
-                })
-            });
-            described
-                .map_err(|err| tracing::warn!(index, error = %err, "NVML cannot describe a GPU"))
-                .ok()
+        .filter_map(|index| match gpus.describe(index) {
+            Ok(gpu) => Some(DeviceInfo {
+                id: format!("cuda:{index}"),
+                kind: DeviceKind::Cuda,
+                name: gpu.name,
+                memory_total_bytes: gpu.memory_total_bytes,
+                memory_free_bytes: gpu.memory_free_bytes,
+                cores: None,
+                compute_capability: gpu
+                    .compute_capability
+                    .map(|(major, minor)| format!("{major}.{minor}")),
+            }),
+            Err(err) => {
+                tracing::warn!(index, error = %err, "NVML cannot describe a GPU");
+                None
+            }
         })
         .collect()
 }
@@ -220,10 +267,35 @@ fn metal_devices(_memory: &SystemMemory) -> Vec<DeviceInfo> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::ffi::OsStr;
 
     use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    /// GPUs with fixed answers, for tests: `Err` entries are GPUs the driver cannot describe.
+    pub(crate) struct FakeGpus(pub Vec<Result<Gpu, String>>);
+
+    impl Gpus for FakeGpus {
+        fn count(&self) -> Result<u32, String> {
+            Ok(u32::try_from(self.0.len()).expect("a handful of fake GPUs"))
+        }
+
+        fn describe(&self, index: u32) -> Result<Gpu, String> {
+            self.0[index as usize].clone()
+        }
+    }
+
+    /// A GPU named `name` with `total` bytes of which `free` are free, compute capability 8.0.
+    pub(crate) fn gpu(name: &str, total: u64, free: u64) -> Result<Gpu, String> {
+        Ok(Gpu {
+            name: name.into(),
+            memory_total_bytes: total,
+            memory_free_bytes: free,
+            compute_capability: Some((8, 0)),
+        })
+    }
 
     #[test]
     fn device_ids_are_canonical() {
@@ -238,7 +310,7 @@ mod tests {
 
     #[test]
     fn this_machine_has_a_cpu_with_memory() {
-        let devices = read();
+        let devices = read(nvml_gpus().as_ref());
         let cpu = &devices.cpu;
         assert_eq!((cpu.id.as_str(), cpu.kind), ("cpu", DeviceKind::Cpu));
         assert!(!cpu.name.is_empty());
@@ -256,14 +328,68 @@ mod tests {
             .lib_path(OsStr::new("/nonexistent/rbee/libnvidia-ml.so.1"))
             .init();
         assert!(missing.is_err(), "no NVML library at a made-up path");
-        assert!(cuda_devices(missing.ok().as_ref()).is_empty());
+        let devices = read(&NvmlGpus(None));
+        assert!(devices.gpus.is_empty());
+        assert_eq!(devices.all().len(), 1, "the CPU alone");
         // Whatever this machine has, asking never fails and every GPU is named `cuda:N`.
-        assert!(
-            cuda_devices(nvml())
-                .iter()
-                .enumerate()
-                .all(|(n, gpu)| gpu.id == format!("cuda:{n}") && gpu.kind == DeviceKind::Cuda)
+        assert!(cuda_devices(nvml_gpus().as_ref())
+            .iter()
+            .enumerate()
+            .all(|(n, gpu)| gpu.id == format!("cuda:{n}") && gpu.kind == DeviceKind::Cuda));
+    }
+
+    #[test]
+    fn the_gpus_the_driver_reports_are_the_hives_cuda_devices() {
+        let gpus = FakeGpus(vec![
+            gpu("NVIDIA L4", 24 * GIB, 22 * GIB),
+            Ok(Gpu {
+                compute_capability: Some((9, 0)),
+                ..gpu("NVIDIA H100 80GB HBM3", 80 * GIB, 79 * GIB).unwrap()
+            }),
+        ]);
+        let devices = read(&gpus);
+        let all = devices.all();
+        // What the heartbeat and `GET /v1/devices` carry: the CPU, then each GPU.
+        assert_eq!(
+            all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ["cpu", "cuda:0", "cuda:1"]
         );
+        assert_eq!(
+            all[1],
+            DeviceInfo {
+                id: "cuda:0".into(),
+                kind: DeviceKind::Cuda,
+                name: "NVIDIA L4".into(),
+                memory_total_bytes: 24 * GIB,
+                memory_free_bytes: 22 * GIB,
+                cores: None,
+                compute_capability: Some("8.0".into()),
+            }
+        );
+        assert_eq!(all[2].compute_capability.as_deref(), Some("9.0"));
+        assert_eq!(all[2].memory_free_bytes, 79 * GIB);
+        assert_eq!(devices.find("cuda:1"), Some(&all[2]));
+    }
+
+    #[test]
+    fn a_gpu_the_driver_cannot_describe_is_left_out_and_the_others_keep_their_index() {
+        let gpus = FakeGpus(vec![
+            Err("GPU is lost".into()),
+            gpu("NVIDIA A10", 24 * GIB, 23 * GIB),
+        ]);
+        let ids: Vec<String> = read(&gpus).gpus.into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, ["cuda:1"]);
+
+        struct Uncountable;
+        impl Gpus for Uncountable {
+            fn count(&self) -> Result<u32, String> {
+                Err("driver/library version mismatch".into())
+            }
+            fn describe(&self, _: u32) -> Result<Gpu, String> {
+                unreachable!("nothing is described when nothing can be counted")
+            }
+        }
+        assert!(read(&Uncountable).gpus.is_empty());
     }
 
     #[test]

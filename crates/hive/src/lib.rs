@@ -77,6 +77,8 @@ pub(crate) struct Hive {
     /// Spawns being checked or started, and what each model needs (see `capacity`).
     capacity: Arc<capacity::Ledger>,
     models: Arc<models::Models>,
+    /// The machine's NVIDIA GPUs (NVML; fixed answers in tests).
+    gpus: Arc<dyn devices::Gpus>,
     http: reqwest::Client,
     /// Cancelled by `POST /v1/shutdown` as by the caller of [`serve`].
     shutdown: CancellationToken,
@@ -89,7 +91,7 @@ impl Hive {
         HiveInfo {
             hive_id: self.config.hive_id.clone(),
             url: self.url.clone(),
-            devices: devices::read_async().await.all(),
+            devices: devices::read_async(Arc::clone(&self.gpus)).await.all(),
             workers: self.children.list(),
             models: self.models.entries(),
         }
@@ -145,6 +147,7 @@ pub async fn serve(
         children: Arc::clone(&children),
         capacity: Arc::default(),
         models,
+        gpus: devices::nvml_gpus(),
         http,
         shutdown: shutdown.clone(),
     });

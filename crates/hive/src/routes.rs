@@ -61,7 +61,7 @@ async fn shutdown(State(hive): State<Arc<Hive>>) -> (StatusCode, Json<Value>) {
 
 /// `{"hive_id", "cpu": DeviceInfo, "gpus": [DeviceInfo...]}`, read now.
 async fn devices(State(hive): State<Arc<Hive>>) -> Json<DevicesResponse> {
-    let devices = devices::read_async().await;
+    let devices = devices::read_async(Arc::clone(&hive.gpus)).await;
     Json(DevicesResponse {
         hive_id: hive.config.hive_id.clone(),
         cpu: devices.cpu,
