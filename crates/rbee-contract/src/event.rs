@@ -101,6 +101,10 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// Prompt tokens the worker did not evaluate because its prompt cache held them (counted
+    /// in `prompt_tokens` too). Absent from peers that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u32>,
 }
 
 impl Usage {
@@ -109,6 +113,15 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            cached_tokens: None,
+        }
+    }
+
+    /// The same usage, reporting `cached_tokens` prompt tokens taken from the prompt cache.
+    pub fn with_cached_tokens(self, cached_tokens: u32) -> Self {
+        Usage {
+            cached_tokens: Some(cached_tokens),
+            ..self
         }
     }
 }

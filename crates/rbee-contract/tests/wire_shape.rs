@@ -176,3 +176,21 @@ fn model_details_round_trip_and_old_entries_still_parse() {
     assert_eq!(details.entry, hive.hive.models[0]);
     assert!(details.file.is_none());
 }
+
+#[test]
+fn usage_reports_cached_tokens_and_older_usage_still_parses() {
+    let old: rbee_contract::Usage = serde_json::from_str(
+        r#"{"prompt_tokens": 6, "completion_tokens": 1, "total_tokens": 7}"#,
+    )
+    .unwrap();
+    assert_eq!(old, rbee_contract::Usage::new(6, 1));
+    assert_eq!(old.cached_tokens, None);
+    assert!(!serde_json::to_string(&old).unwrap().contains("cached"));
+    let cached = rbee_contract::Usage::new(6, 1).with_cached_tokens(5);
+    let json = serde_json::to_value(cached).unwrap();
+    assert_eq!(json["cached_tokens"], 5);
+    assert_eq!(
+        serde_json::from_value::<rbee_contract::Usage>(json).unwrap(),
+        cached
+    );
+}
