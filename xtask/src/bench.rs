@@ -334,7 +334,8 @@ async fn measure(
     })
 }
 
-struct WorkerProcess(Child);
+/// A child process, killed when dropped.
+pub(crate) struct WorkerProcess(pub(crate) Child);
 
 /// The competing load: one process spinning on a core for as long as it lives.
 struct BusyProcess(Child);
@@ -364,7 +365,7 @@ impl Drop for WorkerProcess {
     }
 }
 
-async fn wait_ready(url: &str, child: &mut Child) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(url: &str, child: &mut Child) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {

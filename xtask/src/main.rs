@@ -6,6 +6,7 @@
 
 mod aarch64;
 mod bench;
+mod bench_queen;
 mod fetch;
 mod generate;
 mod refs;
@@ -50,6 +51,9 @@ enum BenchCommand {
     /// The worker on TinyLlama-sized models: prefill, decode, time to first token, peak RSS,
     /// and decode against the memory-bandwidth limit.
     Worker(bench::WorkerBench),
+    /// What the queen adds: one-token job latency and decode rate through a release-built
+    /// queen against the same worker asked directly.
+    Queen(bench_queen::QueenBench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => tasks::test(&args),
         Command::Openapi => tasks::openapi(),
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
+        Command::Bench(BenchCommand::Queen(args)) => bench_queen::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),
         Command::Refs(args) => refs::run_refs(&args),
