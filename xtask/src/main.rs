@@ -7,6 +7,7 @@
 mod aarch64;
 mod bench;
 mod bench_queen;
+mod cuda;
 mod fetch;
 mod generate;
 mod refs;
@@ -44,6 +45,10 @@ enum Command {
     /// Run the engine's CPU kernel tests for aarch64 under qemu, with and without the
     /// `dotprod` extension (installs the cross linker and qemu with apt-get if missing).
     TestAarch64(aarch64::Aarch64Args),
+    /// Compile the CUDA build (`--features cuda`) with the CUDA toolkit from NVIDIA's PyPI
+    /// wheels, installed into target/cuda-toolkit: links where the driver is installed, else
+    /// `cargo check` with candle's kernels compiled by nvcc. Into target/cuda.
+    CheckCuda(cuda::CheckCudaArgs),
 }
 
 #[derive(Subcommand)]
@@ -67,5 +72,6 @@ fn main() -> anyhow::Result<()> {
         Command::GenModel(args) => generate::run(&args),
         Command::Refs(args) => refs::run_refs(&args),
         Command::TestAarch64(args) => aarch64::test(&args),
+        Command::CheckCuda(args) => cuda::check(&args),
     }
 }
