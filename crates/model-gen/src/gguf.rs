@@ -26,10 +26,11 @@ const ALIGNMENT: u64 = 32;
 /// file.
 ///
 /// Quantized files follow llama.cpp's choices where they matter: a matrix whose rows do not
-/// split into the type's blocks falls back (Q4_K to Q5_0, Q6_K to Q8_0, then anything to
-/// F16). In the Q4_0 and Q4_K files the output head (the embedding when tied) is Q8_0;
-/// [`GgufType::Q6K`] and [`GgufType::Q4KM`] pick every tensor's type as llama.cpp's
-/// quantizer does for `MOSTLY_Q6_K` and `MOSTLY_Q4_K_M`.
+/// split into the type's blocks falls back (Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to
+/// Q5_1, Q6_K to Q8_0, then anything to F16). In the Q4_0 and Q4_K files the output head (the
+/// embedding when tied) is Q8_0; [`GgufType::Q6K`], [`GgufType::Q4KM`], [`GgufType::Q2K`] and
+/// [`GgufType::Q3KM`] pick every tensor's type as llama.cpp's quantizer does for `MOSTLY_Q6_K`,
+/// `MOSTLY_Q4_K_M`, `MOSTLY_Q2_K` and `MOSTLY_Q3_K_M`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgufType {
     F32,
@@ -48,10 +49,18 @@ pub enum GgufType {
     Q5K,
     /// BF16 matrices, like llama.cpp's `MOSTLY_BF16` (the converter's `--outtype bf16`).
     BF16,
+    /// llama.cpp's Q2_K mix (`MOSTLY_Q2_K`): Q2_K matrices (an untied embedding too); Q3_K for
+    /// `attn_output`, `ffn_down` and `attn_v` (Q4_K when four or more query heads share a KV
+    /// head); the output head Q6_K.
+    Q2K,
+    /// llama.cpp's Q3_K_M mix: Q3_K matrices; Q4_K for `attn_output` and for `attn_v` and
+    /// `ffn_down` past the first layers (Q5_K for `attn_v` of layers 0 and 1 and `ffn_down` of
+    /// the first sixteenth); the output head Q6_K.
+    Q3KM,
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 9] = [
+    pub const ALL: [GgufType; 11] = [
         Self::F32,
         Self::F16,
         Self::Q8_0,
@@ -61,6 +70,8 @@ impl GgufType {
         Self::Q4KM,
         Self::Q5K,
         Self::BF16,
+        Self::Q2K,
+        Self::Q3KM,
     ];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
@@ -75,6 +86,8 @@ impl GgufType {
             Self::Q4KM => "q4_k_m",
             Self::Q5K => "q5_k",
             Self::BF16 => "bf16",
+            Self::Q2K => "q2_k",
+            Self::Q3KM => "q3_k_m",
         }
     }
 
@@ -86,6 +99,8 @@ impl GgufType {
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q2K => 10,
+            Self::Q3KM => 12,
             Self::Q4K => 14,
             Self::Q4KM => 15,
             Self::Q5K => 16,
@@ -116,11 +131,22 @@ impl GgufType {
             (Self::Q4_0, _) => G::Q4_0,
             (Self::Q4K, _) => G::Q4K,
             // The quantizer's output rule: Q6_K when the rows hold 256-blocks, else Q8_0.
-            (Self::Q6K | Self::Q4KM | Self::Q5K, _) if is_head => {
+            (Self::Q6K | Self::Q4KM | Self::Q5K | Self::Q2K | Self::Q3KM, _) if is_head => {
                 return if fits(G::Q6K) { G::Q6K } else { G::Q8_0 };
             }
             (Self::Q6K, _) => G::Q6K,
             (Self::Q5K, _) => G::Q5K,
+            (Self::Q2K, _) => match def.category() {
+                Category::AttnV if spec.heads / spec.kv_heads >= 4 => G::Q4K,
+                Category::AttnV | Category::AttnOutput | Category::FfnDown => G::Q3K,
+                Category::Other => G::Q2K,
+            },
+            (Self::Q3KM, _) => match (def.category(), def.layer()) {
+                (Category::AttnV, Some(layer)) if layer < 2 => G::Q5K,
+                (Category::FfnDown, Some(layer)) if layer < spec.layers / 16 => G::Q5K,
+                (Category::AttnV | Category::AttnOutput | Category::FfnDown, _) => G::Q4K,
+                _ => G::Q3K,
+            },
             (Self::Q4KM, _) => match (def.category(), def.layer()) {
                 (Category::AttnV | Category::FfnDown, Some(layer))
                     if use_more_bits(layer, spec.layers) =>
@@ -136,6 +162,8 @@ impl GgufType {
             G::Q5_0
         } else if wanted == G::Q5K && fits(G::Q5_1) {
             G::Q5_1
+        } else if matches!(wanted, G::Q2K | G::Q3K) && fits(G::Q4_0) {
+            G::Q4_0
         } else if wanted == G::Q6K && fits(G::Q8_0) {
             G::Q8_0
         } else {
@@ -149,6 +177,7 @@ impl GgufType {
 pub(crate) enum Category {
     /// `attn_v` or a fused `attn_qkv`: llama.cpp treats both as the value projection.
     AttnV,
+    AttnOutput,
     FfnDown,
     Other,
 }
@@ -158,6 +187,8 @@ impl TensorDef {
         let name = self.gguf_name.as_str();
         if name.contains("attn_qkv.weight") || name.contains("attn_v.weight") {
             Category::AttnV
+        } else if name.contains("attn_output") {
+            Category::AttnOutput
         } else if name.contains("ffn_down") {
             Category::FfnDown
         } else {
@@ -193,7 +224,7 @@ impl std::str::FromStr for GgufType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 Error::UnknownName(format!(
-                    "unknown GGUF type {s:?} (expected f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m or q5_k)"
+                    "unknown GGUF type {s:?} (expected f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m, q5_k, q2_k or q3_k_m)"
                 ))
             })
     }

@@ -408,6 +408,62 @@ fn more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
+/// The Q2_K and Q3_K_M mixes as llama-quant.cpp picks them for a dense model (not Falcon) whose
+/// query heads share KV heads two to one: Q2_K files raise `attn_v`, `attn_output` and
+/// `ffn_down` to Q3_K; Q3_K_M files raise `attn_output` to Q4_K, `attn_v` to Q5_K on layers 0
+/// and 1 and Q4_K after, `ffn_down` to Q5_K on the first sixteenth of the layers and Q4_K after.
+/// Rows of 64 or 128 fall back to Q4_0 (Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0).
+#[test]
+fn q2_k_and_q3_k_m_assign_llama_cpps_per_tensor_types() {
+    use GgmlDType as G;
+    let dir = tempfile::tempdir().unwrap();
+    for mut spec in [ModelSpec::small(), ModelSpec::tiny()] {
+        spec.layers = 32;
+        assert!(spec.heads / spec.kv_heads < 4);
+        let small = spec.hidden == 256;
+        let fit = |t: G| match (small, t) {
+            (true, t) => t,
+            (false, G::Q4K) => G::Q5_0,
+            (false, G::Q5K) => G::Q5_1,
+            (false, G::Q6K) => G::Q8_0,
+            (false, _) => G::Q4_0,
+        };
+        for (ty, file_type) in [(GgufType::Q2K, 10), (GgufType::Q3KM, 12)] {
+            let c = read(&write(&spec, ty, dir.path()));
+            assert_eq!(u32_of(&c, "general.file_type"), file_type);
+            for (name, dtype) in dtypes(&c) {
+                let layer = name
+                    .strip_prefix("blk.")
+                    .and_then(|r| r.split('.').next())
+                    .map(|n| n.parse::<usize>().unwrap());
+                let is = |suffix: &str| name.ends_with(suffix);
+                let want = if c.tensor_infos[&name].shape.rank() == 1 {
+                    G::F32
+                } else if name == "output.weight"
+                    || (name == "token_embd.weight" && spec.tie_embeddings)
+                {
+                    fit(G::Q6K)
+                } else if ty == GgufType::Q2K {
+                    if is("attn_v.weight") || is("attn_output.weight") || is("ffn_down.weight") {
+                        fit(G::Q3K)
+                    } else {
+                        fit(G::Q2K)
+                    }
+                } else if is("attn_v.weight") && layer < Some(2)
+                    || is("ffn_down.weight") && layer < Some(2)
+                {
+                    fit(G::Q5K)
+                } else if is("attn_v.weight") || is("attn_output.weight") || is("ffn_down.weight") {
+                    fit(G::Q4K)
+                } else {
+                    fit(G::Q3K)
+                };
+                assert_eq!(dtype, want, "{ty} h{} {name}", spec.hidden);
+            }
+        }
+    }
+}
+
 #[test]
 fn q4_k_m_assigns_llama_cpps_per_tensor_types() {
     use GgmlDType as G;
