@@ -24,6 +24,7 @@ pub(crate) enum WeightType {
     Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -38,7 +39,7 @@ pub(crate) enum ActFormat {
     BF16,
     /// [`BlockQ8`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
     Q8,
-    /// [`BlockQ8K`] (Q4_K, Q6_K).
+    /// [`BlockQ8K`] (Q4_K, Q5_K, Q6_K).
     Q8K,
 }
 
@@ -48,7 +49,7 @@ impl WeightType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
-            Self::Q4K | Self::Q6K => QK_K,
+            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
         }
     }
 
@@ -63,6 +64,7 @@ impl WeightType {
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q4K => 144,
+            Self::Q5K => 176,
             Self::Q6K => 210,
         }
     }
@@ -77,7 +79,7 @@ impl WeightType {
             Self::F16 => ActFormat::F16,
             Self::BF16 => ActFormat::BF16,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => ActFormat::Q8,
-            Self::Q4K | Self::Q6K => ActFormat::Q8K,
+            Self::Q4K | Self::Q5K | Self::Q6K => ActFormat::Q8K,
         }
     }
 }
@@ -302,6 +304,26 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightType::Q5K => {
+            for (b, y) in row.chunks_exact(be).zip(out.chunks_exact_mut(QK_K)) {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let scales = &b[4..16];
+                let qh = &b[16..48];
+                let qs = &b[48..176];
+                for j in 0..4 {
+                    let (s1, m1) = scale_min_k4(2 * j, scales);
+                    let (s2, m2) = scale_min_k4(2 * j + 1, scales);
+                    let (d1, m1) = (d * f32::from(s1), dmin * f32::from(m1));
+                    let (d2, m2) = (d * f32::from(s2), dmin * f32::from(m2));
+                    let q = &qs[32 * j..32 * j + 32];
+                    for l in 0..32 {
+                        let (h1, h2) = ((qh[l] >> (2 * j)) & 1, (qh[l] >> (2 * j + 1)) & 1);
+                        y[64 * j + l] = d1 * f32::from((q[l] & 0xF) | h1 << 4) - m1;
+                        y[64 * j + 32 + l] = d2 * f32::from((q[l] >> 4) | h2 << 4) - m2;
+                    }
+                }
+            }
+        }
         WeightType::Q6K => {
             for (b, y) in row.chunks_exact(be).zip(out.chunks_exact_mut(QK_K)) {
                 let d = f16_at(b, 208);
@@ -412,6 +434,34 @@ pub(crate) mod reference {
                 let shift = 4 * (j % 2);
                 let s: i32 = (0..32)
                     .map(|l| i32::from((q[l] >> shift) & 0xF) * i32::from(a.qs[32 * j + l]))
+                    .sum();
+                sumi += i32::from(sc) * s;
+                summ += i32::from(m) * (i32::from(a.bsums[2 * j]) + i32::from(a.bsums[2 * j + 1]));
+            }
+            sum += d * sumi as f32 - dmin * summ as f32;
+        }
+        sum
+    }
+
+    /// Q5_K as Q4_K with a fifth bit per weight: bit `2j` (low nibbles) or `2j + 1` (high
+    /// nibbles) of byte `l` of `qh` for the weights of chunk `j` at `l`.
+    pub(crate) fn dot_q5k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+        let mut sum = 0f32;
+        for (b, a) in row.chunks_exact(176).zip(act) {
+            let (d, dmin) = (f16_at(b, 0) * a.d, f16_at(b, 2) * a.d);
+            let scales = &b[4..16];
+            let qh = &b[16..48];
+            let qs = &b[48..176];
+            let (mut sumi, mut summ) = (0i32, 0i32);
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, scales);
+                let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+                let shift = 4 * (j % 2);
+                let s: i32 = (0..32)
+                    .map(|l| {
+                        let v = (q[l] >> shift) & 0xF | ((qh[l] >> j) & 1) << 4;
+                        i32::from(v) * i32::from(a.qs[32 * j + l])
+                    })
                     .sum();
                 sumi += i32::from(sc) * s;
                 summ += i32::from(m) * (i32::from(a.bsums[2 * j]) + i32::from(a.bsums[2 * j + 1]));

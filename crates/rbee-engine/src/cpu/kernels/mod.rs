@@ -13,8 +13,8 @@
 //! compiled for the vector width at hand.
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
-//! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1 and Q8_0, 256-element
-//! Q8_K super-blocks for Q4_K and Q6_K.
+//! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and
+//! Q8_0, 256-element Q8_K super-blocks for Q4_K, Q5_K and Q6_K.
 
 #[cfg(target_arch = "aarch64")]
 mod neon;
@@ -45,6 +45,7 @@ type DotQ8 = fn(&[u8], &[BlockQ8]) -> f32;
 type DotQ8K = fn(&[u8], &[BlockQ8K]) -> f32;
 type DotQ8x4 = fn(&[u8], [&[BlockQ8]; 4]) -> [f32; 4];
 type DotQ8Kx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [f32; 4];
+type DotF32x4 = fn(&[u8], [&[f32]; 4]) -> [f32; 4];
 type DotTile = fn(&[u8], &[TileAct]) -> [f32; TILE_ROWS];
 type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
 type DotTileK = fn(&[u8], &[BlockQ8K]) -> [f32; TILE_ROWS];
@@ -57,16 +58,31 @@ pub(crate) struct Kernels {
     pub name: &'static str,
     pub q4_0: DotQ8,
     pub q4_1: DotQ8,
+    pub q5_0: DotQ8,
+    pub q5_1: DotQ8,
     pub q8_0: DotQ8,
     pub q4k: DotQ8K,
+    pub q5k: DotQ8K,
     pub q6k: DotQ8K,
-    /// F32 and F16 rows against f32 activations (for F16, rounded to f16 already).
+    /// F32, F16 and BF16 rows against f32 activations (for F16 and BF16, rounded to that
+    /// type already).
     pub f32: DotF32,
     pub f16: DotF32,
+    pub bf16: DotF32,
     /// One row against four tokens, unpacking each weight block once (prefill).
     pub q4_0x4: DotQ8x4,
     pub q8_0x4: DotQ8x4,
     pub q4kx4: DotQ8Kx4,
+    /// The four-token row products these kernels have for the other types (without one, a
+    /// batch multiplies token by token).
+    pub q4_1x4: Option<DotQ8x4>,
+    pub q5_0x4: Option<DotQ8x4>,
+    pub q5_1x4: Option<DotQ8x4>,
+    pub q5kx4: Option<DotQ8Kx4>,
+    pub q6kx4: Option<DotQ8Kx4>,
+    pub f32x4: Option<DotF32x4>,
+    pub f16x4: Option<DotF32x4>,
+    pub bf16x4: Option<DotF32x4>,
     /// The eight rows of a Q4_0 tile ([`tiled`]) against one token (decode) and four (prefill).
     pub q4_0_tile: DotTile,
     pub q4_0_tilex4: DotTilex4,
@@ -94,14 +110,26 @@ impl Kernels {
             name: "scalar",
             q4_0: reference::dot_q4_0,
             q4_1: reference::dot_q4_1,
+            q5_0: reference::dot_q5_0,
+            q5_1: reference::dot_q5_1,
             q8_0: reference::dot_q8_0,
             q4k: reference::dot_q4k,
+            q5k: reference::dot_q5k,
             q6k: reference::dot_q6k,
             f32: reference::dot_f32,
             f16: reference::dot_f16,
+            bf16: reference::dot_bf16,
             q4_0x4: |row, acts| acts.map(|a| reference::dot_q4_0(row, a)),
             q8_0x4: |row, acts| acts.map(|a| reference::dot_q8_0(row, a)),
             q4kx4: |row, acts| acts.map(|a| reference::dot_q4k(row, a)),
+            q4_1x4: None,
+            q5_0x4: None,
+            q5_1x4: None,
+            q5kx4: None,
+            q6kx4: None,
+            f32x4: None,
+            f16x4: None,
+            bf16x4: None,
             q4_0_tile: tiled::dot,
             q4_0_tilex4: tiled::dot4,
             q8_0_tile: None,
@@ -140,14 +168,15 @@ impl Kernels {
         match ty {
             WeightType::Q4_0 => (self.q4_0)(row, act.q8(t)),
             WeightType::Q4_1 => (self.q4_1)(row, act.q8(t)),
-            WeightType::Q5_0 => reference::dot_q5_0(row, act.q8(t)),
-            WeightType::Q5_1 => reference::dot_q5_1(row, act.q8(t)),
+            WeightType::Q5_0 => (self.q5_0)(row, act.q8(t)),
+            WeightType::Q5_1 => (self.q5_1)(row, act.q8(t)),
             WeightType::Q8_0 => (self.q8_0)(row, act.q8(t)),
             WeightType::Q4K => (self.q4k)(row, act.q8k(t)),
+            WeightType::Q5K => (self.q5k)(row, act.q8k(t)),
             WeightType::Q6K => (self.q6k)(row, act.q8k(t)),
             WeightType::F32 => (self.f32)(row, act.f32(t)),
             WeightType::F16 => (self.f16)(row, act.f16(t)),
-            WeightType::BF16 => reference::dot_bf16(row, act.bf16(t)),
+            WeightType::BF16 => (self.bf16)(row, act.bf16(t)),
         }
     }
 }
@@ -249,11 +278,21 @@ impl Kernels {
                 act.q8k(t0 + 3),
             ]
         };
+        let floats = |f: fn(&Activations, usize) -> &[f32]| {
+            [f(act, t0), f(act, t0 + 1), f(act, t0 + 2), f(act, t0 + 3)]
+        };
         match ty {
             WeightType::Q4_0 => Some((self.q4_0x4)(row, acts())),
             WeightType::Q8_0 => Some((self.q8_0x4)(row, acts())),
             WeightType::Q4K => Some((self.q4kx4)(row, acts_k())),
-            _ => None,
+            WeightType::Q4_1 => self.q4_1x4.map(|k| k(row, acts())),
+            WeightType::Q5_0 => self.q5_0x4.map(|k| k(row, acts())),
+            WeightType::Q5_1 => self.q5_1x4.map(|k| k(row, acts())),
+            WeightType::Q5K => self.q5kx4.map(|k| k(row, acts_k())),
+            WeightType::Q6K => self.q6kx4.map(|k| k(row, acts_k())),
+            WeightType::F32 => self.f32x4.map(|k| k(row, floats(Activations::f32))),
+            WeightType::F16 => self.f16x4.map(|k| k(row, floats(Activations::f16))),
+            WeightType::BF16 => self.bf16x4.map(|k| k(row, floats(Activations::bf16))),
         }
     }
 }

@@ -45,7 +45,7 @@ fn random_row(ty: WeightType, cols: usize, rng: &mut StdRng) -> Vec<u8> {
                 put(&mut row, o, rng.random_range(0.001..0.05));
                 put(&mut row, o + 2, rng.random_range(-0.05..0.05));
             }
-            WeightType::Q4_1 | WeightType::Q4K => {
+            WeightType::Q4_1 | WeightType::Q4K | WeightType::Q5K => {
                 put(&mut row, o, rng.random_range(0.001..0.05));
                 put(&mut row, o + 2, rng.random_range(-0.05..0.05));
             }
@@ -87,13 +87,14 @@ fn check(kernels: &Kernels, ty: WeightType, cols: usize, seed: u64) {
     }
 }
 
-const TYPES: [WeightType; 7] = [
+const TYPES: [WeightType; 8] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
     WeightType::Q5_0,
     WeightType::Q5_1,
     WeightType::Q8_0,
     WeightType::Q4K,
+    WeightType::Q5K,
     WeightType::Q6K,
 ];
 
@@ -185,7 +186,7 @@ fn neon_kernels_are_detected_and_bit_identical_where_they_promise() {
                 if let Some(four) = kernels.dot4(ty, &row, &act, 0) {
                     assert_eq!(four.as_slice(), one, "{} {ty:?} {blocks}", kernels.name);
                 }
-                if matches!(ty, WeightType::Q4K | WeightType::Q6K) {
+                if matches!(ty, WeightType::Q4K | WeightType::Q5K | WeightType::Q6K) {
                     let want: Vec<f32> = (0..4).map(|t| scalar.dot(ty, &row, &act, t)).collect();
                     assert_eq!(one, want, "{} {ty:?} {blocks}", kernels.name);
                 }
@@ -236,18 +237,29 @@ fn q8_activation_blocks_round_trip_within_half_a_step() {
     }
 }
 
+/// Every four-token row product gives its kernels' one-token results bit for bit, for every
+/// type (float rows at lengths with and without a tail); the SIMD kernels have one for every
+/// type.
 #[test]
 fn four_token_kernels_match_one_token_kernels() {
     let mut rng = StdRng::seed_from_u64(5);
+    let floats = [WeightType::F32, WeightType::F16, WeightType::BF16];
     for kernels in Kernels::all() {
-        for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
-            for blocks in [1usize, 5, 64] {
-                let cols = blocks * ty.block_elems();
+        for ty in TYPES.into_iter().chain(floats) {
+            for (i, blocks) in [1usize, 5, 64].into_iter().enumerate() {
+                let cols = match ty.block_elems() {
+                    1 => [37, 256, 2056][i],
+                    elems => blocks * elems,
+                };
                 let row = random_row(ty, cols, &mut rng);
                 let x: Vec<f32> = (0..6 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
                 let mut act = Activations::default();
                 act.set(&x, cols, &[ty.act_format()]);
-                let four = kernels.dot4(ty, &row, &act, 2).unwrap();
+                let Some(four) = kernels.dot4(ty, &row, &act, 2) else {
+                    let simd = kernels.name.starts_with("avx2");
+                    assert!(!simd, "{}: no four-token {ty:?} product", kernels.name);
+                    continue;
+                };
                 for (k, got) in four.iter().enumerate() {
                     // Bit-identical: a sequence must get the same logits alone and batched.
                     let one = kernels.dot(ty, &row, &act, 2 + k);
@@ -555,10 +567,12 @@ fn q4k_tiles_hold_exactly_the_rows_they_were_packed_from() {
 fn kernel_throughput() {
     let mut rng = StdRng::seed_from_u64(1);
     let (rows, cols, tokens) = (256usize, 2048usize, 64usize);
-    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+    for ty in TYPES.into_iter().chain([WeightType::F16, WeightType::BF16]) {
         let mat: Vec<Vec<u8>> = (0..rows).map(|_| random_row(ty, cols, &mut rng)).collect();
+        let tileable = matches!(ty, WeightType::Q4_0 | WeightType::Q8_0 | WeightType::Q4K);
         let tiles: Vec<Vec<u8>> = mat
             .chunks_exact(tiled::TILE_ROWS)
+            .filter(|_| tileable)
             .map(|rows| packed(ty, rows, cols / ty.block_elems()))
             .collect();
         let x: Vec<f32> = (0..tokens * cols)
@@ -691,6 +705,7 @@ fn block_layouts_dequantize_as_ggml_defines_them() {
         (GgmlDType::Q5_1, WeightType::Q5_1),
         (GgmlDType::Q8_0, WeightType::Q8_0),
         (GgmlDType::Q4K, WeightType::Q4K),
+        (GgmlDType::Q5K, WeightType::Q5K),
         (GgmlDType::Q6K, WeightType::Q6K),
         (GgmlDType::F16, WeightType::F16),
         (GgmlDType::BF16, WeightType::BF16),

@@ -42,14 +42,26 @@ pub(super) fn variants() -> Vec<Kernels> {
         name: "avx2",
         q4_0: dot_q4_0,
         q4_1: dot_q4_1,
+        q5_0: dot_q5_0,
+        q5_1: dot_q5_1,
         q8_0: dot_q8_0,
         q4k: dot_q4k,
+        q5k: dot_q5k,
         q6k: dot_q6k,
         f32: dot_row_f32,
         f16: dot_row_f16,
+        bf16: dot_row_bf16,
         q4_0x4: dot_q4_0x4,
         q8_0x4: dot_q8_0x4,
         q4kx4: dot_q4kx4,
+        q4_1x4: Some(dot_q4_1x4),
+        q5_0x4: Some(dot_q5_0x4),
+        q5_1x4: Some(dot_q5_1x4),
+        q5kx4: Some(dot_q5kx4),
+        q6kx4: Some(dot_q6kx4),
+        f32x4: Some(dot_rows_f32),
+        f16x4: Some(dot_rows_f16),
+        bf16x4: Some(dot_rows_bf16),
         q4_0_tile: super::x86_tiled::dot_avx2,
         q4_0_tilex4: super::x86_tiled::dot4_avx2,
         q8_0_tile: None,
@@ -81,78 +93,149 @@ pub(super) fn variants() -> Vec<Kernels> {
 // check, so calling the `target_feature` functions from them is sound.
 
 fn dot_row_f32(row: &[u8], act: &[f32]) -> f32 {
-    unsafe { dot_row_f32_avx2(row, act) }
+    let [out] = dot_floats_f32(row, [act]);
+    out
 }
 
 fn dot_row_f16(row: &[u8], act: &[f32]) -> f32 {
-    unsafe { dot_row_f16_avx2(row, act) }
+    let [out] = dot_floats_f16(row, [act]);
+    out
 }
 
-/// An F32 row (little-endian bytes) against `act`.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_row_f32_avx2(row: &[u8], act: &[f32]) -> f32 {
-    // SAFETY: `dot_float_row` asks for 32 readable bytes at each pointer it passes.
-    dot_float_row::<4>(
-        row,
-        act,
-        |w| unsafe { _mm256_loadu_ps(w.cast()) },
-        |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-    )
+fn dot_row_bf16(row: &[u8], act: &[f32]) -> f32 {
+    let [out] = dot_floats_bf16(row, [act]);
+    out
 }
 
-/// An F16 row against `act`: eight weights widened to f32 per `vcvtph2ps`.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_row_f16_avx2(row: &[u8], act: &[f32]) -> f32 {
-    // SAFETY: `dot_float_row` asks for 16 readable bytes at each pointer it passes.
-    dot_float_row::<2>(
-        row,
-        act,
-        |w| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.cast())) },
-        |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
-    )
+fn dot_rows_f32(row: &[u8], acts: [&[f32]; 4]) -> [f32; 4] {
+    dot_floats_f32(row, acts)
 }
 
-/// A row of `BYTES`-byte floats against `act`: `load` widens the eight weights at a pointer
-/// (with `8 * BYTES` bytes readable there) to f32, four 8-lane accumulators take 32 weights a
-/// round, then eight at a time, and `one` reads each weight of the tail.
+fn dot_rows_f16(row: &[u8], acts: [&[f32]; 4]) -> [f32; 4] {
+    dot_floats_f16(row, acts)
+}
+
+fn dot_rows_bf16(row: &[u8], acts: [&[f32]; 4]) -> [f32; 4] {
+    dot_floats_bf16(row, acts)
+}
+
+/// An F32 row (little-endian bytes) against `N` activation vectors.
+fn dot_floats_f32<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+        // SAFETY: `dot_float_rows` asks for 32 readable bytes at each pointer it passes.
+        dot_float_rows::<4, N>(
+            row,
+            acts,
+            |w| unsafe { _mm256_loadu_ps(w.cast()) },
+            |b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        )
+    }
+    // SAFETY: AVX2, FMA and F16C were detected before the kernels were handed out.
+    unsafe { inner(row, acts) }
+}
+
+/// An F16 row against `N` activation vectors: eight weights widened to f32 per `vcvtph2ps`.
+fn dot_floats_f16<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+        // SAFETY: `dot_float_rows` asks for 16 readable bytes at each pointer it passes.
+        dot_float_rows::<2, N>(
+            row,
+            acts,
+            |w| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(w.cast())) },
+            |b| half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        )
+    }
+    // SAFETY: as in `dot_floats_f32`.
+    unsafe { inner(row, acts) }
+}
+
+/// A BF16 row against `N` activation vectors: a bf16 is the top half of an f32, so eight
+/// weights widen to f32 by a zero extension and a shift.
+fn dot_floats_bf16<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
+        // SAFETY: `dot_float_rows` asks for 16 readable bytes at each pointer it passes.
+        dot_float_rows::<2, N>(
+            row,
+            acts,
+            |w| unsafe {
+                let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(w.cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+            },
+            |b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+        )
+    }
+    // SAFETY: as in `dot_floats_f32`.
+    unsafe { inner(row, acts) }
+}
+
+/// A row of `BYTES`-byte floats against `N` activation vectors: `load` widens the eight weights
+/// at a pointer (with `8 * BYTES` bytes readable there) to f32, and `one` reads each weight of
+/// the tail.
+///
+/// Each token has four 8-lane accumulators, chain `j` taking weights `32i + 8j..32i + 8j + 8`
+/// of each round `i` of 32, chain 0 then the remaining eights, and the tail's products are added
+/// to their sum one by one. The chains are independent, so with several tokens (whose sixteen
+/// accumulators would not fit in the registers) the row is run twice, two chains at a time: the
+/// same operations in each chain's own order, so each token's result is the one-token result
+/// bit for bit (a sequence gets the same logits alone and in a batch).
 #[inline(always)]
-fn dot_float_row<const BYTES: usize>(
+fn dot_float_rows<const BYTES: usize, const N: usize>(
     row: &[u8],
-    act: &[f32],
+    acts: [&[f32]; N],
     load: impl Fn(*const u8) -> __m256,
     one: impl Fn(&[u8]) -> f32,
-) -> f32 {
-    let n = act.len();
-    assert!(row.len() >= BYTES * n);
-    let (w, x) = (row.as_ptr(), act.as_ptr());
-    let mut acc = [unsafe { _mm256_setzero_ps() }; 4];
-    let mut i = 0;
-    // SAFETY: every load reads 8 values at `i..i + 8 <= n` of `act` and `8 * BYTES` bytes at
-    // `BYTES * i` of `row`, whose length was checked above; unaligned loads accept any
-    // address. The callers run with AVX2 and FMA enabled.
+) -> [f32; N] {
+    let n = acts.first().map_or(0, |a| a.len());
+    assert!(row.len() >= BYTES * n && acts.iter().all(|a| a.len() == n));
+    let w = row.as_ptr();
+    let x: [*const f32; N] = std::array::from_fn(|t| acts[t].as_ptr());
+    let mut chains = [[unsafe { _mm256_setzero_ps() }; 4]; N];
+    let per_pass = if N == 1 { 4 } else { 2 };
+    let mut rest = 0;
+    // SAFETY: every load reads 8 values at `at..at + 8 <= n` of each activation vector and
+    // `8 * BYTES` bytes at `BYTES * at` of `row`, whose lengths were checked above; unaligned
+    // loads accept any address. The callers run with AVX2 and FMA enabled.
     unsafe {
-        while i + 32 <= n {
-            for (j, a) in acc.iter_mut().enumerate() {
-                let at = i + 8 * j;
-                *a = _mm256_fmadd_ps(load(w.add(BYTES * at)), _mm256_loadu_ps(x.add(at)), *a);
+        for first in (0..4).step_by(per_pass) {
+            let mut i = 0;
+            while i + 32 <= n {
+                for j in first..first + per_pass {
+                    let at = i + 8 * j;
+                    let wv = load(w.add(BYTES * at));
+                    for (c, x) in chains.iter_mut().zip(x) {
+                        c[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), c[j]);
+                    }
+                }
+                i += 32;
             }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(load(w.add(BYTES * i)), _mm256_loadu_ps(x.add(i)), acc[0]);
-            i += 8;
+            if first == 0 {
+                while i + 8 <= n {
+                    let wv = load(w.add(BYTES * i));
+                    for (c, x) in chains.iter_mut().zip(x) {
+                        c[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), c[0]);
+                    }
+                    i += 8;
+                }
+                rest = i;
+            }
         }
     }
-    let mut sum = unsafe {
-        hsum(_mm256_add_ps(
-            _mm256_add_ps(acc[0], acc[1]),
-            _mm256_add_ps(acc[2], acc[3]),
-        ))
-    };
-    for (k, &x) in act.iter().enumerate().skip(i) {
-        sum += one(&row[BYTES * k..BYTES * (k + 1)]) * x;
-    }
-    sum
+    std::array::from_fn(|t| {
+        let c = &chains[t];
+        let mut sum = unsafe {
+            hsum(_mm256_add_ps(
+                _mm256_add_ps(c[0], c[1]),
+                _mm256_add_ps(c[2], c[3]),
+            ))
+        };
+        for (k, &v) in acts[t].iter().enumerate().skip(rest) {
+            sum += one(&row[BYTES * k..BYTES * (k + 1)]) * v;
+        }
+        sum
+    })
 }
 
 fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
@@ -203,6 +286,18 @@ fn dot_q4_1(row: &[u8], act: &[BlockQ8]) -> f32 {
     unsafe { q4_1_avx2(row, act) }
 }
 
+fn dot_q5_0(row: &[u8], act: &[BlockQ8]) -> f32 {
+    assert!(row.len() >= act.len() * 22);
+    // SAFETY: as in `dot_q4_0`.
+    unsafe { q5_0_avx2(row, act) }
+}
+
+fn dot_q5_1(row: &[u8], act: &[BlockQ8]) -> f32 {
+    assert!(row.len() >= act.len() * 24);
+    // SAFETY: as in `dot_q4_0`.
+    unsafe { q5_1_avx2(row, act) }
+}
+
 fn dot_q8_0(row: &[u8], act: &[BlockQ8]) -> f32 {
     assert!(row.len() >= act.len() * 34);
     // SAFETY: as in `dot_q4_0`.
@@ -215,10 +310,22 @@ fn dot_q4k(row: &[u8], act: &[BlockQ8K]) -> f32 {
     unsafe { q4k_avx2(row, act) }
 }
 
+fn dot_q5k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let [out] = q5k_rows(row, [act]);
+    out
+}
+
+fn dot_q5kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q5k_rows(row, acts)
+}
+
 fn dot_q6k(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    assert!(row.len() >= act.len() * 210);
-    // SAFETY: as in `dot_q4_0`.
-    unsafe { q6k_avx2(row, act) }
+    let [out] = q6k_rows(row, [act]);
+    out
+}
+
+fn dot_q6kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
+    q6k_rows(row, acts)
 }
 
 #[inline]
@@ -348,29 +455,114 @@ signed_kernels!(q8_0_avx2, dot_q8_0x4, 34, |row, i| {
     (f16_ptr(b), _mm256_loadu_si256(b.add(2).cast()))
 });
 
+signed_kernels!(q5_0_avx2, dot_q5_0x4, 22, |row, i| {
+    let b = row.add(22 * i);
+    // `nibble | 0xF0` is `nibble - 16` as a signed byte: the weight where the fifth bit is
+    // clear; where it is set, the nibble alone is `nibble + 16 - 16`.
+    let high = _mm256_andnot_si256(fifth_bits(b.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+    (f16_ptr(b), _mm256_or_si256(nibbles(b.add(6)), high))
+});
+
+/// The fifth bits of a Q5_0 or Q5_1 block (the four bytes at `p`) as 32 bytes: byte `j` is all
+/// ones where bit `j` is set. Element `j` of the block is byte `j` of [`nibbles`].
+///
 /// # Safety
-/// AVX2, FMA and F16C present; `row` holds at least `act.len()` Q4_1 blocks.
+/// `p` must be valid for reading 4 bytes.
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_avx2(row: &[u8], act: &[BlockQ8]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut offsets = 0f32;
-    for (i, a) in act.iter().enumerate() {
-        let b = &row[20 * i..20 * i + 20];
-        // SAFETY: `b` is 20 bytes.
-        let (dw, m) = unsafe { (f16_ptr(b.as_ptr()), f16_ptr(b.as_ptr().add(2))) };
-        let d = _mm256_set1_ps(dw * a.d);
-        offsets += m * a.s;
-        // SAFETY: `b[4..20]` is 16 bytes; `a.qs` is 32 bytes.
-        let (qx, qy) = unsafe {
-            (
-                nibbles(b.as_ptr().add(4)),
-                _mm256_loadu_si256(a.qs.as_ptr().cast()),
-            )
-        };
-        acc = _mm256_fmadd_ps(d, mul_sum_u8_i8(qx, qy), acc);
-    }
-    hsum(acc) + offsets
+unsafe fn fifth_bits(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees four readable bytes; `read_unaligned` needs no alignment.
+    let bits = unsafe { p.cast::<u32>().read_unaligned() };
+    // Byte `j` gets byte `j / 8` of the bits, then every bit but `j % 8` set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
 }
+
+/// Defines the one-token and four-token dot products of a weight type whose blocks unpack to
+/// 32 unsigned bytes, one f16 scale `d` and one f16 offset `m` (`w = d·q + m`, so a block adds
+/// `d·d_a·Σq·a + m·s_a`); `$block(row, i)` reads block `i` as `(d, m, q)`.
+macro_rules! offset_kernels {
+    ($one:ident, $four:ident, $bytes:literal, |$row:ident, $i:ident| $block:expr) => {
+        /// One row against one activation vector, two accumulators so the FMA latency does
+        /// not serialize the loop; the offsets summed apart and added last.
+        ///
+        /// # Safety
+        /// AVX2, FMA and F16C present; `row` holds at least `act.len()` blocks.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $one(row: &[u8], act: &[BlockQ8]) -> f32 {
+            let $row = row.as_ptr();
+            let mut acc = [_mm256_setzero_ps(); 2];
+            let mut offsets = 0f32;
+            for ($i, a) in act.iter().enumerate() {
+                // SAFETY: block `i < act.len()` lies inside the row (the caller's guarantee);
+                // `a.qs` is 32 bytes.
+                let ((d, m, qx), qy) =
+                    unsafe { ($block, _mm256_loadu_si256(a.qs.as_ptr().cast())) };
+                let k = $i & 1;
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(qx, qy), acc[k]);
+                offsets += m * a.s;
+            }
+            hsum(_mm256_add_ps(acc[0], acc[1])) + offsets
+        }
+
+        /// One row against four activation vectors: each weight block is unpacked once, and
+        /// each token gets the one-token product's operations in its order, so the same
+        /// result bit for bit.
+        fn $four(row: &[u8], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+            let n = acts[0].len();
+            assert!(row.len() >= n * $bytes && acts.iter().all(|a| a.len() == n));
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
+                let $row = row.as_ptr();
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                let mut offsets = [0f32; 4];
+                for $i in 0..n {
+                    // SAFETY: `i < n` blocks, inside the row by the assert above.
+                    let (d, m, qx) = unsafe { $block };
+                    let k = $i & 1;
+                    for t in 0..4 {
+                        let a = &acts[t][$i];
+                        // SAFETY: `a.qs` is 32 bytes.
+                        let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
+                        acc[t][k] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * a.d),
+                            mul_sum_u8_i8(qx, qy),
+                            acc[t][k],
+                        );
+                        offsets[t] += m * a.s;
+                    }
+                }
+                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + offsets[t])
+            }
+            // SAFETY: the features were detected before this function was handed out.
+            unsafe { inner(row, acts, n) }
+        }
+    };
+}
+
+offset_kernels!(q4_1_avx2, dot_q4_1x4, 20, |row, i| {
+    let b = row.add(20 * i);
+    (f16_ptr(b), f16_ptr(b.add(2)), nibbles(b.add(4)))
+});
+
+offset_kernels!(q5_1_avx2, dot_q5_1x4, 24, |row, i| {
+    let b = row.add(24 * i);
+    let high = _mm256_and_si256(fifth_bits(b.add(4)), _mm256_set1_epi8(0x10));
+    (
+        f16_ptr(b),
+        f16_ptr(b.add(2)),
+        _mm256_or_si256(nibbles(b.add(8)), high),
+    )
+});
 
 /// # Safety
 /// AVX2, FMA and F16C present; `row` holds at least `act.len()` Q4_K blocks.
@@ -519,61 +711,180 @@ fn q4k_scales(packed: &[u8]) -> Q4kScales {
     Q4kScales { scales, mins }
 }
 
-/// # Safety
-/// AVX2, FMA and F16C present; `row` holds at least `act.len()` Q6_K blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6k_avx2(row: &[u8], act: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(0xF);
-    let m3 = _mm256_set1_epi8(3);
-    let mut acc = _mm256_setzero_ps();
-    for (i, a) in act.iter().enumerate() {
-        let b = &row[210 * i..210 * i + 210];
-        // SAFETY: `b` is 210 bytes.
-        let d = unsafe { f16_ptr(b.as_ptr().add(208)) } * a.d;
-        let scales = &b[192..208];
-        // Weights are stored as q + 32 with q in [-32, 31]: multiply the unsigned value and
-        // take 32 × (scale × sum of 16 activations) back out; scale groups and `bsums` both
-        // cover 16 elements, in the same order.
-        let corr: i32 = scales
-            .iter()
-            .zip(a.bsums.iter())
-            .map(|(&s, &bs)| i32::from(s as i8) * i32::from(bs))
-            .sum();
-        let mut sumi = _mm256_setzero_si256();
-        for n in 0..2 {
-            // SAFETY: ql at `64n..64n + 64` and qh at `128 + 32n..128 + 32n + 32` lie inside
-            // the 210-byte block.
-            let (l1, l2, h) = unsafe {
+/// One Q5_K row against `N` Q8_K activation vectors: as Q4_K, with each nibble's fifth bit
+/// from the 32 bytes of `qh` (bit `2j` for the low nibbles of chunk `j`, `2j + 1` for its high
+/// nibbles). The weights and scales of each super-block are unpacked once for the `N` tokens,
+/// and each token gets the same operations in the same order whatever `N`, so a sequence gets
+/// the same result alone and in a batch.
+fn q5k_rows<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N]) -> [f32; N] {
+    let n = acts[0].len();
+    assert!(row.len() >= n * 176 && acts.iter().all(|a| a.len() == n));
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N], n: usize) -> [f32; N] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for i in 0..n {
+            let b = &row[176 * i..176 * i + 176];
+            // SAFETY: `b` is 176 bytes: `d`, `dmin`, then the 32 bytes of `qh` at 16.
+            let (d, dmin, mut qh) = unsafe {
                 (
-                    _mm256_loadu_si256(b.as_ptr().add(64 * n).cast()),
-                    _mm256_loadu_si256(b.as_ptr().add(64 * n + 32).cast()),
-                    _mm256_loadu_si256(b.as_ptr().add(128 + 32 * n).cast()),
+                    f16_ptr(b.as_ptr()),
+                    f16_ptr(b.as_ptr().add(2)),
+                    _mm256_loadu_si256(b.as_ptr().add(16).cast()),
                 )
             };
-            let h0 = _mm256_slli_epi16(_mm256_and_si256(h, m3), 4);
-            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4);
-            let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4);
-            let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4);
-            let q = [
-                _mm256_or_si256(_mm256_and_si256(l1, m4), h0),
-                _mm256_or_si256(_mm256_and_si256(l2, m4), h1),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), h2),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m4), h3),
-            ];
-            for (k, qk) in q.iter().enumerate() {
-                // SAFETY: reads `a.qs[128n + 32k..128n + 32k + 32]`, inside its 256 bytes.
-                let y = unsafe { _mm256_loadu_si256(a.qs.as_ptr().add(128 * n + 32 * k).cast()) };
-                let s = 8 * n + 2 * k;
-                let sv = _mm256_set_m128i(
-                    _mm_set1_epi16(i16::from(scales[s + 1] as i8)),
-                    _mm_set1_epi16(i16::from(scales[s] as i8)),
+            let unpacked = q4k_scales(&b[4..16]);
+            for t in 0..N {
+                let a = &acts[t][i];
+                // SAFETY: `a.bsums` is 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(a.bsums.as_ptr().cast()) };
+                let summ = _mm256_cvtepi32_ps(_mm256_madd_epi16(bsums, unpacked.mins));
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * a.d), summ, acc[t]);
+            }
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for j in 0..QK_K / 64 {
+                // SAFETY: `b[48 + 32j..80 + 32j]` lies inside the 176-byte block.
+                let q4 = unsafe { _mm256_loadu_si256(b.as_ptr().add(48 + 32 * j).cast()) };
+                // Bit 0 of each byte of `qh` to bit 4 for the low nibbles, bit 1 for the high
+                // ones; then the next two bits down (what a 16-bit shift brings into a byte's
+                // top bits is never read).
+                let lo = _mm256_or_si256(
+                    _mm256_and_si256(q4, m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bit4),
                 );
-                let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, y), sv);
-                sumi = _mm256_add_epi32(sumi, p);
+                let hi = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4),
+                    _mm256_and_si256(_mm256_slli_epi16::<3>(qh), bit4),
+                );
+                qh = _mm256_srli_epi16::<2>(qh);
+                for t in 0..N {
+                    let a = &acts[t][i];
+                    // SAFETY: reads `a.qs[64j..64j + 64]`, inside its 256 bytes.
+                    let (yl, yh) = unsafe {
+                        (
+                            _mm256_loadu_si256(a.qs.as_ptr().add(64 * j).cast()),
+                            _mm256_loadu_si256(a.qs.as_ptr().add(64 * j + 32).cast()),
+                        )
+                    };
+                    // `maddubs` cannot saturate: 31 · 128 · 2 < 32767.
+                    let pl =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(lo, yl), unpacked.scales[2 * j]);
+                    let ph =
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yh), unpacked.scales[2 * j + 1]);
+                    sumi[t] = _mm256_add_epi32(sumi[t], _mm256_add_epi32(pl, ph));
+                }
+            }
+            for t in 0..N {
+                let ad = _mm256_set1_ps(d * acts[t][i].d);
+                acc[t] = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
             }
         }
-        let sumi = _mm256_sub_epi32(sumi, _mm256_setr_epi32(32 * corr, 0, 0, 0, 0, 0, 0, 0));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc.map(|a| hsum(a))
     }
-    hsum(acc)
+    // SAFETY: AVX2, FMA and F16C were detected before the kernels were handed out.
+    unsafe { inner(row, acts, n) }
+}
+
+/// Byte shuffles of a Q6_K block's sixteen scales: entry `p` repeats scale `2p` eight times,
+/// then scale `2p + 1` eight times, the scales of the two 16-weight halves of one 32-byte
+/// group of weights.
+static Q6K_SCALE_PAIRS: [[u8; 16]; 8] = {
+    let mut out = [[0u8; 16]; 8];
+    let mut p = 0;
+    while p < 8 {
+        let mut k = 0;
+        while k < 16 {
+            out[p][k] = (2 * p + k / 8) as u8;
+            k += 1;
+        }
+        p += 1;
+    }
+    out
+};
+
+/// One Q6_K row against `N` Q8_K activation vectors. The weights are stored as `q + 32` with
+/// `q` in `[-32, 31]`: the unsigned values are multiplied (`maddubs` cannot saturate:
+/// 63 · 128 · 2 < 32767) and 32 × Σ scale · (sum of 16 activations) is taken back out with the
+/// activations' `bsums`, whose 16-element groups are the scales' groups. Unpacked once per
+/// super-block for the `N` tokens, each token getting the same operations whatever `N`.
+fn q6k_rows<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N]) -> [f32; N] {
+    let n = acts[0].len();
+    assert!(row.len() >= n * 210 && acts.iter().all(|a| a.len() == n));
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn inner<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N], n: usize) -> [f32; N] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(0x30);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for i in 0..n {
+            let b = &row[210 * i..210 * i + 210];
+            // SAFETY: `b` is 210 bytes: the scales at 192..208, `d` at 208.
+            let (d, scales) = unsafe {
+                (
+                    f16_ptr(b.as_ptr().add(208)),
+                    _mm_loadu_si128(b.as_ptr().add(192).cast()),
+                )
+            };
+            let wide = _mm256_cvtepi8_epi16(scales);
+            let mut sumi: [__m256i; N] = std::array::from_fn(|t| {
+                // SAFETY: `bsums` is 32 bytes.
+                let bsums = unsafe { _mm256_loadu_si256(acts[t][i].bsums.as_ptr().cast()) };
+                _mm256_sub_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_slli_epi32::<5>(_mm256_madd_epi16(wide, bsums)),
+                )
+            });
+            for h in 0..2 {
+                // SAFETY: ql at `64h..64h + 64` and qh at `128 + 32h..160 + 32h` lie inside
+                // the 210-byte block.
+                let (l1, l2, qh) = unsafe {
+                    (
+                        _mm256_loadu_si256(b.as_ptr().add(64 * h).cast()),
+                        _mm256_loadu_si256(b.as_ptr().add(64 * h + 32).cast()),
+                        _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h).cast()),
+                    )
+                };
+                let q = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(l2, m4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                        _mm256_and_si256(qh, m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+                    ),
+                ];
+                for (k, qk) in q.iter().enumerate() {
+                    // SAFETY: each entry of the table is 16 bytes.
+                    let pick =
+                        unsafe { _mm_loadu_si128(Q6K_SCALE_PAIRS[4 * h + k].as_ptr().cast()) };
+                    let sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
+                    for t in 0..N {
+                        // SAFETY: reads `qs[128h + 32k..128h + 32k + 32]`, inside its 256
+                        // bytes.
+                        let y = unsafe {
+                            _mm256_loadu_si256(acts[t][i].qs.as_ptr().add(128 * h + 32 * k).cast())
+                        };
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(*qk, y), sv);
+                        sumi[t] = _mm256_add_epi32(sumi[t], p);
+                    }
+                }
+            }
+            for t in 0..N {
+                let ad = _mm256_set1_ps(d * acts[t][i].d);
+                acc[t] = _mm256_fmadd_ps(ad, _mm256_cvtepi32_ps(sumi[t]), acc[t]);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+    // SAFETY: AVX2, FMA and F16C were detected before the kernels were handed out.
+    unsafe { inner(row, acts, n) }
 }
