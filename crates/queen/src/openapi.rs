@@ -74,6 +74,7 @@ use crate::wire::{Health, HiveList, HiveStatus, WorkerList};
         CompletionChunk,
         TextChoice,
         UsageOut,
+        PromptTokensDetails,
         ErrorResponse,
         ErrorObject,
     )),

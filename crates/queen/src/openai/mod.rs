@@ -31,7 +31,7 @@ pub(crate) mod doc {
     pub(crate) use super::models::{Model, ModelList};
     pub(crate) use super::render::{
         AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion,
-        CompletionChunk, Delta, TextChoice, UsageOut,
+        CompletionChunk, Delta, PromptTokensDetails, TextChoice, UsageOut,
     };
     pub(crate) use super::routes::{
         __path_chat_completions, __path_completions, __path_get_model, __path_list_models,

@@ -114,6 +114,16 @@ pub struct UsageOut {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// Present when the worker reported how many prompt tokens its prompt cache supplied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens not evaluated again because the worker's KV cache held them.
+    pub cached_tokens: u32,
 }
 
 impl From<Usage> for UsageOut {
@@ -122,6 +132,9 @@ impl From<Usage> for UsageOut {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.total_tokens,
+            prompt_tokens_details: u
+                .cached_tokens
+                .map(|cached_tokens| PromptTokensDetails { cached_tokens }),
         }
     }
 }

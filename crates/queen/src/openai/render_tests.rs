@@ -11,6 +11,7 @@ const USAGE: UsageOut = UsageOut {
     prompt_tokens: 6,
     completion_tokens: 2,
     total_tokens: 8,
+    prompt_tokens_details: None,
 };
 
 #[test]
@@ -84,7 +85,8 @@ fn usage_comes_from_the_job_or_from_counting() {
         UsageOut {
             prompt_tokens: 4,
             completion_tokens: 3,
-            total_tokens: 7
+            total_tokens: 7,
+            prompt_tokens_details: None,
         }
     );
     assert_eq!(tally.usage(Some(Usage::new(6, 2))), USAGE);
@@ -96,5 +98,19 @@ fn the_error_chunk_is_the_error_object() {
     assert_eq!(
         error_chunk(&err.body()),
         r#"{"error":{"message":"worker w1 went away","type":"server_error","param":null,"code":"worker_lost"}}"#
+    );
+}
+
+#[test]
+fn usage_reports_the_cached_prompt_tokens_when_the_worker_did() {
+    let usage = UsageOut::from(Usage::new(6, 2).with_cached_tokens(5));
+    assert_eq!(
+        renderer(Kind::Chat, true).usage_chunk(usage),
+        r#"{"id":"chatcmpl-j1","object":"chat.completion.chunk","created":1700000000,"model":"smol","choices":[],"usage":{"prompt_tokens":6,"completion_tokens":2,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":5}}}"#
+    );
+    let text = renderer(Kind::Text, false).response("x".into(), FinishReason::Stop, usage);
+    assert!(
+        text.contains(r#""prompt_tokens_details":{"cached_tokens":5}"#),
+        "{text}"
     );
 }
