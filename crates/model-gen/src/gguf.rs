@@ -28,9 +28,10 @@ const ALIGNMENT: u64 = 32;
 /// Quantized files follow llama.cpp's choices where they matter: a matrix whose rows do not
 /// split into the type's blocks falls back (Q2_K and Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to
 /// Q5_1, Q6_K to Q8_0, then anything to F16). In the Q4_0 and Q4_K files the output head (the
-/// embedding when tied) is Q8_0; [`GgufType::Q6K`], [`GgufType::Q4KM`], [`GgufType::Q2K`] and
-/// [`GgufType::Q3KM`] pick every tensor's type as llama.cpp's quantizer does for `MOSTLY_Q6_K`,
-/// `MOSTLY_Q4_K_M`, `MOSTLY_Q2_K` and `MOSTLY_Q3_K_M`.
+/// embedding when tied) is Q8_0; [`GgufType::Q6K`], [`GgufType::Q4KM`], [`GgufType::Q5KM`],
+/// [`GgufType::Q5_0`], [`GgufType::Q2K`] and [`GgufType::Q3KM`] pick every tensor's type as
+/// llama.cpp's quantizer does for `MOSTLY_Q6_K`, `MOSTLY_Q4_K_M`, `MOSTLY_Q5_K_M`,
+/// `MOSTLY_Q5_0`, `MOSTLY_Q2_K` and `MOSTLY_Q3_K_M`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GgufType {
     F32,
@@ -44,9 +45,16 @@ pub enum GgufType {
     /// llama.cpp's `use_more_bits` picks (the first and last eighth and every third layer
     /// between); an untied embedding stays Q4_K.
     Q4KM,
-    /// Q5_K matrices (the output head Q6_K), like llama.cpp's `MOSTLY_Q5_K_S`: a type the
-    /// engine's CPU path has no kernel for, so tests use it for files that path does not take.
+    /// Q5_K matrices (the output head Q6_K), like llama.cpp's `MOSTLY_Q5_K_S`.
     Q5K,
+    /// llama.cpp's Q5_K_M mix: as Q4_K_M with Q5_K in place of Q4_K.
+    Q5KM,
+    /// llama.cpp's `MOSTLY_Q5_0`: Q5_0 matrices (an untied embedding too), the output head
+    /// Q6_K; a file of mixed 32- and 256-element block types.
+    Q5_0,
+    /// Q8_1 matrices, a type no llama.cpp preset writes and the engine's CPU path has no kernel
+    /// for (candle's code runs it): tests use it for files that path does not take.
+    Q8_1,
     /// BF16 matrices, like llama.cpp's `MOSTLY_BF16` (the converter's `--outtype bf16`).
     BF16,
     /// llama.cpp's Q2_K mix (`MOSTLY_Q2_K`): Q2_K matrices (an untied embedding too); Q3_K for
@@ -60,7 +68,7 @@ pub enum GgufType {
 }
 
 impl GgufType {
-    pub const ALL: [GgufType; 11] = [
+    pub const ALL: [GgufType; 14] = [
         Self::F32,
         Self::F16,
         Self::Q8_0,
@@ -72,6 +80,9 @@ impl GgufType {
         Self::BF16,
         Self::Q2K,
         Self::Q3KM,
+        Self::Q5KM,
+        Self::Q5_0,
+        Self::Q8_1,
     ];
 
     /// Lowercase name as used on the command line and in file names (`q4_k`).
@@ -88,24 +99,30 @@ impl GgufType {
             Self::BF16 => "bf16",
             Self::Q2K => "q2_k",
             Self::Q3KM => "q3_k_m",
+            Self::Q5KM => "q5_k_m",
+            Self::Q5_0 => "q5_0",
+            Self::Q8_1 => "q8_1",
         }
     }
 
     /// llama.cpp's `general.file_type` (`llama_ftype`). Q4_K files are all-Q4_K like
-    /// `MOSTLY_Q4_K_S`.
+    /// `MOSTLY_Q4_K_S`; Q8_1 files have no llama.cpp type and say so (`GUESSED`).
     pub fn file_type(self) -> u32 {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::Q4_0 => 2,
             Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
             Self::Q2K => 10,
             Self::Q3KM => 12,
             Self::Q4K => 14,
             Self::Q4KM => 15,
             Self::Q5K => 16,
+            Self::Q5KM => 17,
             Self::Q6K => 18,
             Self::BF16 => 32,
+            Self::Q8_1 => 1024,
         }
     }
 
@@ -127,15 +144,26 @@ impl GgufType {
             (Self::F16, _) => G::F16,
             (Self::BF16, _) => G::BF16,
             (Self::Q8_0, _) => G::Q8_0,
+            (Self::Q8_1, _) => G::Q8_1,
             (Self::Q4_0 | Self::Q4K, _) if is_head => G::Q8_0,
             (Self::Q4_0, _) => G::Q4_0,
             (Self::Q4K, _) => G::Q4K,
             // The quantizer's output rule: Q6_K when the rows hold 256-blocks, else Q8_0.
-            (Self::Q6K | Self::Q4KM | Self::Q5K | Self::Q2K | Self::Q3KM, _) if is_head => {
+            (
+                Self::Q6K
+                | Self::Q4KM
+                | Self::Q5K
+                | Self::Q5KM
+                | Self::Q5_0
+                | Self::Q2K
+                | Self::Q3KM,
+                _,
+            ) if is_head => {
                 return if fits(G::Q6K) { G::Q6K } else { G::Q8_0 };
             }
             (Self::Q6K, _) => G::Q6K,
             (Self::Q5K, _) => G::Q5K,
+            (Self::Q5_0, _) => G::Q5_0,
             (Self::Q2K, _) => match def.category() {
                 Category::AttnV if spec.heads / spec.kv_heads >= 4 => G::Q4K,
                 Category::AttnV | Category::AttnOutput | Category::FfnDown => G::Q3K,
@@ -147,12 +175,13 @@ impl GgufType {
                 (Category::AttnV | Category::AttnOutput | Category::FfnDown, _) => G::Q4K,
                 _ => G::Q3K,
             },
-            (Self::Q4KM, _) => match (def.category(), def.layer()) {
+            (Self::Q4KM | Self::Q5KM, _) => match (def.category(), def.layer()) {
                 (Category::AttnV | Category::FfnDown, Some(layer))
                     if use_more_bits(layer, spec.layers) =>
                 {
                     G::Q6K
                 }
+                _ if self == Self::Q5KM => G::Q5K,
                 _ => G::Q4K,
             },
         };
@@ -224,7 +253,7 @@ impl std::str::FromStr for GgufType {
             .find(|t| t.name().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
                 Error::UnknownName(format!(
-                    "unknown GGUF type {s:?} (expected f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m, q5_k, q2_k or q3_k_m)"
+                    "unknown GGUF type {s:?} (expected f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m, q5_k, q5_k_m, q5_0, q2_k, q3_k_m or q8_1)"
                 ))
             })
     }
