@@ -15,6 +15,8 @@ use crate::cpu;
 use crate::tokenizer::TextTokenizer;
 use crate::{EngineError, LoadProgress};
 
+mod types;
+
 /// Share of the load progress bar spent before the weights are read (header, tokenizer).
 const WEIGHTS_START: f32 = 0.1;
 const WEIGHTS_END: f32 = 0.98;
@@ -37,6 +39,20 @@ pub(super) fn load(
 ) -> Result<LoadedModel, EngineError> {
     report(progress, 0.0, format!("reading {}", path.display()));
     let (content, mut reader) = read_header(path)?;
+    // Types candle reads but nothing computes as weights (llama.cpp neither): refused before
+    // any code runs them.
+    if let Some((name, id)) = content
+        .tensor_infos
+        .iter()
+        .filter_map(|(name, t)| match t.ggml_dtype {
+            GgmlDType::Q8_1 => Some((name, 9)),
+            GgmlDType::Q8K => Some((name, 15)),
+            _ => None,
+        })
+        .min()
+    {
+        return Err(EngineError::UnsupportedModel(types::refusal(name, id)));
+    }
     let arch = metadata_str(&content, "general.architecture")
         .ok_or_else(|| EngineError::Load("the GGUF file has no general.architecture".into()))?
         .to_owned();
@@ -186,13 +202,21 @@ fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String>
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
     let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
-        EngineError::Load(format!(
-            "{} is not a readable GGUF file: {e}",
-            path.display()
-        ))
-    })?;
-    Ok((content, reader))
+    match gguf_file::Content::read(&mut reader) {
+        Ok(content) => Ok((content, reader)),
+        Err(e) => {
+            // candle stops at the first tensor of a type it does not know and names only the
+            // type's number: name the tensor and the type.
+            let tensors = types::tensor_types(&mut reader).unwrap_or_default();
+            if let Some(t) = types::first_uncomputed(&tensors) {
+                return Err(EngineError::UnsupportedModel(types::refusal(&t.name, t.id)));
+            }
+            Err(EngineError::Load(format!(
+                "{} is not a readable GGUF file: {e}",
+                path.display()
+            )))
+        }
+    }
 }
 
 fn describe(
@@ -511,7 +535,7 @@ mod tests {
     }
 
     /// Files candle's model code would compute wrongly are refused, with both reasons, where
-    /// the engine's path does not take them (here: Q5_K matrices); the plain llama file of the
+    /// the engine's path does not take them (here: Q8_1 matrices); the plain llama file of the
     /// same type still runs on candle's code.
     #[test]
     fn what_candle_would_get_wrong_is_refused_off_the_engine_path() {
@@ -528,8 +552,8 @@ mod tests {
         ];
         for (i, (spec, refusal)) in cases.into_iter().enumerate() {
             let path = dir.path().join(format!("m{i}.gguf"));
-            // Q5_K matrices, which the engine's path has no kernel for.
-            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q5K), &path).unwrap();
+            // Q8_1 matrices, which the engine's path has no kernel for.
+            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q8_1), &path).unwrap();
             let (content, _) = read_header(&path).unwrap();
             let arch = metadata_str(&content, "general.architecture")
                 .unwrap()
@@ -539,7 +563,7 @@ mod tests {
                 Some(what) => {
                     let err = result.err().expect("refused").to_string();
                     assert!(err.contains(what), "{arch}: {err}");
-                    assert!(err.contains("Q5_K"), "{arch}: {err}");
+                    assert!(err.contains("Q8_1"), "{arch}: {err}");
                     assert!(candle_cannot_run(&content, &arch).is_some());
                 }
                 None => {
