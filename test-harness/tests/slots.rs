@@ -149,11 +149,11 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
 async fn a_model_on_candles_code_reports_one_slot() {
     let model = model_gen::ensure_generated(
         &ModelSpec::small(),
-        // Q5_K matrices, which the engine's path has no kernel for.
-        ModelFormat::Gguf(GgufType::Q5K),
+        // Q8_1 matrices, which the engine's path has no kernel for.
+        ModelFormat::Gguf(GgufType::Q8_1),
         &model_gen::paths::generated_dir(),
     )
-    .expect("generate a Q5_K model");
+    .expect("generate a Q8_1 model");
     let worker = Daemon::ready_worker(&model, TOKEN, &["--slots", "4"]).await;
     let info = worker.worker_info(TOKEN).await;
     assert_eq!((info.slots_total, info.slots_free), (1, 1));

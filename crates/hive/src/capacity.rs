@@ -556,15 +556,15 @@ mod tests {
             model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4_0),
             dir.path(),
         );
-        // Q5_K matrices, which the CPU path has no kernel for.
+        // Q8_1 matrices, which the CPU path has no kernel for.
         let q5 = model_gen::ensure_generated(
             &model_gen::ModelSpec::small(),
-            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q5K),
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q8_1),
             dir.path(),
         )
         .unwrap();
         let hub = tiny(model_gen::ModelFormat::Hub, dir.path());
-        // A GPU, Q5_K matrices, a safetensors checkpoint: candle's code, one sequence.
+        // A GPU, Q8_1 matrices, a safetensors checkpoint: candle's code, one sequence.
         for (model, device) in [(&q4, &gpu), (&q5, &cpu), (&hub, &cpu)] {
             let footprint = footprint::of_path(model, device.kind, None).unwrap();
             let estimate = estimate_of("m", device, &footprint, 0, limits(4));

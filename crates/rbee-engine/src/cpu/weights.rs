@@ -79,6 +79,7 @@ fn weight_type(dtype: GgmlDType) -> Option<WeightType> {
         GgmlDType::Q5_1 => Some(WeightType::Q5_1),
         GgmlDType::Q8_0 => Some(WeightType::Q8_0),
         GgmlDType::Q4K => Some(WeightType::Q4K),
+        GgmlDType::Q5K => Some(WeightType::Q5K),
         GgmlDType::Q6K => Some(WeightType::Q6K),
         _ => None,
     }
