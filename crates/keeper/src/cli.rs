@@ -11,7 +11,7 @@ pub const DEFAULT_QUEEN_URL: &str = "http://127.0.0.1:7833";
     version,
     about = "Run LLM inference on an rbee cluster, and manage the cluster",
     long_about = "Run LLM inference on an rbee cluster, and manage the cluster.\n\n\
-        On a single machine `rbee-keeper infer` starts a local queen and hive in the \
+        On a single machine `rbee-keeper infer` (and `chat`) starts a local queen and hive in the \
         background when none answers; they keep running until `rbee-keeper queen stop`.\n\n\
         Exit codes: 0 success, 1 failure, 2 usage or configuration error, \
         3 (status commands) not running, 130 interrupted."
@@ -31,6 +31,11 @@ pub struct Cli {
 pub enum Command {
     /// Generate text: tokens on stdout, progress on stderr.
     Infer(InferArgs),
+    /// Talk with a model: each line you type is a turn, answered with the whole conversation.
+    ///
+    /// `/clear` forgets the conversation, `/exit` (or Ctrl-D, or Ctrl-C at the prompt) leaves;
+    /// Ctrl-C during an answer stops it and drops that turn.
+    Chat(ChatArgs),
     /// Start, stop or inspect the queen.
     #[command(subcommand)]
     Queen(QueenCommand),
@@ -50,6 +55,33 @@ pub struct InferArgs {
     /// A local .gguf file or safetensors directory, or an `hf:org/repo[:file]` reference.
     #[arg(long, short)]
     pub model: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// A system message (implies --chat).
+    #[arg(long, value_name = "S")]
+    pub system: Option<String>,
+    /// Send the prompt as a user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The prompt; `-` reads it from standard input.
+    pub prompt: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// A local .gguf file or safetensors directory, or an `hf:org/repo[:file]` reference.
+    #[arg(long, short)]
+    pub model: String,
+    /// The system message that starts the conversation (kept by `/clear`).
+    #[arg(long, value_name = "S")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+/// How each answer is generated: the same flags for `infer` and `chat`.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
     /// Most tokens to generate [default: the worker's].
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<u32>,
@@ -68,14 +100,6 @@ pub struct InferArgs {
     /// Stop generating at this text (repeatable).
     #[arg(long = "stop", value_name = "STR")]
     pub stop: Vec<String>,
-    /// A system message (implies --chat).
-    #[arg(long, value_name = "S")]
-    pub system: Option<String>,
-    /// Send the prompt as a user message, rendered with the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    /// The prompt; `-` reads it from standard input.
-    pub prompt: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,8 +272,8 @@ mod tests {
         let Command::Infer(args) = cli.command else {
             panic!("not infer")
         };
-        assert_eq!(args.temperature, Some(0.0));
-        assert_eq!(args.stop, ["a", "b"]);
+        assert_eq!(args.sampling.temperature, Some(0.0));
+        assert_eq!(args.sampling.stop, ["a", "b"]);
         assert_eq!(args.prompt, "hi");
     }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use rbee_contract::{ChatMessage, ChatRole, FinishReason, InferRequest, Operation};
 
-use crate::cli::InferArgs;
+use crate::cli::{InferArgs, SamplingArgs};
 use crate::commands::cluster::ensure_cluster;
 use crate::commands::{Ctx, Show, follow, resolve_model, until_interrupted};
 use crate::error::KeeperError;
@@ -110,14 +110,21 @@ fn build_request(args: &InferArgs, queen_is_local: bool) -> Result<InferRequest,
         model,
         prompt,
         messages,
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        stop: args.stop.clone(),
-        ..InferRequest::default()
+        ..sampled(&args.sampling)
     })
+}
+
+/// A request with the sampling flags set and nothing else.
+pub(crate) fn sampled(sampling: &SamplingArgs) -> InferRequest {
+    InferRequest {
+        max_tokens: sampling.max_tokens,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        top_k: sampling.top_k,
+        seed: sampling.seed,
+        stop: sampling.stop.clone(),
+        ..InferRequest::default()
+    }
 }
 
 #[cfg(test)]

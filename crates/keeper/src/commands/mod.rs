@@ -1,5 +1,6 @@
 //! The commands, and what they share: the context, following a job's stream, tables.
 
+mod chat;
 mod cluster;
 mod hive;
 mod infer;
@@ -46,6 +47,7 @@ pub(crate) async fn dispatch(command: Command, ctx: &mut Ctx<'_>) -> Result<Outc
     match command {
         // Job commands watch the interrupt themselves: they must cancel their job first.
         Command::Infer(args) => infer::infer(ctx, args).await.map(|()| Outcome::Done),
+        Command::Chat(args) => chat::chat(ctx, args).await.map(|()| Outcome::Done),
         Command::Worker(WorkerCommand::Spawn(args)) => {
             worker::spawn(ctx, args).await.map(|()| Outcome::Done)
         }
@@ -103,6 +105,8 @@ pub(crate) struct JobEnd {
     pub data: Vec<Value>,
     /// When the first token arrived, for speed figures.
     pub first_token: Option<Instant>,
+    /// The tokens' text, joined.
+    pub text: String,
 }
 
 /// What a followed job's events put on stdout.
@@ -118,7 +122,6 @@ pub(crate) enum Show {
 
 enum Step {
     Event(Option<Result<JobEvent, job_client::ClientError>>),
-    Tick,
     Interrupted,
 }
 
@@ -133,24 +136,18 @@ pub(crate) async fn follow(
     show: Show,
 ) -> Result<JobEnd, KeeperError> {
     let mut events = handle.clone().events();
-    let mut ticker = tokio::time::interval(Duration::from_millis(100));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut data = Vec::new();
     let mut first_token = None;
+    let mut answer = String::new();
     loop {
-        let spinning = ctx.console.spinning();
         let step = tokio::select! {
             biased;
             () = ctx.interrupt.cancelled() => Step::Interrupted,
             event = events.next() => Step::Event(event),
-            _ = ticker.tick(), if spinning => Step::Tick,
         };
         let event = match step {
-            Step::Tick => {
-                ctx.console.tick();
-                continue;
-            }
             Step::Interrupted => {
+                ctx.console.clear_status();
                 // Closing the stream cancels the job too; the DELETE makes it certain and
                 // prompt even if the close is not noticed at once.
                 drop(events);
@@ -174,6 +171,7 @@ pub(crate) async fn follow(
         match event {
             JobEvent::Token { text, .. } => {
                 first_token.get_or_insert_with(Instant::now);
+                answer.push_str(&text);
                 if show == Show::Tokens
                     && let Err(err) = ctx.console.out(&text)
                 {
@@ -192,6 +190,7 @@ pub(crate) async fn follow(
                     usage,
                     data,
                     first_token,
+                    text: answer,
                 });
             }
             JobEvent::Error { code, message } => {
