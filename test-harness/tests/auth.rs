@@ -78,6 +78,7 @@ fn heartbeat() -> Value {
             hive_id: None,
             context_length: None,
         },
+        cached_prefixes: Vec::new(),
     })
 }
 

@@ -507,6 +507,7 @@ fn worker_beat(worker_id: &str, url: &str, model: &str) -> Value {
             hive_id: None,
             context_length: Some(512),
         },
+        cached_prefixes: Vec::new(),
     })
 }
 

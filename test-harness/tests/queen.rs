@@ -149,6 +149,7 @@ fn worker_beat(worker_id: &str, url: &str, model: &str, slots: u32) -> Value {
             hive_id: None,
             context_length: Some(512),
         },
+        cached_prefixes: Vec::new(),
     })
 }
 

@@ -1,5 +1,6 @@
-//! Choosing the worker an `infer` job goes to, and holding its slot: the least loaded worker
-//! with a free slot; while every slot is taken, a place in the model's line
+//! Choosing the worker an `infer` job goes to, and holding its slot: a worker with a free
+//! slot, the one whose prompt cache holds the longest prefix of the request or else the least
+//! loaded ([`scheduler::place`]); while every slot is taken, a place in the model's line
 //! ([`Queues`](crate::queue::Queues)) with `queued` events as it moves up, until a slot frees
 //! up or the wait is too long; a loading worker once it is ready; or a worker a hive starts
 //! (a cold start). Sending the job and relaying its events is `infer`'s business.
@@ -39,6 +40,7 @@ enum Step {
 pub(crate) async fn choose(
     queen: &Queen,
     model: &str,
+    keys: &[u64],
     excluded: &HashSet<String>,
     busy: &[String],
     cold_starts: &mut u32,
@@ -61,9 +63,9 @@ pub(crate) async fn choose(
         let step = queen
             .queues
             .on_turn(model, ticket.as_ref(), || {
-                match scheduler::place(model, &queen.registry.worker_views(), excluded) {
+                match scheduler::place(model, keys, &queen.registry.worker_views(), excluded) {
                     Placement::Worker(info) => {
-                        let slot = queen.registry.enter(&info.worker_id);
+                        let slot = queen.registry.enter(&info.worker_id, keys);
                         Step::Go(info, slot)
                     }
                     Placement::Full => Step::Queue,
@@ -115,7 +117,7 @@ pub(crate) async fn choose(
             }
             Step::Spawn => {
                 if let Some(worker) = spawned.take_if(|w| !excluded.contains(&w.worker_id)) {
-                    let slot = queen.registry.enter(&worker.worker_id);
+                    let slot = queen.registry.enter(&worker.worker_id, keys);
                     return Ok((worker, slot));
                 }
                 if !busy.is_empty() {
@@ -191,7 +193,7 @@ mod tests {
 
         async fn run(&self, model: String, ctx: JobContext) -> JobResult {
             let (worker, _slot) =
-                choose(&self.0, &model, &HashSet::new(), &[], &mut 0, &ctx).await?;
+                choose(&self.0, &model, &[], &HashSet::new(), &[], &mut 0, &ctx).await?;
             ctx.emit(JobEvent::narration(format!("on {}", worker.worker_id)))
                 .await?;
             ctx.cancel.cancelled().await;

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use job_client::ClientError;
 use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result};
 use rbee_contract::model_ref::ParsedModelRef;
+use rbee_contract::prefix::prefix_keys;
 use rbee_contract::{ErrorCode, InferRequest, JobEvent, Operation, WorkerInfo};
 use tokio::time::Instant;
 
@@ -149,7 +150,10 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
         first_token: false,
         outcome: None,
     };
-    let result = schedule(queen, Operation::Infer(job.request), ctx, &mut progress).await;
+    // Computed once: every worker the job is offered to is ranked by how much of it it holds.
+    let keys = prefix_keys(&job.request);
+    let operation = Operation::Infer(job.request);
+    let result = schedule(queen, operation, &keys, ctx, &mut progress).await;
     progress.outcome = Some(match &result {
         Ok(_) => "done".to_owned(),
         Err(failure) => failure.code.to_string(),
@@ -160,6 +164,7 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
 async fn schedule(
     queen: &Queen,
     operation: Operation,
+    keys: &[u64],
     ctx: &JobContext,
     progress: &mut Progress<'_>,
 ) -> JobResult {
@@ -169,7 +174,8 @@ async fn schedule(
     let mut cold_starts = 0;
     let mut replaced_lost = false;
     for _ in 0..MAX_ATTEMPTS {
-        let (worker, slot) = choose(queen, model, &excluded, &busy, &mut cold_starts, ctx).await?;
+        let (worker, slot) =
+            choose(queen, model, keys, &excluded, &busy, &mut cold_starts, ctx).await?;
         let id = worker.worker_id.clone();
         match attempt(queen, &worker, slot, &operation, ctx, progress).await? {
             Attempt::Finished(result) => return result,

@@ -344,11 +344,13 @@ mod tests {
                 info: worker("a", "m", WorkerState::Ready, 1),
                 health: Health::Healthy,
                 in_flight: 0,
+                prefixes: Default::default(),
             },
             WorkerView {
                 info: worker("b", "m", WorkerState::Ready, 1),
                 health: Health::Stale,
                 in_flight: 0,
+                prefixes: Default::default(),
             },
         ];
         let hives = vec![HiveView {

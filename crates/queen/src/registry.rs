@@ -3,12 +3,17 @@
 //! Nothing here is persisted: a restarted queen knows every hive and worker again one
 //! heartbeat interval after it starts. A component that misses [`STALE_AFTER`] intervals is
 //! stale (listed, never scheduled on); one silent for [`REMOVE_AFTER`] intervals is forgotten.
+//!
+//! Besides each worker's info it keeps the prefix keys ([`rbee_contract::prefix`]) of the
+//! prompts the worker has cached, for the scheduler to send a conversation back to where its
+//! history is: what the worker last reported, plus the keys of the jobs the queen sent it
+//! since (see [`Registry::enter`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rbee_contract::{HiveInfo, WorkerInfo, WorkerState};
+use rbee_contract::{HiveInfo, WorkerHeartbeat, WorkerInfo, WorkerState};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -18,6 +23,10 @@ use crate::wire::{Health, HiveList, HiveStatus, WorkerList};
 pub(crate) const STALE_AFTER: u32 = 3;
 /// Missed intervals after which a component is forgotten.
 pub(crate) const REMOVE_AFTER: u32 = 10;
+/// Heartbeats for which the keys of a job that ended stay in its worker's set on top of what
+/// the worker reports: a heartbeat built while the job was still running may arrive after it
+/// ended and not yet list what the job left in the cache.
+const DISPATCHED_KEYS_BEATS: u8 = 2;
 
 pub(crate) struct Registry {
     interval: Duration,
@@ -42,6 +51,55 @@ struct WorkerEntry {
     hive_reported: bool,
     /// Whether the sweep has already logged this worker as stale.
     stale: bool,
+    /// Prefix keys the worker holds: its last report and [`WorkerEntry::dispatched`].
+    /// Shared with the views, and copied only when it changes.
+    prefixes: Arc<HashSet<u64>>,
+    /// The last report alone.
+    reported: Vec<u64>,
+    /// Keys of jobs the queen sent this worker, running or ended a moment ago.
+    dispatched: Vec<Dispatched>,
+    next_dispatch: u64,
+}
+
+/// The prefix keys of one job the queen sent to a worker.
+struct Dispatched {
+    id: u64,
+    keys: Vec<u64>,
+    /// `None` while the job runs; then how many more heartbeats keep its keys.
+    beats_left: Option<u8>,
+}
+
+impl WorkerEntry {
+    fn new(info: WorkerInfo, now: Instant) -> Self {
+        WorkerEntry {
+            info,
+            last_seen: now,
+            in_flight: 0,
+            hive_reported: false,
+            stale: false,
+            prefixes: Arc::default(),
+            reported: Vec::new(),
+            dispatched: Vec::new(),
+            next_dispatch: 0,
+        }
+    }
+
+    /// A new report replaces the last one; the keys of jobs sent since stay, those of jobs
+    /// that ended count down.
+    fn report(&mut self, keys: Vec<u64>) {
+        self.reported = keys;
+        self.dispatched.retain_mut(|d| match &mut d.beats_left {
+            None => true,
+            Some(0) => false,
+            Some(left) => {
+                *left -= 1;
+                true
+            }
+        });
+        let mut set: HashSet<u64> = self.reported.iter().copied().collect();
+        set.extend(self.dispatched.iter().flat_map(|d| d.keys.iter().copied()));
+        self.prefixes = Arc::new(set);
+    }
 }
 
 struct HiveEntry {
@@ -56,6 +114,8 @@ pub(crate) struct WorkerView {
     pub info: WorkerInfo,
     pub health: Health,
     pub in_flight: u32,
+    /// Prefix keys of the prompts the worker has cached.
+    pub prefixes: Arc<HashSet<u64>>,
 }
 
 /// A hive as the scheduler sees it.
@@ -95,8 +155,18 @@ impl Registry {
         }
     }
 
-    /// Records a worker's heartbeat; the first one registers it.
+    /// Records a worker's heartbeat, and the prefix keys it holds; the first one registers it.
+    pub fn worker_beat(&self, heartbeat: WorkerHeartbeat) {
+        self.record_worker(heartbeat.worker, Some(heartbeat.cached_prefixes));
+    }
+
+    /// Records what is known of a worker from elsewhere than its heartbeat (a hive's spawn
+    /// result, a forwarded answer); the first one registers it. The worker's prefix keys stay.
     pub fn worker_heartbeat(&self, info: WorkerInfo) {
+        self.record_worker(info, None);
+    }
+
+    fn record_worker(&self, info: WorkerInfo, prefixes: Option<Vec<u64>>) {
         let now = Instant::now();
         {
             let mut maps = self.maps();
@@ -111,20 +181,18 @@ impl Registry {
                     entry.info = info;
                     entry.last_seen = now;
                     entry.stale = false;
+                    if let Some(prefixes) = prefixes {
+                        entry.report(prefixes);
+                    }
                 }
                 None => {
                     tracing::info!(worker_id = %info.worker_id, url = %info.url, model = %info.model,
                         state = ?info.state, "worker registered");
-                    maps.workers.insert(
-                        info.worker_id.clone(),
-                        WorkerEntry {
-                            info,
-                            last_seen: now,
-                            in_flight: 0,
-                            hive_reported: false,
-                            stale: false,
-                        },
-                    );
+                    let mut entry = WorkerEntry::new(info, now);
+                    if let Some(prefixes) = prefixes {
+                        entry.report(prefixes);
+                    }
+                    maps.workers.insert(entry.info.worker_id.clone(), entry);
                 }
             }
         }
@@ -206,6 +274,7 @@ impl Registry {
                     info: entry.info.clone(),
                     health,
                     in_flight: entry.in_flight,
+                    prefixes: Arc::clone(&entry.prefixes),
                 })
             })
             .collect();
@@ -311,14 +380,34 @@ impl Registry {
         self.version.subscribe()
     }
 
-    /// Counts a job the queen sends to `worker_id` until the guard is dropped.
-    pub fn enter(self: &Arc<Self>, worker_id: &str) -> InFlight {
+    /// Counts a job the queen sends to `worker_id` until the guard is dropped, and counts the
+    /// job's prefix `keys` as held by the worker from now on: the worker caches the prompt as
+    /// it runs it, and the conversation's next turn, which may come before the next heartbeat,
+    /// should find it there. The keys stay while the job runs and for
+    /// [`DISPATCHED_KEYS_BEATS`] heartbeats after; from then on the worker's report alone
+    /// says whether it still holds them.
+    pub fn enter(self: &Arc<Self>, worker_id: &str, keys: &[u64]) -> InFlight {
+        let mut dispatch = None;
         if let Some(entry) = self.maps().workers.get_mut(worker_id) {
             entry.in_flight += 1;
+            if !keys.is_empty() {
+                let id = entry.next_dispatch;
+                entry.next_dispatch += 1;
+                entry.dispatched.push(Dispatched {
+                    id,
+                    keys: keys.to_vec(),
+                    beats_left: None,
+                });
+                if !keys.iter().all(|k| entry.prefixes.contains(k)) {
+                    Arc::make_mut(&mut entry.prefixes).extend(keys);
+                }
+                dispatch = Some(id);
+            }
         }
         InFlight {
             registry: Arc::clone(self),
             worker_id: worker_id.to_owned(),
+            dispatch,
         }
     }
 }
@@ -327,12 +416,21 @@ impl Registry {
 pub(crate) struct InFlight {
     registry: Arc<Registry>,
     worker_id: String,
+    /// Its entry in the worker's [`WorkerEntry::dispatched`].
+    dispatch: Option<u64>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(entry) = self.registry.maps().workers.get_mut(&self.worker_id) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
+            if let Some(d) = entry
+                .dispatched
+                .iter_mut()
+                .find(|d| Some(d.id) == self.dispatch)
+            {
+                d.beats_left = Some(DISPATCHED_KEYS_BEATS);
+            }
         }
         // A slot came free: the job first in line for this worker's model looks again.
         self.registry.changed();
@@ -442,8 +540,8 @@ pub(crate) mod tests {
     async fn in_flight_counts_follow_the_guards() {
         let registry = Arc::new(Registry::new(TICK));
         registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
-        let a = registry.enter("w1");
-        let b = registry.enter("w1");
+        let a = registry.enter("w1", &[]);
+        let b = registry.enter("w1", &[]);
         assert_eq!(registry.worker_views()[0].in_flight, 2);
         let mut changes = registry.changes();
         changes.borrow_and_update();
@@ -456,5 +554,51 @@ pub(crate) mod tests {
         registry.forget_worker("w1");
         drop(b);
         assert!(registry.worker_views().is_empty());
+    }
+
+    fn beat(id: &str, prefixes: &[u64]) -> WorkerHeartbeat {
+        WorkerHeartbeat {
+            worker: worker(id, "m", WorkerState::Ready, 1),
+            cached_prefixes: prefixes.to_vec(),
+        }
+    }
+
+    fn held(registry: &Registry) -> Vec<u64> {
+        let mut keys: Vec<u64> = registry.worker_views()[0]
+            .prefixes
+            .iter()
+            .copied()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prefix_keys_follow_reports_and_dispatches() {
+        let registry = Arc::new(Registry::new(TICK));
+        registry.worker_beat(beat("w1", &[1, 2]));
+        assert_eq!(held(&registry), [1, 2]);
+        // Another report replaces the set; what a spawn result or a forward tells of the
+        // worker leaves it alone.
+        registry.worker_beat(beat("w1", &[3]));
+        assert_eq!(held(&registry), [3]);
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        assert_eq!(held(&registry), [3]);
+
+        // A job's keys count at once, through the heartbeats while it runs.
+        let job = registry.enter("w1", &[10, 11]);
+        assert_eq!(held(&registry), [3, 10, 11]);
+        registry.worker_beat(beat("w1", &[]));
+        registry.worker_beat(beat("w1", &[]));
+        registry.worker_beat(beat("w1", &[]));
+        assert_eq!(held(&registry), [10, 11]);
+        // Once it ended, for two more heartbeats: one built before the end may arrive after.
+        drop(job);
+        registry.worker_beat(beat("w1", &[]));
+        registry.worker_beat(beat("w1", &[10]));
+        assert_eq!(held(&registry), [10, 11]);
+        // Then the worker's report alone says what it holds.
+        registry.worker_beat(beat("w1", &[10]));
+        assert_eq!(held(&registry), [10]);
     }
 }

@@ -16,6 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use daemon_kit::BearerAuth;
 use job_server::{ApiError, JobServer};
+use rbee_contract::prefix::MAX_REPORTED_PREFIXES;
 use rbee_contract::{ErrorCode, HiveHeartbeat, WorkerHeartbeat, WorkerState};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -110,7 +111,8 @@ async fn worker_heartbeat(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<StatusCode, ApiError> {
-    let WorkerHeartbeat { worker } = parse_body(&body)?;
+    let heartbeat: WorkerHeartbeat = parse_body(&body)?;
+    let worker = &heartbeat.worker;
     if worker.worker_id.is_empty() {
         return Err(ApiError::bad_request("`worker_id` must not be empty"));
     }
@@ -120,7 +122,12 @@ async fn worker_heartbeat(
             "a worker cannot report itself `stale`; the queen decides that",
         ));
     }
-    state.queen.registry.worker_heartbeat(worker);
+    if heartbeat.cached_prefixes.len() > MAX_REPORTED_PREFIXES {
+        return Err(ApiError::bad_request(format!(
+            "`cached_prefixes` takes at most {MAX_REPORTED_PREFIXES} keys"
+        )));
+    }
+    state.queen.registry.worker_beat(heartbeat);
     Ok(StatusCode::NO_CONTENT)
 }
 

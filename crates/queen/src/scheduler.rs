@@ -5,6 +5,7 @@ use std::cmp::Reverse;
 use std::collections::HashSet;
 
 use job_server::{ApiError, JobFailure};
+use rbee_contract::prefix::held_prefix;
 use rbee_contract::{
     DeviceInfo, DeviceKind, ErrorCode, HiveInfo, ModelEntry, WorkerInfo, WorkerState,
 };
@@ -15,7 +16,8 @@ use crate::wire::Health;
 /// Where an inference for a model should go.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Placement {
-    /// The least loaded ready worker serving the model that has a free slot.
+    /// The ready worker serving the model, with a free slot, that holds the longest prefix
+    /// of the request in its prompt cache, or the least loaded one.
     Worker(WorkerInfo),
     /// Ready workers serve the model, but every slot is taken: wait in the model's line.
     Full,
@@ -25,15 +27,27 @@ pub(crate) enum Placement {
     Spawn,
 }
 
-/// Ready, healthy workers serving `model`, not `excluded` and with a free slot, most free
-/// slots first, then fewest jobs in flight. Stale, failed, stopping and loading workers are
-/// never chosen.
+/// Among ready, healthy workers serving `model`, not `excluded` and with a free slot: the one
+/// holding the longest prefix of the request (by its prefix `keys`, [`held_prefix`]), then
+/// the most free slots, then the fewest jobs in flight, then the fewest cached keys (so that
+/// new conversations spread over the workers rather than evict each other's history on one).
+/// Stale, failed, stopping and loading workers are never chosen.
+///
+/// The cache is weighed against load this far and no further: a worker without a free slot
+/// is never chosen while another has one, however much of the request it holds, since
+/// waiting for its slot costs more than evaluating the prompt afresh would save; and when
+/// every slot is taken the job waits in the model's line and then goes by the same rule.
 ///
 /// A worker's free slots are its `slots_total` less the jobs the queen itself has in flight
 /// on it: only the queen sends work to workers, and its own count is current where a
 /// heartbeat's `slots_free` can be an interval old (a slot that came free a moment ago would
 /// otherwise sit idle until the next heartbeat).
-pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<String>) -> Placement {
+pub(crate) fn place(
+    model: &str,
+    keys: &[u64],
+    workers: &[WorkerView],
+    excluded: &HashSet<String>,
+) -> Placement {
     let serving = || {
         workers.iter().filter(|w| {
             w.health == Health::Healthy
@@ -43,9 +57,15 @@ pub(crate) fn place(model: &str, workers: &[WorkerView], excluded: &HashSet<Stri
     };
     let room = |w: &WorkerView| w.info.slots_total.saturating_sub(w.in_flight);
     let ready = || serving().filter(|w| w.info.state == WorkerState::Ready);
-    let best = ready()
-        .filter(|w| room(w) > 0)
-        .min_by_key(|w| (Reverse(room(w)), w.in_flight, w.info.worker_id.clone()));
+    let best = ready().filter(|w| room(w) > 0).min_by_key(|w| {
+        (
+            Reverse(held_prefix(keys, &w.prefixes)),
+            Reverse(room(w)),
+            w.in_flight,
+            w.prefixes.len(),
+            w.info.worker_id.clone(),
+        )
+    });
     if let Some(best) = best {
         return Placement::Worker(best.info.clone());
     }
@@ -241,7 +261,51 @@ mod tests {
             info,
             health,
             in_flight,
+            prefixes: Default::default(),
         }
+    }
+
+    fn holding(mut view: WorkerView, keys: &[u64]) -> WorkerView {
+        view.prefixes = std::sync::Arc::new(keys.iter().copied().collect());
+        view
+    }
+
+    #[test]
+    fn the_longest_cached_prefix_with_a_free_slot_wins() {
+        let keys = [1, 2, 3, 4];
+        let ready = |id: &str| {
+            let mut info = worker(id, "m", WorkerState::Ready, 2);
+            info.slots_total = 2;
+            info
+        };
+        // `a` is idle with nothing cached, `b` holds the first key, `c` the first three (its
+        // report left out the first two) and runs a job: `c` holds the most.
+        let workers = vec![
+            view(ready("a"), Health::Healthy, 0),
+            holding(view(ready("b"), Health::Healthy, 0), &[1, 9]),
+            holding(view(ready("c"), Health::Healthy, 1), &[3, 7]),
+        ];
+        assert_eq!(chosen(place("m", &keys, &workers, &HashSet::new())), "c");
+        // Keys it does not hold at all count for nothing: the least loaded wins again.
+        assert_eq!(chosen(place("m", &[5, 6], &workers, &HashSet::new())), "a");
+
+        // `c` has no free slot: the next best prefix takes it rather than wait.
+        let mut full = workers.clone();
+        full[2].in_flight = 2;
+        assert_eq!(chosen(place("m", &keys, &full, &HashSet::new())), "b");
+        let excluded = HashSet::from(["b".to_string()]);
+        assert_eq!(chosen(place("m", &keys, &full, &excluded)), "a");
+
+        // Nothing held anywhere, equal load: the worker with the emptier cache, so that a new
+        // conversation does not crowd out another's history.
+        let fresh = vec![
+            holding(view(ready("a"), Health::Healthy, 0), &[7, 8]),
+            holding(view(ready("b"), Health::Healthy, 0), &[9]),
+        ];
+        assert_eq!(chosen(place("m", &[5], &fresh, &HashSet::new())), "b");
+        // Every slot taken: the job waits, even for the worker holding its prefix.
+        let busy = vec![holding(view(ready("a"), Health::Healthy, 2), &keys)];
+        assert_eq!(place("m", &keys, &busy, &HashSet::new()), Placement::Full);
     }
 
     fn hive_view(info: HiveInfo, health: Health) -> HiveView {
@@ -272,7 +336,7 @@ mod tests {
                 0,
             ),
         ];
-        assert_eq!(chosen(place("m", &workers, &HashSet::new())), "b");
+        assert_eq!(chosen(place("m", &[], &workers, &HashSet::new())), "b");
 
         // Equal room (one slot each): the one with fewer jobs in flight.
         let mut a = worker("a", "m", WorkerState::Ready, 1);
@@ -280,9 +344,9 @@ mod tests {
         let mut b = worker("b", "m", WorkerState::Ready, 1);
         b.slots_total = 2;
         let workers = vec![view(a, Health::Healthy, 2), view(b, Health::Healthy, 1)];
-        assert_eq!(chosen(place("m", &workers, &HashSet::new())), "b");
+        assert_eq!(chosen(place("m", &[], &workers, &HashSet::new())), "b");
         let excluded = HashSet::from(["b".to_string()]);
-        assert_eq!(chosen(place("m", &workers, &excluded)), "a");
+        assert_eq!(chosen(place("m", &[], &workers, &excluded)), "a");
     }
 
     #[test]
@@ -296,7 +360,7 @@ mod tests {
             ),
             view(worker("c", "m", WorkerState::Failed, 0), Health::Healthy, 0),
         ];
-        assert_eq!(place("m", &workers, &HashSet::new()), Placement::Spawn);
+        assert_eq!(place("m", &[], &workers, &HashSet::new()), Placement::Spawn);
 
         let mut with_loading = workers.clone();
         with_loading.push(view(
@@ -305,7 +369,7 @@ mod tests {
             0,
         ));
         assert_eq!(
-            place("m", &with_loading, &HashSet::new()),
+            place("m", &[], &with_loading, &HashSet::new()),
             Placement::Wait {
                 worker_id: "d".into()
             }
@@ -317,7 +381,7 @@ mod tests {
             Health::Healthy,
             1,
         )];
-        assert_eq!(place("m", &busy, &HashSet::new()), Placement::Full);
+        assert_eq!(place("m", &[], &busy, &HashSet::new()), Placement::Full);
         // A heartbeat that still says "busy" after the queen's job ended does not hold the
         // slot: the queen's count is current.
         let freed = vec![view(
@@ -325,7 +389,7 @@ mod tests {
             Health::Healthy,
             0,
         )];
-        assert_eq!(chosen(place("m", &freed, &HashSet::new())), "e");
+        assert_eq!(chosen(place("m", &[], &freed, &HashSet::new())), "e");
     }
 
     #[test]

@@ -45,6 +45,12 @@ pub enum WorkerState {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerHeartbeat {
     pub worker: WorkerInfo,
+    /// The prefix keys (`rbee_contract::prefix`) of the prompts whose KV cache the worker
+    /// holds, at most 1,024, most recently used first. Each heartbeat replaces the set the
+    /// queen keeps for the worker; the queen routes a request to the worker holding the
+    /// longest start of it. Absent from a worker without a prompt cache.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cached_prefixes: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ mod event;
 mod info;
 pub mod model_ref;
 mod operation;
+pub mod prefix;
 
 pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};

