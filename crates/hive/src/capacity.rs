@@ -18,6 +18,8 @@
 //! should go (the queen does) and does not read model weights, only headers.
 
 mod footprint;
+#[cfg(test)]
+mod gpu_placement;
 mod ledger;
 
 use std::path::PathBuf;
@@ -28,11 +30,11 @@ use rbee_contract::{
     CapacityEstimate, DeviceInfo, DeviceKind, ErrorCode, ErrorDetail, ModelState, NoCapacityBody,
 };
 
-use crate::Hive;
 use crate::children::{Children, SpawnSpec};
 use crate::devices::{self, Gpus};
-use crate::models::Models;
 use crate::models::reference::{self, HubRef, ModelRef};
+use crate::models::Models;
+use crate::Hive;
 
 use footprint::Footprint;
 pub(crate) use ledger::{Ledger, Reservation};
@@ -281,10 +283,17 @@ async fn ask(
     let gpus = Arc::clone(&hive.gpus);
     let limits = Limits::of(hive);
     tokio::task::spawn_blocking(move || {
-        evaluate(&ledger, &children, gpus.as_ref(), &question, limits, reserve)
+        evaluate(
+            &ledger,
+            &children,
+            gpus.as_ref(),
+            &question,
+            limits,
+            reserve,
+        )
     })
-        .await
-        .map_err(|e| CapacityError::Internal(e.to_string()))?
+    .await
+    .map_err(|e| CapacityError::Internal(e.to_string()))?
 }
 
 /// `GET /v1/capacity`: the estimate, whether it fits or not.
@@ -415,7 +424,7 @@ fn shortfall(e: &CapacityEstimate) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
@@ -556,16 +565,16 @@ mod tests {
             model_gen::ModelFormat::Gguf(model_gen::GgufType::Q4_0),
             dir.path(),
         );
-        // Q8_1 matrices, which the CPU path has no kernel for.
-        let q5 = model_gen::ensure_generated(
-            &model_gen::ModelSpec::small(),
-            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q8_1),
+        // A head size the CPU path has no attention for.
+        let wide = model_gen::ensure_generated(
+            &model_gen::ModelSpec::small_wide_head(),
+            model_gen::ModelFormat::Gguf(model_gen::GgufType::Q8_0),
             dir.path(),
         )
         .unwrap();
         let hub = tiny(model_gen::ModelFormat::Hub, dir.path());
-        // A GPU, Q8_1 matrices, a safetensors checkpoint: candle's code, one sequence.
-        for (model, device) in [(&q4, &gpu), (&q5, &cpu), (&hub, &cpu)] {
+        // A GPU, a wide head, a safetensors checkpoint: candle's code, one sequence.
+        for (model, device) in [(&q4, &gpu), (&wide, &cpu), (&hub, &cpu)] {
             let footprint = footprint::of_path(model, device.kind, None).unwrap();
             let estimate = estimate_of("m", device, &footprint, 0, limits(4));
             assert_eq!(estimate.slots, 1, "{} on {}", model.display(), device.id);
