@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{Context, bail, ensure};
 
 use crate::tasks::{cargo, run, workspace_root};
 

@@ -30,11 +30,11 @@ use rbee_contract::{
     CapacityEstimate, DeviceInfo, DeviceKind, ErrorCode, ErrorDetail, ModelState, NoCapacityBody,
 };
 
+use crate::Hive;
 use crate::children::{Children, SpawnSpec};
 use crate::devices::{self, Gpus};
-use crate::models::reference::{self, HubRef, ModelRef};
 use crate::models::Models;
-use crate::Hive;
+use crate::models::reference::{self, HubRef, ModelRef};
 
 use footprint::Footprint;
 pub(crate) use ledger::{Ledger, Reservation};

@@ -332,10 +332,12 @@ pub(crate) mod tests {
         assert!(devices.gpus.is_empty());
         assert_eq!(devices.all().len(), 1, "the CPU alone");
         // Whatever this machine has, asking never fails and every GPU is named `cuda:N`.
-        assert!(cuda_devices(nvml_gpus().as_ref())
-            .iter()
-            .enumerate()
-            .all(|(n, gpu)| gpu.id == format!("cuda:{n}") && gpu.kind == DeviceKind::Cuda));
+        assert!(
+            cuda_devices(nvml_gpus().as_ref())
+                .iter()
+                .enumerate()
+                .all(|(n, gpu)| gpu.id == format!("cuda:{n}") && gpu.kind == DeviceKind::Cuda)
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use rbee_contract::{DeviceKind, ErrorCode};
 
 use super::tests::limits;
 use super::*;
-use crate::devices::tests::{gpu, FakeGpus};
 use crate::HiveConfig;
+use crate::devices::tests::{FakeGpus, gpu};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -236,15 +236,17 @@ fn without_a_driver_a_cuda_device_is_unknown_and_the_cpu_still_answers() {
         err.to_string(),
         "this hive has no device `cuda:0`; it has cpu"
     );
-    assert!(evaluate(
-        &ledger,
-        &children,
-        &none,
-        &question(&model, "cpu"),
-        limits(1),
-        false
-    )
-    .is_ok());
+    assert!(
+        evaluate(
+            &ledger,
+            &children,
+            &none,
+            &question(&model, "cpu"),
+            limits(1),
+            false
+        )
+        .is_ok()
+    );
 
     let two = FakeGpus(vec![
         gpu("NVIDIA L4", 24 * GIB, 22 * GIB),
