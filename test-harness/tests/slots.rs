@@ -148,12 +148,12 @@ async fn a_stream_cancelled_mid_batch_leaves_the_other_generating() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_model_on_candles_code_reports_one_slot() {
     let model = model_gen::ensure_generated(
-        &ModelSpec::small(),
-        // Q8_1 matrices, which the engine's path has no kernel for.
-        ModelFormat::Gguf(GgufType::Q8_1),
+        // A head size the engine's path has no attention for.
+        &ModelSpec::small_wide_head(),
+        ModelFormat::Gguf(GgufType::Q8_0),
         &model_gen::paths::generated_dir(),
     )
-    .expect("generate a Q8_1 model");
+    .expect("generate a model with a wide head");
     let worker = Daemon::ready_worker(&model, TOKEN, &["--slots", "4"]).await;
     let info = worker.worker_info(TOKEN).await;
     assert_eq!((info.slots_total, info.slots_free), (1, 1));

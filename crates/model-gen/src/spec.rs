@@ -208,6 +208,18 @@ impl ModelSpec {
         }
     }
 
+    /// [`ModelSpec::small`] with one 512-wide attention head: a head size the engine's CPU
+    /// path has no attention for while candle's llama code runs it, for tests of files that
+    /// path does not take (whatever their weight type).
+    pub fn small_wide_head() -> Self {
+        Self {
+            hidden: 512,
+            heads: 1,
+            kv_heads: 1,
+            ..Self::small()
+        }
+    }
+
     /// The dimensions of TinyLlama-1.1B (1.1 B parameters), for benchmarks.
     pub fn tinyllama() -> Self {
         Self {

@@ -290,14 +290,14 @@ mod tests {
                 assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
             }
         }
-        // Q8_1 matrices, which the CPU path has no kernel for.
-        let q8_1 = model_gen::ensure_generated(
-            &ModelSpec::small(),
-            ModelFormat::Gguf(GgufType::Q8_1),
+        // A head size the CPU path has no attention for.
+        let wide = model_gen::ensure_generated(
+            &ModelSpec::small_wide_head(),
+            ModelFormat::Gguf(GgufType::Q8_0),
             dir.path(),
         )
         .unwrap();
-        assert!(!of_path(&q8_1, DeviceKind::Cpu, None).unwrap().batched);
+        assert!(!of_path(&wide, DeviceKind::Cpu, None).unwrap().batched);
         let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
         assert!(!of_path(&hub, DeviceKind::Cpu, None).unwrap().batched);
 
