@@ -39,8 +39,8 @@ pub(super) fn load(
 ) -> Result<LoadedModel, EngineError> {
     report(progress, 0.0, format!("reading {}", path.display()));
     let (content, mut reader) = read_header(path)?;
-    // Types candle reads but nothing computes as weights (llama.cpp neither): refused before
-    // any code runs them.
+    // Types candle's header reader knows but nothing here computes as weights (candle's model
+    // code cannot load them; llama.cpp has no product with them either): refused by name.
     if let Some((name, id)) = content
         .tensor_infos
         .iter()

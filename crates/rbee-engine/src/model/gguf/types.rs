@@ -54,8 +54,8 @@ pub(super) const COMPUTED: &str = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
                                    Q4_K, Q5_K and Q6_K";
 
 /// Whether rbee computes tensors of GGML type number `id`: every type of llama.cpp's standard
-/// presets. Q8_1 and Q8_K are activation formats (llama.cpp has no product with them as
-/// weights); the rest have no code here.
+/// presets. Q8_1 and Q8_K are activation formats: candle's model code cannot load them as
+/// weights and llama.cpp has no product with them; the rest have no code here.
 pub(super) fn computed(id: u32) -> bool {
     matches!(id, 0..=3 | 6..=8 | 10..=14 | 30)
 }
