@@ -60,6 +60,14 @@ struct Args {
     /// it holds (4096 for a llama-family GGUF on a GPU).
     #[arg(long, value_name = "N", env = "RBEE_CTX_SIZE")]
     ctx_size: Option<u32>,
+    /// MiB of memory for the prompt cache's store: prompt prefixes whose KV cache is kept after
+    /// their slot went to an unrelated request, for a later request that starts with one
+    /// (0: no store; each slot still keeps what it holds).
+    #[arg(long, value_name = "MIB", env = "RBEE_PROMPT_CACHE_MIB", default_value_t = rbee_worker::DEFAULT_PROMPT_CACHE_MIB)]
+    prompt_cache_mib: usize,
+    /// Evaluate every prompt whole: no reuse of a prefix a slot or the store holds.
+    #[arg(long, env = "RBEE_NO_PROMPT_CACHE")]
+    no_prompt_cache: bool,
     /// Requests that may wait while every slot is busy.
     #[arg(long, env = "RBEE_QUEUE_CAPACITY", default_value_t = 4)]
     queue_capacity: usize,
@@ -126,6 +134,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.queue_capacity = args.queue_capacity;
     config.slots = args.slots as usize;
     config.context_length = args.ctx_size.filter(|&n| n > 0).map(|n| n as usize);
+    config.prompt_cache = !args.no_prompt_cache;
+    config.prompt_cache_bytes = args.prompt_cache_mib.saturating_mul(1 << 20);
     config.shutdown_grace = args.shutdown_grace;
     config.hive_pid = args.hive_pid;
 

@@ -7,6 +7,9 @@ use rbee_engine::DeviceSpec;
 /// hive following `/v1/loading/progress` sees the error event.
 pub(crate) const FAILED_LOAD_LINGER: Duration = Duration::from_secs(2);
 
+/// The prompt cache's store, in MiB, unless configured (`--prompt-cache-mib`).
+pub const DEFAULT_PROMPT_CACHE_MIB: usize = 256;
+
 /// Everything the worker needs, validated. Built by the binary from its command line.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -31,6 +34,13 @@ pub struct WorkerConfig {
     /// model's trained context. See `rbee_engine::LoadOptions::context_length` for how more
     /// than the trained context and the limits of candle's code are handled.
     pub context_length: Option<usize>,
+    /// Whether a request reuses the prefix of its prompt whose KV cache a slot (or the prompt
+    /// cache's store) holds, evaluating only the rest. Off, every prompt is evaluated whole.
+    pub prompt_cache: bool,
+    /// Bytes of the prompt cache's store: prefixes kept in memory after their slot was given
+    /// to an unrelated request (0: no store; the slots still keep what they hold). Counted,
+    /// with the slots' KV caches, by the hive's capacity check.
+    pub prompt_cache_bytes: usize,
     /// Requests that may wait while every slot is busy; more are answered `429 busy`.
     pub queue_capacity: usize,
     /// How long shutdown lets running and queued generations finish before it ends them
@@ -57,6 +67,8 @@ impl WorkerConfig {
             cluster_token: None,
             slots: 1,
             context_length: None,
+            prompt_cache: true,
+            prompt_cache_bytes: DEFAULT_PROMPT_CACHE_MIB << 20,
             queue_capacity: 4,
             shutdown_grace: Duration::from_secs(30),
             hive_pid: None,

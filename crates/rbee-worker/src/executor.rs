@@ -25,6 +25,8 @@ impl InferExecutor {
 /// in range, and the request holds its place in the queue.
 pub(crate) struct InferJob {
     request: PreparedRequest,
+    /// The request's prefix keys, kept with what its KV cache leaves in the prompt cache.
+    prefix_keys: Vec<u64>,
     in_flight: InFlight,
 }
 
@@ -59,6 +61,7 @@ impl JobExecutor for InferExecutor {
                 ));
             }
         };
+        let prefix_keys = rbee_contract::prefix::prefix_keys(&req);
         let (prompt, params) = parse_request(req)?;
         // Tokenizing a long prompt takes milliseconds: keep it off the reactor's other tasks.
         let prepare = || prompter.prepare(prompt, params);
@@ -79,7 +82,11 @@ impl JobExecutor for InferExecutor {
                 ),
             )
         })?;
-        Ok(InferJob { request, in_flight })
+        Ok(InferJob {
+            request,
+            prefix_keys,
+            in_flight,
+        })
     }
 
     async fn run(&self, job: InferJob, ctx: JobContext) -> JobResult {
@@ -98,6 +105,7 @@ impl JobExecutor for InferExecutor {
         let (done, outcome) = oneshot::channel();
         let task = Task {
             request: job.request,
+            prefix_keys: job.prefix_keys,
             sink: ctx.events.clone(),
             cancel: ctx.cancel.clone(),
             done,
@@ -129,7 +137,8 @@ impl JobExecutor for InferExecutor {
         let usage = Usage::new(
             u32::try_from(completion.prompt_tokens).unwrap_or(u32::MAX),
             u32::try_from(completion.completion_tokens).unwrap_or(u32::MAX),
-        );
+        )
+        .with_cached_tokens(u32::try_from(completion.cached_tokens).unwrap_or(u32::MAX));
         let finish_reason = match completion.finish_reason {
             rbee_engine::FinishReason::Stop => FinishReason::Stop,
             rbee_engine::FinishReason::Length => FinishReason::Length,

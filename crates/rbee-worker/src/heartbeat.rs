@@ -48,7 +48,7 @@ pub(crate) async fn run(
 fn heartbeat(shared: &WorkerShared) -> WorkerHeartbeat {
     WorkerHeartbeat {
         worker: shared.info(),
-        cached_prefixes: Vec::new(),
+        cached_prefixes: shared.cached_prefixes(),
     }
 }
 

@@ -16,7 +16,8 @@ use std::time::Duration;
 use job_server::EventSink;
 use rbee_contract::JobEvent;
 use rbee_engine::{
-    Completion, Engine, EngineError, GeneratedToken, LoadOptions, PreparedRequest, Sequence,
+    Completion, Engine, EngineError, GeneratedToken, LoadOptions, PreparedRequest,
+    PromptCacheOptions, Sequence,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,8 @@ use crate::state::{InFlight, LoadState, WorkerShared};
 /// One generation handed to the inference thread.
 pub(crate) struct Task {
     pub request: PreparedRequest,
+    /// The request's prefix keys (`rbee_contract::prefix`), for cache-aware routing.
+    pub prefix_keys: Vec<u64>,
     pub sink: EventSink,
     pub cancel: CancellationToken,
     pub done: oneshot::Sender<Result<Completion, EngineError>>,
@@ -50,14 +53,19 @@ pub(crate) fn start(
         slots: config.slots,
         context_length: config.context_length,
     };
+    let prompt_cache = PromptCacheOptions {
+        enabled: config.prompt_cache,
+        store_bytes: config.prompt_cache_bytes,
+    };
     let queue_capacity = config.queue_capacity.max(1);
     std::thread::Builder::new()
         .name("inference".into())
         .spawn(move || {
-            let Some(engine) = load(&options, &shared) else {
+            let Some(mut engine) = load(&options, &shared) else {
                 load_failed.cancel();
                 return;
             };
+            engine.set_prompt_cache(prompt_cache);
             // Admission allows one running per slot plus `queue_capacity` waiting; a running
             // one may still sit in the channel for a moment after the previous task freed its
             // slot.
@@ -129,10 +137,12 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                 open = false;
                 break;
             };
-            let slot = (0..slots)
-                .find(|s| active.iter().all(|a| a.seq.slot() != *s))
-                .unwrap_or_default();
-            if let Some(a) = begin(&mut engine, slot, task) {
+            // The free slot whose KV cache holds the longest start of the prompt.
+            let free: Vec<usize> = (0..slots)
+                .filter(|s| active.iter().all(|a| a.seq.slot() != *s))
+                .collect();
+            let slot = engine.choose_slot(&free, &task.request).unwrap_or_default();
+            if let Some(a) = begin(&mut engine, slot, task, shared) {
                 active.push(a);
             }
         }
@@ -148,7 +158,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
         active = running;
         for mut a in cancelled {
             let completion = a.seq.cancel();
-            finish(a, Ok(completion));
+            finish(a, Ok(completion), shared);
         }
 
         let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
@@ -160,7 +170,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                 // The step's sequences are in an unknown state: end every running one.
                 tracing::error!(error = %err, "a generation step failed");
                 for a in active.drain(..) {
-                    finish(a, Err(EngineError::Inference(err.to_string())));
+                    finish(a, Err(EngineError::Inference(err.to_string())), shared);
                 }
                 continue;
             }
@@ -185,8 +195,8 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             };
             match outcome {
                 Ok(Ok(None)) => still.push(a),
-                Ok(Ok(Some(completion))) => finish(a, Ok(completion)),
-                Ok(Err(err)) => finish(a, Err(err)),
+                Ok(Ok(Some(completion))) => finish(a, Ok(completion), shared),
+                Ok(Err(err)) => finish(a, Err(err), shared),
                 Err(panic) => {
                     still.push(a);
                     still.extend(pending);
@@ -207,9 +217,10 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
 
 /// Starts a task's generation in `slot`, or ends it at once (cancelled while it waited, or
 /// its job already gone).
-fn begin(engine: &mut Engine, slot: usize, task: Task) -> Option<Active> {
+fn begin(engine: &mut Engine, slot: usize, task: Task, shared: &WorkerShared) -> Option<Active> {
     let Task {
         request,
+        prefix_keys,
         sink,
         cancel,
         done,
@@ -228,7 +239,14 @@ fn begin(engine: &mut Engine, slot: usize, task: Task) -> Option<Active> {
     {
         return None;
     }
-    let seq = match engine.begin(slot, &request) {
+    let begun = engine.begin_with_routing_keys(slot, &request, &prefix_keys);
+    // What the slots and the store hold changes as a generation takes a slot.
+    shared.set_cached_prefixes(engine.routing_keys_held());
+    shared.prompt_cache.store_bytes.store(
+        engine.prompt_cache_store_bytes() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let seq = match begun {
         Ok(seq) => seq,
         Err(err) => {
             drop(in_flight);
@@ -267,12 +285,16 @@ fn emit_token(
 }
 
 /// Reports a generation's outcome, freeing its slot first.
-fn finish(a: Active, outcome: Result<Completion, EngineError>) {
+fn finish(a: Active, outcome: Result<Completion, EngineError>, shared: &WorkerShared) {
     let _job = a.span.enter();
     if let Ok(completion) = &outcome {
+        shared
+            .prompt_cache
+            .count(completion.prompt_tokens, completion.cached_tokens);
         tracing::info!(
             finish_reason = ?completion.finish_reason,
             prompt_tokens = completion.prompt_tokens,
+            cached_tokens = completion.cached_tokens,
             completion_tokens = completion.completion_tokens,
             prefill_ms = completion.prefill_time.as_millis() as u64,
             decode_ms = completion.decode_time.as_millis() as u64,
@@ -301,7 +323,7 @@ fn crashed(
         message: message.clone(),
     });
     for a in active {
-        finish(a, Err(EngineError::Inference(message.clone())));
+        finish(a, Err(EngineError::Inference(message.clone())), shared);
     }
     rx.close();
     while let Ok(task) = rx.try_recv() {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::WorkerConfig;
+pub use config::{DEFAULT_PROMPT_CACHE_MIB, WorkerConfig};
 
 use crate::executor::InferExecutor;
 use crate::state::WorkerShared;

@@ -27,6 +27,7 @@ pub(crate) fn router(
         Router::new()
             .route("/v1/ready", get(ready))
             .route("/v1/info", get(info))
+            .route("/metrics", get(metrics))
             .route("/v1/loading/progress", get(loading_progress))
             .route("/v1/inference", jobs.create_route())
             .with_state(Arc::clone(&shared))
@@ -68,6 +69,65 @@ async fn ready(State(shared): State<Arc<WorkerShared>>) -> Response {
 
 async fn info(State(shared): State<Arc<WorkerShared>>) -> Json<rbee_contract::WorkerInfo> {
     Json(shared.info())
+}
+
+/// The worker's counters in the Prometheus text format (OpenMetrics flavour): what the prompt
+/// cache saved.
+async fn metrics(State(shared): State<Arc<WorkerShared>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &shared.prompt_cache;
+    let mut page = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, value: u64| {
+        let sample = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name.to_owned()
+        };
+        let _ = write!(
+            page,
+            "# TYPE {name} {kind}\n# HELP {name} {help}\n{sample} {value}\n"
+        );
+    };
+    family(
+        "rbee_worker_generations",
+        "counter",
+        "Generations that ended, but for errors",
+        c.generations.load(Relaxed),
+    );
+    family(
+        "rbee_worker_prompt_tokens",
+        "counter",
+        "Prompt tokens of those generations",
+        c.prompt_tokens.load(Relaxed),
+    );
+    family(
+        "rbee_worker_prompt_cache_hits",
+        "counter",
+        "Generations that found the start of their prompt in the prompt cache",
+        c.hits.load(Relaxed),
+    );
+    family(
+        "rbee_worker_prompt_cached_tokens",
+        "counter",
+        "Prompt tokens taken from the prompt cache rather than evaluated",
+        c.cached_tokens.load(Relaxed),
+    );
+    family(
+        "rbee_worker_prompt_cache_store_bytes",
+        "gauge",
+        "Bytes the prompt cache's store of prefixes holds",
+        c.store_bytes.load(Relaxed),
+    );
+    page.push_str("# EOF\n");
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        page,
+    )
+        .into_response()
 }
 
 /// Load progress in the job stream format: `loading` events, then `done` (loaded) or

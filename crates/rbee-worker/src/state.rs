@@ -1,7 +1,7 @@
 //! The worker's shared picture of itself: load state, slots in use, queue handle.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use rbee_contract::{WorkerInfo, WorkerState};
 use rbee_engine::Prompter;
@@ -36,6 +36,38 @@ pub(crate) struct WorkerShared {
     /// Requests admitted but not finished (running plus waiting).
     in_flight: AtomicUsize,
     stopping: CancellationToken,
+    /// Prefix keys of what the prompt cache holds, most recently used first; set by the
+    /// inference thread whenever a generation starts.
+    cached_prefixes: Mutex<Vec<u64>>,
+    pub prompt_cache: PromptCacheCounters,
+}
+
+/// What the prompt cache saved, since the worker started (the worker's `/metrics`).
+#[derive(Debug, Default)]
+pub(crate) struct PromptCacheCounters {
+    /// Generations that ended (any way but an error).
+    pub generations: AtomicU64,
+    /// Generations that found some of their prompt in the cache.
+    pub hits: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens taken from the cache rather than evaluated.
+    pub cached_tokens: AtomicU64,
+    /// Bytes the store of prefixes holds now.
+    pub store_bytes: AtomicU64,
+}
+
+impl PromptCacheCounters {
+    /// Counts a generation that had `prompt_tokens`, `cached_tokens` of them from the cache.
+    pub fn count(&self, prompt_tokens: usize, cached_tokens: usize) {
+        self.generations.fetch_add(1, Ordering::Relaxed);
+        if cached_tokens > 0 {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+        }
+        self.prompt_tokens
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.cached_tokens
+            .fetch_add(cached_tokens as u64, Ordering::Relaxed);
+    }
 }
 
 impl WorkerShared {
@@ -57,7 +89,21 @@ impl WorkerShared {
             queue: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             stopping: CancellationToken::new(),
+            cached_prefixes: Mutex::new(Vec::new()),
+            prompt_cache: PromptCacheCounters::default(),
         }
+    }
+
+    /// The prefix keys (`rbee_contract::prefix`) of the requests whose KV cache the worker
+    /// holds (its slots and its prompt cache's store), most recently used first, at most
+    /// `rbee_contract::prefix::MAX_REPORTED_PREFIXES`; for the heartbeats.
+    pub fn cached_prefixes(&self) -> Vec<u64> {
+        lock(&self.cached_prefixes).clone()
+    }
+
+    pub fn set_cached_prefixes(&self, mut keys: Vec<u64>) {
+        keys.truncate(rbee_contract::prefix::MAX_REPORTED_PREFIXES);
+        *lock(&self.cached_prefixes) = keys;
     }
 
     pub fn load_state(&self) -> LoadState {
