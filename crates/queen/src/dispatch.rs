@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::metrics::Refusal;
 use crate::queue::Ticket;
 use crate::registry::InFlight;
-use crate::scheduler::{self, Placement};
+use crate::scheduler::{self, Placement, RequestPrefix};
 use crate::spawn;
 use crate::state::Queen;
 
@@ -40,7 +40,7 @@ enum Step {
 pub(crate) async fn choose(
     queen: &Queen,
     model: &str,
-    keys: &[u64],
+    request: &RequestPrefix,
     excluded: &HashSet<String>,
     busy: &[String],
     cold_starts: &mut u32,
@@ -63,9 +63,9 @@ pub(crate) async fn choose(
         let step = queen
             .queues
             .on_turn(model, ticket.as_ref(), || {
-                match scheduler::place(model, keys, &queen.registry.worker_views(), excluded) {
+                match scheduler::place(model, request, &queen.registry.worker_views(), excluded) {
                     Placement::Worker(info) => {
-                        let slot = queen.registry.enter(&info.worker_id, keys);
+                        let slot = queen.registry.enter(&info.worker_id, &request.keys);
                         Step::Go(info, slot)
                     }
                     Placement::Full => Step::Queue,
@@ -117,7 +117,7 @@ pub(crate) async fn choose(
             }
             Step::Spawn => {
                 if let Some(worker) = spawned.take_if(|w| !excluded.contains(&w.worker_id)) {
-                    let slot = queen.registry.enter(&worker.worker_id, keys);
+                    let slot = queen.registry.enter(&worker.worker_id, &request.keys);
                     return Ok((worker, slot));
                 }
                 if !busy.is_empty() {
@@ -192,8 +192,16 @@ mod tests {
         }
 
         async fn run(&self, model: String, ctx: JobContext) -> JobResult {
-            let (worker, _slot) =
-                choose(&self.0, &model, &[], &HashSet::new(), &[], &mut 0, &ctx).await?;
+            let (worker, _slot) = choose(
+                &self.0,
+                &model,
+                &RequestPrefix::default(),
+                &HashSet::new(),
+                &[],
+                &mut 0,
+                &ctx,
+            )
+            .await?;
             ctx.emit(JobEvent::narration(format!("on {}", worker.worker_id)))
                 .await?;
             ctx.cancel.cancelled().await;

@@ -9,13 +9,13 @@ use std::collections::HashSet;
 use job_client::ClientError;
 use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result};
 use rbee_contract::model_ref::ParsedModelRef;
-use rbee_contract::prefix::prefix_keys;
 use rbee_contract::{ErrorCode, InferRequest, JobEvent, Operation, WorkerInfo};
 use tokio::time::Instant;
 
 use crate::dispatch::choose;
 use crate::registry::InFlight;
 use crate::relay::{self, RelayEnd, relay};
+use crate::scheduler::RequestPrefix;
 use crate::state::{Queen, upstream_failure};
 
 /// The worker's job-creating route for inference.
@@ -151,9 +151,9 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
         outcome: None,
     };
     // Computed once: every worker the job is offered to is ranked by how much of it it holds.
-    let keys = prefix_keys(&job.request);
+    let prefix = RequestPrefix::of(&job.request);
     let operation = Operation::Infer(job.request);
-    let result = schedule(queen, operation, &keys, ctx, &mut progress).await;
+    let result = schedule(queen, operation, &prefix, ctx, &mut progress).await;
     progress.outcome = Some(match &result {
         Ok(_) => "done".to_owned(),
         Err(failure) => failure.code.to_string(),
@@ -164,7 +164,7 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
 async fn schedule(
     queen: &Queen,
     operation: Operation,
-    keys: &[u64],
+    prefix: &RequestPrefix,
     ctx: &JobContext,
     progress: &mut Progress<'_>,
 ) -> JobResult {
@@ -174,8 +174,16 @@ async fn schedule(
     let mut cold_starts = 0;
     let mut replaced_lost = false;
     for _ in 0..MAX_ATTEMPTS {
-        let (worker, slot) =
-            choose(queen, model, keys, &excluded, &busy, &mut cold_starts, ctx).await?;
+        let (worker, slot) = choose(
+            queen,
+            model,
+            prefix,
+            &excluded,
+            &busy,
+            &mut cold_starts,
+            ctx,
+        )
+        .await?;
         let id = worker.worker_id.clone();
         match attempt(queen, &worker, slot, &operation, ctx, progress).await? {
             Attempt::Finished(result) => return result,

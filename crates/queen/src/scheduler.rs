@@ -5,9 +5,9 @@ use std::cmp::Reverse;
 use std::collections::HashSet;
 
 use job_server::{ApiError, JobFailure};
-use rbee_contract::prefix::held_prefix;
+use rbee_contract::prefix::{held_prefix, prefix_key_ends, prefix_keys};
 use rbee_contract::{
-    DeviceInfo, DeviceKind, ErrorCode, HiveInfo, ModelEntry, WorkerInfo, WorkerState,
+    DeviceInfo, DeviceKind, ErrorCode, HiveInfo, InferRequest, ModelEntry, WorkerInfo, WorkerState,
 };
 
 use crate::registry::{HiveView, WorkerView};
@@ -27,16 +27,50 @@ pub(crate) enum Placement {
     Spawn,
 }
 
+/// A request's prefix keys ([`rbee_contract::prefix`]) and the bytes of its content each
+/// one covers, computed once per job.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestPrefix {
+    pub keys: Vec<u64>,
+    ends: Vec<usize>,
+}
+
+impl RequestPrefix {
+    pub fn of(request: &InferRequest) -> Self {
+        RequestPrefix {
+            keys: prefix_keys(request),
+            ends: prefix_key_ends(request),
+        }
+    }
+
+    /// The bytes of the request a worker holding `held` has cached, when that is at least
+    /// half of the request; else 0. A smaller share saves little (a system prompt that every
+    /// conversation shares, say), and counting it would pull every new conversation onto the
+    /// one worker that holds it, to crowd out the histories cached there.
+    fn cached_share(&self, held: &HashSet<u64>) -> usize {
+        let total = self.ends.last().copied().unwrap_or(0);
+        match held_prefix(&self.keys, held) {
+            0 => 0,
+            n => {
+                let bytes = self.ends[n - 1];
+                if bytes * 2 >= total { bytes } else { 0 }
+            }
+        }
+    }
+}
+
 /// Among ready, healthy workers serving `model`, not `excluded` and with a free slot: the one
-/// holding the longest prefix of the request (by its prefix `keys`, [`held_prefix`]), then
-/// the most free slots, then the fewest jobs in flight, then the fewest cached keys (so that
-/// new conversations spread over the workers rather than evict each other's history on one).
-/// Stale, failed, stopping and loading workers are never chosen.
+/// whose prompt cache holds the most of the request, counted when it is at least half of it
+/// ([`RequestPrefix::cached_share`]); then the most free slots, then the fewest jobs in flight,
+/// then the fewest cached keys (so that new conversations spread over the workers rather than
+/// evict each other's history on one). Stale, failed, stopping and loading workers are never
+/// chosen.
 ///
 /// The cache is weighed against load this far and no further: a worker without a free slot
 /// is never chosen while another has one, however much of the request it holds, since
-/// waiting for its slot costs more than evaluating the prompt afresh would save; and when
-/// every slot is taken the job waits in the model's line and then goes by the same rule.
+/// waiting for its slot can take a whole generation, longer than evaluating the prompt afresh;
+/// and when every slot is taken the job waits in the model's line and then goes by the same
+/// rule.
 ///
 /// A worker's free slots are its `slots_total` less the jobs the queen itself has in flight
 /// on it: only the queen sends work to workers, and its own count is current where a
@@ -44,7 +78,7 @@ pub(crate) enum Placement {
 /// otherwise sit idle until the next heartbeat).
 pub(crate) fn place(
     model: &str,
-    keys: &[u64],
+    request: &RequestPrefix,
     workers: &[WorkerView],
     excluded: &HashSet<String>,
 ) -> Placement {
@@ -59,7 +93,7 @@ pub(crate) fn place(
     let ready = || serving().filter(|w| w.info.state == WorkerState::Ready);
     let best = ready().filter(|w| room(w) > 0).min_by_key(|w| {
         (
-            Reverse(held_prefix(keys, &w.prefixes)),
+            Reverse(request.cached_share(&w.prefixes)),
             Reverse(room(w)),
             w.in_flight,
             w.prefixes.len(),
@@ -251,7 +285,7 @@ fn describe_silence(hives: &[HiveView]) -> String {
 mod tests {
     use std::time::Duration;
 
-    use rbee_contract::{ModelEntry, ModelState};
+    use rbee_contract::{ChatMessage, ChatRole, ModelEntry, ModelState};
 
     use super::*;
     use crate::registry::tests::{hive, worker};
@@ -270,31 +304,77 @@ mod tests {
         view
     }
 
+    fn none() -> RequestPrefix {
+        RequestPrefix::default()
+    }
+
+    fn chat(messages: &[(ChatRole, &str)]) -> RequestPrefix {
+        RequestPrefix::of(&InferRequest {
+            messages: Some(
+                messages
+                    .iter()
+                    .map(|(role, content)| ChatMessage {
+                        role: *role,
+                        content: content.to_string(),
+                    })
+                    .collect(),
+            ),
+            ..InferRequest::default()
+        })
+    }
+
     #[test]
-    fn the_longest_cached_prefix_with_a_free_slot_wins() {
-        let keys = [1, 2, 3, 4];
+    fn the_worker_holding_most_of_the_request_with_a_free_slot_wins() {
+        use ChatRole::{Assistant, System, User};
+        let question = "q".repeat(300);
+        let turn_2 = chat(&[
+            (System, "Be terse."),
+            (User, &question),
+            (Assistant, "An answer."),
+            (User, "Why?"),
+        ]);
+        let keys = &turn_2.keys;
         let ready = |id: &str| {
             let mut info = worker(id, "m", WorkerState::Ready, 2);
             info.slots_total = 2;
             info
         };
-        // `a` is idle with nothing cached, `b` holds the first key, `c` the first three (its
-        // report left out the first two) and runs a job: `c` holds the most.
+        // `a` is idle with nothing cached; `b` holds the system prompt every conversation
+        // shares; `c` holds the first turn (its report left out the system prompt's key) and
+        // runs a job: `c` holds the most.
         let workers = vec![
             view(ready("a"), Health::Healthy, 0),
-            holding(view(ready("b"), Health::Healthy, 0), &[1, 9]),
-            holding(view(ready("c"), Health::Healthy, 1), &[3, 7]),
+            holding(view(ready("b"), Health::Healthy, 0), &[keys[0], 99]),
+            holding(view(ready("c"), Health::Healthy, 1), &[keys[1]]),
         ];
-        assert_eq!(chosen(place("m", &keys, &workers, &HashSet::new())), "c");
-        // Keys it does not hold at all count for nothing: the least loaded wins again.
-        assert_eq!(chosen(place("m", &[5, 6], &workers, &HashSet::new())), "a");
+        assert_eq!(chosen(place("m", &turn_2, &workers, &HashSet::new())), "c");
 
-        // `c` has no free slot: the next best prefix takes it rather than wait.
+        // A new conversation: the shared system prompt is a small part of it, so it counts
+        // for nothing and the idle worker with the emptier cache takes it.
+        let other = chat(&[(System, "Be terse."), (User, &"o".repeat(300))]);
+        assert_eq!(chosen(place("m", &other, &workers, &HashSet::new())), "a");
+        // A long system prompt is worth going back for.
+        let long_system = "s".repeat(1000);
+        let shared = chat(&[(System, &long_system), (User, "Hi.")]);
+        let keys_shared = &shared.keys;
+        let workers_shared = vec![
+            view(ready("a"), Health::Healthy, 0),
+            holding(view(ready("b"), Health::Healthy, 1), &[keys_shared[0]]),
+        ];
+        assert_eq!(
+            chosen(place("m", &shared, &workers_shared, &HashSet::new())),
+            "b"
+        );
+
+        // `c` has no free slot: the job goes elsewhere at once rather than wait for it.
         let mut full = workers.clone();
         full[2].in_flight = 2;
-        assert_eq!(chosen(place("m", &keys, &full, &HashSet::new())), "b");
-        let excluded = HashSet::from(["b".to_string()]);
-        assert_eq!(chosen(place("m", &keys, &full, &excluded)), "a");
+        assert_eq!(chosen(place("m", &turn_2, &full, &HashSet::new())), "a");
+        let excluded = HashSet::from(["a".to_string()]);
+        assert_eq!(chosen(place("m", &turn_2, &full, &excluded)), "b");
+        // Every slot taken: the job waits, even for the worker holding its prefix.
+        let busy = vec![holding(view(ready("c"), Health::Healthy, 2), keys)];
+        assert_eq!(place("m", &turn_2, &busy, &HashSet::new()), Placement::Full);
 
         // Nothing held anywhere, equal load: the worker with the emptier cache, so that a new
         // conversation does not crowd out another's history.
@@ -302,10 +382,21 @@ mod tests {
             holding(view(ready("a"), Health::Healthy, 0), &[7, 8]),
             holding(view(ready("b"), Health::Healthy, 0), &[9]),
         ];
-        assert_eq!(chosen(place("m", &[5], &fresh, &HashSet::new())), "b");
-        // Every slot taken: the job waits, even for the worker holding its prefix.
-        let busy = vec![holding(view(ready("a"), Health::Healthy, 2), &keys)];
-        assert_eq!(place("m", &keys, &busy, &HashSet::new()), Placement::Full);
+        assert_eq!(chosen(place("m", &other, &fresh, &HashSet::new())), "b");
+        // A raw prompt that extends one a worker ran goes back there too.
+        let prompt = |text: String| {
+            RequestPrefix::of(&InferRequest {
+                prompt: Some(text),
+                ..InferRequest::default()
+            })
+        };
+        let first = prompt("p".repeat(1000));
+        let longer = prompt(format!("{}{}", "p".repeat(1000), "more"));
+        let ran = vec![
+            view(ready("a"), Health::Healthy, 0),
+            holding(view(ready("b"), Health::Healthy, 0), &first.keys),
+        ];
+        assert_eq!(chosen(place("m", &longer, &ran, &HashSet::new())), "b");
     }
 
     fn hive_view(info: HiveInfo, health: Health) -> HiveView {
@@ -336,7 +427,7 @@ mod tests {
                 0,
             ),
         ];
-        assert_eq!(chosen(place("m", &[], &workers, &HashSet::new())), "b");
+        assert_eq!(chosen(place("m", &none(), &workers, &HashSet::new())), "b");
 
         // Equal room (one slot each): the one with fewer jobs in flight.
         let mut a = worker("a", "m", WorkerState::Ready, 1);
@@ -344,9 +435,9 @@ mod tests {
         let mut b = worker("b", "m", WorkerState::Ready, 1);
         b.slots_total = 2;
         let workers = vec![view(a, Health::Healthy, 2), view(b, Health::Healthy, 1)];
-        assert_eq!(chosen(place("m", &[], &workers, &HashSet::new())), "b");
+        assert_eq!(chosen(place("m", &none(), &workers, &HashSet::new())), "b");
         let excluded = HashSet::from(["b".to_string()]);
-        assert_eq!(chosen(place("m", &[], &workers, &excluded)), "a");
+        assert_eq!(chosen(place("m", &none(), &workers, &excluded)), "a");
     }
 
     #[test]
@@ -360,7 +451,10 @@ mod tests {
             ),
             view(worker("c", "m", WorkerState::Failed, 0), Health::Healthy, 0),
         ];
-        assert_eq!(place("m", &[], &workers, &HashSet::new()), Placement::Spawn);
+        assert_eq!(
+            place("m", &none(), &workers, &HashSet::new()),
+            Placement::Spawn
+        );
 
         let mut with_loading = workers.clone();
         with_loading.push(view(
@@ -369,7 +463,7 @@ mod tests {
             0,
         ));
         assert_eq!(
-            place("m", &[], &with_loading, &HashSet::new()),
+            place("m", &none(), &with_loading, &HashSet::new()),
             Placement::Wait {
                 worker_id: "d".into()
             }
@@ -381,7 +475,7 @@ mod tests {
             Health::Healthy,
             1,
         )];
-        assert_eq!(place("m", &[], &busy, &HashSet::new()), Placement::Full);
+        assert_eq!(place("m", &none(), &busy, &HashSet::new()), Placement::Full);
         // A heartbeat that still says "busy" after the queen's job ended does not hold the
         // slot: the queen's count is current.
         let freed = vec![view(
@@ -389,7 +483,7 @@ mod tests {
             Health::Healthy,
             0,
         )];
-        assert_eq!(chosen(place("m", &[], &freed, &HashSet::new())), "e");
+        assert_eq!(chosen(place("m", &none(), &freed, &HashSet::new())), "e");
     }
 
     #[test]

@@ -46,6 +46,28 @@ pub fn prefix_keys(request: &InferRequest) -> Vec<u64> {
     }
 }
 
+/// How much of the request's content each of its [`prefix_keys`] covers, in bytes from the
+/// start: for chat, the contents of the messages through the key's message; for a prompt, the
+/// text through the key's block. The queen weighs a held prefix by it.
+pub fn prefix_key_ends(request: &InferRequest) -> Vec<usize> {
+    match (&request.messages, &request.prompt) {
+        (Some(messages), _) => messages
+            .iter()
+            .scan(0, |end, message| {
+                *end += message.content.len();
+                Some(*end)
+            })
+            .collect(),
+        (None, Some(prompt)) => {
+            let blocks = prompt.len().div_ceil(PROMPT_BLOCK_BYTES);
+            (1..=blocks)
+                .map(|block| (block * PROMPT_BLOCK_BYTES).min(prompt.len()))
+                .collect()
+        }
+        (None, None) => Vec::new(),
+    }
+}
+
 /// One key per message, each covering every message up to and including it.
 pub fn chat_prefix_keys(messages: &[ChatMessage]) -> Vec<u64> {
     let mut previous = CHAT_SEED;
@@ -258,6 +280,15 @@ mod tests {
             prompt_prefix_keys("The capital of France is")
         );
         assert!(prefix_keys(&InferRequest::default()).is_empty());
+
+        assert_eq!(prefix_key_ends(&chat), [14, 24, 32]);
+        let long = InferRequest {
+            prompt: Some("x".repeat(PROMPT_BLOCK_BYTES * 2 + 10)),
+            ..InferRequest::default()
+        };
+        assert_eq!(prefix_key_ends(&long), [256, 512, 522]);
+        assert_eq!(prefix_key_ends(&long).len(), prefix_keys(&long).len());
+        assert_eq!(prefix_key_ends(&raw), [24]);
     }
 
     #[test]
