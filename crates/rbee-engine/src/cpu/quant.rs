@@ -23,6 +23,8 @@ pub(crate) enum WeightType {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -39,7 +41,7 @@ pub(crate) enum ActFormat {
     BF16,
     /// [`BlockQ8`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
     Q8,
-    /// [`BlockQ8K`] (Q4_K, Q5_K, Q6_K).
+    /// [`BlockQ8K`] (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
     Q8K,
 }
 
@@ -49,7 +51,7 @@ impl WeightType {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
-            Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
         }
     }
 
@@ -63,6 +65,8 @@ impl WeightType {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q2K => super::kernels::lowbit::Q2K_BYTES,
+            Self::Q3K => super::kernels::lowbit::Q3K_BYTES,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
@@ -79,7 +83,7 @@ impl WeightType {
             Self::F16 => ActFormat::F16,
             Self::BF16 => ActFormat::BF16,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => ActFormat::Q8,
-            Self::Q4K | Self::Q5K | Self::Q6K => ActFormat::Q8K,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => ActFormat::Q8K,
         }
     }
 }
@@ -304,6 +308,8 @@ pub(crate) fn dequantize_row(ty: WeightType, row: &[u8], out: &mut [f32]) {
                 }
             }
         }
+        WeightType::Q2K => super::kernels::lowbit::dequantize_q2k(row, out),
+        WeightType::Q3K => super::kernels::lowbit::dequantize_q3k(row, out),
         WeightType::Q5K => {
             for (b, y) in row.chunks_exact(be).zip(out.chunks_exact_mut(QK_K)) {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));

@@ -78,6 +78,8 @@ fn weight_type(dtype: GgmlDType) -> Option<WeightType> {
         GgmlDType::Q5_0 => Some(WeightType::Q5_0),
         GgmlDType::Q5_1 => Some(WeightType::Q5_1),
         GgmlDType::Q8_0 => Some(WeightType::Q8_0),
+        GgmlDType::Q2K => Some(WeightType::Q2K),
+        GgmlDType::Q3K => Some(WeightType::Q3K),
         GgmlDType::Q4K => Some(WeightType::Q4K),
         GgmlDType::Q5K => Some(WeightType::Q5K),
         GgmlDType::Q6K => Some(WeightType::Q6K),

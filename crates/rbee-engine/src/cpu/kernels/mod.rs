@@ -14,8 +14,9 @@
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and
-//! Q8_0, 256-element Q8_K super-blocks for Q4_K, Q5_K and Q6_K.
+//! Q8_0, 256-element Q8_K super-blocks for the K-quants (Q2_K to Q6_K).
 
+pub(crate) mod lowbit;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 #[cfg(target_arch = "aarch64")]
@@ -26,6 +27,8 @@ pub(crate) mod tiled;
 pub(crate) mod tiled_k;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_lowbit;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_tiled;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
@@ -61,6 +64,8 @@ pub(crate) struct Kernels {
     pub q5_0: DotQ8,
     pub q5_1: DotQ8,
     pub q8_0: DotQ8,
+    pub q2k: DotQ8K,
+    pub q3k: DotQ8K,
     pub q4k: DotQ8K,
     pub q5k: DotQ8K,
     pub q6k: DotQ8K,
@@ -78,6 +83,8 @@ pub(crate) struct Kernels {
     pub q4_1x4: Option<DotQ8x4>,
     pub q5_0x4: Option<DotQ8x4>,
     pub q5_1x4: Option<DotQ8x4>,
+    pub q2kx4: Option<DotQ8Kx4>,
+    pub q3kx4: Option<DotQ8Kx4>,
     pub q5kx4: Option<DotQ8Kx4>,
     pub q6kx4: Option<DotQ8Kx4>,
     pub f32x4: Option<DotF32x4>,
@@ -113,6 +120,8 @@ impl Kernels {
             q5_0: reference::dot_q5_0,
             q5_1: reference::dot_q5_1,
             q8_0: reference::dot_q8_0,
+            q2k: lowbit::dot_q2k,
+            q3k: lowbit::dot_q3k,
             q4k: reference::dot_q4k,
             q5k: reference::dot_q5k,
             q6k: reference::dot_q6k,
@@ -125,6 +134,8 @@ impl Kernels {
             q4_1x4: None,
             q5_0x4: None,
             q5_1x4: None,
+            q2kx4: None,
+            q3kx4: None,
             q5kx4: None,
             q6kx4: None,
             f32x4: None,
@@ -171,6 +182,8 @@ impl Kernels {
             WeightType::Q5_0 => (self.q5_0)(row, act.q8(t)),
             WeightType::Q5_1 => (self.q5_1)(row, act.q8(t)),
             WeightType::Q8_0 => (self.q8_0)(row, act.q8(t)),
+            WeightType::Q2K => (self.q2k)(row, act.q8k(t)),
+            WeightType::Q3K => (self.q3k)(row, act.q8k(t)),
             WeightType::Q4K => (self.q4k)(row, act.q8k(t)),
             WeightType::Q5K => (self.q5k)(row, act.q8k(t)),
             WeightType::Q6K => (self.q6k)(row, act.q8k(t)),
@@ -288,6 +301,8 @@ impl Kernels {
             WeightType::Q4_1 => self.q4_1x4.map(|k| k(row, acts())),
             WeightType::Q5_0 => self.q5_0x4.map(|k| k(row, acts())),
             WeightType::Q5_1 => self.q5_1x4.map(|k| k(row, acts())),
+            WeightType::Q2K => self.q2kx4.map(|k| k(row, acts_k())),
+            WeightType::Q3K => self.q3kx4.map(|k| k(row, acts_k())),
             WeightType::Q5K => self.q5kx4.map(|k| k(row, acts_k())),
             WeightType::Q6K => self.q6kx4.map(|k| k(row, acts_k())),
             WeightType::F32 => self.f32x4.map(|k| k(row, floats(Activations::f32))),

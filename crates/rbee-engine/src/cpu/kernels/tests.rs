@@ -50,6 +50,11 @@ fn random_row(ty: WeightType, cols: usize, rng: &mut StdRng) -> Vec<u8> {
                 put(&mut row, o + 2, rng.random_range(-0.05..0.05));
             }
             WeightType::Q6K => put(&mut row, o + 208, rng.random_range(0.0001..0.005)),
+            WeightType::Q2K => {
+                put(&mut row, o + 80, rng.random_range(0.001..0.05));
+                put(&mut row, o + 82, rng.random_range(0.0..0.05));
+            }
+            WeightType::Q3K => put(&mut row, o + 108, rng.random_range(0.0001..0.005)),
             WeightType::F32 | WeightType::F16 | WeightType::BF16 => {}
         }
     }
@@ -87,12 +92,14 @@ fn check(kernels: &Kernels, ty: WeightType, cols: usize, seed: u64) {
     }
 }
 
-const TYPES: [WeightType; 8] = [
+const TYPES: [WeightType; 10] = [
     WeightType::Q4_0,
     WeightType::Q4_1,
     WeightType::Q5_0,
     WeightType::Q5_1,
     WeightType::Q8_0,
+    WeightType::Q2K,
+    WeightType::Q3K,
     WeightType::Q4K,
     WeightType::Q5K,
     WeightType::Q6K,
@@ -705,6 +712,8 @@ fn block_layouts_dequantize_as_ggml_defines_them() {
         (GgmlDType::Q5_1, WeightType::Q5_1),
         (GgmlDType::Q8_0, WeightType::Q8_0),
         (GgmlDType::Q4K, WeightType::Q4K),
+        (GgmlDType::Q2K, WeightType::Q2K),
+        (GgmlDType::Q3K, WeightType::Q3K),
         (GgmlDType::Q5K, WeightType::Q5K),
         (GgmlDType::Q6K, WeightType::Q6K),
         (GgmlDType::F16, WeightType::F16),

@@ -45,6 +45,8 @@ pub(super) fn variants() -> Vec<Kernels> {
         q5_0: dot_q5_0,
         q5_1: dot_q5_1,
         q8_0: dot_q8_0,
+        q2k: super::x86_lowbit::dot_q2k,
+        q3k: super::x86_lowbit::dot_q3k,
         q4k: dot_q4k,
         q5k: dot_q5k,
         q6k: dot_q6k,
@@ -57,6 +59,8 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_1x4: Some(dot_q4_1x4),
         q5_0x4: Some(dot_q5_0x4),
         q5_1x4: Some(dot_q5_1x4),
+        q2kx4: Some(super::x86_lowbit::dot_q2kx4),
+        q3kx4: Some(super::x86_lowbit::dot_q3kx4),
         q5kx4: Some(dot_q5kx4),
         q6kx4: Some(dot_q6kx4),
         f32x4: Some(dot_rows_f32),
@@ -330,7 +334,7 @@ fn dot_q6kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps::<1>(v);
     let s = _mm_add_ps(lo, hi);
@@ -375,7 +379,7 @@ fn mul_sum_u8_i8(ux: __m256i, sy: __m256i) -> __m256 {
 /// `p` must be valid for reading 2 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_ptr(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees two readable bytes; `read_unaligned` needs no alignment.
     let bits = unsafe { p.cast::<u16>().read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))

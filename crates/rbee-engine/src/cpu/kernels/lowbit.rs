@@ -1,0 +1,132 @@
+//! The 2- and 3-bit K-quants (Q2_K, Q3_K): their block layouts as ggml defines them, their
+//! dequantization, and the scalar reference products with Q8_K activations that the SIMD
+//! kernels ([`super::x86_lowbit`]) are tested against.
+//!
+//! Both types cut a 256-weight super-block into sixteen sub-blocks of 16 weights, the size of
+//! the activation blocks' partial sums (`bsums`), so every per-sub-block offset is taken out of
+//! the integer sum with one product per sub-block:
+//!
+//! - Q2_K (84 bytes): `scales[16]` (low nibble a sub-block's scale, high nibble its min), then
+//!   `qs[64]` (2-bit values), then f16 `d` and `dmin`. Weight = `d · scale · q − dmin · min`,
+//!   `q ∈ 0..4`.
+//! - Q3_K (110 bytes): `hmask[32]` (each weight's third bit), `qs[64]` (its low two bits),
+//!   `scales[12]` (sixteen 6-bit scales stored with a bias of 32), f16 `d`. Weight =
+//!   `d · (scale − 32) · q`, `q ∈ −4..4`: the low bits minus 4 where the high bit is clear.
+//!
+//! In both, weight `128n + 32j + l` (`n < 2`, `j < 4`, `l < 32`) has its 2-bit value at bits
+//! `2j` of byte `32n + l` of `qs`; in Q3_K its high bit is bit `4n + j` of `hmask[l]`. Its
+//! sub-block is the weight's index over 16.
+
+use super::super::quant::{BlockQ8K, QK_K, f16_at};
+
+/// Bytes of a Q2_K super-block.
+pub(crate) const Q2K_BYTES: usize = 84;
+/// Bytes of a Q3_K super-block.
+pub(crate) const Q3K_BYTES: usize = 110;
+
+/// The 2-bit value of weight `e` of a super-block whose `qs` is `qs`.
+#[inline]
+fn low2(qs: &[u8], e: usize) -> u8 {
+    let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+    (qs[32 * n + l] >> (2 * j)) & 3
+}
+
+/// The sixteen 2-bit values of each sub-block of a Q2_K super-block, and their scales and mins.
+fn q2k_parts(b: &[u8]) -> ([u8; QK_K], [u8; 16], [u8; 16]) {
+    let qs = &b[16..80];
+    let mut q = [0u8; QK_K];
+    for (e, v) in q.iter_mut().enumerate() {
+        *v = low2(qs, e);
+    }
+    let scales = std::array::from_fn(|i| b[i] & 0xF);
+    let mins = std::array::from_fn(|i| b[i] >> 4);
+    (q, scales, mins)
+}
+
+/// The sixteen 6-bit scales of a Q3_K super-block (`packed`, 12 bytes), less their bias of 32:
+/// scale `i` has its low four bits in nibble `i / 8` of byte `i % 8` and its high two in bits
+/// `2 (i / 4)` of byte `8 + i % 4`.
+pub(crate) fn q3k_scales(packed: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|i| {
+        let low = (packed[i % 8] >> (4 * (i / 8))) & 0xF;
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | high << 4) as i8 - 32
+    })
+}
+
+/// The values (`−4..4`) of a Q3_K super-block's weights.
+fn q3k_values(b: &[u8]) -> [i8; QK_K] {
+    let (hmask, qs) = (&b[0..32], &b[32..96]);
+    std::array::from_fn(|e| {
+        let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+        let high = (hmask[l] >> (4 * n + j)) & 1;
+        low2(qs, e) as i8 - if high == 0 { 4 } else { 0 }
+    })
+}
+
+/// Dequantizes Q2_K super-blocks (`row`) into `out`.
+pub(crate) fn dequantize_q2k(row: &[u8], out: &mut [f32]) {
+    for (b, y) in row.chunks_exact(Q2K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
+        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+        let (q, scales, mins) = q2k_parts(b);
+        for (s, (ys, qs)) in y.chunks_exact_mut(16).zip(q.chunks_exact(16)).enumerate() {
+            let (dl, ml) = (d * f32::from(scales[s]), dmin * f32::from(mins[s]));
+            for (y, &q) in ys.iter_mut().zip(qs) {
+                *y = dl * f32::from(q) - ml;
+            }
+        }
+    }
+}
+
+/// Dequantizes Q3_K super-blocks (`row`) into `out`.
+pub(crate) fn dequantize_q3k(row: &[u8], out: &mut [f32]) {
+    for (b, y) in row.chunks_exact(Q3K_BYTES).zip(out.chunks_exact_mut(QK_K)) {
+        let d = f16_at(b, 108);
+        let scales = q3k_scales(&b[96..108]);
+        let q = q3k_values(b);
+        for (s, (ys, qs)) in y.chunks_exact_mut(16).zip(q.chunks_exact(16)).enumerate() {
+            let dl = d * f32::from(scales[s]);
+            for (y, &q) in ys.iter_mut().zip(qs) {
+                *y = dl * f32::from(q);
+            }
+        }
+    }
+}
+
+/// Q2_K against Q8_K: `d_a · (d · Σ scale · Σ q·a − dmin · Σ min · bsum)` per super-block.
+pub(crate) fn dot_q2k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in row.chunks_exact(Q2K_BYTES).zip(act) {
+        let (q, scales, mins) = q2k_parts(b);
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for s in 0..16 {
+            let dot: i32 = (16 * s..16 * s + 16)
+                .map(|e| i32::from(q[e]) * i32::from(a.qs[e]))
+                .sum();
+            sumi += i32::from(scales[s]) * dot;
+            summ += i32::from(mins[s]) * i32::from(a.bsums[s]);
+        }
+        let (d, dmin) = (f16_at(b, 80) * a.d, f16_at(b, 82) * a.d);
+        sum += d * sumi as f32 - dmin * summ as f32;
+    }
+    sum
+}
+
+/// Q3_K against Q8_K: `d · d_a · Σ (scale − 32) · Σ q·a` per super-block.
+pub(crate) fn dot_q3k(row: &[u8], act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in row.chunks_exact(Q3K_BYTES).zip(act) {
+        let scales = q3k_scales(&b[96..108]);
+        let q = q3k_values(b);
+        let sumi: i32 = (0..16)
+            .map(|s| {
+                let dot: i32 = (16 * s..16 * s + 16)
+                    .map(|e| i32::from(q[e]) * i32::from(a.qs[e]))
+                    .sum();
+                i32::from(scales[s]) * dot
+            })
+            .sum();
+        sum += f16_at(b, 108) * a.d * sumi as f32;
+    }
+    sum
+}
