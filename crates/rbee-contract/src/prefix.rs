@@ -74,13 +74,24 @@ pub fn chat_prefix_keys(messages: &[ChatMessage]) -> Vec<u64> {
     messages
         .iter()
         .map(|message| {
-            let mut h = Hasher::new(previous);
-            h.word(role_code(message.role));
-            h.bytes(message.content.as_bytes());
-            previous = h.finish();
+            previous = chat_key(previous, message);
             previous
         })
         .collect()
+}
+
+/// The key of one more message after a conversation whose keys are `keys`: what a worker
+/// records for the answer it generated, which the conversation's next turn sends back as an
+/// `assistant` message, so that the next turn matches through the answer.
+pub fn next_chat_key(keys: &[u64], message: &ChatMessage) -> u64 {
+    chat_key(keys.last().copied().unwrap_or(CHAT_SEED), message)
+}
+
+fn chat_key(previous: u64, message: &ChatMessage) -> u64 {
+    let mut h = Hasher::new(previous);
+    h.word(role_code(message.role));
+    h.bytes(message.content.as_bytes());
+    h.finish()
 }
 
 /// One key per full [`PROMPT_BLOCK_BYTES`] of the prompt's bytes, each covering the text from
@@ -216,6 +227,8 @@ mod tests {
         let mut longer = conversation(2);
         longer.push(message(ChatRole::User, "and then?"));
         let later = chat_prefix_keys(&longer);
+        assert_eq!(next_chat_key(&earlier, &longer[5]), later[5]);
+        assert_eq!(next_chat_key(&[], &longer[0]), later[0]);
         assert_eq!(earlier.len(), 5);
         assert_eq!(later.len(), 6);
         assert_eq!(&later[..5], &earlier[..]);
