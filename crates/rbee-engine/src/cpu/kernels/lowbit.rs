@@ -130,3 +130,94 @@ pub(crate) fn dot_q3k(row: &[u8], act: &[BlockQ8K]) -> f32 {
     }
     sum
 }
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+
+    use super::super::{Activations, Kernels};
+    use super::*;
+    use crate::cpu::quant::{WeightType, dequantize_row};
+
+    /// A row of `blocks` super-blocks of `ty` with every weight, scale and min at its largest
+    /// (all bits set) and scales of 1, against activations that all quantize to ±127: every
+    /// kernel gives the dequantized row's product, so no intermediate sum saturates or wraps.
+    #[test]
+    fn extreme_blocks_give_the_dequantized_product() {
+        for ty in [WeightType::Q2K, WeightType::Q3K] {
+            for sign in [1.0f32, -1.0] {
+                let blocks = 3;
+                let cols = blocks * QK_K;
+                let mut row = vec![0xFFu8; ty.row_bytes(cols)];
+                for b in row.chunks_exact_mut(ty.block_bytes()) {
+                    let one = f16::ONE.to_le_bytes();
+                    match ty {
+                        WeightType::Q2K => {
+                            b[80..82].copy_from_slice(&one);
+                            b[82..84].copy_from_slice(&one);
+                        }
+                        _ => b[108..110].copy_from_slice(&one),
+                    }
+                }
+                let x = vec![sign; 4 * cols];
+                let mut w = vec![0f32; cols];
+                dequantize_row(ty, &row, &mut w);
+                let want: f32 = w.iter().map(|w| w * sign).sum();
+                let mut act = Activations::default();
+                act.set(&x, cols, &[ty.act_format()]);
+                for kernels in Kernels::all() {
+                    let one = kernels.dot(ty, &row, &act, 0);
+                    let case = format!("{} {ty:?} sign {sign}", kernels.name);
+                    assert!(
+                        (one - want).abs() <= 1e-3 * want.abs(),
+                        "{case}: {one} vs {want}"
+                    );
+                    if let Some(four) = kernels.dot4(ty, &row, &act, 0) {
+                        assert_eq!(four, [one; 4], "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The weights of one Q2_K and one Q3_K super-block built value by value: weight `e` sits
+    /// at bits `2j` of byte `32n + l` (`e = 128n + 32j + l`), its high bit (Q3_K) at bit
+    /// `4n + j` of mask byte `l`, and sub-block `e / 16` takes scale (and min) `e / 16`.
+    #[test]
+    fn weights_sit_where_ggml_puts_them() {
+        let value = |e: usize| (e * 7 + e / 16) % 4;
+        let high = |e: usize| e % 3 == 0;
+        let scale = |s: usize| (s * 5 + 3) % 16;
+        let min = |s: usize| (s * 3 + 1) % 16;
+        let mut q2 = vec![0u8; Q2K_BYTES];
+        let mut q3 = vec![0u8; Q3K_BYTES];
+        for e in 0..QK_K {
+            let (n, j, l) = (e / 128, e % 128 / 32, e % 32);
+            q2[16 + 32 * n + l] |= (value(e) as u8) << (2 * j);
+            q3[32 + 32 * n + l] |= (value(e) as u8) << (2 * j);
+            q3[l] |= u8::from(high(e)) << (4 * n + j);
+        }
+        for s in 0..16 {
+            q2[s] = scale(s) as u8 | (min(s) as u8) << 4;
+            // Q3_K's 6-bit scale `s`, here `scale(s) + 16` (so that some exceed 32, the bias).
+            let v = scale(s) as u8 + 16;
+            q3[96 + s % 8] |= (v & 0xF) << (4 * (s / 8));
+            q3[104 + s % 4] |= (v >> 4) << (2 * (s / 4));
+        }
+        let half = f16::from_f32(0.5).to_le_bytes();
+        q2[80..82].copy_from_slice(&half);
+        q2[82..84].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
+        q3[108..110].copy_from_slice(&half);
+        let (mut y2, mut y3) = (vec![0f32; QK_K], vec![0f32; QK_K]);
+        dequantize_q2k(&q2, &mut y2);
+        dequantize_q3k(&q3, &mut y3);
+        for e in 0..QK_K {
+            let s = e / 16;
+            let want2 = 0.5 * (scale(s) * value(e)) as f32 - 0.25 * min(s) as f32;
+            assert_eq!(y2[e], want2, "Q2_K weight {e}");
+            let q = value(e) as i32 - if high(e) { 0 } else { 4 };
+            let want3 = 0.5 * ((scale(s) as i32 + 16 - 32) * q) as f32;
+            assert_eq!(y3[e], want3, "Q3_K weight {e}");
+        }
+    }
+}
