@@ -39,6 +39,12 @@ pub struct WorkerBench {
     /// small/tiny for a quick look.
     #[arg(long, default_value = "tinyllama")]
     preset: String,
+    /// The device the worker runs on: cpu, cuda:N or metal:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// A worker binary to measure (e.g. a CUDA build), instead of building the workspace's.
+    #[arg(long)]
+    worker: Option<std::path::PathBuf>,
 }
 
 /// A benchmarked model family: a model-gen architecture, or llama with Llama 3's RoPE factors.
@@ -117,13 +123,18 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     // The dev profile builds every dependency and the engine at opt-level 3 (see Cargo.toml),
     // so the worker the tests run is the one measured, without a second, release build.
-    eprintln!("building llm-worker-rbee…");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(crate::tasks::workspace_root())
-        .args(["build", "--quiet", "-p", "llm-worker-rbee"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building the worker failed");
-    let worker = crate::tasks::workspace_root().join("target/debug/llm-worker-rbee");
+    let worker = match &args.worker {
+        Some(worker) => worker.clone(),
+        None => {
+            eprintln!("building llm-worker-rbee…");
+            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(crate::tasks::workspace_root())
+                .args(["build", "--quiet", "-p", "llm-worker-rbee"])
+                .status()?;
+            anyhow::ensure!(status.success(), "building the worker failed");
+            crate::tasks::workspace_root().join("target/debug/llm-worker-rbee")
+        }
+    };
 
     let mut models = Vec::new();
     for (family, spec) in &specs {
@@ -165,6 +176,7 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             );
             rows.push(runtime.block_on(measure(
                 &worker,
+                &args.device,
                 model,
                 threads,
                 args.decode_tokens,
@@ -263,6 +275,7 @@ fn mib(bytes: u64) -> f64 {
 
 async fn measure(
     worker: &Path,
+    device: &str,
     model: &Model,
     threads: usize,
     decode_tokens: usize,
@@ -282,6 +295,7 @@ async fn measure(
                 "--port",
                 &port.to_string(),
             ])
+            .args(["--device", device])
             .args(["--threads", &threads.to_string()])
             .args(["--slots", &slots.to_string()])
             .args(["--queue-capacity", &slots.to_string()])

@@ -36,7 +36,7 @@ const TOOLKIT_EXTRAS: &str = "nvcc,cudart,cublas,curand,nvrtc,cccl";
 /// The venv the wheels go into.
 const VENV: &str = "target/cuda-toolkit";
 /// The build's own target directory, so that the CUDA build never invalidates the main one.
-const TARGET_DIR: &str = "target/cuda";
+pub const TARGET_DIR: &str = "target/cuda";
 
 #[derive(Debug, clap::Args)]
 pub struct CheckCudaArgs {
@@ -63,33 +63,53 @@ impl Toolkit {
         self.root.join("bin/nvcc")
     }
 
+    /// An installed toolkit: the `nvcc` on `PATH`, else `/usr/local/cuda`'s.
+    pub fn system() -> Option<Toolkit> {
+        let on_path = std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("nvcc"))
+                .find(|nvcc| nvcc.is_file())
+        });
+        let nvcc = on_path.or_else(|| {
+            let nvcc = PathBuf::from("/usr/local/cuda/bin/nvcc");
+            nvcc.is_file().then_some(nvcc)
+        })?;
+        let nvcc = nvcc.canonicalize().unwrap_or(nvcc);
+        let root = nvcc.parent()?.parent()?.to_path_buf();
+        Some(Toolkit { root })
+    }
+
+    /// Where the binaries built against this toolkit find its libraries when they run.
+    pub fn library_path(&self) -> std::ffi::OsString {
+        let lib = self.root.join("lib");
+        let lib64 = self.root.join("lib64");
+        let mut dirs = vec![lib64, lib];
+        if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+            dirs.extend(std::env::split_paths(&old));
+        }
+        std::env::join_paths(dirs).expect("library directories have no separator in them")
+    }
+
     /// Points a cargo command's CUDA build at this toolkit, compiling kernels for
-    /// `compute_cap` with `jobs` nvcc processes at once, into [`TARGET_DIR`].
-    pub fn configure(&self, command: &mut Command, compute_cap: &str, jobs: usize) {
+    /// `compute_cap` (`None`: the GPU's, which candle's build asks `nvidia-smi` for) with `jobs`
+    /// nvcc processes at once, into [`TARGET_DIR`].
+    pub fn configure(&self, command: &mut Command, compute_cap: Option<&str>, jobs: usize) {
         let bin = self.root.join("bin");
         let path = std::env::var_os("PATH").unwrap_or_default();
         let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))
             .expect("the toolkit's path has no separator in it");
-        let lib = self.root.join("lib");
-        let ld_path = match std::env::var_os("LD_LIBRARY_PATH") {
-            Some(old) if !old.is_empty() => {
-                let mut joined = lib.into_os_string();
-                joined.push(":");
-                joined.push(old);
-                joined
-            }
-            _ => lib.into_os_string(),
-        };
         command
             .env("PATH", path)
             .env("NVCC", self.nvcc())
             .env("CUDA_ROOT", &self.root)
             .env("CUDA_PATH", &self.root)
             .env("CUDA_HOME", &self.root)
-            .env("CUDA_COMPUTE_CAP", compute_cap)
             .env("CUDAFORGE_THREADS", jobs.to_string())
-            .env("LD_LIBRARY_PATH", ld_path)
+            .env("LD_LIBRARY_PATH", self.library_path())
             .env("CARGO_TARGET_DIR", workspace_root().join(TARGET_DIR));
+        if let Some(cap) = compute_cap {
+            command.env("CUDA_COMPUTE_CAP", cap);
+        }
     }
 
     /// `nvcc --version`'s release line, e.g. `Cuda compilation tools, release 13.4, V13.4.92`.
@@ -143,7 +163,7 @@ pub fn check(args: &CheckCudaArgs) -> anyhow::Result<()> {
         .args(["-p", "llm-worker-rbee", "-p", "rbee-hive"])
         .args(["--features", "llm-worker-rbee/cuda"])
         .args(["--jobs", &args.jobs.to_string()]);
-    toolkit.configure(&mut command, &args.compute_cap, args.jobs);
+    toolkit.configure(&mut command, Some(&args.compute_cap), args.jobs);
     let what = format!(
         "cargo {} --features cuda (sm_{}, into {TARGET_DIR})",
         if link { "build" } else { "check" },
@@ -255,7 +275,7 @@ pub fn driver_library() -> Option<PathBuf> {
 
 /// Gives the toolkit a `libcuda.so` to link against: the driver's, under its unversioned name
 /// (drivers often install only `libcuda.so.1`).
-fn link_driver(toolkit: &Toolkit, driver: &Path) -> anyhow::Result<()> {
+pub fn link_driver(toolkit: &Toolkit, driver: &Path) -> anyhow::Result<()> {
     let plain = toolkit.root.join("lib/libcuda.so");
     if std::fs::symlink_metadata(&plain).is_ok() {
         std::fs::remove_file(&plain).with_context(|| format!("replacing {}", plain.display()))?;

@@ -10,6 +10,7 @@ mod bench_queen;
 mod cuda;
 mod fetch;
 mod generate;
+mod gpu_check;
 mod refs;
 mod tasks;
 
@@ -49,6 +50,10 @@ enum Command {
     /// wheels, installed into target/cuda-toolkit: links where the driver is installed, else
     /// `cargo check` with candle's kernels compiled by nvcc. Into target/cuda.
     CheckCuda(cuda::CheckCudaArgs),
+    /// On a machine with an NVIDIA GPU: build with CUDA, list the devices through the hive,
+    /// compare greedy tokens on the GPU with the CPU's, run the worker bench on the GPU, and
+    /// print one table (non-zero exit on any mismatch). `--device cpu` runs every step here.
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -73,5 +78,6 @@ fn main() -> anyhow::Result<()> {
         Command::Refs(args) => refs::run_refs(&args),
         Command::TestAarch64(args) => aarch64::test(&args),
         Command::CheckCuda(args) => cuda::check(&args),
+        Command::GpuCheck(args) => gpu_check::run_check(&args),
     }
 }
