@@ -9,9 +9,9 @@
 //! bytes.
 //!
 //! It is used when the device is the CPU and every matrix has a type with a kernel here (F32,
-//! F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), unless `RBEE_CPU_KERNELS=0`; everything else (GPU
-//! devices, other quantized matrices, safetensors) stays on candle's model code, for the files
-//! that code computes correctly. It is not a general tensor library: it knows one block
+//! F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: every type of
+//! llama.cpp's standard presets), unless `RBEE_CPU_KERNELS=0`; everything else (GPU devices,
+//! safetensors) stays on candle's model code, for the files that code computes correctly. It is not a general tensor library: it knows one block
 //! structure, llama's, with each family's differences as settings ([`arch`]).
 
 mod arch;
