@@ -17,7 +17,7 @@ use futures::StreamExt;
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{InferRequest, JobEvent, Operation, WorkerInfo, WorkerState};
 
-use crate::bench::{WorkerProcess, wait_ready};
+use crate::bench::WorkerProcess;
 
 /// The cluster token the queen and the workers share, and the client API key of the queen:
 /// both paths pay for authentication as in a deployment.
@@ -112,7 +112,7 @@ async fn measure(
             .spawn()
             .context("start the queen")?,
     );
-    wait_healthy(&queen_url, &mut queen).await?;
+    wait_answering("the queen", &format!("{queen_url}/health"), &mut queen).await?;
 
     let mut workers = Vec::new();
     for (model, name) in models.iter().zip([LATENCY_MODEL, DECODE_MODEL]) {
@@ -132,7 +132,7 @@ async fn measure(
                 .spawn()
                 .context("start a worker")?,
         );
-        wait_ready(&url, &mut child.0).await?;
+        wait_answering("a worker", &format!("{url}/v1/ready"), &mut child).await?;
         workers.push((child, url));
     }
     wait_registered(&queen_url, &[LATENCY_MODEL, DECODE_MODEL]).await?;
