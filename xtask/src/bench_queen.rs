@@ -260,22 +260,20 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
     sorted[rank - 1]
 }
 
-async fn wait_healthy(url: &str, child: &mut WorkerProcess) -> anyhow::Result<()> {
+/// Waits until `GET url` (with the cluster token) answers 2xx.
+async fn wait_answering(what: &str, url: &str, child: &mut WorkerProcess) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         if let Some(status) = child.0.try_wait()? {
-            bail!("the queen exited early: {status}");
+            bail!("{what} exited early: {status}");
         }
-        if let Ok(r) = client.get(format!("{url}/health")).send().await
+        if let Ok(r) = client.get(url).bearer_auth(CLUSTER_TOKEN).send().await
             && r.status().is_success()
         {
             return Ok(());
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the queen did not answer /health"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not answer {url}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
