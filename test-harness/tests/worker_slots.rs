@@ -89,9 +89,11 @@ async fn the_capacity_check_counts_a_kv_cache_per_slot() {
     let many = &body.estimate;
     assert_eq!((one.slots, one.kv_cache_bytes), (1, one_sequence));
     assert_eq!((many.slots, many.kv_cache_bytes), (4, 4 * one_sequence));
+    // Each worker's prompt cache store (the hive's default) comes on top, once.
+    assert_eq!(many.prompt_cache_bytes, 256 << 20);
     assert_eq!(
         many.required_bytes,
-        many.weights_bytes + many.kv_cache_bytes + many.overhead_bytes
+        many.weights_bytes + many.kv_cache_bytes + many.prompt_cache_bytes + many.overhead_bytes
     );
     assert_eq!(many.required_bytes - one.required_bytes, 3 * one_sequence);
     assert_eq!(body.error.code, ErrorCode::NoCapacity);
@@ -111,6 +113,7 @@ async fn the_capacity_check_counts_a_kv_cache_per_slot() {
         .await
         .estimate;
     assert_eq!(checkpoint.slots, 1, "{checkpoint:?}");
+    assert_eq!(checkpoint.prompt_cache_bytes, 0, "{checkpoint:?}");
     assert_eq!(checkpoint.kv_cache_bytes, one_sequence);
 }
 

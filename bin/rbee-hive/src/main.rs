@@ -64,6 +64,11 @@ struct Args {
     /// capacity check counts KV caches of this context.
     #[arg(long, value_name = "N", env = "RBEE_HIVE_WORKER_CTX_SIZE")]
     worker_ctx_size: Option<u32>,
+    /// MiB of memory for each spawned worker's prompt cache store (its --prompt-cache-mib):
+    /// prefixes of earlier prompts kept for reuse beyond the slots' KV caches (default 256; 0:
+    /// none); the capacity check counts it for a model the worker batches.
+    #[arg(long, value_name = "MIB", env = "RBEE_HIVE_WORKER_PROMPT_CACHE_MIB")]
+    worker_prompt_cache_mib: Option<u32>,
     /// Memory of each device that workers must leave free, e.g. 2GiB (default 0); a spawn that
     /// would eat into it is refused with no_capacity.
     #[arg(long, env = "RBEE_MEMORY_RESERVE", value_parser = parse_size)]
@@ -105,6 +110,9 @@ impl Args {
             config.worker_slots = slots;
         }
         config.worker_ctx_size = self.worker_ctx_size.and_then(NonZeroU32::new);
+        if let Some(mib) = self.worker_prompt_cache_mib {
+            config.worker_prompt_cache_mib = mib;
+        }
         if let Some(reserve) = self.memory_reserve {
             config.memory_reserve = reserve;
         }

@@ -5,7 +5,8 @@
 //! (see `footprint` for how the first two are read from the file, and [`overhead`]): one KV
 //! cache per slot of the worker (the hive's `--worker-slots`) when the worker batches the model,
 //! one when it serves a sequence at a time, each of the context the worker runs the model with
-//! (the hive's `--worker-ctx-size`, else the model's trained context). A device
+//! (the hive's `--worker-ctx-size`, else the model's trained context), plus, for a model the
+//! worker batches, its prompt cache store (`--worker-prompt-cache-mib`). A device
 //! has `min(free, total − held) − reserve` for it, where `free` and `total` are the device's
 //! memory read now, `held` is what the hive's workers on the same memory (running, loading or
 //! being spawned) need by the same estimate, and `reserve` is the hive's `--memory-reserve`.
@@ -226,12 +227,19 @@ fn estimate_of(
     let overhead_bytes = overhead(device.kind);
     let slots = footprint.slots(limits.worker_slots);
     let kv_cache_bytes = footprint.kv_cache_bytes(slots);
+    // Only the engine's CPU path keeps a store of prompt prefixes.
+    let prompt_cache_bytes = if footprint.batched {
+        limits.worker_prompt_cache_bytes
+    } else {
+        0
+    };
     CapacityEstimate {
         device: device.id.clone(),
         model: model.to_owned(),
         required_bytes: footprint
             .weights_bytes
             .saturating_add(kv_cache_bytes)
+            .saturating_add(prompt_cache_bytes)
             .saturating_add(overhead_bytes),
         available_bytes: available(device, held, limits.memory_reserve),
         weights_bytes: footprint.weights_bytes,
@@ -239,6 +247,7 @@ fn estimate_of(
         overhead_bytes,
         context_length: footprint.context_length,
         slots,
+        prompt_cache_bytes,
     }
 }
 
@@ -251,6 +260,8 @@ pub(crate) struct Limits {
     worker_slots: u32,
     /// `--worker-ctx-size`; `None` for each model's trained context.
     worker_ctx_size: Option<u64>,
+    /// `--worker-prompt-cache-mib`, in bytes.
+    worker_prompt_cache_bytes: u64,
 }
 
 impl Limits {
@@ -259,6 +270,7 @@ impl Limits {
             memory_reserve: hive.config.memory_reserve,
             worker_slots: hive.config.worker_slots.get(),
             worker_ctx_size: hive.config.worker_ctx_size.map(|n| u64::from(n.get())),
+            worker_prompt_cache_bytes: u64::from(hive.config.worker_prompt_cache_mib) << 20,
         }
     }
 }
@@ -367,6 +379,7 @@ pub(crate) async fn before_download(
             overhead_bytes,
             context_length: 0,
             slots: 0,
+            prompt_cache_bytes: 0,
         })
     })
     .await
@@ -405,7 +418,7 @@ pub(crate) fn no_capacity_body(estimate: CapacityEstimate) -> NoCapacityBody {
 fn shortfall(e: &CapacityEstimate) -> String {
     format!(
         "`{}` does not fit on {}: it needs {} bytes ({} weights + {} KV cache for {} {} of {} \
-         positions + {} overhead) and {} bytes are available",
+         positions{} + {} overhead) and {} bytes are available",
         e.model,
         e.device,
         e.required_bytes,
@@ -418,6 +431,11 @@ fn shortfall(e: &CapacityEstimate) -> String {
             "sequences"
         },
         e.context_length,
+        if e.prompt_cache_bytes > 0 {
+            format!(" + {} prompt cache", e.prompt_cache_bytes)
+        } else {
+            String::new()
+        },
         e.overhead_bytes,
         e.available_bytes
     )
@@ -512,6 +530,7 @@ pub(crate) mod tests {
             memory_reserve: 0,
             worker_slots,
             worker_ctx_size: None,
+            worker_prompt_cache_bytes: 0,
         }
     }
 
@@ -545,6 +564,20 @@ pub(crate) mod tests {
         }
         assert_eq!(four.required_bytes - one.required_bytes, 3 * per_sequence);
         assert_eq!(four.weights_bytes, one.weights_bytes, "weights are shared");
+
+        // The prompt cache's store comes on top, once per worker, whatever its slots.
+        let store = Limits {
+            worker_prompt_cache_bytes: 256 << 20,
+            ..limits(4)
+        };
+        let cached = estimate_of("m", &cpu, &footprint, 0, store);
+        assert_eq!(cached.prompt_cache_bytes, 256 << 20);
+        assert_eq!(cached.required_bytes, four.required_bytes + (256 << 20));
+        assert!(
+            shortfall(&cached).contains(&format!("positions + {} prompt cache + ", 256 << 20)),
+            "{}",
+            shortfall(&cached)
+        );
         assert!(
             shortfall(&four).contains(&format!(
                 "{} KV cache for 4 sequences of {} positions",
@@ -576,8 +609,14 @@ pub(crate) mod tests {
         // A GPU, a wide head, a safetensors checkpoint: candle's code, one sequence.
         for (model, device) in [(&q4, &gpu), (&wide, &cpu), (&hub, &cpu)] {
             let footprint = footprint::of_path(model, device.kind, None).unwrap();
-            let estimate = estimate_of("m", device, &footprint, 0, limits(4));
+            let store = Limits {
+                worker_prompt_cache_bytes: 256 << 20,
+                ..limits(4)
+            };
+            let estimate = estimate_of("m", device, &footprint, 0, store);
             assert_eq!(estimate.slots, 1, "{} on {}", model.display(), device.id);
+            // candle's code keeps no store of prompt prefixes.
+            assert_eq!(estimate.prompt_cache_bytes, 0);
             assert_eq!(
                 estimate.kv_cache_bytes,
                 footprint.kv_bytes_per_position * footprint.context_length
@@ -597,6 +636,7 @@ pub(crate) mod tests {
             overhead_bytes: 200,
             context_length: 4096,
             slots: 2,
+            prompt_cache_bytes: 0,
         };
         let body = no_capacity_body(estimate);
         assert_eq!(body.error.code, ErrorCode::NoCapacity);

@@ -41,6 +41,10 @@ pub struct HiveConfig {
     /// slot's KV cache holding that many; `None` leaves every model its trained context. The
     /// capacity check counts KV caches of this context.
     pub worker_ctx_size: Option<NonZeroU32>,
+    /// MiB of each spawned worker's prompt cache store (its `--prompt-cache-mib`): prefixes of
+    /// earlier prompts kept in memory for reuse, beyond the slots' own KV caches; counted by
+    /// the capacity check for a model the worker batches. 0: no store.
+    pub worker_prompt_cache_mib: u32,
     /// Memory of each device that workers must leave free, for the system and other programs;
     /// a spawn that would eat into it is refused (see `GET /v1/capacity`).
     pub memory_reserve: u64,
@@ -54,6 +58,10 @@ pub struct HiveConfig {
     /// A hub access token, for gated or private repositories.
     pub hf_token: Option<String>,
 }
+
+/// The prompt cache store each worker gets unless `--worker-prompt-cache-mib` says otherwise
+/// (the worker's own default).
+pub const DEFAULT_WORKER_PROMPT_CACHE_MIB: u32 = 256;
 
 /// The public Hugging Face hub.
 pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
@@ -76,6 +84,7 @@ impl HiveConfig {
             load_timeout: Duration::from_secs(600),
             worker_slots: NonZeroU32::MIN,
             worker_ctx_size: None,
+            worker_prompt_cache_mib: DEFAULT_WORKER_PROMPT_CACHE_MIB,
             memory_reserve: 0,
             cluster_token: None,
             model_dir: default_model_dir(),

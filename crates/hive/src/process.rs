@@ -29,6 +29,7 @@ const WORKER_FLAG_VARS: &[&str] = &[
     "RBEE_SHUTDOWN_GRACE",
     "RBEE_SLOTS",
     "RBEE_CTX_SIZE",
+    "RBEE_PROMPT_CACHE_MIB",
     "RBEE_CLUSTER_TOKEN",
 ];
 
@@ -72,6 +73,11 @@ pub(crate) fn command(config: &HiveConfig, args: &WorkerArgs, log: std::fs::File
                 .worker_ctx_size
                 .map_or(0, NonZeroU32::get)
                 .to_string(),
+        ])
+        // Always given: the capacity check counted this store.
+        .args([
+            "--prompt-cache-mib",
+            &config.worker_prompt_cache_mib.to_string(),
         ])
         .args(["--hive-id", &config.hive_id])
         .args([
@@ -255,6 +261,30 @@ mod tests {
         assert_eq!(ctx_size_of(&config), "0", "0: the model's trained context");
         config.worker_ctx_size = NonZeroU32::new(16384);
         assert_eq!(ctx_size_of(&config), "16384");
+    }
+
+    #[test]
+    fn every_worker_is_given_the_hives_prompt_cache_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = worker_args();
+        let store_of = |config: &HiveConfig| {
+            let log = open_log(&dir.path().join("w.log")).unwrap();
+            let command = command(config, &args, log);
+            let argv: Vec<String> = command
+                .as_std()
+                .get_args()
+                .filter_map(|a| a.to_str().map(str::to_owned))
+                .collect();
+            let at = argv
+                .iter()
+                .position(|a| a == "--prompt-cache-mib")
+                .expect("--prompt-cache-mib");
+            argv[at + 1].clone()
+        };
+        let mut config = HiveConfig::new("h");
+        assert_eq!(store_of(&config), "256");
+        config.worker_prompt_cache_mib = 0;
+        assert_eq!(store_of(&config), "0");
     }
 
     #[test]

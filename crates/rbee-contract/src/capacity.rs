@@ -48,10 +48,18 @@ pub struct CapacityEstimate {
     /// (an older hive), it is 1.
     #[serde(default = "one_slot")]
     pub slots: u32,
+    /// The worker's prompt cache store (prefixes kept in memory beyond the slots' KV caches),
+    /// for a model the worker batches. Absent when 0 (or from an older hive).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub prompt_cache_bytes: u64,
 }
 
 fn one_slot() -> u32 {
     1
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl CapacityEstimate {
