@@ -299,6 +299,9 @@ async fn measure(
             .args(["--threads", &threads.to_string()])
             .args(["--slots", &slots.to_string()])
             .args(["--queue-capacity", &slots.to_string()])
+            // Every run sends the same prompt: with the prompt cache, all but the first would
+            // evaluate one token of it, and prefill would not be measured.
+            .arg("--no-prompt-cache")
             .env_remove("RBEE_CLUSTER_TOKEN")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
