@@ -68,8 +68,20 @@ impl KeeperEnv {
         if !args.contains(&"--queen-url") {
             command.args(["--queen-url", &self.queen_url]);
         }
+        command.args(args);
+        self.isolate(command.as_std_mut());
         command
-            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Gives `command` this environment's variables, as every keeper run here gets them
+    /// (e.g. for a terminal multiplexer that runs the keeper).
+    pub fn isolate(&self, command: &mut std::process::Command) {
+        command
             .env("XDG_STATE_HOME", &self.state_home)
             .env("XDG_CONFIG_HOME", &self.config_home)
             // A local hive's model catalog stays in the environment too.
@@ -80,15 +92,47 @@ impl KeeperEnv {
             .env_remove("RBEE_API_KEY")
             .env_remove("RBEE_CLUSTER_TOKEN")
             .env_remove("RUST_LOG")
-            .env("RBEE_HIVE_ID", &self.hive_id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .env("RBEE_HIVE_ID", &self.hive_id);
         for (key, value) in &self.envs {
             command.env(key, value);
         }
-        command
+    }
+
+    /// Runs the keeper to its end with `input` on its standard input.
+    pub async fn run_with_input(
+        &self,
+        args: &[&str],
+        input: &str,
+        timeout: Duration,
+    ) -> KeeperOutput {
+        use tokio::io::AsyncWriteExt;
+
+        let started = Instant::now();
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawn rbee-keeper");
+        let mut stdin = child.stdin.take().expect("the keeper's stdin");
+        let input = input.to_owned();
+        // Written beside the wait: the keeper may not read it all (e.g. after `/exit`).
+        let writer = tokio::spawn(async move {
+            let _ = stdin.write_all(input.as_bytes()).await;
+        });
+        let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(output) => output.expect("wait for rbee-keeper"),
+            Err(_) => panic!(
+                "rbee-keeper {args:?} did not finish within {timeout:?}\n{}",
+                self.logs()
+            ),
+        };
+        writer.abort();
+        KeeperOutput {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: started.elapsed(),
+        }
     }
 
     /// Runs the keeper to its end; panics (with the daemons' logs) if it takes over `timeout`.
