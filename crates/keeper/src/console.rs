@@ -391,7 +391,7 @@ fn describe(event: &JobEvent) -> Option<Progress> {
 }
 
 /// A model path's file name (paths are long, the name says enough); references as given.
-fn short_model(model: &str) -> &str {
+pub(crate) fn short_model(model: &str) -> &str {
     if model.starts_with("hf:") {
         return model;
     }

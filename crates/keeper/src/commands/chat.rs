@@ -17,6 +17,7 @@ use crate::cli::ChatArgs;
 use crate::commands::cluster::ensure_cluster;
 use crate::commands::infer::sampled;
 use crate::commands::{Ctx, JobEnd, Show, follow, resolve_model, until_interrupted};
+use crate::console::short_model;
 use crate::error::KeeperError;
 use crate::queen_api::unreachable_error;
 
@@ -37,7 +38,8 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
     let mut conversation = Conversation::new(args.system.clone());
     if interactive {
         ctx.console.note(&format!(
-            "chatting with {model} through the queen at {}; /help for commands",
+            "chatting with {} through the queen at {}; /help for commands",
+            short_model(&model),
             ctx.queen.url()
         ));
     }
