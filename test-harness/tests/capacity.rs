@@ -116,11 +116,18 @@ async fn a_model_that_does_not_fit_gets_409_with_the_numbers() {
     assert_eq!(e.overhead_bytes, CPU_OVERHEAD);
     let file = std::fs::metadata(&model).unwrap().len();
     assert!(e.weights_bytes >= file / 2, "{e:?} for a {file}-byte file");
+    // The worker's prompt cache store, the hive's default.
+    assert_eq!(e.prompt_cache_bytes, 256 << 20);
     assert_eq!(
         e.required_bytes,
-        e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+        e.weights_bytes + e.kv_cache_bytes + e.prompt_cache_bytes + e.overhead_bytes
     );
-    for number in [e.required_bytes, e.available_bytes, e.kv_cache_bytes] {
+    for number in [
+        e.required_bytes,
+        e.available_bytes,
+        e.kv_cache_bytes,
+        e.prompt_cache_bytes,
+    ] {
         assert!(
             body.error.message.contains(&number.to_string()),
             "{number}: {}",

@@ -173,7 +173,7 @@ async fn the_hives_worker_ctx_size_reaches_its_workers_and_its_capacity_check() 
     );
     assert_eq!(
         e.required_bytes,
-        e.weights_bytes + e.kv_cache_bytes + e.overhead_bytes
+        e.weights_bytes + e.kv_cache_bytes + e.prompt_cache_bytes + e.overhead_bytes
     );
     drop(sized);
 
