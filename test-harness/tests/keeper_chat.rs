@@ -1,6 +1,6 @@
-//! `rbee-keeper chat` against a real local cluster it starts itself, on generated models: lines
-//! piped in as turns (the conversation carried from turn to turn, a failed turn that does not
-//! end the chat, `/clear`, `/exit`, a lost queen), and a person's terminal under tmux (a
+//! `rbee-keeper chat` against a real local cluster it starts itself, on generated models and
+//! SmolLM2: lines piped in as turns (the conversation carried from turn to turn, a failed turn
+//! that does not end the chat, `/clear`, `/exit`, a lost queen), and a person's terminal under tmux (a
 //! streamed answer, Ctrl-C during an answer, `/exit`, Ctrl-C at the prompt).
 
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use test_harness::{KeeperEnv, send_signal, slow_model, tiny_model};
+use test_harness::{KeeperEnv, send_signal, slow_model, smollm2, tiny_model};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const STEP: Duration = Duration::from_secs(180);
@@ -116,6 +116,35 @@ async fn piped_lines_are_turns_of_one_conversation() {
     let single = answered(&single.stdout);
     assert_eq!(single[0].prompt_tokens, turns[0].prompt_tokens);
     assert_eq!(single[0].text, turns[0].text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smollm2_remembers_what_an_earlier_turn_said() {
+    let env = keeper_env();
+    let model = smollm2();
+    let model = model.to_str().unwrap();
+    let sampling = ["--temperature", "0", "--max-tokens", "30", "--json"];
+    let question = "Which word did I ask you to remember?";
+    let mut chat = vec!["chat", "--model", model];
+    chat.extend(sampling);
+    let input = format!("Remember the word Paris.\n{question}\n");
+    let out = env.run_with_input(&chat, &input, STEP).await;
+    assert_eq!(out.code, Some(0), "{out:?}\n{}", env.logs());
+    let turns = answered(&out.stdout);
+    assert_eq!(turns.len(), 2, "{out:?}");
+    assert!(
+        turns[1].text.contains("Paris"),
+        "the second answer does not know the first turn: {turns:?}"
+    );
+
+    // Asked alone, the model has nothing to remember.
+    let mut infer = vec!["infer", "--chat", "--model", model];
+    infer.extend(sampling);
+    infer.push(question);
+    let alone = env.run(&infer, STEP).await;
+    assert_eq!(alone.code, Some(0), "{alone:?}");
+    let alone = answered(&alone.stdout);
+    assert!(!alone[0].text.contains("Paris"), "{alone:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
