@@ -96,6 +96,10 @@ const CASES: &[Case] = &[
     case("llama-small-q4_k", Arch::Llama, "small", GgufType::Q4K).with_seed(2),
     case("llama-small-q6_k", Arch::Llama, "small", GgufType::Q6K).with_seed(2),
     case("llama-small-q4_k_m", Arch::Llama, "small", GgufType::Q4KM),
+    case("llama-small-q5_k_m", Arch::Llama, "small", GgufType::Q5KM),
+    // Q5_0 matrices with a Q6_K head: 32- and 256-element blocks in one file (seed 3: seeds
+    // 0, 1 and 2 have 12, 16 and 16 decisive steps).
+    case("llama-small-q5_0", Arch::Llama, "small", GgufType::Q5_0).with_seed(3),
     // ggml multiplies BF16 rows with activations rounded to bf16.
     case("llama-small-bf16", Arch::Llama, "small", GgufType::BF16),
     case(
@@ -129,6 +133,7 @@ const CASES: &[Case] = &[
     case("qwen2-small-q4_k", Arch::Qwen2, "small", GgufType::Q4K),
     case("qwen2-small-q6_k", Arch::Qwen2, "small", GgufType::Q6K),
     case("qwen2-small-q4_k_m", Arch::Qwen2, "small", GgufType::Q4KM),
+    case("qwen2-small-q5_k_m", Arch::Qwen2, "small", GgufType::Q5KM),
     case("qwen3-small-f32", Arch::Qwen3, "small", GgufType::F32),
     case("qwen3-small-f16", Arch::Qwen3, "small", GgufType::F16),
     case("qwen3-small-q8_0", Arch::Qwen3, "small", GgufType::Q8_0),
