@@ -220,4 +220,63 @@ mod tests {
             assert_eq!(y3[e], want3, "Q3_K weight {e}");
         }
     }
+
+    /// Throughput of each SIMD implementation's Q2_K and Q3_K products (Q4_K's for scale), one
+    /// token and four, on rows that stay in L2, for comparing kernels by hand (`cargo test -p
+    /// rbee-engine --release --lib lowbit_throughput -- --ignored --nocapture`): the fastest of
+    /// 16 passes, in ns per 1000 weight × token.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn lowbit_throughput() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(1);
+        let (rows, cols, tokens) = (256usize, 2048usize, 64usize);
+        for ty in [WeightType::Q2K, WeightType::Q3K, WeightType::Q4K] {
+            let mut mat: Vec<u8> = (0..rows * ty.row_bytes(cols))
+                .map(|_| rng.random())
+                .collect();
+            // Finite scales: random ones would include NaNs and infinities.
+            for b in mat.chunks_exact_mut(ty.block_bytes()) {
+                let scales: &[usize] = match ty {
+                    WeightType::Q2K => &[80, 82],
+                    WeightType::Q3K => &[108],
+                    _ => &[0, 2],
+                };
+                for &at in scales {
+                    b[at..at + 2].copy_from_slice(&f16::from_f32(0.01).to_le_bytes());
+                }
+            }
+            let x: Vec<f32> = (0..tokens * cols)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
+            let mut act = Activations::default();
+            act.set(&x, cols, &[ty.act_format()]);
+            for kernels in Kernels::all() {
+                let mut sink = 0f32;
+                if kernels.name == "scalar" {
+                    continue;
+                }
+                let mut pass = |four: bool| {
+                    let started = std::time::Instant::now();
+                    for t in (0..tokens).step_by(if four { 4 } else { 1 }) {
+                        for row in mat.chunks_exact(ty.row_bytes(cols)) {
+                            sink += match four {
+                                true => kernels.dot4(ty, row, &act, t).map_or(0.0, |s| s[0]),
+                                false => kernels.dot(ty, row, &act, t),
+                            };
+                        }
+                    }
+                    started.elapsed().as_secs_f64() / (rows * cols * tokens) as f64 * 1e12
+                };
+                let [one, four] =
+                    [false, true].map(|f| (0..16).map(|_| pass(f)).fold(f64::MAX, f64::min));
+                println!(
+                    "{ty:?} {}: one token {one:.2}, four tokens {four:.2} ns per 1000 weight×token",
+                    kernels.name
+                );
+                assert!(sink.is_finite());
+            }
+        }
+    }
 }
