@@ -186,7 +186,7 @@ mod tests {
     #[test]
     fn weights_sit_where_ggml_puts_them() {
         let value = |e: usize| (e * 7 + e / 16) % 4;
-        let high = |e: usize| e % 3 == 0;
+        let high = |e: usize| e.is_multiple_of(3);
         let scale = |s: usize| (s * 5 + 3) % 16;
         let min = |s: usize| (s * 3 + 1) % 16;
         let mut q2 = vec![0u8; Q2K_BYTES];
