@@ -51,6 +51,13 @@ pub struct QueenBench {
     /// Threads of each worker.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// A queen binary to measure (e.g. an older build, for a before/after), instead of the
+    /// workspace's release build.
+    #[arg(long)]
+    queen: Option<PathBuf>,
+    /// A worker binary to measure against, instead of the workspace's release build.
+    #[arg(long)]
+    worker: Option<PathBuf>,
 }
 
 pub fn run(args: &QueenBench) -> anyhow::Result<()> {
@@ -58,15 +65,30 @@ pub fn run(args: &QueenBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode_runs > 0, "--decode-runs must be at least 1");
     let latency_spec = ModelSpec::preset(&args.latency_preset, Arch::Llama)?;
     let decode_spec = ModelSpec::preset(&args.decode_preset, Arch::Llama)?;
-    eprintln!("building queen-rbee and llm-worker-rbee (release)…");
     let root = crate::tasks::workspace_root();
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet"])
-        .args(["-p", "queen-rbee", "-p", "llm-worker-rbee"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building the binaries failed");
-    let bin = |name: &str| root.join("target/release").join(name);
+    let mut packages = Vec::new();
+    for (given, package) in [
+        (&args.queen, "queen-rbee"),
+        (&args.worker, "llm-worker-rbee"),
+    ] {
+        if given.is_none() {
+            packages.extend(["-p", package]);
+        }
+    }
+    if !packages.is_empty() {
+        eprintln!("building {} (release)…", packages.join(" "));
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "--quiet"])
+            .args(&packages)
+            .status()?;
+        anyhow::ensure!(status.success(), "building the binaries failed");
+    }
+    let bin = |given: &Option<PathBuf>, name: &str| {
+        given
+            .clone()
+            .unwrap_or_else(|| root.join("target/release").join(name))
+    };
 
     let mut models = Vec::new();
     for (spec, preset) in [
@@ -84,8 +106,8 @@ pub fn run(args: &QueenBench) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(measure(
         args,
-        &bin("queen-rbee"),
-        &bin("llm-worker-rbee"),
+        &bin(&args.queen, "queen-rbee"),
+        &bin(&args.worker, "llm-worker-rbee"),
         &models,
     ))
 }
