@@ -97,6 +97,8 @@ const CASES: &[Case] = &[
     case("llama-small-q6_k", Arch::Llama, "small", GgufType::Q6K).with_seed(2),
     case("llama-small-q4_k_m", Arch::Llama, "small", GgufType::Q4KM),
     case("llama-small-q5_k_m", Arch::Llama, "small", GgufType::Q5KM),
+    case("llama-small-q3_k_m", Arch::Llama, "small", GgufType::Q3KM),
+    case("llama-small-q2_k", Arch::Llama, "small", GgufType::Q2K),
     // Q5_0 matrices with a Q6_K head: 32- and 256-element blocks in one file (seed 3: seeds
     // 0, 1 and 2 have 12, 16 and 16 decisive steps).
     case("llama-small-q5_0", Arch::Llama, "small", GgufType::Q5_0).with_seed(3),

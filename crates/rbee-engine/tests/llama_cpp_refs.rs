@@ -73,7 +73,8 @@ impl Tolerance {
                 argmax_everywhere: false,
                 min_decisive: 24,
             },
-            "q8_0" | "q4_0" | "q4_k" | "q6_k" | "q4_k_m" | "q5_k_m" | "q5_0" => Self {
+            "q8_0" | "q4_0" | "q4_k" | "q6_k" | "q4_k_m" | "q5_k_m" | "q5_0" | "q3_k_m"
+            | "q2_k" => Self {
                 abs: 0.25,
                 rel: 3.5e-2,
                 argmax_everywhere: false,
