@@ -6,6 +6,7 @@
 
 mod aarch64;
 mod bench;
+mod bench_chat;
 mod bench_queen;
 mod cuda;
 mod fetch;
@@ -64,6 +65,9 @@ enum BenchCommand {
     /// What the queen adds: one-token job latency and decode rate through a release-built
     /// queen against the same worker asked directly.
     Queen(bench_queen::QueenBench),
+    /// A multi-turn chat through the queen with two workers: each turn's prompt and cached
+    /// tokens, and its time to first token against the conversation's first turn.
+    Chat(bench_chat::ChatBench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Openapi => tasks::openapi(),
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
         Command::Bench(BenchCommand::Queen(args)) => bench_queen::run(&args),
+        Command::Bench(BenchCommand::Chat(args)) => bench_chat::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),
         Command::Refs(args) => refs::run_refs(&args),
