@@ -131,6 +131,25 @@ impl Toolkit {
             .trim()
             .to_owned())
     }
+
+    /// Whether candle's CUDA bindings know this toolkit's release: `cudarc`'s build script
+    /// refuses a release newer than [`NEWEST_RELEASE`].
+    pub fn supported(&self) -> bool {
+        self.release()
+            .ok()
+            .and_then(|line| release_of(&line))
+            .is_some_and(|release| release <= NEWEST_RELEASE)
+    }
+}
+
+/// The newest CUDA release `cudarc` 0.19 has bindings for.
+const NEWEST_RELEASE: (u32, u32) = (13, 4);
+
+/// `(13, 4)` from `Cuda compilation tools, release 13.4, V13.4.92`.
+fn release_of(line: &str) -> Option<(u32, u32)> {
+    let version = line.split("release ").nth(1)?.split(',').next()?;
+    let (major, minor) = version.trim().split_once('.')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 pub fn check(args: &CheckCudaArgs) -> anyhow::Result<()> {
@@ -337,4 +356,18 @@ fn confirm_kernels_built(compute_cap: &str) -> anyhow::Result<()> {
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_release_is_read_from_nvccs_version_line() {
+        let line = "Cuda compilation tools, release 13.4, V13.4.92";
+        assert_eq!(super::release_of(line), Some((13, 4)));
+        assert_eq!(
+            super::release_of("Cuda compilation tools, release 12.10, V12.10.1"),
+            Some((12, 10))
+        );
+        assert_eq!(super::release_of("nvcc (no release line)"), None);
+    }
 }

@@ -221,9 +221,18 @@ fn build(target: &Target, args: &GpuCheckArgs) -> anyhow::Result<Build> {
         });
     }
     let toolkit = match Toolkit::system() {
-        Some(toolkit) => toolkit,
-        None => {
-            eprintln!("no CUDA toolkit installed: using NVIDIA's PyPI wheels (as check-cuda)");
+        Some(toolkit) if toolkit.supported() => toolkit,
+        installed => {
+            match installed {
+                Some(toolkit) => eprintln!(
+                    "the installed toolkit ({}) is not one candle's CUDA bindings know (13.4 \
+                     at most): using NVIDIA's PyPI wheels (as check-cuda)",
+                    toolkit.release()?
+                ),
+                None => eprintln!(
+                    "no CUDA toolkit installed: using NVIDIA's PyPI wheels (as check-cuda)"
+                ),
+            }
             let toolkit = cuda::ensure_wheel_toolkit()?;
             let driver = cuda::driver_library().context(
                 "no NVIDIA driver on this machine (no libcuda): install the driver first",
@@ -339,7 +348,9 @@ struct Comparison {
 }
 
 /// Greedy tokens of `model` on `target` against the CPU's: all of them for an exact type, the
-/// first [`QUANTIZED_TOKENS`] for a quantized one.
+/// first [`QUANTIZED_TOKENS`] for a quantized one. Where they part, the CPU's logits for the
+/// two tokens at that point say by how much the device would have had to differ to choose
+/// otherwise: a near tie points at rounding, a wide gap at a wrong result.
 async fn compare(
     build: &Build,
     target: &Target,
@@ -354,28 +365,61 @@ async fn compare(
     } else {
         QUANTIZED_TOKENS.min(tokens)
     };
-    let differs = (0..compared).find(|&i| on_device.get(i) != on_cpu.get(i));
     let reference = if *target == Target::Cpu {
         "candle's CPU code against the engine's CPU path"
     } else {
         "the GPU against the CPU"
     };
-    Ok(match differs {
-        None => Comparison {
+    let Some(i) = (0..compared).find(|&i| on_device.get(i) != on_cpu.get(i)) else {
+        return Ok(Comparison {
             passed: true,
             detail: format!("{compared} tokens identical ({reference})"),
-        },
-        Some(i) => Comparison {
+        });
+    };
+    let (Some(&device_token), Some(&cpu_token)) = (on_device.get(i), on_cpu.get(i)) else {
+        return Ok(Comparison {
             passed: false,
             detail: format!(
-                "token {i} differs ({reference}): {} gives {:?}, the CPU {:?}; first {} of {compared} agree",
+                "after {i} identical tokens one side stopped ({reference}): {} generated {}, \
+                 the CPU {}",
                 target.id(),
-                on_device.get(i),
-                on_cpu.get(i),
-                i
+                on_device.len(),
+                on_cpu.len()
             ),
-        },
+        });
+    };
+    let logits = cpu_logits_after(model, &on_cpu[..i])?;
+    let logit = |token: u32| logits.get(token as usize).copied().unwrap_or(f32::NAN);
+    let gap = logit(cpu_token) - logit(device_token);
+    Ok(Comparison {
+        passed: false,
+        detail: format!(
+            "token {i} of {compared} differs ({reference}): {} chose {device_token}, the CPU \
+             {cpu_token}; the CPU's logits for them are {:.4} and {:.4}, {gap:.4} apart \
+             ({:.2} % of the larger)",
+            target.id(),
+            logit(device_token),
+            logit(cpu_token),
+            100.0 * gap.abs() / logit(device_token).abs().max(logit(cpu_token).abs())
+        ),
     })
+}
+
+/// The CPU's logits for the token after [`PROMPT`] and `generated`, computed here by the
+/// engine's CPU path, the worker's reference.
+fn cpu_logits_after(model: &Path, generated: &[u32]) -> anyhow::Result<Vec<f32>> {
+    use rbee_engine::{DeviceSpec, Engine, GenerationParams, LoadOptions, Prompt};
+    let options = LoadOptions {
+        model_path: model.to_owned(),
+        device: DeviceSpec::Cpu,
+        slots: 1,
+        context_length: None,
+    };
+    let mut engine = Engine::load(&options, &mut |_| {})?;
+    let prepared = engine.prepare(Prompt::Text(PROMPT.into()), GenerationParams::default())?;
+    let mut tokens = prepared.prompt_tokens().to_vec();
+    tokens.extend_from_slice(generated);
+    Ok(engine.logits_for_test(&tokens, 0)?)
 }
 
 /// The token ids a worker of `model` on `target` generates greedily from [`PROMPT`].
@@ -434,8 +478,10 @@ async fn greedy(
 /// `cargo xtask bench worker` on the device, with the build's worker: decode, prefill, and 1
 /// and 4 concurrent streams. Its tables go to stdout as it measures.
 fn bench(build: &Build, target: &Target, args: &GpuCheckArgs) -> anyhow::Result<()> {
-    let mut command = Command::new(std::env::current_exe()?);
+    // Through cargo rather than this executable, which a concurrent build may have replaced.
+    let mut command = cargo();
     command
+        .args(["run", "--quiet", "-p", "xtask", "--"])
         .args(["bench", "worker", "--device", &target.id()])
         .arg("--worker")
         .arg(&build.worker)
