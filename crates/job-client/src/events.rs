@@ -1,6 +1,7 @@
 //! Reading a job's SSE stream into typed events, resuming a broken connection.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures::stream::{BoxStream, Stream, StreamExt};
@@ -12,6 +13,10 @@ use crate::error::ClientError;
 
 /// The typed events of one job; see [`JobHandle::events`].
 pub type JobEventStream = BoxStream<'static, Result<JobEvent, ClientError>>;
+
+/// How long a stream dropped after its terminal event may go on reading the rest of its
+/// answer (`[DONE]` and the end of the body) in the background.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
 type SseSource =
     Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
@@ -210,6 +215,30 @@ impl Reader {
             job_id: self.handle.job_id.clone(),
             reason,
         }
+    }
+}
+
+/// A caller that stops reading at the terminal event (the queen relaying a worker, a client
+/// waiting for a result) would otherwise close the connection with `[DONE]` and the end of
+/// the body still unread, and the next request to the same daemon would pay for a new
+/// connection. The rest is read in the background instead, so the connection goes back to
+/// the pool.
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.phase != Phase::Terminal {
+            return;
+        }
+        let (Some(mut source), Ok(runtime)) =
+            (self.source.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(DRAIN_LIMIT, async {
+                while let Some(Ok(_)) = source.next().await {}
+            })
+            .await;
+        });
     }
 }
 
