@@ -1,8 +1,8 @@
 //! `rbee-keeper`'s commands: what a person runs by hand to use and manage an rbee cluster.
 //!
-//! Every command talks to the queen: `infer` and `worker spawn|stop` through the job
-//! protocol (tokens to stdout, progress to stderr), the lists and `queen stop` through the
-//! queen's own routes. On a single machine the keeper also manages local daemons: when no
+//! Every command talks to the queen: `infer`, `chat` (a conversation, one job per turn) and
+//! `worker spawn|stop` through the job protocol (tokens to stdout, progress to stderr), the
+//! lists and `queen stop` through the queen's own routes. On a single machine the keeper also manages local daemons: when no
 //! queen answers at a local URL it starts `queen-rbee` and `rbee-hive` detached, with logs
 //! and pid files in the state directory, and they keep running until `rbee-keeper queen
 //! stop`. The one time it calls a hive itself is to stop the local hive it started when

@@ -104,10 +104,8 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
                 ctx.console.note("answer stopped; this turn is not kept");
             }
             Err(err) => {
-                if let Some(lost) = lost_queen(ctx, &err).await {
-                    return Err(lost);
-                }
-                // The turn failed, the conversation goes on without it.
+                let err = ends_the_chat(ctx, err).await?;
+                // Only the turn failed: the conversation goes on without it.
                 let message = err.to_string();
                 ctx.console
                     .error_line(message.lines().next().unwrap_or_default());
@@ -138,22 +136,23 @@ async fn turn(ctx: &mut Ctx<'_>, request: InferRequest) -> Result<JobEnd, Keeper
     Ok(end)
 }
 
-/// The error that ends the conversation when a turn's failure means the queen is gone (or
-/// going); `None` when only that turn failed.
-async fn lost_queen(ctx: &Ctx<'_>, err: &KeeperError) -> Option<KeeperError> {
+/// A failed turn's error back when only that turn failed; `Err` with what ends the
+/// conversation when the queen is gone or going, or the output cannot be written.
+async fn ends_the_chat(ctx: &Ctx<'_>, err: KeeperError) -> Result<KeeperError, KeeperError> {
     match err {
         KeeperError::Remote {
             code: ErrorCode::ShuttingDown,
             ..
-        } => Some(KeeperError::Client(format!(
+        } => Err(KeeperError::Client(format!(
             "the queen at {} is shutting down; the conversation ends",
             ctx.queen.url()
         ))),
         // The queen answered: it refused this turn, or the job failed.
-        KeeperError::Remote { .. } | KeeperError::Http { .. } => None,
+        KeeperError::Remote { .. } | KeeperError::Http { .. } => Ok(err),
+        KeeperError::Io { .. } => Err(err),
         _ => match ctx.queen.health().await {
-            Ok(()) => None,
-            Err(reason) => Some(unreachable_error(ctx.queen.url(), reason)),
+            Ok(()) => Ok(err),
+            Err(reason) => Err(unreachable_error(ctx.queen.url(), reason)),
         },
     }
 }
