@@ -20,7 +20,7 @@ pub struct Cli {
     /// The queen to talk to [default: `queen_url` from the config file, else http://127.0.0.1:7833].
     #[arg(long, global = true, env = "RBEE_QUEEN_URL", value_name = "URL")]
     pub queen_url: Option<String>,
-    /// Machine-readable output on stdout (JSON; one event per line for `infer`).
+    /// Machine-readable output on stdout (JSON; one event per line for `infer` and `chat`).
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
