@@ -37,6 +37,17 @@ pub(super) fn load(
     context: Option<usize>,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
+    load_with(path, device, context, cpu::enabled(), progress)
+}
+
+/// [`load`], with the engine's CPU path on or off (`cpu_path`, from `RBEE_CPU_KERNELS`).
+fn load_with(
+    path: &Path,
+    device: &Device,
+    context: Option<usize>,
+    cpu_path: bool,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<LoadedModel, EngineError> {
     report(progress, 0.0, format!("reading {}", path.display()));
     let (content, mut reader) = read_header(path)?;
     // Types candle's header reader knows but nothing here computes as weights (candle's model
@@ -90,7 +101,7 @@ pub(super) fn load(
     // computes it correctly.
     let plan = if !device.is_cpu() {
         Err("it runs on the CPU only".to_owned())
-    } else if !cpu::enabled() {
+    } else if !cpu_path {
         Err(format!("{}=0 turns it off", cpu::ENABLE_ENV))
     } else {
         cpu::Plan::new(&content, super::resolve_context(context, trained, None))
@@ -535,8 +546,9 @@ mod tests {
     }
 
     /// Files candle's model code would compute wrongly are refused, with both reasons, where
-    /// the engine's path does not take them (here: Q8_1 matrices); the plain llama file of the
-    /// same type still runs on candle's code.
+    /// the engine's path does not take them (here: with that path off, as `RBEE_CPU_KERNELS=0`
+    /// turns it off; every GGUF type candle's code loads is on it); the plain llama file of
+    /// the same type still runs on candle's code.
     #[test]
     fn what_candle_would_get_wrong_is_refused_off_the_engine_path() {
         let dir = tempfile::tempdir().unwrap();
@@ -552,18 +564,17 @@ mod tests {
         ];
         for (i, (spec, refusal)) in cases.into_iter().enumerate() {
             let path = dir.path().join(format!("m{i}.gguf"));
-            // Q8_1 matrices, which the engine's path has no kernel for.
-            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q8_1), &path).unwrap();
+            model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q8_0), &path).unwrap();
             let (content, _) = read_header(&path).unwrap();
             let arch = metadata_str(&content, "general.architecture")
                 .unwrap()
                 .to_owned();
-            let result = load(&path, &Device::Cpu, None, &mut |_| {});
+            let result = load_with(&path, &Device::Cpu, None, false, &mut |_| {});
             match refusal {
                 Some(what) => {
                     let err = result.err().expect("refused").to_string();
                     assert!(err.contains(what), "{arch}: {err}");
-                    assert!(err.contains("Q8_1"), "{arch}: {err}");
+                    assert!(err.contains("RBEE_CPU_KERNELS=0"), "{arch}: {err}");
                     assert!(candle_cannot_run(&content, &arch).is_some());
                 }
                 None => {
