@@ -365,11 +365,12 @@ async fn compare(
     } else {
         QUANTIZED_TOKENS.min(tokens)
     };
-    let reference = if *target == Target::Cpu {
-        "candle's CPU code against the engine's CPU path"
-    } else {
-        "the GPU against the CPU"
+    // The two sides, as the table names them.
+    let (device_side, cpu_side) = match target {
+        Target::Cpu => ("candle's CPU code".to_owned(), "the engine's CPU path"),
+        Target::Cuda(_) => (target.id(), "the CPU"),
     };
+    let reference = format!("{device_side} against {cpu_side}");
     let Some(i) = (0..compared).find(|&i| on_device.get(i) != on_cpu.get(i)) else {
         return Ok(Comparison {
             passed: true,
@@ -380,9 +381,8 @@ async fn compare(
         return Ok(Comparison {
             passed: false,
             detail: format!(
-                "after {i} identical tokens one side stopped ({reference}): {} generated {}, \
-                 the CPU {}",
-                target.id(),
+                "after {i} identical tokens one side stopped: {device_side} generated {}, \
+                 {cpu_side} {}",
                 on_device.len(),
                 on_cpu.len()
             ),
@@ -394,10 +394,9 @@ async fn compare(
     Ok(Comparison {
         passed: false,
         detail: format!(
-            "token {i} of {compared} differs ({reference}): {} chose {device_token}, the CPU \
-             {cpu_token}; the CPU's logits for them are {:.4} and {:.4}, {gap:.4} apart \
+            "token {i} of {compared} differs: {device_side} chose {device_token}, {cpu_side} \
+             {cpu_token}; {cpu_side}'s logits for them are {:.4} and {:.4}, {gap:.4} apart \
              ({:.2} % of the larger)",
-            target.id(),
             logit(device_token),
             logit(cpu_token),
             100.0 * gap.abs() / logit(device_token).abs().max(logit(cpu_token).abs())
