@@ -39,6 +39,11 @@ fn main() -> anyhow::Result<()> {
         context_length: None,
     };
     let mut engine = Engine::load(&opts, &mut |_| {})?;
+    // Every count feeds the same prompt again: measure its prefill, not the prompt cache.
+    engine.set_prompt_cache(rbee_engine::PromptCacheOptions {
+        enabled: false,
+        store_bytes: 0,
+    });
     let prompt: String = (0..64).map(|i| format!("w{i} ")).collect();
     let params = GenerationParams {
         max_tokens: Some(WARMUP_STEPS + tokens),

@@ -284,6 +284,15 @@ impl Engine {
         let reuse = self
             .cache
             .take(slot, &req.prompt_tokens, keys, self.model.batched())?;
+        if reuse.cached > 0 {
+            tracing::debug!(
+                slot,
+                cached_tokens = reuse.cached,
+                from_store = reuse.from_store,
+                prompt_tokens = req.prompt_tokens.len(),
+                "prompt prefix reused"
+            );
+        }
         // The slot's cache may have changed: an earlier sequence of the slot is stale now.
         self.slot_epochs[slot] = epoch;
         Ok(Sequence::new(

@@ -124,10 +124,13 @@ impl PromptCache {
     }
 
     /// Of the `free` slots, the one holding the longest common prefix with `prompt`; among
-    /// equals, the one least recently taken, so that what the others hold lives longer.
+    /// equals, the one least recently taken, so that what the others hold lives longer (then
+    /// the first in `free`).
     pub(crate) fn choose_slot(&self, free: &[usize], prompt: &[u32]) -> Option<usize> {
         let usable = reusable(prompt);
+        // `max_by_key` keeps the last of equals: reversed, the first in `free`.
         free.iter()
+            .rev()
             .copied()
             .filter(|&s| s < self.slots.len())
             .max_by_key(|&s| {

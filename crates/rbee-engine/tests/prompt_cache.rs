@@ -119,15 +119,15 @@ fn request(engine: &Engine, c: usize, turn: usize, answers: &[String]) -> Prepar
         role: "system".into(),
         content: conv.system.into(),
     }];
-    for t in 0..=turn {
+    for (t, user) in conv.users.iter().enumerate().take(turn + 1) {
         messages.push(ChatTurn {
             role: "user".into(),
-            content: conv.users[t].into(),
+            content: (*user).into(),
         });
-        if t < turn {
+        if let Some(answer) = answers.get(t).filter(|_| t < turn) {
             messages.push(ChatTurn {
                 role: "assistant".into(),
-                content: answers[t].clone(),
+                content: answer.clone(),
             });
         }
     }
