@@ -56,28 +56,59 @@ pub(super) fn dot_q3kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
     unsafe { q3k_avx2(row, acts) }
 }
 
-/// `scales` holds sixteen i16 sub-block factors; the result holds factor `2k` in every i16 lane
-/// of its low half and `2k + 1` in every lane of its high half, as `madd` needs them against
-/// the `maddubs` products of weight vector `k`.
+/// The sub-block scales of weight vector `k` as `madd` needs them against its `maddubs`
+/// products: from `bytes`, the sixteen one-byte scales in both 128-bit halves, scale `2k` in
+/// every i16 lane of the low half and `2k + 1` in every lane of the high half, each at `shift`
+/// (0: its byte zero-extended, for unsigned scales; 8: its byte as the high byte, so a signed
+/// scale keeps its sign, times 256). One byte shuffle, the only instruction on the shuffle port
+/// per weight vector.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn pair(scales: __m256i, k: usize) -> __m256i {
-    // 32-bit unit `k` holds factors `2k` and `2k + 1`: copy it everywhere, then pick its first
-    // i16 in the low half and its second in the high half.
-    let both = _mm256_permutevar8x32_epi32(scales, _mm256_set1_epi32(k as i32));
-    let pick = _mm256_setr_epi8(
-        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
-        2, 3,
-    );
-    _mm256_shuffle_epi8(both, pick)
+fn pair(bytes: __m256i, k: usize, shift: u32) -> __m256i {
+    let pick = |s: usize| {
+        let s = s as u8;
+        let lane = if shift == 8 { [0x80, s] } else { [s, 0x80] };
+        _mm_set1_epi16(i16::from_le_bytes(lane))
+    };
+    _mm256_shuffle_epi8(bytes, _mm256_set_m128i(pick(2 * k + 1), pick(2 * k)))
+}
+
+/// `v`'s 16-bit lanes shifted right by `bits` (`0..8`), by an immediate: the callers' loops are
+/// unrolled, so the match folds away.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn shr(v: __m256i, bits: usize) -> __m256i {
+    match bits {
+        0 => v,
+        1 => _mm256_srli_epi16::<1>(v),
+        2 => _mm256_srli_epi16::<2>(v),
+        3 => _mm256_srli_epi16::<3>(v),
+        4 => _mm256_srli_epi16::<4>(v),
+        5 => _mm256_srli_epi16::<5>(v),
+        6 => _mm256_srli_epi16::<6>(v),
+        _ => _mm256_srli_epi16::<7>(v),
+    }
 }
 
 /// The 2-bit values at bits `2j` of each byte of `q`, for `j` in `0..4`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn crumbs(q: __m256i, j: usize) -> __m256i {
-    let shifted = _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * j as i32));
-    _mm256_and_si256(shifted, _mm256_set1_epi8(3))
+    _mm256_and_si256(shr(q, 2 * j), _mm256_set1_epi8(3))
+}
+
+/// Bit `k` (`0..8`) of each byte of `mask`, moved to bit 2 (a value of 4 or 0). The 16-bit
+/// shifts carry no bit across a byte into bit 2 of either byte of a lane: bit 2 comes from
+/// bit `k` of the same byte.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bit_as_four(mask: __m256i, k: usize) -> __m256i {
+    let moved = match k {
+        0 => _mm256_slli_epi16::<2>(mask),
+        1 => _mm256_slli_epi16::<1>(mask),
+        k => shr(mask, k - 2),
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(4))
 }
 
 /// The 32 activations of token block `a` that pair with weight vector `k`.
@@ -132,10 +163,10 @@ fn q2k_avx2<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N]) -> [f32; N] {
                 f16_ptr(p.add(82)),
             )
         };
-        let scales = _mm256_cvtepu8_epi16(_mm_and_si128(sc, m4));
+        let scales = _mm256_broadcastsi128_si256(_mm_and_si128(sc, m4));
         let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sc), m4));
         let w: [__m256i; 8] = std::array::from_fn(|k| crumbs(q[k / 4], k % 4));
-        let pairs: [__m256i; 8] = std::array::from_fn(|k| pair(scales, k));
+        let pairs: [__m256i; 8] = std::array::from_fn(|k| pair(scales, k, 0));
         for (acc, act) in acc.iter_mut().zip(acts) {
             let a = &act[i];
             let sumi = scaled_sums(&w, &pairs, a);
@@ -170,7 +201,6 @@ fn q3k_scales(p: &[u8]) -> __m128i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q3k_avx2<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N]) -> [f32; N] {
-    let four = _mm256_set1_epi8(4);
     let mut acc = [_mm256_setzero_ps(); N];
     for i in 0..acts[0].len() {
         let b = &row[Q3K_BYTES * i..Q3K_BYTES * (i + 1)];
@@ -186,17 +216,20 @@ fn q3k_avx2<const N: usize>(row: &[u8], acts: [&[BlockQ8K]; N]) -> [f32; N] {
                 f16_ptr(p.add(108)),
             )
         };
-        let scales = _mm256_cvtepi8_epi16(q3k_scales(&b[96..108]));
+        let packed = q3k_scales(&b[96..108]);
+        let scales = _mm256_cvtepi8_epi16(packed);
+        // Weight vector `k = 4n + j` has its high bits at bit `k` of the mask bytes.
         let w: [__m256i; 8] = std::array::from_fn(|k| {
-            // Weight vector `k = 4n + j` has its high bits at bit `k` of the mask bytes.
-            let bit = _mm256_set1_epi8((1u8 << k) as i8);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(hmask, bit), bit);
-            _mm256_or_si256(crumbs(q[k / 4], k % 4), _mm256_and_si256(set, four))
+            _mm256_or_si256(crumbs(q[k / 4], k % 4), bit_as_four(hmask, k))
         });
-        let pairs: [__m256i; 8] = std::array::from_fn(|k| pair(scales, k));
+        // The scales times 256 (signed bytes as high bytes); the sum is shifted back once.
+        let pairs: [__m256i; 8] =
+            std::array::from_fn(|k| pair(_mm256_broadcastsi128_si256(packed), k, 8));
         for (acc, act) in acc.iter_mut().zip(acts) {
             let a = &act[i];
-            let sumi = scaled_sums(&w, &pairs, a);
+            // Exact: every term of the sum is a multiple of 256, and its size stays below 2^28
+            // (eight products of at most 1,792 × 32 × 2 per lane, times 256).
+            let sumi = _mm256_srai_epi32::<8>(scaled_sums(&w, &pairs, a));
             let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, bsums(a)));
             let sumi = _mm256_sub_epi32(sumi, offset);
             *acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sumi), *acc);
