@@ -490,3 +490,19 @@ fn bench(build: &Build, target: &Target, args: &GpuCheckArgs) -> anyhow::Result<
         .envs(build.env.iter().map(|(k, v)| (k, v)));
     run(command, "the worker bench")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Target;
+
+    #[test]
+    fn the_device_is_the_cpu_or_a_cuda_ordinal() {
+        assert_eq!(Target::parse("cpu").unwrap(), Target::Cpu);
+        assert_eq!(Target::parse(" CUDA ").unwrap(), Target::Cuda(0));
+        assert_eq!(Target::parse("cuda:3").unwrap().id(), "cuda:3");
+        for bad in ["metal:0", "cuda:x", "gpu", ""] {
+            let err = Target::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad.trim()), "{err}");
+        }
+    }
+}
