@@ -317,6 +317,7 @@ async fn a_hive_without_room_is_passed_over_for_the_next_placement() {
             ],
             workers: Vec::new(),
             models: Vec::new(),
+            model_dirs: Vec::new(),
         },
     };
     let registered = reqwest::Client::new()

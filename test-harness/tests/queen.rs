@@ -161,6 +161,7 @@ fn hive_beat(hive_id: &str, url: &str) -> Value {
             devices: Vec::new(),
             workers: Vec::new(),
             models: Vec::new(),
+            model_dirs: Vec::new(),
         },
     })
 }

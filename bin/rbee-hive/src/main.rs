@@ -77,6 +77,17 @@ struct Args {
     /// else ~/.local/share/rbee/models).
     #[arg(long, env = "RBEE_HIVE_MODEL_DIR")]
     model_dir: Option<PathBuf>,
+    /// A directory whose model files anyone may have this hive load (repeatable; the
+    /// environment variable takes a comma-separated list). With any, a local model path
+    /// outside them and outside the catalog is refused before it is opened. Not the catalog
+    /// directory (--model-dir).
+    #[arg(
+        long = "allow-model-dir",
+        value_name = "DIR",
+        env = "RBEE_HIVE_ALLOWED_MODEL_DIRS",
+        value_delimiter = ','
+    )]
+    allowed_model_dirs: Vec<PathBuf>,
     /// The model hub `hf:` references are downloaded from (default: https://huggingface.co).
     #[arg(long, env = "HF_ENDPOINT")]
     hf_endpoint: Option<String>,
@@ -119,6 +130,7 @@ impl Args {
         if let Some(dir) = self.model_dir {
             config.model_dir = dir;
         }
+        config.allowed_model_dirs = self.allowed_model_dirs;
         if let Some(endpoint) = self.hf_endpoint.filter(|e| !e.trim().is_empty()) {
             config.hf_endpoint = endpoint;
         }

@@ -53,6 +53,11 @@ pub struct HiveConfig {
     pub cluster_token: Option<String>,
     /// The model catalog (`catalog.sqlite`) and every downloaded file (`hub/`) live here.
     pub model_dir: PathBuf,
+    /// The directories whose model files anyone may have this hive load
+    /// (`--allow-model-dir`). When any are given, a local path outside them and outside the
+    /// catalog is refused before it is opened; when none are, any path the hive's user can
+    /// read is loaded (the queen decides who may ask for one).
+    pub allowed_model_dirs: Vec<PathBuf>,
     /// The model hub that `hf:` references are downloaded from.
     pub hf_endpoint: String,
     /// A hub access token, for gated or private repositories.
@@ -88,6 +93,7 @@ impl HiveConfig {
             memory_reserve: 0,
             cluster_token: None,
             model_dir: default_model_dir(),
+            allowed_model_dirs: Vec::new(),
             hf_endpoint: DEFAULT_HF_ENDPOINT.into(),
             hf_token: None,
         }

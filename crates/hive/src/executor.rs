@@ -10,8 +10,8 @@ use serde_json::json;
 
 use crate::Hive;
 use crate::children::{SpawnSpec, wait_exit};
-use crate::models::CatalogRow;
 use crate::models::reference::{self, HubRef, ModelRef};
+use crate::models::{CatalogRow, Models};
 use crate::{capacity, devices, spawn};
 
 /// An admitted operation: the target hive is this one, a model reference is well formed (a
@@ -101,7 +101,7 @@ impl JobExecutor for HiveExecutor {
         match operation {
             Operation::WorkerSpawn(request) => {
                 self.check_target(request.hive_id.as_deref())?;
-                parse_spawn(request).map(HiveJob::Spawn)
+                parse_spawn(request, &self.hive.models).map(HiveJob::Spawn)
             }
             Operation::WorkerList(target) => {
                 self.check_target(target.hive_id.as_deref())?;
@@ -311,9 +311,10 @@ fn uses(model_ref: &str, row: &CatalogRow) -> bool {
     }
 }
 
-/// `worker_spawn` into a [`SpawnRequest`]: a hub reference, or a local model path that exists
-/// (made absolute); a device spelled `cpu`, `cuda:N` or `metal:N`.
-fn parse_spawn(request: WorkerSpawnRequest) -> Result<SpawnRequest, ApiError> {
+/// `worker_spawn` into a [`SpawnRequest`]: a hub reference, or a local model path this hive
+/// may load (made canonical; see [`crate::models::access`]); a device spelled `cpu`, `cuda:N`
+/// or `metal:N`.
+fn parse_spawn(request: WorkerSpawnRequest, models: &Models) -> Result<SpawnRequest, ApiError> {
     let model_ref = request.model.trim().to_owned();
     if model_ref.is_empty() {
         return Err(ApiError::bad_request("`model` must not be empty"));
@@ -321,19 +322,7 @@ fn parse_spawn(request: WorkerSpawnRequest) -> Result<SpawnRequest, ApiError> {
     let model =
         match reference::parse(&model_ref).map_err(|err| ApiError::bad_request(err.to_string()))? {
             ModelRef::Hub(model) => SpawnModel::Hub(model),
-            ModelRef::Local(path) => {
-                SpawnModel::Local(std::fs::canonicalize(&path).map_err(|err| {
-                    let code = if err.kind() == std::io::ErrorKind::NotFound {
-                        ErrorCode::ModelNotFound
-                    } else {
-                        ErrorCode::BadRequest
-                    };
-                    ApiError::new(
-                        code,
-                        format!("model path `{model_ref}` cannot be used on this hive: {err}"),
-                    )
-                })?)
-            }
+            ModelRef::Local(path) => SpawnModel::Local(models.local_path(&path, &model_ref)?),
         };
     let device = match request.device.as_deref() {
         None => "cpu".to_owned(),
@@ -362,11 +351,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn spawn_requests_are_parsed_at_the_edge() {
+    #[tokio::test]
+    async fn spawn_requests_are_parsed_at_the_edge() {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.gguf");
         std::fs::write(&model, b"x").unwrap();
+        let mut config = crate::HiveConfig::new("h");
+        config.model_dir = dir.path().join("catalog");
+        let models = Models::open(&config, tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap();
+        let parse_spawn = |request| parse_spawn(request, &models);
         let spec = parse_spawn(spawn_request(model.to_str().unwrap(), None)).unwrap();
         assert_eq!(spec.device, "cpu");
         assert!(

@@ -94,6 +94,7 @@ impl Hive {
             devices: devices::read_async(Arc::clone(&self.gpus)).await.all(),
             workers: self.children.list(),
             models: self.models.entries(),
+            model_dirs: self.models.allowed_dirs(),
         }
     }
 }

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::executor::HiveExecutor;
+use crate::models::reference::{self, ModelRef};
 use crate::{Hive, capacity, devices};
 
 pub(crate) fn router(
@@ -80,7 +81,19 @@ async fn capacity(
     State(hive): State<Arc<Hive>>,
     query: Result<Query<CapacityQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let Query(mut query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    // A local path is held to the allowed model directories before anything looks at it,
+    // and is asked about by the file it resolves to.
+    if let Some(model) = query
+        .model
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        && let Ok(ModelRef::Local(path)) = reference::parse(model)
+    {
+        let resolved = hive.models.local_path(&path, model)?;
+        query.model = Some(resolved.to_string_lossy().into_owned());
+    }
     let question =
         capacity::Question::parse(query.model.as_deref(), query.device.as_deref(), |hub| {
             capacity::catalog_path(&hive.models, hub)

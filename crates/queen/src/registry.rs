@@ -479,6 +479,7 @@ pub(crate) mod tests {
             devices: Vec::new(),
             workers,
             models: Vec::new(),
+            model_dirs: Vec::new(),
         }
     }
 

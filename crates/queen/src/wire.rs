@@ -49,6 +49,7 @@ mod tests {
                 devices: Vec::new(),
                 workers: Vec::new(),
                 models: Vec::new(),
+                model_dirs: Vec::new(),
             },
             status: Health::Stale,
             last_seen_ms_ago: 1500,

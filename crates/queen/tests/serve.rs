@@ -30,6 +30,7 @@ async fn serves_until_cancelled() {
             devices: Vec::new(),
             workers: Vec::new(),
             models: Vec::new(),
+            model_dirs: Vec::new(),
         },
     };
     let response = http

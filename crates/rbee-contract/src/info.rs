@@ -125,6 +125,10 @@ pub struct HiveInfo {
     pub devices: Vec<DeviceInfo>,
     pub workers: Vec<WorkerInfo>,
     pub models: Vec<ModelEntry>,
+    /// The directories (canonical, absolute) whose model files the hive loads for anyone
+    /// (`--allow-model-dir`); empty when the hive loads any path it is asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_dirs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -8,13 +8,14 @@
 //! It does not start workers (that is `spawn`) and does not read model files beyond hashing
 //! them; local paths are handed to workers as they are and never enter the catalog.
 
+pub(crate) mod access;
 mod catalog;
 mod download;
 mod hub;
 pub(crate) mod reference;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use job_server::{ApiError, JobContext, JobFailure};
@@ -22,6 +23,7 @@ use rbee_contract::{ErrorCode, JobEvent, ModelDetails, ModelEntry, ModelState};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HiveConfig;
+use access::{ModelDirs, PathRefusal};
 use catalog::Catalog;
 pub(crate) use catalog::CatalogRow;
 use download::{Flight, Joined, Plan};
@@ -39,6 +41,8 @@ pub enum ModelsError {
     #[error("{0}")]
     Catalog(String),
     #[error("{0}")]
+    AllowedDir(String),
+    #[error("{0}")]
     Hub(String),
 }
 
@@ -46,6 +50,8 @@ pub(crate) struct Models {
     model_dir: PathBuf,
     catalog: Catalog,
     hub: Hub,
+    /// The directories local paths must resolve into, if any.
+    dirs: ModelDirs,
     flights: Mutex<HashMap<String, Arc<Flight>>>,
     /// Cancels every download when the hive stops.
     shutdown: CancellationToken,
@@ -59,6 +65,11 @@ impl Models {
         shutdown: CancellationToken,
     ) -> Result<Arc<Models>, ModelsError> {
         let model_dir = config.model_dir.clone();
+        let allowed = config.allowed_model_dirs.clone();
+        let dirs = tokio::task::spawn_blocking(move || ModelDirs::new(&allowed))
+            .await
+            .map_err(|err| ModelsError::AllowedDir(err.to_string()))?
+            .map_err(ModelsError::AllowedDir)?;
         let dir = model_dir.clone();
         let catalog = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|source| ModelsError::Dir {
@@ -80,9 +91,47 @@ impl Models {
             model_dir,
             catalog,
             hub,
+            dirs,
             flights: Mutex::new(HashMap::new()),
             shutdown,
         }))
+    }
+
+    /// The allowed model directories as the heartbeat reports them.
+    pub fn allowed_dirs(&self) -> Vec<String> {
+        self.dirs.reported()
+    }
+
+    /// The canonical file a local model path names, if this hive may load it (see
+    /// [`access`]). The client's error names only the reference it gave; why the path was
+    /// refused goes to the log. Nothing is opened.
+    pub fn local_path(&self, path: &Path, model_ref: &str) -> Result<PathBuf, ApiError> {
+        let catalog = || {
+            self.catalog
+                .list()
+                .into_iter()
+                .filter(|row| row.state == ModelState::Ready)
+                .filter_map(|row| row.path)
+                .collect()
+        };
+        self.dirs.resolve(path, catalog).map_err(|refusal| {
+            match &refusal {
+                PathRefusal::Outside => tracing::warn!(
+                    model = model_ref,
+                    "refused a model path outside the allowed model directories and the catalog"
+                ),
+                PathRefusal::Missing => {
+                    tracing::info!(
+                        model = model_ref,
+                        "no such file in the allowed model directories"
+                    );
+                }
+                PathRefusal::Unusable(err) => {
+                    tracing::info!(model = model_ref, error = %err, "model path cannot be used");
+                }
+            }
+            refusal.to_api_error(model_ref)
+        })
     }
 
     /// The catalog as the heartbeat reports it.
