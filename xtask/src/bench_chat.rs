@@ -117,7 +117,11 @@ pub fn run(args: &ChatBench) -> anyhow::Result<()> {
         &model,
         &documents,
     ))?;
-    print_table(args, &model, &turns);
+    let described = match &args.model {
+        Some(path) => path.display().to_string(),
+        None => format!("the generated {} llama {}", args.preset, args.format),
+    };
+    print_table(args, &described, &turns);
     Ok(())
 }
 
@@ -151,8 +155,13 @@ async fn measure(
     )
     .await?;
 
+    // The workers' logs stay for a look at where a turn's time went ("generation ended" lines
+    // carry prefill and decode times).
+    let logs = crate::tasks::workspace_root().join("target/bench-chat");
+    std::fs::create_dir_all(&logs)?;
     let mut workers = Vec::new();
     for id in WORKER_IDS {
+        let log = std::fs::File::create(logs.join(format!("{id}.log")))?;
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
         let mut child = WorkerProcess(
@@ -163,8 +172,9 @@ async fn measure(
                 .args(["--threads", &args.threads.to_string()])
                 .args(["--queen-url", &queen_url, "--heartbeat-interval", "500ms"])
                 .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+                .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(log)
                 .spawn()
                 .context("start a worker")?,
         );
@@ -173,6 +183,7 @@ async fn measure(
         workers.push((child, url));
     }
     wait_registered(&queen_url).await?;
+    eprintln!("worker logs: {}", logs.display());
 
     let http = reqwest::Client::new();
     let worker_urls: Vec<String> = workers.iter().map(|(_, url)| url.clone()).collect();
@@ -320,18 +331,14 @@ async fn generations(http: &reqwest::Client, workers: &[String]) -> anyhow::Resu
     Ok(counts)
 }
 
-fn print_table(args: &ChatBench, model: &Path, turns: &[Turn]) {
+fn print_table(args: &ChatBench, model: &str, turns: &[Turn]) {
     println!();
     println!(
         "chat benchmark: {} turns of two interleaved conversations through the queen's \
          /v1/chat/completions (streaming, greedy, max_tokens {}), two workers of {} ({} threads \
          each, one slot, the default prompt cache); each conversation opens with a {}-token \
          document, then asks short questions",
-        args.turns,
-        args.max_tokens,
-        model.file_name().unwrap_or_default().to_string_lossy(),
-        args.threads,
-        args.document_tokens,
+        args.turns, args.max_tokens, model, args.threads, args.document_tokens,
     );
     println!();
     println!(
