@@ -1,11 +1,15 @@
 use std::time::Duration;
 
 use rbee_contract::{ApiErrorBody, JOBS_PATH, JobCreated, JobEvent, Operation};
+use reqwest::header::{ACCEPT, LOCATION};
 use reqwest::{RequestBuilder, Response};
 use serde::Serialize;
 
 use crate::error::ClientError;
 use crate::events::{self, JobEventStream};
+
+/// The header of a streamed creation answer that names the job (job-server's `JOB_ID_HEADER`).
+const JOB_ID_HEADER: &str = "x-rbee-job-id";
 
 /// A client of one daemon's job protocol. Cheap to clone (the connection pool is shared).
 #[derive(Debug, Clone)]
@@ -98,6 +102,56 @@ impl JobClient {
                 })?;
         tracing::debug!(job_id = %created.job_id, url, "job submitted");
         Ok(self.handle(created))
+    }
+
+    /// [`submit_to`](Self::submit_to), with the job's events read from the creation answer
+    /// itself (`?stream=true`): one round trip where submitting and then opening the stream
+    /// take two. A server that answers with the job's JSON instead has its stream opened as
+    /// [`JobHandle::events`] does.
+    pub async fn submit_and_follow<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(JobHandle, JobEventStream), ClientError> {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let url = self.url(&format!("{path}{separator}stream=true"));
+        let request = self
+            .http
+            .post(&url)
+            .header(ACCEPT, "text/event-stream, application/json")
+            .json(body);
+        let response = ok_or_error(self.send(request, &url).await?, &url).await?;
+        if !events::is_event_stream(&response) {
+            let created: JobCreated =
+                response
+                    .json()
+                    .await
+                    .map_err(|e| ClientError::InvalidResponse {
+                        url: url.clone(),
+                        reason: format!("not a job creation answer: {e}"),
+                    })?;
+            let handle = self.handle(created);
+            return Ok((handle.clone(), handle.events()));
+        }
+        let header = |name| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| ClientError::InvalidResponse {
+                    url: url.clone(),
+                    reason: format!("a job's event stream without its `{name}` header"),
+                })
+        };
+        let created = JobCreated {
+            job_id: header(JOB_ID_HEADER)?,
+            sse_url: header(LOCATION.as_str())?,
+        };
+        tracing::debug!(job_id = %created.job_id, url, "job submitted, stream open");
+        let handle = self.handle(created);
+        let events = events::stream_from(handle.clone(), response);
+        Ok((handle, events))
     }
 
     /// A handle on a job that already exists.

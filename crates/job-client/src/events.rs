@@ -22,11 +22,32 @@ type SseSource =
     Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
 
 pub(crate) fn stream(handle: JobHandle, last_event_id: Option<u64>) -> JobEventStream {
+    unfold(handle, None, last_event_id)
+}
+
+/// The events of a job whose stream `response` already is (a creation answered with it).
+pub(crate) fn stream_from(handle: JobHandle, response: reqwest::Response) -> JobEventStream {
+    unfold(
+        handle,
+        Some(Box::pin(response.bytes_stream().eventsource())),
+        None,
+    )
+}
+
+pub(crate) fn is_event_stream(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/event-stream"))
+}
+
+fn unfold(handle: JobHandle, source: Option<SseSource>, last_id: Option<u64>) -> JobEventStream {
     let reader = Reader {
         url: handle.client.url(&handle.sse_url),
         handle,
-        source: None,
-        last_id: last_event_id,
+        source,
+        last_id,
         received_without_id: false,
         attempts: 0,
         phase: Phase::Events,

@@ -23,5 +23,5 @@ mod server;
 pub use error::{ApiError, EmitError, JobFailure, JobOutcome, JobResult, terminal_to_result};
 pub use executor::{JobContext, JobExecutor};
 pub use job::{EventSink, JobSubscription, SequencedEvent};
-pub use routes::{Created, OperationJson};
+pub use routes::{Created, JOB_ID_HEADER, OperationJson};
 pub use server::{CancelOutcome, JobOptions, JobServer, JobServerConfig, JobStats};

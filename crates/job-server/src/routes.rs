@@ -20,6 +20,19 @@ use crate::executor::JobExecutor;
 use crate::job::JobSubscription;
 use crate::server::{CancelOutcome, JobOptions, JobServer};
 
+/// The header of a streamed creation answer (`POST /v1/jobs?stream=true`) that names the job.
+pub const JOB_ID_HEADER: &str = "x-rbee-job-id";
+
+/// How `POST /v1/jobs` answers, from its query string: `stream=true` answers with the job's
+/// event stream itself (`201`, `text/event-stream`, the job's id in [`JOB_ID_HEADER`] and its
+/// stream's path in `Location`), sparing a client that will read the stream at once (the queen
+/// relaying a worker) the round trip of opening it.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(default)]
+struct Answer {
+    stream: bool,
+}
+
 impl<E: JobExecutor> JobServer<E> {
     /// `POST /v1/jobs`, `GET /v1/jobs/{job_id}/stream` and `DELETE /v1/jobs/{job_id}`.
     /// Merge it into the daemon's router; authentication is the daemon's layer.
@@ -43,9 +56,28 @@ impl<E: JobExecutor> JobServer<E> {
 async fn create_job<E: JobExecutor>(
     State(server): State<JobServer<E>>,
     options: JobOptions,
+    uri: axum::http::Uri,
     OperationJson(operation): OperationJson,
-) -> Result<Created, ApiError> {
-    server.create(operation, options).map(Created)
+) -> Result<Response, ApiError> {
+    let Query(answer) = Query::<Answer>::try_from_uri(&uri)
+        .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+    let created = server.create(operation, options)?;
+    if !answer.stream {
+        return Ok(Created(created).into_response());
+    }
+    // Subscribed before the answer leaves, as a client opening the stream at once would be:
+    // the job cannot count as unclaimed meanwhile.
+    let subscription = server.subscribe(&created.job_id, None)?;
+    let mut response = event_stream(&server, subscription);
+    *response.status_mut() = StatusCode::CREATED;
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&created.sse_url) {
+        headers.insert(LOCATION, location);
+    }
+    if let Ok(id) = HeaderValue::from_str(&created.job_id) {
+        headers.insert(JOB_ID_HEADER, id);
+    }
+    Ok(response)
 }
 
 async fn stream_job<E: JobExecutor>(
@@ -56,10 +88,14 @@ async fn stream_job<E: JobExecutor>(
     let last_event_id = last_event_id(&headers)?;
     let subscription = server.subscribe(&job_id, last_event_id)?;
     tracing::debug!(job_id, ?last_event_id, "job stream opened");
+    Ok(event_stream(&server, subscription))
+}
+
+fn event_stream<E: JobExecutor>(server: &JobServer<E>, subscription: JobSubscription) -> Response {
     let keep_alive = KeepAlive::new().interval(server.config().keep_alive);
-    Ok(Sse::new(sse_events(subscription))
+    Sse::new(sse_events(subscription))
         .keep_alive(keep_alive)
-        .into_response())
+        .into_response()
 }
 
 async fn cancel_job<E: JobExecutor>(

@@ -12,7 +12,7 @@ use std::any::Any;
 use std::time::Duration;
 
 use futures::StreamExt;
-use job_client::{ClientError, JobClient, JobHandle};
+use job_client::{ClientError, JobClient, JobEventStream, JobHandle};
 use job_server::{JobContext, JobFailure};
 use rbee_contract::{JobEvent, Operation};
 use tokio::sync::oneshot;
@@ -44,6 +44,8 @@ pub(crate) type Hold = Box<dyn Any + Send>;
 /// An upstream job that is cancelled when dropped before its terminal event was seen.
 pub(crate) struct Upstream {
     handle: Option<JobHandle>,
+    /// The job's stream, when it came with the answer to its creation.
+    events: Option<JobEventStream>,
     /// Released after the terminal event, or after the cancellation has been delivered.
     hold: Option<Hold>,
 }
@@ -63,6 +65,7 @@ impl From<JobHandle> for Upstream {
     fn from(handle: JobHandle) -> Self {
         Upstream {
             handle: Some(handle),
+            events: None,
             hold: None,
         }
     }
@@ -87,7 +90,8 @@ impl Drop for Upstream {
     }
 }
 
-/// Submits `operation` to `path` on the hop below (e.g. a worker's `/v1/inference`).
+/// Submits `operation` to `path` on the hop below (e.g. a worker's `/v1/inference`), its
+/// events coming with the answer (one round trip, not two: every relayed job pays it).
 ///
 /// The request runs in a task of its own and its answer travels as an [`Upstream`]. If the
 /// caller is dropped before the answer arrives (the queen's job was cancelled), the answer is
@@ -114,13 +118,15 @@ pub(crate) async fn submit_holding(
     let (answer, answered) = oneshot::channel();
     tokio::spawn(
         async move {
-            let created = client
-                .submit_to(path, &operation)
-                .await
-                .map(|handle| Upstream {
-                    handle: Some(handle),
-                    hold,
-                });
+            let created =
+                client
+                    .submit_and_follow(path, &operation)
+                    .await
+                    .map(|(handle, events)| Upstream {
+                        handle: Some(handle),
+                        events: Some(events),
+                        hold,
+                    });
             if let Ok(upstream) = &created {
                 tracing::debug!(upstream_job_id = upstream.job_id(), "upstream job created");
             }
@@ -153,7 +159,7 @@ pub(crate) async fn relay(
         return Err(JobFailure::internal("an upstream job was relayed twice"));
     };
     let job_id = handle.job_id.clone();
-    let mut events = handle.events();
+    let mut events = guard.events.take().unwrap_or_else(|| handle.events());
     let mut tokens = 0u32;
     while let Some(item) = events.next().await {
         match item {

@@ -387,3 +387,73 @@ async fn two_readers_see_the_same_events() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_creation_may_answer_with_the_jobs_stream() -> anyhow::Result<()> {
+    let t = TestServer::start(JobServerConfig::default()).await?;
+    let response = within(
+        t.http
+            .post(t.url("/v1/jobs?stream=true"))
+            .json(&infer("tokens 2"))
+            .send(),
+    )
+    .await?;
+    assert_eq!(response.status(), 201);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/event-stream")
+    );
+    let job_id = response.headers()[job_server::JOB_ID_HEADER]
+        .to_str()?
+        .to_owned();
+    assert_eq!(
+        response.headers()["location"].to_str()?,
+        format!("/v1/jobs/{job_id}/stream")
+    );
+    let blocks = crate::common::parse_sse(&within(response.text()).await?);
+    let events = assert_well_formed(&blocks);
+    assert_eq!(token_indices(&events), vec![0, 1]);
+    assert!(matches!(events.last(), Some(JobEvent::Done { .. })));
+
+    // The same job, read again by its id, from the start.
+    let again = assert_well_formed(&t.read_stream(&job_id, None).await?);
+    assert_eq!(again, events);
+    Ok(())
+}
+
+#[tokio::test]
+async fn job_client_submits_and_follows_in_one_request() -> anyhow::Result<()> {
+    let t = TestServer::start(JobServerConfig::default()).await?;
+    let (handle, events) = within(
+        t.client()
+            .submit_and_follow("/v1/jobs?cancel_on_disconnect=false", &infer("tokens 3")),
+    )
+    .await?;
+    assert_eq!(handle.sse_url, format!("/v1/jobs/{}/stream", handle.job_id));
+    let events: Vec<JobEvent> = within(events.map(|e| e.expect("a job event")).collect()).await;
+    assert_eq!(token_indices(&events), vec![0, 1, 2]);
+    assert!(matches!(events.last(), Some(JobEvent::Done { .. })));
+    Ok(())
+}
+
+#[tokio::test]
+async fn closing_a_stream_that_came_with_the_creation_cancels_the_job() -> anyhow::Result<()> {
+    let t = TestServer::start(JobServerConfig::default()).await?;
+    let (handle, mut events) = within(
+        t.client()
+            .submit_and_follow("/v1/jobs", &infer("tokens 1000 20")),
+    )
+    .await?;
+    let first = within(events.next()).await.expect("an event")?;
+    assert!(
+        matches!(first, JobEvent::Token { index: 0, .. }),
+        "{first:?}"
+    );
+    drop(events);
+    assert!(
+        t.observed().wait_cancelled(&handle.job_id, WAIT).await,
+        "the job was cancelled when its stream closed"
+    );
+    Ok(())
+}
