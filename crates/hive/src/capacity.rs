@@ -363,44 +363,66 @@ pub(crate) async fn before_download(
     let gpus = Arc::clone(&hive.gpus);
     let limits = Limits::of(hive);
     let (device, model) = (device.to_owned(), model.to_owned());
-    let estimate = tokio::task::spawn_blocking(move || {
-        let devices = devices::read(gpus.as_ref());
-        let device = devices.find(&device)?;
-        let held = ledger.lock().held(&children.list(), device, limits);
-        let overhead_bytes = overhead(device.kind);
-        Some(CapacityEstimate {
-            device: device.id.clone(),
-            model,
-            required_bytes: file_bytes.saturating_add(overhead_bytes),
-            available_bytes: available(device, held, limits.memory_reserve),
-            weights_bytes: file_bytes,
-            // No KV cache is counted until the header is read.
-            kv_cache_bytes: 0,
-            overhead_bytes,
-            context_length: 0,
-            slots: 0,
-            prompt_cache_bytes: 0,
-        })
+    let refusal = tokio::task::spawn_blocking(move || {
+        file_refusal(
+            &ledger,
+            &children,
+            gpus.as_ref(),
+            &device,
+            &model,
+            file_bytes,
+            limits,
+        )
     })
     .await
     .map_err(|e| JobFailure::internal(format!("the capacity check failed: {e}")))?;
-    // An unknown device is refused by the full check, with the list of devices.
-    match estimate {
-        Some(estimate) if !estimate.fits() => Err(JobFailure::new(
-            ErrorCode::NoCapacity,
-            format!(
-                "`{}` does not fit on {}, so it was not downloaded: its file alone needs {} \
-                 bytes ({} weights + {} overhead, before the KV cache) and {} bytes are available",
-                estimate.model,
-                estimate.device,
-                estimate.required_bytes,
-                estimate.weights_bytes,
-                estimate.overhead_bytes,
-                estimate.available_bytes
-            ),
-        )),
-        _ => Ok(()),
+    match refusal {
+        Some(message) => Err(JobFailure::new(ErrorCode::NoCapacity, message)),
+        None => Ok(()),
     }
+}
+
+/// [`before_download`]'s answer, read now: why a file of `file_bytes` cannot fit on `device`,
+/// or `None` when it may (an unknown device is left to the full check, which lists the
+/// devices). Blocking.
+fn file_refusal(
+    ledger: &Ledger,
+    children: &Children,
+    gpus: &dyn Gpus,
+    device: &str,
+    model: &str,
+    file_bytes: u64,
+    limits: Limits,
+) -> Option<String> {
+    let devices = devices::read(gpus);
+    let device = devices.find(device)?;
+    let held = ledger.lock().held(&children.list(), device, limits);
+    let overhead_bytes = overhead(device.kind);
+    let estimate = CapacityEstimate {
+        device: device.id.clone(),
+        model: model.to_owned(),
+        required_bytes: file_bytes.saturating_add(overhead_bytes),
+        available_bytes: available(device, held, limits.memory_reserve),
+        weights_bytes: file_bytes,
+        // No KV cache is counted until the header is read.
+        kv_cache_bytes: 0,
+        overhead_bytes,
+        context_length: 0,
+        slots: 0,
+        prompt_cache_bytes: 0,
+    };
+    (!estimate.fits()).then(|| {
+        format!(
+            "`{}` does not fit on {}, so it was not downloaded: its file alone needs {} \
+             bytes ({} weights + {} overhead, before the KV cache) and {} bytes are available",
+            estimate.model,
+            estimate.device,
+            estimate.required_bytes,
+            estimate.weights_bytes,
+            estimate.overhead_bytes,
+            estimate.available_bytes
+        )
+    })
 }
 
 /// The `409` body for an estimate that does not fit.

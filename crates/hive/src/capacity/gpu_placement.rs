@@ -267,3 +267,38 @@ fn without_a_driver_a_cuda_device_is_unknown_and_the_cpu_still_answers() {
         "this hive has no device `cuda:2`; it has cpu, cuda:0, cuda:1"
     );
 }
+
+#[test]
+fn a_file_larger_than_the_gpu_is_refused_before_it_is_downloaded() {
+    let gpus = FakeGpus(vec![
+        gpu("NVIDIA T4", 16 * GIB, 15 * GIB),
+        gpu("NVIDIA H100", 80 * GIB, 79 * GIB),
+    ]);
+    let (ledger, children) = (Ledger::default(), children());
+    let refusal = |device: &str| {
+        file_refusal(
+            &ledger,
+            &children,
+            &gpus,
+            device,
+            "hf:org/big",
+            20 * GIB,
+            limits(1),
+        )
+    };
+    let message = refusal("cuda:0").expect("20 GiB does not fit in 15");
+    assert_eq!(
+        message,
+        format!(
+            "`hf:org/big` does not fit on cuda:0, so it was not downloaded: its file alone needs \
+             {} bytes ({} weights + {OVERHEAD_CUDA} overhead, before the KV cache) and {} bytes \
+             are available",
+            20 * GIB + OVERHEAD_CUDA,
+            20 * GIB,
+            15 * GIB
+        )
+    );
+    assert_eq!(refusal("cuda:1"), None);
+    // A device the hive does not have is left to the full check, which lists the devices.
+    assert_eq!(refusal("cuda:2"), None);
+}
