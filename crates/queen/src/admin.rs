@@ -8,17 +8,33 @@
 //! client layer, which has already refused a missing or invalid key with `401`; here a valid
 //! key that is not an admin key is refused with `403 forbidden`. With no admin keys
 //! configured every client key administers, as it did before admin keys existed.
+//!
+//! What a request may have a hive load is decided here too ([`check_model`]), for the job
+//! API (`infer`, `worker_spawn`) and the OpenAI routes alike. Without any client keys (one
+//! person on loopback) every model and path goes. Otherwise an admin key may name any model;
+//! any other key may name the models the cluster already has (served by a worker, ready in a
+//! hive's catalog, or a path under a hive's allowed model directories) and have those cold
+//! started, and an `hf:` reference no catalog holds only while no admin keys are configured
+//! (a hub download is an admin's decision once there are admins). Any other path is refused
+//! with `403`, whether or not it exists: the queen never looks. A hive with allowed model
+//! directories holds every path to them itself, whoever asks.
+
+use std::path::{Component, Path};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request, State};
-use axum::http::Method;
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use daemon_kit::BearerAuth;
 use job_server::ApiError;
-use rbee_contract::{ErrorCode, Operation};
+use rbee_contract::model_ref::ParsedModelRef;
+use rbee_contract::{ErrorCode, ModelState, Operation, WorkerState};
 
 use crate::config::QueenConfig;
+use crate::state::Queen;
+use crate::wire::Health;
 
 /// The admin keys, as a bearer check. Open (everyone is an admin) when none are configured.
 #[derive(Clone, Debug)]
@@ -35,6 +51,135 @@ impl AdminKeys {
     /// Whether the request's bearer is an admin key, compared in constant time.
     fn admits(&self, request: &Request) -> bool {
         self.0.check(request.headers()).is_ok()
+    }
+}
+
+/// Which models a request may have the cluster load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ModelAccess {
+    /// Any model or path: the cluster has no client keys, or the request holds an admin key.
+    Any,
+    /// The models the cluster has; an `hf:` reference no catalog holds only when `hub`.
+    Known { hub: bool },
+}
+
+/// Tells a request's [`ModelAccess`] from its bearer.
+#[derive(Clone, Debug)]
+pub(crate) struct ModelPolicy {
+    /// No client keys at all: the queen only listens on loopback, for one person.
+    open: bool,
+    admins: BearerAuth,
+}
+
+impl ModelPolicy {
+    pub(crate) fn new(config: &QueenConfig) -> Self {
+        ModelPolicy {
+            open: config.api_keys.is_empty() && config.admin_keys.is_empty(),
+            admins: BearerAuth::new(config.admin_keys.iter().cloned(), "admin key"),
+        }
+    }
+
+    /// The access of a request that already passed the client-key check.
+    pub(crate) fn access(&self, headers: &HeaderMap) -> ModelAccess {
+        if self.open || (!self.admins.is_open() && self.admins.check(headers).is_ok()) {
+            ModelAccess::Any
+        } else {
+            ModelAccess::Known {
+                hub: self.admins.is_open(),
+            }
+        }
+    }
+}
+
+/// Whether a request with `access` may name `model` (as a job names it, trimmed). A
+/// malformed reference passes: admission refuses it with `400`.
+pub(crate) fn check_model(queen: &Queen, access: ModelAccess, model: &str) -> Result<(), ApiError> {
+    let ModelAccess::Known { hub } = access else {
+        return Ok(());
+    };
+    if cluster_has(queen, model) {
+        return Ok(());
+    }
+    match ParsedModelRef::parse(model) {
+        Err(_) => Ok(()),
+        Ok(ParsedModelRef::Hub(_)) if hub => Ok(()),
+        Ok(ParsedModelRef::Hub(_)) => {
+            tracing::info!(
+                model,
+                "refused a hub download to a key that is not an admin key"
+            );
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "`{model}` is not in any hive's catalog, and downloading a model from the                      hub needs an admin key (RBEE_ADMIN_KEYS)"
+                ),
+            ))
+        }
+        Ok(ParsedModelRef::Local(_)) => {
+            tracing::info!(
+                model,
+                "refused a model the cluster does not have to a key that is not an admin key"
+            );
+            let who = if hub {
+                "this cluster has no admin keys (RBEE_ADMIN_KEYS), so no key may name one"
+            } else {
+                "any other model needs an admin key (RBEE_ADMIN_KEYS)"
+            };
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "`{model}` is not a model this cluster has (served by a worker, in a hive's                      catalog or under a hive's allowed model directories); {who}"
+                ),
+            ))
+        }
+    }
+}
+
+/// Whether `model` is served by a worker, ready in a hive's catalog, or a path under the
+/// allowed model directories of a hive.
+fn cluster_has(queen: &Queen, model: &str) -> bool {
+    queen
+        .registry
+        .worker_views()
+        .iter()
+        .any(|w| w.info.model == model && w.info.state != WorkerState::Failed)
+        || queen.registry.hive_views().iter().any(|hive| {
+            hive.health == Health::Healthy
+                && (hive
+                    .info
+                    .models
+                    .iter()
+                    .any(|m| m.state == ModelState::Ready && (m.id == model || m.source == model))
+                    || in_model_dirs(&hive.info.model_dirs, model))
+        })
+}
+
+/// Whether `model` is an absolute path under one of `dirs`, read as written: no `..`, so that
+/// the text cannot climb out. Symlinks are the hive's to resolve; it refuses any that lead out.
+pub(crate) fn in_model_dirs(dirs: &[String], model: &str) -> bool {
+    let path = Path::new(model);
+    path.is_absolute()
+        && !path.components().any(|c| matches!(c, Component::ParentDir))
+        && dirs
+            .iter()
+            .any(|dir| path.starts_with(dir) && path != Path::new(dir))
+}
+
+/// The state of the job API's guard.
+#[derive(Clone)]
+pub(crate) struct OperationGuard {
+    admins: AdminKeys,
+    policy: ModelPolicy,
+    queen: Arc<Queen>,
+}
+
+impl OperationGuard {
+    pub(crate) fn new(queen: Arc<Queen>) -> Self {
+        OperationGuard {
+            admins: AdminKeys::new(&queen.config),
+            policy: ModelPolicy::new(&queen.config),
+            queen,
+        }
     }
 }
 
@@ -68,17 +213,20 @@ pub(crate) async fn require_admin(
 }
 
 /// axum middleware for the job API: a `POST` whose operation [`administers`] the cluster
-/// needs an admin key. The body is read (within the body limit the caller layers outside
-/// this one) and peeked at the way the job server parses it, then passed on unchanged; a body
-/// the job server would refuse anyway is passed on for it to answer.
+/// needs an admin key, and the model of an `infer` or `worker_spawn` must pass
+/// [`check_model`]. The body is read (within the body limit the caller layers outside this
+/// one) and peeked at the way the job server parses it, then passed on unchanged; a body the
+/// job server would refuse anyway is passed on for it to answer.
 pub(crate) async fn guard_operations(
-    State(admins): State<AdminKeys>,
+    State(guard): State<OperationGuard>,
     request: Request,
     next: Next,
 ) -> Response {
-    if request.method() != Method::POST || admins.admits(&request) {
+    let access = guard.policy.access(request.headers());
+    if request.method() != Method::POST || access == ModelAccess::Any {
         return next.run(request).await;
     }
+    let admin = guard.admins.admits(&request);
     let (parts, body) = request.into_parts();
     let bytes = match Bytes::from_request(Request::from_parts(parts.clone(), body), &()).await {
         Ok(bytes) => bytes,
@@ -88,11 +236,23 @@ pub(crate) async fn guard_operations(
                 .into_response();
         }
     };
-    if let Some(operation) = peek_operation(&bytes).filter(administers) {
-        return forbidden(&format!(
-            "the `{}` operation changes the cluster and needs an admin key (RBEE_ADMIN_KEYS)",
-            operation.name()
-        ));
+    if let Some(operation) = peek_operation(&bytes) {
+        if !admin && administers(&operation) {
+            return forbidden(&format!(
+                "the `{}` operation changes the cluster and needs an admin key (RBEE_ADMIN_KEYS)",
+                operation.name()
+            ));
+        }
+        let model = match &operation {
+            Operation::Infer(request) => Some(&request.model),
+            Operation::WorkerSpawn(request) => Some(&request.model),
+            _ => None,
+        };
+        if let Some(model) = model
+            && let Err(err) = check_model(&guard.queen, access, model.trim())
+        {
+            return err.into_response();
+        }
     }
     next.run(Request::from_parts(parts, Body::from(bytes)))
         .await
@@ -142,6 +302,74 @@ mod tests {
         let body = br#"{"operation":"infer","operation":"model_delete","model":"m"}"#;
         let op = peek_operation(body).expect("the job server would accept this body");
         assert!(administers(&op), "{op:?}");
+    }
+
+    #[test]
+    fn model_dirs_are_read_as_written() {
+        let dirs = ["/srv/models".to_string()];
+        assert!(in_model_dirs(&dirs, "/srv/models/m.gguf"));
+        assert!(in_model_dirs(&dirs, "/srv/models/sub/m.gguf"));
+        for outside in [
+            "/srv/models",
+            "/srv/models/../../etc/passwd",
+            "/srv/modelsx/m.gguf",
+            "srv/models/m.gguf",
+            "../../etc/passwd",
+            "/etc/passwd",
+        ] {
+            assert!(!in_model_dirs(&dirs, outside), "{outside}");
+        }
+        assert!(!in_model_dirs(&[], "/srv/models/m.gguf"));
+    }
+
+    fn keys(api: &[&str], admin: &[&str]) -> QueenConfig {
+        QueenConfig {
+            api_keys: api.iter().map(|k| k.to_string()).collect(),
+            admin_keys: admin.iter().map(|k| k.to_string()).collect(),
+            ..QueenConfig::default()
+        }
+    }
+
+    fn bearer(key: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            format!("Bearer {key}").parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn access_follows_the_keys() {
+        let open = ModelPolicy::new(&keys(&[], &[]));
+        assert_eq!(open.access(&HeaderMap::new()), ModelAccess::Any);
+        let no_admins = ModelPolicy::new(&keys(&["k"], &[]));
+        assert_eq!(
+            no_admins.access(&bearer("k")),
+            ModelAccess::Known { hub: true }
+        );
+        let both = ModelPolicy::new(&keys(&["k"], &["a"]));
+        assert_eq!(both.access(&bearer("k")), ModelAccess::Known { hub: false });
+        assert_eq!(both.access(&bearer("a")), ModelAccess::Any);
+    }
+
+    #[test]
+    fn a_known_key_is_refused_paths_and_downloads_the_same_way() {
+        let queen = Queen::new(keys(&["k"], &["a"]));
+        let known = ModelAccess::Known { hub: false };
+        let a = check_model(&queen, known, "../../etc/passwd").unwrap_err();
+        let b = check_model(&queen, known, "/no/such/file.gguf").unwrap_err();
+        assert_eq!(
+            (a.code, b.code),
+            (ErrorCode::Forbidden, ErrorCode::Forbidden)
+        );
+        assert!(a.message.contains("admin key"), "{}", a.message);
+        let hub = check_model(&queen, known, "hf:org/repo").unwrap_err();
+        assert_eq!(hub.code, ErrorCode::Forbidden);
+        assert!(check_model(&queen, ModelAccess::Known { hub: true }, "hf:org/repo").is_ok());
+        assert!(check_model(&queen, ModelAccess::Any, "/etc/passwd").is_ok());
+        // Malformed references are admission's to refuse, with 400.
+        assert!(check_model(&queen, known, "s3:bucket/m").is_ok());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The queen's HTTP surface. `/health` is public; the heartbeat routes need the cluster
 //! token; the job API, the lists, `/metrics` and shutdown need a client key (an API key or
 //! an admin key) when keys are configured, and with admin keys configured shutdown and the
-//! operations that change a hive need an admin key ([`crate::admin`]). The cluster token and
+//! operations that change a hive need an admin key, and what a key may have a hive load is
+//! checked ([`crate::admin`]). The cluster token and
 //! the client keys never stand in for each other. Every request is counted for `/metrics` by
 //! the outermost layer.
 
@@ -45,6 +46,7 @@ pub(crate) fn router(
     let cluster_auth = BearerAuth::new(queen.config.cluster_token.clone(), "cluster token");
     let client_auth = client_auth(&queen.config);
     let admin_keys = AdminKeys::new(&queen.config);
+    let operation_guard = admin::OperationGuard::new(Arc::clone(&queen));
     let metrics = Arc::clone(&queen.metrics);
     let state = AppState {
         queen,
@@ -65,7 +67,7 @@ pub(crate) fn router(
     let job_api = jobs
         .router()
         .layer(axum::middleware::from_fn_with_state(
-            admin_keys.clone(),
+            operation_guard,
             admin::guard_operations,
         ))
         .layer(DefaultBodyLimit::max(jobs.config().body_limit));

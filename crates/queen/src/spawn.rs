@@ -14,6 +14,9 @@ use rbee_contract::{ErrorCode, JOBS_PATH, JobEvent, Operation, WorkerInfo, Worke
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use rbee_contract::model_ref::ParsedModelRef;
+
+use crate::admin;
 use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler;
 use crate::state::{Queen, upstream_failure};
@@ -172,7 +175,31 @@ async fn spawn_on_hive(
     ctx: &JobContext,
     deadline: &Deadline,
 ) -> Result<WorkerInfo, JobFailure> {
-    let targets = scheduler::spawn_targets(&queen.registry.hive_views(), model)?;
+    let hives = queen.registry.hive_views();
+    let mut targets = scheduler::spawn_targets(&hives, model)?;
+    // A path names a file on one machine: when some hives hold it (it is under their allowed
+    // model directories, or their workers were started from it), only those are asked. Any
+    // other hive would open whatever is at that path on its own disk, which is not the model
+    // a key without admin rights was let through for.
+    if let Ok(ParsedModelRef::Local(_)) = ParsedModelRef::parse(model) {
+        let holders: Vec<&str> = hives
+            .iter()
+            .filter(|h| {
+                admin::in_model_dirs(&h.info.model_dirs, model)
+                    || h.info.workers.iter().any(|w| w.model == model)
+            })
+            .map(|h| h.info.hive_id.as_str())
+            .collect();
+        if !holders.is_empty() {
+            targets.retain(|t| holders.contains(&t.hive.hive_id.as_str()));
+        }
+        if targets.is_empty() {
+            return Err(JobFailure::new(
+                ErrorCode::NoCapacity,
+                format!("no hive that holds {model} has room for it"),
+            ));
+        }
+    }
     let mut refusals = Vec::new();
     for target in targets {
         let place = match &target.device {

@@ -22,6 +22,7 @@ use super::models::{self, Model, ModelList};
 use super::render::{ChatCompletion, Completion, Renderer};
 use super::request::{ValidRequest, parse_chat, parse_completion};
 use super::respond::{self, JOB_ID_HEADER};
+use crate::admin::{self, ModelPolicy};
 use crate::executor::QueenExecutor;
 use crate::state::Queen;
 
@@ -29,6 +30,8 @@ use crate::state::Queen;
 struct OpenAiState {
     queen: Arc<Queen>,
     jobs: JobServer<QueenExecutor>,
+    /// What a key may have a hive load, as on the job API.
+    policy: ModelPolicy,
 }
 
 /// The OpenAI routes, behind `auth` (the client API keys) answered in OpenAI's error shape.
@@ -43,7 +46,11 @@ pub(crate) fn router(
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(OpenAiState { queen, jobs })
+        .with_state(OpenAiState {
+            policy: ModelPolicy::new(&queen.config),
+            queen,
+            jobs,
+        })
         .layer(axum::middleware::from_fn_with_state(auth, require_key))
 }
 
@@ -134,10 +141,11 @@ async fn get_model(
     ))]
 async fn chat_completions(
     State(state): State<OpenAiState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     let request = parse_chat(&body_bytes(body)?)?;
-    state.run(request).await
+    state.run(request, &headers).await
 }
 
 /// Text completion of a raw prompt, streaming (`CompletionChunk`s) or not.
@@ -160,10 +168,11 @@ async fn chat_completions(
     ))]
 async fn completions(
     State(state): State<OpenAiState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OpenAiError> {
     let request = parse_completion(&body_bytes(body)?)?;
-    state.run(request).await
+    state.run(request, &headers).await
 }
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OpenAiError> {
@@ -177,7 +186,11 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OpenAiError>
 impl OpenAiState {
     /// Runs the request as an `infer` job of the queen's own job server and answers from
     /// its events.
-    async fn run(&self, request: ValidRequest) -> Result<Response, OpenAiError> {
+    async fn run(
+        &self,
+        request: ValidRequest,
+        headers: &HeaderMap,
+    ) -> Result<Response, OpenAiError> {
         let ValidRequest {
             kind,
             infer,
@@ -185,6 +198,7 @@ impl OpenAiState {
             user,
         } = request;
         let model = infer.model.clone();
+        admin::check_model(&self.queen, self.policy.access(headers), model.trim())?;
         if !models::could_serve(&self.queen.registry, &model) {
             return Err(OpenAiError::from_code(
                 ErrorCode::ModelNotFound,
