@@ -1,8 +1,8 @@
 //! Cache-aware routing, as a client of a queen with two real workers sees it: interleaved
 //! conversations each come back to the worker that holds their history (which then reports
 //! the history's tokens as cached), and a turn whose worker has no free slot goes to the other
-//! worker at once rather than wait. Which worker ran a job is read from the workers' own
-//! `/metrics` (generations counted there).
+//! worker at once rather than wait; a heartbeat's report of cached prefixes is bounded. Which
+//! worker ran a job is read from the workers' own `/metrics` (generations counted there).
 
 use std::path::Path;
 use std::time::Duration;
@@ -288,4 +288,37 @@ async fn a_turn_whose_worker_is_busy_goes_to_the_other_worker_at_once() {
         .expect("DELETE the long turn");
     assert!(response.status().is_success(), "{}", response.status());
     let _ = reading.await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_heartbeat_reports_at_most_1024_prefix_keys() {
+    let queen = Daemon::queen(&[], &[("RBEE_CLUSTER_TOKEN", TOKEN)]).await;
+    let beat = |keys: usize| {
+        json!({
+            "worker": {
+                "worker_id": "w-keys", "url": "http://127.0.0.1:9", "model": MODEL,
+                "device": "cpu", "state": "ready", "slots_total": 1, "slots_free": 1,
+            },
+            "cached_prefixes": (0..keys as u64).collect::<Vec<u64>>(),
+        })
+    };
+    let post = async |body: Value| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/worker-heartbeat", queen.url))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST a heartbeat")
+    };
+    assert_eq!(post(beat(1024)).await.status(), 204);
+    let refused = post(beat(1025)).await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.expect("an error body");
+    assert_eq!(body["error"]["code"], "bad_request");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`cached_prefixes` takes at most 1024"),
+        "{message}"
+    );
 }
