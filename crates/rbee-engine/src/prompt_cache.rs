@@ -161,10 +161,10 @@ impl PromptCache {
             return Ok(Reuse::default());
         };
         held.used = clock;
-        held.keys = keys.to_vec();
         let (Some(model), true) = (model, self.options.enabled) else {
             // The sequence starts at position 0, which overwrites everything held.
             held.tokens.clear();
+            held.keys = keys.to_vec();
             return Ok(Reuse::default());
         };
         // The model's cache may hold fewer positions than recorded if a step failed.
@@ -193,6 +193,8 @@ impl PromptCache {
             _ => None,
         };
         let held = &mut self.slots[slot];
+        // Only now: `keep` stored the slot's earlier tokens with the keys they came with.
+        held.keys = keys.to_vec();
         let reuse = match restore {
             Some((i, common)) => {
                 let entry = &mut self.store[i];

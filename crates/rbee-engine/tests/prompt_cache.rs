@@ -376,7 +376,7 @@ fn a_repeated_prompt_evaluates_only_its_last_token() -> anyhow::Result<()> {
 }
 
 #[test]
-fn routing_keys_follow_what_the_slots_hold() -> anyhow::Result<()> {
+fn routing_keys_follow_what_the_slots_and_the_store_hold() -> anyhow::Result<()> {
     let path = generated(GgufType::Q4_0)?;
     let mut engine = load(&path, 2, WITH_STORE)?;
     assert!(engine.routing_keys_held().is_empty());
@@ -385,18 +385,28 @@ fn routing_keys_follow_what_the_slots_hold() -> anyhow::Result<()> {
         temperature: 0.0,
         ..Default::default()
     };
-    let a = engine.prepare(Prompt::Text("Once upon a time".into()), params.clone())?;
-    let mut seq = engine.begin_with_routing_keys(0, &a, &[1, 2])?;
-    while !seq.is_finished() {
-        engine.step(&mut [&mut seq])?;
-        if seq.has_logits() {
-            engine.advance(&mut seq, &mut |_| ControlFlow::Continue(()))?;
+    let run = |engine: &mut Engine, slot, req: &PreparedRequest, keys: &[u64]| {
+        let mut seq = engine.begin_with_routing_keys(slot, req, keys)?;
+        while !seq.is_finished() {
+            engine.step(&mut [&mut seq])?;
+            if seq.has_logits() {
+                engine.advance(&mut seq, &mut |_| ControlFlow::Continue(()))?;
+            }
         }
-    }
+        anyhow::Ok(())
+    };
+    let story = "Once upon a time there was a bee who lived in a garden full of flowers and sun";
+    let a = engine.prepare(Prompt::Text(story.into()), params.clone())?;
+    run(&mut engine, 0, &a, &[1, 2])?;
     assert_eq!(engine.routing_keys_held(), vec![1, 2]);
-    let b = engine.prepare(Prompt::Text("Something else".into()), params)?;
+    // Started in the other slot, which holds nothing yet: only the most recent entry counts
+    // once it holds something.
+    let b = engine.prepare(Prompt::Text("Something else entirely".into()), params)?;
     let _ = engine.begin_with_routing_keys(1, &b, &[3])?;
-    // The most recent first; slot 1 holds nothing yet.
     assert_eq!(engine.routing_keys_held(), vec![1, 2]);
+    // In slot 0 it overwrites the story, which the store keeps with the story's keys.
+    run(&mut engine, 0, &b, &[3])?;
+    assert!(engine.prompt_cache_store_bytes() > 0);
+    assert_eq!(engine.routing_keys_held(), vec![3, 1, 2]);
     Ok(())
 }
