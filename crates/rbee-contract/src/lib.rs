@@ -5,9 +5,11 @@
 //! pinned by fixtures under `tests/fixtures`; changing a shape is a protocol change.
 //!
 //! It is not the place for validation beyond what the types themselves express: daemons
-//! parse these types into their own validated forms at the edge. The one exception is the
-//! grammar of model references ([`model_ref`]), which the queen and the hive must read alike
-//! so that a reference one refuses never reaches the other.
+//! parse these types into their own validated forms at the edge. The exceptions are rules
+//! that several daemons must apply alike, so that a value one accepts never fails at another:
+//! the grammar of model references ([`model_ref`]), read by the queen and the hive, and the
+//! limits of an `infer` request ([`validation`]), applied by the queen's job API, its OpenAI
+//! routes and the worker.
 
 mod capacity;
 mod error;
@@ -16,6 +18,7 @@ mod info;
 pub mod model_ref;
 mod operation;
 pub mod prefix;
+pub mod validation;
 
 pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
@@ -28,6 +31,7 @@ pub use operation::{
     ChatMessage, ChatRole, HiveTarget, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,
     WorkerSpawnRequest, WorkerTarget,
 };
+pub use validation::InvalidField;
 
 /// The SSE `data:` payload that follows the terminal event of every job stream.
 pub const DONE_SENTINEL: &str = "[DONE]";

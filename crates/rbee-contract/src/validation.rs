@@ -1,0 +1,548 @@
+//! The one set of rules an `infer` request must meet, applied alike by the queen's job API,
+//! its OpenAI routes and the worker, so that a value one accepts is never refused by another.
+//!
+//! What depends on the model (the prompt fitting the context, a chat template rendering) is
+//! the worker's to check; everything here needs only the request.
+//!
+//! The ranges follow OpenAI where OpenAI defines the parameter (temperature, top_p, the
+//! penalties) and llama-server for the rest (top_k, min_p, repeat_penalty). Stop sequences
+//! are the exception: OpenAI's API takes at most 4, llama-server any number; rbee takes up
+//! to [`MAX_STOP_SEQUENCES`], so an OpenAI client's request always fits and a job API client
+//! gets room for a chat format's several end markers.
+
+use std::fmt;
+
+use crate::InferRequest;
+
+/// Most stop sequences a request may carry.
+pub const MAX_STOP_SEQUENCES: usize = 16;
+/// Longest stop sequence, in bytes. The worker holds back up to this much generated text
+/// while it could still be the start of a stop sequence, so a longer one would delay
+/// streaming by that much.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Highest `temperature` (OpenAI's bound; above it sampling is close to uniform noise).
+pub const MAX_TEMPERATURE: f32 = 2.0;
+/// `presence_penalty` and `frequency_penalty` lie in `[-MAX_PENALTY, MAX_PENALTY]`, as in OpenAI.
+pub const MAX_PENALTY: f32 = 2.0;
+
+/// A field of an [`InferRequest`] that breaks a rule: `field` is the contract's name for it
+/// (callers with other names, such as OpenAI's `repetition_penalty`, translate it) and
+/// `reason` completes a sentence about it, e.g. "must be between 0 and 2, got 3".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl InvalidField {
+    fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        InvalidField {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The message for a client that calls the field `name`.
+    pub fn message_for(&self, name: &str) -> String {
+        format!("`{name}` {}", self.reason)
+    }
+}
+
+impl fmt::Display for InvalidField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message_for(self.field))
+    }
+}
+
+impl std::error::Error for InvalidField {}
+
+impl InferRequest {
+    /// Checks every field against rbee's limits; the first field that breaks one is returned.
+    ///
+    /// `model` must hold a non-blank name (its grammar is [`crate::model_ref`]'s); exactly
+    /// one of `prompt` (non-empty) and `messages` (at least one) is given; `max_tokens` is at
+    /// least 1; `temperature` in `[0, 2]`; `top_p` in `(0, 1]`; `top_k` any (0 turns the
+    /// filter off); `min_p` in `[0, 1]`; `repeat_penalty` above 0; the presence and frequency
+    /// penalties in `[-2, 2]`; `seed` any; `stop` at most 16 non-empty sequences of at most
+    /// 256 bytes each. A non-finite number is refused wherever a number is taken.
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if self.model.trim().is_empty() {
+            return Err(InvalidField::new("model", "must not be empty"));
+        }
+        match (&self.prompt, &self.messages) {
+            (Some(_), Some(_)) => {
+                return Err(InvalidField::new(
+                    "messages",
+                    "cannot be given together with `prompt`: give one of them",
+                ));
+            }
+            (None, None) => {
+                return Err(InvalidField::new(
+                    "prompt",
+                    "is required (or `messages`, for a chat)",
+                ));
+            }
+            (Some(prompt), None) if prompt.is_empty() => {
+                return Err(InvalidField::new("prompt", "must not be empty"));
+            }
+            (None, Some(messages)) if messages.is_empty() => {
+                return Err(InvalidField::new(
+                    "messages",
+                    "must hold at least one message",
+                ));
+            }
+            _ => {}
+        }
+        if self.max_tokens == Some(0) {
+            return Err(InvalidField::new("max_tokens", "must be at least 1"));
+        }
+        within("temperature", self.temperature, 0.0, MAX_TEMPERATURE)?;
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(InvalidField::new(
+                "top_p",
+                format!("must be above 0 and at most 1, got {p}"),
+            ));
+        }
+        within("min_p", self.min_p, 0.0, 1.0)?;
+        if let Some(r) = self.repeat_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(InvalidField::new(
+                "repeat_penalty",
+                format!("must be above 0 (1 turns it off), got {r}"),
+            ));
+        }
+        within(
+            "presence_penalty",
+            self.presence_penalty,
+            -MAX_PENALTY,
+            MAX_PENALTY,
+        )?;
+        within(
+            "frequency_penalty",
+            self.frequency_penalty,
+            -MAX_PENALTY,
+            MAX_PENALTY,
+        )?;
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(InvalidField::new(
+                "stop",
+                format!(
+                    "takes at most {MAX_STOP_SEQUENCES} sequences, got {}",
+                    self.stop.len()
+                ),
+            ));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(InvalidField::new("stop", "sequences must not be empty"));
+        }
+        if let Some(long) = self.stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(InvalidField::new(
+                "stop",
+                format!(
+                    "sequences may be at most {MAX_STOP_BYTES} bytes long, got one of {}",
+                    long.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn within(field: &'static str, value: Option<f32>, min: f32, max: f32) -> Result<(), InvalidField> {
+    match value {
+        Some(v) if !(v.is_finite() && (min..=max).contains(&v)) => Err(InvalidField::new(
+            field,
+            format!("must be between {min} and {max}, got {v}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChatMessage, ChatRole};
+
+    fn prompt() -> InferRequest {
+        InferRequest {
+            model: "m".into(),
+            prompt: Some("hi".into()),
+            ..InferRequest::default()
+        }
+    }
+
+    fn chat(messages: Vec<ChatMessage>) -> InferRequest {
+        InferRequest {
+            prompt: None,
+            messages: Some(messages),
+            ..prompt()
+        }
+    }
+
+    fn user() -> ChatMessage {
+        ChatMessage {
+            role: ChatRole::User,
+            content: "hi".into(),
+        }
+    }
+
+    /// Each row: a request and the field it is refused for, or `None` when it is accepted.
+    /// Every limit is probed on both sides of its edge.
+    #[test]
+    fn the_rules_table() {
+        let stops = |n: usize, len: usize| InferRequest {
+            stop: vec!["x".repeat(len); n],
+            ..prompt()
+        };
+        let rows: Vec<(&str, InferRequest, Option<&str>)> = vec![
+            ("a plain prompt", prompt(), None),
+            ("a chat", chat(vec![user()]), None),
+            (
+                "a chat message may be empty",
+                chat(vec![ChatMessage {
+                    role: ChatRole::Assistant,
+                    content: String::new(),
+                }]),
+                None,
+            ),
+            (
+                "blank model",
+                InferRequest {
+                    model: " \t".into(),
+                    ..prompt()
+                },
+                Some("model"),
+            ),
+            (
+                "empty model",
+                InferRequest {
+                    model: String::new(),
+                    ..prompt()
+                },
+                Some("model"),
+            ),
+            (
+                "no prompt form",
+                InferRequest {
+                    prompt: None,
+                    ..prompt()
+                },
+                Some("prompt"),
+            ),
+            (
+                "both prompt forms",
+                InferRequest {
+                    messages: Some(vec![user()]),
+                    ..prompt()
+                },
+                Some("messages"),
+            ),
+            (
+                "empty prompt",
+                InferRequest {
+                    prompt: Some(String::new()),
+                    ..prompt()
+                },
+                Some("prompt"),
+            ),
+            ("no messages", chat(Vec::new()), Some("messages")),
+            (
+                "max_tokens 0",
+                InferRequest {
+                    max_tokens: Some(0),
+                    ..prompt()
+                },
+                Some("max_tokens"),
+            ),
+            (
+                "max_tokens 1",
+                InferRequest {
+                    max_tokens: Some(1),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "max_tokens huge (the worker caps it by the context)",
+                InferRequest {
+                    max_tokens: Some(u32::MAX),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "temperature 0",
+                InferRequest {
+                    temperature: Some(0.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "temperature 2",
+                InferRequest {
+                    temperature: Some(2.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "temperature 2.01",
+                InferRequest {
+                    temperature: Some(2.01),
+                    ..prompt()
+                },
+                Some("temperature"),
+            ),
+            (
+                "temperature -0.1",
+                InferRequest {
+                    temperature: Some(-0.1),
+                    ..prompt()
+                },
+                Some("temperature"),
+            ),
+            (
+                "temperature NaN",
+                InferRequest {
+                    temperature: Some(f32::NAN),
+                    ..prompt()
+                },
+                Some("temperature"),
+            ),
+            (
+                "temperature inf",
+                InferRequest {
+                    temperature: Some(f32::INFINITY),
+                    ..prompt()
+                },
+                Some("temperature"),
+            ),
+            (
+                "top_p 1",
+                InferRequest {
+                    top_p: Some(1.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "top_p 0.01",
+                InferRequest {
+                    top_p: Some(0.01),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "top_p 0",
+                InferRequest {
+                    top_p: Some(0.0),
+                    ..prompt()
+                },
+                Some("top_p"),
+            ),
+            (
+                "top_p 1.5",
+                InferRequest {
+                    top_p: Some(1.5),
+                    ..prompt()
+                },
+                Some("top_p"),
+            ),
+            (
+                "top_p NaN",
+                InferRequest {
+                    top_p: Some(f32::NAN),
+                    ..prompt()
+                },
+                Some("top_p"),
+            ),
+            (
+                "top_k 0 turns the filter off",
+                InferRequest {
+                    top_k: Some(0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "top_k 1",
+                InferRequest {
+                    top_k: Some(1),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "top_k huge",
+                InferRequest {
+                    top_k: Some(u32::MAX),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "min_p 0",
+                InferRequest {
+                    min_p: Some(0.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "min_p 1",
+                InferRequest {
+                    min_p: Some(1.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "min_p -0.1",
+                InferRequest {
+                    min_p: Some(-0.1),
+                    ..prompt()
+                },
+                Some("min_p"),
+            ),
+            (
+                "min_p 1.1",
+                InferRequest {
+                    min_p: Some(1.1),
+                    ..prompt()
+                },
+                Some("min_p"),
+            ),
+            (
+                "repeat_penalty 1",
+                InferRequest {
+                    repeat_penalty: Some(1.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "repeat_penalty 5",
+                InferRequest {
+                    repeat_penalty: Some(5.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "repeat_penalty 0",
+                InferRequest {
+                    repeat_penalty: Some(0.0),
+                    ..prompt()
+                },
+                Some("repeat_penalty"),
+            ),
+            (
+                "repeat_penalty inf",
+                InferRequest {
+                    repeat_penalty: Some(f32::INFINITY),
+                    ..prompt()
+                },
+                Some("repeat_penalty"),
+            ),
+            (
+                "presence_penalty -2",
+                InferRequest {
+                    presence_penalty: Some(-2.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "presence_penalty 2",
+                InferRequest {
+                    presence_penalty: Some(2.0),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "presence_penalty 2.5",
+                InferRequest {
+                    presence_penalty: Some(2.5),
+                    ..prompt()
+                },
+                Some("presence_penalty"),
+            ),
+            (
+                "frequency_penalty -2.5",
+                InferRequest {
+                    frequency_penalty: Some(-2.5),
+                    ..prompt()
+                },
+                Some("frequency_penalty"),
+            ),
+            (
+                "frequency_penalty NaN",
+                InferRequest {
+                    frequency_penalty: Some(f32::NAN),
+                    ..prompt()
+                },
+                Some("frequency_penalty"),
+            ),
+            (
+                "any seed",
+                InferRequest {
+                    seed: Some(u64::MAX),
+                    ..prompt()
+                },
+                None,
+            ),
+            ("16 stop sequences", stops(MAX_STOP_SEQUENCES, 1), None),
+            (
+                "17 stop sequences",
+                stops(MAX_STOP_SEQUENCES + 1, 1),
+                Some("stop"),
+            ),
+            ("an empty stop sequence", stops(1, 0), Some("stop")),
+            (
+                "a stop sequence of 256 bytes",
+                stops(1, MAX_STOP_BYTES),
+                None,
+            ),
+            (
+                "a stop sequence of 257 bytes",
+                stops(1, MAX_STOP_BYTES + 1),
+                Some("stop"),
+            ),
+        ];
+        for (name, request, refused) in rows {
+            match (request.validate(), refused) {
+                (Ok(()), None) => {}
+                (Err(err), Some(field)) => {
+                    assert_eq!(err.field, field, "{name}: {err}");
+                    assert!(
+                        err.to_string().starts_with(&format!("`{field}` ")),
+                        "{name}: the message names the field: {err}"
+                    );
+                }
+                (verdict, expected) => {
+                    panic!("{name}: got {verdict:?}, expected a refusal for {expected:?}")
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_caller_can_name_the_field_its_own_way() {
+        let err = InferRequest {
+            repeat_penalty: Some(-1.0),
+            ..prompt()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            err.message_for("repetition_penalty"),
+            "`repetition_penalty` must be above 0 (1 turns it off), got -1"
+        );
+    }
+}
