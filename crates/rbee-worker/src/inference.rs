@@ -88,9 +88,11 @@ fn load(options: &LoadOptions, shared: &WorkerShared) -> Option<Engine> {
         Ok(engine) => Some(engine),
         Err(err) => {
             tracing::error!(error = %err, "model failed to load");
-            shared.set_load_state(LoadState::Failed {
-                message: err.to_string(),
-            });
+            // The message travels to clients: its first line only, never a backtrace or a
+            // library's further lines, which stay in this log.
+            let message = err.to_string();
+            let first = message.lines().next().unwrap_or_default().trim().to_owned();
+            shared.set_load_state(LoadState::Failed { message: first });
             None
         }
     }
