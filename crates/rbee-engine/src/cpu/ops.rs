@@ -162,13 +162,17 @@ impl MatMul<'_> {
     /// `tokens` values per weight row): four tokens per kernel call where the type has a
     /// four-token kernel, whole tiles through the tile kernels.
     fn batch_rows(&self, m: &Mat, r0: usize, act: &Activations, part: &mut [f32]) {
-        let (data, kernels, ty) = (self.data, self.kernels, m.ty);
+        let (data, kernels) = (self.data, self.kernels);
         let n = act.tokens();
         let rows = part.len() / n;
+        if !m.tiled {
+            self.batch_plain_rows(m, r0, act, part);
+            return;
+        }
         let mut k = 0;
         while k < rows {
             let r = r0 + k;
-            if m.tiled && r.is_multiple_of(TILE_ROWS) && k + TILE_ROWS <= rows {
+            if r.is_multiple_of(TILE_ROWS) && k + TILE_ROWS <= rows {
                 let tile = m.tile_at(data, r / TILE_ROWS);
                 let out = &mut part[k * n..(k + TILE_ROWS) * n];
                 let mut t = 0;
@@ -189,27 +193,39 @@ impl MatMul<'_> {
                 continue;
             }
             let row_out = &mut part[k * n..(k + 1) * n];
-            if m.tiled {
-                let tile = m.tile_at(data, r / TILE_ROWS);
-                for (t, o) in row_out.iter_mut().enumerate() {
-                    *o = kernels.dot_tile_lane(m.ty, tile, r % TILE_ROWS, act, t);
-                }
-                k += 1;
-                continue;
+            let tile = m.tile_at(data, r / TILE_ROWS);
+            for (t, o) in row_out.iter_mut().enumerate() {
+                *o = kernels.dot_tile_lane(m.ty, tile, r % TILE_ROWS, act, t);
             }
-            let row = m.row(data, r);
-            let mut t = 0;
+            k += 1;
+        }
+    }
+
+    /// [`MatMul::batch_rows`] for a matrix of plain rows: four tokens against every row of the
+    /// chunk, then the next four, so that the four tokens' activations stay in the first cache
+    /// level while the chunk's rows come from the second (row by row, every row would read
+    /// the whole batch's activations, several times its own bytes, from the second level);
+    /// the tokens left over, and every token of a type without a four-token kernel, one at a
+    /// time.
+    fn batch_plain_rows(&self, m: &Mat, r0: usize, act: &Activations, part: &mut [f32]) {
+        let (data, kernels, ty) = (self.data, self.kernels, m.ty);
+        let n = act.tokens();
+        let mut t = 0;
+        if kernels.has_dot4(ty) {
             while t + 4 <= n {
-                match kernels.dot4(ty, row, act, t) {
-                    Some(four) => row_out[t..t + 4].copy_from_slice(&four),
-                    None => break,
+                for (k, row_out) in part.chunks_exact_mut(n).enumerate() {
+                    if let Some(four) = kernels.dot4(ty, m.row(data, r0 + k), act, t) {
+                        row_out[t..t + 4].copy_from_slice(&four);
+                    }
                 }
                 t += 4;
             }
+        }
+        for (k, row_out) in part.chunks_exact_mut(n).enumerate() {
+            let row = m.row(data, r0 + k);
             for (j, o) in row_out[t..].iter_mut().enumerate() {
                 *o = kernels.dot(ty, row, act, t + j);
             }
-            k += 1;
         }
     }
 }

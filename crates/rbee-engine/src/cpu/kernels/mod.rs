@@ -272,6 +272,23 @@ impl Kernels {
         }
     }
 
+    /// Whether [`Kernels::dot4`] multiplies rows of type `ty` (rather than answering `None`).
+    pub(crate) fn has_dot4(&self, ty: WeightType) -> bool {
+        match ty {
+            WeightType::Q4_0 | WeightType::Q8_0 | WeightType::Q4K => true,
+            WeightType::Q4_1 => self.q4_1x4.is_some(),
+            WeightType::Q5_0 => self.q5_0x4.is_some(),
+            WeightType::Q5_1 => self.q5_1x4.is_some(),
+            WeightType::Q5K => self.q5kx4.is_some(),
+            WeightType::Q6K => self.q6kx4.is_some(),
+            WeightType::F32 => self.f32x4.is_some(),
+            WeightType::F16 => self.f16x4.is_some(),
+            WeightType::BF16 => self.bf16x4.is_some(),
+            WeightType::Q2K => self.q2kx4.is_some(),
+            WeightType::Q3K => self.q3kx4.is_some(),
+        }
+    }
+
     /// Dot products of one weight row with tokens `t0..t0 + 4` of `act`, when this type has
     /// a four-token kernel.
     #[inline]

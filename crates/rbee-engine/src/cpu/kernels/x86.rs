@@ -175,6 +175,49 @@ fn dot_floats_bf16<const N: usize>(row: &[u8], acts: [&[f32]; N]) -> [f32; N] {
     unsafe { inner(row, acts) }
 }
 
+/// Chains `first..first + C` of [`dot_float_rows`] over the whole row: their accumulators in
+/// an array of constant size (so in registers), chain 0 (when `first` is 0) then taking the
+/// remaining eights, whose end it stores in `rest`.
+///
+/// # Safety
+/// `w` is valid for `BYTES * n` bytes and each of `x` for `n` floats; AVX2 and FMA present.
+#[inline(always)]
+unsafe fn float_pass<const BYTES: usize, const N: usize, const C: usize>(
+    w: *const u8,
+    x: &[*const f32; N],
+    n: usize,
+    first: usize,
+    load: &impl Fn(*const u8) -> __m256,
+    rest: &mut usize,
+) -> [[__m256; C]; N] {
+    // SAFETY: every load reads 8 values at `at..at + 8 <= n` (the caller's guarantee).
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); C]; N];
+        let mut i = 0;
+        while i + 32 <= n {
+            for c in 0..C {
+                let at = i + 8 * (first + c);
+                let wv = load(w.add(BYTES * at));
+                for (a, x) in acc.iter_mut().zip(x) {
+                    a[c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), a[c]);
+                }
+            }
+            i += 32;
+        }
+        if first == 0 {
+            while i + 8 <= n {
+                let wv = load(w.add(BYTES * i));
+                for (a, x) in acc.iter_mut().zip(x) {
+                    a[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), a[0]);
+                }
+                i += 8;
+            }
+            *rest = i;
+        }
+        acc
+    }
+}
+
 /// A row of `BYTES`-byte floats against `N` activation vectors: `load` widens the eight weights
 /// at a pointer (with `8 * BYTES` bytes readable there) to f32, and `one` reads each weight of
 /// the tail.
@@ -197,33 +240,20 @@ fn dot_float_rows<const BYTES: usize, const N: usize>(
     let w = row.as_ptr();
     let x: [*const f32; N] = std::array::from_fn(|t| acts[t].as_ptr());
     let mut chains = [[unsafe { _mm256_setzero_ps() }; 4]; N];
-    let per_pass = if N == 1 { 4 } else { 2 };
     let mut rest = 0;
-    // SAFETY: every load reads 8 values at `at..at + 8 <= n` of each activation vector and
-    // `8 * BYTES` bytes at `BYTES * at` of `row`, whose lengths were checked above; unaligned
-    // loads accept any address. The callers run with AVX2 and FMA enabled.
+    // SAFETY: as in `float_pass`, whose contract the lengths checked above meet.
     unsafe {
-        for first in (0..4).step_by(per_pass) {
-            let mut i = 0;
-            while i + 32 <= n {
-                for j in first..first + per_pass {
-                    let at = i + 8 * j;
-                    let wv = load(w.add(BYTES * at));
-                    for (c, x) in chains.iter_mut().zip(x) {
-                        c[j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(at)), c[j]);
-                    }
-                }
-                i += 32;
+        if N == 1 {
+            let acc = float_pass::<BYTES, N, 4>(w, &x, n, 0, &load, &mut rest);
+            for (c, a) in chains.iter_mut().zip(acc) {
+                c.copy_from_slice(&a);
             }
-            if first == 0 {
-                while i + 8 <= n {
-                    let wv = load(w.add(BYTES * i));
-                    for (c, x) in chains.iter_mut().zip(x) {
-                        c[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(i)), c[0]);
-                    }
-                    i += 8;
+        } else {
+            for first in [0, 2] {
+                let acc = float_pass::<BYTES, N, 2>(w, &x, n, first, &load, &mut rest);
+                for (c, a) in chains.iter_mut().zip(acc) {
+                    c[first..first + 2].copy_from_slice(&a);
                 }
-                rest = i;
             }
         }
     }
