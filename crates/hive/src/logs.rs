@@ -48,8 +48,7 @@ pub(crate) async fn tail_async(path: PathBuf, lines: usize) -> String {
 }
 
 /// A report for operators: `what` alone on the first line, then the log's last lines (or a
-/// note that it is empty) and the log's path. Only the first line is meant for every client: the OpenAI
-/// boundary sends that line alone, so no log line or hive path reaches an API client.
+/// note that it is empty) and the log's path. It goes to the hive's log, never to a client.
 pub(crate) async fn with_tail(what: String, path: &Path) -> String {
     let tail = tail_async(path.to_path_buf(), TAIL_LINES).await;
     if tail.is_empty() {
@@ -60,6 +59,31 @@ pub(crate) async fn with_tail(what: String, path: &Path) -> String {
             path.display()
         )
     }
+}
+
+/// Writes why a job's worker failed, with its log's last lines, to the hive's log under the
+/// job's id, where an operator finds it from the id the client was given.
+pub(crate) async fn report(job_id: &str, worker_id: &str, what: &str, path: &Path) {
+    let report = with_tail(what.to_owned(), path).await;
+    tracing::warn!(job_id, worker_id, "{report}");
+}
+
+/// A message a worker (or the engine in it) wrote, made fit for a client: its first line
+/// only (no backtrace or log lines), the model's file on this hive named by the reference
+/// the client gave, and bounded in length.
+pub(crate) fn for_client(message: &str, model_path: &Path, model_ref: &str) -> String {
+    /// Longest message relayed, in characters.
+    const MAX_CHARS: usize = 300;
+    let first = message.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let mut line = first.trim().to_owned();
+    let shown = model_path.to_string_lossy();
+    if !shown.is_empty() {
+        line = line.replace(shown.as_ref(), model_ref);
+    }
+    if line.chars().count() > MAX_CHARS {
+        line = line.chars().take(MAX_CHARS).collect::<String>() + "…";
+    }
+    line
 }
 
 /// Removes ANSI escape sequences (`ESC [ ... letter`), which a worker writes when colours are on.
@@ -134,6 +158,20 @@ mod tests {
             report,
             format!("worker w failed\nits log {} is empty", empty.display())
         );
+    }
+
+    #[test]
+    fn a_client_gets_one_line_without_the_hives_file() {
+        let model = Path::new("/var/lib/rbee/models/hub/blobs/abc");
+        let message = "cannot load model: /var/lib/rbee/models/hub/blobs/abc: bad magic\n\
+                       Stack backtrace:\n   0: candle_core::error::Error::bt\n             \
+                       at /home/build/.cargo/registry/src/candle-core/src/error.rs:250:25";
+        assert_eq!(
+            for_client(message, model, "hf:org/repo:m.gguf"),
+            "cannot load model: hf:org/repo:m.gguf: bad magic"
+        );
+        let long = "x".repeat(1000);
+        assert!(for_client(&long, model, "m").chars().count() <= 301);
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! Events: `spawning {worker_id, hive_id}`; `loading` at 0 once the worker's port answers, the
 //! worker's own `loading` events relayed as they come, `loading` at 1 when it is loaded; then
 //! `data {"worker": WorkerInfo}` and the terminal `done` (`complete`). A worker that
-//! fails to load, exits early or takes too long ends the job with an `error` whose message
-//! quotes the last lines of its log, and is not left running.
+//! fails to load, exits early or takes too long ends the job with an `error` of one line
+//! that names no file or address of the hive, and is not left running; the details (the
+//! worker's own message, the last lines of its log, where the log is) go to the hive's log
+//! under the job's id.
 
 use std::time::Duration;
 
@@ -66,6 +68,7 @@ pub(crate) async fn run(hive: &Hive, spec: SpawnSpec, ctx: &JobContext) -> JobRe
     let launched = match spawned {
         Ok(launched) => launched?,
         Err(_) => {
+            tracing::warn!(job_id = %ctx.job_id, worker_id, ?limit, "the worker did not load in time; stopping it");
             return Err(JobFailure::new(
                 ErrorCode::Timeout,
                 format!(
@@ -80,9 +83,11 @@ pub(crate) async fn run(hive: &Hive, spec: SpawnSpec, ctx: &JobContext) -> JobRe
         .fetch_info(&launched.local_url)
         .await
         .map_err(|err| {
+            tracing::warn!(job_id = %ctx.job_id, worker_id, url = %launched.local_url, error = %err,
+                "the worker loaded its model but did not describe itself");
             JobFailure::new(
                 ErrorCode::Unavailable,
-                format!("worker {worker_id} loaded its model but did not describe itself: {err}"),
+                format!("worker {worker_id} loaded its model but did not describe itself"),
             )
         })?;
     hive.children.set_info(index, info.clone());
@@ -110,7 +115,7 @@ async fn start_and_load(
         let launched = hive
             .children
             .launch(index, worker_id, spec, &taken_ports)
-            .map_err(launch_failure)?;
+            .map_err(|err| launch_failure(&ctx.job_id, worker_id, err))?;
         guard.0 = Some(launched.stop.clone());
         match wait_for_port(hive, &launched).await {
             Ok(()) => break launched,
@@ -128,7 +133,7 @@ async fn start_and_load(
                     taken_ports.push(launched.port);
                     continue;
                 }
-                return Err(exited_early(worker_id, spec, &launched, exit).await);
+                return Err(exited_early(&ctx.job_id, worker_id, spec, &launched, exit).await);
             }
         }
     };
@@ -195,7 +200,7 @@ async fn follow_loading(
     let mut fraction = 0.0;
     loop {
         let event = tokio::select! {
-            exited = wait_exit(&mut exit) => return Err(exited_early(worker_id, spec, launched, exited).await),
+            exited = wait_exit(&mut exit) => return Err(exited_early(&ctx.job_id, worker_id, spec, launched, exited).await),
             event = events.next() => event,
         };
         match event {
@@ -219,9 +224,14 @@ async fn follow_loading(
                     "worker {worker_id} could not load {}: {message}",
                     spec.model_ref
                 );
+                logs::report(&ctx.job_id, worker_id, &what, &launched.log).await;
                 return Err(JobFailure::new(
                     ErrorCode::ModelLoadFailed,
-                    logs::with_tail(what, &launched.log).await,
+                    format!(
+                        "worker {worker_id} could not load {}: {}",
+                        spec.model_ref,
+                        logs::for_client(&message, &spec.model_path, &spec.model_ref)
+                    ),
                 ));
             }
             Some(Ok(JobEvent::Loading {
@@ -230,6 +240,8 @@ async fn follow_loading(
                 message,
             })) => {
                 fraction = f;
+                let message =
+                    message.map(|m| logs::for_client(&m, &spec.model_path, &spec.model_ref));
                 ctx.emit(JobEvent::Loading {
                     model,
                     fraction: f,
@@ -237,16 +249,19 @@ async fn follow_loading(
                 })
                 .await?;
             }
-            Some(Ok(event @ JobEvent::Narration { .. })) => {
-                ctx.emit(event).await?;
+            Some(Ok(JobEvent::Narration { message })) => {
+                let message = logs::for_client(&message, &spec.model_path, &spec.model_ref);
+                ctx.emit(JobEvent::narration(message)).await?;
             }
             Some(Ok(other)) => tracing::debug!(worker_id, ?other, "ignoring a progress event"),
             Some(Err(err)) => {
-                return Err(lost_progress(worker_id, spec, launched, err.to_string()).await);
+                return Err(
+                    lost_progress(&ctx.job_id, worker_id, spec, launched, err.to_string()).await,
+                );
             }
             None => {
                 let cause = "the stream ended".to_owned();
-                return Err(lost_progress(worker_id, spec, launched, cause).await);
+                return Err(lost_progress(&ctx.job_id, worker_id, spec, launched, cause).await);
             }
         }
     }
@@ -254,6 +269,7 @@ async fn follow_loading(
 
 /// The progress stream broke: most likely the worker died, which its exit will say.
 async fn lost_progress(
+    job_id: &str,
     worker_id: &str,
     spec: &SpawnSpec,
     launched: &Launched,
@@ -261,21 +277,26 @@ async fn lost_progress(
 ) -> JobFailure {
     let mut exit = launched.exit.clone();
     match tokio::time::timeout(FAILED_EXIT_WAIT, wait_exit(&mut exit)).await {
-        Ok(exited) => exited_early(worker_id, spec, launched, exited).await,
+        Ok(exited) => exited_early(job_id, worker_id, spec, launched, exited).await,
         Err(_) => {
             let what = format!(
                 "lost the loading progress of worker {worker_id} ({cause}) while it loaded {}",
                 spec.model_ref
             );
+            logs::report(job_id, worker_id, &what, &launched.log).await;
             JobFailure::new(
                 ErrorCode::ModelLoadFailed,
-                logs::with_tail(what, &launched.log).await,
+                format!(
+                    "lost the loading progress of worker {worker_id} while it loaded {}",
+                    spec.model_ref
+                ),
             )
         }
     }
 }
 
 async fn exited_early(
+    job_id: &str,
     worker_id: &str,
     spec: &SpawnSpec,
     launched: &Launched,
@@ -294,18 +315,25 @@ async fn exited_early(
         "worker {worker_id} exited ({}) before it finished loading {}",
         exit.status, spec.model_ref
     );
-    JobFailure::new(
-        ErrorCode::ModelLoadFailed,
-        logs::with_tail(what, &launched.log).await,
-    )
+    logs::report(job_id, worker_id, &what, &launched.log).await;
+    JobFailure::new(ErrorCode::ModelLoadFailed, what)
 }
 
-fn launch_failure(err: LaunchError) -> JobFailure {
-    let code = match err {
-        LaunchError::ShuttingDown => ErrorCode::ShuttingDown,
-        LaunchError::NoFreePort(_) => ErrorCode::NoCapacity,
-        LaunchError::Log { .. } | LaunchError::Spawn { .. } => ErrorCode::Internal,
+/// The client learns what kind of failure it was; the binary's or log's path and the system's
+/// error go to the hive's log.
+fn launch_failure(job_id: &str, worker_id: &str, err: LaunchError) -> JobFailure {
+    tracing::warn!(job_id, worker_id, error = %err, "cannot start a worker");
+    let (code, message) = match err {
+        LaunchError::ShuttingDown => (ErrorCode::ShuttingDown, err.to_string()),
+        LaunchError::NoFreePort(_) => (ErrorCode::NoCapacity, err.to_string()),
+        LaunchError::Log { .. } => (
+            ErrorCode::Internal,
+            "the hive cannot create the worker's log file (see the hive's log)".to_owned(),
+        ),
+        LaunchError::Spawn { .. } => (
+            ErrorCode::Internal,
+            "the hive cannot start its worker binary (see the hive's log)".to_owned(),
+        ),
     };
-    tracing::warn!(error = %err, "cannot start a worker");
-    JobFailure::new(code, err.to_string())
+    JobFailure::new(code, message)
 }

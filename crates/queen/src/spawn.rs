@@ -251,7 +251,11 @@ async fn spawn_on(
     });
     let handle = relay::submit(queen.client(&hive.url), JOBS_PATH, operation)
         .await
-        .map_err(|err| upstream_failure(&peer, &err))?;
+        .map_err(|err| {
+            tracing::warn!(job_id = %ctx.job_id, hive_id = %hive.hive_id, error = %err, "the hive did not take the worker_spawn");
+            upstream_failure(&peer, &err)
+        })?;
+    let upstream_job_id = handle.job_id().to_owned();
     let mut worker = None;
     // The spawn's result (`data {"worker": ...}`) is for the queen, not the infer client.
     let relayed = relay(handle, ctx, |event| {
@@ -270,8 +274,17 @@ async fn spawn_on(
     let outcome = match relayed.end {
         RelayEnd::Terminal(event) => terminal_to_result(event)
             .unwrap_or_else(|_| Err(JobFailure::internal("a relayed event was not terminal"))),
-        RelayEnd::Broken(err) => return Err(upstream_failure(&peer, &err)),
+        RelayEnd::Broken(err) => {
+            tracing::warn!(job_id = %ctx.job_id, hive_id = %hive.hive_id, upstream_job_id = %upstream_job_id,
+                error = %err, "lost the hive's worker_spawn stream");
+            return Err(upstream_failure(&peer, &err));
+        }
     };
+    if let Err(failure) = &outcome {
+        // The hive's log has the details (the worker's log lines) under its job id.
+        tracing::warn!(job_id = %ctx.job_id, hive_id = %hive.hive_id, upstream_job_id = %upstream_job_id,
+            code = %failure.code, message = %failure.message, "the hive could not start a worker");
+    }
     outcome?;
     let worker = worker.ok_or_else(|| {
         tracing::warn!(hive_id = %hive.hive_id, "worker_spawn finished without a `worker` data event");
