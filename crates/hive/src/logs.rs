@@ -64,7 +64,8 @@ pub(crate) async fn with_tail(what: String, path: &Path) -> String {
 /// Writes why a job's worker failed, with its log's last lines, to the hive's log under the
 /// job's id, where an operator finds it from the id the client was given.
 pub(crate) async fn report(job_id: &str, worker_id: &str, what: &str, path: &Path) {
-    let report = with_tail(what.to_owned(), path).await;
+    // The id leads the first line too: the fields follow the whole (multi-line) message.
+    let report = with_tail(format!("job {job_id}: {what}"), path).await;
     tracing::warn!(job_id, worker_id, "{report}");
 }
 
