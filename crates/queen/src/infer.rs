@@ -22,11 +22,9 @@ use crate::state::{Queen, upstream_failure};
 const INFERENCE_PATH: &str = "/v1/inference";
 /// Workers a job is offered to at most (busy or unfit ones count too).
 const MAX_ATTEMPTS: usize = 8;
-/// Stop sequences a job may give, as many as a worker takes.
-const MAX_STOP: usize = 16;
 
-/// An admitted `infer`: it names a model and exactly one non-empty prompt form, and its
-/// sampling values are in range. What depends on the model (the prompt fitting the context)
+/// An admitted `infer`: it meets [`InferRequest::validate`]'s rules and its model reference
+/// parses. What depends on the model (the prompt fitting the context)
 /// is the worker's to check.
 #[derive(Debug)]
 pub(crate) struct ValidInfer {
@@ -35,67 +33,18 @@ pub(crate) struct ValidInfer {
 
 impl ValidInfer {
     pub fn parse(mut request: InferRequest) -> Result<Self, ApiError> {
-        let bad = |message: &str| Err(ApiError::bad_request(message));
         // Workers report the model as the hive recorded it, trimmed; scheduling compares
         // exactly, so the request is normalized the same way once, here.
         request.model = request.model.trim().to_string();
-        if request.model.is_empty() {
-            return bad("`model` must not be empty");
-        }
+        // The limits every daemon applies alike; the worker checks them again, so a request
+        // that reaches it some other way meets the same rules.
+        request
+            .validate()
+            .map_err(|err| ApiError::bad_request(err.to_string()))?;
         // A hub reference (or an unknown scheme) that a hive would refuse is refused here,
         // before a cold start; a plain name or a local path is for the registry and the hive.
         ParsedModelRef::parse(&request.model)
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
-        match (&request.prompt, &request.messages) {
-            (Some(_), Some(_)) => return bad("give either `prompt` or `messages`, not both"),
-            (None, None) => return bad("`prompt` or `messages` is required"),
-            (Some(prompt), None) if prompt.is_empty() => return bad("`prompt` must not be empty"),
-            (None, Some(messages)) if messages.is_empty() => {
-                return bad("`messages` must not be empty");
-            }
-            _ => {}
-        }
-        if request.max_tokens == Some(0) {
-            return bad("`max_tokens` must be at least 1");
-        }
-        if let Some(t) = request.temperature
-            && !(t.is_finite() && t >= 0.0)
-        {
-            return bad("`temperature` must be >= 0");
-        }
-        if let Some(p) = request.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return bad("`top_p` must be in (0, 1]");
-        }
-        if let Some(p) = request.min_p
-            && !(0.0..=1.0).contains(&p)
-        {
-            return bad("`min_p` must be in [0, 1]");
-        }
-        if let Some(r) = request.repeat_penalty
-            && !(r.is_finite() && r > 0.0)
-        {
-            return bad("`repeat_penalty` must be above 0");
-        }
-        for (name, value) in [
-            ("presence_penalty", request.presence_penalty),
-            ("frequency_penalty", request.frequency_penalty),
-        ] {
-            if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
-                return Err(ApiError::bad_request(format!(
-                    "`{name}` must be in [-2, 2]"
-                )));
-            }
-        }
-        if request.stop.len() > MAX_STOP {
-            return Err(ApiError::bad_request(format!(
-                "`stop` takes at most {MAX_STOP} sequences"
-            )));
-        }
-        if request.stop.iter().any(String::is_empty) {
-            return bad("`stop` sequences must not be empty");
-        }
         Ok(ValidInfer { request })
     }
 }

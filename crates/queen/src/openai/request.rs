@@ -6,6 +6,11 @@
 //! parameter. OpenAI parameters rbee cannot honour are refused by name; each is accepted only
 //! with the value that asks for nothing (e.g. `logprobs: false`, `n: 1`, `tools: []`),
 //! because ignoring any other value would change the answer without telling the client.
+//!
+//! The limits of the sampling parameters are the contract's ([`InferRequest::validate`]), the
+//! same the job API applies, so the same value gets the same verdict on either API; only the
+//! names in the error differ where OpenAI's differ (`repetition_penalty`,
+//! `max_completion_tokens`).
 
 use rbee_contract::{ChatMessage, ChatRole, InferRequest};
 use serde::Deserialize;
@@ -16,9 +21,6 @@ use super::body::{
     SamplingParams, StopIn, sampling_of,
 };
 use super::error::OpenAiError;
-
-/// At most this many stop sequences, as OpenAI allows.
-const MAX_STOP: usize = 4;
 
 /// Which endpoint a request came to; it decides the chunk and response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,9 +131,6 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<ValidRequest, OpenAiError>
             ));
         }
     };
-    if prompt.is_empty() {
-        return Err(OpenAiError::invalid("prompt", "`prompt` must not be empty"));
-    }
     let infer = InferRequest {
         model: request.model,
         prompt: Some(prompt),
@@ -149,25 +148,12 @@ fn finish(
     sampling: SamplingParams,
 ) -> Result<ValidRequest, OpenAiError> {
     infer.model = infer.model.trim().to_string();
-    if infer.model.is_empty() {
-        return Err(OpenAiError::invalid("model", "`model` must not be empty"));
-    }
     if let Some(n) = n
         && n != 1
     {
         return Err(OpenAiError::invalid(
             "n",
             format!("`n` must be 1: rbee generates one choice per request (got {n})"),
-        ));
-    }
-    if infer.max_tokens == Some(0) {
-        let param = match kind {
-            Kind::Chat => "max_completion_tokens",
-            Kind::Text => "max_tokens",
-        };
-        return Err(OpenAiError::invalid(
-            param,
-            format!("`{param}` must be at least 1"),
         ));
     }
     let SamplingParams {
@@ -191,49 +177,11 @@ fn finish(
     // Metadata and the service tier describe billing and storage, not the answer.
     let _ = (metadata, service_tier);
 
-    in_range("temperature", temperature, 0.0, 2.0)?;
-    if let Some(p) = top_p
-        && !(p > 0.0 && p <= 1.0)
-    {
-        return Err(OpenAiError::invalid(
-            "top_p",
-            format!("`top_p` must be in (0, 1], got {p}"),
-        ));
-    }
-    in_range("presence_penalty", presence_penalty, -2.0, 2.0)?;
-    in_range("frequency_penalty", frequency_penalty, -2.0, 2.0)?;
-    in_range("min_p", min_p, 0.0, 1.0)?;
-    if let Some(r) = repetition_penalty
-        && !(r.is_finite() && r > 0.0)
-    {
-        return Err(OpenAiError::invalid(
-            "repetition_penalty",
-            format!("`repetition_penalty` must be above 0, got {r}"),
-        ));
-    }
-    if top_k == Some(0) {
-        return Err(OpenAiError::invalid("top_k", "`top_k` must be at least 1"));
-    }
     let stop = match stop {
         None => Vec::new(),
         Some(StopIn::One(s)) => vec![s],
         Some(StopIn::Many(list)) => list,
     };
-    if stop.len() > MAX_STOP {
-        return Err(OpenAiError::invalid(
-            "stop",
-            format!(
-                "`stop` takes at most {MAX_STOP} sequences, got {}",
-                stop.len()
-            ),
-        ));
-    }
-    if stop.iter().any(String::is_empty) {
-        return Err(OpenAiError::invalid(
-            "stop",
-            "`stop` sequences must not be empty",
-        ));
-    }
     let stream = match (stream.unwrap_or(false), stream_options) {
         (false, Some(_)) => {
             return Err(OpenAiError::invalid(
@@ -255,6 +203,14 @@ fn finish(
     infer.top_k = top_k;
     infer.min_p = min_p;
     infer.repeat_penalty = repetition_penalty;
+    infer.validate().map_err(|err| {
+        let param = match (err.field, kind) {
+            ("repeat_penalty", _) => "repetition_penalty",
+            ("max_tokens", Kind::Chat) => "max_completion_tokens",
+            (field, _) => field,
+        };
+        OpenAiError::invalid(param, err.message_for(param))
+    })?;
     Ok(ValidRequest {
         kind,
         infer,
@@ -264,12 +220,6 @@ fn finish(
 }
 
 fn parse_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, OpenAiError> {
-    if messages.is_empty() {
-        return Err(OpenAiError::invalid(
-            "messages",
-            "`messages` must hold at least one message",
-        ));
-    }
     messages
         .into_iter()
         .enumerate()
@@ -402,16 +352,6 @@ fn refuse_unless(harmless: bool, param: &str) -> Result<(), OpenAiError> {
             param,
             format!("`{param}` is not supported by rbee"),
         ))
-    }
-}
-
-fn in_range(param: &str, value: Option<f32>, min: f32, max: f32) -> Result<(), OpenAiError> {
-    match value {
-        Some(v) if !(v.is_finite() && (min..=max).contains(&v)) => Err(OpenAiError::invalid(
-            param,
-            format!("`{param}` must be between {min} and {max}, got {v}"),
-        )),
-        _ => Ok(()),
     }
 }
 

@@ -207,9 +207,9 @@ fn values_out_of_range_and_wrong_types_name_the_parameter() {
         ("max_tokens", json!(1e12)),
         ("stream", json!("yes")),
         ("stop", json!(7)),
-        ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("stop", json!(vec!["a"; 17])),
         ("stop", json!([""])),
-        ("top_k", json!(0)),
+        ("repetition_penalty", json!(0)),
         ("model", json!(5)),
         ("model", json!("  ")),
         ("messages", json!("hi")),
@@ -280,4 +280,109 @@ fn bodies_that_are_not_json_objects_are_refused() {
         assert_eq!(err.body.param, None);
         assert_eq!(err.body.kind, "invalid_request_error");
     }
+}
+
+/// The job API's verdict on an `infer` operation: `Ok` or the message of its `400`.
+fn job_api(infer: InferRequest) -> Result<(), String> {
+    crate::infer::ValidInfer::parse(infer)
+        .map(drop)
+        .map_err(|err| {
+            assert_eq!(err.code, ErrorCode::BadRequest, "{err:?}");
+            err.message
+        })
+}
+
+/// Values on which the job API and the OpenAI routes used to disagree, and values at the edge
+/// of each limit: both APIs give each the same verdict, and a refusal names the same
+/// parameter (under OpenAI's name where it has its own).
+#[test]
+fn the_job_api_and_the_openai_routes_judge_alike() {
+    let long_stop = "x".repeat(rbee_contract::validation::MAX_STOP_BYTES + 1);
+    let cases: Vec<(&str, Value, &str, bool)> = vec![
+        // (OpenAI name, value, the job API's name, accepted)
+        ("top_k", json!(0), "top_k", true),
+        ("top_k", json!(1), "top_k", true),
+        ("stop", json!(vec!["a"; 5]), "stop", true),
+        ("stop", json!(vec!["a"; 16]), "stop", true),
+        ("stop", json!(vec!["a"; 17]), "stop", false),
+        ("stop", json!([long_stop]), "stop", false),
+        ("stop", json!([""]), "stop", false),
+        ("temperature", json!(2.0), "temperature", true),
+        ("temperature", json!(2.5), "temperature", false),
+        ("temperature", json!(-0.5), "temperature", false),
+        ("top_p", json!(0), "top_p", false),
+        ("top_p", json!(1), "top_p", true),
+        ("min_p", json!(1.5), "min_p", false),
+        ("repetition_penalty", json!(0), "repeat_penalty", false),
+        ("repetition_penalty", json!(3), "repeat_penalty", true),
+        ("presence_penalty", json!(-2), "presence_penalty", true),
+        ("frequency_penalty", json!(2.5), "frequency_penalty", false),
+        ("max_tokens", json!(0), "max_tokens", false),
+        ("seed", json!(u64::MAX), "seed", true),
+    ];
+    for (name, value, field, accepted) in cases {
+        let case = format!("{name}={value}");
+        let mut body = json!({"model": "m", "prompt": "hi"});
+        body[name] = value.clone();
+        let openai = text(body.clone());
+        let mut operation = body;
+        operation["operation"] = json!("infer");
+        operation.as_object_mut().unwrap().remove(name);
+        operation[field] = value;
+        let rbee_contract::Operation::Infer(infer) = serde_json::from_value(operation).unwrap()
+        else {
+            unreachable!()
+        };
+        let job = job_api(infer);
+        assert_eq!(openai.is_ok(), accepted, "OpenAI, {case}: {openai:?}");
+        assert_eq!(job.is_ok(), accepted, "job API, {case}: {job:?}");
+        if !accepted {
+            let (param, message) = refused(openai);
+            assert_eq!(param, name, "{case}: {message}");
+            assert!(
+                message.starts_with(&format!("`{name}` ")),
+                "{case}: {message}"
+            );
+            let job = job.unwrap_err();
+            assert!(job.starts_with(&format!("`{field}` ")), "{case}: {job}");
+            // The same reason, after the parameter's name.
+            assert_eq!(
+                message.split_once(' ').unwrap().1,
+                job.split_once(' ').unwrap().1,
+                "{case}"
+            );
+        }
+    }
+    // A chat names the token limit `max_completion_tokens`, the job API `max_tokens`.
+    let (param, _) = refused(chat(
+        json!({"model": "m", "messages": [user("hi")], "max_tokens": 0}),
+    ));
+    assert_eq!(param, "max_completion_tokens");
+    // The prompt forms: empty on either API is refused for the same field.
+    assert_eq!(
+        refused(text(json!({"model": "m", "prompt": ""}))).0,
+        "prompt"
+    );
+    assert!(
+        job_api(InferRequest {
+            model: "m".into(),
+            prompt: Some(String::new()),
+            ..InferRequest::default()
+        })
+        .unwrap_err()
+        .starts_with("`prompt` ")
+    );
+    assert_eq!(
+        refused(chat(json!({"model": "m", "messages": []}))).0,
+        "messages"
+    );
+    assert!(
+        job_api(InferRequest {
+            model: "m".into(),
+            messages: Some(Vec::new()),
+            ..InferRequest::default()
+        })
+        .unwrap_err()
+        .starts_with("`messages` ")
+    );
 }
