@@ -88,10 +88,6 @@ impl Job {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn finished_at(&self) -> Option<Instant> {
-        self.finished_at.get().copied()
-    }
-
     pub fn is_finished(&self) -> bool {
         self.finished_at.get().is_some()
     }

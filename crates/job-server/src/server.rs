@@ -1,7 +1,7 @@
 //! The job registry: creating, finding, cancelling and retiring jobs.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -122,7 +122,7 @@ impl<E> std::fmt::Debug for JobServer<E> {
 struct Inner<E> {
     executor: E,
     config: JobServerConfig,
-    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    jobs: Mutex<Jobs>,
     /// Fired when shutdown begins: from then on new jobs are refused.
     closed: CancellationToken,
     /// Parent of every job's token: cancelling it cancels all jobs still running and ends the
@@ -133,8 +133,45 @@ struct Inner<E> {
     tracker: TaskTracker,
 }
 
+/// The registry proper.
+#[derive(Default)]
+struct Jobs {
+    by_id: HashMap<String, Arc<Job>>,
+    /// Ids of finished jobs, oldest first: the job dropped early when the registry is full is
+    /// found at once, not by a scan of every job under the lock on each creation. Ids whose
+    /// job has already left (retention over) are skipped, and swept out as they pile up.
+    finished: VecDeque<String>,
+}
+
+impl Jobs {
+    /// Removes the finished job that finished first; `None` when every job still runs.
+    fn drop_oldest_finished(&mut self) -> Option<Arc<Job>> {
+        while let Some(id) = self.finished.pop_front() {
+            if self.by_id.get(&id).is_some_and(|job| job.is_finished()) {
+                return self.by_id.remove(&id);
+            }
+        }
+        None
+    }
+
+    /// Removes `job` at the end of its retention, unless another job took its place.
+    fn retire(&mut self, job: &Arc<Job>) -> bool {
+        if !self.by_id.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, job)) {
+            return false;
+        }
+        self.by_id.remove(&job.id);
+        if self.finished.front() == Some(&job.id) {
+            self.finished.pop_front();
+        } else if self.finished.len() > 2 * self.by_id.len() + 64 {
+            let by_id = &self.by_id;
+            self.finished.retain(|id| by_id.contains_key(id));
+        }
+        true
+    }
+}
+
 impl<E> Inner<E> {
-    fn jobs(&self) -> MutexGuard<'_, HashMap<String, Arc<Job>>> {
+    fn jobs(&self) -> MutexGuard<'_, Jobs> {
         self.jobs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -147,7 +184,7 @@ impl<E: JobExecutor> JobServer<E> {
             inner: Arc::new(Inner {
                 executor,
                 config,
-                jobs: Mutex::new(HashMap::new()),
+                jobs: Mutex::new(Jobs::default()),
                 closed: CancellationToken::new(),
                 shutdown: CancellationToken::new(),
                 running: watch::Sender::new(0),
@@ -193,26 +230,16 @@ impl<E: JobExecutor> JobServer<E> {
         {
             let mut jobs = self.inner.jobs();
             if let Some(max) = self.inner.config.max_jobs
-                && jobs.len() >= max
+                && jobs.by_id.len() >= max
+                && jobs.drop_oldest_finished().is_none()
             {
-                let oldest_finished = jobs
-                    .values()
-                    .filter_map(|j| j.finished_at().map(|at| (at, j.id.clone())))
-                    .min();
-                match oldest_finished {
-                    Some((_, old)) => {
-                        jobs.remove(&old);
-                    }
-                    None => {
-                        return Err(ApiError::new(
-                            ErrorCode::Busy,
-                            format!("this daemon already runs {max} jobs; retry later"),
-                        )
-                        .with_status(StatusCode::SERVICE_UNAVAILABLE));
-                    }
-                }
+                return Err(ApiError::new(
+                    ErrorCode::Busy,
+                    format!("this daemon already runs {max} jobs; retry later"),
+                )
+                .with_status(StatusCode::SERVICE_UNAVAILABLE));
             }
-            jobs.insert(id.clone(), Arc::clone(&job));
+            jobs.by_id.insert(id.clone(), Arc::clone(&job));
             self.inner.running.send_modify(|n| *n += 1);
         }
 
@@ -258,9 +285,9 @@ impl<E: JobExecutor> JobServer<E> {
 
     pub fn stats(&self) -> JobStats {
         let jobs = self.inner.jobs();
-        let finished = jobs.values().filter(|j| j.is_finished()).count();
+        let finished = jobs.by_id.values().filter(|j| j.is_finished()).count();
         JobStats {
-            running: jobs.len() - finished,
+            running: jobs.by_id.len() - finished,
             finished,
         }
     }
@@ -294,6 +321,7 @@ impl<E: JobExecutor> JobServer<E> {
             let cut: Vec<Arc<Job>> = self
                 .inner
                 .jobs()
+                .by_id
                 .values()
                 .filter(|job| !job.is_finished())
                 .cloned()
@@ -322,6 +350,7 @@ impl<E: JobExecutor> JobServer<E> {
     fn find(&self, job_id: &str) -> Result<Arc<Job>, ApiError> {
         self.inner
             .jobs()
+            .by_id
             .get(job_id)
             .cloned()
             .ok_or_else(|| ApiError::not_found(format!("no job {job_id}")))
@@ -371,16 +400,20 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
         }
         _ => {}
     }
-    job.finish(terminal);
+    {
+        // Listed as finished in the same moment its terminal event appears, so that a client
+        // that saw the event never finds the job missing from the order of eviction.
+        let mut jobs = inner.jobs();
+        job.finish(terminal);
+        jobs.finished.push_back(job.id.clone());
+    }
     inner.running.send_modify(|n| *n = n.saturating_sub(1));
 
     tokio::select! {
         () = tokio::time::sleep(config.retention) => {}
         () = inner.shutdown.cancelled() => {}
     }
-    let mut jobs = inner.jobs();
-    if jobs.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, &job)) {
-        jobs.remove(&job.id);
+    if inner.jobs().retire(&job) {
         tracing::debug!("finished job removed");
     }
 }
@@ -391,4 +424,55 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
         .copied()
         .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
         .unwrap_or("non-string panic payload")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished_job(jobs: &mut Jobs, id: &str) -> Arc<Job> {
+        let job = Arc::new(Job::new(id.into(), CancellationToken::new(), true, 4));
+        job.finish(JobEvent::error(ErrorCode::Cancelled, "over"));
+        jobs.by_id.insert(id.into(), Arc::clone(&job));
+        jobs.finished.push_back(id.into());
+        job
+    }
+
+    #[test]
+    fn the_order_of_eviction_stays_as_small_as_the_registry() {
+        let mut jobs = Jobs::default();
+        let all: Vec<Arc<Job>> = (0..1000)
+            .map(|i| finished_job(&mut jobs, &format!("j{i}")))
+            .collect();
+        // Retention ends out of order: never the front, so nothing is popped on the way.
+        for job in all.iter().skip(1) {
+            assert!(jobs.retire(job));
+        }
+        assert_eq!(jobs.by_id.len(), 1);
+        assert!(
+            jobs.finished.len() <= 2 * jobs.by_id.len() + 64,
+            "{} ids kept for 1 job",
+            jobs.finished.len()
+        );
+        assert!(!jobs.retire(&all[1]), "a job leaves once");
+        assert_eq!(
+            jobs.drop_oldest_finished().map(|j| j.id.clone()),
+            Some("j0".into())
+        );
+        assert!(jobs.drop_oldest_finished().is_none());
+    }
+
+    #[test]
+    fn a_running_job_is_never_dropped_for_room() {
+        let mut jobs = Jobs::default();
+        let running = Arc::new(Job::new("r".into(), CancellationToken::new(), true, 4));
+        jobs.by_id.insert("r".into(), running);
+        assert!(jobs.drop_oldest_finished().is_none());
+        finished_job(&mut jobs, "f");
+        assert_eq!(
+            jobs.drop_oldest_finished().map(|j| j.id.clone()),
+            Some("f".into())
+        );
+        assert!(jobs.by_id.contains_key("r"));
+    }
 }

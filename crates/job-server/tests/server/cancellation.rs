@@ -270,3 +270,38 @@ async fn busy_when_max_jobs_are_running_until_one_ends() -> anyhow::Result<()> {
     assert_api_error(gone, 404, ErrorCode::NotFound).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_full_registry_drops_the_job_that_finished_first() -> anyhow::Result<()> {
+    let t = TestServer::start(job_server::JobServerConfig {
+        max_jobs: Some(3),
+        ..server()
+    })
+    .await?;
+    let mut finished = Vec::new();
+    for _ in 0..3 {
+        let id = t.create("tokens 1").await?;
+        assert_well_formed(&t.read_stream(&id, None).await?);
+        finished.push(id);
+    }
+    for round in 0..3 {
+        let newest = t.create("tokens 1").await?;
+        assert_well_formed(&t.read_stream(&newest, None).await?);
+        let oldest = finished.remove(0);
+        let gone = t
+            .http
+            .get(t.url(&format!("/v1/jobs/{oldest}/stream")))
+            .send()
+            .await?;
+        assert_api_error(gone, 404, ErrorCode::NotFound).await?;
+        for kept in &finished {
+            assert_eq!(
+                token_indices(&assert_well_formed(&t.read_stream(kept, None).await?)),
+                vec![0],
+                "round {round}: a job that finished later is still readable"
+            );
+        }
+        finished.push(newest);
+    }
+    Ok(())
+}
