@@ -393,7 +393,7 @@ async fn bad_requests_are_refused_before_a_job_exists() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_garbage_gguf_fails_with_the_workers_reason() {
+async fn a_garbage_gguf_fails_with_the_workers_reason_and_the_log_keeps_the_detail() {
     let hive = start_hive(&[]).await;
     let dir = scratch_dir("garbage");
     let model = dir.join("garbage.gguf");
@@ -405,7 +405,11 @@ async fn a_garbage_gguf_fails_with_the_workers_reason() {
     )
     .unwrap();
 
-    let stream = run_job(&hive, &spawn_op(&model)).await;
+    let created = hive.submit_ok(&spawn_op(&model)).await;
+    let stream = test_harness::read_raw_stream(hive.open_stream(&created).await)
+        .await
+        .unwrap();
+    assert_well_formed(&stream);
     assert!(
         matches!(stream.events[0].1, JobEvent::Spawning { .. }),
         "{:?}",
@@ -416,15 +420,31 @@ async fn a_garbage_gguf_fails_with_the_workers_reason() {
             code: ErrorCode::ModelLoadFailed,
             message,
         }) => {
+            // One line for the client: the worker's reason, the model as it was named, and
+            // neither the worker's log nor where it lives.
             assert!(message.contains(&model.display().to_string()), "{message}");
             assert!(
                 message.contains("not a readable GGUF file"),
                 "the worker's own reason: {message}"
             );
-            assert!(message.contains("last lines of"), "the log tail: {message}");
+            assert!(!message.contains('\n'), "one line: {message}");
+            assert!(!message.contains("last lines of"), "no log tail: {message}");
+            assert!(!message.contains(".log"), "no log path: {message}");
         }
         other => panic!("expected model_load_failed, got {other:?}"),
     }
+    // The operator finds the details in the hive's log, by the job's id.
+    hive.wait_until(Duration::from_secs(10), "the report in the hive's log", || {
+        hive.daemon.log_text().lines().any(|line| {
+            line.contains(&created.job_id) && line.contains("not a readable GGUF file")
+        })
+    })
+    .await;
+    assert!(
+        hive.daemon.log_text().contains("last lines of its log"),
+        "{}",
+        hive.daemon.log_text()
+    );
     // The failed worker is not left behind.
     hive.wait_until(Duration::from_secs(10), "the failed worker gone", || {
         child_pids(hive.daemon.pid()).is_empty()
