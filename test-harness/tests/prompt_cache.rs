@@ -1,11 +1,14 @@
 //! The worker's prompt cache, as a client sees it: a conversation's later turns report cached
 //! prompt tokens in `usage` (also after an unrelated request took the only slot in between:
 //! the store kept the history) and get exactly the tokens a worker without the cache gives;
-//! the worker's `/metrics` counts the hits.
+//! the worker's `/metrics` counts the hits, and its heartbeats report the prefix keys of the
+//! conversation it holds.
 
 use rbee_contract::{JobEvent, Usage};
 use serde_json::{Value, json};
-use test_harness::{Daemon, JobApi, RawStream, tiny_model};
+use std::time::{Duration, Instant};
+
+use test_harness::{Daemon, HeartbeatReceiver, JobApi, RawStream, tiny_model};
 
 const TOKEN: &str = "prompt-cache-token";
 
@@ -63,17 +66,20 @@ fn outcome(stream: &RawStream) -> Outcome {
 }
 
 /// Runs the conversation's turns on `worker`, an unrelated request between every two turns.
-async fn converse(worker: &Daemon) -> Vec<Outcome> {
+/// Returns the turns and the last turn's request.
+async fn converse(worker: &Daemon) -> (Vec<Outcome>, Value) {
     let jobs = JobApi::new(&worker.url, Some(TOKEN));
     let mut answers = Vec::new();
     let mut turns = Vec::new();
+    let mut last = Value::Null;
     for _ in 0..USERS.len() {
-        let turn = outcome(&jobs.run("/v1/inference", &turn_request(&answers)).await);
+        last = turn_request(&answers);
+        let turn = outcome(&jobs.run("/v1/inference", &last).await);
         answers.push(turn.text.clone());
         turns.push(turn);
         outcome(&jobs.run("/v1/inference", &unrelated_request()).await);
     }
-    turns
+    (turns, last)
 }
 
 async fn metric(worker: &Daemon, name: &str) -> u64 {
@@ -94,10 +100,23 @@ async fn metric(worker: &Daemon, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn later_turns_reuse_the_history_and_get_the_same_tokens() {
     let model = tiny_model();
-    let cached = Daemon::ready_worker(&model, TOKEN, &["--prompt-cache-mib", "16"]).await;
+    let receiver = HeartbeatReceiver::start().await;
+    let cached = Daemon::ready_worker(
+        &model,
+        TOKEN,
+        &[
+            "--prompt-cache-mib",
+            "16",
+            "--queen-url",
+            &receiver.url,
+            "--heartbeat-interval",
+            "100ms",
+        ],
+    )
+    .await;
     let plain = Daemon::ready_worker(&model, TOKEN, &["--no-prompt-cache"]).await;
-    let with_cache = converse(&cached).await;
-    let without = converse(&plain).await;
+    let (with_cache, last) = converse(&cached).await;
+    let (without, _) = converse(&plain).await;
 
     for (turn, (a, b)) in with_cache.iter().zip(&without).enumerate() {
         assert_eq!(a.ids, b.ids, "turn {turn}: the tokens differ");
@@ -129,4 +148,30 @@ async fn later_turns_reuse_the_history_and_get_the_same_tokens() {
         metric(&plain, "rbee_worker_prompt_cache_hits_total").await,
         0
     );
+
+    // The store holds the conversation's last turn: its prefix keys reach the heartbeats.
+    let infer = match serde_json::from_value(last) {
+        Ok(rbee_contract::Operation::Infer(req)) => req,
+        other => panic!("an infer operation, got {other:?}"),
+    };
+    let keys = rbee_contract::prefix::prefix_keys(&infer);
+    assert!(!keys.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reported = receiver
+            .received()
+            .last()
+            .map(|(h, _)| h.cached_prefixes.clone());
+        if reported
+            .as_ref()
+            .is_some_and(|r| keys.iter().all(|k| r.contains(k)))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat reported the conversation's keys {keys:?}: {reported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
