@@ -36,7 +36,7 @@ pub use device::{DeviceSpec, ParseDeviceError};
 pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, LoadProgress};
 pub use error::{EngineError, ErrorKind};
 pub use model::{ModelInfo, WeightsFormat};
-pub use params::{GenerationParams, MAX_STOP_SEQUENCES, PreparedRequest, Prompt};
+pub use params::{GenerationParams, PreparedRequest, Prompt};
 pub use prompt_cache::{MAX_ROUTING_KEYS, PromptCacheOptions};
 pub use prompter::Prompter;
 pub use sequence::Sequence;

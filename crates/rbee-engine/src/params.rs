@@ -11,14 +11,16 @@ pub enum Prompt {
     Chat(Vec<ChatTurn>),
 }
 
-/// Most stop sequences a request may carry.
-pub const MAX_STOP_SEQUENCES: usize = 16;
-
 /// How to pick tokens and when to stop.
 ///
 /// The defaults follow llama-server: mild temperature with top-k, top-p and min-p filtering,
-/// no penalties. The seed is fixed by default so a request without one is reproducible;
-/// callers that want variety supply their own.
+/// no penalties, and a seed drawn afresh from the operating system's entropy each time
+/// `default()` is called, so two requests that leave it out sample differently (llama.cpp's
+/// default seed means "random" too). A caller that wants reproducible text sets `seed`.
+///
+/// The limits a client must respect (temperature at most 2, sixteen stop sequences, ...) are
+/// the wire contract's (`rbee_contract::validation`), applied before a request gets here;
+/// [`GenerationParams::validate`] checks only that sampling is defined for the values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerationParams {
     /// Most tokens to generate; `None` means until the context is full.
@@ -39,6 +41,8 @@ pub struct GenerationParams {
     pub presence_penalty: f32,
     /// Subtracted from a generated token's logit once per previous occurrence.
     pub frequency_penalty: f32,
+    /// Seeds the sampler's random number generator; with the same seed and parameters, the
+    /// same prompt gives the same text. Greedy decoding draws nothing.
     pub seed: u64,
     /// Generation ends, with `Stop`, when the output contains any of these; the stop text itself
     /// is not returned.
@@ -57,7 +61,7 @@ impl Default for GenerationParams {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
-            seed: 299_792_458,
+            seed: rand::random(),
             stop: Vec::new(),
         }
     }
@@ -75,7 +79,11 @@ impl GenerationParams {
         }
     }
 
-    /// Checks every field's range; the message names the offending field.
+    /// Checks that sampling is defined for every value (a temperature that is a number and
+    /// not negative, probabilities in range, a positive repeat penalty, finite penalties,
+    /// stop sequences that are not empty); the message names the offending field. These are
+    /// the domains of the sampler's arithmetic, not client limits: those are the wire
+    /// contract's, which every request meets before it reaches the engine.
     pub fn validate(&self) -> Result<(), EngineError> {
         let invalid = |msg: String| Err(EngineError::InvalidParams(msg));
         if self.max_tokens == Some(0) {
@@ -107,15 +115,9 @@ impl GenerationParams {
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if !(-2.0..=2.0).contains(&value) {
-                return invalid(format!("{name} must be in [-2, 2], got {value}"));
+            if !value.is_finite() {
+                return invalid(format!("{name} must be a finite number, got {value}"));
             }
-        }
-        if self.stop.len() > MAX_STOP_SEQUENCES {
-            return invalid(format!(
-                "at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {}",
-                self.stop.len()
-            ));
         }
         if self.stop.iter().any(String::is_empty) {
             return invalid("stop sequences must not be empty".into());
@@ -157,6 +159,33 @@ mod tests {
     fn defaults_and_greedy_are_valid() {
         GenerationParams::default().validate().unwrap();
         GenerationParams::greedy().validate().unwrap();
+    }
+
+    #[test]
+    fn each_default_draws_its_own_seed() {
+        // Two draws of a 64-bit seed from the OS's entropy agree with probability 2^-64.
+        assert_ne!(
+            GenerationParams::default().seed,
+            GenerationParams::default().seed
+        );
+        assert_ne!(
+            GenerationParams::greedy().seed,
+            GenerationParams::greedy().seed
+        );
+    }
+
+    #[test]
+    fn the_client_limits_are_not_the_engines() {
+        // Values past the wire contract's limits but inside the sampler's domain: the
+        // contract refuses them at the edge; the engine has no second copy of those limits.
+        let beyond_the_contract = GenerationParams {
+            temperature: 5.0,
+            presence_penalty: 3.0,
+            frequency_penalty: -3.0,
+            stop: vec!["x".repeat(1000); 40],
+            ..Default::default()
+        };
+        beyond_the_contract.validate().unwrap();
     }
 
     #[test]
@@ -213,14 +242,14 @@ mod tests {
             ),
             (
                 GenerationParams {
-                    presence_penalty: 3.0,
+                    presence_penalty: f32::INFINITY,
                     ..Default::default()
                 },
                 "presence_penalty",
             ),
             (
                 GenerationParams {
-                    frequency_penalty: -2.5,
+                    frequency_penalty: f32::NAN,
                     ..Default::default()
                 },
                 "frequency_penalty",
@@ -228,13 +257,6 @@ mod tests {
             (
                 GenerationParams {
                     stop: vec![String::new()],
-                    ..Default::default()
-                },
-                "stop",
-            ),
-            (
-                GenerationParams {
-                    stop: vec!["x".into(); 17],
                     ..Default::default()
                 },
                 "stop",

@@ -152,13 +152,18 @@ fn cancelled() -> JobFailure {
     JobFailure::new(ErrorCode::Cancelled, "the generation was cancelled")
 }
 
-/// Turns the wire request into the engine's prompt and parameters; `model` is not checked,
-/// since a worker serves exactly one model.
+/// Checks the wire request against the contract's limits (the same the queen applies) and
+/// turns it into the engine's prompt and parameters; which model `model` names is not
+/// checked, since a worker serves exactly one.
 fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiError> {
-    let prompt = match (req.prompt, req.messages) {
-        (Some(text), None) => Prompt::Text(text),
-        (None, Some(messages)) => Prompt::Chat(
-            messages
+    req.validate()
+        .map_err(|err| ApiError::bad_request(err.to_string()))?;
+    // `validate` admits exactly one of the two prompt forms.
+    let prompt = match req.prompt {
+        Some(text) => Prompt::Text(text),
+        None => Prompt::Chat(
+            req.messages
+                .unwrap_or_default()
                 .into_iter()
                 .map(|m| ChatTurn {
                     role: role_name(m.role).to_string(),
@@ -166,12 +171,6 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
                 })
                 .collect(),
         ),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give either `prompt` or `messages`, not both",
-            ));
-        }
-        (None, None) => return Err(ApiError::bad_request("`prompt` or `messages` is required")),
     };
     let defaults = GenerationParams::default();
     let params = GenerationParams {
@@ -187,6 +186,7 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
         repeat_penalty: req.repeat_penalty.unwrap_or(defaults.repeat_penalty),
         presence_penalty: req.presence_penalty.unwrap_or(defaults.presence_penalty),
         frequency_penalty: req.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+        // `defaults` is made for this request: without a seed it samples with a fresh one.
         seed: req.seed.unwrap_or(defaults.seed),
         stop: req.stop,
         ..defaults
