@@ -231,4 +231,31 @@ mod tests {
             assert!(err.contains(&want), "{err}");
         }
     }
+
+    /// Every file model-gen writes the way llama.cpp's presets do (Q2_K, Q3_K_M, Q4_K_M,
+    /// Q5_K_M, …, each with its mix of types) runs on the engine's path, batched; Q8_1 files are
+    /// refused by name.
+    #[test]
+    fn every_preset_type_runs_on_the_engine_path() {
+        let dir = tempfile::tempdir().unwrap();
+        for ty in GgufType::ALL {
+            let path = dir.path().join(format!("{ty}.gguf"));
+            model_gen::write_model(&ModelSpec::small(), ModelFormat::Gguf(ty), &path).unwrap();
+            // The path on whatever `RBEE_CPU_KERNELS` says in the test's environment.
+            let result = super::super::load_with(&path, &Device::Cpu, None, true, &mut |_| {});
+            if ty == GgufType::Q8_1 {
+                let err = result.err().expect("refused").to_string();
+                assert!(
+                    err.contains("is Q8_1, a type rbee does not compute"),
+                    "{err}"
+                );
+                continue;
+            }
+            let mut loaded = result.unwrap_or_else(|e| panic!("{ty}: {e}"));
+            assert!(
+                loaded.model.batched().is_some(),
+                "{ty} runs on candle's code"
+            );
+        }
+    }
 }
