@@ -52,8 +52,9 @@ pub enum GgufType {
     /// llama.cpp's `MOSTLY_Q5_0`: Q5_0 matrices (an untied embedding too), the output head
     /// Q6_K; a file of mixed 32- and 256-element block types.
     Q5_0,
-    /// Q8_1 matrices, a type no llama.cpp preset writes and the engine's CPU path has no kernel
-    /// for (candle's code runs it): tests use it for files that path does not take.
+    /// Q8_1 matrices, a type no llama.cpp preset writes and nothing computes as weights (the
+    /// engine's CPU path has no kernel for it, candle's model code cannot load it, and rbee
+    /// refuses it at load by name): tests use it for a file of an uncomputed type.
     Q8_1,
     /// BF16 matrices, like llama.cpp's `MOSTLY_BF16` (the converter's `--outtype bf16`).
     BF16,
