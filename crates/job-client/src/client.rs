@@ -1,3 +1,4 @@
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use rbee_contract::{ApiErrorBody, JOBS_PATH, JobCreated, JobEvent, Operation};
@@ -34,12 +35,21 @@ impl JobClient {
     ///
     /// It gives up on a connection that sends nothing for 60 s (servers send keep-alive
     /// comments far more often) and resumes a broken stream up to 3 times.
+    ///
+    /// Every client made this way shares one HTTP client, and so its pool of connections: a
+    /// client per call (the queen makes one for each job it relays) neither builds an HTTP
+    /// client nor opens a connection of its own.
     pub fn new(base_url: impl Into<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        static SHARED: OnceLock<reqwest::Client> = OnceLock::new();
+        let http = SHARED
+            .get_or_init(|| {
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap_or_else(|_| reqwest::Client::new())
+            })
+            .clone();
         JobClient {
             http,
             base_url: base_url.into().trim_end_matches('/').to_owned(),
