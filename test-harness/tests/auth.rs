@@ -85,7 +85,8 @@ fn heartbeat() -> Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_guard_client_routes_and_the_cluster_token_guards_heartbeats() {
     let queen = start_queen().await;
-    let infer = json!({"operation": "infer", "model": "nobody-serves-this", "prompt": "hi", "max_tokens": 2});
+    // A hub reference: with no admin keys an API key may name one (no path, though).
+    let infer = json!({"operation": "infer", "model": "hf:org/repo", "prompt": "hi", "max_tokens": 2});
 
     // Client routes: no key, a wrong key and the cluster token are all refused.
     let client_routes: [(Method, &str, Option<&Value>); 7] = [
@@ -252,10 +253,13 @@ async fn assert_forbidden(response: reqwest::Response, what: &str) {
 }
 
 /// Registers a hive that answers nothing, so that hive operations are admitted (their jobs
-/// then end with an error) instead of being refused for want of any hive.
+/// then end with an error) instead of being refused for want of any hive. Its catalog holds
+/// `hf:org/repo`, a model an API key may name.
 async fn register_dead_hive(queen: &Daemon) {
     let beat = json!({"hive": {
-        "hive_id": "h-auth", "url": "http://127.0.0.1:1", "devices": [], "workers": [], "models": [],
+        "hive_id": "h-auth", "url": "http://127.0.0.1:1", "devices": [], "workers": [],
+        "models": [{"id": "hf:org/repo:m.gguf", "source": "hf:org/repo", "state": "ready",
+                    "size_bytes": 1}],
     }});
     let response = call(
         queen,
@@ -288,7 +292,9 @@ async fn jobs_held(queen: &Daemon) -> u64 {
 async fn with_admin_keys_only_an_admin_key_changes_the_cluster() {
     let mut queen = start_queen_with(&[("RBEE_ADMIN_KEYS", ADMIN_KEY)]).await;
     register_dead_hive(&queen).await;
-    let infer = json!({"operation": "infer", "model": "nobody-serves-this", "prompt": "hi", "max_tokens": 2});
+    // A model of the cluster's catalog: an API key may name it.
+    let infer =
+        json!({"operation": "infer", "model": "hf:org/repo", "prompt": "hi", "max_tokens": 2});
     let admin_operations = [
         json!({"operation": "worker_spawn", "model": "hf:org/repo", "device": "cpu"}),
         json!({"operation": "worker_delete", "worker_id": "w-1"}),

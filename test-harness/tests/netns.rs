@@ -184,6 +184,11 @@ fn start_in(net: &Net, role: &str, bin: &str, args: &[String], url: String) -> D
 fn start_hive(net: &Net, role: &str, host: u8, queen_url: &str) -> (Daemon, std::path::PathBuf) {
     let addr = net.addr(host);
     let log_dir = scratch_dir(&format!("netns-{role}"));
+    let model_dir = tiny_model()
+        .parent()
+        .expect("the model's directory")
+        .display()
+        .to_string();
     let args: Vec<String> = [
         "--bind",
         &addr,
@@ -201,6 +206,10 @@ fn start_hive(net: &Net, role: &str, host: u8, queen_url: &str) -> (Daemon, std:
         "9300-9309",
         "--stop-grace",
         "2s",
+        // The API key may have the hives load the test model: it is under an allowed
+        // directory (a key that is not an admin key may not name any other path).
+        "--allow-model-dir",
+        &model_dir,
     ]
     .iter()
     .map(|s| s.to_string())

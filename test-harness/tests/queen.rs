@@ -653,7 +653,8 @@ async fn heartbeats_need_the_cluster_token_when_one_is_set() {
 async fn client_routes_need_an_api_key_when_keys_are_set() {
     let queen = start_queen(&[], &[("RBEE_API_KEYS", "key-one, key-two")]).await;
     let jobs = format!("{}/v1/jobs", queen.url);
-    let op = infer("m", "hello", 2);
+    // A hub reference: without admin keys an API key may name one (a path it may not).
+    let op = infer("hf:org/repo", "hello", 2);
     for bearer in [None, Some("wrong-key")] {
         let response = post_json(jobs.clone(), &op, bearer).await;
         assert_eq!(response.status(), 401, "{bearer:?}");
