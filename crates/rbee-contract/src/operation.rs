@@ -43,33 +43,49 @@ pub type ModelRef = String;
 
 /// Text generation. Exactly one of `prompt` (raw completion) and `messages` (chat, rendered
 /// with the model's template) must be given; sampling fields left out take the daemon's defaults.
+/// Every daemon checks the fields with [`InferRequest::validate`] (the limits are in
+/// [`crate::validation`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InferRequest {
+    /// A model name, a path or an `hf:` reference; not blank.
     pub model: ModelRef,
+    /// Raw text to continue; not empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// A conversation, at least one message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub messages: Option<Vec<ChatMessage>>,
+    /// At least 1; capped by the room the prompt leaves in the context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// 0 to 2; 0 is greedy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Above 0, at most 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
+    /// 0 turns the filter off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_k: Option<u32>,
+    /// 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f32>,
+    /// Above 0; 1 is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repeat_penalty: Option<f32>,
+    /// -2 to 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub presence_penalty: Option<f32>,
+    /// -2 to 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f32>,
+    /// The same seed gives the same text; without one, each request samples with a fresh
+    /// random seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// Up to 16 non-empty sequences of at most 256 bytes; the text ends before the first one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
 }

@@ -24,10 +24,12 @@ pub struct ChatCompletionRequest {
     /// In (0, 1].
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// With a temperature above 0, the same seed gives the same text.
+    /// With a temperature above 0, the same seed gives the same text; without one, each
+    /// request samples with a fresh random seed.
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Up to 4 sequences; generation stops before the first one produced.
+    /// Up to 16 non-empty sequences of at most 256 bytes; generation stops before the first
+    /// one produced.
     #[serde(default)]
     pub stop: Option<StopIn>,
     /// -2 to 2.
@@ -43,7 +45,7 @@ pub struct ChatCompletionRequest {
     /// An end-user id; logged only.
     #[serde(default)]
     pub user: Option<String>,
-    /// rbee extension (as in vLLM): sample among the `top_k` most likely tokens.
+    /// rbee extension (as in vLLM): sample among the `top_k` most likely tokens; 0 is off.
     #[serde(default)]
     pub top_k: Option<u32>,
     /// rbee extension (as in vLLM): drop tokens below `min_p` times the top probability.
@@ -115,10 +117,12 @@ pub struct CompletionRequest {
     /// In (0, 1].
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// With a temperature above 0, the same seed gives the same text.
+    /// With a temperature above 0, the same seed gives the same text; without one, each
+    /// request samples with a fresh random seed.
     #[serde(default)]
     pub seed: Option<u64>,
-    /// Up to 4 sequences; generation stops before the first one produced.
+    /// Up to 16 non-empty sequences of at most 256 bytes; generation stops before the first
+    /// one produced.
     #[serde(default)]
     pub stop: Option<StopIn>,
     /// -2 to 2.
@@ -134,7 +138,7 @@ pub struct CompletionRequest {
     /// An end-user id; logged only.
     #[serde(default)]
     pub user: Option<String>,
-    /// rbee extension (as in vLLM): sample among the `top_k` most likely tokens.
+    /// rbee extension (as in vLLM): sample among the `top_k` most likely tokens; 0 is off.
     #[serde(default)]
     pub top_k: Option<u32>,
     /// rbee extension (as in vLLM): drop tokens below `min_p` times the top probability.
