@@ -66,6 +66,14 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // The API key may have the hive load the test models: they are under its allowed
+        // model directories (a key that is not an admin key may not name any other path).
+        let mut args = args;
+        let models = std::iter::once(tiny_model()).chain(model_gen::paths::smollm2_gguf());
+        for model in models {
+            let dir = model.parent().expect("the model's directory").to_path_buf();
+            args.extend(["--allow-model-dir".to_string(), dir.display().to_string()]);
+        }
         let hive = Daemon::start(
             "rbee-hive",
             &args,

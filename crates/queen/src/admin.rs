@@ -111,7 +111,8 @@ pub(crate) fn check_model(queen: &Queen, access: ModelAccess, model: &str) -> Re
             Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "`{model}` is not in any hive's catalog, and downloading a model from the                      hub needs an admin key (RBEE_ADMIN_KEYS)"
+                    "`{model}` is not in any hive's catalog, and downloading a model from the hub \
+                     needs an admin key (RBEE_ADMIN_KEYS)"
                 ),
             ))
         }
@@ -128,7 +129,8 @@ pub(crate) fn check_model(queen: &Queen, access: ModelAccess, model: &str) -> Re
             Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!(
-                    "`{model}` is not a model this cluster has (served by a worker, in a hive's                      catalog or under a hive's allowed model directories); {who}"
+                    "`{model}` is not a model this cluster has (served by a worker, in a hive's \
+                     catalog or under a hive's allowed model directories); {who}"
                 ),
             ))
         }
@@ -364,6 +366,7 @@ mod tests {
             (ErrorCode::Forbidden, ErrorCode::Forbidden)
         );
         assert!(a.message.contains("admin key"), "{}", a.message);
+        assert!(!a.message.contains("  "), "{}", a.message);
         let hub = check_model(&queen, known, "hf:org/repo").unwrap_err();
         assert_eq!(hub.code, ErrorCode::Forbidden);
         assert!(check_model(&queen, ModelAccess::Known { hub: true }, "hf:org/repo").is_ok());

@@ -198,7 +198,6 @@ impl OpenAiState {
             user,
         } = request;
         let model = infer.model.clone();
-        admin::check_model(&self.queen, self.policy.access(headers), model.trim())?;
         if !models::could_serve(&self.queen.registry, &model) {
             return Err(OpenAiError::from_code(
                 ErrorCode::ModelNotFound,
@@ -208,6 +207,9 @@ impl OpenAiState {
                 ),
             ));
         }
+        // After the 404 for a name nothing could serve, which is about the cluster's lists, not
+        // any disk: what a key may have a hive load is the same check as the job API's.
+        admin::check_model(&self.queen, self.policy.access(headers), model.trim())?;
         let created = self.jobs.create(
             Operation::Infer(infer),
             JobOptions {
