@@ -420,24 +420,34 @@ pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
 /// function taking the unpacker, so that the unpacking is inlined into each loop.
 macro_rules! signed_kernels {
     ($one:ident, $four:ident, $bytes:literal, |$row:ident, $i:ident| $block:expr) => {
-        /// One row against one activation vector, two accumulators so the FMA latency does
-        /// not serialize the loop.
+        /// One row against one activation vector, two accumulators (even and odd blocks) so
+        /// the FMA latency does not serialize the loop. The blocks go in pairs so that each
+        /// accumulator is a variable of its own: indexed by `i & 1`, they were kept on the
+        /// stack, and every block waited for the store of the one before.
         ///
         /// # Safety
         /// AVX2, FMA and F16C present; `row` holds at least `act.len()` blocks.
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $one(row: &[u8], act: &[BlockQ8]) -> f32 {
             let $row = row.as_ptr();
-            let mut acc = [_mm256_setzero_ps(); 2];
-            for ($i, a) in act.iter().enumerate() {
+            let step = |$i: usize, acc: __m256| {
+                let a = &act[$i];
                 // SAFETY: block `i < act.len()` lies inside the row (the caller's guarantee);
                 // `a.qs` is 32 bytes.
-                let ((d, qx), qy) =
-                    unsafe { ($block, _mm256_loadu_si256(a.qs.as_ptr().cast())) };
-                let k = $i & 1;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_i8(qx, qy), acc[k]);
+                let ((d, qx), qy) = unsafe { ($block, _mm256_loadu_si256(a.qs.as_ptr().cast())) };
+                _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_i8(qx, qy), acc)
+            };
+            let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 2 <= act.len() {
+                even = step(i, even);
+                odd = step(i + 1, odd);
+                i += 2;
             }
-            hsum(_mm256_add_ps(acc[0], acc[1]))
+            if i < act.len() {
+                even = step(i, even);
+            }
+            hsum(_mm256_add_ps(even, odd))
         }
 
         /// One row against four activation vectors: each weight block is unpacked once. Each
@@ -450,25 +460,29 @@ macro_rules! signed_kernels {
             #[target_feature(enable = "avx2,fma,f16c")]
             fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
                 let $row = row.as_ptr();
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for $i in 0..n {
+                let step = |$i: usize, acc: [__m256; 4]| {
                     // SAFETY: `i < n` blocks, inside the row by the assert above.
                     let (d, qx) = unsafe { $block };
                     let ax = _mm256_sign_epi8(qx, qx);
-                    let k = $i & 1;
-                    for (acc, act) in acc.iter_mut().zip(acts) {
-                        let a = &act[$i];
+                    std::array::from_fn(|t| {
+                        let a = &acts[t][$i];
                         // SAFETY: `a.qs` is 32 bytes.
                         let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
                         let sy = _mm256_sign_epi8(qy, qx);
-                        acc[k] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(d * a.d),
-                            mul_sum_u8_i8(ax, sy),
-                            acc[k],
-                        );
-                    }
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(ax, sy), acc[t])
+                    })
+                };
+                let (mut even, mut odd) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                let mut i = 0;
+                while i + 2 <= n {
+                    even = step(i, even);
+                    odd = step(i + 1, odd);
+                    i += 2;
                 }
-                acc.map(|[a, b]| hsum(_mm256_add_ps(a, b)))
+                if i < n {
+                    even = step(i, even);
+                }
+                std::array::from_fn(|t| hsum(_mm256_add_ps(even[t], odd[t])))
             }
             // SAFETY: the features were detected before this function was handed out.
             unsafe { inner(row, acts, n) }
@@ -534,18 +548,28 @@ macro_rules! offset_kernels {
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $one(row: &[u8], act: &[BlockQ8]) -> f32 {
             let $row = row.as_ptr();
-            let mut acc = [_mm256_setzero_ps(); 2];
             let mut offsets = 0f32;
-            for ($i, a) in act.iter().enumerate() {
+            let mut step = |$i: usize, acc: __m256| {
+                let a = &act[$i];
                 // SAFETY: block `i < act.len()` lies inside the row (the caller's guarantee);
                 // `a.qs` is 32 bytes.
                 let ((d, m, qx), qy) =
                     unsafe { ($block, _mm256_loadu_si256(a.qs.as_ptr().cast())) };
-                let k = $i & 1;
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(qx, qy), acc[k]);
                 offsets += m * a.s;
+                _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(qx, qy), acc)
+            };
+            // In pairs, for the reason given at `signed_kernels`.
+            let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 2 <= act.len() {
+                even = step(i, even);
+                odd = step(i + 1, odd);
+                i += 2;
             }
-            hsum(_mm256_add_ps(acc[0], acc[1])) + offsets
+            if i < act.len() {
+                even = step(i, even);
+            }
+            hsum(_mm256_add_ps(even, odd)) + offsets
         }
 
         /// One row against four activation vectors: each weight block is unpacked once, and
@@ -557,25 +581,29 @@ macro_rules! offset_kernels {
             #[target_feature(enable = "avx2,fma,f16c")]
             fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
                 let $row = row.as_ptr();
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
                 let mut offsets = [0f32; 4];
-                for $i in 0..n {
+                let mut step = |$i: usize, acc: [__m256; 4]| {
                     // SAFETY: `i < n` blocks, inside the row by the assert above.
                     let (d, m, qx) = unsafe { $block };
-                    let k = $i & 1;
-                    for t in 0..4 {
+                    std::array::from_fn(|t| {
                         let a = &acts[t][$i];
                         // SAFETY: `a.qs` is 32 bytes.
                         let qy = unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) };
-                        acc[t][k] = _mm256_fmadd_ps(
-                            _mm256_set1_ps(d * a.d),
-                            mul_sum_u8_i8(qx, qy),
-                            acc[t][k],
-                        );
                         offsets[t] += m * a.s;
-                    }
+                        _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), mul_sum_u8_i8(qx, qy), acc[t])
+                    })
+                };
+                let (mut even, mut odd) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                let mut i = 0;
+                while i + 2 <= n {
+                    even = step(i, even);
+                    odd = step(i + 1, odd);
+                    i += 2;
                 }
-                std::array::from_fn(|t| hsum(_mm256_add_ps(acc[t][0], acc[t][1])) + offsets[t])
+                if i < n {
+                    even = step(i, even);
+                }
+                std::array::from_fn(|t| hsum(_mm256_add_ps(even[t], odd[t])) + offsets[t])
             }
             // SAFETY: the features were detected before this function was handed out.
             unsafe { inner(row, acts, n) }
