@@ -50,6 +50,15 @@ pub fn gguf_runs_on_cpu_path(content: &candle_core::quantized::gguf_file::Conten
     cpu::enabled() && cpu::Plan::new(content, usize::MAX).is_ok()
 }
 
+/// Why no code of rbee's computes the GGUF file at `path`: its first tensor of a type without a
+/// product (an IQ type, a ternary type, Q8_K as a weight, …), named with the type, as loading
+/// it would refuse it. `None` when every tensor's type is computed or the header is unreadable.
+/// Reads only the header, without candle's reader (which stops at a type it does not know and
+/// names only its number).
+pub fn gguf_uncomputed_tensor(path: &std::path::Path) -> Option<String> {
+    model::gguf_uncomputed_tensor(path)
+}
+
 /// The context a model loaded from a GGUF file runs with, by the rules of
 /// [`LoadOptions::context_length`]: `requested` (`None` or 0: the trained context), capped where
 /// the code that runs it has a fixed limit. `on_cpu_path` is whether the file runs on the

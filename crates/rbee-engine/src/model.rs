@@ -4,6 +4,7 @@ mod gguf;
 mod safetensors;
 
 pub(crate) use gguf::context_length_of as gguf_context_length;
+pub(crate) use gguf::uncomputed_tensor as gguf_uncomputed_tensor;
 
 use std::path::Path;
 

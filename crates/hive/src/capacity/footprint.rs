@@ -85,6 +85,10 @@ const F32_BYTES: u64 = 4;
 
 fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprint, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    // A type nothing computes is refused here by name, before any worker is spawned for it.
+    if let Some(refusal) = rbee_engine::gguf_uncomputed_tensor(path) {
+        return Err(refusal);
+    }
     let content = gguf_file::Content::read(&mut BufReader::new(file))
         .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
     let arch = content
@@ -353,6 +357,25 @@ mod tests {
         // The KV caches counted are of that context.
         let sized = of_path(&q8, DeviceKind::Cuda, Some(1000)).unwrap();
         assert_eq!(sized.kv_cache_bytes(1), sized.kv_bytes_per_position * 1000);
+    }
+
+    /// A file with a tensor of a type nothing in rbee computes is refused before a worker is
+    /// spawned, naming the tensor and the type (candle's header reader would either read it, for
+    /// Q8_1, or name only the type's number, for an IQ type).
+    #[test]
+    fn a_type_rbee_does_not_compute_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = model_gen::ensure_generated(
+            &ModelSpec::tiny(),
+            ModelFormat::Gguf(GgufType::Q8_1),
+            dir.path(),
+        )
+        .unwrap();
+        let err = of_path(&path, DeviceKind::Cpu, None).unwrap_err();
+        assert!(
+            err.contains("is Q8_1, a type rbee does not compute"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -210,6 +210,15 @@ fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String>
     None
 }
 
+/// Why the GGUF file `path` cannot be computed by rbee at all, from its tensors' types: the
+/// first tensor of a type rbee has no product for, named with its type. `None` when every type
+/// is computed or the header cannot be read (the full load then says why).
+pub(crate) fn uncomputed_tensor(path: &Path) -> Option<String> {
+    let mut reader = BufReader::new(File::open(path).ok()?);
+    let tensors = types::tensor_types(&mut reader).ok()?;
+    types::first_uncomputed(&tensors).map(|t| types::refusal(&t.name, t.id))
+}
+
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
     let mut reader = BufReader::new(file);

@@ -70,6 +70,9 @@ pub(super) struct TensorType {
     pub at: u64,
 }
 
+/// Longest tensor name read; far above ggml's 64 bytes, far below an allocation that hurts.
+const MAX_NAME_BYTES: u64 = 64 * 1024;
+
 /// The name and type of every tensor in the header of the GGUF file `r` reads (version 2 or 3;
 /// version 1, with 32-bit lengths, went out of use in 2023).
 pub(super) fn tensor_types<R: Read + Seek>(r: &mut R) -> io::Result<Vec<TensorType>> {
@@ -92,7 +95,13 @@ pub(super) fn tensor_types<R: Read + Seek>(r: &mut R) -> io::Result<Vec<TensorTy
     let mut out = Vec::new();
     for _ in 0..tensors {
         let len = u64_of(r)?;
-        let mut name = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+        // The length comes from the file: bound it before allocating (ggml's names hold 64 bytes).
+        if len > MAX_NAME_BYTES {
+            return Err(io::Error::other(format!(
+                "a tensor name of {len} bytes (at most {MAX_NAME_BYTES})"
+            )));
+        }
+        let mut name = vec![0u8; len as usize];
         r.read_exact(&mut name)?;
         let dims = u32_of(r)?;
         r.seek(SeekFrom::Current(8 * i64::from(dims)))?;
@@ -230,6 +239,19 @@ mod tests {
             let want = format!("tensor `blk.1.ffn_up.weight` is {name}, a type rbee does not");
             assert!(err.contains(&want), "{err}");
         }
+    }
+
+    /// A header that claims a tensor name of an exabyte is an error, not an allocation of it.
+    #[test]
+    fn a_huge_name_length_is_an_error() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(b"GGUF");
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        bytes.extend_from_slice(&0u64.to_le_bytes()); // metadata entries
+        bytes.extend_from_slice(&(1u64 << 60).to_le_bytes()); // the name's length
+        let err = tensor_types(&mut std::io::Cursor::new(bytes)).unwrap_err();
+        assert!(err.to_string().contains("a tensor name of"), "{err}");
     }
 
     /// Every file model-gen writes the way llama.cpp's presets do (Q2_K, Q3_K_M, Q4_K_M,
