@@ -477,9 +477,17 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
         (&json!("model_not_found"), &json!("model"))
     );
 
-    // 503 with Retry-After: a model file could be loaded, but no hive is there to do it.
+    // 403: a path the cluster does not have, for a key that is not an admin key.
+    let mut path = body.clone();
+    path["model"] = json!("/models/somewhere.gguf");
+    let (status, error) = cluster.call("/v1/chat/completions", &path).await;
+    assert_eq!(status, 403, "{error}");
+    assert_eq!(error["error"]["type"], "permission_error", "{error}");
+
+    // 503 with Retry-After: a hub model could be fetched (no admin keys, so any key may have
+    // one downloaded), but no hive is there to do it.
     let mut nowhere = body.clone();
-    nowhere["model"] = json!("/models/somewhere.gguf");
+    nowhere["model"] = json!("hf:org/repo");
     let response = cluster.post("/v1/chat/completions", &nowhere).await;
     assert_eq!(response.status(), 503);
     assert!(response.headers().contains_key("retry-after"));
