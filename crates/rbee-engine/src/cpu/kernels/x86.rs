@@ -19,7 +19,7 @@ use std::arch::x86::*;
 use std::arch::x86_64::*;
 
 use super::super::attention::{HeadAttn, attend_head_with};
-use super::super::quant::{BlockQ8, BlockQ8K, QK_K, scale_min_k4};
+use super::super::quant::{BlockQ8, BlockQ8K, QK_K};
 use super::Kernels;
 
 /// The fastest kernels this CPU runs, when it has AVX2, FMA and F16C.
@@ -760,16 +760,31 @@ struct Q4kScales {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4k_scales(packed: &[u8]) -> Q4kScales {
-    let mut scales = [_mm256_setzero_si256(); 8];
-    let mut mins = [0i16; 16];
-    for (j, s) in scales.iter_mut().enumerate() {
-        let (scale, min) = scale_min_k4(j, packed);
-        *s = _mm256_set1_epi16(i16::from(scale));
-        mins[2 * j] = i16::from(min);
-        mins[2 * j + 1] = i16::from(min);
-    }
-    // SAFETY: `mins` is 32 bytes.
-    let mins = unsafe { _mm256_loadu_si256(mins.as_ptr().cast()) };
+    // The twelve bytes as three words, rearranged with word-wide masks into the eight scales
+    // (bytes 0..8) and the eight mins (8..16) as ggml does: scales and mins 0..4 are the low
+    // six bits of bytes 0..4 and 4..8; 4..8 take their low four bits from the nibbles of bytes
+    // 8..12 and their top two from the top bits of bytes 0..4 and 4..8.
+    let word = |k: usize| {
+        u32::from_le_bytes([
+            packed[4 * k],
+            packed[4 * k + 1],
+            packed[4 * k + 2],
+            packed[4 * k + 3],
+        ])
+    };
+    let (w0, w1, w2) = (word(0), word(1), word(2));
+    let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let bytes = _mm_setr_epi32(
+        (w0 & low6) as i32,
+        ((w2 & low4) | ((w0 >> 6) & top2) << 4) as i32,
+        (w1 & low6) as i32,
+        (((w2 >> 4) & low4) | ((w1 >> 6) & top2) << 4) as i32,
+    );
+    let widen = |pick: __m128i| _mm256_cvtepu8_epi16(_mm_shuffle_epi8(bytes, pick));
+    let scales = std::array::from_fn(|j| widen(_mm_set1_epi8(j as i8)));
+    let mins = widen(_mm_setr_epi8(
+        8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15,
+    ));
     Q4kScales { scales, mins }
 }
 
