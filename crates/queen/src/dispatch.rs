@@ -63,7 +63,13 @@ pub(crate) async fn choose(
         let step = queen
             .queues
             .on_turn(model, ticket.as_ref(), || {
-                match scheduler::place(model, request, &queen.registry.worker_views(), excluded) {
+                // The views are dropped before `enter`, so that it extends the worker's key set
+                // in place rather than copying a set the views still share.
+                let placement = {
+                    let views = queen.registry.worker_views();
+                    scheduler::place(model, request, &views, excluded)
+                };
+                match placement {
                     Placement::Worker(info) => {
                         let slot = queen.registry.enter(&info.worker_id, &request.keys);
                         Step::Go(info, slot)

@@ -387,6 +387,9 @@ impl Registry {
     /// [`DISPATCHED_KEYS_BEATS`] heartbeats after; from then on the worker's report alone
     /// says whether it still holds them.
     pub fn enter(self: &Arc<Self>, worker_id: &str, keys: &[u64]) -> InFlight {
+        // A request of many tiny messages has as many keys; a worker reports at most this many,
+        // the leading ones (the longest prefixes a next turn can match start there).
+        let keys = &keys[..keys.len().min(rbee_contract::prefix::MAX_REPORTED_PREFIXES)];
         let mut dispatch = None;
         if let Some(entry) = self.maps().workers.get_mut(worker_id) {
             entry.in_flight += 1;
@@ -601,5 +604,18 @@ pub(crate) mod tests {
         // Then the worker's report alone says what it holds.
         registry.worker_beat(beat("w1", &[10]));
         assert_eq!(held(&registry), [10]);
+    }
+
+    /// A request of thousands of tiny messages adds only the leading keys a worker could
+    /// report, not one per message.
+    #[tokio::test(start_paused = true)]
+    async fn a_jobs_keys_are_capped_at_what_a_worker_reports() {
+        let registry = Arc::new(Registry::new(TICK));
+        registry.worker_beat(beat("w1", &[]));
+        let keys: Vec<u64> = (0..5000).collect();
+        let _job = registry.enter("w1", &keys);
+        let held = held(&registry);
+        assert_eq!(held.len(), rbee_contract::prefix::MAX_REPORTED_PREFIXES);
+        assert_eq!(held.first(), Some(&0));
     }
 }
