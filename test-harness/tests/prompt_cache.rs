@@ -175,3 +175,56 @@ async fn later_turns_reuse_the_history_and_get_the_same_tokens() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The prefix keys of an `infer` operation as the queen computes them.
+fn request_keys(operation: &Value) -> Vec<u64> {
+    match serde_json::from_value(operation.clone()) {
+        Ok(rbee_contract::Operation::Infer(req)) => rbee_contract::prefix::prefix_keys(&req),
+        other => panic!("an infer operation, got {other:?}"),
+    }
+}
+
+/// A heartbeat well after a conversation's first turn ended, on a worker that has served
+/// nothing else (its slot was cold), still reports the turn's keys: the queen's memory of its
+/// own dispatch lasts only two heartbeats, so the worker's report is what routes turn 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_turn_on_a_cold_worker_stays_in_its_heartbeats() {
+    let model = tiny_model();
+    let receiver = HeartbeatReceiver::start().await;
+    let worker = Daemon::ready_worker(
+        &model,
+        TOKEN,
+        &[
+            "--queen-url",
+            &receiver.url,
+            "--heartbeat-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let first = turn_request(&[]);
+    let keys = request_keys(&first);
+    assert!(!keys.is_empty());
+    let jobs = JobApi::new(&worker.url, Some(TOKEN));
+    let turn = outcome(&jobs.run("/v1/inference", &first).await);
+    assert!(!turn.ids.is_empty(), "the turn generated nothing");
+    // More than three heartbeat intervals after the turn ended.
+    let ended = receiver.received().len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while receiver.received().len() < ended + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker stopped sending heartbeats"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reported = receiver
+        .received()
+        .last()
+        .map(|(h, _)| h.cached_prefixes.clone())
+        .unwrap_or_default();
+    assert!(
+        keys.iter().all(|k| reported.contains(k)),
+        "the last heartbeat lacks the first turn's keys {keys:?}: {reported:?}"
+    );
+}

@@ -158,9 +158,13 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
         let (cancelled, running): (Vec<_>, Vec<_>) =
             active.into_iter().partition(|a| a.cancel.is_cancelled());
         active = running;
+        let any_cancelled = !cancelled.is_empty();
         for mut a in cancelled {
             let completion = a.seq.cancel();
             finish(a, Ok(completion), shared);
+        }
+        if any_cancelled {
+            report_cache(&engine, shared);
         }
 
         let mut seqs: Vec<&mut Sequence> = active.iter_mut().map(|a| &mut a.seq).collect();
@@ -171,6 +175,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             Ok(Err(err)) => {
                 // The step's sequences are in an unknown state: end every running one.
                 tracing::error!(error = %err, "a generation step failed");
+                report_cache(&engine, shared);
                 for a in active.drain(..) {
                     finish(a, Err(EngineError::Inference(err.to_string())), shared);
                 }
@@ -197,8 +202,16 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             };
             match outcome {
                 Ok(Ok(None)) => still.push(a),
-                Ok(Ok(Some(completion))) => finish(a, Ok(completion), shared),
-                Ok(Err(err)) => finish(a, Err(err), shared),
+                Ok(Ok(Some(completion))) => {
+                    // The slot now holds the tokens fed for this generation (a cold slot held
+                    // none when it began): report them before the client hears the end.
+                    report_cache(&engine, shared);
+                    finish(a, Ok(completion), shared);
+                }
+                Ok(Err(err)) => {
+                    report_cache(&engine, shared);
+                    finish(a, Err(err), shared);
+                }
                 Err(panic) => {
                     still.push(a);
                     still.extend(pending);
@@ -243,11 +256,7 @@ fn begin(engine: &mut Engine, slot: usize, task: Task, shared: &WorkerShared) ->
     }
     let begun = engine.begin_with_routing_keys(slot, &request, &prefix_keys);
     // What the slots and the store hold changes as a generation takes a slot.
-    shared.set_cached_prefixes(engine.routing_keys_held());
-    shared.prompt_cache.store_bytes.store(
-        engine.prompt_cache_store_bytes() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    report_cache(engine, shared);
     let seq = match begun {
         Ok(seq) => seq,
         Err(err) => {
@@ -265,6 +274,17 @@ fn begin(engine: &mut Engine, slot: usize, task: Task, shared: &WorkerShared) ->
         in_flight,
         span,
     })
+}
+
+/// Publishes what the slots and the prompt cache's store hold, for the heartbeats and
+/// `/metrics`. Called when a generation takes a slot and when one ends: a slot's report
+/// covers the tokens fed into it, which a cold slot only has once its prompt was evaluated.
+fn report_cache(engine: &Engine, shared: &WorkerShared) {
+    shared.set_cached_prefixes(engine.routing_keys_held());
+    shared.prompt_cache.store_bytes.store(
+        engine.prompt_cache_store_bytes() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
 }
 
 fn emit_token(
