@@ -10,6 +10,7 @@ use crate::model::{self, CausalLm, ModelInfo};
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
 use crate::prompt_cache::{PromptCache, PromptCacheOptions};
 use crate::prompter::Prompter;
+use crate::sampling::TokenLogprobs;
 use crate::sequence::Sequence;
 use crate::tokenizer::TextTokenizer;
 use crate::{DeviceSpec, EngineError};
@@ -52,7 +53,7 @@ pub struct LoadProgress {
 }
 
 /// One generated token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedToken {
     pub token_id: u32,
     /// 0-based position among the generated tokens.
@@ -60,6 +61,11 @@ pub struct GeneratedToken {
     /// Text this token releases. Empty while the token ends inside a multi-byte character or
     /// inside what may become a stop sequence; such text arrives with a later token.
     pub text: String,
+    /// The token's log-probability and the most likely alternatives, when the request asked
+    /// for them ([`GenerationParams::logprobs`]). A token whose text is held back has them all
+    /// the same. The end-of-sequence token that ends a generation has none: like OpenAI's API,
+    /// rbee reports the tokens of the answer, not its end marker.
+    pub logprobs: Option<TokenLogprobs>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -39,6 +39,7 @@ pub use model::{ModelInfo, WeightsFormat};
 pub use params::{GenerationParams, PreparedRequest, Prompt};
 pub use prompt_cache::{MAX_ROUTING_KEYS, PromptCacheOptions};
 pub use prompter::Prompter;
+pub use sampling::{Logprob, TokenLogprobs};
 pub use sequence::Sequence;
 pub use tokenizer::TextTokenizer;
 

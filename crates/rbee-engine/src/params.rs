@@ -47,6 +47,10 @@ pub struct GenerationParams {
     /// Generation ends, with `Stop`, when the output contains any of these; the stop text itself
     /// is not returned.
     pub stop: Vec<String>,
+    /// `Some(n)`: every generated token reports its log-probability and those of the `n` most
+    /// likely tokens at its step (see [`TokenLogprobs`](crate::TokenLogprobs)). `None` computes
+    /// nothing.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for GenerationParams {
@@ -63,6 +67,7 @@ impl Default for GenerationParams {
             frequency_penalty: 0.0,
             seed: rand::random(),
             stop: Vec::new(),
+            logprobs: None,
         }
     }
 }

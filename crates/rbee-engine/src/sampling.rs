@@ -11,6 +11,75 @@ use rand::{Rng, SeedableRng};
 
 use crate::{EngineError, GenerationParams};
 
+/// Lowest log-probability reported, as OpenAI's API does for tokens the model rules out
+/// entirely (a logit of -inf); JSON has no infinity.
+const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// One token and its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprob {
+    pub token_id: u32,
+    /// The token's own text, decoded alone with special tokens kept (e.g. `<|im_end|>`). A
+    /// token that holds part of a multi-byte character decodes to U+FFFD.
+    pub text: String,
+    /// Natural log of the token's probability, at least -9999.
+    pub logprob: f32,
+}
+
+/// Log-probabilities at the step that sampled a token: the log-softmax of the model's raw
+/// logits, before penalties, temperature and the top-k/top-p/min-p filters (vLLM's default and
+/// what OpenAI reports), so they describe the model, not the sampling settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The sampled token.
+    pub token: Logprob,
+    /// The most likely tokens, most likely first (ties: lower id first); as many as the
+    /// request asked for, fewer only when the vocabulary is smaller.
+    pub top: Vec<Logprob>,
+}
+
+/// The sampled token's log-probability and the `n` most likely `(id, logprob)` under the
+/// log-softmax of `logits`. Non-finite logits count as probability 0.
+pub(crate) fn log_softmax_top(logits: &[f32], token: u32, n: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| l.is_finite())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .filter(|l| l.is_finite())
+        .map(|&l| f64::from(l - max).exp())
+        .sum();
+    let log_norm = f64::from(max) + sum.ln();
+    let logprob = |l: f32| {
+        if l.is_finite() {
+            ((f64::from(l) - log_norm) as f32).max(LOGPROB_FLOOR)
+        } else {
+            LOGPROB_FLOOR
+        }
+    };
+    // A sorted head of at most `n`: most logits lose to its last entry with one comparison.
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (id, &l) in logits.iter().enumerate() {
+            if !l.is_finite() || (top.len() == n && l <= top[n - 1].1) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, t)| t >= l);
+            top.insert(at, (id as u32, l));
+            top.truncate(n);
+        }
+    }
+    let chosen = logits
+        .get(token as usize)
+        .map_or(LOGPROB_FLOOR, |&l| logprob(l));
+    (
+        chosen,
+        top.into_iter().map(|(id, l)| (id, logprob(l))).collect(),
+    )
+}
+
 /// A candidate token and its unnormalized probability.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
@@ -391,6 +460,24 @@ mod tests {
         // 0: 2 - 0.5 - 0.5 = 1.0; 1: 2 - 0.5 - 0.25 = 1.25; 2 untouched.
         assert_eq!(l, vec![1.0, 1.25, 1.5]);
         assert_eq!(next, 2);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_of_the_logits() {
+        let l = logits();
+        let (chosen, top) = log_softmax_top(&l, 3, 3);
+        let total: f64 = (0..l.len() as u32)
+            .map(|id| f64::from(log_softmax_top(&l, id, 0).0).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "probabilities sum to {total}");
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![3, 5, 2]);
+        assert_eq!(top[0].1, chosen);
+        // Differences of log-probabilities are differences of logits.
+        assert!((top[0].1 - top[1].1 - 0.5).abs() < 1e-6);
+        let (minus_inf, top) = log_softmax_top(&[0.0, f32::NEG_INFINITY, f32::NAN], 1, 5);
+        assert_eq!(minus_inf, LOGPROB_FLOOR);
+        assert_eq!(top, vec![(0, 0.0)]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::EngineError;
 use crate::engine::{Completion, FinishReason, GeneratedToken};
 use crate::params::PreparedRequest;
-use crate::sampling::Sampler;
+use crate::sampling::{Logprob, Sampler, TokenLogprobs, log_softmax_top};
 use crate::stop::{Release, StopMatcher};
 use crate::tokenizer::{IncrementalDecoder, TextTokenizer, TokenizerError};
 
@@ -26,6 +26,9 @@ pub struct Sequence {
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stops: StopMatcher,
+    /// How many of the most likely tokens each step reports, when log-probabilities are asked
+    /// for; the tokenizer names them.
+    logprobs: Option<(usize, TextTokenizer)>,
     /// The prompt, then every sampled token.
     context: Vec<u32>,
     /// Tokens of `context` already in the model's cache.
@@ -74,6 +77,7 @@ impl Sequence {
             sampler: Sampler::new(&req.params),
             decoder: IncrementalDecoder::with_context(tokenizer.clone(), &req.prompt_tokens),
             stops: StopMatcher::new(&req.params.stop),
+            logprobs: req.params.logprobs.map(|n| (n, tokenizer.clone())),
             context,
             fed: cached.min(prompt_len.saturating_sub(1)),
             cached: cached.min(prompt_len.saturating_sub(1)),
@@ -176,6 +180,8 @@ impl Sequence {
             return Ok(Some(self.finish(FinishReason::Length)));
         }
         let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
+        // The sampler changes the logits in place; log-probabilities describe them unchanged.
+        let raw = self.logprobs.as_ref().map(|_| logits.clone());
         let token = self.sampler.sample(&mut logits, &self.context)?;
         if index == 0 {
             self.prefill_time = self.started.elapsed();
@@ -202,6 +208,7 @@ impl Sequence {
                     token_id: token,
                     index,
                     text: tail,
+                    logprobs: None,
                 });
             }
             return Ok(Some(self.finish(FinishReason::Stop)));
@@ -230,10 +237,15 @@ impl Sequence {
             released.push_str(&self.stops.flush());
         }
         self.text.push_str(&released);
+        let logprobs = match (&self.logprobs, raw) {
+            (Some((n, tokenizer)), Some(raw)) => Some(token_logprobs(tokenizer, &raw, token, *n)?),
+            _ => None,
+        };
         let flow = on_token(GeneratedToken {
             token_id: token,
             index,
             text: released,
+            logprobs,
         });
         if stopped {
             return Ok(Some(self.finish(FinishReason::Stop)));
@@ -246,4 +258,31 @@ impl Sequence {
         }
         Ok(None)
     }
+}
+
+/// The log-probabilities of `token` and the `n` most likely tokens under `logits`, named.
+fn token_logprobs(
+    tokenizer: &TextTokenizer,
+    logits: &[f32],
+    token: u32,
+    n: usize,
+) -> Result<TokenLogprobs, EngineError> {
+    let (logprob, top) = log_softmax_top(logits, token, n);
+    let named = |token_id: u32, logprob: f32| -> Result<Logprob, EngineError> {
+        let text = tokenizer
+            .decode(&[token_id], false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        Ok(Logprob {
+            token_id,
+            text,
+            logprob,
+        })
+    };
+    Ok(TokenLogprobs {
+        token: named(token, logprob)?,
+        top: top
+            .into_iter()
+            .map(|(id, lp)| named(id, lp))
+            .collect::<Result<_, _>>()?,
+    })
 }
