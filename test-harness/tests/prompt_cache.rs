@@ -228,3 +228,47 @@ async fn a_first_turn_on_a_cold_worker_stays_in_its_heartbeats() {
         "the last heartbeat lacks the first turn's keys {keys:?}: {reported:?}"
     );
 }
+
+/// After a chat turn, the worker's heartbeats carry the key of the answer as the next turn
+/// sends it back (an assistant message with exactly the text the client received), so the
+/// queen sees that the worker holds the whole history of a turn whose answer is long.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chat_turns_answer_has_a_key_in_the_heartbeats() {
+    let model = tiny_model();
+    let receiver = HeartbeatReceiver::start().await;
+    let worker = Daemon::ready_worker(
+        &model,
+        TOKEN,
+        &[
+            "--queen-url",
+            &receiver.url,
+            "--heartbeat-interval",
+            "100ms",
+        ],
+    )
+    .await;
+    let first = turn_request(&[]);
+    let jobs = JobApi::new(&worker.url, Some(TOKEN));
+    let turn = outcome(&jobs.run("/v1/inference", &first).await);
+    assert!(!turn.text.is_empty(), "the turn generated no text");
+    // The next turn's keys through the answer, as the queen computes them.
+    let next = turn_request(std::slice::from_ref(&turn.text));
+    let next_keys = request_keys(&next);
+    let answer_key = next_keys[request_keys(&first).len()];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reported = receiver
+            .received()
+            .last()
+            .map(|(h, _)| h.cached_prefixes.clone())
+            .unwrap_or_default();
+        if reported.contains(&answer_key) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat reported the answer's key {answer_key}: {reported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -239,6 +239,15 @@ impl Engine {
         self.cache.routing_keys()
     }
 
+    /// Adds `key` to the routing keys of what `slot` holds, for
+    /// [`routing_keys_held`](Self::routing_keys_held): a chat server adds the key of the answer
+    /// a sequence generated (its tokens stay in the slot), which the conversation's next turn
+    /// sends back. Nothing is added for a slot that holds no tokens (the model runs on
+    /// candle's code, or the slot's last step failed).
+    pub fn add_routing_key(&mut self, slot: usize, key: u64) {
+        self.cache.add_key(slot, key);
+    }
+
     /// Runs one generation in slot 0. `on_token` sees every token with the text it releases
     /// and can end the generation at once by returning `Break` (the result is then
     /// `Cancelled`).

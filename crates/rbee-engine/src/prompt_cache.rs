@@ -272,6 +272,17 @@ impl PromptCache {
         }
     }
 
+    /// Adds `key` to the routing keys of what `slot` holds (unless it holds nothing), e.g. the
+    /// key of the answer its sequence generated, whose tokens it now holds too.
+    pub(crate) fn add_key(&mut self, slot: usize, key: u64) {
+        if let Some(held) = self.slots.get_mut(slot)
+            && !held.tokens.is_empty()
+            && !held.keys.contains(&key)
+        {
+            held.keys.push(key);
+        }
+    }
+
     /// The routing keys of what the slots and the store hold, most recently used first,
     /// without repeats, at most [`MAX_ROUTING_KEYS`].
     pub(crate) fn routing_keys(&self) -> Vec<u64> {
@@ -352,5 +363,17 @@ mod tests {
         assert_eq!(cache.routing_keys(), vec![10, 12, 11]);
         cache.slots[1].tokens.clear();
         assert_eq!(cache.routing_keys(), vec![10, 11]);
+    }
+
+    #[test]
+    fn an_added_key_joins_its_slots_keys_once_and_only_while_the_slot_holds_tokens() {
+        let mut cache = PromptCache::new(2);
+        cache.fed(0, &[1, 2], 0);
+        cache.slots[0].keys = vec![10];
+        cache.add_key(0, 13);
+        cache.add_key(0, 13);
+        cache.add_key(1, 14);
+        cache.add_key(7, 15);
+        assert_eq!(cache.routing_keys(), vec![10, 13]);
     }
 }

@@ -27,6 +27,8 @@ pub(crate) struct InferJob {
     request: PreparedRequest,
     /// The request's prefix keys, kept with what its KV cache leaves in the prompt cache.
     prefix_keys: Vec<u64>,
+    /// Whether the request is a chat (its answer gets a prefix key of its own).
+    chat: bool,
     in_flight: InFlight,
 }
 
@@ -62,6 +64,7 @@ impl JobExecutor for InferExecutor {
             }
         };
         let prefix_keys = rbee_contract::prefix::prefix_keys(&req);
+        let chat = req.messages.is_some();
         let (prompt, params) = parse_request(req)?;
         // Tokenizing a long prompt takes milliseconds: keep it off the reactor's other tasks.
         let prepare = || prompter.prepare(prompt, params);
@@ -85,6 +88,7 @@ impl JobExecutor for InferExecutor {
         Ok(InferJob {
             request,
             prefix_keys,
+            chat,
             in_flight,
         })
     }
@@ -106,6 +110,7 @@ impl JobExecutor for InferExecutor {
         let task = Task {
             request: job.request,
             prefix_keys: job.prefix_keys,
+            chat: job.chat,
             sink: ctx.events.clone(),
             cancel: ctx.cancel.clone(),
             done,

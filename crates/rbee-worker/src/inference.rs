@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use job_server::EventSink;
-use rbee_contract::JobEvent;
+use rbee_contract::prefix::next_chat_key;
+use rbee_contract::{ChatMessage, ChatRole, JobEvent};
 use rbee_engine::{
     Completion, Engine, EngineError, GeneratedToken, LoadOptions, PreparedRequest,
     PromptCacheOptions, Sequence,
@@ -31,6 +32,8 @@ pub(crate) struct Task {
     pub request: PreparedRequest,
     /// The request's prefix keys (`rbee_contract::prefix`), for cache-aware routing.
     pub prefix_keys: Vec<u64>,
+    /// Whether the request is a chat: its answer's key then joins the slot's keys at the end.
+    pub chat: bool,
     pub sink: EventSink,
     pub cancel: CancellationToken,
     pub done: oneshot::Sender<Result<Completion, EngineError>>,
@@ -101,6 +104,8 @@ fn load(options: &LoadOptions, shared: &WorkerShared) -> Option<Engine> {
 /// A generation in a slot, with what it reports to.
 struct Active {
     seq: Sequence,
+    /// A chat request's prefix keys, which its answer's key extends.
+    chat_keys: Option<Vec<u64>>,
     sink: EventSink,
     cancel: CancellationToken,
     done: oneshot::Sender<Result<Completion, EngineError>>,
@@ -203,6 +208,15 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
             match outcome {
                 Ok(Ok(None)) => still.push(a),
                 Ok(Ok(Some(completion))) => {
+                    // The slot holds the answer's tokens too: the next turn, which sends the
+                    // answer back as an assistant message, matches through it.
+                    if let Some(keys) = &a.chat_keys {
+                        let answer = ChatMessage {
+                            role: ChatRole::Assistant,
+                            content: completion.text.clone(),
+                        };
+                        engine.add_routing_key(a.seq.slot(), next_chat_key(keys, &answer));
+                    }
                     // The slot now holds the tokens fed for this generation (a cold slot held
                     // none when it began): report them before the client hears the end.
                     report_cache(&engine, shared);
@@ -236,6 +250,7 @@ fn begin(engine: &mut Engine, slot: usize, task: Task, shared: &WorkerShared) ->
     let Task {
         request,
         prefix_keys,
+        chat,
         sink,
         cancel,
         done,
@@ -268,6 +283,7 @@ fn begin(engine: &mut Engine, slot: usize, task: Task, shared: &WorkerShared) ->
     drop(_job);
     Some(Active {
         seq,
+        chat_keys: chat.then_some(prefix_keys),
         sink,
         cancel,
         done,
