@@ -405,6 +405,11 @@ impl Engine {
         inputs: &[(usize, Vec<u32>, usize)],
     ) -> Result<Vec<f32>, EngineError> {
         let logits = self.forward_uncached(inputs);
+        // A model on candle's code cannot cut its cache back to a prefix, so it reuses nothing:
+        // recording its tokens would advertise (to routing) a cache it cannot use.
+        if self.model.batched().is_none() {
+            return logits;
+        }
         for (slot, tokens, pos) in inputs {
             match &logits {
                 Ok(_) => self.cache.fed(*slot, tokens, *pos),

@@ -410,3 +410,39 @@ fn routing_keys_follow_what_the_slots_and_the_store_hold() -> anyhow::Result<()>
     assert_eq!(engine.routing_keys_held(), vec![3, 1, 2]);
     Ok(())
 }
+
+#[test]
+fn a_model_on_candles_code_reports_no_routing_keys() -> anyhow::Result<()> {
+    // A head size the engine's path has no attention for: the model runs on candle's code,
+    // whose cache cannot be cut back to a prefix, so it holds nothing a request could reuse.
+    let path = model_gen::ensure_generated(
+        &ModelSpec::small_wide_head(),
+        ModelFormat::Gguf(GgufType::Q8_0),
+        &model_gen::paths::generated_dir(),
+    )?;
+    let mut engine = load(&path, 1, WITH_STORE)?;
+    let params = GenerationParams {
+        max_tokens: Some(2),
+        temperature: 0.0,
+        ..Default::default()
+    };
+    let story = "Once upon a time there was a bee who lived in a garden full of flowers and sun";
+    let req = engine.prepare(Prompt::Text(story.into()), params)?;
+    for _ in 0..2 {
+        let mut seq = engine.begin_with_routing_keys(0, &req, &[1, 2])?;
+        while !seq.is_finished() {
+            engine.step(&mut [&mut seq])?;
+            if seq.has_logits() {
+                engine.advance(&mut seq, &mut |_| ControlFlow::Continue(()))?;
+            }
+        }
+        engine.add_routing_key(0, 3);
+        assert!(
+            engine.routing_keys_held().is_empty(),
+            "{:?}",
+            engine.routing_keys_held()
+        );
+    }
+    assert_eq!(engine.prompt_cache_store_bytes(), 0);
+    Ok(())
+}
