@@ -181,7 +181,10 @@ impl PromptCache {
         if held.tokens.len() >= MIN_STORED && 2 * in_slot < held.tokens.len() {
             let tokens = held.tokens.clone();
             let keys = held.keys.clone();
-            self.keep(model, slot, tokens, keys)?;
+            let per_position = model.kv_bytes_per_position();
+            self.keep(per_position, tokens, keys, |len| {
+                model.save_prefix(slot, len)
+            });
         }
         // `keep` may have reordered the store: look the winner up again by its tokens.
         let restore = match stored {
@@ -218,19 +221,21 @@ impl PromptCache {
         Ok(reuse)
     }
 
-    /// Puts a copy of `slot`'s cache (its `tokens`) into the store, if it fits, dropping the
-    /// least recently used prefixes to make room and those it extends.
+    /// Puts a copy of a slot's cache (its `tokens`, `per_position` bytes each, copied by `save`)
+    /// into the store, if it fits, dropping the least recently used prefixes to make room and
+    /// those it extends. The copy is optional: if it cannot be made (its memory cannot be
+    /// allocated), the request goes on without it.
     fn keep(
         &mut self,
-        model: &CpuLlama,
-        slot: usize,
+        per_position: usize,
         tokens: Vec<u32>,
         keys: Vec<u64>,
-    ) -> Result<(), EngineError> {
+        save: impl FnOnce(usize) -> Result<KvPrefix, EngineError>,
+    ) {
         let limit = self.options.store_bytes;
-        let bytes = tokens.len() * model.kv_bytes_per_position();
+        let bytes = tokens.len() * per_position;
         if bytes == 0 || bytes > limit {
-            return Ok(());
+            return;
         }
         // Already held by a prefix at least as long: only refresh it.
         if let Some(e) = self
@@ -239,7 +244,7 @@ impl PromptCache {
             .find(|e| e.tokens.len() >= tokens.len() && e.tokens.starts_with(&tokens))
         {
             e.used = self.clock;
-            return Ok(());
+            return;
         }
         self.store.retain(|e| {
             let extended = tokens.starts_with(&e.tokens);
@@ -249,7 +254,13 @@ impl PromptCache {
             !extended
         });
         self.evict_to(limit - bytes);
-        let kv = model.save_prefix(slot, tokens.len())?;
+        let kv = match save(tokens.len()) {
+            Ok(kv) => kv,
+            Err(err) => {
+                tracing::warn!(error = %err, tokens = tokens.len(), "a prompt prefix was not stored");
+                return;
+            }
+        };
         self.store_used += kv.bytes();
         self.store.push(Stored {
             tokens,
@@ -257,7 +268,6 @@ impl PromptCache {
             kv,
             used: self.clock,
         });
-        Ok(())
     }
 
     /// Drops the least recently used stored prefixes until the store holds at most `bytes`.
@@ -363,6 +373,25 @@ mod tests {
         assert_eq!(cache.routing_keys(), vec![10, 12, 11]);
         cache.slots[1].tokens.clear();
         assert_eq!(cache.routing_keys(), vec![10, 11]);
+    }
+
+    #[test]
+    fn a_copy_that_cannot_be_made_is_not_stored_and_is_no_error() {
+        let mut cache = PromptCache::new(1);
+        cache.set_options(PromptCacheOptions {
+            enabled: true,
+            store_bytes: 1 << 20,
+        });
+        let tokens: Vec<u32> = (0..MIN_STORED as u32).collect();
+        cache.keep(64, tokens, vec![10], |len| {
+            assert_eq!(len, MIN_STORED);
+            Err(EngineError::Inference(
+                "cannot keep a prompt prefix: memory allocation failed".into(),
+            ))
+        });
+        assert!(cache.store.is_empty());
+        assert_eq!(cache.store_used(), 0);
+        assert!(cache.routing_keys().is_empty());
     }
 
     #[test]
