@@ -11,7 +11,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::EmitError;
-use crate::log::{Entry, EventLog, OpenError, ReaderId};
+use crate::log::{Entry, EventLog, LogLimits, OpenError, ReaderId};
 
 /// Why a job was cancelled; becomes the message of its `cancelled` terminal event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +64,14 @@ impl Job {
         id: String,
         cancel: CancellationToken,
         cancel_on_disconnect: bool,
-        capacity: usize,
+        limits: LogLimits,
     ) -> Self {
         Job {
             id,
             cancel,
             cancel_on_disconnect,
             created_at: Instant::now(),
-            log: Mutex::new(EventLog::new(capacity)),
+            log: Mutex::new(EventLog::new(limits)),
             appended: Notify::new(),
             room: Notify::new(),
             cancel_reason: OnceLock::new(),

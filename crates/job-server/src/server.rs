@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::error::{ApiError, JobFailure};
 use crate::executor::{JobContext, JobExecutor};
 use crate::job::{CancelReason, EventSink, Job, JobSubscription};
-use crate::log::OpenError;
+use crate::log::{LogLimits, OpenError};
 
 /// How long shutdown waits for the jobs it cancelled at the end of the grace period.
 const CUT_JOBS_LIMIT: Duration = Duration::from_secs(5);
@@ -26,9 +26,20 @@ const CUT_JOBS_LIMIT: Duration = Duration::from_secs(5);
 /// Limits and timings of a [`JobServer`]; `Default` holds the production values.
 #[derive(Debug, Clone)]
 pub struct JobServerConfig {
-    /// Events a job buffers for its clients. When all of them are still unread, the job's
-    /// `emit` waits; events some client already received are evicted to make room.
+    /// Events a running job buffers for its clients. When all of them are still unread, the
+    /// job's `emit` waits; events some client already received are evicted to make room.
     pub buffer_capacity: usize,
+    /// Bytes (of the events' JSON) a running job buffers for its clients, on top of
+    /// [`buffer_capacity`](Self::buffer_capacity): whichever is reached first holds the job
+    /// back the same way. An event is taken while the buffer holds less, so one event larger
+    /// than this still goes through.
+    pub buffer_bytes: usize,
+    /// Bytes (of the events' JSON) of the newest non-terminal events a finished job keeps for
+    /// late readers and resumes; its terminal event is always kept. Older events are dropped
+    /// once some stream has received them and no attached stream still has to, and resuming
+    /// before them is a `410`. Events no stream has received yet are kept (they are bounded
+    /// by the running buffer), so a job that ends before its stream is opened is read whole.
+    pub retained_tail_bytes: usize,
     /// How long a finished job stays readable (for late readers and resumes) before removal.
     pub retention: Duration,
     /// A job whose stream is not opened within this time is cancelled.
@@ -50,6 +61,8 @@ impl Default for JobServerConfig {
     fn default() -> Self {
         JobServerConfig {
             buffer_capacity: 1024,
+            buffer_bytes: 256 * 1024,
+            retained_tail_bytes: 64 * 1024,
             retention: Duration::from_secs(300),
             unclaimed_timeout: Duration::from_secs(60),
             detached_timeout: Duration::from_secs(300),
@@ -225,7 +238,11 @@ impl<E: JobExecutor> JobServer<E> {
             id.clone(),
             self.inner.shutdown.child_token(),
             options.cancel_on_disconnect,
-            self.inner.config.buffer_capacity,
+            LogLimits {
+                capacity: self.inner.config.buffer_capacity,
+                bytes: self.inner.config.buffer_bytes,
+                tail_bytes: self.inner.config.retained_tail_bytes,
+            },
         ));
         {
             let mut jobs = self.inner.jobs();
@@ -430,8 +447,14 @@ fn panic_message(panic: &(dyn Any + Send)) -> &str {
 mod tests {
     use super::*;
 
+    const LIMITS: LogLimits = LogLimits {
+        capacity: 4,
+        bytes: 1024,
+        tail_bytes: 1024,
+    };
+
     fn finished_job(jobs: &mut Jobs, id: &str) -> Arc<Job> {
-        let job = Arc::new(Job::new(id.into(), CancellationToken::new(), true, 4));
+        let job = Arc::new(Job::new(id.into(), CancellationToken::new(), true, LIMITS));
         job.finish(JobEvent::error(ErrorCode::Cancelled, "over"));
         jobs.by_id.insert(id.into(), Arc::clone(&job));
         jobs.finished.push_back(id.into());
@@ -465,7 +488,7 @@ mod tests {
     #[test]
     fn a_running_job_is_never_dropped_for_room() {
         let mut jobs = Jobs::default();
-        let running = Arc::new(Job::new("r".into(), CancellationToken::new(), true, 4));
+        let running = Arc::new(Job::new("r".into(), CancellationToken::new(), true, LIMITS));
         jobs.by_id.insert("r".into(), running);
         assert!(jobs.drop_oldest_finished().is_none());
         finished_job(&mut jobs, "f");

@@ -48,17 +48,20 @@ async fn create_then_stream_delivers_tokens_done_and_the_sentinel() -> anyhow::R
             JobEvent::Token {
                 text: "t0 ".into(),
                 token_id: 0,
-                index: 0
+                index: 0,
+                logprobs: None
             },
             JobEvent::Token {
                 text: "t1 ".into(),
                 token_id: 1,
-                index: 1
+                index: 1,
+                logprobs: None
             },
             JobEvent::Token {
                 text: "t2 ".into(),
                 token_id: 2,
-                index: 2
+                index: 2,
+                logprobs: None
             },
             JobEvent::Done {
                 finish_reason: FinishReason::Length,
@@ -207,6 +210,95 @@ async fn resuming_from_an_evicted_or_unknown_id_is_a_clear_error() -> anyhow::Re
     // Events still held are served after the evicted ones.
     let tail = assert_well_formed(&t.read_stream(&id, Some("9")).await?);
     assert_eq!(token_indices(&tail), vec![9]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_finished_job_keeps_its_terminal_event_and_a_tail_within_the_byte_budget()
+-> anyhow::Result<()> {
+    let budget = 2000;
+    let t = TestServer::start(JobServerConfig {
+        retained_tail_bytes: budget,
+        ..JobServerConfig::default()
+    })
+    .await?;
+    let id = t.create("tokens 300").await?;
+    let full = t.read_stream(&id, None).await?;
+    let events = assert_well_formed(&full);
+    assert_eq!(token_indices(&events), (0..300).collect::<Vec<_>>());
+
+    // The tail the budget allows: the newest events whose JSON fits in it, counted on the wire.
+    let (terminal, tokens) = full[..full.len() - 1].split_last().unwrap();
+    let mut kept_bytes = 0;
+    let kept = tokens
+        .iter()
+        .rev()
+        .take_while(|b| {
+            kept_bytes += b.data.len();
+            kept_bytes <= budget
+        })
+        .count();
+    assert!(
+        kept > 0 && kept < tokens.len(),
+        "the job outgrew the budget"
+    );
+    let oldest: u64 = tokens[tokens.len() - kept].id.as_deref().unwrap().parse()?;
+
+    let resumed = t.read_stream(&id, Some(&(oldest - 1).to_string())).await?;
+    assert_well_formed(&resumed);
+    assert_eq!(
+        resumed,
+        full[full.len() - kept - 2..],
+        "a resume within the tail gets exactly the events after its id"
+    );
+    let tail_bytes: usize = resumed[..resumed.len() - 2]
+        .iter()
+        .map(|b| b.data.len())
+        .sum();
+    assert!(tail_bytes <= budget, "{tail_bytes} bytes kept");
+
+    let last = t
+        .read_stream(&id, Some(&(oldest + kept as u64 - 1).to_string()))
+        .await?;
+    assert_eq!(last, full[full.len() - 2..], "the terminal event is kept");
+    assert_eq!(
+        terminal.id.as_deref(),
+        Some((oldest + kept as u64).to_string().as_str())
+    );
+
+    let stream = t.url(&format!("/v1/jobs/{id}/stream"));
+    for before in [None, Some(oldest - 2)] {
+        let mut request = t.http.get(&stream);
+        if let Some(id) = before {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let message = assert_api_error(request.send().await?, 410, ErrorCode::NotFound).await?;
+        assert!(
+            message.contains(&format!("before id {oldest}")),
+            "{message}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_running_job_is_held_back_by_the_byte_budget_of_its_buffer() -> anyhow::Result<()> {
+    let t = TestServer::start(JobServerConfig {
+        buffer_bytes: 200,
+        ..JobServerConfig::default()
+    })
+    .await?;
+    let id = t.create("tokens 50").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let held = t.observed().emitted();
+    // A token event here is about 60 bytes: the buffer takes events while under 200 bytes.
+    assert!(
+        (2..=5).contains(&held),
+        "{held} events emitted with no reader"
+    );
+
+    let events = assert_well_formed(&t.read_stream(&id, None).await?);
+    assert_eq!(token_indices(&events), (0..50).collect::<Vec<_>>());
     Ok(())
 }
 
