@@ -2,7 +2,7 @@
 //! `hive::serve`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -91,6 +91,10 @@ struct Args {
     /// The model hub `hf:` references are downloaded from (default: https://huggingface.co).
     #[arg(long, env = "HF_ENDPOINT")]
     hf_endpoint: Option<String>,
+    /// Jobs the hive holds at most, running and recently finished (default 1024); when all
+    /// are running, a new one is refused with 503 busy.
+    #[arg(long, value_name = "N", env = "RBEE_HIVE_MAX_JOBS")]
+    max_jobs: Option<NonZeroUsize>,
 }
 
 impl Args {
@@ -135,6 +139,9 @@ impl Args {
             config.hf_endpoint = endpoint;
         }
         config.hf_token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        if let Some(max) = self.max_jobs {
+            config.max_jobs = max;
+        }
         config
     }
 }

@@ -1,7 +1,7 @@
 //! The hive's validated configuration and where its defaults come from.
 
 use std::fmt;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -62,7 +62,14 @@ pub struct HiveConfig {
     pub hf_endpoint: String,
     /// A hub access token, for gated or private repositories.
     pub hf_token: Option<String>,
+    /// Jobs the hive holds at most, running and recently finished together: finished ones are
+    /// dropped early to make room, and when all are running a new job is refused with
+    /// `503 busy`. Bounds the memory of the hive's job registry.
+    pub max_jobs: NonZeroUsize,
 }
+
+/// The hive's job limit unless `--max-jobs` says otherwise.
+pub const DEFAULT_HIVE_MAX_JOBS: NonZeroUsize = NonZeroUsize::new(1024).unwrap();
 
 /// The prompt cache store each worker gets unless `--worker-prompt-cache-mib` says otherwise
 /// (the worker's own default).
@@ -96,6 +103,7 @@ impl HiveConfig {
             allowed_model_dirs: Vec::new(),
             hf_endpoint: DEFAULT_HF_ENDPOINT.into(),
             hf_token: None,
+            max_jobs: DEFAULT_HIVE_MAX_JOBS,
         }
     }
 }

@@ -39,8 +39,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    DEFAULT_HF_ENDPOINT, HiveConfig, MAX_WORKER_SLOTS, PortRange, WORKER_BINARY_NAME,
-    default_hive_id, default_log_dir, default_model_dir, default_worker_binary,
+    DEFAULT_HF_ENDPOINT, DEFAULT_HIVE_MAX_JOBS, HiveConfig, MAX_WORKER_SLOTS, PortRange,
+    WORKER_BINARY_NAME, default_hive_id, default_log_dir, default_model_dir, default_worker_binary,
 };
 
 pub use models::ModelsError;
@@ -154,7 +154,10 @@ pub async fn serve(
     });
     let jobs = job_server::JobServer::new(
         HiveExecutor::new(Arc::clone(&hive)),
-        job_server::JobServerConfig::default(),
+        job_server::JobServerConfig {
+            max_jobs: Some(config.max_jobs.get()),
+            ..job_server::JobServerConfig::default()
+        },
     );
     let heartbeats = tokio::spawn(heartbeat::run(Arc::clone(&hive), shutdown.clone()));
     let app = routes::router(Arc::clone(&hive), jobs.clone(), auth);
@@ -178,4 +181,64 @@ pub async fn serve(
     let _ = heartbeats.await;
     tracing::info!("hive stopped");
     served.map_err(HiveError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use rbee_contract::{ApiErrorBody, ErrorCode};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_hive_refuses_a_new_job_with_a_json_busy_error() {
+        // A model hub that takes connections and never answers: its downloads keep running.
+        let hub = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hub_url = format!("http://{}", hub.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = hub.accept().await {
+                held.push(socket);
+            }
+        });
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = HiveConfig::new("h");
+        config.model_dir = dir.path().join("models");
+        config.log_dir = dir.path().join("logs");
+        config.hf_endpoint = hub_url;
+        config.stop_grace = Duration::from_millis(200);
+        config.max_jobs = NonZeroUsize::new(2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let served = tokio::spawn(serve(listener, config, shutdown.clone()));
+
+        let http = reqwest::Client::new();
+        let create = |file: &str| {
+            http.post(format!("{base}/v1/jobs"))
+                .json(&serde_json::json!({
+                    "operation": "model_download",
+                    "model": format!("hf:o/r:{file}.gguf"),
+                }))
+                .send()
+        };
+        for file in ["a", "b"] {
+            let response = create(file).await.unwrap();
+            assert_eq!(response.status(), 201, "{:?}", response.text().await);
+        }
+        let refused = create("c").await.unwrap();
+        assert_eq!(refused.status(), 503);
+        let body: ApiErrorBody = refused.json().await.unwrap();
+        assert_eq!(body.error.code, ErrorCode::Busy);
+        assert!(
+            body.error.message.contains("2 jobs"),
+            "{}",
+            body.error.message
+        );
+
+        shutdown.cancel();
+        served.await.unwrap().unwrap();
+    }
 }
