@@ -223,6 +223,7 @@ mod tests {
             text: i.to_string(),
             token_id: i,
             index: i,
+            logprobs: None,
         };
         let json = serde_json::to_string(&event).unwrap();
         (Arc::new(event), json.into())

@@ -101,6 +101,7 @@ impl JobExecutor for Script {
                             text: format!(" {index}"),
                             token_id: index,
                             index,
+                            logprobs: None,
                         })
                         .await
                         .map_err(|_| cancelled())?;
@@ -124,11 +125,13 @@ impl JobExecutor for Script {
                             text: " Paris".into(),
                             token_id: 7042,
                             index: 0,
+                            logprobs: None,
                         },
                         JobEvent::Token {
                             text: ".".into(),
                             token_id: 30,
                             index: 1,
+                            logprobs: None,
                         },
                     ];
                     for event in events {

@@ -44,10 +44,14 @@ pub enum JobEvent {
     },
     /// Text released by the token at `index` (0-based among generated tokens). `text` can be
     /// empty when the token ends inside a multi-byte character or a possible stop sequence.
+    /// `logprobs` is present when the request asked for them (absent on the token that ends
+    /// the generation, whose text is only what was held back).
     Token {
         text: String,
         token_id: u32,
         index: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        logprobs: Option<TokenLogprobs>,
     },
     /// A structured result, e.g. a worker or model list.
     Data {
@@ -81,6 +85,29 @@ impl JobEvent {
             message: message.into(),
         }
     }
+}
+
+/// The log-probabilities at the step that sampled a token: the log-softmax of the model's
+/// logits, before penalties, temperature and sampling filters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TokenLogprobs {
+    /// The sampled token's own text (decoded alone, special tokens kept), which is not
+    /// necessarily what the event's `text` released.
+    pub token: String,
+    /// Natural log of its probability; -9999 stands for a probability of 0.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first, as many as the request's `logprobs`.
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TopLogprob {
+    pub token_id: u32,
+    pub token: String,
+    pub logprob: f32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,5 +150,36 @@ impl Usage {
             cached_tokens: Some(cached_tokens),
             ..self
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_logprobs_are_optional_on_the_wire() {
+        let plain = r#"{"event":"token","text":"Hi","token_id":5,"index":0}"#;
+        let event: JobEvent = serde_json::from_str(plain).unwrap();
+        assert_eq!(serde_json::to_string(&event).unwrap(), plain);
+
+        let with = JobEvent::Token {
+            text: String::new(),
+            token_id: 7,
+            index: 1,
+            logprobs: Some(TokenLogprobs {
+                token: "\u{fffd}".into(),
+                logprob: -0.5,
+                top_logprobs: vec![TopLogprob {
+                    token_id: 7,
+                    token: "\u{fffd}".into(),
+                    logprob: -0.5,
+                }],
+            }),
+        };
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["logprobs"]["top_logprobs"][0]["token_id"], 7);
+        assert_eq!(json["logprobs"]["logprob"], -0.5);
+        assert_eq!(serde_json::from_value::<JobEvent>(json).unwrap(), with);
     }
 }

@@ -22,7 +22,7 @@ pub mod validation;
 
 pub use capacity::{CapacityEstimate, DevicesResponse, NoCapacityBody};
 pub use error::{ApiErrorBody, ErrorCode, ErrorDetail};
-pub use event::{FinishReason, JobEvent, Usage};
+pub use event::{FinishReason, JobEvent, TokenLogprobs, TopLogprob, Usage};
 pub use info::{
     DeviceInfo, DeviceKind, HiveHeartbeat, HiveInfo, MAX_WORKER_SLOTS, ModelDetails, ModelEntry,
     ModelState, WorkerHeartbeat, WorkerInfo, WorkerState,

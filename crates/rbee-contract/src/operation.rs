@@ -88,6 +88,11 @@ pub struct InferRequest {
     /// Up to 16 non-empty sequences of at most 256 bytes; the text ends before the first one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Asks for log-probabilities: every `token` event then carries the token's
+    /// log-probability and those of the `logprobs` most likely tokens at its step (0 to 20;
+    /// 0 gives the token's own only). Left out, nothing is computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u8>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -24,6 +24,8 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_TEMPERATURE: f32 = 2.0;
 /// `presence_penalty` and `frequency_penalty` lie in `[-MAX_PENALTY, MAX_PENALTY]`, as in OpenAI.
 pub const MAX_PENALTY: f32 = 2.0;
+/// Most alternatives `logprobs` may ask for at each token (OpenAI's `top_logprobs` bound).
+pub const MAX_TOP_LOGPROBS: u8 = 20;
 
 /// A field of an [`InferRequest`] that breaks a rule: `field` is the contract's name for it
 /// (callers with other names, such as OpenAI's `repetition_penalty`, translate it) and
@@ -64,7 +66,8 @@ impl InferRequest {
     /// least 1; `temperature` in `[0, 2]`; `top_p` in `(0, 1]`; `top_k` any (0 turns the
     /// filter off); `min_p` in `[0, 1]`; `repeat_penalty` above 0; the presence and frequency
     /// penalties in `[-2, 2]`; `seed` any; `stop` at most 16 non-empty sequences of at most
-    /// 256 bytes each. A non-finite number is refused wherever a number is taken.
+    /// 256 bytes each; `logprobs` at most 20. A non-finite number is refused wherever a number
+    /// is taken.
     pub fn validate(&self) -> Result<(), InvalidField> {
         if self.model.trim().is_empty() {
             return Err(InvalidField::new("model", "must not be empty"));
@@ -145,6 +148,14 @@ impl InferRequest {
                     "sequences may be at most {MAX_STOP_BYTES} bytes long, got one of {}",
                     long.len()
                 ),
+            ));
+        }
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS
+        {
+            return Err(InvalidField::new(
+                "logprobs",
+                format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
             ));
         }
         Ok(())
@@ -513,6 +524,22 @@ mod tests {
                 "a stop sequence of 257 bytes",
                 stops(1, MAX_STOP_BYTES + 1),
                 Some("stop"),
+            ),
+            (
+                "logprobs 20",
+                InferRequest {
+                    logprobs: Some(MAX_TOP_LOGPROBS),
+                    ..prompt()
+                },
+                None,
+            ),
+            (
+                "logprobs 21",
+                InferRequest {
+                    logprobs: Some(MAX_TOP_LOGPROBS + 1),
+                    ..prompt()
+                },
+                Some("logprobs"),
             ),
         ];
         for (name, request, refused) in rows {

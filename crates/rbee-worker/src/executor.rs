@@ -194,6 +194,7 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
         // `defaults` is made for this request: without a seed it samples with a fresh one.
         seed: req.seed.unwrap_or(defaults.seed),
         stop: req.stop,
+        logprobs: req.logprobs.map(usize::from),
         ..defaults
     };
     Ok((prompt, params))

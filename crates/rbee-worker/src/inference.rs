@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use job_server::EventSink;
 use rbee_contract::prefix::next_chat_key;
-use rbee_contract::{ChatMessage, ChatRole, JobEvent};
+use rbee_contract::{ChatMessage, ChatRole, JobEvent, TokenLogprobs, TopLogprob};
 use rbee_engine::{
     Completion, Engine, EngineError, GeneratedToken, LoadOptions, PreparedRequest,
     PromptCacheOptions, Sequence,
@@ -315,6 +315,19 @@ fn emit_token(
         text: token.text,
         token_id: token.token_id,
         index: u32::try_from(token.index).unwrap_or(u32::MAX),
+        logprobs: token.logprobs.map(|lp| TokenLogprobs {
+            token: lp.token.text,
+            logprob: lp.token.logprob,
+            top_logprobs: lp
+                .top
+                .into_iter()
+                .map(|t| TopLogprob {
+                    token_id: t.token_id,
+                    token: t.text,
+                    logprob: t.logprob,
+                })
+                .collect(),
+        }),
     };
     match sink.blocking_emit(event) {
         Ok(_) => ControlFlow::Continue(()),

@@ -144,6 +144,7 @@ impl JobExecutor for ScriptExecutor {
                         text: format!("t{i} "),
                         token_id: i,
                         index: i,
+                        logprobs: None,
                     })
                     .await?;
                     self.observed.emitted.fetch_add(1, Ordering::SeqCst);

@@ -72,11 +72,13 @@ pub struct ChatCompletionRequest {
     pub max_tokens: Option<u32>,
     #[serde(default)]
     pub max_completion_tokens: Option<u32>,
-    /// Only `false`.
+    /// Report each generated token's log-probability in `choices[].logprobs.content`: the
+    /// log-softmax of the model's logits at that step, before temperature, penalties and
+    /// sampling filters.
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// 0 to 20, with `logprobs` true: also the most likely tokens at each step.
     #[serde(default)]
-    #[schema(ignore)]
     pub top_logprobs: Option<u32>,
     #[serde(default)]
     #[schema(ignore)]
@@ -162,7 +164,9 @@ pub struct CompletionRequest {
     pub n: Option<u32>,
     #[serde(default)]
     pub max_tokens: Option<u32>,
-    /// Only `null` or `0`.
+    /// 0 to 5: report each generated token's log-probability and those of the `logprobs`
+    /// most likely tokens at its step, in `choices[].logprobs` (the log-softmax of the
+    /// model's logits, before temperature, penalties and sampling filters).
     #[serde(default)]
     pub logprobs: Option<u32>,
     /// Only `false`.

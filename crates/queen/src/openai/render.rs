@@ -1,7 +1,7 @@
 //! OpenAI's response and chunk shapes, built from what a job reported. Pure: no I/O, so the
 //! exact wire format is tested here.
 
-use rbee_contract::{FinishReason, Usage};
+use rbee_contract::{FinishReason, TokenLogprobs, Usage};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -25,9 +25,8 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    /// Always `null`: rbee does not return log probabilities.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// `null` unless the request set `logprobs`.
+    pub logprobs: Option<ChatLogprobs>,
     /// `stop` or `length`.
     pub finish_reason: &'static str,
 }
@@ -55,8 +54,8 @@ pub struct Completion {
 pub struct TextChoice {
     pub index: u32,
     pub text: String,
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// `null` unless the request set `logprobs`.
+    pub logprobs: Option<TextLogprobs>,
     /// `null` in every streamed chunk but the last.
     pub finish_reason: Option<&'static str>,
 }
@@ -81,9 +80,119 @@ pub struct ChatCompletionChunk {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<()>,
+    /// The log-probabilities of the tokens whose text this chunk carries, when the request
+    /// set `logprobs`; else `null`.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<&'static str>,
+}
+
+/// OpenAI's `choices[].logprobs` of a chat completion.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    /// One entry per generated token, in order.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    /// The token's own text, decoded alone (U+FFFD for a token that holds part of a
+    /// multi-byte character).
+    pub token: String,
+    /// Natural log of its probability under the model (before sampling settings); -9999
+    /// stands for 0.
+    pub logprob: f32,
+    /// The UTF-8 bytes of `token`.
+    pub bytes: Vec<u8>,
+    /// The `top_logprobs` most likely tokens at this step, most likely first.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// OpenAI's `choices[].logprobs` of a (legacy) completion: parallel lists, one entry per
+/// generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TextLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// For each token, the `logprobs` most likely tokens as `{token: logprob}`, most likely
+    /// first (two tokens with the same text keep the likelier).
+    #[schema(value_type = Vec<Object>)]
+    pub top_logprobs: Vec<TopMap>,
+    /// Where, in characters of the whole completion's `text`, the text released up to the
+    /// token ends: a token whose text is held back shares the offset of the next one.
+    pub text_offset: Vec<u32>,
+}
+
+/// A JSON object of token texts to log-probabilities that keeps its order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopMap(Vec<(String, f32)>);
+
+impl Serialize for TopMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (token, logprob) in &self.0 {
+            map.serialize_entry(token, logprob)?;
+        }
+        map.end()
+    }
+}
+
+/// A generated token's log-probabilities, with the offset (in characters of the completion's
+/// text) at which the text released before it ends.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TokenEntry {
+    pub logprobs: TokenLogprobs,
+    pub offset: u32,
+}
+
+fn chat_logprobs(entries: &[TokenEntry]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: entries
+            .iter()
+            .map(|e| ChatTokenLogprob {
+                token: e.logprobs.token.clone(),
+                logprob: e.logprobs.logprob,
+                bytes: e.logprobs.token.as_bytes().to_vec(),
+                top_logprobs: e
+                    .logprobs
+                    .top_logprobs
+                    .iter()
+                    .map(|t| ChatTopLogprob {
+                        token: t.token.clone(),
+                        logprob: t.logprob,
+                        bytes: t.token.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+fn text_logprobs(entries: &[TokenEntry]) -> TextLogprobs {
+    TextLogprobs {
+        tokens: entries.iter().map(|e| e.logprobs.token.clone()).collect(),
+        token_logprobs: entries.iter().map(|e| e.logprobs.logprob).collect(),
+        top_logprobs: entries
+            .iter()
+            .map(|e| {
+                let mut top: Vec<(String, f32)> = Vec::new();
+                for t in &e.logprobs.top_logprobs {
+                    if !top.iter().any(|(token, _)| *token == t.token) {
+                        top.push((t.token.clone(), t.logprob));
+                    }
+                }
+                TopMap(top)
+            })
+            .collect(),
+        text_offset: entries.iter().map(|e| e.offset).collect(),
+    }
 }
 
 /// What a chunk adds to the message: the role in the first chunk, then text.
@@ -196,6 +305,9 @@ pub(crate) struct Renderer {
     pub model: String,
     /// `Some` when streaming; whether chunks carry `usage`.
     pub include_usage: bool,
+    /// Whether the request asked for log-probabilities (`logprobs` is then never `null` in
+    /// an answer or a content chunk).
+    pub logprobs: bool,
 }
 
 impl Renderer {
@@ -210,7 +322,13 @@ impl Renderer {
             created,
             model,
             include_usage,
+            logprobs: false,
         }
+    }
+
+    /// The same renderer, answering with log-probabilities.
+    pub fn with_logprobs(self, logprobs: bool) -> Self {
+        Renderer { logprobs, ..self }
     }
 
     fn usage_field(&self) -> Presence<UsageOut> {
@@ -230,12 +348,19 @@ impl Renderer {
                     content: Some(String::new()),
                 },
                 None,
+                None,
             )),
             Kind::Text => None,
         }
     }
 
+    #[cfg(test)]
     pub fn content_chunk(&self, text: &str) -> String {
+        self.content_chunk_with(text, &[])
+    }
+
+    /// A chunk with `text` and the log-probabilities of the tokens that released it.
+    pub fn content_chunk_with(&self, text: &str, tokens: &[TokenEntry]) -> String {
         match self.kind {
             Kind::Chat => self.chat_chunk(
                 Delta {
@@ -243,14 +368,27 @@ impl Renderer {
                     content: Some(text.to_string()),
                 },
                 None,
+                self.chat_logprobs(tokens),
             ),
-            Kind::Text => self.text_chunk(text, None),
+            Kind::Text => self.text_chunk(text, None, self.text_logprobs(tokens)),
         }
     }
 
     /// The chunk that ends the choice, with an empty delta.
+    #[cfg(test)]
     pub fn finish_chunk(&self, reason: FinishReason) -> String {
+        self.finish_chunk_with(reason, &[])
+    }
+
+    /// The chunk that ends the choice, carrying the log-probabilities of `tokens` whose text
+    /// was never released (they ended inside a stop sequence); `null` when there are none.
+    pub fn finish_chunk_with(&self, reason: FinishReason, tokens: &[TokenEntry]) -> String {
         let reason = Some(finish_reason(reason));
+        let tokens = if tokens.is_empty() {
+            None
+        } else {
+            Some(tokens)
+        };
         match self.kind {
             Kind::Chat => self.chat_chunk(
                 Delta {
@@ -258,9 +396,18 @@ impl Renderer {
                     content: None,
                 },
                 reason,
+                tokens.and_then(|t| self.chat_logprobs(t)),
             ),
-            Kind::Text => self.text_chunk("", reason),
+            Kind::Text => self.text_chunk("", reason, tokens.and_then(|t| self.text_logprobs(t))),
         }
+    }
+
+    fn chat_logprobs(&self, tokens: &[TokenEntry]) -> Option<ChatLogprobs> {
+        self.logprobs.then(|| chat_logprobs(tokens))
+    }
+
+    fn text_logprobs(&self, tokens: &[TokenEntry]) -> Option<TextLogprobs> {
+        self.logprobs.then(|| text_logprobs(tokens))
     }
 
     /// The last chunk when `include_usage` is set: no choices, the usage.
@@ -287,7 +434,19 @@ impl Renderer {
     }
 
     /// The whole answer of a non-streaming request, as JSON.
+    #[cfg(test)]
     pub fn response(&self, text: String, reason: FinishReason, usage: UsageOut) -> String {
+        self.response_with(text, reason, usage, &[])
+    }
+
+    /// [`response`](Self::response) with the log-probabilities of every generated token.
+    pub fn response_with(
+        &self,
+        text: String,
+        reason: FinishReason,
+        usage: UsageOut,
+        tokens: &[TokenEntry],
+    ) -> String {
         let finish_reason = finish_reason(reason);
         match self.kind {
             Kind::Chat => encode(&ChatCompletion {
@@ -301,7 +460,7 @@ impl Renderer {
                         role: "assistant",
                         content: text,
                     },
-                    logprobs: None,
+                    logprobs: self.chat_logprobs(tokens),
                     finish_reason,
                 }],
                 usage,
@@ -314,7 +473,7 @@ impl Renderer {
                 choices: vec![TextChoice {
                     index: 0,
                     text,
-                    logprobs: None,
+                    logprobs: self.text_logprobs(tokens),
                     finish_reason: Some(finish_reason),
                 }],
                 usage,
@@ -322,7 +481,12 @@ impl Renderer {
         }
     }
 
-    fn chat_chunk(&self, delta: Delta, finish_reason: Option<&'static str>) -> String {
+    fn chat_chunk(
+        &self,
+        delta: Delta,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<ChatLogprobs>,
+    ) -> String {
         encode(&ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
@@ -331,14 +495,19 @@ impl Renderer {
             choices: vec![ChunkChoice {
                 index: 0,
                 delta,
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage: self.usage_field(),
         })
     }
 
-    fn text_chunk(&self, text: &str, finish_reason: Option<&'static str>) -> String {
+    fn text_chunk(
+        &self,
+        text: &str,
+        finish_reason: Option<&'static str>,
+        logprobs: Option<TextLogprobs>,
+    ) -> String {
         encode(&CompletionChunk {
             id: self.id.clone(),
             object: "text_completion",
@@ -347,7 +516,7 @@ impl Renderer {
             choices: vec![TextChoice {
                 index: 0,
                 text: text.to_string(),
-                logprobs: None,
+                logprobs,
                 finish_reason,
             }],
             usage: self.usage_field(),

@@ -4,7 +4,7 @@
 //!
 //! The body is deserialized with the failing field's path recorded, so every `400` names the
 //! parameter. OpenAI parameters rbee cannot honour are refused by name; each is accepted only
-//! with the value that asks for nothing (e.g. `logprobs: false`, `n: 1`, `tools: []`),
+//! with the value that asks for nothing (e.g. `n: 1`, `tools: []`),
 //! because ignoring any other value would change the answer without telling the client.
 //!
 //! The limits of the sampling parameters are the contract's ([`InferRequest::validate`]), the
@@ -21,6 +21,20 @@ use super::body::{
     SamplingParams, StopIn, sampling_of,
 };
 use super::error::OpenAiError;
+
+/// Most alternatives per token `POST /v1/completions` takes in `logprobs` (OpenAI's bound).
+const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// A count of alternatives within the contract's bound (20).
+fn capped(n: u32, param: &str) -> Result<u8, OpenAiError> {
+    let max = rbee_contract::validation::MAX_TOP_LOGPROBS;
+    u8::try_from(n).ok().filter(|&n| n <= max).ok_or_else(|| {
+        OpenAiError::invalid(
+            param,
+            format!("`{param}` must be between 0 and {max}, got {n}"),
+        )
+    })
+}
 
 /// Which endpoint a request came to; it decides the chunk and response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +64,17 @@ pub(crate) struct StreamMode {
 /// Parses a chat completion body.
 pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
     let request: ChatCompletionRequest = deserialize(body)?;
-    refuse_unless(request.logprobs.is_none_or(|l| !l), "logprobs")?;
-    refuse_unless(request.top_logprobs.is_none_or(|n| n == 0), "top_logprobs")?;
+    // OpenAI's rule: alternatives are only given with the sampled tokens' own logprobs.
+    let logprobs = match (request.logprobs.unwrap_or(false), request.top_logprobs) {
+        (true, top) => Some(capped(top.unwrap_or(0), "top_logprobs")?),
+        (false, None | Some(0)) => None,
+        (false, Some(_)) => {
+            return Err(OpenAiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs` set to true",
+            ));
+        }
+    };
     refuse_unless(request.tools.as_ref().is_none_or(Vec::is_empty), "tools")?;
     refuse_unless(
         request
@@ -103,6 +126,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
         model: request.model,
         messages: Some(messages),
         max_tokens,
+        logprobs,
         ..InferRequest::default()
     };
     finish(Kind::Chat, infer, request.n, sampling_of!(request))
@@ -111,7 +135,16 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
 /// Parses a (legacy) completion body.
 pub(crate) fn parse_completion(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
     let request: CompletionRequest = deserialize(body)?;
-    refuse_unless(request.logprobs.is_none_or(|n| n == 0), "logprobs")?;
+    let logprobs = match request.logprobs {
+        Some(n) if n > MAX_COMPLETION_LOGPROBS => {
+            return Err(OpenAiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {n}"),
+            ));
+        }
+        Some(n) => Some(capped(n, "logprobs")?),
+        None => None,
+    };
     refuse_unless(request.echo.is_none_or(|e| !e), "echo")?;
     refuse_unless(request.best_of.is_none_or(|n| n == 1), "best_of")?;
     refuse_unless(
@@ -135,6 +168,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<ValidRequest, OpenAiError>
         model: request.model,
         prompt: Some(prompt),
         max_tokens: request.max_tokens,
+        logprobs,
         ..InferRequest::default()
     };
     finish(Kind::Text, infer, request.n, sampling_of!(request))
@@ -207,6 +241,7 @@ fn finish(
         let param = match (err.field, kind) {
             ("repeat_penalty", _) => "repetition_penalty",
             ("max_tokens", Kind::Chat) => "max_completion_tokens",
+            ("logprobs", Kind::Chat) => "top_logprobs",
             (field, _) => field,
         };
         OpenAiError::invalid(param, err.message_for(param))

@@ -78,6 +78,7 @@ fn a_chat_request_becomes_an_infer_operation() {
             seed: Some(42),
             stop: vec!["\n".into()],
             prompt: None,
+            logprobs: None,
         }
     );
 }
@@ -143,13 +144,41 @@ fn a_completion_request_takes_one_prompt() {
         "best_of"
     );
     assert_eq!(
-        refused(text(json!({"model": "m", "prompt": "x", "logprobs": 2}))).0,
-        "logprobs"
-    );
-    assert_eq!(
         refused(text(json!({"model": "m", "prompt": "x", "suffix": "!"}))).0,
         "suffix"
     );
+}
+
+#[test]
+fn logprobs_map_to_the_infer_operation_within_openais_bounds() {
+    let chat_with = |extra: Value| {
+        let mut body = json!({"model": "m", "messages": [user("hi")]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        chat(body)
+    };
+    let asked = |r: Result<ValidRequest, OpenAiError>| r.unwrap().infer.logprobs;
+    assert_eq!(asked(chat_with(json!({"logprobs": true}))), Some(0));
+    assert_eq!(
+        asked(chat_with(json!({"logprobs": true, "top_logprobs": 20}))),
+        Some(20)
+    );
+    assert_eq!(asked(chat_with(json!({"logprobs": false}))), None);
+    assert_eq!(
+        asked(chat_with(json!({"logprobs": false, "top_logprobs": 0}))),
+        None
+    );
+    let (param, message) = refused(chat_with(json!({"logprobs": true, "top_logprobs": 21})));
+    assert_eq!(param, "top_logprobs");
+    assert!(message.contains("between 0 and 20"), "{message}");
+
+    let text_with = |n: u32| text(json!({"model": "m", "prompt": "x", "logprobs": n}));
+    assert_eq!(asked(text_with(0)), Some(0));
+    assert_eq!(asked(text_with(5)), Some(5));
+    let (param, message) = refused(text_with(6));
+    assert_eq!(param, "logprobs");
+    assert!(message.contains("between 0 and 5"), "{message}");
 }
 
 #[test]
@@ -160,7 +189,7 @@ fn unsupported_parameters_are_refused_by_name() {
         body[key] = value;
         refused(chat(body)).0
     };
-    assert_eq!(with("logprobs", json!(true)), "logprobs");
+    // Alternatives without the tokens' own logprobs: OpenAI refuses them too.
     assert_eq!(with("top_logprobs", json!(3)), "top_logprobs");
     assert_eq!(
         with(

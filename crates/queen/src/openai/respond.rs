@@ -19,7 +19,7 @@ use job_server::JobSubscription;
 use rbee_contract::{DONE_SENTINEL, ErrorCode, JobEvent};
 
 use super::error::OpenAiError;
-use super::render::{Renderer, Tally, error_chunk};
+use super::render::{Renderer, Tally, TokenEntry, error_chunk};
 
 /// Interval of SSE keep-alive comments while a stream waits for its next token.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -55,19 +55,30 @@ pub(crate) async fn json(
 ) -> Result<Response, OpenAiError> {
     let mut tally = Tally::default();
     let mut text = String::new();
+    let mut tokens = Vec::new();
     let mut event = first;
     loop {
         match event {
             JobEvent::Started { prompt_tokens } => tally.prompt_tokens = prompt_tokens,
-            JobEvent::Token { text: piece, .. } => {
+            JobEvent::Token {
+                text: piece,
+                logprobs,
+                ..
+            } => {
                 tally.completion_tokens += 1;
+                if let Some(logprobs) = logprobs {
+                    tokens.push(TokenEntry {
+                        logprobs,
+                        offset: char_count(&text),
+                    });
+                }
                 text.push_str(&piece);
             }
             JobEvent::Done {
                 finish_reason,
                 usage,
             } => {
-                let body = renderer.response(text, finish_reason, tally.usage(usage));
+                let body = renderer.response_with(text, finish_reason, tally.usage(usage), &tokens);
                 let mut response = (StatusCode::OK, body).into_response();
                 response
                     .headers_mut()
@@ -99,6 +110,8 @@ pub(crate) fn stream(
         pending: VecDeque::new(),
         tally: Tally::default(),
         renderer,
+        held: Vec::new(),
+        chars: 0,
     };
     state.pending.extend(state.renderer.opening_chunk());
     state.take(first);
@@ -123,6 +136,11 @@ struct StreamState {
     pending: VecDeque<String>,
     tally: Tally,
     renderer: Renderer,
+    /// Log-probabilities of tokens whose text has not been sent yet: they ride on the chunk
+    /// that carries it.
+    held: Vec<TokenEntry>,
+    /// Characters of text sent so far, for the completions' `text_offset`.
+    chars: u32,
 }
 
 impl StreamState {
@@ -146,12 +164,21 @@ impl StreamState {
     fn take(&mut self, event: JobEvent) {
         match event {
             JobEvent::Started { prompt_tokens } => self.tally.prompt_tokens = prompt_tokens,
-            JobEvent::Token { text, .. } => {
+            JobEvent::Token { text, logprobs, .. } => {
                 self.tally.completion_tokens += 1;
+                if let Some(logprobs) = logprobs {
+                    self.held.push(TokenEntry {
+                        logprobs,
+                        offset: self.chars,
+                    });
+                }
                 // Empty text (a token inside a multi-byte character or a possible stop
                 // sequence) arrives with a later token; an empty delta says nothing.
                 if !text.is_empty() {
-                    self.pending.push_back(self.renderer.content_chunk(&text));
+                    self.chars += char_count(&text);
+                    self.pending
+                        .push_back(self.renderer.content_chunk_with(&text, &self.held));
+                    self.held.clear();
                 }
             }
             JobEvent::Done {
@@ -160,7 +187,8 @@ impl StreamState {
             } => {
                 self.subscription = None;
                 self.pending
-                    .push_back(self.renderer.finish_chunk(finish_reason));
+                    .push_back(self.renderer.finish_chunk_with(finish_reason, &self.held));
+                self.held.clear();
                 if self.renderer.include_usage {
                     self.pending
                         .push_back(self.renderer.usage_chunk(self.tally.usage(usage)));
@@ -190,6 +218,10 @@ impl StreamState {
         self.pending.push_back(error_chunk(&err.body()));
         self.pending.push_back(DONE_SENTINEL.to_string());
     }
+}
+
+fn char_count(text: &str) -> u32 {
+    u32::try_from(text.chars().count()).unwrap_or(u32::MAX)
 }
 
 /// A subscription never ends without its terminal event; if one did, say so.

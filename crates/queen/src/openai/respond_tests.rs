@@ -49,13 +49,24 @@ async fn subscribed(events: Vec<JobEvent>, result: JobResult) -> JobSubscription
 
 /// The `data:` payloads of a stream over a job that emits `events` and ends with `result`.
 async fn stream_lines(kind: Kind, events: Vec<JobEvent>, result: JobResult) -> Vec<String> {
+    stream_lines_with(kind, false, events, result).await
+}
+
+async fn stream_lines_with(
+    kind: Kind,
+    logprobs: bool,
+    events: Vec<JobEvent>,
+    result: JobResult,
+) -> Vec<String> {
     let mut subscription = subscribed(events, result).await;
     let first = opening(&mut subscription).await.unwrap();
     let mut state = StreamState {
         subscription: Some(subscription),
         pending: VecDeque::new(),
         tally: Tally::default(),
-        renderer: Renderer::new(kind, "j", 1, "m".into(), true),
+        renderer: Renderer::new(kind, "j", 1, "m".into(), true).with_logprobs(logprobs),
+        held: Vec::new(),
+        chars: 0,
     };
     state.pending.extend(state.renderer.opening_chunk());
     state.take(first);
@@ -71,7 +82,104 @@ fn token(text: &str, index: u32) -> JobEvent {
         text: text.into(),
         token_id: 1,
         index,
+        logprobs: None,
     }
+}
+
+/// A token with log-probabilities: its own text `token`, and itself as the only alternative.
+fn scored(text: &str, index: u32, token: &str, logprob: f32) -> JobEvent {
+    JobEvent::Token {
+        text: text.into(),
+        token_id: index,
+        index,
+        logprobs: Some(rbee_contract::TokenLogprobs {
+            token: token.into(),
+            logprob,
+            top_logprobs: vec![rbee_contract::TopLogprob {
+                token_id: index,
+                token: token.into(),
+                logprob,
+            }],
+        }),
+    }
+}
+
+#[tokio::test]
+async fn streamed_chunks_carry_the_logprobs_of_the_tokens_that_released_their_text() {
+    // "é" is two byte tokens: the first releases nothing, the second both halves. The last
+    // token starts a stop sequence that completes: its text is never sent.
+    let events = vec![
+        JobEvent::Started { prompt_tokens: 2 },
+        scored("", 0, "\u{fffd}", -1.0),
+        scored("é", 1, "\u{fffd}", -0.5),
+        scored(" ok", 2, " ok", -0.25),
+        scored("", 3, "\n", -2.0),
+    ];
+    let done = Ok(JobOutcome::new(FinishReason::Stop, None));
+    let lines = stream_lines_with(Kind::Text, true, events, done).await;
+    let logprobs = |line: &str| {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["choices"][0]["logprobs"].clone()
+    };
+    assert_eq!(
+        logprobs(&lines[0]),
+        serde_json::json!({
+            "tokens": ["\u{fffd}", "\u{fffd}"],
+            "token_logprobs": [-1.0, -0.5],
+            "top_logprobs": [{"\u{fffd}": -1.0}, {"\u{fffd}": -0.5}],
+            "text_offset": [0, 0],
+        })
+    );
+    assert_eq!(logprobs(&lines[1])["text_offset"], serde_json::json!([1]));
+    assert_eq!(logprobs(&lines[1])["tokens"], serde_json::json!([" ok"]));
+    // The finish chunk carries the token whose text was cut with the stop sequence.
+    assert_eq!(logprobs(&lines[2])["tokens"], serde_json::json!(["\n"]));
+    assert_eq!(logprobs(&lines[2])["text_offset"], serde_json::json!([4]));
+
+    let events = vec![
+        JobEvent::Started { prompt_tokens: 2 },
+        scored("Hi", 0, "Hi", -0.125),
+    ];
+    let done = Ok(JobOutcome::new(FinishReason::Length, None));
+    let lines = stream_lines_with(Kind::Chat, true, events, done).await;
+    // The opening chunk has no tokens; the content chunk has OpenAI's chat shape.
+    assert_eq!(logprobs(&lines[0]), serde_json::Value::Null);
+    assert_eq!(
+        logprobs(&lines[1]),
+        serde_json::json!({"content": [{
+            "token": "Hi", "logprob": -0.125, "bytes": [72, 105],
+            "top_logprobs": [{"token": "Hi", "logprob": -0.125, "bytes": [72, 105]}],
+        }]})
+    );
+    assert_eq!(logprobs(&lines[2]), serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn a_whole_answer_lists_the_logprobs_of_every_token() {
+    let events = vec![
+        JobEvent::Started { prompt_tokens: 2 },
+        scored("", 0, "\u{fffd}", -1.0),
+        scored("é!", 1, "\u{fffd}", -0.5),
+        scored("?", 2, "?", -0.25),
+    ];
+    let done = Ok(JobOutcome::new(FinishReason::Length, None));
+    let mut subscription = subscribed(events, done).await;
+    let first = opening(&mut subscription).await.unwrap();
+    let renderer = Renderer::new(Kind::Text, "j", 1, "m".into(), false).with_logprobs(true);
+    let response = json(subscription, &renderer, first).await.unwrap();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["choices"][0]["text"], "é!?");
+    assert_eq!(
+        v["choices"][0]["logprobs"]["token_logprobs"],
+        serde_json::json!([-1.0, -0.5, -0.25])
+    );
+    assert_eq!(
+        v["choices"][0]["logprobs"]["text_offset"],
+        serde_json::json!([0, 0, 2])
+    );
 }
 
 fn progress() -> Vec<JobEvent> {

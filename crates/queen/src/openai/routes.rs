@@ -198,6 +198,7 @@ impl OpenAiState {
             user,
         } = request;
         let model = infer.model.clone();
+        let logprobs = infer.logprobs.is_some();
         if !models::could_serve(&self.queen.registry, &model) {
             return Err(OpenAiError::from_code(
                 ErrorCode::ModelNotFound,
@@ -226,7 +227,8 @@ impl OpenAiState {
             unix_now(),
             model,
             stream.is_some_and(|s| s.include_usage),
-        );
+        )
+        .with_logprobs(logprobs);
         let mut response = match stream {
             Some(_) => respond::stream(subscription, renderer, first),
             None => respond::json(subscription, &renderer, first).await?,
