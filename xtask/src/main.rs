@@ -8,6 +8,7 @@ mod aarch64;
 mod bench;
 mod bench_chat;
 mod bench_queen;
+mod bench_soak;
 mod cuda;
 mod fetch;
 mod generate;
@@ -68,6 +69,9 @@ enum BenchCommand {
     /// A multi-turn chat through the queen with two workers: each turn's prompt and cached
     /// tokens, and its time to first token against the conversation's first turn.
     Chat(bench_chat::ChatBench),
+    /// Many short jobs through the queen at a fixed concurrency (5,000 at 32 by default):
+    /// each daemon's RSS every so many requests, and whether it stays flat after warm-up.
+    Soak(bench_soak::SoakBench),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Worker(args)) => bench::run(&args),
         Command::Bench(BenchCommand::Queen(args)) => bench_queen::run(&args),
         Command::Bench(BenchCommand::Chat(args)) => bench_chat::run(&args),
+        Command::Bench(BenchCommand::Soak(args)) => bench_soak::run(&args),
         Command::FetchSmollm2(args) => fetch::run(&args),
         Command::GenModel(args) => generate::run(&args),
         Command::Refs(args) => refs::run_refs(&args),
