@@ -584,6 +584,7 @@ async fn a_worker_lost_after_the_first_token_is_worker_lost() {
                 text: "Hel".into(),
                 token_id: 7,
                 index: 0,
+                logprobs: None,
             },
         ],
         complete: false,
