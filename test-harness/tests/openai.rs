@@ -339,6 +339,94 @@ async fn chat_and_completions_stream_and_not_in_openai_shapes() {
     assert_eq!(streamed, text);
 }
 
+/// Log-probabilities through real binaries: chat and completions, whole and streamed, in
+/// OpenAI's shapes, the same numbers either way, greedy picking the most likely token.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_come_in_openais_shapes_streamed_and_not() {
+    let cluster = Cluster::with_hive().await;
+    let model = model_id(&tiny_model());
+    let chat = json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
+                      "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
+    let (status, answer) = cluster.call("/v1/chat/completions", &chat).await;
+    assert_eq!(status, 200, "{answer}\n{}", cluster.logs());
+    let content = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .clone();
+    let tokens = answer["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    // Every token but an end-of-sequence token that ended the answer.
+    assert!(
+        content.len() == tokens || content.len() + 1 == tokens,
+        "{answer}"
+    );
+    for t in &content {
+        let token = t["token"].as_str().unwrap();
+        let bytes: Vec<u8> = serde_json::from_value(t["bytes"].clone()).unwrap();
+        assert_eq!(bytes, token.as_bytes(), "{t}");
+        let logprob = t["logprob"].as_f64().unwrap();
+        assert!(logprob <= 0.0, "{t}");
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        assert_eq!(
+            top[0]["token"], t["token"],
+            "greedy takes the most likely: {t}"
+        );
+        assert_eq!(top[0]["logprob"], t["logprob"]);
+        let lps: Vec<f64> = top.iter().map(|x| x["logprob"].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]), "{t}");
+        assert!(
+            lps.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-6,
+            "{t}"
+        );
+    }
+    let mut streamed_chat = chat.clone();
+    streamed_chat["stream"] = json!(true);
+    let data = cluster.stream("/v1/chat/completions", &streamed_chat).await;
+    let streamed: Vec<Value> = chunks(&data)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content, "{data:?}");
+
+    let text = json!({"model": model, "prompt": "hello", "max_tokens": 6, "temperature": 0,
+                      "logprobs": 2});
+    let (status, answer) = cluster.call("/v1/completions", &text).await;
+    assert_eq!(status, 200, "{answer}");
+    let lp = &answer["choices"][0]["logprobs"];
+    let n = lp["tokens"].as_array().unwrap().len();
+    assert!(n > 0, "{answer}");
+    for list in ["token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[list].as_array().unwrap().len(), n, "{list}: {answer}");
+    }
+    assert!(
+        lp["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d.as_object().is_some_and(|d| !d.is_empty() && d.len() <= 2)),
+        "{answer}"
+    );
+    let mut streamed_text = text.clone();
+    streamed_text["stream"] = json!(true);
+    let data = cluster.stream("/v1/completions", &streamed_text).await;
+    let streamed: Vec<Value> = chunks(&data)
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(&Value::from(streamed), &lp["tokens"], "{data:?}");
+
+    let (status, refused) = cluster
+        .call(
+            "/v1/completions",
+            &json!({"model": model, "prompt": "hello", "logprobs": 6}),
+        )
+        .await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "logprobs");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn smollm2_answers_and_stops_at_a_stop_sequence() {
     let cluster = Cluster::with_hive().await;
@@ -565,6 +653,7 @@ async fn a_stream_that_fails_after_it_started_ends_with_an_error_chunk() {
                     text: "Hel".into(),
                     token_id: 7,
                     index: 0,
+                    logprobs: None,
                 },
             ],
             complete: false,
