@@ -99,6 +99,54 @@ check(
     (stopped.choices[0].text, text),
 )
 
+# Log-probabilities: the SDK parses OpenAI's shapes; greedy picks the most likely token.
+scored = client.chat.completions.create(
+    model=model, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+)
+content = scored.choices[0].logprobs.content
+check("chat logprobs, one per token", len(content) == scored.usage.completion_tokens
+      or len(content) == scored.usage.completion_tokens - 1, (len(content), scored.usage))
+check("chat logprobs are log-probabilities", all(t.logprob <= 0 for t in content), content)
+check("chat top_logprobs has 3", all(len(t.top_logprobs) == 3 for t in content), content)
+check("greedy token is the top one", all(t.token == t.top_logprobs[0].token
+      and abs(t.logprob - t.top_logprobs[0].logprob) < 1e-6 for t in content), content)
+check("bytes are the token's UTF-8", all(bytes(t.bytes) == t.token.encode() for t in content), content)
+check("the logprobs' tokens spell the answer", "".join(t.token for t in content)
+      .startswith(scored.choices[0].message.content[:8]), (content, scored.choices[0].message))
+streamed_scores = [
+    t
+    for c in client.chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3, stream=True,
+    )
+    if c.choices and c.choices[0].logprobs
+    for t in c.choices[0].logprobs.content
+]
+check("streamed chat logprobs equal the whole answer's",
+      [(t.token, round(t.logprob, 4)) for t in streamed_scores]
+      == [(t.token, round(t.logprob, 4)) for t in content], (streamed_scores, content))
+legacy = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+lp = legacy.choices[0].logprobs
+check("completion logprobs lists", len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+      == len(lp.text_offset) > 0, lp)
+check("completion top_logprobs are dicts of 2", all(isinstance(d, dict) and len(d) == 2
+      for d in lp.top_logprobs), lp.top_logprobs)
+check("completion text_offset grows", lp.text_offset == sorted(lp.text_offset), lp.text_offset)
+streamed_tokens = [
+    t
+    for c in client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, stream=True
+    )
+    if c.choices and c.choices[0].logprobs
+    for t in c.choices[0].logprobs.tokens
+]
+check("streamed completion logprobs", streamed_tokens == lp.tokens, (streamed_tokens, lp.tokens))
+try:
+    client.chat.completions.create(model=model, messages=QUESTION, logprobs=True, top_logprobs=21)
+    raise AssertionError("top_logprobs=21 was accepted")
+except openai.BadRequestError as err:
+    check("top_logprobs=21 is BadRequestError", err.body.get("param") == "top_logprobs", err.body)
+
 # Seed: the same seed with a temperature above 0 gives the same text.
 def sampled(seed):
     reply = client.chat.completions.create(
