@@ -322,3 +322,48 @@ async fn a_heartbeat_reports_at_most_1024_prefix_keys() {
         "{message}"
     );
 }
+
+/// An answer longer than its question: the next turn's content is mostly the answer, so only a
+/// worker that reports the answer's key holds at least half of it. Once the queen's memory of
+/// its own dispatch has expired (two heartbeats), the next turn still goes back to that worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_turn_after_a_longer_answer_comes_back_to_the_worker_holding_it() {
+    let (queen, workers) = cluster(&tiny_model()).await;
+    let jobs = JobApi::new(&queen.url, None);
+    // No system prompt: the question is all the history there is.
+    let mut conversation = Conversation {
+        messages: vec![json!({"role": "user", "content": "Hi."})],
+    };
+    let before = generations(&workers).await;
+    // Sampled with a fixed seed: the tiny model's greedy answer is shorter than the question.
+    let mut request = conversation.request(64);
+    request["temperature"] = json!(1.0);
+    request["seed"] = json!(11);
+    let stream = jobs.run("/v1/jobs", &request).await;
+    usage(&stream);
+    let first = ran_on(&before, &generations(&workers).await);
+    let answer = stream.text();
+    let asked = "Hi.".len();
+    // The question alone is then less than half of the next turn's content.
+    assert!(
+        answer.len() > asked,
+        "the answer should outweigh the question ({asked} bytes): {answer:?}"
+    );
+    conversation.answered(answer, "?");
+    // Well past the two heartbeats the queen keeps a dispatched job's keys for.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = generations(&workers).await;
+    let stream = jobs.run("/v1/jobs", &conversation.request(4)).await;
+    let second = usage(&stream);
+    let next = ran_on(&before, &generations(&workers).await);
+    assert_eq!(
+        next,
+        first,
+        "the second turn moved to the other worker\nqueen log:\n{}",
+        queen.log_text()
+    );
+    assert!(
+        second.cached_tokens.is_some_and(|c| c > 0),
+        "the second turn found nothing cached: {second:?}"
+    );
+}
