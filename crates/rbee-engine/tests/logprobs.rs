@@ -42,13 +42,13 @@ fn request(
     Ok(engine.prepare(Prompt::Text(prompt.into()), params)?)
 }
 
+/// A generated token with the raw logits it was sampled from.
+type Scored = (Vec<f32>, GeneratedToken);
+
 /// Runs `seqs` to their ends sharing steps; each one's tokens, and before each token the raw
 /// logits it was sampled from.
-fn run(
-    engine: &mut Engine,
-    mut seqs: Vec<Sequence>,
-) -> anyhow::Result<Vec<Vec<(Vec<f32>, GeneratedToken)>>> {
-    let mut out: Vec<Vec<(Vec<f32>, GeneratedToken)>> = vec![Vec::new(); seqs.len()];
+fn run(engine: &mut Engine, mut seqs: Vec<Sequence>) -> anyhow::Result<Vec<Vec<Scored>>> {
+    let mut out: Vec<Vec<Scored>> = vec![Vec::new(); seqs.len()];
     while seqs.iter().any(|s| !s.is_finished()) {
         let mut live: Vec<&mut Sequence> = seqs.iter_mut().filter(|s| !s.is_finished()).collect();
         engine.step(&mut live)?;
@@ -102,8 +102,7 @@ fn logprobs_are_the_log_softmax_of_the_sampled_logits() -> anyhow::Result<()> {
     let seq = engine.begin(0, &req)?;
     let plain = run(&mut engine, vec![seq])?.remove(0);
     assert!(plain.iter().all(|(_, t)| t.logprobs.is_none()));
-    let ids =
-        |ts: &[(Vec<f32>, GeneratedToken)]| ts.iter().map(|t| t.1.token_id).collect::<Vec<_>>();
+    let ids = |ts: &[Scored]| ts.iter().map(|t| t.1.token_id).collect::<Vec<_>>();
     assert_eq!(ids(&plain), ids(&tokens));
     Ok(())
 }
