@@ -3,7 +3,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -49,7 +49,8 @@ pub struct JobServerConfig {
     pub detached_timeout: Duration,
     /// Jobs the registry holds at most, running and retained together. Retained finished jobs
     /// are dropped early to make room; when every slot holds a running job, creation answers
-    /// `503 busy`. `None` means no limit beyond retention.
+    /// `503 busy`. `None` means no limit beyond retention, where memory grows with the rate
+    /// of jobs times the retention period.
     pub max_jobs: Option<usize>,
     /// Interval of SSE keep-alive comments on an idle stream.
     pub keep_alive: Duration,
@@ -66,7 +67,7 @@ impl Default for JobServerConfig {
             retention: Duration::from_secs(300),
             unclaimed_timeout: Duration::from_secs(60),
             detached_timeout: Duration::from_secs(300),
-            max_jobs: None,
+            max_jobs: Some(4096),
             keep_alive: Duration::from_secs(15),
             body_limit: 4 * 1024 * 1024,
         }
@@ -167,9 +168,17 @@ impl Jobs {
         None
     }
 
-    /// Removes `job` at the end of its retention, unless another job took its place.
-    fn retire(&mut self, job: &Arc<Job>) -> bool {
-        if !self.by_id.get(&job.id).is_some_and(|j| Arc::ptr_eq(j, job)) {
+    /// Removes `job` at the end of its retention, unless it already left (dropped for room,
+    /// or another job took its place).
+    fn retire(&mut self, job: &Weak<Job>) -> bool {
+        let Some(job) = job.upgrade() else {
+            return false;
+        };
+        if !self
+            .by_id
+            .get(&job.id)
+            .is_some_and(|j| Arc::ptr_eq(j, &job))
+        {
             return false;
         }
         self.by_id.remove(&job.id);
@@ -426,13 +435,25 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
     }
     inner.running.send_modify(|n| *n = n.saturating_sub(1));
 
-    tokio::select! {
-        () = tokio::time::sleep(config.retention) => {}
-        () = inner.shutdown.cancelled() => {}
-    }
-    if inner.jobs().retire(&job) {
-        tracing::debug!("finished job removed");
-    }
+    // Retention is a task of its own that holds the job weakly: this one (as large as the
+    // executor's future) ends now, and a job dropped early to make room in a full registry
+    // frees its events at once instead of at the end of its retention.
+    let retained = Arc::downgrade(&job);
+    drop(job);
+    let retention = config.retention;
+    let tracker = inner.tracker.clone();
+    tracker.spawn(
+        async move {
+            tokio::select! {
+                () = tokio::time::sleep(retention) => {}
+                () = inner.shutdown.cancelled() => {}
+            }
+            if inner.jobs().retire(&retained) {
+                tracing::debug!("finished job removed");
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -469,7 +490,7 @@ mod tests {
             .collect();
         // Retention ends out of order: never the front, so nothing is popped on the way.
         for job in all.iter().skip(1) {
-            assert!(jobs.retire(job));
+            assert!(jobs.retire(&Arc::downgrade(job)));
         }
         assert_eq!(jobs.by_id.len(), 1);
         assert!(
@@ -477,7 +498,7 @@ mod tests {
             "{} ids kept for 1 job",
             jobs.finished.len()
         );
-        assert!(!jobs.retire(&all[1]), "a job leaves once");
+        assert!(!jobs.retire(&Arc::downgrade(&all[1])), "a job leaves once");
         assert_eq!(
             jobs.drop_oldest_finished().map(|j| j.id.clone()),
             Some("j0".into())
