@@ -3,14 +3,15 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use futures::FutureExt;
 use rbee_contract::{ErrorCode, JobCreated, JobEvent, Operation, job_stream_path};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -145,50 +146,61 @@ struct Inner<E> {
     /// Jobs created and not yet ended; shutdown waits for it to reach zero.
     running: watch::Sender<usize>,
     tracker: TaskTracker,
+    /// Whether the reaper of finished jobs runs (it starts with the first finished job).
+    reaper_started: AtomicBool,
+    /// Wakes the reaper when a job finishes (it may be waiting with none retained).
+    finished_added: Notify,
 }
 
 /// The registry proper.
 #[derive(Default)]
 struct Jobs {
     by_id: HashMap<String, Arc<Job>>,
-    /// Ids of finished jobs, oldest first: the job dropped early when the registry is full is
-    /// found at once, not by a scan of every job under the lock on each creation. Ids whose
-    /// job has already left (retention over) are skipped, and swept out as they pile up.
-    finished: VecDeque<String>,
+    /// Finished jobs, oldest first, with the end of their retention: the job dropped early
+    /// when the registry is full is found at once, not by a scan of every job under the lock
+    /// on each creation, and one reaper removes jobs as their retention ends (every job is
+    /// retained for the same time, so they end in this order). Ids whose job has already left
+    /// are skipped.
+    finished: VecDeque<(String, tokio::time::Instant)>,
 }
 
 impl Jobs {
     /// Removes the finished job that finished first; `None` when every job still runs.
     fn drop_oldest_finished(&mut self) -> Option<Arc<Job>> {
-        while let Some(id) = self.finished.pop_front() {
-            if self.by_id.get(&id).is_some_and(|job| job.is_finished()) {
-                return self.by_id.remove(&id);
+        while let Some((id, _)) = self.finished.pop_front() {
+            if let Some(job) = self.remove_finished(&id) {
+                return Some(job);
             }
         }
         None
     }
 
-    /// Removes `job` at the end of its retention, unless it already left (dropped for room,
-    /// or another job took its place).
-    fn retire(&mut self, job: &Weak<Job>) -> bool {
-        let Some(job) = job.upgrade() else {
-            return false;
-        };
-        if !self
-            .by_id
-            .get(&job.id)
-            .is_some_and(|j| Arc::ptr_eq(j, &job))
-        {
-            return false;
+    fn remove_finished(&mut self, id: &str) -> Option<Arc<Job>> {
+        if self.by_id.get(id).is_some_and(|job| job.is_finished()) {
+            self.by_id.remove(id)
+        } else {
+            None
         }
-        self.by_id.remove(&job.id);
-        if self.finished.front() == Some(&job.id) {
+    }
+
+    /// Removes the jobs whose retention ended by `now`; returns when the next one ends.
+    fn reap(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        while let Some((id, until)) = self.finished.front() {
+            if *until > now {
+                return Some(*until);
+            }
+            let id = id.clone();
             self.finished.pop_front();
-        } else if self.finished.len() > 2 * self.by_id.len() + 64 {
-            let by_id = &self.by_id;
-            self.finished.retain(|id| by_id.contains_key(id));
+            if self.remove_finished(&id).is_some() {
+                tracing::debug!(job_id = %id, "finished job removed");
+            }
         }
-        true
+        None
+    }
+
+    /// Removes every finished job (shutdown ends their retention).
+    fn reap_all(&mut self) {
+        while self.drop_oldest_finished().is_some() {}
     }
 }
 
@@ -211,6 +223,8 @@ impl<E: JobExecutor> JobServer<E> {
                 shutdown: CancellationToken::new(),
                 running: watch::Sender::new(0),
                 tracker: TaskTracker::new(),
+                reaper_started: AtomicBool::new(false),
+                finished_added: Notify::new(),
             }),
         }
     }
@@ -431,29 +445,42 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
         // that saw the event never finds the job missing from the order of eviction.
         let mut jobs = inner.jobs();
         job.finish(terminal);
-        jobs.finished.push_back(job.id.clone());
+        jobs.finished.push_back((
+            job.id.clone(),
+            tokio::time::Instant::now() + config.retention,
+        ));
+        if inner.shutdown.is_cancelled() {
+            jobs.reap_all();
+        }
     }
     inner.running.send_modify(|n| *n = n.saturating_sub(1));
+    // Retention is kept by one reaper for all jobs, not by this task (as large as the
+    // executor's future) or one of its own per job: a job dropped early to make room in a
+    // full registry is freed at once, and a finished job costs only its entry.
+    if !inner.reaper_started.swap(true, Ordering::AcqRel) {
+        let tracker = inner.tracker.clone();
+        tracker.spawn(reap(Arc::clone(&inner)).instrument(tracing::Span::none()));
+    }
+    inner.finished_added.notify_one();
+}
 
-    // Retention is a task of its own that holds the job weakly: this one (as large as the
-    // executor's future) ends now, and a job dropped early to make room in a full registry
-    // frees its events at once instead of at the end of its retention.
-    let retained = Arc::downgrade(&job);
-    drop(job);
-    let retention = config.retention;
-    let tracker = inner.tracker.clone();
-    tracker.spawn(
-        async move {
-            tokio::select! {
-                () = tokio::time::sleep(retention) => {}
-                () = inner.shutdown.cancelled() => {}
+/// Removes finished jobs as their retention ends, until shutdown, which ends it for all.
+async fn reap<E>(inner: Arc<Inner<E>>) {
+    loop {
+        let next = inner.jobs().reap(tokio::time::Instant::now());
+        let wait = async {
+            match next {
+                Some(until) => tokio::time::sleep_until(until).await,
+                // `notify_one` stores a permit, so a job finished since the check still wakes.
+                None => inner.finished_added.notified().await,
             }
-            if inner.jobs().retire(&retained) {
-                tracing::debug!("finished job removed");
-            }
+        };
+        tokio::select! {
+            () = wait => {}
+            () = inner.shutdown.cancelled() => break,
         }
-        .in_current_span(),
-    );
+    }
+    inner.jobs().reap_all();
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> &str {
@@ -474,36 +501,32 @@ mod tests {
         tail_bytes: 1024,
     };
 
-    fn finished_job(jobs: &mut Jobs, id: &str) -> Arc<Job> {
+    fn finished_job(jobs: &mut Jobs, id: &str, until: tokio::time::Instant) -> Arc<Job> {
         let job = Arc::new(Job::new(id.into(), CancellationToken::new(), true, LIMITS));
         job.finish(JobEvent::error(ErrorCode::Cancelled, "over"));
         jobs.by_id.insert(id.into(), Arc::clone(&job));
-        jobs.finished.push_back(id.into());
+        jobs.finished.push_back((id.into(), until));
         job
     }
 
-    #[test]
-    fn the_order_of_eviction_stays_as_small_as_the_registry() {
+    #[tokio::test(start_paused = true)]
+    async fn retention_ends_in_order_and_skips_jobs_already_gone() {
         let mut jobs = Jobs::default();
-        let all: Vec<Arc<Job>> = (0..1000)
-            .map(|i| finished_job(&mut jobs, &format!("j{i}")))
-            .collect();
-        // Retention ends out of order: never the front, so nothing is popped on the way.
-        for job in all.iter().skip(1) {
-            assert!(jobs.retire(&Arc::downgrade(job)));
+        let t0 = tokio::time::Instant::now();
+        let second = |n| t0 + Duration::from_secs(n);
+        for i in 0..4 {
+            finished_job(&mut jobs, &format!("j{i}"), second(i + 1));
         }
-        assert_eq!(jobs.by_id.len(), 1);
-        assert!(
-            jobs.finished.len() <= 2 * jobs.by_id.len() + 64,
-            "{} ids kept for 1 job",
-            jobs.finished.len()
-        );
-        assert!(!jobs.retire(&Arc::downgrade(&all[1])), "a job leaves once");
         assert_eq!(
             jobs.drop_oldest_finished().map(|j| j.id.clone()),
             Some("j0".into())
         );
-        assert!(jobs.drop_oldest_finished().is_none());
+        jobs.by_id.remove("j2");
+        assert_eq!(jobs.reap(second(2)), Some(second(3)));
+        assert_eq!(jobs.reap(second(3)), Some(second(4)));
+        assert_eq!(jobs.by_id.keys().collect::<Vec<_>>(), vec!["j3"]);
+        assert_eq!(jobs.reap(second(4)), None);
+        assert!(jobs.by_id.is_empty() && jobs.finished.is_empty());
     }
 
     #[test]
@@ -512,11 +535,16 @@ mod tests {
         let running = Arc::new(Job::new("r".into(), CancellationToken::new(), true, LIMITS));
         jobs.by_id.insert("r".into(), running);
         assert!(jobs.drop_oldest_finished().is_none());
-        finished_job(&mut jobs, "f");
+        finished_job(&mut jobs, "f", tokio::time::Instant::now());
         assert_eq!(
             jobs.drop_oldest_finished().map(|j| j.id.clone()),
             Some("f".into())
         );
         assert!(jobs.by_id.contains_key("r"));
+        jobs.reap_all();
+        assert!(
+            jobs.by_id.contains_key("r"),
+            "shutdown leaves running jobs be"
+        );
     }
 }
