@@ -86,7 +86,8 @@ fn heartbeat() -> Value {
 async fn api_keys_guard_client_routes_and_the_cluster_token_guards_heartbeats() {
     let queen = start_queen().await;
     // A hub reference: with no admin keys an API key may name one (no path, though).
-    let infer = json!({"operation": "infer", "model": "hf:org/repo", "prompt": "hi", "max_tokens": 2});
+    let infer =
+        json!({"operation": "infer", "model": "hf:org/repo", "prompt": "hi", "max_tokens": 2});
 
     // Client routes: no key, a wrong key and the cluster token are all refused.
     let client_routes: [(Method, &str, Option<&Value>); 7] = [

@@ -434,11 +434,15 @@ async fn a_garbage_gguf_fails_with_the_workers_reason_and_the_log_keeps_the_deta
         other => panic!("expected model_load_failed, got {other:?}"),
     }
     // The operator finds the details in the hive's log, by the job's id.
-    hive.wait_until(Duration::from_secs(10), "the report in the hive's log", || {
-        hive.daemon.log_text().lines().any(|line| {
-            line.contains(&created.job_id) && line.contains("not a readable GGUF file")
-        })
-    })
+    hive.wait_until(
+        Duration::from_secs(10),
+        "the report in the hive's log",
+        || {
+            hive.daemon.log_text().lines().any(|line| {
+                line.contains(&created.job_id) && line.contains("not a readable GGUF file")
+            })
+        },
+    )
     .await;
     assert!(
         hive.daemon.log_text().contains("last lines of its log"),

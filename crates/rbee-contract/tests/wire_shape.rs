@@ -179,10 +179,9 @@ fn model_details_round_trip_and_old_entries_still_parse() {
 
 #[test]
 fn usage_reports_cached_tokens_and_older_usage_still_parses() {
-    let old: rbee_contract::Usage = serde_json::from_str(
-        r#"{"prompt_tokens": 6, "completion_tokens": 1, "total_tokens": 7}"#,
-    )
-    .unwrap();
+    let old: rbee_contract::Usage =
+        serde_json::from_str(r#"{"prompt_tokens": 6, "completion_tokens": 1, "total_tokens": 7}"#)
+            .unwrap();
     assert_eq!(old, rbee_contract::Usage::new(6, 1));
     assert_eq!(old.cached_tokens, None);
     assert!(!serde_json::to_string(&old).unwrap().contains("cached"));

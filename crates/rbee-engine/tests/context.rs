@@ -84,7 +84,10 @@ fn candles_llama_caps_the_context_at_what_it_holds() -> anyhow::Result<()> {
         ..ModelSpec::small_wide_head()
     };
     let path = generated(&spec, GgufType::Q8_0)?;
-    assert!(!on_cpu_path(&path)?, "a file with a wide head runs on candle's code");
+    assert!(
+        !on_cpu_path(&path)?,
+        "a file with a wide head runs on candle's code"
+    );
     let engine = load(&path, 1, None)?;
     assert_eq!(engine.info().trained_context_length, 16384);
     assert_eq!(engine.info().context_length, CANDLE_LLAMA_POSITIONS);
