@@ -21,8 +21,8 @@ use crate::bench::WorkerProcess;
 
 /// The cluster token the queen and the workers share, and the client API key of the queen:
 /// both paths pay for authentication as in a deployment.
-const CLUSTER_TOKEN: &str = "bench-queen-cluster-token";
-const API_KEY: &str = "bench-queen-api-key";
+pub(crate) const CLUSTER_TOKEN: &str = "bench-queen-cluster-token";
+pub(crate) const API_KEY: &str = "bench-queen-api-key";
 /// The model names the workers register under.
 const LATENCY_MODEL: &str = "bench-latency";
 const DECODE_MODEL: &str = "bench-decode";
@@ -65,30 +65,7 @@ pub fn run(args: &QueenBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode_runs > 0, "--decode-runs must be at least 1");
     let latency_spec = ModelSpec::preset(&args.latency_preset, Arch::Llama)?;
     let decode_spec = ModelSpec::preset(&args.decode_preset, Arch::Llama)?;
-    let root = crate::tasks::workspace_root();
-    let mut packages = Vec::new();
-    for (given, package) in [
-        (&args.queen, "queen-rbee"),
-        (&args.worker, "llm-worker-rbee"),
-    ] {
-        if given.is_none() {
-            packages.extend(["-p", package]);
-        }
-    }
-    if !packages.is_empty() {
-        eprintln!("building {} (release)…", packages.join(" "));
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "--release", "--quiet"])
-            .args(&packages)
-            .status()?;
-        anyhow::ensure!(status.success(), "building the binaries failed");
-    }
-    let bin = |given: &Option<PathBuf>, name: &str| {
-        given
-            .clone()
-            .unwrap_or_else(|| root.join("target/release").join(name))
-    };
+    let (queen, worker) = release_binaries(&args.queen, &args.worker)?;
 
     let mut models = Vec::new();
     for (spec, preset) in [
@@ -104,12 +81,7 @@ pub fn run(args: &QueenBench) -> anyhow::Result<()> {
     }
 
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(measure(
-        args,
-        &bin(&args.queen, "queen-rbee"),
-        &bin(&args.worker, "llm-worker-rbee"),
-        &models,
-    ))
+    runtime.block_on(measure(args, &queen, &worker, &models))
 }
 
 async fn measure(
@@ -265,7 +237,37 @@ async fn measure(
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// The queen and worker binaries to measure: those given, else the workspace's release builds
+/// (built first).
+pub(crate) fn release_binaries(
+    queen: &Option<PathBuf>,
+    worker: &Option<PathBuf>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let root = crate::tasks::workspace_root();
+    let mut packages = Vec::new();
+    for (given, package) in [(queen, "queen-rbee"), (worker, "llm-worker-rbee")] {
+        if given.is_none() {
+            packages.extend(["-p", package]);
+        }
+    }
+    if !packages.is_empty() {
+        eprintln!("building {} (release)…", packages.join(" "));
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(&root)
+            .args(["build", "--release", "--quiet"])
+            .args(&packages)
+            .status()?;
+        anyhow::ensure!(status.success(), "building the binaries failed");
+    }
+    let bin = |given: &Option<PathBuf>, name: &str| {
+        given
+            .clone()
+            .unwrap_or_else(|| root.join("target/release").join(name))
+    };
+    Ok((bin(queen, "queen-rbee"), bin(worker, "llm-worker-rbee")))
+}
+
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -283,7 +285,11 @@ fn percentile(samples: &[f64], q: f64) -> f64 {
 }
 
 /// Waits until `GET url` (with the cluster token) answers 2xx.
-async fn wait_answering(what: &str, url: &str, child: &mut WorkerProcess) -> anyhow::Result<()> {
+pub(crate) async fn wait_answering(
+    what: &str,
+    url: &str,
+    child: &mut WorkerProcess,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -301,7 +307,7 @@ async fn wait_answering(what: &str, url: &str, child: &mut WorkerProcess) -> any
 }
 
 /// Waits until the queen lists a ready worker for each of `models`.
-async fn wait_registered(queen_url: &str, models: &[&str]) -> anyhow::Result<()> {
+pub(crate) async fn wait_registered(queen_url: &str, models: &[&str]) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct Workers {
         workers: Vec<WorkerInfo>,

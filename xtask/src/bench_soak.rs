@@ -14,16 +14,17 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{InferRequest, JobEvent, Operation, WorkerInfo, WorkerState};
+use rbee_contract::{InferRequest, JobEvent, Operation};
 
 use crate::bench::WorkerProcess;
+use crate::bench_queen::{
+    API_KEY, CLUSTER_TOKEN, free_port, release_binaries, wait_answering, wait_registered,
+};
 
-const CLUSTER_TOKEN: &str = "bench-soak-cluster-token";
-const API_KEY: &str = "bench-soak-api-key";
 const MODEL: &str = "bench-soak";
 const PROMPT: &str = "The quick brown fox";
 
@@ -72,30 +73,7 @@ pub fn run(args: &SoakBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.sample_every > 0, "--sample-every must be at least 1");
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     let spec = ModelSpec::preset(&args.preset, Arch::Llama)?;
-    let root = crate::tasks::workspace_root();
-    let mut packages = Vec::new();
-    for (given, package) in [
-        (&args.queen, "queen-rbee"),
-        (&args.worker, "llm-worker-rbee"),
-    ] {
-        if given.is_none() {
-            packages.extend(["-p", package]);
-        }
-    }
-    if !packages.is_empty() {
-        eprintln!("building {} (release)…", packages.join(" "));
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(&root)
-            .args(["build", "--release", "--quiet"])
-            .args(&packages)
-            .status()?;
-        anyhow::ensure!(status.success(), "building the binaries failed");
-    }
-    let bin = |given: &Option<PathBuf>, name: &str| {
-        given
-            .clone()
-            .unwrap_or_else(|| root.join("target/release").join(name))
-    };
+    let (queen, worker) = release_binaries(&args.queen, &args.worker)?;
     eprintln!("preparing the {} llama {} model…", args.preset, args.format);
     let model = model_gen::ensure_generated(
         &spec,
@@ -103,12 +81,7 @@ pub fn run(args: &SoakBench) -> anyhow::Result<()> {
         &model_gen::paths::generated_dir(),
     )?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(soak(
-        args,
-        &bin(&args.queen, "queen-rbee"),
-        &bin(&args.worker, "llm-worker-rbee"),
-        &model,
-    ))
+    runtime.block_on(soak(args, &queen, &worker, &model))
 }
 
 /// Each daemon's resident set after `done` requests, in KiB.
@@ -161,7 +134,7 @@ async fn soak(
             .context("start the worker")?,
     );
     wait_answering("the worker", &format!("{worker_url}/v1/ready"), &mut worker).await?;
-    wait_registered(&queen_url).await?;
+    wait_registered(&queen_url, &[MODEL]).await?;
 
     let pids = (queen.0.id(), worker.0.id());
     let client = job_client::JobClient::new(&queen_url).with_token(API_KEY);
@@ -312,60 +285,4 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS in {path}"))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Waits until `GET url` (with the cluster token) answers 2xx.
-async fn wait_answering(what: &str, url: &str, child: &mut WorkerProcess) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(status) = child.0.try_wait()? {
-            bail!("{what} exited early: {status}");
-        }
-        if let Ok(r) = client.get(url).bearer_auth(CLUSTER_TOKEN).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{what} did not answer {url}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until the queen lists the worker as ready.
-async fn wait_registered(queen_url: &str) -> anyhow::Result<()> {
-    #[derive(serde::Deserialize)]
-    struct Workers {
-        workers: Vec<WorkerInfo>,
-    }
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed = client
-            .get(format!("{queen_url}/v1/workers"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await?
-            .error_for_status()?
-            .json::<Workers>()
-            .await?
-            .workers;
-        if listed
-            .iter()
-            .any(|w| w.model == MODEL && w.state == WorkerState::Ready)
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the worker did not register with the queen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
