@@ -516,7 +516,7 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
         ("temperature", json!("hot"), "temperature"),
         ("temperature", json!(5), "temperature"),
         ("n", json!(2), "n"),
-        ("logprobs", json!(true), "logprobs"),
+        ("top_logprobs", json!(2), "top_logprobs"),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
