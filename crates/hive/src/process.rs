@@ -208,55 +208,38 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_worker_is_given_the_hives_slots() {
+    /// The value the hive gives a worker of `config` for `flag`, checking that the worker's own
+    /// `env` variable, inherited from the hive, is removed so it cannot change it.
+    fn worker_flag(config: &HiveConfig, flag: &str, env: &str) -> String {
         let dir = tempfile::tempdir().unwrap();
         let log = open_log(&dir.path().join("w.log")).unwrap();
-        let mut config = HiveConfig::new("h");
-        config.worker_slots = std::num::NonZeroU32::new(3).unwrap();
-        let args = worker_args();
-        let command = command(&config, &args, log);
-        let argv: Vec<&str> = command
-            .as_std()
-            .get_args()
-            .filter_map(|a| a.to_str())
-            .collect();
-        let at = argv.iter().position(|a| *a == "--slots").expect("--slots");
-        assert_eq!(argv[at + 1], "3", "{argv:?}");
-        // The worker's own variable, inherited from the hive, cannot change it.
+        let command = command(config, &worker_args(), log);
         assert!(
             command
                 .as_std()
                 .get_envs()
-                .any(|(k, v)| k == "RBEE_SLOTS" && v.is_none())
+                .any(|(k, v)| k == env && v.is_none()),
+            "an inherited {env} must not reach the worker"
         );
+        let argv: Vec<String> = command
+            .as_std()
+            .get_args()
+            .filter_map(|a| a.to_str().map(str::to_owned))
+            .collect();
+        let at = argv.iter().position(|a| a == flag).expect(flag);
+        argv[at + 1].clone()
+    }
+
+    #[test]
+    fn every_worker_is_given_the_hives_slots() {
+        let mut config = HiveConfig::new("h");
+        config.worker_slots = std::num::NonZeroU32::new(3).unwrap();
+        assert_eq!(worker_flag(&config, "--slots", "RBEE_SLOTS"), "3");
     }
 
     #[test]
     fn every_worker_is_given_the_hives_context() {
-        let dir = tempfile::tempdir().unwrap();
-        let args = worker_args();
-        let ctx_size_of = |config: &HiveConfig| {
-            let log = open_log(&dir.path().join("w.log")).unwrap();
-            let command = command(config, &args, log);
-            let argv: Vec<String> = command
-                .as_std()
-                .get_args()
-                .filter_map(|a| a.to_str().map(str::to_owned))
-                .collect();
-            assert!(
-                command
-                    .as_std()
-                    .get_envs()
-                    .any(|(k, v)| k == "RBEE_CTX_SIZE" && v.is_none()),
-                "an inherited RBEE_CTX_SIZE must not reach the worker"
-            );
-            let at = argv
-                .iter()
-                .position(|a| a == "--ctx-size")
-                .expect("--ctx-size");
-            argv[at + 1].clone()
-        };
+        let ctx_size_of = |config: &HiveConfig| worker_flag(config, "--ctx-size", "RBEE_CTX_SIZE");
         let mut config = HiveConfig::new("h");
         assert_eq!(ctx_size_of(&config), "0", "0: the model's trained context");
         config.worker_ctx_size = NonZeroU32::new(16384);
@@ -265,21 +248,8 @@ mod tests {
 
     #[test]
     fn every_worker_is_given_the_hives_prompt_cache_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let args = worker_args();
         let store_of = |config: &HiveConfig| {
-            let log = open_log(&dir.path().join("w.log")).unwrap();
-            let command = command(config, &args, log);
-            let argv: Vec<String> = command
-                .as_std()
-                .get_args()
-                .filter_map(|a| a.to_str().map(str::to_owned))
-                .collect();
-            let at = argv
-                .iter()
-                .position(|a| a == "--prompt-cache-mib")
-                .expect("--prompt-cache-mib");
-            argv[at + 1].clone()
+            worker_flag(config, "--prompt-cache-mib", "RBEE_PROMPT_CACHE_MIB")
         };
         let mut config = HiveConfig::new("h");
         assert_eq!(store_of(&config), "256");
