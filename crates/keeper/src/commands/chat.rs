@@ -9,14 +9,14 @@
 use std::io::{BufRead, IsTerminal};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use rbee_contract::{ChatMessage, ChatRole, ErrorCode, FinishReason, InferRequest, Operation};
+use rbee_contract::{ChatMessage, ChatRole, ErrorCode, FinishReason, InferRequest};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ChatArgs;
 use crate::commands::cluster::ensure_cluster;
 use crate::commands::infer::sampled;
-use crate::commands::{Ctx, JobEnd, Show, follow, resolve_model, until_interrupted};
+use crate::commands::{Ctx, infer_and_follow, resolve_model, until_interrupted};
 use crate::console::short_model;
 use crate::error::KeeperError;
 use crate::queen_api::unreachable_error;
@@ -86,7 +86,7 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
             ..sampled(&args.sampling)
         };
         ctx.interrupt = interrupts.arm();
-        match turn(ctx, request).await {
+        match infer_and_follow(ctx, request).await {
             Ok(end) => {
                 if end.finish_reason == FinishReason::Stop && end.text.trim().is_empty() {
                     ctx.console
@@ -112,28 +112,6 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
             }
         }
     }
-}
-
-/// Sends one turn and streams its answer.
-async fn turn(ctx: &mut Ctx<'_>, request: InferRequest) -> Result<JobEnd, KeeperError> {
-    let what = format!("the queen at {}", ctx.queen.url());
-    let interrupt = ctx.interrupt.clone();
-    let submitted = until_interrupted(&interrupt, async {
-        ctx.queen
-            .jobs()
-            .submit(&Operation::Infer(request))
-            .await
-            .map_err(|e| KeeperError::client(&what, e))
-    })
-    .await?;
-    let show = if ctx.console.json() {
-        Show::EventLines
-    } else {
-        Show::Tokens
-    };
-    let end = follow(ctx, submitted, &what, show).await?;
-    ctx.console.end_out_line()?;
-    Ok(end)
 }
 
 /// A failed turn's error back when only that turn failed; `Err` with what ends the

@@ -3,11 +3,11 @@
 use std::io::Read;
 use std::time::Instant;
 
-use rbee_contract::{ChatMessage, ChatRole, FinishReason, InferRequest, Operation};
+use rbee_contract::{ChatMessage, ChatRole, FinishReason, InferRequest};
 
 use crate::cli::{InferArgs, SamplingArgs};
 use crate::commands::cluster::ensure_cluster;
-use crate::commands::{Ctx, Show, follow, resolve_model, until_interrupted};
+use crate::commands::{Ctx, infer_and_follow, resolve_model, until_interrupted};
 use crate::error::KeeperError;
 
 pub(crate) async fn infer(ctx: &mut Ctx<'_>, args: InferArgs) -> Result<(), KeeperError> {
@@ -16,23 +16,8 @@ pub(crate) async fn infer(ctx: &mut Ctx<'_>, args: InferArgs) -> Result<(), Keep
     let interrupt = ctx.interrupt.clone();
     until_interrupted(&interrupt, ensure_cluster(ctx)).await?;
 
-    let what = format!("the queen at {}", ctx.queen.url());
     let submitted_at = Instant::now();
-    let submitted = until_interrupted(&interrupt, async {
-        ctx.queen
-            .jobs()
-            .submit(&Operation::Infer(request))
-            .await
-            .map_err(|e| KeeperError::client(&what, e))
-    })
-    .await?;
-    let show = if ctx.console.json() {
-        Show::EventLines
-    } else {
-        Show::Tokens
-    };
-    let end = follow(ctx, submitted, &what, show).await?;
-    ctx.console.end_out_line()?;
+    let end = infer_and_follow(ctx, request).await?;
     let ended_at_once = end.finish_reason == FinishReason::Stop
         && end.usage.is_some_and(|usage| usage.completion_tokens <= 1);
     if ended_at_once && !ctx.console.json() {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use job_client::JobHandle;
-use rbee_contract::{FinishReason, JobEvent, Usage};
+use rbee_contract::{FinishReason, InferRequest, JobEvent, Operation, Usage};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -203,6 +203,32 @@ pub(crate) async fn follow(
             }
         }
     }
+}
+
+/// Submits an `infer` job to the queen and streams its answer (tokens, or the events one per
+/// line with `--json`) to its end.
+pub(crate) async fn infer_and_follow(
+    ctx: &mut Ctx<'_>,
+    request: InferRequest,
+) -> Result<JobEnd, KeeperError> {
+    let what = format!("the queen at {}", ctx.queen.url());
+    let interrupt = ctx.interrupt.clone();
+    let submitted = until_interrupted(&interrupt, async {
+        ctx.queen
+            .jobs()
+            .submit(&Operation::Infer(request))
+            .await
+            .map_err(|e| KeeperError::client(&what, e))
+    })
+    .await?;
+    let show = if ctx.console.json() {
+        Show::EventLines
+    } else {
+        Show::Tokens
+    };
+    let end = follow(ctx, submitted, &what, show).await?;
+    ctx.console.end_out_line()?;
+    Ok(end)
 }
 
 /// The model as the queen should see it: an existing local path made absolute (the daemons
