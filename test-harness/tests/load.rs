@@ -217,13 +217,25 @@ async fn metrics(cluster: &TestCluster) -> String {
 /// Sends `body` with `content_type` to `POST {queen}{path}`; returns the status and the JSON
 /// error body, which every refusal must have.
 async fn post_raw(url: &str, path: &str, content_type: &str, body: Vec<u8>) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(format!("{url}{path}"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    // A body over the limit is refused from its Content-Length, before it is read, and the
+    // connection is closed with the rest unread: a client still sending may see that reset
+    // before it reads the answer (HTTP/1.1's early-response race, which curl avoids with
+    // `Expect: 100-continue`). Such a send is retried; the answer must still be the refusal.
+    let mut attempts = 0;
+    let response = loop {
+        attempts += 1;
+        match reqwest::Client::new()
+            .post(format!("{url}{path}"))
+            .header("content-type", content_type)
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Ok(response) => break response,
+            Err(e) if e.is_request() && attempts < 5 => continue,
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    };
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
     let body = serde_json::from_str(&text)
