@@ -40,7 +40,11 @@ pub struct KeeperEnv {
 impl KeeperEnv {
     /// A fresh environment; `envs` are set for every keeper run (and so reach its daemons).
     pub fn new(envs: &[(&str, &str)]) -> KeeperEnv {
-        let unique = format!("{}-{}", std::process::id(), free_port());
+        // A counter, not a free port: two environments made at once may be handed the same
+        // port, and would then share a directory and kill each other's daemons on drop.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let unique = format!("{}-{n}", std::process::id());
         let root = std::env::temp_dir().join(format!("rbee-keeper-test-{unique}"));
         let state_home = root.join("state");
         let config_home = root.join("config");
