@@ -93,6 +93,27 @@ pub struct InferRequest {
     /// 0 gives the token's own only). Left out, nothing is computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<u8>,
+    /// Constrains the answer to JSON, enforced while sampling (tokens that would break the
+    /// JSON or the schema are never chosen): `{"type": "json_object"}` for any JSON object,
+    /// `{"type": "json_schema", "schema": {...}}` for JSON valid against a JSON Schema. Left
+    /// out, the answer is free text. A schema that cannot be compiled is refused with `400`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// The shape an `infer` answer must have (see [`InferRequest::response_format`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Any JSON object. (A struct variant, so that a stray field such as `schema` is refused
+    /// rather than ignored.)
+    JsonObject {},
+    /// JSON valid against `schema`, a JSON Schema (an object).
+    JsonSchema {
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+        schema: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

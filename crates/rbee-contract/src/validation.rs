@@ -66,8 +66,9 @@ impl InferRequest {
     /// least 1; `temperature` in `[0, 2]`; `top_p` in `(0, 1]`; `top_k` any (0 turns the
     /// filter off); `min_p` in `[0, 1]`; `repeat_penalty` above 0; the presence and frequency
     /// penalties in `[-2, 2]`; `seed` any; `stop` at most 16 non-empty sequences of at most
-    /// 256 bytes each; `logprobs` at most 20. A non-finite number is refused wherever a number
-    /// is taken.
+    /// 256 bytes each; `logprobs` at most 20; a `response_format` schema is a JSON object
+    /// (whether it compiles is checked where the constraint is built, at the queen and the
+    /// worker). A non-finite number is refused wherever a number is taken.
     pub fn validate(&self) -> Result<(), InvalidField> {
         if self.model.trim().is_empty() {
             return Err(InvalidField::new("model", "must not be empty"));
@@ -156,6 +157,14 @@ impl InferRequest {
             return Err(InvalidField::new(
                 "logprobs",
                 format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
+            ));
+        }
+        if let Some(crate::ResponseFormat::JsonSchema { schema }) = &self.response_format
+            && !schema.is_object()
+        {
+            return Err(InvalidField::new(
+                "response_format",
+                "needs a `schema` that is a JSON Schema object",
             ));
         }
         Ok(())
@@ -556,6 +565,22 @@ mod tests {
                     panic!("{name}: got {verdict:?}, expected a refusal for {expected:?}")
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_json_schema_must_be_an_object() {
+        let with = |schema: serde_json::Value| InferRequest {
+            response_format: Some(crate::ResponseFormat::JsonSchema { schema }),
+            ..prompt()
+        };
+        with(serde_json::json!({"type": "object"}))
+            .validate()
+            .unwrap();
+        for not_an_object in [serde_json::json!(true), serde_json::json!("object")] {
+            let err = with(not_an_object).validate().unwrap_err();
+            assert_eq!(err.field, "response_format");
+            assert!(err.reason.contains("JSON Schema object"), "{err}");
         }
     }
 

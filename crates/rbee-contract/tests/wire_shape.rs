@@ -3,7 +3,7 @@
 
 use rbee_contract::{
     ApiErrorBody, ChatRole, DeviceKind, DevicesResponse, ErrorCode, FinishReason, HiveHeartbeat,
-    JobEvent, NoCapacityBody, Operation, WorkerHeartbeat, WorkerState,
+    JobEvent, NoCapacityBody, Operation, ResponseFormat, WorkerHeartbeat, WorkerState,
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -34,6 +34,26 @@ fn infer_operation_shape() {
     assert_eq!(req.prompt.as_deref(), Some("The capital of France is"));
     assert_eq!(req.max_tokens, Some(16));
     assert_eq!(req.stop, vec!["\n".to_string()]);
+}
+
+#[test]
+fn infer_with_a_json_schema_shape() {
+    let Operation::Infer(req) = round_trip::<Operation>("infer_json_schema_operation.json") else {
+        panic!("not an infer operation");
+    };
+    let Some(ResponseFormat::JsonSchema { schema }) = &req.response_format else {
+        panic!("no json_schema response format: {:?}", req.response_format);
+    };
+    assert_eq!(schema["required"][1], "population");
+    req.validate().unwrap();
+    let any_object: Operation = serde_json::from_str(
+        r#"{"operation":"infer","model":"m","prompt":"hi","response_format":{"type":"json_object"}}"#,
+    )
+    .unwrap();
+    let Operation::Infer(any_object) = any_object else {
+        panic!("not an infer operation");
+    };
+    assert_eq!(any_object.response_format, Some(ResponseFormat::JsonObject {}));
 }
 
 #[test]
@@ -102,6 +122,9 @@ fn wrong_types_and_unknown_fields_are_rejected() {
         r#"{"operation":"infer","model":"m","prompt":"hi","temprature":0.5}"#,
         r#"{"operation":"infer","prompt":"hi"}"#,
         r#"{"operation":"infer","model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+        r#"{"operation":"infer","model":"m","prompt":"hi","response_format":{"type":"yaml"}}"#,
+        r#"{"operation":"infer","model":"m","prompt":"hi","response_format":{"type":"json_schema"}}"#,
+        r#"{"operation":"infer","model":"m","prompt":"hi","response_format":{"type":"json_object","schema":{}}}"#,
     ] {
         assert!(
             serde_json::from_str::<Operation>(bad).is_err(),
