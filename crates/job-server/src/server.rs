@@ -46,7 +46,10 @@ pub struct JobServerConfig {
     /// A job whose stream is not opened within this time is cancelled.
     pub unclaimed_timeout: Duration,
     /// A job created with `cancel_on_disconnect = false` is cancelled when no stream has been
-    /// attached for this long after the last one closed: the time a client has to resume.
+    /// attached for this long after the last one closed: the time a client has to resume. It
+    /// also bounds how long a job outlives a client that died without cancelling it (the
+    /// queen relaying it to a worker, say), holding the worker's slot, so it is seconds more
+    /// than a resume takes, not minutes.
     pub detached_timeout: Duration,
     /// Jobs the registry holds at most, running and retained together. Retained finished jobs
     /// are dropped early to make room; when every slot holds a running job, creation answers
@@ -67,7 +70,7 @@ impl Default for JobServerConfig {
             retained_tail_bytes: 64 * 1024,
             retention: Duration::from_secs(300),
             unclaimed_timeout: Duration::from_secs(60),
-            detached_timeout: Duration::from_secs(300),
+            detached_timeout: Duration::from_secs(30),
             max_jobs: Some(4096),
             keep_alive: Duration::from_secs(15),
             body_limit: 4 * 1024 * 1024,

@@ -1,12 +1,17 @@
 //! Passing a job's events from the hop below (a hive or a worker) through to the queen's own
 //! job, unchanged.
 //!
-//! The upstream job lives exactly as long as the queen's job needs it. An [`Upstream`] is an
-//! upstream job the queen has not let go of: dropping it before its terminal event (the
-//! queen's job was cancelled or its client went away) closes the upstream stream and also
-//! sends a `DELETE`, so that an upstream job whose stream was never opened is not left to
-//! run. [`submit`] extends that to the moment of creation: a job cancelled while its upstream
-//! `POST` is in flight still cancels the job that `POST` creates.
+//! The upstream job lives exactly as long as the queen's job needs it. It is created with
+//! `cancel_on_disconnect=false`, so that a connection to the hop below that breaks for a moment
+//! does not end it: job-client resumes the stream with `Last-Event-ID` and every event still
+//! arrives once. Its end is therefore always explicit. An [`Upstream`] is an upstream job the
+//! queen has not let go of: dropping it before its terminal event (the queen's job was
+//! cancelled, its client went away, the stream could not be resumed, the queen is shutting
+//! down) sends a `DELETE`, retried while the hop below cannot be reached for a moment.
+//! [`submit`] extends that to the moment of creation: a job cancelled while its upstream `POST`
+//! is in flight still cancels the job that `POST` creates. Should the `DELETE` never arrive
+//! (the queen died), the hop below cancels the job itself once no stream has been attached for
+//! its `detached_timeout`.
 
 use std::any::Any;
 use std::time::Duration;
@@ -18,8 +23,15 @@ use rbee_contract::{JobEvent, Operation};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-/// How long the `DELETE` of an abandoned upstream job may take.
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the `DELETE` of an abandoned upstream job may take, retries included: longer
+/// than a blip the stream could not be resumed across, so the job below does not run on
+/// until its own detached timeout.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The pause before the first retry of a `DELETE` that could not be delivered; it doubles.
+const CANCEL_RETRY: Duration = Duration::from_millis(250);
+
+/// The query that keeps an upstream job alive across a broken connection (see the module).
+const RESUMABLE: &str = "cancel_on_disconnect=false";
 
 /// How an upstream stream ended.
 #[derive(Debug)]
@@ -118,15 +130,14 @@ pub(crate) async fn submit_holding(
     let (answer, answered) = oneshot::channel();
     tokio::spawn(
         async move {
-            let created =
-                client
-                    .submit_and_follow(path, &operation)
-                    .await
-                    .map(|(handle, events)| Upstream {
-                        handle: Some(handle),
-                        events: Some(events),
-                        hold,
-                    });
+            let created = client
+                .submit_and_follow(&format!("{path}?{RESUMABLE}"), &operation)
+                .await
+                .map(|(handle, events)| Upstream {
+                    handle: Some(handle),
+                    events: Some(events),
+                    hold,
+                });
             if let Ok(upstream) = &created {
                 tracing::debug!(upstream_job_id = upstream.job_id(), "upstream job created");
             }
@@ -193,17 +204,32 @@ pub(crate) async fn relay(
     })
 }
 
-/// `DELETE`s an upstream job, within [`CANCEL_TIMEOUT`].
+/// `DELETE`s an upstream job, within [`CANCEL_TIMEOUT`]. A `DELETE` that does not reach the
+/// hop below (a connection refused or reset) is sent again; any answer ends it.
 async fn cancel_upstream(handle: JobHandle) {
     let job_id = &handle.job_id;
-    match tokio::time::timeout(CANCEL_TIMEOUT, handle.cancel()).await {
+    let delivered = tokio::time::timeout(CANCEL_TIMEOUT, async {
+        let mut pause = CANCEL_RETRY;
+        loop {
+            match handle.cancel().await {
+                Err(err @ ClientError::Transport { .. }) => {
+                    tracing::debug!(upstream_job_id = %job_id, error = %err, "cancelling the upstream job failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match delivered {
         Ok(Ok(())) => tracing::info!(upstream_job_id = %job_id, "upstream job cancelled"),
         Ok(Err(err)) => {
-            // Usually a peer that is already gone.
+            // Usually a job the hop below no longer knows (it restarted).
             tracing::debug!(upstream_job_id = %job_id, error = %err, "cancelling the upstream job failed");
         }
         Err(_) => {
-            tracing::warn!(upstream_job_id = %job_id, "cancelling the upstream job timed out");
+            tracing::warn!(upstream_job_id = %job_id, "cancelling the upstream job timed out; the hop below ends it when its detached timeout runs out");
         }
     }
 }
