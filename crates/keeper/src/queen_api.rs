@@ -2,14 +2,18 @@
 
 use std::time::Duration;
 
-use job_client::JobClient;
-use rbee_contract::{ApiErrorBody, HiveInfo, WorkerInfo};
+use job_client::{ClientError, JobClient, JobHandle};
+use rbee_contract::{ApiErrorBody, HiveInfo, JOBS_PATH, Operation, WorkerInfo};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::config::{QueenUrl, Settings};
 use crate::error::{KeeperError, root_cause};
+
+/// How often a broken job stream is resumed with `Last-Event-ID`, and the first pause.
+const RESUME_ATTEMPTS: u32 = 5;
+const RESUME_DELAY: Duration = Duration::from_millis(300);
 
 /// One row of `GET /v1/hives`: the hive's last heartbeat and how fresh it is.
 #[derive(Debug, Clone, Deserialize)]
@@ -65,7 +69,11 @@ impl Queen {
             .timeout(Duration::from_secs(15))
             .build()
             .unwrap_or_else(|_| reqwest::Client::new());
-        let mut jobs = JobClient::new(settings.queen.base());
+        // A broken stream is resumed for about 4.5 s (5 attempts, 0.3 s apart and growing):
+        // long enough for a network blip or a proxy's restart, short enough that a queen that
+        // is really gone is reported promptly.
+        let mut jobs =
+            JobClient::new(settings.queen.base()).with_reconnects(RESUME_ATTEMPTS, RESUME_DELAY);
         if let Some(key) = &settings.api_key {
             jobs = jobs.with_token(key.clone());
         }
@@ -83,6 +91,20 @@ impl Queen {
 
     pub fn jobs(&self) -> &JobClient {
         &self.jobs
+    }
+
+    /// Submits `operation` as a job that outlives a broken connection
+    /// (`cancel_on_disconnect=false`): the stream is resumed with `Last-Event-ID` and every
+    /// event still arrives once. The caller must cancel the job itself whenever it stops
+    /// following it before its end (else the queen ends it once nobody has resumed for its
+    /// detached timeout).
+    pub async fn submit_resumable(&self, operation: &Operation) -> Result<JobHandle, ClientError> {
+        self.jobs
+            .submit_to(
+                &format!("{JOBS_PATH}?cancel_on_disconnect=false"),
+                operation,
+            )
+            .await
     }
 
     /// `GET /health`; the error says why it does not answer.

@@ -128,7 +128,8 @@ enum Step {
 /// Follows a job to its terminal event, showing its events as `show` says. An `error` event
 /// is returned as
 /// [`KeeperError::Remote`]; Ctrl-C cancels the job on the server and returns
-/// [`KeeperError::Interrupted`].
+/// [`KeeperError::Interrupted`]. A broken stream is resumed by job-client (each event shown
+/// once); one that cannot be resumed cancels the job and is an error.
 pub(crate) async fn follow(
     ctx: &mut Ctx<'_>,
     handle: JobHandle,
@@ -148,18 +149,22 @@ pub(crate) async fn follow(
         let event = match step {
             Step::Interrupted => {
                 ctx.console.clear_status();
-                // Closing the stream cancels the job too; the DELETE makes it certain and
-                // prompt even if the close is not noticed at once.
+                // Closing the stream does not end a job submitted resumable (and may not be
+                // noticed at once); the DELETE does.
                 drop(events);
                 let _ = tokio::time::timeout(CANCEL_TIMEOUT, handle.cancel()).await;
                 return Err(KeeperError::Interrupted);
             }
             Step::Event(None) => {
+                abandon(&handle).await;
                 return Err(KeeperError::Client(format!(
                     "{what} ended the job stream without a result"
                 )));
             }
-            Step::Event(Some(Err(err))) => return Err(KeeperError::client(what, err)),
+            Step::Event(Some(Err(err))) => {
+                ctx.console.clear_status();
+                return Err(stream_failed(what, &handle, err).await);
+            }
             Step::Event(Some(Ok(event))) => event,
         };
         if show == Show::EventLines
@@ -205,6 +210,31 @@ pub(crate) async fn follow(
     }
 }
 
+/// A job the keeper stops following before its end is cancelled: one submitted with
+/// `cancel_on_disconnect=false` would otherwise run on, unread, until the queen's detached
+/// timeout.
+async fn abandon(handle: &JobHandle) {
+    let _ = tokio::time::timeout(CANCEL_TIMEOUT, handle.cancel()).await;
+}
+
+/// The error of a job stream that broke and could not be resumed, the job cancelled if the
+/// queen still has it. A `404` on resuming means the queen no longer knows the job (it
+/// restarted): said in one line, not as the queen's bare "no job" refusal.
+async fn stream_failed(
+    what: &str,
+    handle: &JobHandle,
+    err: job_client::ClientError,
+) -> KeeperError {
+    if err.status() == Some(404) {
+        return KeeperError::Client(format!(
+            "{what} no longer knows job {} (it restarted?); the answer is incomplete",
+            handle.job_id
+        ));
+    }
+    abandon(handle).await;
+    KeeperError::client(what, err)
+}
+
 /// Submits an `infer` job to the queen and streams its answer (tokens, or the events one per
 /// line with `--json`) to its end.
 pub(crate) async fn infer_and_follow(
@@ -215,8 +245,7 @@ pub(crate) async fn infer_and_follow(
     let interrupt = ctx.interrupt.clone();
     let submitted = until_interrupted(&interrupt, async {
         ctx.queen
-            .jobs()
-            .submit(&Operation::Infer(request))
+            .submit_resumable(&Operation::Infer(request))
             .await
             .map_err(|e| KeeperError::client(&what, e))
     })
