@@ -15,6 +15,17 @@
 //! tokens come only from the template: [`ChatTemplate::render_tracking`] reports where
 //! control-token text typed inside a message ended up, so that it is tokenized as text.
 //! Tokenization itself is [`crate::tokenizer`]'s job.
+//!
+//! Tools: a conversation may offer functions ([`ChatTool`]) and carry earlier calls
+//! (an assistant turn's `tool_calls`, a `tool` turn's `tool_call_id`). They reach the template
+//! in the shapes `transformers` gives it: a `tools` list of `{"type": "function", "function":
+//! {...}}`, each call as `{"id", "type": "function", "function": {"name", "arguments"}}` with
+//! the arguments as a JSON object, and an assistant turn that only calls with `content` none.
+//! The templates of Llama 3.1+, Qwen2.5/3 and Mistral write them in their own syntax. A
+//! template that ignores `tools` (found by rendering a probe conversation once, as llama.cpp
+//! does) gets the tools described in a system message instead, in the Hermes format
+//! (`<tool_call>{"name": ..., "arguments": ...}</tool_call>`), with earlier calls and their
+//! results written into the messages in that format.
 
 use std::fmt;
 use std::fmt::Write as _;
@@ -47,7 +58,17 @@ pub struct RenderedChat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatTurn {
     pub role: String,
+    /// Empty for an assistant turn that only calls tools.
     pub content: String,
+    /// An assistant turn's calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ChatToolCall>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatTurn {
@@ -55,7 +76,45 @@ impl ChatTurn {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
         }
+    }
+}
+
+/// A function call an assistant turn made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text (OpenAI's `function.arguments`).
+    pub arguments: String,
+}
+
+/// A function the model is offered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatTool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema of the arguments object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<serde_json::Value>,
+}
+
+impl ChatTool {
+    /// The shape templates iterate over: `{"type": "function", "function": {...}}`.
+    fn template_value(&self) -> serde_json::Value {
+        let mut function = serde_json::Map::new();
+        function.insert("name".into(), self.name.clone().into());
+        if let Some(description) = &self.description {
+            function.insert("description".into(), description.clone().into());
+        }
+        if let Some(parameters) = &self.parameters {
+            function.insert("parameters".into(), parameters.clone());
+        }
+        serde_json::json!({"type": "function", "function": function})
     }
 }
 
@@ -96,6 +155,10 @@ pub struct ChatTemplate {
     source: String,
     bos: String,
     eos: String,
+    /// Whether the template writes the `tools` it is given into the prompt.
+    supports_tools: bool,
+    /// Whether the template refuses call ids that are not nine alphanumerics (Mistral's do).
+    nine_char_call_ids: bool,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -120,12 +183,35 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| ChatError::InvalidTemplate(e.to_string()))?;
-        Ok(Self {
+        let mut template = Self {
             env,
             source: source.to_owned(),
             bos: bos.unwrap_or_default(),
             eos: eos.unwrap_or_default(),
-        })
+            supports_tools: false,
+            nine_char_call_ids: source.contains("length != 9"),
+        };
+        template.supports_tools = template.writes_tools();
+        Ok(template)
+    }
+
+    /// Renders a probe conversation offered one tool: a template that supports tools writes
+    /// the tool's name somewhere in the prompt; one that does not ignores the variable.
+    fn writes_tools(&self) -> bool {
+        const PROBE: &str = "rbee_probe_function_7d1f";
+        let tool = ChatTool {
+            name: PROBE.into(),
+            description: Some("Probe.".into()),
+            parameters: Some(serde_json::json!({"type": "object", "properties": {}})),
+        };
+        self.render_raw(&[ChatTurn::new("user", "Hello")], &[tool], true)
+            .is_ok_and(|text| text.contains(PROBE))
+    }
+
+    /// Whether the template writes the tools it is offered itself; when it does not, they
+    /// are described in a system message (see the module documentation).
+    pub fn supports_tools(&self) -> bool {
+        self.supports_tools
     }
 
     /// The ChatML fallback, for models that ship no template.
@@ -152,18 +238,54 @@ impl ChatTemplate {
         messages: &[ChatTurn],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) for a conversation offered `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatTurn],
+        tools: &[ChatTool],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
+        if self.supports_tools {
+            self.render_raw(messages, tools, add_generation_prompt)
+        } else {
+            let messages = generic_tool_messages(messages, tools);
+            self.render_raw(&messages, &[], add_generation_prompt)
+        }
+    }
+
+    /// Renders exactly what it is given: tools go to the template as they are.
+    fn render_raw(
+        &self,
+        messages: &[ChatTurn],
+        tools: &[ChatTool],
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatError::InvalidTemplate(e.to_string()))?;
-        template
-            .render(context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => &self.bos,
-                eos_token => &self.eos,
-            })
-            .map_err(classify)
+        let messages: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|m| template_message(m, self.nine_char_call_ids))
+            .collect();
+        let base = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => &self.bos,
+            eos_token => &self.eos,
+        };
+        // Without tools the variable stays undefined, as `transformers` leaves it.
+        let ctx = if tools.is_empty() {
+            base
+        } else {
+            let tools: Vec<serde_json::Value> =
+                tools.iter().map(ChatTool::template_value).collect();
+            context! { tools => tools, ..base }
+        };
+        template.render(ctx).map_err(classify)
     }
 
     /// Renders `messages` like [`render`](Self::render), and reports where control-token text
@@ -180,13 +302,31 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         find_control_text: &dyn Fn(&str) -> Vec<Range<usize>>,
     ) -> Result<RenderedChat, ChatError> {
+        self.render_tracking_with_tools(messages, &[], add_generation_prompt, find_control_text)
+    }
+
+    /// [`render_tracking`](Self::render_tracking) for a conversation offered `tools`.
+    pub fn render_tracking_with_tools(
+        &self,
+        messages: &[ChatTurn],
+        tools: &[ChatTool],
+        add_generation_prompt: bool,
+        find_control_text: &dyn Fn(&str) -> Vec<Range<usize>>,
+    ) -> Result<RenderedChat, ChatError> {
+        let generic;
+        let (messages, tools) = if self.supports_tools {
+            (messages, tools)
+        } else {
+            generic = generic_tool_messages(messages, tools);
+            (generic.as_slice(), &[][..])
+        };
         let found: Vec<Vec<Range<usize>>> = messages
             .iter()
             .map(|m| find_control_text(&m.content))
             .collect();
         if found.iter().all(Vec::is_empty) {
             return Ok(RenderedChat {
-                text: self.render(messages, add_generation_prompt)?,
+                text: self.render_raw(messages, tools, add_generation_prompt)?,
                 typed_control_text: Vec::new(),
             });
         }
@@ -205,10 +345,13 @@ impl ChatTemplate {
                     copied = range.end;
                 }
                 content.push_str(&message.content[copied..]);
-                ChatTurn::new(message.role.clone(), content)
+                ChatTurn {
+                    content,
+                    ..message.clone()
+                }
             })
             .collect();
-        let rendered = self.render(&placeheld, add_generation_prompt)?;
+        let rendered = self.render_raw(&placeheld, tools, add_generation_prompt)?;
 
         let altered = || {
             ChatError::Render(
@@ -260,6 +403,149 @@ impl ChatTemplate {
                 )
             })
     }
+}
+
+/// A message as templates read it (see the module documentation).
+fn template_message(turn: &ChatTurn, nine_char_ids: bool) -> serde_json::Value {
+    let id = |id: &str| {
+        if nine_char_ids {
+            nine_char_id(id)
+        } else {
+            id.to_owned()
+        }
+    };
+    let mut message = serde_json::Map::new();
+    message.insert("role".into(), turn.role.clone().into());
+    let content = if turn.content.is_empty() && !turn.tool_calls.is_empty() {
+        serde_json::Value::Null
+    } else {
+        turn.content.clone().into()
+    };
+    message.insert("content".into(), content);
+    // Templates test for the key (`'tool_calls' in message`), so it is only there with calls.
+    if !turn.tool_calls.is_empty() {
+        let calls: Vec<serde_json::Value> = turn
+            .tool_calls
+            .iter()
+            .map(|call| {
+                // Templates write the arguments with `tojson` or iterate them: an object, as
+                // `transformers` expects; text that is not JSON stays text.
+                let arguments = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                    .unwrap_or_else(|_| call.arguments.clone().into());
+                serde_json::json!({
+                    "id": id(&call.id),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": arguments},
+                })
+            })
+            .collect();
+        message.insert("tool_calls".into(), calls.into());
+    }
+    if let Some(call_id) = &turn.tool_call_id {
+        message.insert("tool_call_id".into(), id(call_id).into());
+    }
+    if let Some(name) = &turn.name {
+        message.insert("name".into(), name.clone().into());
+    }
+    message.into()
+}
+
+/// Mistral's templates refuse call ids that are not exactly nine ASCII letters and digits,
+/// while OpenAI clients send ids such as `call_...`: such an id is replaced by nine
+/// characters derived from it (FNV-1a), the same for a call and the result that names it.
+fn nine_char_id(id: &str) -> String {
+    if id.len() == 9 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return id.to_owned();
+    }
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (0..9)
+        .map(|_| {
+            let c = ALPHABET[(hash % 62) as usize] as char;
+            hash /= 62;
+            c
+        })
+        .collect()
+}
+
+/// How tools are described to a model whose template has no place for them: the Hermes
+/// format, the most common one that instruction-tuned models have seen.
+const GENERIC_TOOLS_PROMPT: &str = "You may call one or more functions to assist with the user query.\n\n\
+You are provided with function signatures within <tools></tools> XML tags:\n<tools>";
+const GENERIC_TOOLS_PROMPT_END: &str = "\n</tools>\n\nFor each function call, return a json object \
+with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n\
+{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>";
+
+/// The conversation rewritten for a template without tool support: the tools described in
+/// the system message, earlier calls written as `<tool_call>` text in the assistant's turn,
+/// and tool results given as a user turn of `<tool_response>` blocks (consecutive results
+/// in one turn, so that roles still alternate).
+fn generic_tool_messages(messages: &[ChatTurn], tools: &[ChatTool]) -> Vec<ChatTurn> {
+    let mut out: Vec<ChatTurn> = Vec::with_capacity(messages.len() + 1);
+    if !tools.is_empty() {
+        let mut prompt = GENERIC_TOOLS_PROMPT.to_owned();
+        for tool in tools {
+            prompt.push('\n');
+            prompt.push_str(&python_json(&tool.template_value()));
+        }
+        prompt.push_str(GENERIC_TOOLS_PROMPT_END);
+        match messages.first() {
+            Some(first) if first.role == "system" => {
+                out.push(ChatTurn::new(
+                    "system",
+                    format!("{}\n\n{prompt}", first.content),
+                ));
+            }
+            _ => out.push(ChatTurn::new("system", prompt)),
+        }
+    }
+    let skip =
+        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+    let mut previous_was_tool = false;
+    for message in &messages[skip..] {
+        if message.role == "tool" {
+            let block = format!("<tool_response>\n{}\n</tool_response>", message.content);
+            match out.last_mut() {
+                Some(last) if previous_was_tool => {
+                    last.content.push('\n');
+                    last.content.push_str(&block);
+                }
+                _ => out.push(ChatTurn::new("user", block)),
+            }
+            previous_was_tool = true;
+            continue;
+        }
+        previous_was_tool = false;
+        if message.tool_calls.is_empty() {
+            out.push(ChatTurn::new(message.role.clone(), message.content.clone()));
+            continue;
+        }
+        let mut content = message.content.clone();
+        for call in &message.tool_calls {
+            if !content.is_empty() {
+                content.push('\n');
+            }
+            let arguments = serde_json::from_str::<serde_json::Value>(&call.arguments)
+                .unwrap_or_else(|_| call.arguments.clone().into());
+            let _ = write!(
+                content,
+                "<tool_call>\n{}\n</tool_call>",
+                python_json(&serde_json::json!({"name": call.name, "arguments": arguments}))
+            );
+        }
+        out.push(ChatTurn::new(message.role.clone(), content));
+    }
+    out
+}
+
+fn python_json(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    write_python_json(&mut out, value, None, false, 0);
+    out
 }
 
 fn classify(error: Error) -> ChatError {
@@ -562,9 +848,219 @@ mod tests {
         assert!(matches!(err, ChatError::Render(_)), "{err:?}");
     }
 
+    fn weather_tool() -> ChatTool {
+        ChatTool {
+            name: "get_weather".into(),
+            description: Some("Current weather of a city.".into()),
+            parameters: Some(serde_json::json!({
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"]
+            })),
+        }
+    }
+
+    /// A round trip: the question, the assistant's call, the tool's result.
+    fn tool_round_trip(call_id: &str) -> Vec<ChatTurn> {
+        vec![
+            ChatTurn::new("user", "Weather in Paris?"),
+            ChatTurn {
+                tool_calls: vec![ChatToolCall {
+                    id: call_id.into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                }],
+                ..ChatTurn::new("assistant", "")
+            },
+            ChatTurn {
+                tool_call_id: Some(call_id.into()),
+                name: Some("get_weather".into()),
+                ..ChatTurn::new("tool", "18 C, sunny")
+            },
+        ]
+    }
+
+    fn family(file: &str, bos: &str, eos: &str) -> ChatTemplate {
+        let path = format!("{}/tests/data/templates/{file}", env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(&path).unwrap();
+        ChatTemplate::new(&source, Some(bos.into()), Some(eos.into())).unwrap()
+    }
+
+    #[test]
+    fn qwen25_writes_tools_calls_and_results_in_its_own_syntax() {
+        let template = family("qwen2.5.jinja", "", "<|im_end|>");
+        assert!(template.supports_tools());
+        let prompt = template
+            .render_with_tools(&tool_round_trip("call_abc"), &[weather_tool()], true)
+            .unwrap();
+        assert_eq!(prompt, QWEN_EXPECTED);
+    }
+
+    #[test]
+    fn llama31_writes_tools_calls_and_results_in_its_own_syntax() {
+        let template = family("llama-3.1.jinja", "<|begin_of_text|>", "<|eot_id|>");
+        assert!(template.supports_tools());
+        let prompt = template
+            .render_with_tools(&tool_round_trip("call_abc"), &[weather_tool()], true)
+            .unwrap();
+        assert_eq!(prompt, LLAMA_EXPECTED);
+    }
+
+    #[test]
+    fn mistral_writes_tools_calls_and_results_with_nine_character_ids() {
+        let template = family("mistral-nemo.jinja", "<s>", "</s>");
+        assert!(template.supports_tools());
+        // An OpenAI-style id is not nine alphanumerics: it is mapped, the same in the call
+        // and in the result.
+        let prompt = template
+            .render_with_tools(&tool_round_trip("call_abc"), &[weather_tool()], true)
+            .unwrap();
+        let id = nine_char_id("call_abc");
+        assert_eq!(id.len(), 9);
+        assert_eq!(prompt, MISTRAL_EXPECTED.replace("ID", &id));
+        // An id that is already valid is kept.
+        let kept = template
+            .render_with_tools(&tool_round_trip("a1B2c3D4e"), &[weather_tool()], true)
+            .unwrap();
+        assert_eq!(kept, MISTRAL_EXPECTED.replace("ID", "a1B2c3D4e"));
+    }
+
+    #[test]
+    fn without_tools_a_family_template_renders_as_before() {
+        let template = family("qwen2.5.jinja", "", "<|im_end|>");
+        let messages = turns(&[("user", "Hi")]);
+        assert_eq!(
+            template.render_with_tools(&messages, &[], true).unwrap(),
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn a_template_without_tool_support_gets_the_tools_in_a_system_message() {
+        let template = ChatTemplate::chatml();
+        assert!(!template.supports_tools());
+        let mut messages = vec![ChatTurn::new("system", "Be brief.")];
+        messages.extend(tool_round_trip("call_abc"));
+        messages.push(ChatTurn {
+            tool_call_id: Some("call_def".into()),
+            ..ChatTurn::new("tool", "rain later")
+        });
+        let prompt = template
+            .render_with_tools(&messages, &[weather_tool()], true)
+            .unwrap();
+        assert_eq!(prompt, GENERIC_EXPECTED);
+    }
+
+    #[test]
+    fn tracking_renders_tool_conversations_like_render() {
+        let find = |text: &str| -> Vec<Range<usize>> {
+            text.match_indices("<|im_end|>")
+                .map(|(at, m)| at..at + m.len())
+                .collect()
+        };
+        for template in [
+            family("qwen2.5.jinja", "", "<|im_end|>"),
+            ChatTemplate::chatml(),
+        ] {
+            let mut messages = tool_round_trip("call_abc");
+            messages[2].content = "typed <|im_end|> here".into();
+            let rendered = template
+                .render_tracking_with_tools(&messages, &[weather_tool()], true, &find)
+                .unwrap();
+            assert_eq!(
+                rendered.text,
+                template
+                    .render_with_tools(&messages, &[weather_tool()], true)
+                    .unwrap()
+            );
+            assert_eq!(rendered.typed_control_text.len(), 1);
+        }
+    }
+
     #[test]
     fn syntax_errors_are_reported_at_compile_time() {
         let err = ChatTemplate::new("{% for m in messages %}", None, None).unwrap_err();
         assert!(matches!(err, ChatError::InvalidTemplate(_)), "{err}");
     }
+
+    const QWEN_EXPECTED: &str = "<|im_start|>system\n\
+You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\
+\n\
+# Tools\n\
+\n\
+You may call one or more functions to assist with the user query.\n\
+\n\
+You are provided with function signatures within <tools></tools> XML tags:\n\
+<tools>\n\
+{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Current weather of a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n\
+</tools>\n\
+\n\
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n\
+<tool_call>\n\
+{\"name\": <function-name>, \"arguments\": <args-json-object>}\n\
+</tool_call><|im_end|>\n\
+<|im_start|>user\n\
+Weather in Paris?<|im_end|>\n\
+<|im_start|>assistant\n\
+<tool_call>\n\
+{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n\
+</tool_call><|im_end|>\n\
+<|im_start|>user\n\
+<tool_response>\n\
+18 C, sunny\n\
+</tool_response><|im_end|>\n\
+<|im_start|>assistant\n\
+";
+    const LLAMA_EXPECTED: &str = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\
+\n\
+Environment: ipython\n\
+Cutting Knowledge Date: December 2023\n\
+Today Date: 26 Jul 2024\n\
+\n\
+<|eot_id|><|start_header_id|>user<|end_header_id|>\n\
+\n\
+Given the following functions, please respond with a JSON for a function call with its proper arguments that best answers the given prompt.\n\
+\n\
+Respond in the format {\"name\": function name, \"parameters\": dictionary of argument name and its value}.Do not use variables.\n\
+\n\
+{\n    \"type\": \"function\",\n    \"function\": {\n        \"name\": \"get_weather\",\n        \"description\": \"Current weather of a city.\",\n        \"parameters\": {\n            \"type\": \"object\",\n            \"properties\": {\n                \"city\": {\n                    \"type\": \"string\"\n                }\n            },\n            \"required\": [\n                \"city\"\n            ]\n        }\n    }\n\
+}\n\
+\n\
+Weather in Paris?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\
+\n\
+{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|><|start_header_id|>ipython<|end_header_id|>\n\
+\n\
+\"18 C, sunny\"<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\
+\n\
+";
+    const MISTRAL_EXPECTED: &str = "<s>[AVAILABLE_TOOLS][{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Current weather of a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}][/AVAILABLE_TOOLS][INST]Weather in Paris?[/INST][TOOL_CALLS][{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": \"ID\"}]</s>[TOOL_RESULTS]{\"content\": 18 C, sunny, \"call_id\": \"ID\"}[/TOOL_RESULTS]";
+    const GENERIC_EXPECTED: &str = "<|im_start|>system\n\
+Be brief.\n\
+\n\
+You may call one or more functions to assist with the user query.\n\
+\n\
+You are provided with function signatures within <tools></tools> XML tags:\n\
+<tools>\n\
+{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Current weather of a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n\
+</tools>\n\
+\n\
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n\
+<tool_call>\n\
+{\"name\": <function-name>, \"arguments\": <args-json-object>}\n\
+</tool_call><|im_end|>\n\
+<|im_start|>user\n\
+Weather in Paris?<|im_end|>\n\
+<|im_start|>assistant\n\
+<tool_call>\n\
+{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n\
+</tool_call><|im_end|>\n\
+<|im_start|>user\n\
+<tool_response>\n\
+18 C, sunny\n\
+</tool_response>\n\
+<tool_response>\n\
+rain later\n\
+</tool_response><|im_end|>\n\
+<|im_start|>assistant\n\
+";
 }

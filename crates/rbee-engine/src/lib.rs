@@ -31,7 +31,7 @@ mod stop;
 pub mod chat;
 pub mod tokenizer;
 
-pub use chat::{ChatTemplate, ChatTurn};
+pub use chat::{ChatTemplate, ChatTool, ChatToolCall, ChatTurn};
 pub use device::{DeviceSpec, ParseDeviceError};
 pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, LoadProgress};
 pub use error::{EngineError, ErrorKind};

@@ -1,5 +1,5 @@
 use crate::EngineError;
-use crate::chat::ChatTurn;
+use crate::chat::{ChatTool, ChatTurn};
 
 /// What to continue: raw text, or a conversation rendered with the model's chat template.
 #[derive(Debug, Clone, PartialEq)]
@@ -9,6 +9,12 @@ pub enum Prompt {
     /// Rendered with the model's chat template (ChatML when it has none), ending with the
     /// prompt for the assistant's turn.
     Chat(Vec<ChatTurn>),
+    /// A conversation offered functions to call: the template writes them into the prompt
+    /// (see [`ChatTemplate`](crate::ChatTemplate) for templates without tool support).
+    ChatWithTools {
+        turns: Vec<ChatTurn>,
+        tools: Vec<ChatTool>,
+    },
 }
 
 /// How to pick tokens and when to stop.

@@ -72,7 +72,11 @@ impl Prompter {
         let tokenizer_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
         match prompt {
             Prompt::Text(text) => self.tokenizer.encode(text, true).map_err(tokenizer_err),
-            Prompt::Chat(turns) => {
+            Prompt::Chat(turns) | Prompt::ChatWithTools { turns, .. } => {
+                let tools = match prompt {
+                    Prompt::ChatWithTools { tools, .. } => tools.as_slice(),
+                    _ => &[],
+                };
                 if turns.is_empty() {
                     return Err(EngineError::EmptyPrompt);
                 }
@@ -84,7 +88,9 @@ impl Prompter {
                 // Control tokens come only from the template: the same text typed inside a
                 // message is tokenized as text.
                 let rendered = template
-                    .render_tracking(turns, true, &|text| self.tokenizer.find_special_text(text))
+                    .render_tracking_with_tools(turns, tools, true, &|text| {
+                        self.tokenizer.find_special_text(text)
+                    })
                     .map_err(|e| EngineError::Template(e.to_string()))?;
                 // Templates carry their special tokens; BOS is added only when the template
                 // left it out but the model expects it.

@@ -115,20 +115,11 @@ struct Turn {
 /// The request for turn `turn` of conversation `c`, whose earlier answers are `answers`.
 fn request(engine: &Engine, c: usize, turn: usize, answers: &[String]) -> PreparedRequest {
     let conv = &CONVERSATIONS[c];
-    let mut messages = vec![ChatTurn {
-        role: "system".into(),
-        content: conv.system.into(),
-    }];
+    let mut messages = vec![ChatTurn::new("system", conv.system)];
     for (t, user) in conv.users.iter().enumerate().take(turn + 1) {
-        messages.push(ChatTurn {
-            role: "user".into(),
-            content: (*user).into(),
-        });
+        messages.push(ChatTurn::new("user", *user));
         if let Some(answer) = answers.get(t).filter(|_| t < turn) {
-            messages.push(ChatTurn {
-                role: "assistant".into(),
-                content: answer.clone(),
-            });
+            messages.push(ChatTurn::new("assistant", answer.clone()));
         }
     }
     let params = GenerationParams {

@@ -170,10 +170,7 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
             req.messages
                 .unwrap_or_default()
                 .into_iter()
-                .map(|m| ChatTurn {
-                    role: role_name(m.role).to_string(),
-                    content: m.content,
-                })
+                .map(|m| ChatTurn::new(role_name(m.role), m.content))
                 .collect(),
         ),
     };
