@@ -16,6 +16,7 @@
 //! wire contract. The worker owns an [`Engine`] on a dedicated thread and turns its callbacks
 //! into events.
 
+mod constraint;
 mod cpu;
 mod device;
 mod engine;
@@ -32,6 +33,7 @@ pub mod chat;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, ChatTool, ChatToolCall, ChatTurn};
+pub use constraint::{Constraint, ConstraintEnv, OutputFormat, check_output_format};
 pub use device::{DeviceSpec, ParseDeviceError};
 pub use engine::{Completion, Engine, FinishReason, GeneratedToken, LoadOptions, LoadProgress};
 pub use error::{EngineError, ErrorKind};

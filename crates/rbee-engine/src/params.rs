@@ -1,4 +1,5 @@
 use crate::EngineError;
+use crate::constraint::{Constraint, OutputFormat};
 use crate::chat::{ChatTool, ChatTurn};
 
 /// What to continue: raw text, or a conversation rendered with the model's chat template.
@@ -57,6 +58,11 @@ pub struct GenerationParams {
     /// likely tokens at its step (see [`TokenLogprobs`](crate::TokenLogprobs)). `None` computes
     /// nothing.
     pub logprobs: Option<usize>,
+    /// `Some`: the generated text is constrained to this format while sampling (a token the
+    /// format does not allow next is never chosen), and generation ends, with `Stop`, as soon as
+    /// the text is complete. Compiled when the request is prepared: a schema that does not
+    /// compile fails [`Prompter::prepare`](crate::Prompter::prepare).
+    pub response_format: Option<OutputFormat>,
 }
 
 impl Default for GenerationParams {
@@ -74,6 +80,7 @@ impl Default for GenerationParams {
             seed: rand::random(),
             stop: Vec::new(),
             logprobs: None,
+            response_format: None,
         }
     }
 }
@@ -144,6 +151,8 @@ pub struct PreparedRequest {
     pub(crate) prompt_tokens: Vec<u32>,
     pub(crate) max_tokens: usize,
     pub(crate) params: GenerationParams,
+    /// `params.response_format`, compiled.
+    pub(crate) constraint: Option<Constraint>,
 }
 
 impl PreparedRequest {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::EngineError;
 use crate::chat::{ChatError, ChatTemplate};
+use crate::constraint::ConstraintEnv;
 use crate::params::{GenerationParams, PreparedRequest, Prompt};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 
@@ -17,6 +18,8 @@ pub struct Prompter {
     template: Arc<Result<ChatTemplate, ChatError>>,
     context_length: usize,
     vocab_size: usize,
+    /// Compiles response formats; its token trie is built on first use and shared by clones.
+    constraints: ConstraintEnv,
 }
 
 impl Prompter {
@@ -27,6 +30,7 @@ impl Prompter {
         vocab_size: usize,
     ) -> Self {
         Prompter {
+            constraints: ConstraintEnv::new(tokenizer.clone(), vocab_size),
             tokenizer,
             template: Arc::new(template),
             context_length,
@@ -34,7 +38,9 @@ impl Prompter {
         }
     }
 
-    /// Validates `params`, renders and tokenizes the prompt, and resolves the token budget.
+    /// Validates `params`, renders and tokenizes the prompt, resolves the token budget and
+    /// compiles the response format, if any (the first format a model sees builds its token
+    /// trie, which takes a moment: call this off an async reactor).
     pub fn prepare(
         &self,
         prompt: Prompt,
@@ -61,10 +67,16 @@ impl Prompter {
         }
         let room = context_length - tokens.len();
         let max_tokens = params.max_tokens.map_or(room, |m| m.min(room));
+        let constraint = params
+            .response_format
+            .as_ref()
+            .map(|format| self.constraints.compile(format))
+            .transpose()?;
         Ok(PreparedRequest {
             prompt_tokens: tokens,
             max_tokens,
             params,
+            constraint,
         })
     }
 

@@ -10,6 +10,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use crate::EngineError;
+use crate::constraint::Constraint;
 use crate::engine::{Completion, FinishReason, GeneratedToken};
 use crate::params::PreparedRequest;
 use crate::sampling::{Logprob, Sampler, TokenLogprobs, log_softmax_top};
@@ -29,6 +30,8 @@ pub struct Sequence {
     /// How many of the most likely tokens each step reports, when log-probabilities are asked
     /// for; the tokenizer names them.
     logprobs: Option<(usize, TextTokenizer)>,
+    /// The response format's constraint, advanced with every sampled token.
+    constraint: Option<Constraint>,
     /// The prompt, then every sampled token.
     context: Vec<u32>,
     /// Tokens of `context` already in the model's cache.
@@ -78,6 +81,7 @@ impl Sequence {
             decoder: IncrementalDecoder::with_context(tokenizer.clone(), &req.prompt_tokens),
             stops: StopMatcher::new(&req.params.stop),
             logprobs: req.params.logprobs.map(|n| (n, tokenizer.clone())),
+            constraint: req.constraint.clone(),
             context,
             fed: cached.min(prompt_len.saturating_sub(1)),
             cached: cached.min(prompt_len.saturating_sub(1)),
@@ -180,6 +184,17 @@ impl Sequence {
             return Ok(Some(self.finish(FinishReason::Length)));
         }
         let decode_err = |e: TokenizerError| EngineError::Tokenizer(e.to_string());
+        // A response format masks the tokens it does not allow before anything else looks at the
+        // logits, so log-probabilities describe the constrained distribution (as OpenAI's do):
+        // a token the format rules out is never reported as an alternative.
+        if let Some(constraint) = &mut self.constraint {
+            constraint.mask_logits(&mut logits)?;
+            if !logits.iter().any(|l| l.is_finite()) {
+                return Err(EngineError::Inference(
+                    "the response format allows no token of this model's vocabulary here".into(),
+                ));
+            }
+        }
         // The sampler changes the logits in place; log-probabilities describe them unchanged.
         let raw = self.logprobs.as_ref().map(|_| logits.clone());
         let token = self.sampler.sample(&mut logits, &self.context)?;
@@ -187,6 +202,15 @@ impl Sequence {
             self.prefill_time = self.started.elapsed();
         }
         self.sampler.accept(token);
+        // An end-of-sequence token is allowed only where the text is complete; it ends the
+        // generation below and is not part of the text the constraint reads.
+        let complete = match &mut self.constraint {
+            Some(constraint) if !eos_token_ids.contains(&token) => {
+                constraint.accept(token)?;
+                constraint.is_finished()
+            }
+            _ => false,
+        };
         self.context.push(token);
         self.sampled += 1;
 
@@ -215,12 +239,14 @@ impl Sequence {
         }
 
         let last = index + 1 == self.max_tokens;
+        // The text ends here: the budget is spent, or the response format is complete.
+        let ends = last || complete;
         let mut piece = self
             .decoder
             .push(token)
             .map_err(decode_err)?
             .unwrap_or_default();
-        if last {
+        if ends {
             piece.push_str(
                 &self
                     .decoder
@@ -233,7 +259,7 @@ impl Sequence {
             Release::Text(t) => (t, false),
             Release::Stopped(t) => (t, true),
         };
-        if last && !stopped {
+        if ends && !stopped {
             released.push_str(&self.stops.flush());
         }
         self.text.push_str(&released);
@@ -247,7 +273,7 @@ impl Sequence {
             text: released,
             logprobs,
         });
-        if stopped {
+        if stopped || complete {
             return Ok(Some(self.finish(FinishReason::Stop)));
         }
         if flow.is_break() {

@@ -1,0 +1,489 @@
+//! Structured output: a constraint, compiled from a JSON Schema (or a Lark grammar), that
+//! decides at each step which tokens may come next, so a generation can only produce text the
+//! schema accepts.
+//!
+//! The grammar engine is `llguidance` (the one behind llama.cpp's and vLLM's guidance
+//! backends). It needs every token's bytes, arranged in a trie: [`ConstraintEnv`] builds that
+//! once per loaded model from the engine's tokenizer and is shared by every request; each
+//! request compiles its own [`Constraint`] (at admission, so a schema that does not compile is
+//! refused before a generation exists), and each sequence carries its own, advanced with every
+//! token it samples. The prompt cache holds prompt tokens only, so a constraint is unaffected
+//! by what a slot reuses.
+//!
+//! JSON is generated compactly (`", "` between items, `": "` after keys, no other
+//! whitespace): with free whitespace a small model can loop on blank lines forever, and a
+//! compact answer parses the same.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, OnceLock};
+
+use llguidance::api::{GrammarWithLexer, TopLevelGrammar};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{Value, json};
+use tokenizers::normalizers::Sequence;
+use tokenizers::pre_tokenizers::{self, PreTokenizerWrapper, metaspace::PrependScheme};
+use tokenizers::{DecoderWrapper, NormalizerWrapper, Tokenizer};
+use toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+
+use crate::EngineError;
+use crate::tokenizer::TextTokenizer;
+
+/// What the generated text must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputFormat {
+    /// Any JSON object (the schema `{"type": "object"}`).
+    JsonObject,
+    /// JSON valid against this JSON Schema.
+    JsonSchema(Value),
+    /// Text in the language of this grammar, in llguidance's Lark dialect (which can embed JSON
+    /// Schemas with `%json { ... }`, e.g. a tool call wrapped in a model's own tags).
+    Lark(String),
+}
+
+impl OutputFormat {
+    fn grammar(&self) -> TopLevelGrammar {
+        match self {
+            OutputFormat::JsonObject => json_grammar(json!({"type": "object"})),
+            OutputFormat::JsonSchema(schema) => json_grammar(schema.clone()),
+            OutputFormat::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
+        }
+    }
+}
+
+/// The JSON options every schema is compiled with (see the module's documentation); they
+/// replace any `x-guidance` options the schema carries.
+fn json_grammar(mut schema: Value) -> TopLevelGrammar {
+    if let Some(object) = schema.as_object_mut() {
+        object.insert(
+            "x-guidance".into(),
+            json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            }),
+        );
+    }
+    TopLevelGrammar::from_grammar(GrammarWithLexer::from_json_schema(schema))
+}
+
+/// The token trie and grammar compiler of one loaded model: expensive to build (it walks the
+/// whole vocabulary), so it is built once, on the first request that asks for a format, and
+/// shared by every request after it. Cheap to clone.
+#[derive(Clone)]
+pub struct ConstraintEnv {
+    factory: Arc<OnceLock<Result<ParserFactory, String>>>,
+    tokenizer: TextTokenizer,
+    /// The length of the model's logit vectors (it may exceed the tokenizer's vocabulary).
+    vocab_size: usize,
+}
+
+impl std::fmt::Debug for ConstraintEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConstraintEnv")
+            .field("vocab_size", &self.vocab_size)
+            .field("built", &self.factory.get().is_some())
+            .finish()
+    }
+}
+
+impl ConstraintEnv {
+    /// An environment for a model whose logits have `vocab_size` entries and whose tokens
+    /// `tokenizer` names. Nothing is built until the first [`compile`](Self::compile).
+    pub fn new(tokenizer: TextTokenizer, vocab_size: usize) -> Self {
+        ConstraintEnv {
+            factory: Arc::new(OnceLock::new()),
+            tokenizer,
+            vocab_size,
+        }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory, EngineError> {
+        self.factory
+            .get_or_init(|| {
+                let started = std::time::Instant::now();
+                let factory = model_factory(&self.tokenizer, self.vocab_size);
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    ok = factory.is_ok(),
+                    "structured-output token trie built"
+                );
+                factory
+            })
+            .as_ref()
+            .map_err(|e| {
+                EngineError::InvalidParams(format!(
+                    "response_format: this model's tokenizer cannot be constrained: {e}"
+                ))
+            })
+    }
+
+    /// Compiles `format` into a constraint for one generation. A schema or grammar that does not
+    /// compile is an [`EngineError::InvalidParams`] whose message names the problem.
+    pub fn compile(&self, format: &OutputFormat) -> Result<Constraint, EngineError> {
+        compile_with(self.factory()?, format)
+    }
+}
+
+fn compile_with(factory: &ParserFactory, format: &OutputFormat) -> Result<Constraint, EngineError> {
+    let grammar = format.grammar();
+    let parser = catch_unwind(AssertUnwindSafe(|| factory.create_parser(grammar)))
+        .map_err(|_| "the grammar compiler failed on this schema".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(|e| EngineError::InvalidParams(format!("response_format: {e}")))?;
+    let matcher = Matcher::new(Ok(parser));
+    if let Some(e) = matcher.get_error() {
+        return Err(EngineError::InvalidParams(format!("response_format: {e}")));
+    }
+    Ok(Constraint { matcher })
+}
+
+/// Checks that `format` compiles, without a model: the grammar is compiled against a
+/// vocabulary of the 256 single bytes. Whether a schema compiles does not depend on the
+/// vocabulary, so a server that holds no model (the queen) refuses a bad schema with the same
+/// message a worker would.
+pub fn check_output_format(format: &OutputFormat) -> Result<(), EngineError> {
+    static BYTES: OnceLock<Result<ParserFactory, String>> = OnceLock::new();
+    let factory = BYTES
+        .get_or_init(|| {
+            let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+            words.push(special(b"</s>"));
+            let info = TokRxInfo::new(words.len() as u32, 256);
+            factory_over(words, info, None)
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Inference(format!("the byte vocabulary: {e}")))?;
+    compile_with(factory, format).map(drop)
+}
+
+/// The constraint of one generation: which tokens may come next, advanced with each token.
+pub struct Constraint {
+    matcher: Matcher,
+}
+
+impl Clone for Constraint {
+    /// A constraint in the same state, advanced independently of this one.
+    fn clone(&self) -> Self {
+        Constraint {
+            matcher: self.matcher.deep_clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint")
+            .field("finished", &self.matcher.is_stopped())
+            .finish()
+    }
+}
+
+impl Constraint {
+    /// Sets the logit of every token the constraint does not allow next to -inf. Entries past
+    /// the trie's vocabulary (none, when the environment was built for these logits) are left.
+    pub fn mask_logits(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        let mask = self.matcher.compute_mask().map_err(constraint_error)?;
+        let n = logits.len().min(mask.len());
+        mask.iter_unset_entries(|id| {
+            if id < n {
+                logits[id] = f32::NEG_INFINITY;
+            }
+        });
+        Ok(())
+    }
+
+    /// Advances the constraint past `token`, which must be one it allowed.
+    pub fn accept(&mut self, token: u32) -> Result<(), EngineError> {
+        self.matcher
+            .consume_token(token as TokenId)
+            .map_err(constraint_error)
+    }
+
+    /// Whether the text so far is complete and nothing may follow it (only an end of sequence
+    /// would be allowed): the generation is done.
+    pub fn is_finished(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    /// Whether the text so far is a complete answer (more may still be allowed to follow).
+    pub fn is_accepting(&mut self) -> bool {
+        self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+fn constraint_error(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Inference(format!("the output constraint failed: {e}"))
+}
+
+/// A special token's trie entry: llguidance never lets a grammar's text produce one.
+fn special(name: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(name.len() + 1);
+    bytes.push(TokTrie::SPECIAL_TOKEN_MARKER);
+    bytes.extend_from_slice(name);
+    bytes
+}
+
+fn model_factory(tokenizer: &TextTokenizer, vocab_size: usize) -> Result<ParserFactory, String> {
+    let mut words = token_bytes(tokenizer.inner())?;
+    words.resize(vocab_size.max(words.len()), Vec::new());
+    words.truncate(vocab_size);
+    // Ids without text (padding past the tokenizer's vocabulary) must never be chosen.
+    for (id, word) in words.iter_mut().enumerate() {
+        if word.is_empty() {
+            *word = special(format!("<[{id}]>").as_bytes());
+        }
+    }
+    let eos: Vec<u32> = tokenizer
+        .eos_token_ids()
+        .iter()
+        .copied()
+        .filter(|&id| (id as usize) < vocab_size)
+        .collect();
+    let Some(&first_eos) = eos.first() else {
+        return Err("the model has no end-of-sequence token".into());
+    };
+    let mut info = TokRxInfo::new(vocab_size as u32, first_eos);
+    info.tok_bos = tokenizer.bos_token_id();
+    factory_over(
+        words,
+        info,
+        Some((without_space_prefix(tokenizer.inner()), eos)),
+    )
+}
+
+/// `tokenizer` without the space a SentencePiece-style tokenizer puts before a text: llguidance
+/// tokenizes pieces of the answer (text it forces), which must come out as they would inside
+/// the answer, not as the start of a new text.
+fn without_space_prefix(tokenizer: &Tokenizer) -> Tokenizer {
+    fn normalizer(n: NormalizerWrapper) -> Option<NormalizerWrapper> {
+        match n {
+            NormalizerWrapper::Prepend(_) => None,
+            NormalizerWrapper::Sequence(seq) => {
+                let rest: Vec<NormalizerWrapper> = seq
+                    .as_ref()
+                    .iter()
+                    .filter_map(|n| normalizer(n.clone()))
+                    .collect();
+                (!rest.is_empty()).then(|| NormalizerWrapper::Sequence(Sequence::new(rest)))
+            }
+            n => Some(n),
+        }
+    }
+    fn pre_tokenizer(p: PreTokenizerWrapper) -> PreTokenizerWrapper {
+        match p {
+            PreTokenizerWrapper::Metaspace(mut m) => {
+                m.prepend_scheme = PrependScheme::Never;
+                PreTokenizerWrapper::Metaspace(m)
+            }
+            PreTokenizerWrapper::Sequence(seq) => {
+                PreTokenizerWrapper::Sequence(pre_tokenizers::sequence::Sequence::new(
+                    seq.as_ref().iter().cloned().map(pre_tokenizer).collect(),
+                ))
+            }
+            p => p,
+        }
+    }
+    let mut plain = tokenizer.clone();
+    if let Some(n) = tokenizer.get_normalizer().cloned() {
+        plain.with_normalizer(normalizer(n));
+    }
+    if let Some(p) = tokenizer.get_pre_tokenizer().cloned() {
+        plain.with_pre_tokenizer(Some(pre_tokenizer(p)));
+    }
+    plain
+}
+
+fn factory_over(
+    words: Vec<Vec<u8>>,
+    info: TokRxInfo,
+    tokenizer: Option<(Tokenizer, Vec<u32>)>,
+) -> Result<ParserFactory, String> {
+    catch_unwind(move || {
+        let mut trie = TokTrie::from(&info, &words);
+        let tokenizer = match tokenizer {
+            Some((tokenizer, eos)) => {
+                trie = trie.with_eos_tokens(&eos);
+                Some(tokenizer)
+            }
+            None => None,
+        };
+        let env: TokEnv = Arc::new(TrieEnv { trie, tokenizer });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.quiet();
+        Ok(factory)
+    })
+    .unwrap_or_else(|_| Err("building the token trie failed".into()))
+}
+
+/// The token trie, and the tokenizer llguidance asks to tokenize text it forces.
+struct TrieEnv {
+    trie: TokTrie,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl TokenizerEnv for TrieEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.trie.tokenize_with_greedy_fallback(s, |text| {
+            match self.tokenizer.as_ref().map(|t| t.encode(text, false)) {
+                Some(Ok(encoding)) => encoding.get_ids().to_vec(),
+                _ => self.trie.greedy_tokenize(text.as_bytes()),
+            }
+        })
+    }
+}
+
+/// The bytes of every token of `tokenizer`, indexed by id: special tokens carry llguidance's
+/// marker byte; the byte-level (GPT-2 style) and byte-fallback (SentencePiece style) encodings
+/// of the vocabulary are undone.
+fn token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>, String> {
+    let mut byte_level = false;
+    let mut byte_fallback = false;
+    let mut space = None;
+    fn inspect(
+        d: &DecoderWrapper,
+        byte_level: &mut bool,
+        byte_fallback: &mut bool,
+        space: &mut Option<char>,
+    ) {
+        match d {
+            DecoderWrapper::ByteLevel(_) => *byte_level = true,
+            DecoderWrapper::ByteFallback(_) => *byte_fallback = true,
+            DecoderWrapper::Metaspace(m) => *space = Some(m.get_replacement()),
+            DecoderWrapper::Replace(r) => {
+                // The pattern is private; its serialized form names it.
+                if let Ok(v) = serde_json::to_value(r)
+                    && v["content"] == " "
+                    && let Some(p) = v["pattern"]["String"].as_str()
+                    && let (Some(c), None) = (p.chars().next(), p.chars().nth(1))
+                {
+                    *space = Some(c);
+                }
+            }
+            DecoderWrapper::Sequence(seq) => {
+                for d in seq.get_decoders() {
+                    inspect(d, byte_level, byte_fallback, space);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(d) = tokenizer.get_decoder() {
+        inspect(d, &mut byte_level, &mut byte_fallback, &mut space);
+    }
+    if !byte_level && !byte_fallback && space.is_none() {
+        return Err(format!(
+            "its decoder ({}) is neither byte-level nor byte-fallback",
+            tokenizer
+                .get_decoder()
+                .and_then(|d| serde_json::to_value(d).ok())
+                .map_or("none".into(), |v| v["type"].to_string())
+        ));
+    }
+    let unicode_to_byte = byte_level_map();
+    let n = tokenizer.get_vocab_size(true);
+    let mut words = vec![Vec::new(); n];
+    let added = tokenizer.get_added_tokens_decoder();
+    for (id, word) in words.iter_mut().enumerate() {
+        let id32 = id as u32;
+        if let Some(token) = added.get(&id32) {
+            *word = if token.special {
+                special(token.content.as_bytes())
+            } else {
+                token.content.as_bytes().to_vec()
+            };
+            continue;
+        }
+        let Some(name) = tokenizer.id_to_token(id32) else {
+            continue;
+        };
+        if byte_level {
+            // A token with a character outside the byte alphabet is left without bytes: it is
+            // never allowed.
+            if let Some(bytes) = name
+                .chars()
+                .map(|c| unicode_to_byte.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+            {
+                *word = bytes;
+            }
+        } else if byte_fallback
+            && name.len() == 6
+            && name.starts_with("<0x")
+            && name.ends_with('>')
+            && let Ok(b) = u8::from_str_radix(&name[3..5], 16)
+        {
+            *word = vec![b];
+        } else {
+            let text = match space {
+                Some(c) => name.replace(c, " "),
+                None => name,
+            };
+            *word = text.into_bytes();
+        }
+    }
+    Ok(words)
+}
+
+/// GPT-2's byte-level alphabet: the character each byte is written as in the vocabulary.
+fn byte_level_map() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 256u32;
+    let mut map = std::collections::HashMap::with_capacity(256);
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).expect("below the surrogates");
+            next += 1;
+            c
+        };
+        map.insert(c, b);
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemas_that_compile_pass_the_check() {
+        check_output_format(&OutputFormat::JsonObject).unwrap();
+        check_output_format(&OutputFormat::JsonSchema(json!({
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"$ref": "#/$defs/B"}},
+            "required": ["a"],
+            "$defs": {"B": {"type": "string", "maxLength": 4}},
+        })))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bad_schema_is_refused_with_the_reason() {
+        for (schema, says) in [
+            (json!({"type": "nonsense"}), "nonsense"),
+            (json!({"$ref": "#/$defs/Missing"}), "Missing"),
+            (
+                json!({"type": "integer", "minimum": 5, "maximum": 1}),
+                "nsatisfiable",
+            ),
+        ] {
+            let err = check_output_format(&OutputFormat::JsonSchema(schema.clone())).unwrap_err();
+            assert!(matches!(err, EngineError::InvalidParams(_)), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("response_format"), "{msg}");
+            assert!(msg.contains(says), "{schema}: {msg}");
+        }
+    }
+
+    #[test]
+    fn the_byte_alphabet_covers_every_byte_once() {
+        let map = byte_level_map();
+        assert_eq!(map.len(), 256);
+        assert_eq!(map[&'Ġ'], b' ');
+        assert_eq!(map[&'a'], b'a');
+    }
+}
