@@ -46,7 +46,7 @@ impl Mat {
         self.offset == other.offset
     }
 
-    /// Repacks a Q4_0, Q8_0 or Q4_K matrix whose row count is a multiple of eight into tiles,
+    /// Repacks a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix (F16 and BF16 stay as they are) whose row count is a multiple of eight into tiles,
     /// in place in `data`, when `kernels` multiply that type in tiles; any other matrix is left
     /// as it is.
     pub(crate) fn tile(&mut self, data: &mut [u8], kernels: &Kernels, scratch: &mut Vec<u8>) {
@@ -60,6 +60,10 @@ impl Mat {
             match self.ty {
                 WeightType::Q8_0 => tiled::repack_q8_0(tile, blocks, scratch),
                 WeightType::Q4K => tiled_k::repack(tile, blocks, scratch),
+                WeightType::Q5K => tiled_k::repack_q5k(tile, blocks, scratch),
+                WeightType::Q6K => tiled_k::repack_q6k(tile, blocks, scratch),
+                // A float tile is eight consecutive rows as they are.
+                WeightType::F16 | WeightType::BF16 => {}
                 _ => tiled::repack(tile, blocks, scratch),
             }
         }

@@ -32,7 +32,11 @@ mod x86_lowbit;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_tiled;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_tiled_f;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_tiled_k;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_tiled_k6;
 
 use tiled::{TILE_ROWS, TileAct};
 
@@ -54,6 +58,25 @@ type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
 type DotTileK = fn(&[u8], &[BlockQ8K]) -> [f32; TILE_ROWS];
 type DotTileKx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4];
 type Attend = fn(&HeadAttn<'_>, &mut [f32], &mut [f32]);
+
+/// The products of eight consecutive rows of a float matrix (F16 or BF16; not repacked) with
+/// one token, four tokens, and one of the eight rows with one token.
+#[derive(Clone, Copy)]
+pub(crate) struct FloatTile {
+    pub one: fn(&[u8], &[f32]) -> [f32; TILE_ROWS],
+    pub four: fn(&[u8], [&[f32]; 4]) -> [[f32; TILE_ROWS]; 4],
+    pub lane: fn(&[u8], usize, &[f32]) -> f32,
+}
+
+/// Tile products of the types beyond Q4_0, Q8_0 and Q4_K, where these kernels have them;
+/// matrices of a type are multiplied in tiles (and the quantized ones repacked) only then.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct MoreTiles {
+    pub f16: Option<FloatTile>,
+    pub bf16: Option<FloatTile>,
+    pub q5k: Option<(DotTileK, DotTileKx4)>,
+    pub q6k: Option<(DotTileK, DotTileKx4)>,
+}
 
 /// One implementation of every block dot product.
 #[derive(Clone, Copy)]
@@ -100,6 +123,8 @@ pub(crate) struct Kernels {
     /// repacked into tiles only then (the portable code keeps the rows: its tile product is
     /// no faster).
     pub q4k_tile: Option<(DotTileK, DotTileKx4)>,
+    /// The tile products of the other types.
+    pub more_tiles: MoreTiles,
     /// One head's attention ([`attend_head`], compiled for these kernels' vector width).
     pub attend: Attend,
 }
@@ -145,6 +170,7 @@ impl Kernels {
             q4_0_tilex4: tiled::dot4,
             q8_0_tile: None,
             q4k_tile: None,
+            more_tiles: MoreTiles::default(),
             attend: attend_head,
         }
     }
@@ -201,7 +227,30 @@ impl Kernels {
             WeightType::Q4_0 => true,
             WeightType::Q8_0 => self.q8_0_tile.is_some(),
             WeightType::Q4K => self.q4k_tile.is_some(),
+            WeightType::F16 => self.more_tiles.f16.is_some(),
+            WeightType::BF16 => self.more_tiles.bf16.is_some(),
+            WeightType::Q5K => self.more_tiles.q5k.is_some(),
+            WeightType::Q6K => self.more_tiles.q6k.is_some(),
             _ => false,
+        }
+    }
+
+    /// The K-quant tile products of `ty`.
+    fn k_tile(&self, ty: WeightType) -> Option<(DotTileK, DotTileKx4)> {
+        match ty {
+            WeightType::Q4K => self.q4k_tile,
+            WeightType::Q5K => self.more_tiles.q5k,
+            WeightType::Q6K => self.more_tiles.q6k,
+            _ => None,
+        }
+    }
+
+    /// The float tile products of `ty`.
+    fn float_tile(&self, ty: WeightType) -> Option<FloatTile> {
+        match ty {
+            WeightType::F16 => self.more_tiles.f16,
+            WeightType::BF16 => self.more_tiles.bf16,
+            _ => None,
         }
     }
 
@@ -222,8 +271,11 @@ impl Kernels {
         act: &Activations,
         t: usize,
     ) -> [f32; TILE_ROWS] {
-        if let (WeightType::Q4K, Some((one, _))) = (ty, self.q4k_tile) {
+        if let Some((one, _)) = self.k_tile(ty) {
             return one(tile, act.q8k(t));
+        }
+        if let Some(k) = self.float_tile(ty) {
+            return (k.one)(tile, act.floats(ty, t));
         }
         (self.tile_kernels(ty).0)(tile, act.tile(t))
     }
@@ -237,7 +289,7 @@ impl Kernels {
         act: &Activations,
         t0: usize,
     ) -> [[f32; TILE_ROWS]; 4] {
-        if let (WeightType::Q4K, Some((_, four))) = (ty, self.q4k_tile) {
+        if let Some((_, four)) = self.k_tile(ty) {
             let acts = [
                 act.q8k(t0),
                 act.q8k(t0 + 1),
@@ -245,6 +297,10 @@ impl Kernels {
                 act.q8k(t0 + 3),
             ];
             return four(tile, acts);
+        }
+        if let Some(k) = self.float_tile(ty) {
+            let acts = [t0, t0 + 1, t0 + 2, t0 + 3].map(|t| act.floats(ty, t));
+            return (k.four)(tile, acts);
         }
         let acts = [
             act.tile(t0),
@@ -265,9 +321,14 @@ impl Kernels {
         act: &Activations,
         t: usize,
     ) -> f32 {
+        if let Some(k) = self.float_tile(ty) {
+            return (k.lane)(tile, lane, act.floats(ty, t));
+        }
         match ty {
             WeightType::Q8_0 => tiled::dot_lane_q8_0(tile, lane, act.tile(t)),
             WeightType::Q4K => tiled_k::dot_lane(tile, lane, act.q8k(t)),
+            WeightType::Q5K => tiled_k::dot_lane_q5k(tile, lane, act.q8k(t)),
+            WeightType::Q6K => tiled_k::dot_lane_q6k(tile, lane, act.q8k(t)),
             _ => tiled::dot_lane(tile, lane, act.tile(t)),
         }
     }
@@ -393,6 +454,15 @@ impl Activations {
 
     fn bf16(&self, t: usize) -> &[f32] {
         &self.bf16[t * self.cols..(t + 1) * self.cols]
+    }
+
+    /// Token `t` as float weights of type `ty` take it (rounded to their type).
+    fn floats(&self, ty: WeightType, t: usize) -> &[f32] {
+        match ty {
+            WeightType::F16 => self.f16(t),
+            WeightType::BF16 => self.bf16(t),
+            _ => self.f32(t),
+        }
     }
 
     fn q8(&self, t: usize) -> &[BlockQ8] {

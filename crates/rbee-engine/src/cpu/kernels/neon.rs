@@ -67,6 +67,7 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_0_tilex4: neon_tiled::dot4_neon,
         q8_0_tile: None,
         q4k_tile: Some((neon_tiled_k::dot_neon, neon_tiled_k::dot4_neon)),
+        more_tiles: super::MoreTiles::default(),
         // NEON is the aarch64 baseline: the portable build already uses it.
         attend: super::super::attention::attend_head,
     };

@@ -403,8 +403,13 @@ fn tile_rows(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) -> 
             if extreme {
                 for b in row.chunks_exact_mut(ty.block_bytes()) {
                     match ty {
-                        WeightType::Q4K => b[4..].fill(0xFF),
+                        WeightType::Q4K | WeightType::Q5K => b[4..].fill(0xFF),
                         WeightType::Q8_0 => b[2..].fill(0x7F),
+                        // Every value 63 and every scale -128 (d stays).
+                        WeightType::Q6K => {
+                            b[..192].fill(0xFF);
+                            b[192..208].fill(0x80);
+                        }
                         _ => b[2..].fill(0xFF),
                     }
                 }
@@ -463,6 +468,24 @@ fn check_tile(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) {
         };
         tile_kernels.push(("scalar tile", reference));
     }
+    let scalar_tiles = match ty {
+        WeightType::Q5K => Some(MoreTiles {
+            q5k: Some((tiled_k::dot_q5k, tiled_k::dot4_q5k)),
+            ..MoreTiles::default()
+        }),
+        WeightType::Q6K => Some(MoreTiles {
+            q6k: Some((tiled_k::dot_q6k, tiled_k::dot4_q6k)),
+            ..MoreTiles::default()
+        }),
+        _ => None,
+    };
+    if let Some(more_tiles) = scalar_tiles {
+        let reference = Kernels {
+            more_tiles,
+            ..Kernels::scalar()
+        };
+        tile_kernels.push(("scalar tile", reference));
+    }
     for (name, kernels) in &tile_kernels {
         let rows_own: Vec<Vec<f32>> = (0..5)
             .map(|t| rows.iter().map(|r| kernels.dot(ty, r, &act, t)).collect())
@@ -496,9 +519,21 @@ fn check_tile(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) {
 #[test]
 fn tile_kernels_match_the_rows_they_were_packed_from() {
     let mut rng = StdRng::seed_from_u64(11);
-    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+    for ty in [
+        WeightType::Q4_0,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::Q5K,
+        WeightType::Q6K,
+    ] {
         for (blocks, extreme) in [(1, false), (3, false), (64, false), (3, true)] {
             check_tile(ty, blocks, extreme, &mut rng);
+        }
+    }
+    // Float tiles: whole eights only, a tail only, and both.
+    for ty in [WeightType::F16, WeightType::BF16] {
+        for cols in [64, 5, 2048 + 13] {
+            check_tile(ty, cols, false, &mut rng);
         }
     }
     // The Q8_0 layout is exercised by the scalar lane product even where no kernel tiles it.
@@ -525,6 +560,9 @@ fn packed(ty: WeightType, rows: &[Vec<u8>], blocks: usize) -> Vec<u8> {
     match ty {
         WeightType::Q8_0 => tiled::repack_q8_0(&mut tile, blocks, &mut Vec::new()),
         WeightType::Q4K => tiled_k::repack(&mut tile, blocks, &mut Vec::new()),
+        WeightType::Q5K => tiled_k::repack_q5k(&mut tile, blocks, &mut Vec::new()),
+        WeightType::Q6K => tiled_k::repack_q6k(&mut tile, blocks, &mut Vec::new()),
+        WeightType::F16 | WeightType::BF16 => {}
         _ => tiled::repack(&mut tile, blocks, &mut Vec::new()),
     }
     tile
@@ -576,7 +614,7 @@ fn kernel_throughput() {
     let (rows, cols, tokens) = (256usize, 2048usize, 64usize);
     for ty in TYPES.into_iter().chain([WeightType::F16, WeightType::BF16]) {
         let mat: Vec<Vec<u8>> = (0..rows).map(|_| random_row(ty, cols, &mut rng)).collect();
-        let tileable = matches!(ty, WeightType::Q4_0 | WeightType::Q8_0 | WeightType::Q4K);
+        let tileable = Kernels::detect().tiles(ty);
         let tiles: Vec<Vec<u8>> = mat
             .chunks_exact(tiled::TILE_ROWS)
             .filter(|_| tileable)
@@ -655,7 +693,12 @@ fn decode_from_memory() {
             })
             .fold(f64::MAX, f64::min)
     };
-    for ty in [WeightType::Q4_0, WeightType::Q8_0, WeightType::Q4K] {
+    for ty in [
+        WeightType::Q4_0,
+        WeightType::Q8_0,
+        WeightType::Q4K,
+        WeightType::F16,
+    ] {
         if !kernels.tiles(ty) {
             continue;
         }

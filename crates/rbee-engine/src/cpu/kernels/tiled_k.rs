@@ -1,5 +1,5 @@
-//! Q4_K matrices repacked at load into tiles of eight rows, and the scalar reference products
-//! over them (the x86 kernels are in [`super::x86_tiled_k`]).
+//! Q4_K and Q5_K matrices repacked at load into tiles of eight rows, and the scalar reference
+//! products over them (the x86 kernels are in [`super::x86_tiled_k`]).
 //!
 //! A Q4_K row pays, per 256-weight super-block, the unpacking of its twelve bytes of 6-bit
 //! scales and mins (scalar bit work for one row), a horizontal sum, and the preparation of the
@@ -25,6 +25,12 @@
 //! lane adds four products to each of the eight rows' sums; the sub-block scales multiply the
 //! eight sums as one vector and the mins are taken out with the activations' 16-element sums
 //! (`bsums`), so a super-block ends with eight rows' results in one vector and no horizontal sum.
+//!
+//! A Q5_K tile column (8 × 176 bytes) is the Q4_K column followed by the fifth bits, in
+//! groups as the nibbles are: group `k` (bytes `1152 + 32k..`) holds bytes `4k..4k + 4` of each
+//! row's 32 bytes of high bits, whose bit `j` belongs to weight `32j + 4k + e` (sub-block `j`),
+//! so the group serves the nibble group `k` of every pair: bit `2p` for its low nibbles, bit
+//! `2p + 1` for its high ones.
 
 use super::super::quant::{BlockQ8K, QK_K, f16_at, scale_min_k4};
 use super::tiled::TILE_ROWS;
@@ -35,16 +41,54 @@ pub(crate) const TILE_BLOCK_Q4K: usize = TILE_ROWS * 144;
 pub(crate) const SCALES: usize = 32;
 /// Where the nibbles start in a tile column.
 pub(crate) const NIBBLES: usize = 128;
+/// Bytes of one Q5_K tile column: eight super-blocks' 176 bytes.
+pub(crate) const TILE_BLOCK_Q5K: usize = TILE_ROWS * 176;
+/// Where the fifth bits start in a Q5_K tile column.
+pub(crate) const HIGH_BITS: usize = TILE_BLOCK_Q4K;
 
 /// Rewrites `rows` (eight consecutive Q4_K rows of `blocks` super-blocks) into one tile, in
 /// place. `scratch` is reused between calls.
 pub(crate) fn repack(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) {
-    assert_eq!(rows.len(), blocks * TILE_BLOCK_Q4K);
+    repack_with(rows, blocks, scratch, false);
+}
+
+/// Rewrites `rows` (eight consecutive Q5_K rows of `blocks` super-blocks) into one tile, in
+/// place.
+pub(crate) fn repack_q5k(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) {
+    repack_with(rows, blocks, scratch, true);
+}
+
+fn repack_with(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>, q5: bool) {
+    let (column, block) = if q5 {
+        (TILE_BLOCK_Q5K, 176)
+    } else {
+        (TILE_BLOCK_Q4K, 144)
+    };
+    assert_eq!(rows.len(), blocks * column);
     scratch.clear();
     scratch.extend_from_slice(rows);
-    for (b, dst) in rows.chunks_exact_mut(TILE_BLOCK_Q4K).enumerate() {
+    for (b, dst) in rows.chunks_exact_mut(column).enumerate() {
         for r in 0..TILE_ROWS {
-            let src = &scratch[(r * blocks + b) * 144..][..144];
+            let src = &scratch[(r * blocks + b) * block..][..block];
+            // A Q5_K block is a Q4_K block with its 32 bytes of fifth bits before the nibbles.
+            let (src, high) = if q5 {
+                let mut q4 = [0u8; 144];
+                q4[..16].copy_from_slice(&src[..16]);
+                q4[16..].copy_from_slice(&src[48..176]);
+                let mut high = [0u8; 32];
+                high.copy_from_slice(&src[16..48]);
+                (q4, Some(high))
+            } else {
+                let mut q4 = [0u8; 144];
+                q4.copy_from_slice(src);
+                (q4, None)
+            };
+            if let Some(high) = high {
+                for k in 0..8 {
+                    let at = HIGH_BITS + 32 * k + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&high[4 * k..4 * k + 4]);
+                }
+            }
             dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
             dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&src[2..4]);
             for i in 0..4 {
@@ -82,8 +126,19 @@ pub(crate) fn scales_mins(b: &[u8], lane: usize) -> ([u8; 8], [u8; 8]) {
 /// Dot product of row `lane` of a Q4_K tile with one activation vector, in the order of
 /// [`super::super::quant::reference::dot_q4k`].
 pub(crate) fn dot_lane(tile: &[u8], lane: usize, act: &[BlockQ8K]) -> f32 {
+    dot_lane_with(tile, lane, act, false)
+}
+
+/// Dot product of row `lane` of a Q5_K tile with one activation vector, in the order of
+/// [`super::super::quant::reference::dot_q5k`].
+pub(crate) fn dot_lane_q5k(tile: &[u8], lane: usize, act: &[BlockQ8K]) -> f32 {
+    dot_lane_with(tile, lane, act, true)
+}
+
+fn dot_lane_with(tile: &[u8], lane: usize, act: &[BlockQ8K], q5: bool) -> f32 {
+    let column = if q5 { TILE_BLOCK_Q5K } else { TILE_BLOCK_Q4K };
     let mut sum = 0f32;
-    for (b, a) in tile.chunks_exact(TILE_BLOCK_Q4K).zip(act) {
+    for (b, a) in tile.chunks_exact(column).zip(act) {
         let (d, dmin) = (f16_at(b, 2 * lane) * a.d, f16_at(b, 16 + 2 * lane) * a.d);
         let (sc, mn) = scales_mins(b, lane);
         let (mut sumi, mut summ) = (0i32, 0i32);
@@ -91,8 +146,10 @@ pub(crate) fn dot_lane(tile: &[u8], lane: usize, act: &[BlockQ8K]) -> f32 {
             let (p, shift) = (j / 2, 4 * (j % 2));
             let s: i32 = (0..32)
                 .map(|l| {
-                    let q = b[NIBBLES + 256 * p + 32 * (l / 4) + 4 * lane + l % 4];
-                    i32::from((q >> shift) & 0xF) * i32::from(a.qs[32 * j + l])
+                    let at = 32 * (l / 4) + 4 * lane + l % 4;
+                    let q = b[NIBBLES + 256 * p + at];
+                    let high = if q5 { (b[HIGH_BITS + at] >> j) & 1 } else { 0 };
+                    i32::from((q >> shift) & 0xF | high << 4) * i32::from(a.qs[32 * j + l])
                 })
                 .sum();
             sumi += i32::from(sc[j]) * s;
@@ -116,4 +173,112 @@ pub(crate) fn dot4(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4]
     acts.map(|a| dot(tile, a))
 }
 
+/// The eight rows of a Q5_K tile against one activation vector (the reference of the SIMD tile
+/// kernels).
+#[cfg(test)]
+pub(crate) fn dot_q5k(tile: &[u8], act: &[BlockQ8K]) -> [f32; TILE_ROWS] {
+    std::array::from_fn(|lane| dot_lane_q5k(tile, lane, act))
+}
+
+/// The eight rows of a Q5_K tile against four activation vectors.
+#[cfg(test)]
+pub(crate) fn dot4_q5k(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4] {
+    acts.map(|a| dot_q5k(tile, a))
+}
+
 const _: () = assert!(NIBBLES + TILE_ROWS * QK_K / 2 == TILE_BLOCK_Q4K);
+const _: () = assert!(HIGH_BITS + TILE_ROWS * QK_K / 8 == TILE_BLOCK_Q5K);
+
+/// Bytes of one Q6_K tile column: eight super-blocks' 210 bytes.
+///
+/// A Q6_K super-block is 128 bytes of low nibbles (`ql`), 64 bytes of high bit pairs (`qh`),
+/// sixteen signed 8-bit scales (one per 16 weights) and an f16 `d`; weight `q - 32`, with `q`
+/// six bits. In a tile column:
+///
+/// - bytes `0..16`: the eight rows' `d`;
+/// - bytes `16..144`: four vectors of scales, vector `h` holding in byte `4r + i` row `r`'s
+///   scale of sub-block `4h + i`;
+/// - bytes `144..1168`: the `ql` bytes in groups of four columns × eight rows, as in the Q4_K
+///   tile: group `k` of pair `p` holds bytes `32p + 4k..32p + 4k + 4` of each row;
+/// - bytes `1168..1680`: the `qh` bytes likewise, group `k` of half `h` holding bytes
+///   `32h + 4k..32h + 4k + 4` of each row.
+///
+/// Pair `p = 2h + s`'s low nibbles are weights `128h + 32s + l` (`l` the byte in the pair) with
+/// bits `2s`, `2s + 1` of `qh` byte `32h + l` above them; its high nibbles are weights
+/// `128h + 64 + 32s + l` with bits `4 + 2s`, `5 + 2s`. The six-bit values are multiplied
+/// unsigned, and the offset of 32 is taken out once per super-block with the activations'
+/// 16-element sums (`bsums`), weighted by the scales.
+pub(crate) const TILE_BLOCK_Q6K: usize = TILE_ROWS * 210;
+/// Where a Q6_K tile column's scales, low nibbles and high bits start.
+pub(crate) const Q6_SCALES: usize = 16;
+pub(crate) const Q6_LOW: usize = 144;
+pub(crate) const Q6_HIGH: usize = 1168;
+
+/// Rewrites `rows` (eight consecutive Q6_K rows of `blocks` super-blocks) into one tile, in
+/// place.
+pub(crate) fn repack_q6k(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) {
+    assert_eq!(rows.len(), blocks * TILE_BLOCK_Q6K);
+    scratch.clear();
+    scratch.extend_from_slice(rows);
+    for (b, dst) in rows.chunks_exact_mut(TILE_BLOCK_Q6K).enumerate() {
+        for r in 0..TILE_ROWS {
+            let src = &scratch[(r * blocks + b) * 210..][..210];
+            dst[2 * r..2 * r + 2].copy_from_slice(&src[208..210]);
+            for j in 0..16 {
+                dst[Q6_SCALES + 32 * (j / 4) + 4 * r + j % 4] = src[192 + j];
+            }
+            for p in 0..4 {
+                for k in 0..8 {
+                    let at = Q6_LOW + 256 * p + 32 * k + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&src[32 * p + 4 * k..][..4]);
+                }
+            }
+            for h in 0..2 {
+                for k in 0..8 {
+                    let at = Q6_HIGH + 256 * h + 32 * k + 4 * r;
+                    dst[at..at + 4].copy_from_slice(&src[128 + 32 * h + 4 * k..][..4]);
+                }
+            }
+        }
+    }
+}
+
+/// Dot product of row `lane` of a Q6_K tile with one activation vector.
+pub(crate) fn dot_lane_q6k(tile: &[u8], lane: usize, act: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in tile.chunks_exact(TILE_BLOCK_Q6K).zip(act) {
+        let sc = |j: usize| i32::from(b[Q6_SCALES + 32 * (j / 4) + 4 * lane + j % 4] as i8);
+        let mut sumi = 0i32;
+        for p in 0..4 {
+            let (h, s) = (p / 2, p % 2);
+            for l in 0..32 {
+                let (k, e) = (l / 4, l % 4);
+                let q = b[Q6_LOW + 256 * p + 32 * k + 4 * lane + e];
+                let hb = b[Q6_HIGH + 256 * h + 32 * k + 4 * lane + e];
+                let lo = i32::from(q & 0xF | ((hb >> (2 * s)) & 3) << 4) - 32;
+                let hi = i32::from(q >> 4 | ((hb >> (4 + 2 * s)) & 3) << 4) - 32;
+                let w = 128 * h + 32 * s + l;
+                sumi += sc(w / 16) * lo * i32::from(a.qs[w]);
+                sumi += sc(w / 16 + 4) * hi * i32::from(a.qs[w + 64]);
+            }
+        }
+        sum += sumi as f32 * f16_at(b, 2 * lane) * a.d;
+    }
+    sum
+}
+
+/// The eight rows of a Q6_K tile against one activation vector (the reference of the SIMD tile
+/// kernels).
+#[cfg(test)]
+pub(crate) fn dot_q6k(tile: &[u8], act: &[BlockQ8K]) -> [f32; TILE_ROWS] {
+    std::array::from_fn(|lane| dot_lane_q6k(tile, lane, act))
+}
+
+/// The eight rows of a Q6_K tile against four activation vectors.
+#[cfg(test)]
+pub(crate) fn dot4_q6k(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4] {
+    acts.map(|a| dot_q6k(tile, a))
+}
+
+const _: () = assert!(Q6_HIGH + TILE_ROWS * 64 == TILE_BLOCK_Q6K);
+const _: () = assert!(Q6_LOW + TILE_ROWS * 128 == Q6_HIGH);

@@ -70,6 +70,23 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4_0_tilex4: super::x86_tiled::dot4_avx2,
         q8_0_tile: None,
         q4k_tile: Some((super::x86_tiled_k::dot_avx2, super::x86_tiled_k::dot4_avx2)),
+        more_tiles: super::MoreTiles {
+            f16: Some(super::FloatTile {
+                one: super::x86_tiled_f::f16::dot,
+                four: super::x86_tiled_f::f16::dot4,
+                lane: super::x86_tiled_f::f16::dot_lane,
+            }),
+            bf16: Some(super::FloatTile {
+                one: super::x86_tiled_f::bf16::dot,
+                four: super::x86_tiled_f::bf16::dot4,
+                lane: super::x86_tiled_f::bf16::dot_lane,
+            }),
+            q5k: Some((
+                super::x86_tiled_k::dot_q5k_avx2,
+                super::x86_tiled_k::dot4_q5k_avx2,
+            )),
+            q6k: Some((super::x86_tiled_k6::dot, super::x86_tiled_k6::dot4)),
+        },
         attend,
     };
     out.push(avx2);
@@ -87,6 +104,13 @@ pub(super) fn variants() -> Vec<Kernels> {
             )),
             q4kx4: dot_q4kx4_vnni,
             q4k_tile: Some((super::x86_tiled_k::dot_vnni, super::x86_tiled_k::dot4_vnni)),
+            more_tiles: super::MoreTiles {
+                q5k: Some((
+                    super::x86_tiled_k::dot_q5k_vnni,
+                    super::x86_tiled_k::dot4_q5k_vnni,
+                )),
+                ..avx2.more_tiles
+            },
             ..avx2
         });
     }
@@ -101,12 +125,12 @@ fn dot_row_f32(row: &[u8], act: &[f32]) -> f32 {
     out
 }
 
-fn dot_row_f16(row: &[u8], act: &[f32]) -> f32 {
+pub(super) fn dot_row_f16(row: &[u8], act: &[f32]) -> f32 {
     let [out] = dot_floats_f16(row, [act]);
     out
 }
 
-fn dot_row_bf16(row: &[u8], act: &[f32]) -> f32 {
+pub(super) fn dot_row_bf16(row: &[u8], act: &[f32]) -> f32 {
     let [out] = dot_floats_bf16(row, [act]);
     out
 }

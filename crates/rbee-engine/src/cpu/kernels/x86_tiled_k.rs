@@ -1,4 +1,4 @@
-//! x86-64 products of eight-row Q4_K tiles ([`super::tiled_k`]) with Q8_K activations: the
+//! x86-64 products of eight-row Q4_K and Q5_K tiles ([`super::tiled_k`]) with Q8_K activations: the
 //! one-token product (decode) and the four-token product (prefill, each tile column loaded and
 //! unpacked once for four tokens), in two variants. AVX2 multiplies a nibble group with the
 //! broadcast activations by `maddubs` and applies the eight rows' sub-block scales in the `madd`
@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use super::super::quant::BlockQ8K;
 use super::tiled::TILE_ROWS;
-use super::tiled_k::{NIBBLES, SCALES, TILE_BLOCK_Q4K};
+use super::tiled_k::{HIGH_BITS, NIBBLES, SCALES, TILE_BLOCK_Q4K, TILE_BLOCK_Q5K};
 use super::x86_tiled::prefetch_ahead;
 
 /// Byte shuffle control picking, in every 32-bit lane `r`, bytes `4r + lo` and `4r + hi` of its
@@ -103,19 +103,32 @@ fn act4(a: &BlockQ8K, at: usize) -> __m256i {
 }
 
 /// The weights of group `k` of pair `p` of the column at `blk`: low nibbles (sub-block `2p`)
-/// and high nibbles (sub-block `2p + 1`).
+/// and high nibbles (sub-block `2p + 1`), with their fifth bits for a Q5_K column (`Q5`).
 ///
 /// # Safety
-/// `blk` points at a whole tile column.
+/// `blk` points at a whole tile column (of Q5_K when `Q5`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group(blk: *const u8, p: usize, k: usize) -> (__m256i, __m256i) {
+unsafe fn group<const Q5: bool>(blk: *const u8, p: usize, k: usize) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0xF);
     // SAFETY: 32 bytes inside the column's nibbles (the caller's guarantee).
     let w = unsafe { _mm256_loadu_si256(blk.add(NIBBLES + 256 * p + 32 * k).cast()) };
-    (
+    let (lo, hi) = (
         _mm256_and_si256(w, m4),
         _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4),
+    );
+    if !Q5 {
+        return (lo, hi);
+    }
+    // SAFETY: 32 bytes inside the Q5_K column's fifth bits (the caller's guarantee).
+    let bits = unsafe { _mm256_loadu_si256(blk.add(HIGH_BITS + 32 * k).cast()) };
+    // Bits `2p` and `2p + 1` of every byte to bit 0 and 1 (what the 16-bit shift brings in
+    // from the next byte lands above them), then each to bit 4.
+    let h = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * p as i32));
+    let m16 = _mm256_set1_epi8(0x10);
+    (
+        _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16::<4>(h), m16)),
+        _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16::<3>(h), m16)),
     )
 }
 
@@ -126,7 +139,7 @@ unsafe fn group(blk: *const u8, p: usize, k: usize) -> (__m256i, __m256i) {
 /// `blk` points at a whole tile column.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn column_avx2<const N: usize>(
+unsafe fn column_avx2<const N: usize, const Q5: bool>(
     blk: *const u8,
     acts: [&BlockQ8K; N],
 ) -> [(__m256i, __m256i); N] {
@@ -135,12 +148,12 @@ unsafe fn column_avx2<const N: usize>(
     let mut sumi = [_mm256_setzero_si256(); N];
     for p in 0..4 {
         // Each row's scale as both i16 of its lane, so that `madd` applies it. `maddubs` cannot
-        // saturate: a pair of nibbles (≤ 15) times activations (|a| ≤ 128) stays within ±3840.
+        // saturate: a pair of weights (≤ 31) times activations (|a| ≤ 128) stays within ±7936.
         let sc_lo = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2), Some(2 * (p % 2))));
         let sc_hi = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2) + 1, Some(2 * (p % 2) + 1)));
         for k in 0..8 {
             // SAFETY: the caller's guarantee.
-            let (lo, hi) = unsafe { group(blk, p, k) };
+            let (lo, hi) = unsafe { group::<Q5>(blk, p, k) };
             for (sumi, a) in sumi.iter_mut().zip(acts) {
                 let pl = _mm256_maddubs_epi16(lo, act4(a, 64 * p + 4 * k));
                 let ph = _mm256_maddubs_epi16(hi, act4(a, 64 * p + 32 + 4 * k));
@@ -161,7 +174,7 @@ unsafe fn column_avx2<const N: usize>(
 /// `blk` points at a whole tile column.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-unsafe fn column_vnni<const N: usize>(
+unsafe fn column_vnni<const N: usize, const Q5: bool>(
     blk: *const u8,
     acts: [&BlockQ8K; N],
 ) -> [(__m256i, __m256i); N] {
@@ -175,7 +188,7 @@ unsafe fn column_vnni<const N: usize>(
         let mut hi_sum = [[_mm256_setzero_si256(); N]; 2];
         for k in 0..8 {
             // SAFETY: the caller's guarantee.
-            let (lo, hi) = unsafe { group(blk, p, k) };
+            let (lo, hi) = unsafe { group::<Q5>(blk, p, k) };
             let chain = if N == 1 { k % 2 } else { 0 };
             let (lo_sum, hi_sum) = (&mut lo_sum[chain], &mut hi_sum[chain]);
             for t in 0..N {
@@ -214,30 +227,31 @@ fn lanes(v: __m256) -> [f32; TILE_ROWS] {
 }
 
 macro_rules! q4k_tile_kernels {
-    ($features:literal, $column:ident, $one:ident, $four:ident) => {
-        /// The eight rows of a tile against `N` activation vectors of `n` super-blocks.
+    ($features:literal, $column:ident) => {
+        /// The eight rows of a tile (of Q5_K when `Q5`, columns of `COLUMN` bytes) against `N`
+        /// activation vectors of `n` super-blocks.
         #[inline]
         #[target_feature(enable = $features)]
-        fn tile_n<const N: usize>(
+        fn tile_n<const N: usize, const Q5: bool, const COLUMN: usize>(
             tile: &[u8],
             acts: [&[BlockQ8K]; N],
             n: usize,
         ) -> [[f32; TILE_ROWS]; N] {
-            assert!(tile.len() >= n * TILE_BLOCK_Q4K && acts.iter().all(|a| a.len() == n));
+            assert!(tile.len() >= n * COLUMN && acts.iter().all(|a| a.len() == n));
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..n {
                 if N > 1 {
-                    let column = tile.as_ptr().wrapping_add(TILE_BLOCK_Q4K * b);
-                    prefetch_ahead(column, TILE_BLOCK_Q4K);
+                    let column = tile.as_ptr().wrapping_add(COLUMN * b);
+                    prefetch_ahead(column, COLUMN);
                 }
                 // SAFETY: column `b < n` lies inside the tile (asserted above); its first 32
                 // bytes are the eight `d` and the eight `dmin`.
                 let (d8, dmin8, sums) = unsafe {
-                    let blk = tile.as_ptr().add(TILE_BLOCK_Q4K * b);
+                    let blk = tile.as_ptr().add(COLUMN * b);
                     (
                         _mm256_cvtph_ps(_mm_loadu_si128(blk.cast())),
                         _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast())),
-                        $column::<N>(blk, std::array::from_fn(|t| &acts[t][b])),
+                        $column::<N, Q5>(blk, std::array::from_fn(|t| &acts[t][b])),
                     )
                 };
                 for (t, (sumi, summ)) in sums.into_iter().enumerate() {
@@ -252,35 +266,47 @@ macro_rules! q4k_tile_kernels {
         }
 
         /// The eight rows of a Q4_K tile against one activation vector.
-        pub(crate) fn $one(tile: &[u8], act: &[BlockQ8K]) -> [f32; TILE_ROWS] {
+        pub(crate) fn dot(tile: &[u8], act: &[BlockQ8K]) -> [f32; TILE_ROWS] {
             // SAFETY: the features were detected before this function was handed out.
-            let [out] = unsafe { tile_n::<1>(tile, [act], act.len()) };
+            let [out] = unsafe { tile_n::<1, false, TILE_BLOCK_Q4K>(tile, [act], act.len()) };
             out
         }
 
         /// The eight rows of a Q4_K tile against four activation vectors: each column is
         /// loaded and unpacked once for the four tokens.
-        pub(crate) fn $four(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4] {
+        pub(crate) fn dot4(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4] {
             // SAFETY: the features were detected before this function was handed out.
-            unsafe { tile_n::<4>(tile, acts, acts[0].len()) }
+            unsafe { tile_n::<4, false, TILE_BLOCK_Q4K>(tile, acts, acts[0].len()) }
+        }
+
+        /// The eight rows of a Q5_K tile against one activation vector.
+        pub(crate) fn dot_q5k(tile: &[u8], act: &[BlockQ8K]) -> [f32; TILE_ROWS] {
+            // SAFETY: the features were detected before this function was handed out.
+            let [out] = unsafe { tile_n::<1, true, TILE_BLOCK_Q5K>(tile, [act], act.len()) };
+            out
+        }
+
+        /// The eight rows of a Q5_K tile against four activation vectors.
+        pub(crate) fn dot4_q5k(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4] {
+            // SAFETY: the features were detected before this function was handed out.
+            unsafe { tile_n::<4, true, TILE_BLOCK_Q5K>(tile, acts, acts[0].len()) }
         }
     };
 }
 
 mod avx2 {
     use super::*;
-    q4k_tile_kernels!("avx2,fma,f16c", column_avx2, dot, dot4);
+    q4k_tile_kernels!("avx2,fma,f16c", column_avx2);
 }
 
 mod vnni {
     use super::*;
-    q4k_tile_kernels!(
-        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        column_vnni,
-        dot,
-        dot4
-    );
+    q4k_tile_kernels!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", column_vnni);
 }
 
-pub(super) use avx2::{dot as dot_avx2, dot4 as dot4_avx2};
-pub(super) use vnni::{dot as dot_vnni, dot4 as dot4_vnni};
+pub(super) use avx2::{
+    dot as dot_avx2, dot_q5k as dot_q5k_avx2, dot4 as dot4_avx2, dot4_q5k as dot4_q5k_avx2,
+};
+pub(super) use vnni::{
+    dot as dot_vnni, dot_q5k as dot_q5k_vnni, dot4 as dot4_vnni, dot4_q5k as dot4_q5k_vnni,
+};
