@@ -7,21 +7,21 @@
 //! checkpoint is converted to f32 on the CPU and to f16/bf16 on a GPU. The context is the one
 //! the worker will run with: the hive's `--worker-ctx-size` or else the trained context, capped
 //! where candle's code has a fixed limit, by the engine's own rule
-//! ([`rbee_engine::gguf_context_length`]). The engine's CPU path sets a cache's room for the
+//! ([`gguf_info::context::context_length`]). The engine's CPU path sets a cache's room for the
 //! whole context aside the first time it is fed and never grows it further, so what is counted
 //! here is what a slot holds at most.
 //!
 //! A worker decodes up to its `--slots` sequences at once, each with its own KV cache, only for a
 //! model on the engine's own CPU path (a llama or qwen2 GGUF on the CPU whose matrices all have
-//! its kernels); candle's code serves one sequence. [`Footprint::batched`] says which, asking the
-//! engine ([`rbee_engine::gguf_runs_on_cpu_path`]), so that a spawn is not refused for KV caches
-//! its worker would never hold.
+//! its kernels); candle's code serves one sequence. [`Footprint::batched`] says which, by the
+//! rule the engine loads by ([`gguf_info::runs_on_cpu_path`]), so that a spawn is not refused for
+//! KV caches its worker would never hold.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::gguf_file;
+use gguf_info::Header;
 use rbee_contract::DeviceKind;
 
 /// What a model takes once loaded, apart from the fixed overhead.
@@ -85,26 +85,17 @@ const F32_BYTES: u64 = 4;
 
 fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprint, String> {
     let file = File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    let header = Header::read(&mut BufReader::new(file))
+        .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
     // A type nothing computes is refused here by name, before any worker is spawned for it.
-    if let Some(refusal) = rbee_engine::gguf_uncomputed_tensor(path) {
+    if let Some(refusal) = gguf_info::uncomputed_tensor(&header) {
         return Err(refusal);
     }
-    let content = gguf_file::Content::read(&mut BufReader::new(file))
-        .map_err(|e| format!("it is not a readable GGUF file: {e}"))?;
-    let arch = content
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or("the GGUF file has no general.architecture")?;
-    let number = |key: &str| {
-        let value = content.metadata.get(&format!("{arch}.{key}"))?;
-        value
-            .to_u32()
-            .map(u64::from)
-            .or_else(|_| value.to_u64())
-            .ok()
-    };
+    let arch = header
+        .architecture()
+        .ok_or("the GGUF file has no general.architecture")?
+        .to_owned();
+    let number = |key: &str| header.count(&format!("{arch}.{key}"));
     let required = |key: &str| number(key).ok_or(format!("the GGUF file has no {arch}.{key}"));
     let layers = required("block_count")?;
     let hidden = required("embedding_length")?;
@@ -117,19 +108,15 @@ fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprin
 
     // The engine's CPU path (the one that batches) holds the file's tensor data once;
     // candle's code also holds the token embedding dequantized, for the lookup.
-    let batched = kind == DeviceKind::Cpu && rbee_engine::gguf_runs_on_cpu_path(&content);
+    let batched = kind == DeviceKind::Cpu && gguf_info::runs_on_cpu_path(&header);
     let requested = ctx_size.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    let context_length = rbee_engine::gguf_context_length(&content, batched, requested)
+    let context_length = gguf_info::context::context_length(&header, batched, requested)
         .ok_or(format!("the GGUF file has no {arch}.context_length"))?
         as u64;
-    let mut weights_bytes = 0u64;
-    for (name, tensor) in &content.tensor_infos {
-        let elements = tensor.shape.elem_count() as u64;
-        let dtype = tensor.ggml_dtype;
-        weights_bytes += elements / dtype.block_size() as u64 * dtype.type_size() as u64;
-        if name == "token_embd.weight" && !batched {
-            weights_bytes += elements * F32_BYTES;
-        }
+    // Every type is computed (checked above), so every size is known.
+    let mut weights_bytes = header.tensor_bytes();
+    if !batched && let Some(embedding) = header.tensor("token_embd.weight") {
+        weights_bytes += embedding.elements() * F32_BYTES;
     }
     Ok(Footprint {
         weights_bytes,

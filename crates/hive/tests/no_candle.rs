@@ -1,0 +1,26 @@
+//! The hive reads GGUF headers and applies the engine's rules with `gguf-info`; it must not
+//! carry the engine or candle (a second candle build in CI, and megabytes in the hive binary).
+
+use std::process::Command;
+
+#[test]
+fn the_hive_does_not_depend_on_candle_or_the_engine() {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let out = Command::new(env!("CARGO"))
+        .args(["tree", "--offline", "-e", "normal", "--prefix", "none"])
+        .args(["--manifest-path", manifest, "-p", "hive"])
+        .output()
+        .expect("cargo runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cargo tree failed: {stderr}");
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.contains("gguf-info"), "no gguf-info in:\n{tree}");
+    let banned: Vec<&str> = tree
+        .lines()
+        .filter(|line| line.starts_with("candle") || line.starts_with("rbee-engine "))
+        .collect();
+    assert!(
+        banned.is_empty(),
+        "the hive's normal dependencies include {banned:?}"
+    );
+}
