@@ -192,9 +192,21 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
         seed: req.seed.unwrap_or(defaults.seed),
         stop: req.stop,
         logprobs: req.logprobs.map(usize::from),
+        response_format: req.response_format.map(output_format),
         ..defaults
     };
     Ok((prompt, params))
+}
+
+/// The engine's form of a response format; the engine compiles it when the request is
+/// prepared, so a schema that does not compile is refused at admission.
+fn output_format(format: rbee_contract::ResponseFormat) -> rbee_engine::OutputFormat {
+    use rbee_contract::ResponseFormat;
+    use rbee_engine::OutputFormat;
+    match format {
+        ResponseFormat::JsonObject {} => OutputFormat::JsonObject,
+        ResponseFormat::JsonSchema { schema } => OutputFormat::JsonSchema(schema),
+    }
 }
 
 fn role_name(role: ChatRole) -> &'static str {
