@@ -5,6 +5,8 @@
 use std::io::{Read, Seek, SeekFrom};
 
 use candle_core::quantized::{GgmlDType, gguf_file};
+use gguf_info::GgmlType;
+use gguf_info::cpu_path::TensorRef;
 
 use super::kernels::Kernels;
 use super::kernels::tiled::{self, TILE_ROWS};
@@ -46,7 +48,7 @@ impl Mat {
         self.offset == other.offset
     }
 
-    /// Repacks a Q4_0, Q8_0, Q4_K, Q5_K or Q6_K matrix (F16 and BF16 stay as they are) whose row count is a multiple of eight into tiles,
+    /// Repacks a Q4_0, Q5_0, Q8_0, Q4_K, Q5_K or Q6_K matrix (F16 and BF16 stay as they are) whose row count is a multiple of eight into tiles,
     /// in place in `data`, when `kernels` multiply that type in tiles; any other matrix is left
     /// as it is.
     pub(crate) fn tile(&mut self, data: &mut [u8], kernels: &Kernels, scratch: &mut Vec<u8>) {
@@ -59,6 +61,7 @@ impl Mat {
         for tile in all.chunks_exact_mut(len) {
             match self.ty {
                 WeightType::Q8_0 => tiled::repack_q8_0(tile, blocks, scratch),
+                WeightType::Q5_0 => tiled::repack_q5_0(tile, blocks, scratch),
                 WeightType::Q4K => tiled_k::repack(tile, blocks, scratch),
                 WeightType::Q5K => tiled_k::repack_q5k(tile, blocks, scratch),
                 WeightType::Q6K => tiled_k::repack_q6k(tile, blocks, scratch),
@@ -71,27 +74,62 @@ impl Mat {
     }
 }
 
-/// The GGML types the CPU path multiplies and dequantizes (matrices, embedding rows, norms).
-fn weight_type(dtype: GgmlDType) -> Option<WeightType> {
-    match dtype {
-        GgmlDType::F32 => Some(WeightType::F32),
-        GgmlDType::F16 => Some(WeightType::F16),
-        GgmlDType::BF16 => Some(WeightType::BF16),
-        GgmlDType::Q4_0 => Some(WeightType::Q4_0),
-        GgmlDType::Q4_1 => Some(WeightType::Q4_1),
-        GgmlDType::Q5_0 => Some(WeightType::Q5_0),
-        GgmlDType::Q5_1 => Some(WeightType::Q5_1),
-        GgmlDType::Q8_0 => Some(WeightType::Q8_0),
-        GgmlDType::Q2K => Some(WeightType::Q2K),
-        GgmlDType::Q3K => Some(WeightType::Q3K),
-        GgmlDType::Q4K => Some(WeightType::Q4K),
-        GgmlDType::Q5K => Some(WeightType::Q5K),
-        GgmlDType::Q6K => Some(WeightType::Q6K),
-        _ => None,
+/// The GGML types the CPU path multiplies and dequantizes (matrices, embedding rows, norms):
+/// every type gguf-info's rule lets onto the path.
+fn weight_type(ty: GgmlType) -> Option<WeightType> {
+    Some(match ty {
+        GgmlType::F32 => WeightType::F32,
+        GgmlType::F16 => WeightType::F16,
+        GgmlType::BF16 => WeightType::BF16,
+        GgmlType::Q4_0 => WeightType::Q4_0,
+        GgmlType::Q4_1 => WeightType::Q4_1,
+        GgmlType::Q5_0 => WeightType::Q5_0,
+        GgmlType::Q5_1 => WeightType::Q5_1,
+        GgmlType::Q8_0 => WeightType::Q8_0,
+        GgmlType::Q2_K => WeightType::Q2K,
+        GgmlType::Q3_K => WeightType::Q3K,
+        GgmlType::Q4_K => WeightType::Q4K,
+        GgmlType::Q5_K => WeightType::Q5K,
+        GgmlType::Q6_K => WeightType::Q6K,
+        _ => return None,
+    })
+}
+
+fn weight_type_of(t: &TensorRef) -> Result<(WeightType, usize), Unsupported> {
+    let ty = weight_type(t.ty)
+        .ok_or_else(|| Unsupported(format!("{} has no kernel here", t.ty.describe())))?;
+    let offset = usize::try_from(t.offset).map_err(|_| Unsupported("offset".into()))?;
+    Ok((ty, offset))
+}
+
+impl Mat {
+    /// The matrix gguf-info's layout describes (a type with a kernel, rows whole blocks).
+    pub(crate) fn of(t: &TensorRef) -> Result<Mat, Unsupported> {
+        let (ty, offset) = weight_type_of(t)?;
+        Ok(Mat {
+            ty,
+            rows: t.rows,
+            cols: t.cols,
+            tiled: false,
+            offset,
+            row_bytes: ty.row_bytes(t.cols),
+        })
     }
 }
 
-/// Typed views of the tensors of one GGUF file.
+impl VecRef {
+    /// The vector gguf-info's layout describes, dequantized to f32 once its bytes are loaded.
+    pub(crate) fn of(t: &TensorRef) -> Result<VecRef, Unsupported> {
+        let (ty, offset) = weight_type_of(t)?;
+        Ok(VecRef {
+            ty,
+            len: t.cols,
+            offset,
+        })
+    }
+}
+
+/// The tensor data region of one GGUF file.
 pub(crate) struct Tensors<'a> {
     content: &'a gguf_file::Content,
 }
@@ -99,67 +137,6 @@ pub(crate) struct Tensors<'a> {
 impl<'a> Tensors<'a> {
     pub(crate) fn new(content: &'a gguf_file::Content) -> Self {
         Tensors { content }
-    }
-
-    fn info(&self, name: &str) -> Result<&'a gguf_file::TensorInfo, Unsupported> {
-        self.content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Unsupported(format!("no tensor {name}")))
-    }
-
-    pub(crate) fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
-    }
-
-    /// A matrix the forward pass multiplies with or looks rows up in (the token embedding): it
-    /// must have a type with a kernel.
-    pub(crate) fn matmul(&self, name: &str) -> Result<Mat, Unsupported> {
-        let info = self.info(name)?;
-        let ty = weight_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
-        self.view(name, info, ty)
-    }
-
-    fn view(
-        &self,
-        name: &str,
-        info: &gguf_file::TensorInfo,
-        ty: WeightType,
-    ) -> Result<Mat, Unsupported> {
-        let dims = info.shape.dims();
-        let [rows, cols] = dims else {
-            return Err(Unsupported(format!("{name} has shape {dims:?}")));
-        };
-        if !cols.is_multiple_of(ty.block_elems()) {
-            return Err(Unsupported(format!("{name}: {cols} columns")));
-        }
-        Ok(Mat {
-            ty,
-            rows: *rows,
-            cols: *cols,
-            tiled: false,
-            offset: usize::try_from(info.offset).map_err(|_| Unsupported("offset".into()))?,
-            row_bytes: ty.row_bytes(*cols),
-        })
-    }
-
-    /// A 1-D vector of `len` values, dequantized to f32 once its bytes are loaded.
-    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<VecRef, Unsupported> {
-        let info = self.info(name)?;
-        let ty = weight_type(info.ggml_dtype)
-            .ok_or_else(|| Unsupported(format!("{name} is {}", ggml_name(info.ggml_dtype))))?;
-        if info.shape.dims() != [len] || !len.is_multiple_of(ty.block_elems()) {
-            return Err(Unsupported(format!(
-                "{name} has shape {:?}",
-                info.shape.dims()
-            )));
-        }
-        Ok(VecRef {
-            ty,
-            len,
-            offset: usize::try_from(info.offset).map_err(|_| Unsupported("offset".into()))?,
-        })
     }
 
     /// Bytes of tensor data: the end of the last tensor.
@@ -199,8 +176,7 @@ impl VecRef {
 }
 
 /// Why a file stays on candle's path; logged, never shown to a client.
-#[derive(Debug)]
-pub(crate) struct Unsupported(pub String);
+pub(crate) use gguf_info::Unsupported;
 
 /// Asks Linux to back the 2 MiB-aligned part of `buf` with huge pages, before its first touch.
 /// A decode step streams every page of the weights; with 4 KiB pages that is one TLB miss per

@@ -74,6 +74,7 @@ pub(crate) struct FloatTile {
 pub(crate) struct MoreTiles {
     pub f16: Option<FloatTile>,
     pub bf16: Option<FloatTile>,
+    pub q5_0: Option<(DotTile, DotTilex4)>,
     pub q5k: Option<(DotTileK, DotTileKx4)>,
     pub q6k: Option<(DotTileK, DotTileKx4)>,
 }
@@ -229,6 +230,7 @@ impl Kernels {
             WeightType::Q4K => self.q4k_tile.is_some(),
             WeightType::F16 => self.more_tiles.f16.is_some(),
             WeightType::BF16 => self.more_tiles.bf16.is_some(),
+            WeightType::Q5_0 => self.more_tiles.q5_0.is_some(),
             WeightType::Q5K => self.more_tiles.q5k.is_some(),
             WeightType::Q6K => self.more_tiles.q6k.is_some(),
             _ => false,
@@ -255,9 +257,9 @@ impl Kernels {
     }
 
     fn tile_kernels(&self, ty: WeightType) -> (DotTile, DotTilex4) {
-        match (ty, self.q8_0_tile) {
-            (WeightType::Q8_0, Some(k)) => k,
-            (WeightType::Q4_0, _) => (self.q4_0_tile, self.q4_0_tilex4),
+        match (ty, self.q8_0_tile, self.more_tiles.q5_0) {
+            (WeightType::Q8_0, Some(k), _) | (WeightType::Q5_0, _, Some(k)) => k,
+            (WeightType::Q4_0, ..) => (self.q4_0_tile, self.q4_0_tilex4),
             _ => unreachable!("{ty:?} matrices are not tiled for {}", self.name),
         }
     }
@@ -326,6 +328,7 @@ impl Kernels {
         }
         match ty {
             WeightType::Q8_0 => tiled::dot_lane_q8_0(tile, lane, act.tile(t)),
+            WeightType::Q5_0 => tiled::dot_lane_q5_0(tile, lane, act.tile(t)),
             WeightType::Q4K => tiled_k::dot_lane(tile, lane, act.q8k(t)),
             WeightType::Q5K => tiled_k::dot_lane_q5k(tile, lane, act.q8k(t)),
             WeightType::Q6K => tiled_k::dot_lane_q6k(tile, lane, act.q8k(t)),

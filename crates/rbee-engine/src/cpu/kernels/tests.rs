@@ -469,6 +469,10 @@ fn check_tile(ty: WeightType, blocks: usize, extreme: bool, rng: &mut StdRng) {
         tile_kernels.push(("scalar tile", reference));
     }
     let scalar_tiles = match ty {
+        WeightType::Q5_0 => Some(MoreTiles {
+            q5_0: Some((tiled::dot_q5_0, tiled::dot4_q5_0)),
+            ..MoreTiles::default()
+        }),
         WeightType::Q5K => Some(MoreTiles {
             q5k: Some((tiled_k::dot_q5k, tiled_k::dot4_q5k)),
             ..MoreTiles::default()
@@ -521,6 +525,7 @@ fn tile_kernels_match_the_rows_they_were_packed_from() {
     let mut rng = StdRng::seed_from_u64(11);
     for ty in [
         WeightType::Q4_0,
+        WeightType::Q5_0,
         WeightType::Q8_0,
         WeightType::Q4K,
         WeightType::Q5K,
@@ -559,6 +564,7 @@ fn packed(ty: WeightType, rows: &[Vec<u8>], blocks: usize) -> Vec<u8> {
     let mut tile = rows.concat();
     match ty {
         WeightType::Q8_0 => tiled::repack_q8_0(&mut tile, blocks, &mut Vec::new()),
+        WeightType::Q5_0 => tiled::repack_q5_0(&mut tile, blocks, &mut Vec::new()),
         WeightType::Q4K => tiled_k::repack(&mut tile, blocks, &mut Vec::new()),
         WeightType::Q5K => tiled_k::repack_q5k(&mut tile, blocks, &mut Vec::new()),
         WeightType::Q6K => tiled_k::repack_q6k(&mut tile, blocks, &mut Vec::new()),

@@ -18,6 +18,12 @@
 //! high nibbles weights `16 + 4k..20 + 4k`. Nibbles are multiplied unsigned; the offset of 8
 //! subtracts 8 × (sum of the activations) from every row alike, once per activation block.
 //!
+//! A Q5_0 tile column (8 × 22 bytes) is the Q4_0 column of its nibbles (values `0..32`, offset
+//! 16) followed by eight 32-bit words of fifth bits: word `2k` holds, in bit `4r + e`, the fifth
+//! bit of row `r`'s weight `4k + e` (the low nibbles of group `k`), word `2k + 1` that of its
+//! weight `16 + 4k + e` (the high nibbles), so one word spreads to the 32 bytes of one
+//! unpacked group.
+//!
 //! A Q8_0 tile column (8 × 34 bytes) holds the eight scales, then eight 32-byte groups: group
 //! `k` holds weights `4k..4k + 4` of each of the eight rows, stored `w + 128` as unsigned bytes.
 //! One `dpbusd` of a group with four activations broadcast to every lane adds four products to
@@ -32,6 +38,8 @@ use super::super::quant::{BlockQ8, QK, f16_at};
 pub(crate) const TILE_ROWS: usize = 8;
 /// Bytes of one Q4_0 tile column: eight scales, then four groups of four nibble bytes of each row.
 pub(crate) const TILE_BLOCK: usize = TILE_ROWS * 18;
+/// Bytes of one Q5_0 tile column: a Q4_0 column, then eight 32-bit words of fifth bits.
+pub(crate) const TILE_BLOCK_Q5_0: usize = TILE_ROWS * 22;
 /// Bytes of one Q8_0 tile column: eight scales, then eight groups of four weights of each row.
 pub(crate) const TILE_BLOCK_Q8: usize = TILE_ROWS * 34;
 
@@ -81,6 +89,75 @@ pub(crate) fn repack(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) {
             }
         }
     }
+}
+
+/// Rewrites `rows` (eight consecutive Q5_0 rows of `blocks` blocks) into one Q5_0 tile, in
+/// place.
+pub(crate) fn repack_q5_0(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) {
+    assert_eq!(rows.len(), blocks * TILE_BLOCK_Q5_0);
+    scratch.clear();
+    scratch.extend_from_slice(rows);
+    for (b, dst) in rows.chunks_exact_mut(TILE_BLOCK_Q5_0).enumerate() {
+        dst[144..].fill(0);
+        for r in 0..TILE_ROWS {
+            let src = &scratch[(r * blocks + b) * 22..][..22];
+            dst[2 * r..2 * r + 2].copy_from_slice(&src[..2]);
+            for k in 0..4 {
+                dst[16 + 32 * k + 4 * r..20 + 32 * k + 4 * r]
+                    .copy_from_slice(&src[6 + 4 * k..10 + 4 * k]);
+            }
+            let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+            for k in 0..4 {
+                for e in 0..4 {
+                    for (word, j) in [(2 * k, 4 * k + e), (2 * k + 1, 16 + 4 * k + e)] {
+                        let bit = (qh >> j) & 1;
+                        let at = 144 + 4 * word;
+                        let mut w =
+                            u32::from_le_bytes([dst[at], dst[at + 1], dst[at + 2], dst[at + 3]]);
+                        w |= bit << (4 * r + e);
+                        dst[at..at + 4].copy_from_slice(&w.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Dot product of row `lane` of a Q5_0 tile with one activation vector, in the order of
+/// [`super::super::quant::reference::dot_q5_0`].
+pub(crate) fn dot_lane_q5_0(tile: &[u8], lane: usize, act: &[TileAct]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in tile.chunks_exact(TILE_BLOCK_Q5_0).zip(act) {
+        let fifth = |word: usize, e: usize| {
+            let at = 144 + 4 * word;
+            let w = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            ((w >> (4 * lane + e)) & 1) as u8
+        };
+        let mut s = 0i32;
+        for l in 0..16 {
+            let (k, e) = (l / 4, l % 4);
+            let q = b[16 + 32 * k + 4 * lane + e];
+            let lo = q & 0xF | fifth(2 * k, e) << 4;
+            let hi = q >> 4 | fifth(2 * k + 1, e) << 4;
+            s += (i32::from(lo) - 16) * i32::from(a.qs[l]);
+            s += (i32::from(hi) - 16) * i32::from(a.qs[l + 16]);
+        }
+        sum += s as f32 * f16_at(b, 2 * lane) * a.d;
+    }
+    sum
+}
+
+/// The eight rows of a Q5_0 tile against one activation vector (the reference of the SIMD
+/// tile kernels).
+#[cfg(test)]
+pub(crate) fn dot_q5_0(tile: &[u8], act: &[TileAct]) -> [f32; TILE_ROWS] {
+    std::array::from_fn(|lane| dot_lane_q5_0(tile, lane, act))
+}
+
+/// The eight rows of a Q5_0 tile against four activation vectors.
+#[cfg(test)]
+pub(crate) fn dot4_q5_0(tile: &[u8], acts: [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4] {
+    acts.map(|a| dot_q5_0(tile, a))
 }
 
 /// Rewrites `rows` (eight consecutive Q8_0 rows of `blocks` blocks) into one Q8_0 tile, in

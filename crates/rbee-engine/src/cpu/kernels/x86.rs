@@ -86,6 +86,10 @@ pub(super) fn variants() -> Vec<Kernels> {
                 super::x86_tiled_k::dot4_q5k_avx2,
             )),
             q6k: Some((super::x86_tiled_k6::dot, super::x86_tiled_k6::dot4)),
+            q5_0: Some((
+                super::x86_tiled::dot_q5_0_avx2,
+                super::x86_tiled::dot4_q5_0_avx2,
+            )),
         },
         attend,
     };
@@ -108,6 +112,10 @@ pub(super) fn variants() -> Vec<Kernels> {
                 q5k: Some((
                     super::x86_tiled_k::dot_q5k_vnni,
                     super::x86_tiled_k::dot4_q5k_vnni,
+                )),
+                q5_0: Some((
+                    super::x86_tiled::dot_q5_0_vnni,
+                    super::x86_tiled::dot4_q5_0_vnni,
                 )),
                 ..avx2.more_tiles
             },

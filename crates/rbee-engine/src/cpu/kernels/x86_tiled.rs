@@ -1,6 +1,7 @@
 //! x86-64 products of eight-row tiles ([`super::tiled`]) with Q8 activations: the one-token
 //! product (decode) and the four-token product (prefill, each tile column loaded and unpacked
-//! once for four tokens). Q4_0 tiles in two variants: AVX2 (`maddubs` + `madd`) and AVX-512
+//! once for four tokens). Q4_0 and Q5_0 tiles (a Q5_0 column is a Q4_0 column whose nibbles get
+//! their fifth bits, OR-ed in as 16) in two variants: AVX2 (`maddubs` + `madd`) and AVX-512
 //! VNNI on 256-bit vectors (`dpbusd`, one instruction for the same multiply-and-sum); Q8_0 tiles
 //! with VNNI only (their unsigned bytes reach 255, which `maddubs` would saturate).
 //!
@@ -13,7 +14,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::tiled::{TILE_BLOCK, TILE_BLOCK_Q8, TILE_ROWS, TileAct};
+use super::tiled::{TILE_BLOCK, TILE_BLOCK_Q5_0, TILE_BLOCK_Q8, TILE_ROWS, TileAct};
 
 /// `acc + Σ w·y` in groups of four bytes, as eight i32 (AVX2).
 #[inline]
@@ -86,14 +87,67 @@ unsafe fn q4_load(p: *const u8, b: usize) -> (__m256, [(__m256i, __m256i); 4]) {
     }
 }
 
+/// The scales and the four groups of Q5_0 tile column `b`, unpacked to values `0..32` (low and
+/// high nibbles with their fifth bits).
+///
+/// # Safety
+/// `p` points at a Q5_0 tile of more than `b` columns.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_load(p: *const u8, b: usize) -> (__m256, [(__m256i, __m256i); 4]) {
+    // SAFETY: the column's 176 bytes lie inside the tile (the caller's guarantee).
+    unsafe {
+        let blk = p.add(TILE_BLOCK_Q5_0 * b);
+        let (d8, nibbles) = q4_load(blk, 0);
+        let fifth = |word: usize| {
+            let bits = blk.add(144 + 4 * word).cast::<u32>().read_unaligned();
+            _mm256_and_si256(spread_bits(bits), _mm256_set1_epi8(0x10))
+        };
+        (
+            d8,
+            std::array::from_fn(|k| {
+                let (lo, hi) = nibbles[k];
+                (
+                    _mm256_or_si256(lo, fifth(2 * k)),
+                    _mm256_or_si256(hi, fifth(2 * k + 1)),
+                )
+            }),
+        )
+    }
+}
+
+/// 32 bits as 32 bytes: byte `j` all ones where bit `j` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn spread_bits(bits: u32) -> __m256i {
+    // Byte `j` gets byte `j / 8` of the bits, then every bit but `j % 8` set.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1))
+}
+
 macro_rules! q4_tile_kernels {
     ($features:literal, $group:ident, $one:ident, $four:ident) => {
-        /// One Q4_0 tile column against one activation block: the eight rows' integer sums,
-        /// the nibbles' offset removed. Two chains so their latencies overlap.
+        q4_tile_kernels!(
+            $features, $group, $one, $four, q4_load, TILE_BLOCK, 8, column
+        );
+    };
+    ($features:literal, $group:ident, $one:ident, $four:ident, $load:ident, $block:ident,
+     $offset:literal, $column:ident) => {
+        /// One tile column against one activation block: the eight rows' integer sums, the
+        /// unsigned values' offset removed. Two chains so their latencies overlap.
         #[inline]
         #[target_feature(enable = $features)]
-        fn column(w: &[(__m256i, __m256i); 4], a: &TileAct) -> __m256i {
-            let mut s0 = _mm256_set1_epi32(-8 * a.sum);
+        fn $column(w: &[(__m256i, __m256i); 4], a: &TileAct) -> __m256i {
+            let mut s0 = _mm256_set1_epi32(-$offset * a.sum);
             let mut s1 = _mm256_setzero_si256();
             for (k, (lo, hi)) in w.iter().enumerate() {
                 s0 = $group(s0, *lo, act_group(a, k));
@@ -102,18 +156,18 @@ macro_rules! q4_tile_kernels {
             _mm256_add_epi32(s0, s1)
         }
 
-        /// Eight rows of a Q4_0 tile against one activation vector, with the operations of
+        /// Eight rows of a tile against one activation vector, with the operations of
         /// the four-token product in the same order, so that a prompt gives the same sums in a
         /// batch as token by token.
         pub(crate) fn $one(tile: &[u8], act: &[TileAct]) -> [f32; TILE_ROWS] {
-            assert!(tile.len() >= act.len() * TILE_BLOCK);
+            assert!(tile.len() >= act.len() * $block);
             #[target_feature(enable = $features)]
             fn inner(tile: &[u8], act: &[TileAct]) -> [f32; TILE_ROWS] {
                 let mut acc = _mm256_setzero_ps();
                 for (b, a) in act.iter().enumerate() {
                     // SAFETY: `b < act.len()` columns lie inside the tile (asserted above).
-                    let (d8, w) = unsafe { q4_load(tile.as_ptr(), b) };
-                    let s = _mm256_cvtepi32_ps(column(&w, a));
+                    let (d8, w) = unsafe { $load(tile.as_ptr(), b) };
+                    let s = _mm256_cvtepi32_ps($column(&w, a));
                     acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d8, _mm256_set1_ps(a.d)), acc);
                 }
                 lanes(acc)
@@ -122,21 +176,21 @@ macro_rules! q4_tile_kernels {
             unsafe { inner(tile, act) }
         }
 
-        /// Eight rows of a Q4_0 tile against four activation vectors: each column is loaded
+        /// Eight rows of a tile against four activation vectors: each column is loaded
         /// and unpacked once for the four tokens.
         pub(crate) fn $four(tile: &[u8], acts: [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4] {
             let n = acts[0].len();
-            assert!(tile.len() >= n * TILE_BLOCK && acts.iter().all(|a| a.len() == n));
+            assert!(tile.len() >= n * $block && acts.iter().all(|a| a.len() == n));
             #[target_feature(enable = $features)]
             fn inner(tile: &[u8], acts: [&[TileAct]; 4], n: usize) -> [[f32; TILE_ROWS]; 4] {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for b in 0..n {
                     // SAFETY: `b < n` columns lie inside the tile (asserted above).
-                    let (d8, w) = unsafe { q4_load(tile.as_ptr(), b) };
-                    prefetch_ahead(tile.as_ptr().wrapping_add(TILE_BLOCK * b), TILE_BLOCK);
+                    let (d8, w) = unsafe { $load(tile.as_ptr(), b) };
+                    prefetch_ahead(tile.as_ptr().wrapping_add($block * b), $block);
                     for (acc, act) in acc.iter_mut().zip(acts) {
                         let a = &act[b];
-                        let s = _mm256_cvtepi32_ps(column(&w, a));
+                        let s = _mm256_cvtepi32_ps($column(&w, a));
                         *acc = _mm256_fmadd_ps(s, _mm256_mul_ps(d8, _mm256_set1_ps(a.d)), *acc);
                     }
                 }
@@ -151,6 +205,16 @@ macro_rules! q4_tile_kernels {
 mod avx2 {
     use super::*;
     q4_tile_kernels!("avx2,fma,f16c", group_avx2, dot, dot4);
+    q4_tile_kernels!(
+        "avx2,fma,f16c",
+        group_avx2,
+        dot_q5_0,
+        dot4_q5_0,
+        q5_load,
+        TILE_BLOCK_Q5_0,
+        16,
+        column_q5_0
+    );
 }
 
 mod vnni {
@@ -161,10 +225,24 @@ mod vnni {
         dot,
         dot4
     );
+    q4_tile_kernels!(
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        group_vnni,
+        dot_q5_0,
+        dot4_q5_0,
+        q5_load,
+        TILE_BLOCK_Q5_0,
+        16,
+        column_q5_0
+    );
 }
 
-pub(super) use avx2::{dot as dot_avx2, dot4 as dot4_avx2};
-pub(super) use vnni::{dot as dot_vnni, dot4 as dot4_vnni};
+pub(super) use avx2::{
+    dot as dot_avx2, dot_q5_0 as dot_q5_0_avx2, dot4 as dot4_avx2, dot4_q5_0 as dot4_q5_0_avx2,
+};
+pub(super) use vnni::{
+    dot as dot_vnni, dot_q5_0 as dot_q5_0_vnni, dot4 as dot4_vnni, dot4_q5_0 as dot4_q5_0_vnni,
+};
 
 /// Four activations starting at value `4k` of `a`, broadcast to every lane.
 #[inline]
