@@ -13,8 +13,9 @@ use futures::StreamExt;
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{InferRequest, JobEvent, Operation};
 
-/// Prompt length of the prefill measurement.
-const PROMPT_TOKENS: usize = 64;
+/// The llama-cpp-python venv `cargo xtask refs` builds, and the timing script run in it.
+const LLAMA_CPP_PYTHON: &str = "target/refs-venv/bin/python";
+const LLAMA_CPP_BENCH: &str = "xtask/refs/llama_cpp_bench.py";
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerBench {
@@ -31,6 +32,16 @@ pub struct WorkerBench {
     /// Tokens generated in the decode measurement.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Prompt lengths, in tokens: the first is the main table's; with more than one, each
+    /// gets a row of prefill and decode rates in the prompt-length table (e.g. 64,1024,4096;
+    /// the worker's context is raised to fit the longest).
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    prompt_tokens: Vec<usize>,
+    /// Also time llama.cpp (llama-cpp-python in target/refs-venv, which `cargo xtask refs`
+    /// builds) on the same files and prompt tokens, with the same thread count, for the
+    /// prompt-length table.
+    #[arg(long)]
+    llama_cpp: bool,
     /// Concurrent streams of the batching measurement (the worker runs with as many slots as
     /// the largest); empty to skip it.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -112,6 +123,23 @@ struct Row {
     peak_rss: u64,
     /// Aggregate decode rate with each count of concurrent streams.
     streams: Vec<(usize, f64)>,
+    /// Prefill and decode at each prompt length, and llama.cpp's where it was timed.
+    prompts: Vec<PromptRun>,
+    llama: Vec<PromptRun>,
+}
+
+/// Prefill and decode at one prompt length.
+#[derive(Debug, Clone, Copy)]
+struct PromptRun {
+    prompt_tokens: usize,
+    ttft: Duration,
+    decode_tps: f64,
+}
+
+impl PromptRun {
+    fn prefill_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.ttft.as_secs_f64()
+    }
 }
 
 pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
@@ -174,21 +202,19 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
                 "measuring {} {} with {threads} thread(s)…",
                 model.family, model.format
             );
-            rows.push(runtime.block_on(measure(
-                &worker,
-                &args.device,
-                model,
-                threads,
-                args.decode_tokens,
-                &args.streams,
-            ))?);
+            let mut row = runtime.block_on(measure(&worker, &args.device, model, threads, args))?;
+            if args.llama_cpp {
+                row.llama = llama_cpp_runs(model, threads, args)?;
+            }
+            rows.push(row);
         }
     }
 
     println!();
     println!(
-        "worker benchmark: {} size class, prompt {PROMPT_TOKENS} tokens, greedy",
-        args.preset
+        "worker benchmark: {} size class, prompt {} tokens, greedy",
+        args.preset,
+        main_prompt(args)
     );
     for (threads, bytes_per_second) in &bandwidth {
         println!(
@@ -266,7 +292,118 @@ pub fn run(args: &WorkerBench) -> anyhow::Result<()> {
             );
         }
     }
+    if args.prompt_tokens.len() > 1 || args.llama_cpp {
+        print_prompt_lengths(&rows, args);
+    }
     Ok(())
+}
+
+/// The prompt-length table: prefill and decode at each length, next to llama.cpp's.
+fn print_prompt_lengths(rows: &[Row], args: &WorkerBench) {
+    println!();
+    println!(
+        "prompt length: prefill (prompt tokens / time to first token) and decode ({} tokens) at each length{}",
+        args.decode_tokens,
+        if args.llama_cpp {
+            "; llama.cpp (llama-cpp-python, same file, tokens and threads, its default F16 KV cache)"
+        } else {
+            ""
+        }
+    );
+    println!();
+    println!(
+        "| arch | format | threads | prompt tokens | TTFT ms | prefill tok/s | decode tok/s | llama.cpp prefill tok/s | llama.cpp decode tok/s | prefill / llama.cpp | decode / llama.cpp |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        for run in &row.prompts {
+            let llama = row
+                .llama
+                .iter()
+                .find(|l| l.prompt_tokens == run.prompt_tokens);
+            let cell = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.1}"));
+            let ratio = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.2}×"));
+            println!(
+                "| {} | {} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} |",
+                row.family,
+                row.format,
+                row.threads,
+                run.prompt_tokens,
+                run.ttft.as_secs_f64() * 1e3,
+                run.prefill_tps(),
+                run.decode_tps,
+                cell(llama.map(|l| l.prefill_tps())),
+                cell(llama.map(|l| l.decode_tps)),
+                ratio(llama.map(|l| run.prefill_tps() / l.prefill_tps())),
+                ratio(llama.map(|l| run.decode_tps / l.decode_tps)),
+            );
+        }
+    }
+}
+
+fn main_prompt(args: &WorkerBench) -> usize {
+    args.prompt_tokens.first().copied().unwrap_or(64)
+}
+
+/// llama.cpp's prefill and decode on `model` at each prompt length (the worker's prompt ids).
+fn llama_cpp_runs(
+    model: &Model,
+    threads: usize,
+    args: &WorkerBench,
+) -> anyhow::Result<Vec<PromptRun>> {
+    let root = crate::tasks::workspace_root();
+    let python = root.join(LLAMA_CPP_PYTHON);
+    anyhow::ensure!(
+        python.exists(),
+        "{LLAMA_CPP_PYTHON} is missing: `cargo xtask refs` builds llama-cpp-python into it"
+    );
+    eprintln!(
+        "timing llama.cpp on {} with {threads} thread(s)…",
+        model.format
+    );
+    let prompts = args
+        .prompt_tokens
+        .iter()
+        .map(|&n| prompt_ids(&model.path, n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(64);
+    let job = serde_json::json!({
+        "model": model.path,
+        "n_threads": threads,
+        "n_ctx": (longest + args.decode_tokens + 8).next_multiple_of(256),
+        "decode_tokens": args.decode_tokens,
+        "prompts": prompts,
+    });
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), serde_json::to_vec(&job)?)?;
+    let out = Command::new(&python)
+        .arg(root.join(LLAMA_CPP_BENCH))
+        .arg(file.path())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run llama-cpp-python")?;
+    anyhow::ensure!(out.status.success(), "the llama.cpp timing script failed");
+    #[derive(serde::Deserialize)]
+    struct Out {
+        runs: Vec<Run>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Run {
+        prompt_tokens: usize,
+        prefill_s: f64,
+        decode_s: f64,
+        decoded: usize,
+    }
+    let parsed: Out = serde_json::from_slice(&out.stdout).context("llama.cpp timing output")?;
+    Ok(parsed
+        .runs
+        .into_iter()
+        .map(|r| PromptRun {
+            prompt_tokens: r.prompt_tokens,
+            ttft: Duration::from_secs_f64(r.prefill_s),
+            decode_tps: (r.decoded.saturating_sub(1)) as f64 / r.decode_s,
+        })
+        .collect())
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -278,9 +415,17 @@ async fn measure(
     device: &str,
     model: &Model,
     threads: usize,
-    decode_tokens: usize,
-    streams: &[usize],
+    args: &WorkerBench,
 ) -> anyhow::Result<Row> {
+    let (decode_tokens, streams) = (args.decode_tokens, &args.streams[..]);
+    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(64);
+    // Room for the longest prompt and its completion, past a small model's trained context
+    // if need be (the worker warns and allows it).
+    let ctx_size = (longest + decode_tokens > 1024).then(|| {
+        (longest + decode_tokens + 8)
+            .next_multiple_of(256)
+            .to_string()
+    });
     let slots = streams.iter().copied().max().unwrap_or(1).max(1);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -299,6 +444,7 @@ async fn measure(
             .args(["--threads", &threads.to_string()])
             .args(["--slots", &slots.to_string()])
             .args(["--queue-capacity", &slots.to_string()])
+            .args(ctx_size.iter().flat_map(|n| ["--ctx-size", n.as_str()]))
             // Every run sends the same prompt: with the prompt cache, all but the first would
             // evaluate one token of it, and prefill would not be measured.
             .arg("--no-prompt-cache")
@@ -311,7 +457,7 @@ async fn measure(
     wait_ready(&url, &mut child.0).await?;
     let load = started.elapsed();
 
-    let prompt = prompt_of(&model.path, PROMPT_TOKENS)?;
+    let prompt = prompt_of(&model.path, main_prompt(args))?;
     let client = job_client::JobClient::new(&url);
     // Warm-up: touches every weight page once, so the measured run reads from memory.
     generate(&client, &prompt, 2).await?;
@@ -332,6 +478,22 @@ async fn measure(
                 .collect::<anyhow::Result<Vec<_>>>()?;
         aggregate.push((n, aggregate_decode_rate(&runs)));
     }
+    let mut prompts = Vec::new();
+    for (i, &n) in args.prompt_tokens.iter().enumerate() {
+        let run = if i == 0 {
+            &timing
+        } else {
+            let text = prompt_of(&model.path, n)?;
+            // Warm-up at this length (first use of the larger KV cache).
+            generate(&client, &text, 2).await?;
+            &generate(&client, &text, decode_tokens).await?
+        };
+        prompts.push(PromptRun {
+            prompt_tokens: run.prompt_tokens,
+            ttft: run.ttft,
+            decode_tps: run.decode_rate(),
+        });
+    }
     let file_bytes = std::fs::metadata(&model.path)?.len();
     Ok(Row {
         family: model.family,
@@ -348,6 +510,8 @@ async fn measure(
         decoded: timing.tokens,
         peak_rss,
         streams: aggregate,
+        prompts,
+        llama: Vec::new(),
     })
 }
 
@@ -481,27 +645,46 @@ async fn generate(
     })
 }
 
-/// A text of exactly `n` tokens for the model's own tokenizer (BOS included).
+/// A text of at most `n` tokens for the model's own tokenizer (BOS included), as close to `n`
+/// as whole words allow.
 fn prompt_of(model: &Path, n: usize) -> anyhow::Result<String> {
+    Ok(prompt_text(model, n)?.0)
+}
+
+/// The token ids of [`prompt_of`]'s text.
+fn prompt_ids(model: &Path, n: usize) -> anyhow::Result<Vec<u32>> {
+    Ok(prompt_text(model, n)?.1)
+}
+
+fn prompt_text(model: &Path, n: usize) -> anyhow::Result<(String, Vec<u32>)> {
     let mut file = std::fs::File::open(model)?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
     let tokenizer = rbee_engine::TextTokenizer::from_gguf(&content)?;
     let words = [
         "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and", "runs",
     ];
-    let mut text = String::new();
-    for word in words.iter().cycle() {
-        let candidate = if text.is_empty() {
-            word.to_string()
+    let text_of = |count: usize| -> String {
+        words
+            .iter()
+            .cycle()
+            .take(count)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // The most words whose text stays within `n` tokens (the count grows with the words).
+    let (mut lo, mut hi) = (1usize, n.max(1));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if tokenizer.encode(&text_of(mid), true)?.len() > n {
+            hi = mid - 1;
         } else {
-            format!("{text} {word}")
-        };
-        if tokenizer.encode(&candidate, true)?.len() > n {
-            break;
+            lo = mid;
         }
-        text = candidate;
     }
-    Ok(text)
+    let text = text_of(lo);
+    let ids = tokenizer.encode(&text, true)?;
+    Ok((text, ids))
 }
 
 /// Bytes of weights a decode step reads: every tensor but the token embedding, of which one
