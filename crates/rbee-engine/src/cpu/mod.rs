@@ -28,9 +28,5 @@ pub(crate) use forward::{CpuLlama, KvPrefix, Plan, SeqTokens};
 pub(crate) use weights::{advise_huge_pages, ggml_name};
 
 /// The environment variable that turns the CPU path off (`0`, `false` or `off`), e.g. to compare
-/// with candle's kernels.
-pub(crate) const ENABLE_ENV: &str = "RBEE_CPU_KERNELS";
-
-pub(crate) fn enabled() -> bool {
-    !std::env::var(ENABLE_ENV).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off"))
-}
+/// with candle's kernels; the hive reads it by the same function, its workers inherit it.
+pub(crate) use gguf_info::cpu_path::{ENABLE_ENV, enabled};

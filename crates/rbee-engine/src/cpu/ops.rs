@@ -313,15 +313,8 @@ fn gelu_of_f16(bits: u16) -> u16 {
     half::f16::from_f32(y).to_bits()
 }
 
-/// Which elements of a head RoPE rotates together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum RopeStyle {
-    /// Pairs `(2i, 2i + 1)`: GGML's "normal" mode, for llama files (whose q/k rows llama.cpp's
-    /// converter permuted to suit it).
-    Interleaved,
-    /// Pairs `(i, i + head_dim / 2)`: GGML's "neox" mode, for qwen2.
-    Halves,
-}
+/// Which elements of a head RoPE rotates together: each architecture's, as gguf-info reads it.
+pub(super) use super::arch::RopeStyle;
 
 /// Rotary embedding of every head of every token in `x`, with the tokens' `cos`/`sin` tables.
 pub(super) fn rope(x: &mut [f32], head_dim: usize, style: RopeStyle, cos: &[f32], sin: &[f32]) {
