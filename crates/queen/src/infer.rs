@@ -287,10 +287,7 @@ mod tests {
         assert!(ValidInfer::parse(request()).is_ok());
         let chat = InferRequest {
             prompt: None,
-            messages: Some(vec![ChatMessage {
-                role: ChatRole::User,
-                content: "hi".into(),
-            }]),
+            messages: Some(vec![ChatMessage::new(ChatRole::User, "hi")]),
             ..request()
         };
         assert!(ValidInfer::parse(chat.clone()).is_ok());

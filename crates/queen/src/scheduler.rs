@@ -313,10 +313,7 @@ mod tests {
             messages: Some(
                 messages
                     .iter()
-                    .map(|(role, content)| ChatMessage {
-                        role: *role,
-                        content: content.to_string(),
-                    })
+                    .map(|(role, content)| ChatMessage::new(*role, *content))
                     .collect(),
             ),
             ..InferRequest::default()

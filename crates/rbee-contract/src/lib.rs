@@ -29,7 +29,7 @@ pub use info::{
 };
 pub use operation::{
     ChatMessage, ChatRole, HiveTarget, InferRequest, JobCreated, ModelRef, ModelTarget, Operation,
-    ResponseFormat, WorkerSpawnRequest, WorkerTarget,
+    ResponseFormat, Tool, ToolCall, WorkerSpawnRequest, WorkerTarget,
 };
 pub use validation::InvalidField;
 

@@ -184,10 +184,7 @@ mod tests {
     use super::*;
 
     fn message(role: ChatRole, content: &str) -> ChatMessage {
-        ChatMessage {
-            role,
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     fn conversation(turns: usize) -> Vec<ChatMessage> {

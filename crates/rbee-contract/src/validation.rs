@@ -167,8 +167,72 @@ impl InferRequest {
                 "needs a `schema` that is a JSON Schema object",
             ));
         }
+        self.validate_tools()
+    }
+
+    /// `tools` come with `messages`, each named by letters, digits, `_` and `-` (at most 64,
+    /// names distinct) with `parameters` a JSON Schema object; only assistant messages carry
+    /// `tool_calls`, and a `tool` message names the call it answers.
+    fn validate_tools(&self) -> Result<(), InvalidField> {
+        if !self.tools.is_empty() && self.messages.is_none() {
+            return Err(InvalidField::new(
+                "tools",
+                "are offered in a chat: give `messages`, not `prompt`",
+            ));
+        }
+        for (i, tool) in self.tools.iter().enumerate() {
+            if !is_function_name(&tool.name) {
+                return Err(InvalidField::new(
+                    "tools",
+                    format!(
+                        "has a function named {:?}: a name is 1 to {MAX_FUNCTION_NAME} letters, digits, `_` or `-`",
+                        tool.name
+                    ),
+                ));
+            }
+            if self.tools[..i].iter().any(|t| t.name == tool.name) {
+                return Err(InvalidField::new(
+                    "tools",
+                    format!("names the function `{}` twice", tool.name),
+                ));
+            }
+            if tool.parameters.as_ref().is_some_and(|p| !p.is_object()) {
+                return Err(InvalidField::new(
+                    "tools",
+                    format!(
+                        "gives function `{}` `parameters` that are not a JSON Schema object",
+                        tool.name
+                    ),
+                ));
+            }
+        }
+        for message in self.messages.iter().flatten() {
+            if !message.tool_calls.is_empty() && message.role != crate::ChatRole::Assistant {
+                return Err(InvalidField::new(
+                    "messages",
+                    "has `tool_calls` on a message that is not the assistant's",
+                ));
+            }
+            if message.role == crate::ChatRole::Tool && message.tool_call_id.is_none() {
+                return Err(InvalidField::new(
+                    "messages",
+                    "has a `tool` message without `tool_call_id`",
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// The longest function name, OpenAI's limit.
+pub const MAX_FUNCTION_NAME: usize = 64;
+
+/// Whether `name` is a valid function name (OpenAI's rule: `^[a-zA-Z0-9_-]{1,64}$`).
+pub fn is_function_name(name: &str) -> bool {
+    (1..=MAX_FUNCTION_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn within(field: &'static str, value: Option<f32>, min: f32, max: f32) -> Result<(), InvalidField> {
@@ -202,11 +266,16 @@ mod tests {
         }
     }
 
-    fn user() -> ChatMessage {
-        ChatMessage {
-            role: ChatRole::User,
-            content: "hi".into(),
+    fn tool(name: &str) -> crate::Tool {
+        crate::Tool {
+            name: name.into(),
+            description: None,
+            parameters: Some(serde_json::json!({"type": "object"})),
         }
+    }
+
+    fn user() -> ChatMessage {
+        ChatMessage::new(ChatRole::User, "hi")
     }
 
     /// Each row: a request and the field it is refused for, or `None` when it is accepted.
@@ -222,11 +291,95 @@ mod tests {
             ("a chat", chat(vec![user()]), None),
             (
                 "a chat message may be empty",
-                chat(vec![ChatMessage {
-                    role: ChatRole::Assistant,
-                    content: String::new(),
-                }]),
+                chat(vec![ChatMessage::new(ChatRole::Assistant, "")]),
                 None,
+            ),
+            (
+                "tools in a chat",
+                InferRequest {
+                    tools: vec![tool("get_weather"), tool("a-b_9")],
+                    ..chat(vec![user()])
+                },
+                None,
+            ),
+            (
+                "tools with a prompt",
+                InferRequest {
+                    tools: vec![tool("get_weather")],
+                    ..prompt()
+                },
+                Some("tools"),
+            ),
+            (
+                "a function name with a space",
+                InferRequest {
+                    tools: vec![tool("get weather")],
+                    ..chat(vec![user()])
+                },
+                Some("tools"),
+            ),
+            (
+                "a function name of 65 characters",
+                InferRequest {
+                    tools: vec![tool(&"f".repeat(65))],
+                    ..chat(vec![user()])
+                },
+                Some("tools"),
+            ),
+            (
+                "a function named twice",
+                InferRequest {
+                    tools: vec![tool("f"), tool("f")],
+                    ..chat(vec![user()])
+                },
+                Some("tools"),
+            ),
+            (
+                "parameters that are not an object",
+                InferRequest {
+                    tools: vec![crate::Tool {
+                        parameters: Some(serde_json::json!("object")),
+                        ..tool("f")
+                    }],
+                    ..chat(vec![user()])
+                },
+                Some("tools"),
+            ),
+            (
+                "a tool message without its call's id",
+                chat(vec![user(), ChatMessage::new(ChatRole::Tool, "42")]),
+                Some("messages"),
+            ),
+            (
+                "a tool message with its call's id",
+                chat(vec![
+                    user(),
+                    ChatMessage {
+                        tool_calls: vec![crate::ToolCall {
+                            id: "call_1".into(),
+                            name: "f".into(),
+                            arguments: "{}".into(),
+                        }],
+                        ..ChatMessage::new(ChatRole::Assistant, "")
+                    },
+                    ChatMessage {
+                        tool_call_id: Some("call_1".into()),
+                        ..ChatMessage::new(ChatRole::Tool, "42")
+                    },
+                ]),
+                None,
+            ),
+            (
+                "tool calls on a user message",
+                chat(vec![ChatMessage {
+                    tool_calls: vec![crate::ToolCall {
+                        id: "call_1".into(),
+                        name: "f".into(),
+                        arguments: "{}".into(),
+                    }],
+                    ..user()
+                }]),
+                Some("messages"),
             ),
             (
                 "blank model",

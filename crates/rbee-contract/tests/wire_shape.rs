@@ -66,6 +66,20 @@ fn chat_operation_shape() {
 }
 
 #[test]
+fn tool_chat_operation_shape() {
+    let Operation::Infer(req) = round_trip::<Operation>("tool_chat_operation.json") else {
+        panic!("not an infer operation");
+    };
+    req.validate().unwrap();
+    assert_eq!(req.tools.len(), 1);
+    assert_eq!(req.tools[0].name, "get_weather");
+    let messages = req.messages.unwrap();
+    assert_eq!(messages[1].tool_calls[0].arguments, r#"{"city": "Paris"}"#);
+    assert_eq!(messages[2].role, ChatRole::Tool);
+    assert_eq!(messages[2].tool_call_id.as_deref(), Some("call_0a1b2c"));
+}
+
+#[test]
 fn worker_spawn_shape() {
     let op = round_trip::<Operation>("worker_spawn_operation.json");
     assert_eq!(op.name(), "worker_spawn");

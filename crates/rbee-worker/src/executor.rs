@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use job_server::{ApiError, JobContext, JobExecutor, JobFailure, JobOutcome, JobResult};
 use rbee_contract::{ChatRole, ErrorCode, FinishReason, InferRequest, JobEvent, Operation, Usage};
-use rbee_engine::{ChatTurn, EngineError, ErrorKind, GenerationParams, PreparedRequest, Prompt};
+use rbee_engine::{
+    ChatTool, ChatToolCall, ChatTurn, EngineError, ErrorKind, GenerationParams, PreparedRequest,
+    Prompt,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::inference::Task;
@@ -166,13 +169,41 @@ fn parse_request(req: InferRequest) -> Result<(Prompt, GenerationParams), ApiErr
     // `validate` admits exactly one of the two prompt forms.
     let prompt = match req.prompt {
         Some(text) => Prompt::Text(text),
-        None => Prompt::Chat(
-            req.messages
+        None => {
+            let turns: Vec<ChatTurn> = req
+                .messages
                 .unwrap_or_default()
                 .into_iter()
-                .map(|m| ChatTurn::new(role_name(m.role), m.content))
-                .collect(),
-        ),
+                .map(|m| ChatTurn {
+                    tool_calls: m
+                        .tool_calls
+                        .into_iter()
+                        .map(|c| ChatToolCall {
+                            id: c.id,
+                            name: c.name,
+                            arguments: c.arguments,
+                        })
+                        .collect(),
+                    tool_call_id: m.tool_call_id,
+                    name: m.name,
+                    ..ChatTurn::new(role_name(m.role), m.content)
+                })
+                .collect();
+            if req.tools.is_empty() {
+                Prompt::Chat(turns)
+            } else {
+                let tools = req
+                    .tools
+                    .into_iter()
+                    .map(|t| ChatTool {
+                        name: t.name,
+                        description: t.description,
+                        parameters: t.parameters,
+                    })
+                    .collect();
+                Prompt::ChatWithTools { turns, tools }
+            }
+        }
     };
     let defaults = GenerationParams::default();
     let params = GenerationParams {

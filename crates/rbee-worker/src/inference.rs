@@ -211,10 +211,8 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                     // The slot holds the answer's tokens too: the next turn, which sends the
                     // answer back as an assistant message, matches through it.
                     if let Some(keys) = &a.chat_keys {
-                        let answer = ChatMessage {
-                            role: ChatRole::Assistant,
-                            content: completion.text.clone(),
-                        };
+                        let answer =
+                            ChatMessage::new(ChatRole::Assistant, completion.text.clone());
                         engine.add_routing_key(a.seq.slot(), next_chat_key(keys, &answer));
                     }
                     // The slot now holds the tokens fed for this generation (a cold slot held

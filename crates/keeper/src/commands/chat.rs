@@ -208,7 +208,7 @@ impl Conversation {
 }
 
 fn message(role: ChatRole, content: String) -> ChatMessage {
-    ChatMessage { role, content }
+    ChatMessage::new(role, content)
 }
 
 /// Ctrl-C as a stream of cancellations: each [`arm`](Self::arm) hands out the token the next

@@ -78,15 +78,9 @@ fn build_request(args: &InferArgs, queen_is_local: bool) -> Result<InferRequest,
     let (prompt, messages) = if chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage {
-                role: ChatRole::System,
-                content: system.clone(),
-            });
+            messages.push(ChatMessage::new(ChatRole::System, system.clone()));
         }
-        messages.push(ChatMessage {
-            role: ChatRole::User,
-            content: prompt,
-        });
+        messages.push(ChatMessage::new(ChatRole::User, prompt));
         (None, Some(messages))
     } else {
         (Some(prompt), None)

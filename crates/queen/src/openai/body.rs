@@ -80,14 +80,19 @@ pub struct ChatCompletionRequest {
     /// 0 to 20, with `logprobs` true: also the most likely tokens at each step.
     #[serde(default)]
     pub top_logprobs: Option<u32>,
+    /// Functions the model may call (at most 128). They are written into the prompt by the
+    /// model's chat template; calls come back in `message.tool_calls` (`delta.tool_calls`
+    /// when streaming) with `finish_reason` `tool_calls`.
     #[serde(default)]
-    #[schema(ignore)]
-    pub tools: Option<Vec<Value>>,
+    pub tools: Option<Vec<ToolIn>>,
+    /// `auto` (the default with tools): the model answers or calls; `none`: the tools are
+    /// not offered; `required`, or `{"type": "function", "function": {"name": ...}}`: the
+    /// answer is one call (of that function), constrained while sampling so that its
+    /// arguments are valid JSON for the function's `parameters`.
     #[serde(default)]
-    #[schema(ignore)]
-    pub tool_choice: Option<Value>,
+    pub tool_choice: Option<ToolChoiceIn>,
+    /// Default true; false reports only the first call of an answer.
     #[serde(default)]
-    #[schema(ignore)]
     pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
     #[schema(ignore)]
@@ -224,19 +229,19 @@ pub enum PromptIn {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
-    /// `system`, `developer` (the same as `system`), `user` or `assistant`.
+    /// `system`, `developer` (the same as `system`), `user`, `assistant` or `tool`.
     pub role: RoleIn,
     /// A string, or a list of `{"type": "text", "text": "..."}` parts.
     #[serde(default)]
     pub content: Option<ContentIn>,
+    /// A `tool` message: the function that answered.
     #[serde(default)]
-    #[schema(ignore)]
     pub name: Option<String>,
+    /// An assistant message's calls (its `content` may then be `null`).
     #[serde(default)]
-    #[schema(ignore)]
-    pub tool_calls: Option<Vec<Value>>,
+    pub tool_calls: Option<Vec<ChatToolCallIn>>,
+    /// A `tool` message: the `id` of the call whose result its `content` is.
     #[serde(default)]
-    #[schema(ignore)]
     pub tool_call_id: Option<String>,
     #[serde(default)]
     #[schema(ignore)]
@@ -262,6 +267,75 @@ pub enum RoleIn {
 pub enum ContentIn {
     Text(String),
     Parts(Vec<ContentPart>),
+}
+
+/// A function the model may call.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ToolIn {
+    /// `function`
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionIn,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionIn {
+    /// 1 to 64 letters, digits, `_` or `-`.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A JSON Schema object of the arguments.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub parameters: Option<Value>,
+    /// Accepted and not needed: a call is constrained to the schema whenever `tool_choice`
+    /// requires one.
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `none`, `auto`, `required`, or one function.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum ToolChoiceIn {
+    Mode(String),
+    Function(NamedToolChoice),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToolChoice {
+    /// `function`
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: NamedFunction,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// A call an assistant message made, as `message.tool_calls` returned it.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatToolCallIn {
+    pub id: String,
+    /// `function`
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionCallIn {
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
 }
 
 /// One part of a message's content. Only `text` parts are supported.

@@ -8,8 +8,11 @@
 //! JSON answers and SSE chunks. Failures use OpenAI's error object, mapped once from rbee's
 //! error codes. A client that goes away cancels its job.
 //!
-//! It is not the rest of OpenAI's API (embeddings, tools, logprobs, several choices):
-//! parameters rbee cannot honour are refused by name, never silently ignored.
+//! Tool calls (`tools`, `tool_choice`) are `tools`'s: the worker's chat template offers the
+//! functions, and the answer's text is read back into calls here.
+//!
+//! It is not the rest of OpenAI's API (embeddings, several choices): parameters rbee cannot
+//! honour are refused by name, never silently ignored.
 
 mod body;
 mod error;
@@ -18,14 +21,16 @@ mod render;
 mod request;
 mod respond;
 mod routes;
+mod tools;
 
 pub(crate) use routes::router;
 
 /// What the OpenAPI document needs from this module: the routes and the types they use.
 pub(crate) mod doc {
     pub(crate) use super::body::{
-        ChatCompletionRequest, ChatMessageIn, CompletionRequest, ContentIn, ContentPart, PromptIn,
-        RoleIn, StopIn, StreamOptions,
+        ChatCompletionRequest, ChatMessageIn, ChatToolCallIn, CompletionRequest, ContentIn,
+        ContentPart, FunctionCallIn, FunctionIn, NamedFunction, NamedToolChoice, PromptIn, RoleIn,
+        StopIn, StreamOptions, ToolChoiceIn, ToolIn,
     };
     pub(crate) use super::error::{ErrorObject, ErrorResponse};
     pub(crate) use super::models::{Model, ModelList};
@@ -33,6 +38,7 @@ pub(crate) mod doc {
         AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion,
         CompletionChunk, Delta, PromptTokensDetails, TextChoice, UsageOut,
     };
+    pub(crate) use super::tools::{FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut};
     pub(crate) use super::routes::{
         __path_chat_completions, __path_completions, __path_get_model, __path_list_models,
     };

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use super::error::ErrorResponse;
 use super::request::Kind;
+use super::tools::{FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut, ToolUse, call_id};
 
 /// `POST /v1/chat/completions` without `stream`.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
@@ -27,7 +28,7 @@ pub struct ChatChoice {
     pub message: AssistantMessage,
     /// `null` unless the request set `logprobs`.
     pub logprobs: Option<ChatLogprobs>,
-    /// `stop` or `length`.
+    /// `stop`, `length`, or `tool_calls` when the answer called functions.
     pub finish_reason: &'static str,
 }
 
@@ -35,7 +36,11 @@ pub struct ChatChoice {
 pub struct AssistantMessage {
     /// `assistant`
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is only calls.
+    pub content: Option<String>,
+    /// The functions the answer calls, when the request offered tools and it called any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
 }
 
 /// `POST /v1/completions` without `stream`.
@@ -202,6 +207,9 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// A call's start (`index`, `id`, `type`, `function.name`) or more of its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One `data:` line of a streamed completion.
@@ -308,6 +316,10 @@ pub(crate) struct Renderer {
     /// Whether the request asked for log-probabilities (`logprobs` is then never `null` in
     /// an answer or a content chunk).
     pub logprobs: bool,
+    /// Set when the model was offered tools: the answer is read for calls.
+    pub tools: Option<ToolUse>,
+    /// The job's id, from which call ids are made.
+    pub job_id: String,
 }
 
 impl Renderer {
@@ -323,7 +335,100 @@ impl Renderer {
             model,
             include_usage,
             logprobs: false,
+            tools: None,
+            job_id: job_id.to_owned(),
         }
+    }
+
+    /// The same renderer, reading the answer for calls to `tools`.
+    pub fn with_tools(self, tools: Option<ToolUse>) -> Self {
+        Renderer { tools, ..self }
+    }
+
+    /// The id of the answer's call `index`.
+    pub fn call_id(&self, index: usize) -> String {
+        call_id(&self.job_id, index)
+    }
+
+    /// The two chunks that stream call `index`: its id, type and name, then its arguments.
+    pub fn tool_call_chunks(&self, index: usize, name: &str, arguments: &str) -> [String; 2] {
+        let delta = |call: ToolCallDelta| Delta {
+            role: None,
+            content: None,
+            tool_calls: Some(vec![call]),
+        };
+        let index_u32 = u32::try_from(index).unwrap_or(u32::MAX);
+        [
+            self.chat_chunk(
+                delta(ToolCallDelta {
+                    index: index_u32,
+                    id: Some(self.call_id(index)),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name.to_owned()),
+                        arguments: Some(String::new()),
+                    },
+                }),
+                None,
+                None,
+            ),
+            self.chat_chunk(
+                delta(ToolCallDelta {
+                    index: index_u32,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: Some(arguments.to_owned()),
+                    },
+                }),
+                None,
+                None,
+            ),
+        ]
+    }
+
+    /// The whole answer of a non-streaming chat request that called functions (or was read
+    /// for calls): `content` is `None` when the answer is only calls.
+    pub fn chat_response(
+        &self,
+        content: Option<String>,
+        calls: Vec<(String, String)>,
+        reason: FinishReason,
+        usage: UsageOut,
+        tokens: &[TokenEntry],
+    ) -> String {
+        let finish_reason = if calls.is_empty() {
+            finish_reason(reason)
+        } else {
+            "tool_calls"
+        };
+        let tool_calls = calls
+            .into_iter()
+            .enumerate()
+            .map(|(index, (name, arguments))| ToolCallOut {
+                id: self.call_id(index),
+                kind: "function",
+                function: FunctionCallOut { name, arguments },
+            })
+            .collect();
+        encode(&ChatCompletion {
+            id: self.id.clone(),
+            object: "chat.completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChatChoice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content,
+                    tool_calls,
+                },
+                logprobs: self.chat_logprobs(tokens),
+                finish_reason,
+            }],
+            usage,
+        })
     }
 
     /// The same renderer, answering with log-probabilities.
@@ -346,6 +451,7 @@ impl Renderer {
                 Delta {
                     role: Some("assistant"),
                     content: Some(String::new()),
+                    tool_calls: None,
                 },
                 None,
                 None,
@@ -366,6 +472,7 @@ impl Renderer {
                 Delta {
                     role: None,
                     content: Some(text.to_string()),
+                    tool_calls: None,
                 },
                 None,
                 self.chat_logprobs(tokens),
@@ -382,8 +489,15 @@ impl Renderer {
 
     /// The chunk that ends the choice, carrying the log-probabilities of `tokens` whose text
     /// was never released (they ended inside a stop sequence); `null` when there are none.
+    #[cfg(test)]
     pub fn finish_chunk_with(&self, reason: FinishReason, tokens: &[TokenEntry]) -> String {
-        let reason = Some(finish_reason(reason));
+        self.finish_chunk_as(finish_reason(reason), tokens)
+    }
+
+    /// [`finish_chunk_with`](Self::finish_chunk_with) with the reason as OpenAI names it
+    /// (`tool_calls` after a streamed call).
+    pub fn finish_chunk_as(&self, reason: &'static str, tokens: &[TokenEntry]) -> String {
+        let reason = Some(reason);
         let tokens = if tokens.is_empty() {
             None
         } else {
@@ -394,6 +508,7 @@ impl Renderer {
                 Delta {
                     role: None,
                     content: None,
+                    tool_calls: None,
                 },
                 reason,
                 tokens.and_then(|t| self.chat_logprobs(t)),
@@ -449,22 +564,7 @@ impl Renderer {
     ) -> String {
         let finish_reason = finish_reason(reason);
         match self.kind {
-            Kind::Chat => encode(&ChatCompletion {
-                id: self.id.clone(),
-                object: "chat.completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content: text,
-                    },
-                    logprobs: self.chat_logprobs(tokens),
-                    finish_reason,
-                }],
-                usage,
-            }),
+            Kind::Chat => self.chat_response(Some(text), Vec::new(), reason, usage, tokens),
             Kind::Text => encode(&Completion {
                 id: self.id.clone(),
                 object: "text_completion",

@@ -4,7 +4,7 @@
 //!
 //! The body is deserialized with the failing field's path recorded, so every `400` names the
 //! parameter. OpenAI parameters rbee cannot honour are refused by name; each is accepted only
-//! with the value that asks for nothing (e.g. `n: 1`, `tools: []`),
+//! with the value that asks for nothing (e.g. `n: 1`, `logit_bias: {}`),
 //! because ignoring any other value would change the answer without telling the client.
 //!
 //! The limits of the sampling parameters are the contract's ([`InferRequest::validate`]), the
@@ -21,6 +21,7 @@ use super::body::{
     SamplingParams, StopIn, sampling_of,
 };
 use super::error::OpenAiError;
+use super::tools::{self, ToolUse};
 
 /// Most alternatives per token `POST /v1/completions` takes in `logprobs` (OpenAI's bound).
 const MAX_COMPLETION_LOGPROBS: u32 = 5;
@@ -53,6 +54,8 @@ pub(crate) struct ValidRequest {
     pub stream: Option<StreamMode>,
     /// OpenAI's end-user id: logged, never used.
     pub user: Option<String>,
+    /// Set when the model is offered tools: its answer is read for calls.
+    pub tools: Option<ToolUse>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,13 +78,10 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
             ));
         }
     };
-    refuse_unless(request.tools.as_ref().is_none_or(Vec::is_empty), "tools")?;
-    refuse_unless(
-        request
-            .tool_choice
-            .as_ref()
-            .is_none_or(|c| c.as_str() == Some("none")),
-        "tool_choice",
+    let tool_plan = tools::plan(
+        request.tools,
+        request.tool_choice,
+        request.parallel_tool_calls,
     )?;
     refuse_unless(
         request.functions.as_ref().is_none_or(Vec::is_empty),
@@ -109,8 +109,6 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
         "modalities",
     )?;
     refuse_unless(request.store.is_none_or(|s| !s), "store")?;
-    // Without tools, whether tool calls may run in parallel changes nothing.
-    let _ = request.parallel_tool_calls;
 
     let max_tokens = match (request.max_tokens, request.max_completion_tokens) {
         (Some(a), Some(b)) if a != b => {
@@ -127,9 +125,13 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
         messages: Some(messages),
         max_tokens,
         logprobs,
+        tools: tool_plan.offered,
+        response_format: tool_plan.constraint,
         ..InferRequest::default()
     };
-    finish(Kind::Chat, infer, request.n, sampling_of!(request))
+    let mut valid = finish(Kind::Chat, infer, request.n, sampling_of!(request))?;
+    valid.tools = tool_plan.tool_use;
+    Ok(valid)
 }
 
 /// Parses a (legacy) completion body.
@@ -251,15 +253,31 @@ fn finish(
         infer,
         stream,
         user,
+        tools: None,
     })
 }
 
 fn parse_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, OpenAiError> {
-    messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, message)| parse_message(i, message))
-        .collect()
+    let mut parsed: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    for (i, message) in messages.into_iter().enumerate() {
+        let message = parse_message(i, message)?;
+        // OpenAI's rule: a tool result answers a call an earlier assistant message made.
+        if let Some(id) = &message.tool_call_id
+            && !parsed
+                .iter()
+                .any(|m| m.tool_calls.iter().any(|c| &c.id == id))
+        {
+            return Err(OpenAiError::invalid(
+                format!("messages[{i}].tool_call_id"),
+                format!(
+                    "`messages[{i}].tool_call_id` is `{id}`, which no earlier assistant \
+                     message's `tool_calls` has"
+                ),
+            ));
+        }
+        parsed.push(message);
+    }
+    Ok(parsed)
 }
 
 fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAiError> {
@@ -268,20 +286,40 @@ fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAi
         RoleIn::System | RoleIn::Developer => ChatRole::System,
         RoleIn::User => ChatRole::User,
         RoleIn::Assistant => ChatRole::Assistant,
-        RoleIn::Tool | RoleIn::Function => {
+        RoleIn::Tool => ChatRole::Tool,
+        RoleIn::Function => {
             return Err(OpenAiError::invalid(
                 at("role"),
-                "tool and function messages are not supported: rbee has no tool calling",
+                "`function` messages (OpenAI's deprecated function calling) are not supported: \
+                 use `tool` messages with `tool_call_id`",
             ));
         }
     };
+    let tool_calls = match message.tool_calls {
+        Some(calls) if !calls.is_empty() && role != ChatRole::Assistant => {
+            return Err(OpenAiError::invalid(
+                at("tool_calls"),
+                format!("`{}` is only allowed on assistant messages", at("tool_calls")),
+            ));
+        }
+        Some(calls) => tools::message_calls(i, calls)?,
+        None => Vec::new(),
+    };
+    if role == ChatRole::Tool && message.tool_call_id.is_none() {
+        return Err(OpenAiError::invalid(
+            at("tool_call_id"),
+            format!(
+                "`{}` is required: a tool message answers the call with that id",
+                at("tool_call_id")
+            ),
+        ));
+    }
     let refused = [
-        ("name", message.name.is_some()),
+        ("name", message.name.is_some() && role != ChatRole::Tool),
         (
-            "tool_calls",
-            message.tool_calls.is_some_and(|c| !c.is_empty()),
+            "tool_call_id",
+            message.tool_call_id.is_some() && role != ChatRole::Tool,
         ),
-        ("tool_call_id", message.tool_call_id.is_some()),
         ("function_call", message.function_call.is_some()),
         ("refusal", message.refusal.is_some()),
     ];
@@ -292,6 +330,8 @@ fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAi
         ));
     }
     let content = match message.content {
+        // An assistant message that only calls has no content.
+        None if !tool_calls.is_empty() => String::new(),
         None => {
             return Err(OpenAiError::invalid(
                 at("content"),
@@ -325,7 +365,12 @@ fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAi
             texts.join("\n")
         }
     };
-    Ok(ChatMessage { role, content })
+    Ok(ChatMessage {
+        tool_calls,
+        tool_call_id: message.tool_call_id,
+        name: message.name,
+        ..ChatMessage::new(role, content)
+    })
 }
 
 /// Deserializes `body`, naming the failing parameter in the error.

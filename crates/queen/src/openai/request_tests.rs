@@ -52,10 +52,7 @@ fn a_chat_request_becomes_an_infer_operation() {
         })
     );
     assert_eq!(request.user.as_deref(), Some("u-1"));
-    let message = |role, content: &str| ChatMessage {
-        role,
-        content: content.into(),
-    };
+    let message = |role, content: &str| ChatMessage::new(role, content);
     assert_eq!(
         request.infer,
         InferRequest {
@@ -79,6 +76,8 @@ fn a_chat_request_becomes_an_infer_operation() {
             stop: vec!["\n".into()],
             prompt: None,
             logprobs: None,
+            response_format: None,
+            tools: Vec::new(),
         }
     );
 }
@@ -191,14 +190,10 @@ fn unsupported_parameters_are_refused_by_name() {
     };
     // Alternatives without the tokens' own logprobs: OpenAI refuses them too.
     assert_eq!(with("top_logprobs", json!(3)), "top_logprobs");
-    assert_eq!(
-        with(
-            "tools",
-            json!([{"type": "function", "function": {"name": "f"}}])
-        ),
-        "tools"
-    );
-    assert_eq!(with("tool_choice", json!("auto")), "tool_choice");
+    // OpenAI's deprecated function calling; tools are the way.
+    assert_eq!(with("functions", json!([{"name": "f"}])), "functions");
+    // A call is required but no tool is offered.
+    assert_eq!(with("tool_choice", json!("required")), "tool_choice");
     assert_eq!(
         with("response_format", json!({"type": "json_object"})),
         "response_format"
@@ -269,7 +264,7 @@ fn messages_are_checked_part_by_part() {
         "messages[0].role"
     );
     assert_eq!(
-        with_messages(json!([user("a"), {"role": "tool", "content": "x", "tool_call_id": "1"}])).0,
+        with_messages(json!([user("a"), {"role": "function", "content": "x", "name": "f"}])).0,
         "messages[1].role"
     );
     assert_eq!(
@@ -299,6 +294,136 @@ fn messages_are_checked_part_by_part() {
         "messages[0].colour"
     );
     assert_eq!(refused(chat(json!({"model": "m"}))).0, "messages");
+}
+
+fn weather_tool() -> Value {
+    json!({"type": "function", "function": {
+        "name": "get_weather",
+        "description": "The weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}
+    }})
+}
+
+fn weather_call(id: &str) -> Value {
+    json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    ]})
+}
+
+#[test]
+fn a_tool_round_trip_reaches_the_contract() {
+    let request = chat(json!({
+        "model": "m",
+        "messages": [
+            user("Weather in Paris?"),
+            weather_call("call_1"),
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        ],
+        "tools": [weather_tool()],
+        "parallel_tool_calls": false,
+    }))
+    .unwrap();
+    let tools = request.tools.unwrap();
+    assert_eq!(tools.names, ["get_weather"]);
+    assert!(!tools.parallel);
+    assert_eq!(request.infer.tools.len(), 1);
+    assert_eq!(request.infer.tools[0].name, "get_weather");
+    assert_eq!(
+        request.infer.tools[0].parameters.as_ref().unwrap()["type"],
+        "object"
+    );
+    // `auto` constrains nothing.
+    assert_eq!(request.infer.response_format, None);
+    let messages = request.infer.messages.unwrap();
+    assert_eq!(messages[1].role, ChatRole::Assistant);
+    assert_eq!(messages[1].content, "");
+    assert_eq!(messages[1].tool_calls[0].id, "call_1");
+    assert_eq!(messages[1].tool_calls[0].name, "get_weather");
+    assert_eq!(messages[1].tool_calls[0].arguments, r#"{"city": "Paris"}"#);
+    assert_eq!(messages[2].role, ChatRole::Tool);
+    assert_eq!(messages[2].tool_call_id.as_deref(), Some("call_1"));
+}
+
+#[test]
+fn required_and_named_tool_choices_constrain_the_answer_and_none_offers_nothing() {
+    let with_choice = |choice: Value| {
+        chat(json!({
+            "model": "m", "messages": [user("Weather in Paris?")],
+            "tools": [weather_tool()], "tool_choice": choice,
+        }))
+        .unwrap()
+    };
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "get_weather"}}),
+    ] {
+        let request = with_choice(choice);
+        let Some(rbee_contract::ResponseFormat::JsonSchema { schema }) =
+            request.infer.response_format
+        else {
+            panic!("a required call is constrained");
+        };
+        assert_eq!(schema["properties"]["name"], json!({"const": "get_weather"}));
+        assert_eq!(schema["required"], json!(["name", "arguments"]));
+    }
+    let none = with_choice(json!("none"));
+    assert!(none.tools.is_none());
+    assert!(none.infer.tools.is_empty());
+    assert_eq!(none.infer.response_format, None);
+}
+
+#[test]
+fn malformed_tools_and_tool_messages_name_the_parameter() {
+    let with = |body: Value| refused(chat(body)).0;
+    let base = |extra: Value| {
+        let mut body = json!({"model": "m", "messages": [user("hi")]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    assert_eq!(
+        with(base(json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}))),
+        "tool_choice"
+    );
+    assert_eq!(
+        with(base(json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}))),
+        "tools[0].function.name"
+    );
+    assert_eq!(
+        with(base(json!({"tools": [{"type": "function", "function": {"name": "has space"}}]}))),
+        "tools[0].function.name"
+    );
+    assert_eq!(
+        with(base(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]}))),
+        "tools[0].function.parameters"
+    );
+    assert_eq!(
+        with(base(json!({"tools": [{"type": "function"}]}))),
+        "tools[0].function"
+    );
+    // A tool message without the id of the call it answers, or with an id no call had.
+    assert_eq!(
+        with(json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C"}]})),
+        "messages[2].tool_call_id"
+    );
+    assert_eq!(
+        with(json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C", "tool_call_id": "call_9"}]})),
+        "messages[2].tool_call_id"
+    );
+    // Calls only on assistant messages; a call needs its function's name and arguments.
+    assert_eq!(
+        with(json!({"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ]}]})),
+        "messages[0].tool_calls"
+    );
+    assert_eq!(
+        with(json!({"model": "m", "messages": [user("hi"), {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "f"}}
+        ]}]})),
+        "messages[1].tool_calls[0].function.arguments"
+    );
 }
 
 #[test]

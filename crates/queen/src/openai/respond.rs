@@ -20,6 +20,7 @@ use rbee_contract::{DONE_SENTINEL, ErrorCode, JobEvent};
 
 use super::error::OpenAiError;
 use super::render::{Renderer, Tally, TokenEntry, error_chunk};
+use super::tools::{CallParser, Piece, ToolUse};
 
 /// Interval of SSE keep-alive comments while a stream waits for its next token.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -78,7 +79,14 @@ pub(crate) async fn json(
                 finish_reason,
                 usage,
             } => {
-                let body = renderer.response_with(text, finish_reason, tally.usage(usage), &tokens);
+                let usage = tally.usage(usage);
+                let body = match &renderer.tools {
+                    Some(tools) => {
+                        let (content, calls) = read_calls(tools, &text);
+                        renderer.chat_response(content, calls, finish_reason, usage, &tokens)
+                    }
+                    None => renderer.response_with(text, finish_reason, usage, &tokens),
+                };
                 let mut response = (StatusCode::OK, body).into_response();
                 response
                     .headers_mut()
@@ -97,6 +105,28 @@ pub(crate) async fn json(
     }
 }
 
+/// The content and the calls (name, arguments) of a whole answer to a request that offered
+/// tools. Content that is only the whitespace around calls is no content.
+fn read_calls(tools: &ToolUse, text: &str) -> (Option<String>, Vec<(String, String)>) {
+    let mut content = String::new();
+    let mut calls = Vec::new();
+    for piece in CallParser::parse_all(tools.names.clone(), text) {
+        match piece {
+            Piece::Text(t) => content.push_str(&t),
+            Piece::Call(call) if tools.parallel || calls.is_empty() => {
+                calls.push((call.name, call.arguments));
+            }
+            Piece::Call(_) => {}
+        }
+    }
+    let content = if !calls.is_empty() && content.trim().is_empty() {
+        None
+    } else {
+        Some(content)
+    };
+    (content, calls)
+}
+
 /// Answers with an SSE stream of chunks: the opening chunk, content chunks, the finish
 /// chunk, the usage chunk when asked for, then `data: [DONE]`. A job that fails mid-stream
 /// sends an error chunk, then `[DONE]`.
@@ -105,6 +135,11 @@ pub(crate) fn stream(
     renderer: Renderer,
     first: JobEvent,
 ) -> Response {
+    let calls = renderer.tools.as_ref().map(|tools| Calls {
+        parser: CallParser::new(tools.names.clone()),
+        parallel: tools.parallel,
+        made: 0,
+    });
     let mut state = StreamState {
         subscription: Some(subscription),
         pending: VecDeque::new(),
@@ -112,6 +147,7 @@ pub(crate) fn stream(
         renderer,
         held: Vec::new(),
         chars: 0,
+        calls,
     };
     state.pending.extend(state.renderer.opening_chunk());
     state.take(first);
@@ -141,6 +177,16 @@ struct StreamState {
     held: Vec<TokenEntry>,
     /// Characters of text sent so far, for the completions' `text_offset`.
     chars: u32,
+    /// Set when the request offered tools: the text goes through the call parser.
+    calls: Option<Calls>,
+}
+
+/// Reading a streamed answer for calls.
+struct Calls {
+    parser: CallParser,
+    parallel: bool,
+    /// Calls streamed so far.
+    made: usize,
 }
 
 impl StreamState {
@@ -174,11 +220,12 @@ impl StreamState {
                 }
                 // Empty text (a token inside a multi-byte character or a possible stop
                 // sequence) arrives with a later token; an empty delta says nothing.
-                if !text.is_empty() {
-                    self.chars += char_count(&text);
-                    self.pending
-                        .push_back(self.renderer.content_chunk_with(&text, &self.held));
-                    self.held.clear();
+                if text.is_empty() {
+                } else if let Some(calls) = self.calls.as_mut() {
+                    let pieces = calls.parser.push(&text);
+                    self.send_pieces(pieces);
+                } else {
+                    self.send_text(&text);
                 }
             }
             JobEvent::Done {
@@ -186,8 +233,16 @@ impl StreamState {
                 usage,
             } => {
                 self.subscription = None;
+                let mut reason = super::render::finish_reason(finish_reason);
+                if let Some(calls) = self.calls.as_mut() {
+                    let pieces = calls.parser.finish();
+                    self.send_pieces(pieces);
+                    if self.calls.as_ref().is_some_and(|c| c.made > 0) {
+                        reason = "tool_calls";
+                    }
+                }
                 self.pending
-                    .push_back(self.renderer.finish_chunk_with(finish_reason, &self.held));
+                    .push_back(self.renderer.finish_chunk_as(reason, &self.held));
                 self.held.clear();
                 if self.renderer.include_usage {
                     self.pending
@@ -209,6 +264,38 @@ impl StreamState {
             | JobEvent::Spawning { .. }
             | JobEvent::Loading { .. }
             | JobEvent::Data { .. } => {}
+        }
+    }
+
+    /// Queues a content chunk, carrying the log-probabilities held so far.
+    fn send_text(&mut self, text: &str) {
+        self.chars += char_count(text);
+        self.pending
+            .push_back(self.renderer.content_chunk_with(text, &self.held));
+        self.held.clear();
+    }
+
+    /// Queues what the call parser released: content, and each call as its two chunks.
+    fn send_pieces(&mut self, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Text(text) => self.send_text(&text),
+                Piece::Call(call) => {
+                    let Some(calls) = self.calls.as_mut() else {
+                        continue;
+                    };
+                    if calls.made > 0 && !calls.parallel {
+                        continue;
+                    }
+                    let index = calls.made;
+                    calls.made += 1;
+                    self.pending.extend(self.renderer.tool_call_chunks(
+                        index,
+                        &call.name,
+                        &call.arguments,
+                    ));
+                }
+            }
         }
     }
 

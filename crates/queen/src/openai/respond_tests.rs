@@ -67,6 +67,7 @@ async fn stream_lines_with(
         renderer: Renderer::new(kind, "j", 1, "m".into(), true).with_logprobs(logprobs),
         held: Vec::new(),
         chars: 0,
+        calls: None,
     };
     state.pending.extend(state.renderer.opening_chunk());
     state.take(first);

@@ -196,6 +196,7 @@ impl OpenAiState {
             infer,
             stream,
             user,
+            tools,
         } = request;
         let model = infer.model.clone();
         let logprobs = infer.logprobs.is_some();
@@ -228,7 +229,8 @@ impl OpenAiState {
             model,
             stream.is_some_and(|s| s.include_usage),
         )
-        .with_logprobs(logprobs);
+        .with_logprobs(logprobs)
+        .with_tools(tools);
         let mut response = match stream {
             Some(_) => respond::stream(subscription, renderer, first),
             None => respond::json(subscription, &renderer, first).await?,
