@@ -2,7 +2,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 
 use crate::chat::{ChatError, ChatTemplate};
 use crate::cpu::SeqTokens;
@@ -31,8 +31,8 @@ pub struct LoadOptions {
     /// or as its `config.json`.
     pub model_path: PathBuf,
     pub device: DeviceSpec,
-    /// Sequences to run at once (continuous batching), at least 1. A model that runs on
-    /// candle's code holds one; see [`Engine::slots`].
+    /// Sequences to run at once (continuous batching), at least 1, each with its own KV cache,
+    /// on either forward path (the engine's CPU path, or candle's path on any device).
     pub slots: usize,
     /// Positions a prompt plus its completion may occupy, in each slot; `None` takes the
     /// context the model was trained for. More than that is allowed, with a warning, as
@@ -136,22 +136,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let device = opts.device.open()?;
         let mut loaded = model::load(&opts.model_path, &device, opts.context_length, progress)?;
-        let wanted = opts.slots.max(1);
-        let slots = match loaded.model.batched() {
-            Some(cpu) => {
-                cpu.set_sequences(wanted);
-                wanted
-            }
-            None => {
-                if wanted > 1 {
-                    tracing::warn!(
-                        slots = wanted,
-                        "this model runs on candle's code, which holds one sequence; serving one at a time"
-                    );
-                }
-                1
-            }
-        };
+        let slots = loaded.model.hold_sequences(opts.slots.max(1));
         let prompter = Prompter::new(
             loaded.tokenizer.clone(),
             chat_template(&loaded.tokenizer),
@@ -202,15 +187,14 @@ impl Engine {
         self.prompter.clone()
     }
 
-    /// How many sequences this engine runs at once: the `slots` it was loaded with, or 1 when
-    /// the model runs on candle's code, which holds one KV cache.
+    /// How many sequences this engine runs at once: the `slots` it was loaded with.
     pub fn slots(&self) -> usize {
         self.slots
     }
 
     /// Sets how the prompt cache behaves (by default slots reuse what they hold, with no store).
-    /// The engine's CPU path reuses prefixes; a model on candle's code, whose cache cannot be
-    /// cut back to a prefix, evaluates every prompt whole and reports no cached tokens.
+    /// The engine's CPU path reuses prefixes; a model on candle's path evaluates every prompt
+    /// whole and reports no cached tokens.
     pub fn set_prompt_cache(&mut self, options: PromptCacheOptions) {
         self.cache.set_options(options);
     }
@@ -243,7 +227,7 @@ impl Engine {
     /// [`routing_keys_held`](Self::routing_keys_held): a chat server adds the key of the answer
     /// a sequence generated (its tokens stay in the slot), which the conversation's next turn
     /// sends back. Nothing is added for a slot that holds no tokens (the model runs on
-    /// candle's code, or the slot's last step failed).
+    /// candle's path, or the slot's last step failed).
     pub fn add_routing_key(&mut self, slot: usize, key: u64) {
         self.cache.add_key(slot, key);
     }
@@ -298,7 +282,7 @@ impl Engine {
         let epoch = epoch + 1;
         let reuse = self
             .cache
-            .take(slot, &req.prompt_tokens, keys, self.model.batched())?;
+            .take(slot, &req.prompt_tokens, keys, self.model.prefix_cache())?;
         if reuse.cached > 0 {
             tracing::debug!(
                 slot,
@@ -405,9 +389,9 @@ impl Engine {
         inputs: &[(usize, Vec<u32>, usize)],
     ) -> Result<Vec<f32>, EngineError> {
         let logits = self.forward_uncached(inputs);
-        // A model on candle's code cannot cut its cache back to a prefix, so it reuses nothing:
-        // recording its tokens would advertise (to routing) a cache it cannot use.
-        if self.model.batched().is_none() {
+        // A model on candle's path keeps no prompt cache, so it reuses nothing: recording its
+        // tokens would advertise (to routing) a cache it does not use.
+        if self.model.prefix_cache().is_none() {
             return logits;
         }
         for (slot, tokens, pos) in inputs {
@@ -424,41 +408,15 @@ impl Engine {
         &mut self,
         inputs: &[(usize, Vec<u32>, usize)],
     ) -> Result<Vec<f32>, EngineError> {
-        if let Some(cpu) = self.model.batched() {
-            let entries: Vec<SeqTokens<'_>> = inputs
-                .iter()
-                .map(|(slot, tokens, pos)| SeqTokens {
-                    seq: *slot,
-                    tokens,
-                    pos: *pos,
-                })
-                .collect();
-            return cpu.step(&entries).map(<[f32]>::to_vec);
-        }
-        let [(0, tokens, pos)] = inputs else {
-            return Err(EngineError::Inference(
-                "this model runs one sequence at a time, in slot 0".into(),
-            ));
-        };
-        if *pos == 0 {
-            self.model.reset()?;
-        }
-        self.forward(tokens, *pos)
-    }
-
-    /// Feeds `tokens` at positions starting from `pos`; returns the last position's logits.
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, EngineError> {
-        let model = &mut self.model;
-        let device = &self.device;
-        // On CPU, `with_context` runs the pass inside candle's own thread pool, which keeps its
-        // workers warm between the many small parallel sections of a forward pass.
-        device
-            .with_context(|| {
-                let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
-                let logits = model.forward(&input, pos)?;
-                logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()
+        let entries: Vec<SeqTokens<'_>> = inputs
+            .iter()
+            .map(|(slot, tokens, pos)| SeqTokens {
+                seq: *slot,
+                tokens,
+                pos: *pos,
             })
-            .map_err(EngineError::inference)
+            .collect();
+        self.model.feed(&entries)
     }
 }
 

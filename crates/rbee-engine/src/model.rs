@@ -1,5 +1,6 @@
 //! Model families behind one trait, and what the engine reports about a loaded model.
 
+mod candle_llama;
 mod gguf;
 mod safetensors;
 
@@ -8,26 +9,32 @@ pub(crate) use gguf::uncomputed_tensor as gguf_uncomputed_tensor;
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
+use crate::cpu::SeqTokens;
 use crate::tokenizer::TextTokenizer;
 use crate::{EngineError, LoadProgress};
 
-/// One architecture's forward pass with its own KV cache.
+/// A model that holds several sequences at once, one KV cache each, and feeds them in one step.
 ///
-/// The engine drives every family with the same loop: `reset`, then `forward` over the prompt
-/// (in chunks, with increasing `pos`), then one token at a time.
+/// Both forward paths implement it: the engine's own CPU path ([`crate::cpu::CpuLlama`]) and
+/// the one written with candle's ops ([`candle_llama::CandleLlama`]), which runs on every device.
+/// The engine drives either the same way: each step feeds some sequences their next tokens
+/// (a prompt chunk, or the token sampled last) and gets back each one's last logits.
 pub(crate) trait CausalLm: Send {
-    /// Runs `tokens` (shape `[1, n]`) at positions `pos..pos + n`, appending them to the KV cache,
-    /// and returns the logits of the last position, shape `[1, vocab]`.
-    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor>;
+    /// Holds `n` (at least one) sequences from now on; the caches of sequences beyond `n` are
+    /// dropped. Returns how many it holds.
+    fn hold_sequences(&mut self, n: usize) -> usize;
 
-    /// Forgets every cached position so the next `forward` starts a new sequence at `pos` 0.
-    fn reset(&mut self) -> Result<(), EngineError>;
+    /// Feeds every entry of `batch` in one pass: their tokens share each matrix product, and
+    /// each attends over its own sequence's cache. Positions from an entry's `pos` on are
+    /// dropped from its cache first, so `pos` 0 starts the sequence afresh. Returns the last
+    /// position's logits of each entry, `[entry][vocab]`.
+    fn feed(&mut self, batch: &[SeqTokens<'_>]) -> Result<Vec<f32>, EngineError>;
 
-    /// The model as one that holds several sequences and feeds them in one step, when it can
-    /// (the engine's CPU path); `forward` and `reset` then act on its sequence 0.
-    fn batched(&mut self) -> Option<&mut crate::cpu::CpuLlama> {
+    /// The model as the prompt cache needs it (caches cut back to a prefix, copied out and back
+    /// in), when it can: the engine's CPU path.
+    fn prefix_cache(&mut self) -> Option<&mut crate::cpu::CpuLlama> {
         None
     }
 }
@@ -107,13 +114,7 @@ pub(crate) fn load(
     if is_gguf {
         gguf::load(path, device, context, progress)
     } else {
-        let mut loaded = safetensors::load(path, device, progress)?;
-        // candle's llama precomputes its rotary tables for the trained context and slides its
-        // KV cache past it.
-        let trained = loaded.info.trained_context_length;
-        loaded.info.context_length =
-            context_length(context, trained, Some(trained), "candle's llama");
-        Ok(loaded)
+        safetensors::load(path, device, context, progress)
     }
 }
 

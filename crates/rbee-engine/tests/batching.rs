@@ -1,6 +1,6 @@
 //! Continuous batching through the engine's public API: sequences that share steps, join a
-//! running batch and leave it produce exactly what each produces alone, with sampling on too;
-//! models on candle's code serve one slot.
+//! running batch and leave it produce exactly what each produces alone, with sampling on too,
+//! on the engine's CPU path and on candle's path.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -207,19 +207,21 @@ fn a_sequence_cancelled_mid_batch_ends_alone() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A file the engine's CPU path does not take runs on candle's path, which batches too (see
+/// also `tests/candle_batching.rs`).
 #[test]
-fn a_model_on_candles_code_serves_one_slot() -> anyhow::Result<()> {
+fn a_model_on_candles_path_serves_four_slots_batched() -> anyhow::Result<()> {
     // A head size the engine's path has no attention for.
     let path = model_gen::ensure_generated(
         &ModelSpec::small_wide_head(),
         ModelFormat::Gguf(GgufType::Q8_0),
         &model_gen::paths::generated_dir(),
     )?;
+    batched_equals_alone(&path, 4, "wide head Q8_0")?;
     let mut engine = load(&path, 4)?;
-    assert_eq!(engine.slots(), 1, "the file runs on candle's code");
     let reqs = requests(&engine)?;
-    let err = engine.begin(1, &reqs[0]).unwrap_err();
-    assert!(err.to_string().contains("slot 1"), "{err}");
+    let err = engine.begin(4, &reqs[0]).unwrap_err();
+    assert!(err.to_string().contains("slot 4"), "{err}");
     Ok(())
 }
 

@@ -39,10 +39,11 @@ fn load(path: &Path, slots: usize, context_length: Option<usize>) -> anyhow::Res
     Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
 }
 
-/// Whether `path` runs on the engine's CPU path here (not with `RBEE_CPU_KERNELS=0`): only that
-/// path serves more than one slot.
+/// Whether `path` runs on the engine's CPU path here (not with `RBEE_CPU_KERNELS=0`).
 fn on_cpu_path(path: &Path) -> anyhow::Result<bool> {
-    Ok(load(path, 2, Some(16))?.slots() == 2)
+    let mut file = std::fs::File::open(path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    Ok(rbee_engine::gguf_runs_on_cpu_path(&content))
 }
 
 /// A text prompt of `words` words, each one or more tokens.

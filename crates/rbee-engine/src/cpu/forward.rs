@@ -15,7 +15,6 @@
 //! across `reset`.
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -460,6 +459,13 @@ impl CpuLlama {
         self.caches.len()
     }
 
+    /// Forgets every cached position of sequence 0.
+    #[cfg(test)]
+    pub(crate) fn reset(&mut self) -> Result<(), EngineError> {
+        self.caches[0].len = 0;
+        Ok(())
+    }
+
     /// Bytes one position takes in a sequence's KV cache (keys and values of every layer).
     pub(crate) fn kv_bytes_per_position(&self) -> usize {
         2 * self.layers.len() * self.cfg.kv_dim() * std::mem::size_of::<f32>()
@@ -828,23 +834,16 @@ fn add_rows(x: &mut [f32], bias: &[f32]) {
 }
 
 impl CausalLm for CpuLlama {
-    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        let tokens = tokens.flatten_all()?.to_vec1::<u32>()?;
-        let entry = SeqTokens {
-            seq: 0,
-            tokens: &tokens,
-            pos,
-        };
-        let logits = self.step(&[entry]).map_err(candle_core::Error::wrap)?;
-        Tensor::from_slice(logits, (1, logits.len()), &Device::Cpu)
+    fn hold_sequences(&mut self, n: usize) -> usize {
+        self.set_sequences(n);
+        self.caches.len()
     }
 
-    fn reset(&mut self) -> Result<(), EngineError> {
-        self.caches[0].len = 0;
-        Ok(())
+    fn feed(&mut self, batch: &[SeqTokens<'_>]) -> Result<Vec<f32>, EngineError> {
+        self.step(batch).map(<[f32]>::to_vec)
     }
 
-    fn batched(&mut self) -> Option<&mut CpuLlama> {
+    fn prefix_cache(&mut self) -> Option<&mut CpuLlama> {
         Some(self)
     }
 }

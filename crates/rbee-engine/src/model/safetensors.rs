@@ -6,19 +6,25 @@ use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::llama::{self, LlamaConfig, LlamaEosToks};
+use candle_nn::Linear;
+use candle_transformers::models::llama::{
+    Llama3RopeConfig, Llama3RopeType, LlamaConfig, LlamaEosToks,
+};
 
-use super::{CausalLm, LoadedModel, ModelInfo, WeightsFormat, report};
+use super::candle_llama::{self, CandleLlama, Matrix, Rope};
+use super::{LoadedModel, ModelInfo, WeightsFormat, report};
 use crate::tokenizer::TextTokenizer;
 use crate::{EngineError, LoadProgress};
 
 const TENSORS_START: f32 = 0.1;
 const TENSORS_END: f32 = 0.95;
 
+/// Loads the checkpoint onto candle's path, for a context of `context` positions (`None`: the
+/// trained one, which is also the most it holds, as candle's llama holds).
 pub(super) fn load(
     path: &Path,
     device: &Device,
+    context: Option<usize>,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
     let dir = if path.is_dir() {
@@ -80,24 +86,106 @@ pub(super) fn load(
     }
     drop(tensors);
 
-    let info = describe(dir, &config, dtype, total_elems, &tokenizer);
-    let config = config.into_config(false);
-    let vb = VarBuilder::from_tensors(weights, dtype, device);
-    // Every tensor `Llama::load` asks for was checked above, so its internal unwraps cannot fire.
-    let model =
-        llama::Llama::load(vb, &config).map_err(|e| EngineError::load("llama weights", e))?;
-    let pristine_cache = llama::Cache::new(true, dtype, &config, device)
-        .map_err(|e| EngineError::load("rotary tables", e))?;
+    let mut info = describe(dir, &config, dtype, total_elems, &tokenizer);
+    let trained = info.trained_context_length;
+    info.context_length = super::context_length(context, trained, Some(trained), "candle's path");
+    let model = candle_model(&config, weights, dtype, info.context_length, device)
+        .map_err(|e| EngineError::load("llama weights", e))?;
     report(progress, 1.0, "model loaded");
     Ok(LoadedModel {
-        model: Box::new(SafetensorsLlama {
-            model,
-            cache: pristine_cache.clone(),
-            pristine_cache,
-        }),
+        model: Box::new(model),
         info,
         tokenizer,
     })
+}
+
+/// The checkpoint's tensors (each one [`expected_tensors`] names, checked) as candle's llama
+/// computes them, for `positions` positions per sequence.
+fn candle_model(
+    c: &LlamaConfig,
+    mut weights: HashMap<String, Tensor>,
+    dtype: DType,
+    positions: usize,
+    device: &Device,
+) -> candle_core::Result<CandleLlama> {
+    let mut take = |name: String| {
+        weights
+            .remove(&name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor {name}")))
+    };
+    let linear = |w: Tensor| Matrix::Dense(Linear::new(w, None));
+    let embedding = take("model.embed_tokens.weight".into())?;
+    let output = if c.tie_word_embeddings == Some(true) {
+        linear(embedding.clone())
+    } else {
+        linear(take("lm_head.weight".into())?)
+    };
+    let norm = take("model.norm.weight".into())?;
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let mut t = |name: &str| take(format!("model.layers.{i}.{name}.weight"));
+        layers.push(candle_llama::Layer {
+            attn_norm: t("input_layernorm")?,
+            q: linear(t("self_attn.q_proj")?),
+            k: linear(t("self_attn.k_proj")?),
+            v: linear(t("self_attn.v_proj")?),
+            qkv_bias: None,
+            o: linear(t("self_attn.o_proj")?),
+            ffn_norm: t("post_attention_layernorm")?,
+            gate: linear(t("mlp.gate_proj")?),
+            up: linear(t("mlp.up_proj")?),
+            down: linear(t("mlp.down_proj")?),
+        });
+    }
+    let head_dim = c.hidden_size / c.num_attention_heads;
+    let cfg = candle_llama::Config {
+        n_heads: c.num_attention_heads,
+        n_kv_heads: c.num_key_value_heads(),
+        head_dim,
+        eps: c.rms_norm_eps,
+        rope: Rope::Halves,
+        metal_sdpa: false,
+    };
+    let inv_freq = inverse_frequencies(c, head_dim);
+    let weights = candle_llama::Weights {
+        embedding,
+        layers,
+        norm,
+        output,
+    };
+    CandleLlama::new(cfg, weights, &inv_freq, positions, dtype, device)
+}
+
+/// RoPE's inverse frequencies as candle's llama computes them, with Llama 3's scaling when the
+/// config asks for it.
+fn inverse_frequencies(c: &LlamaConfig, head_dim: usize) -> Vec<f32> {
+    use std::f32::consts::PI;
+    let base = candle_llama::inverse_frequencies(head_dim, c.rope_theta);
+    let scaling = match &c.rope_scaling {
+        None
+        | Some(Llama3RopeConfig {
+            rope_type: Llama3RopeType::Default,
+            ..
+        }) => return base,
+        Some(scaling) => scaling,
+    };
+    let original = scaling.original_max_position_embeddings as f32;
+    let low_freq_wavelen = original / scaling.low_freq_factor;
+    let high_freq_wavelen = original / scaling.high_freq_factor;
+    base.into_iter()
+        .map(|freq| {
+            let wavelen = 2. * PI / freq;
+            if wavelen < high_freq_wavelen {
+                freq
+            } else if wavelen > low_freq_wavelen {
+                freq / scaling.factor
+            } else {
+                let smooth = (original / wavelen - scaling.low_freq_factor)
+                    / (scaling.high_freq_factor - scaling.low_freq_factor);
+                (1. - smooth) * freq / scaling.factor + smooth * freq
+            }
+        })
+        .collect()
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, EngineError> {
@@ -224,7 +312,7 @@ fn compute_dtype(config: &serde_json::Value, device: &Device) -> DType {
     }
 }
 
-/// Every tensor `candle_transformers::models::llama::Llama::load` reads, with its shape.
+/// Every tensor candle's llama reads (and the candle path with it), with its shape.
 fn expected_tensors(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let h = c.hidden_size;
     let head_dim = h / c.num_attention_heads;
@@ -327,25 +415,6 @@ fn describe(
         hidden_size: c.hidden_size,
         n_heads: c.num_attention_heads,
         n_kv_heads: c.num_key_value_heads(),
-    }
-}
-
-/// `llama::Llama` keeps no state; the KV cache lives in a `Cache` whose pristine copy holds the
-/// rotary tables, so a reset is a clone that shares them.
-struct SafetensorsLlama {
-    model: llama::Llama,
-    pristine_cache: llama::Cache,
-    cache: llama::Cache,
-}
-
-impl CausalLm for SafetensorsLlama {
-    fn forward(&mut self, tokens: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        self.model.forward(tokens, pos, &mut self.cache)
-    }
-
-    fn reset(&mut self) -> Result<(), EngineError> {
-        self.cache = self.pristine_cache.clone();
-        Ok(())
     }
 }
 

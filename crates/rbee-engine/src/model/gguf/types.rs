@@ -275,8 +275,8 @@ mod tests {
             }
             let mut loaded = result.unwrap_or_else(|e| panic!("{ty}: {e}"));
             assert!(
-                loaded.model.batched().is_some(),
-                "{ty} runs on candle's code"
+                loaded.model.prefix_cache().is_some(),
+                "{ty} runs on candle's path"
             );
         }
     }
