@@ -45,6 +45,11 @@ impl ValidInfer {
         // before a cold start; a plain name or a local path is for the registry and the hive.
         ParsedModelRef::parse(&request.model)
             .map_err(|err| ApiError::bad_request(err.to_string()))?;
+        // A response format that does not compile would be refused by the worker: refuse it
+        // here, before a job or a cold start exists.
+        if let Some(format) = &request.response_format {
+            crate::openai::format::check_compiles(format).map_err(ApiError::bad_request)?;
+        }
         Ok(ValidInfer { request })
     }
 }

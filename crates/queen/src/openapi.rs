@@ -64,6 +64,8 @@ use crate::wire::{Health, HiveList, HiveStatus, WorkerList};
         PromptIn,
         StopIn,
         StreamOptions,
+        ResponseFormatIn,
+        JsonSchemaIn,
         ToolIn,
         FunctionIn,
         ToolChoiceIn,

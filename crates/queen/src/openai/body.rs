@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::format::ResponseFormatIn;
+
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -100,9 +102,11 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[schema(ignore)]
     pub function_call: Option<Value>,
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}` or `{"type": "json_schema",
+    /// "json_schema": {"name": ..., "schema": {...}}}`: the answer is JSON (valid against the
+    /// schema), enforced while sampling.
     #[serde(default)]
-    #[schema(ignore)]
-    pub response_format: Option<Value>,
+    pub response_format: Option<ResponseFormatIn>,
     #[serde(default)]
     #[schema(ignore)]
     pub modalities: Option<Vec<String>>,
@@ -183,6 +187,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(ignore)]
     pub suffix: Option<String>,
+    /// As in chat completions (an extension to OpenAI's legacy endpoint, as in llama-server
+    /// and vLLM): the completion is JSON (valid against the schema), enforced while sampling.
+    #[serde(default)]
+    pub response_format: Option<ResponseFormatIn>,
 }
 
 /// Parameters both endpoints share, taken out of either body. `null` in the body is the

@@ -16,6 +16,7 @@
 
 mod body;
 mod error;
+pub(crate) mod format;
 mod models;
 mod render;
 mod request;
@@ -33,6 +34,7 @@ pub(crate) mod doc {
         StopIn, StreamOptions, ToolChoiceIn, ToolIn,
     };
     pub(crate) use super::error::{ErrorObject, ErrorResponse};
+    pub(crate) use super::format::{JsonSchemaIn, ResponseFormatIn};
     pub(crate) use super::models::{Model, ModelList};
     pub(crate) use super::render::{
         AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion,

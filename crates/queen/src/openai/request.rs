@@ -21,6 +21,7 @@ use super::body::{
     SamplingParams, StopIn, sampling_of,
 };
 use super::error::OpenAiError;
+use super::format;
 use super::tools::{self, ToolUse};
 
 /// Most alternatives per token `POST /v1/completions` takes in `logprobs` (OpenAI's bound).
@@ -94,13 +95,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
             .is_none_or(|c| c.as_str() == Some("none")),
         "function_call",
     )?;
-    refuse_unless(
-        request
-            .response_format
-            .as_ref()
-            .is_none_or(|f| f.get("type").and_then(Value::as_str) == Some("text")),
-        "response_format",
-    )?;
+    let response_format = format::response_format(request.response_format);
     refuse_unless(
         request
             .modalities
@@ -126,7 +121,7 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
         max_tokens,
         logprobs,
         tools: tool_plan.offered,
-        response_format: tool_plan.constraint,
+        response_format: tool_plan.constraint.or(response_format),
         ..InferRequest::default()
     };
     let mut valid = finish(Kind::Chat, infer, request.n, sampling_of!(request))?;
@@ -171,6 +166,7 @@ pub(crate) fn parse_completion(body: &[u8]) -> Result<ValidRequest, OpenAiError>
         prompt: Some(prompt),
         max_tokens: request.max_tokens,
         logprobs,
+        response_format: format::response_format(request.response_format),
         ..InferRequest::default()
     };
     finish(Kind::Text, infer, request.n, sampling_of!(request))

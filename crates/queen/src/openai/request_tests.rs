@@ -195,8 +195,8 @@ fn unsupported_parameters_are_refused_by_name() {
     // A call is required but no tool is offered.
     assert_eq!(with("tool_choice", json!("required")), "tool_choice");
     assert_eq!(
-        with("response_format", json!({"type": "json_object"})),
-        "response_format"
+        with("response_format", json!({"type": "yaml"})),
+        "response_format.type"
     );
     assert_eq!(with("logit_bias", json!({"50256": -100})), "logit_bias");
     assert_eq!(with("modalities", json!(["audio"])), "modalities");
