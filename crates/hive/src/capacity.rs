@@ -228,7 +228,7 @@ fn estimate_of(
     let slots = footprint.slots(limits.worker_slots);
     let kv_cache_bytes = footprint.kv_cache_bytes(slots);
     // Only the engine's CPU path keeps a store of prompt prefixes.
-    let prompt_cache_bytes = if footprint.batched {
+    let prompt_cache_bytes = if footprint.cpu_path {
         limits.worker_prompt_cache_bytes
     } else {
         0
@@ -565,12 +565,6 @@ pub(crate) mod tests {
         );
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let footprint = footprint::of_path(&model, DeviceKind::Cpu, None).unwrap();
-        if !footprint.batched {
-            // RBEE_CPU_KERNELS=0 in the environment: the worker would serve one sequence.
-            let four = estimate_of("m", &cpu, &footprint, 0, limits(4));
-            assert_eq!(four.slots, 1);
-            return;
-        }
         let one = estimate_of("m", &cpu, &footprint, 0, limits(1));
         let four = estimate_of("m", &cpu, &footprint, 0, limits(4));
         let per_sequence = footprint.kv_bytes_per_position * footprint.context_length;
@@ -587,6 +581,10 @@ pub(crate) mod tests {
         assert_eq!(four.required_bytes - one.required_bytes, 3 * per_sequence);
         assert_eq!(four.weights_bytes, one.weights_bytes, "weights are shared");
 
+        if !footprint.cpu_path {
+            // RBEE_CPU_KERNELS=0 in the environment: candle's path keeps no prompt cache store.
+            return;
+        }
         // The prompt cache's store comes on top, once per worker, whatever its slots.
         let store = Limits {
             worker_prompt_cache_bytes: 256 << 20,
@@ -612,7 +610,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_model_on_candles_code_needs_one_kv_cache_whatever_the_slots() {
+    fn a_model_on_candles_path_needs_a_kv_cache_per_slot_and_no_store() {
         let dir = tempfile::tempdir().unwrap();
         let cpu = device("cpu", 64 * GIB, 60 * GIB);
         let gpu = device("cuda:0", 24 * GIB, 20 * GIB);
@@ -628,20 +626,25 @@ pub(crate) mod tests {
         )
         .unwrap();
         let hub = tiny(model_gen::ModelFormat::Hub, dir.path());
-        // A GPU, a wide head, a safetensors checkpoint: candle's code, one sequence.
+        // A GPU, a wide head, a safetensors checkpoint: candle's path, which batches too.
         for (model, device) in [(&q4, &gpu), (&wide, &cpu), (&hub, &cpu)] {
             let footprint = footprint::of_path(model, device.kind, None).unwrap();
+            assert!(!footprint.cpu_path, "{}", model.display());
             let store = Limits {
                 worker_prompt_cache_bytes: 256 << 20,
                 ..limits(4)
             };
             let estimate = estimate_of("m", device, &footprint, 0, store);
-            assert_eq!(estimate.slots, 1, "{} on {}", model.display(), device.id);
-            // candle's code keeps no store of prompt prefixes.
+            assert_eq!(estimate.slots, 4, "{} on {}", model.display(), device.id);
+            // candle's path keeps no store of prompt prefixes.
             assert_eq!(estimate.prompt_cache_bytes, 0);
             assert_eq!(
                 estimate.kv_cache_bytes,
-                footprint.kv_bytes_per_position * footprint.context_length
+                4 * footprint.kv_bytes_per_position * footprint.context_length
+            );
+            assert_eq!(
+                estimate.required_bytes,
+                footprint.weights_bytes + estimate.kv_cache_bytes + estimate.overhead_bytes
             );
         }
     }

@@ -11,11 +11,13 @@
 //! whole context aside the first time it is fed and never grows it further, so what is counted
 //! here is what a slot holds at most.
 //!
-//! A worker decodes up to its `--slots` sequences at once, each with its own KV cache, only for a
-//! model on the engine's own CPU path (a llama or qwen2 GGUF on the CPU whose matrices all have
-//! its kernels); candle's code serves one sequence. [`Footprint::batched`] says which, by the
-//! rule the engine loads by ([`gguf_info::runs_on_cpu_path`]), so that a spawn is not refused for
-//! KV caches its worker would never hold.
+//! A worker decodes up to its `--slots` sequences at once, each with its own KV cache, on either
+//! forward path: the engine's own CPU path (a GGUF on the CPU whose matrices all have its
+//! kernels) and candle's path (GPUs, safetensors checkpoints, the other GGUF files). So a
+//! `cuda:N` spawn needs the weights plus every slot's KV cache of the whole context.
+//! [`Footprint::cpu_path`] says which path, by the rule the engine loads by
+//! ([`gguf_info::runs_on_cpu_path`]): it decides the weights' size, the context's cap and
+//! whether the worker keeps a prompt cache store.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -31,15 +33,16 @@ pub(crate) struct Footprint {
     /// Keys and values of one position, over every layer.
     pub kv_bytes_per_position: u64,
     pub context_length: u64,
-    /// Whether the worker runs the model on the engine's CPU path, which holds a KV cache per
-    /// slot; otherwise it serves one sequence whatever its slots.
-    pub batched: bool,
+    /// Whether the worker runs the model on the engine's CPU path (which holds the weights once
+    /// and keeps a prompt cache store); otherwise candle's path runs it.
+    pub cpu_path: bool,
 }
 
 impl Footprint {
-    /// The KV caches a worker with `worker_slots` slots holds for this model.
+    /// The KV caches a worker with `worker_slots` slots holds for this model: one per slot, on
+    /// either path.
     pub fn slots(&self, worker_slots: u32) -> u32 {
-        if self.batched { worker_slots.max(1) } else { 1 }
+        worker_slots.max(1)
     }
 
     /// The KV caches of `slots` sequences at the full context.
@@ -106,23 +109,23 @@ fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprin
     }
     let head_dim = number("attention.key_length").unwrap_or(hidden / heads);
 
-    // The engine's CPU path (the one that batches) holds the file's tensor data once;
-    // candle's code also holds the token embedding dequantized, for the lookup.
-    let batched = kind == DeviceKind::Cpu && gguf_info::runs_on_cpu_path(&header);
+    // The engine's CPU path holds the file's tensor data once; candle's path also holds the
+    // token embedding dequantized, for the lookup.
+    let cpu_path = kind == DeviceKind::Cpu && gguf_info::runs_on_cpu_path(&header);
     let requested = ctx_size.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-    let context_length = gguf_info::context::context_length(&header, batched, requested)
+    let context_length = gguf_info::context::context_length(&header, cpu_path, requested)
         .ok_or(format!("the GGUF file has no {arch}.context_length"))?
         as u64;
     // Every type is computed (checked above), so every size is known.
     let mut weights_bytes = header.tensor_bytes();
-    if !batched && let Some(embedding) = header.tensor("token_embd.weight") {
+    if !cpu_path && let Some(embedding) = header.tensor("token_embd.weight") {
         weights_bytes += embedding.elements() * F32_BYTES;
     }
     Ok(Footprint {
         weights_bytes,
         kv_bytes_per_position: 2 * layers * kv_heads * head_dim * F32_BYTES,
         context_length,
-        batched,
+        cpu_path,
     })
 }
 
@@ -176,7 +179,7 @@ fn safetensors(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<F
         weights_bytes: stored_bytes / stored * computed,
         kv_bytes_per_position: 2 * layers * kv_heads * head_dim * computed,
         context_length,
-        batched: false,
+        cpu_path: false,
     })
 }
 
@@ -215,7 +218,7 @@ mod tests {
         assert_eq!(footprint.context_length, spec.context_length as u64);
         // F32 tensors: the file is header plus data; candle's code holds the embedding twice.
         let file = std::fs::metadata(&path).unwrap().len();
-        let embedding = if footprint.batched {
+        let embedding = if footprint.cpu_path {
             0
         } else {
             (spec.vocab * spec.hidden * 4) as u64
@@ -246,7 +249,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_gguf_with_kernel_types_on_the_cpu_is_batched() {
+    fn only_a_gguf_with_kernel_types_on_the_cpu_is_on_the_cpu_path() {
         let dir = tempfile::tempdir().unwrap();
         let spec = ModelSpec::tiny();
         let file =
@@ -271,11 +274,11 @@ mod tests {
             .chain(float)
         {
             let cpu = of_path(&path, DeviceKind::Cpu, None).unwrap();
-            assert_eq!(cpu.batched, kernels);
+            assert_eq!(cpu.cpu_path, kernels);
             let cuda = of_path(&path, DeviceKind::Cuda, None).unwrap();
-            assert!(!cuda.batched);
-            assert!(!of_path(&path, DeviceKind::Metal, None).unwrap().batched);
-            // The CPU path holds the tensors once; candle's code adds an f32 embedding.
+            assert!(!cuda.cpu_path);
+            assert!(!of_path(&path, DeviceKind::Metal, None).unwrap().cpu_path);
+            // The CPU path holds the tensors once; candle's path adds an f32 embedding.
             let embedding = (spec.vocab * spec.hidden * 4) as u64;
             if kernels {
                 assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
@@ -288,23 +291,25 @@ mod tests {
             dir.path(),
         )
         .unwrap();
-        assert!(!of_path(&wide, DeviceKind::Cpu, None).unwrap().batched);
+        assert!(!of_path(&wide, DeviceKind::Cpu, None).unwrap().cpu_path);
         let hub = model_gen::ensure_generated(&spec, ModelFormat::Hub, dir.path()).unwrap();
-        assert!(!of_path(&hub, DeviceKind::Cpu, None).unwrap().batched);
+        assert!(!of_path(&hub, DeviceKind::Cpu, None).unwrap().cpu_path);
 
+        // Either path holds a KV cache per slot.
         let footprint = Footprint {
             weights_bytes: 1,
             kv_bytes_per_position: 10,
             context_length: 100,
-            batched: true,
+            cpu_path: true,
         };
         assert_eq!(footprint.slots(4), 4);
+        assert_eq!(footprint.slots(0), 1);
         assert_eq!(footprint.kv_cache_bytes(4), 4_000);
-        let unbatched = Footprint {
-            batched: false,
+        let candle = Footprint {
+            cpu_path: false,
             ..footprint
         };
-        assert_eq!(unbatched.slots(4), 1);
+        assert_eq!(candle.slots(4), 4);
     }
 
     #[test]
@@ -318,7 +323,7 @@ mod tests {
         let q8 = model_gen::ensure_generated(&spec, ModelFormat::Gguf(GgufType::Q8_0), dir.path())
             .unwrap();
         let context = |kind, ctx_size| of_path(&q8, kind, ctx_size).unwrap().context_length;
-        if of_path(&q8, DeviceKind::Cpu, None).unwrap().batched {
+        if of_path(&q8, DeviceKind::Cpu, None).unwrap().cpu_path {
             // The engine's CPU path: the trained context, or the one asked for, even beyond it.
             assert_eq!(context(DeviceKind::Cpu, None), 16384);
             assert_eq!(context(DeviceKind::Cpu, Some(0)), 16384);

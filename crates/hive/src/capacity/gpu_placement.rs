@@ -41,10 +41,11 @@ fn question(model: &Path, device: &str) -> Question {
     }
 }
 
-/// What a worker of `model` needs on a GPU, counted independently of the check: the file's
-/// tensors plus the token embedding in f32 (candle's code holds both), keys and values in f32
-/// for every layer and position of the context, and the CUDA overhead.
-fn needed_on_a_gpu(model: &Path, context: u64) -> u64 {
+/// What a worker of `model` with `slots` slots needs on a GPU, counted independently of the
+/// check: the file's tensors plus the token embedding in f32 (candle's path holds both), keys
+/// and values in f32 for every layer and position of the context in each slot, and the CUDA
+/// overhead.
+fn needed_on_a_gpu(model: &Path, context: u64, slots: u64) -> u64 {
     let spec = model_gen::ModelSpec::small();
     let footprint = footprint::of_path(model, DeviceKind::Cuda, Some(context)).unwrap();
     let tensors = std::fs::metadata(model).unwrap().len();
@@ -54,7 +55,7 @@ fn needed_on_a_gpu(model: &Path, context: u64) -> u64 {
     // The file is its tensors plus a header of a few KiB.
     assert!(footprint.weights_bytes <= tensors + embedding_f32);
     assert!(footprint.weights_bytes + 64 * 1024 > tensors + embedding_f32);
-    footprint.weights_bytes + kv * context + OVERHEAD_CUDA
+    footprint.weights_bytes + slots * kv * context + OVERHEAD_CUDA
 }
 
 #[test]
@@ -66,7 +67,7 @@ fn the_model_fits_on_the_larger_of_two_gpus_and_the_smaller_refuses_it_with_the_
         worker_ctx_size: Some(context),
         ..limits(4)
     };
-    let needed = needed_on_a_gpu(&model, context);
+    let needed = needed_on_a_gpu(&model, context, 4);
     // cuda:0 is a whole GPU one byte short of the model; cuda:1 has room for it once.
     let gpus = FakeGpus(vec![
         gpu("NVIDIA T4", needed + GIB, needed - 1),
@@ -89,15 +90,16 @@ fn the_model_fits_on_the_larger_of_two_gpus_and_the_smaller_refuses_it_with_the_
         (small.required_bytes, small.available_bytes),
         (needed, needed - 1)
     );
-    // candle's code on a GPU serves one sequence: one KV cache of the whole context.
-    assert_eq!((small.slots, small.context_length), (1, context));
+    // candle's path on a GPU holds a KV cache of the whole context per slot.
+    assert_eq!((small.slots, small.context_length), (4, context));
+    assert!(needed > needed_on_a_gpu(&model, context, 1));
     assert_eq!(small.overhead_bytes, OVERHEAD_CUDA);
     let message = shortfall(&small);
     assert!(
         message.starts_with("`m.gguf` does not fit on cuda:0: it needs ")
             && message.contains(&format!("needs {needed} bytes"))
             && message.contains(&format!("{} bytes are available", needed - 1))
-            && message.contains(&format!("1 sequence of {context} positions")),
+            && message.contains(&format!("4 sequences of {context} positions")),
         "{message}"
     );
 
@@ -163,8 +165,8 @@ fn the_context_counts_on_a_gpu() {
         .0
     };
     let (short, long) = (estimate(128), estimate(1024));
-    assert_eq!(short.required_bytes, needed_on_a_gpu(&model, 128));
-    assert_eq!(long.required_bytes, needed_on_a_gpu(&model, 1024));
+    assert_eq!(short.required_bytes, needed_on_a_gpu(&model, 128, 1));
+    assert_eq!(long.required_bytes, needed_on_a_gpu(&model, 1024, 1));
     assert_eq!(long.weights_bytes, short.weights_bytes);
     assert_eq!(long.kv_cache_bytes, 8 * short.kv_cache_bytes);
 }
