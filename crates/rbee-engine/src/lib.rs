@@ -45,36 +45,6 @@ pub use sampling::{Logprob, TokenLogprobs};
 pub use sequence::Sequence;
 pub use tokenizer::TextTokenizer;
 
-/// Whether a GGUF file, loaded on the CPU with this process's environment (a worker inherits
-/// `RBEE_CPU_KERNELS` from its hive), runs on the engine's own CPU path: the path that holds
-/// one KV cache per slot and batches generations, and that holds the weights once. Reads only
-/// the parsed header.
-pub fn gguf_runs_on_cpu_path(content: &candle_core::quantized::gguf_file::Content) -> bool {
-    cpu::enabled() && cpu::Plan::new(content, usize::MAX).is_ok()
-}
-
-/// Why no code of rbee's computes the GGUF file at `path`: its first tensor of a type without a
-/// product (an IQ type, a ternary type, Q8_K as a weight, …), named with the type, as loading
-/// it would refuse it. `None` when every tensor's type is computed or the header is unreadable.
-/// Reads only the header, without candle's reader (which stops at a type it does not know and
-/// names only its number).
-pub fn gguf_uncomputed_tensor(path: &std::path::Path) -> Option<String> {
-    model::gguf_uncomputed_tensor(path)
-}
-
-/// The context a model loaded from a GGUF file runs with, by the rules of
-/// [`LoadOptions::context_length`]: `requested` (`None` or 0: the trained context), capped where
-/// the code that runs it has a fixed limit. `on_cpu_path` is whether the file runs on the
-/// engine's CPU path (see [`gguf_runs_on_cpu_path`]; on a GPU it does not). Reads only the parsed
-/// header; `None` when it does not state the context.
-pub fn gguf_context_length(
-    content: &candle_core::quantized::gguf_file::Content,
-    on_cpu_path: bool,
-    requested: Option<usize>,
-) -> Option<usize> {
-    model::gguf_context_length(content, on_cpu_path, requested)
-}
-
 /// Backs the 2 MiB-aligned part of a fresh, not yet touched buffer with huge pages where Linux
 /// allows it, as the CPU path does for its weights; a benchmark measuring the memory bandwidth
 /// the weights are read at backs its buffer the same way.

@@ -4,9 +4,6 @@ mod candle_llama;
 mod gguf;
 mod safetensors;
 
-pub(crate) use gguf::context_length_of as gguf_context_length;
-pub(crate) use gguf::uncomputed_tensor as gguf_uncomputed_tensor;
-
 use std::path::Path;
 
 use candle_core::Device;

@@ -41,9 +41,7 @@ fn load(path: &Path, slots: usize, context_length: Option<usize>) -> anyhow::Res
 
 /// Whether `path` runs on the engine's CPU path here (not with `RBEE_CPU_KERNELS=0`).
 fn on_cpu_path(path: &Path) -> anyhow::Result<bool> {
-    let mut file = std::fs::File::open(path)?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
-    Ok(rbee_engine::gguf_runs_on_cpu_path(&content))
+    Ok(gguf_info::runs_on_cpu_path(&gguf_info::Header::open(path)?))
 }
 
 /// A text prompt of `words` words, each one or more tokens.

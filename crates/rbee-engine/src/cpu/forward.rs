@@ -15,11 +15,9 @@
 //! across `reset`.
 
 use candle_core::quantized::gguf_file;
+use gguf_info::cpu_path as layout;
 
-use std::cell::RefCell;
-use std::collections::HashSet;
-
-use super::arch::{Family, FfnAct, Hyper, RopeParams};
+use super::arch::{FfnAct, RopeParams};
 use super::attention::{HeadShape, Layout, attention};
 use super::kernels::{Activations, Kernels};
 use super::ops::{MatMul, RopeStyle, formats, gelu, rms_norm, rms_norm_in_place, rope, transpose};
@@ -28,9 +26,6 @@ use super::quant::dequantize_row;
 use super::weights::{Mat, Tensors, Unsupported, VecRef, read_data};
 use crate::EngineError;
 use crate::model::CausalLm;
-
-/// Largest head size the CPU path accepts.
-const MAX_HEAD_DIM: usize = 256;
 
 #[derive(Debug, Clone)]
 pub(super) struct Config {
@@ -233,138 +228,62 @@ impl LayerPlan {
 }
 
 impl Plan {
-    /// Checks that the file is a model of one of the [`ARCHITECTURES`] whose matrices all have
-    /// kernels here. `max_positions` is the context it will run with.
+    /// The plan of what gguf-info's [`Layout`] of the file says the CPU path reads: the
+    /// decision whether the path takes a file is that layout's, the one the hive asks too.
+    /// `max_positions` is the context it will run with.
     pub(crate) fn new(
-        content: &gguf_file::Content,
+        header: &gguf_info::Header,
         max_positions: usize,
     ) -> Result<Plan, Unsupported> {
-        let t = Tensors::new(content);
-        let h = Hyper::read(content, max_positions)?;
-        if h.head_dim > MAX_HEAD_DIM {
-            return Err(Unsupported(format!("head size {}", h.head_dim)));
-        }
-        let (dim, q_dim, kv_dim) = (h.dim, h.q_dim(), h.kv_dim());
-        // Every tensor the block reads; any other one in the file is refused below, as
-        // llama.cpp refuses a file with tensors its graph does not create.
-        let used: RefCell<HashSet<String>> = RefCell::default();
-        let take = |name: String| {
-            used.borrow_mut().insert(name.clone());
-            name
-        };
-        let embd = t.matmul(&take("token_embd.weight".into()))?;
-        // Gemma 2's head is always its embedding (llama.cpp never reads an `output.weight`).
-        let output = if h.family != Family::Gemma2 && t.has("output.weight") {
-            t.matmul(&take("output.weight".into()))?
-        } else {
-            t.matmul("token_embd.weight")?
-        };
-        let shape = |m: &Mat, rows: usize, cols: usize, what: &str| {
-            if (m.rows, m.cols) == (rows, cols) {
-                Ok(())
-            } else {
-                Err(Unsupported(format!(
-                    "{what} is {}×{}, expected {rows}×{cols}",
-                    m.rows, m.cols
-                )))
-            }
-        };
-        let mut layers = Vec::with_capacity(h.n_layers);
-        let mut ffn = 0;
-        for (i, lh) in h.layers.iter().enumerate() {
-            let name = |n: &str| format!("blk.{i}.{n}.weight");
-            let m = |n: &str| t.matmul(&take(name(n)));
-            let v = |n: &str, len| t.vector(&take(name(n)), len);
-            let qkv = if t.has(&name("attn_qkv")) {
-                let fused = m("attn_qkv")?;
-                shape(&fused, q_dim + 2 * kv_dim, dim, &name("attn_qkv"))?;
-                Qkv::Fused(fused)
-            } else {
-                let [q, k, v] = [m("attn_q")?, m("attn_k")?, m("attn_v")?];
-                shape(&q, q_dim, dim, &name("attn_q"))?;
-                shape(&k, kv_dim, dim, &name("attn_k"))?;
-                shape(&v, kv_dim, dim, &name("attn_v"))?;
-                Qkv::Split([q, k, v])
+        let l = layout::Layout::read(header, max_positions)?;
+        let h = l.hyper;
+        let mut layers = Vec::with_capacity(l.layers.len());
+        for (ll, lh) in l.layers.iter().zip(&h.layers) {
+            let qkv = match &ll.qkv {
+                layout::Qkv::Split([q, k, v]) => {
+                    Qkv::Split([Mat::of(q)?, Mat::of(k)?, Mat::of(v)?])
+                }
+                layout::Qkv::Fused(m) => Qkv::Fused(Mat::of(m)?),
             };
-            let wo = m("attn_output")?;
-            shape(&wo, dim, q_dim, &name("attn_output"))?;
-            let down = m("ffn_down")?;
-            ffn = down.cols;
-            shape(&down, dim, ffn, &name("ffn_down"))?;
-            let gate_up = if t.has(&name("ffn_gate")) {
-                let [g, u] = [m("ffn_gate")?, m("ffn_up")?];
-                shape(&g, ffn, dim, &name("ffn_gate"))?;
-                shape(&u, ffn, dim, &name("ffn_up"))?;
-                GateUp::Split([g, u])
-            } else {
-                let fused = m("ffn_up")?;
-                shape(&fused, 2 * ffn, dim, &name("ffn_up"))?;
-                GateUp::Fused(fused)
+            let gate_up = match &ll.gate_up {
+                layout::GateUp::Split([g, u]) => GateUp::Split([Mat::of(g)?, Mat::of(u)?]),
+                layout::GateUp::Fused(m) => GateUp::Fused(Mat::of(m)?),
             };
-            let bias = |n: &str, len| t.vector(&take(format!("blk.{i}.{n}.bias")), len);
-            let qkv_bias = if h.qkv_bias {
-                Some([
-                    bias("attn_q", q_dim)?,
-                    bias("attn_k", kv_dim)?,
-                    bias("attn_v", kv_dim)?,
-                ])
-            } else {
-                None
-            };
-            let qk_norm = if h.qk_norm {
-                Some([v("attn_q_norm", h.head_dim)?, v("attn_k_norm", h.head_dim)?])
-            } else {
-                None
-            };
-            let post_norms = if h.post_norms {
-                Some([v("post_attention_norm", dim)?, v("post_ffw_norm", dim)?])
-            } else {
-                None
+            let pair =
+                |v: &Option<[layout::TensorRef; 2]>| -> Result<Option<[VecRef; 2]>, Unsupported> {
+                    v.as_ref()
+                        .map(|[a, b]| Ok([VecRef::of(a)?, VecRef::of(b)?]))
+                        .transpose()
+                };
+            let qkv_bias = match &ll.qkv_bias {
+                Some([q, k, v]) => Some([VecRef::of(q)?, VecRef::of(k)?, VecRef::of(v)?]),
+                None => None,
             };
             layers.push(LayerPlan {
-                attn_norm: v("attn_norm", dim)?,
-                ffn_norm: v("ffn_norm", dim)?,
+                attn_norm: VecRef::of(&ll.attn_norm)?,
+                ffn_norm: VecRef::of(&ll.ffn_norm)?,
                 qkv,
-                wo,
+                wo: Mat::of(&ll.wo)?,
                 gate_up,
-                down,
+                down: Mat::of(&ll.down)?,
                 qkv_bias,
-                qk_norm,
-                post_norms,
+                qk_norm: pair(&ll.qk_norm)?,
+                post_norms: pair(&ll.post_norms)?,
                 window: lh.window,
                 rope_table: lh.rope_table,
             });
         }
-        if embd.cols != dim || output.cols != dim || output.rows != embd.rows {
-            return Err(Unsupported("embedding shapes".into()));
-        }
-        let rope_factors = match h.rope_factors {
-            Some(name) if t.has(name) => Some(t.vector(&take(name.into()), h.head_dim / 2)?),
-            _ => None,
-        };
-        let out_norm = t.vector(&take("output_norm.weight".into()), dim)?;
-        // Phi-3 files carry both LongRoPE factor sets; the one the context needs was taken.
-        let known = |name: &str| {
-            used.borrow().contains(name)
-                || (h.family == Family::Phi3 && name.starts_with("rope_factors_"))
-        };
-        if let Some(extra) = content.tensor_infos.keys().find(|name| !known(name)) {
-            return Err(Unsupported(format!(
-                "{extra}, a tensor the {} block has no use for",
-                h.family.name()
-            )));
-        }
         Ok(Plan {
             rope_global: h.rope_global,
             rope_local: h.rope_local,
-            rope_factors,
+            rope_factors: l.rope_factors.as_ref().map(VecRef::of).transpose()?,
             cfg: Config {
-                dim,
+                dim: h.dim,
                 n_heads: h.n_heads,
                 n_kv_heads: h.n_kv_heads,
                 head_dim: h.head_dim,
-                ffn,
-                vocab: embd.rows,
+                ffn: l.ffn,
+                vocab: l.embd.rows,
                 eps: h.eps,
                 rope: h.rope,
                 rope_tables: Vec::new(),
@@ -376,10 +295,10 @@ impl Plan {
                 ffn_act: h.ffn_act,
                 max_positions,
             },
-            embd,
+            embd: Mat::of(&l.embd)?,
             layers,
-            out_norm,
-            output,
+            out_norm: VecRef::of(&l.out_norm)?,
+            output: Mat::of(&l.output)?,
         })
     }
 

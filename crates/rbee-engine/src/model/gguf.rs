@@ -50,21 +50,8 @@ fn load_with(
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<LoadedModel, EngineError> {
     report(progress, 0.0, format!("reading {}", path.display()));
+    let header = read_info(path)?;
     let (content, mut reader) = read_header(path)?;
-    // Types candle's header reader knows but nothing here computes as weights (candle's model
-    // code cannot load them; llama.cpp has no product with them either): refused by name.
-    if let Some((name, id)) = content
-        .tensor_infos
-        .iter()
-        .filter_map(|(name, t)| match t.ggml_dtype {
-            GgmlDType::Q8_1 => Some((name, 9)),
-            GgmlDType::Q8K => Some((name, 15)),
-            _ => None,
-        })
-        .min()
-    {
-        return Err(EngineError::UnsupportedModel(types::refusal(name, id)));
-    }
     let arch = metadata_str(&content, "general.architecture")
         .ok_or_else(|| EngineError::Load("the GGUF file has no general.architecture".into()))?
         .to_owned();
@@ -105,8 +92,7 @@ fn load_with(
     } else if !cpu_path {
         Err(format!("{}=0 turns it off", cpu::ENABLE_ENV))
     } else {
-        cpu::Plan::new(&content, super::resolve_context(context, trained, None))
-            .map_err(|why| why.0)
+        cpu::Plan::new(&header, super::resolve_context(context, trained, None)).map_err(|why| why.0)
     };
     if let Err(why) = &plan {
         if let Some(what) = candle_cannot_run(&content, &arch) {
@@ -121,7 +107,7 @@ fn load_with(
     info.context_length = if plan.is_some() {
         super::context_length(context, trained, None, "the engine's CPU path")
     } else {
-        let limit = candle_context_limit(&arch, trained);
+        let limit = gguf_info::context::candle_limit(&arch, trained);
         super::context_length(context, trained, limit, "candle's path")
     };
     let model: Box<dyn CausalLm> = match plan {
@@ -305,33 +291,34 @@ fn candle_cannot_run(content: &gguf_file::Content, arch: &str) -> Option<String>
     None
 }
 
-/// Why the GGUF file `path` cannot be computed by rbee at all, from its tensors' types: the
-/// first tensor of a type rbee has no product for, named with its type. `None` when every type
-/// is computed or the header cannot be read (the full load then says why).
-pub(crate) fn uncomputed_tensor(path: &Path) -> Option<String> {
-    let mut reader = BufReader::new(File::open(path).ok()?);
-    let tensors = types::tensor_types(&mut reader).ok()?;
-    types::first_uncomputed(&tensors).map(|t| types::refusal(&t.name, t.id))
+/// The header as gguf-info reads it, by whose rules the file is judged (the hive judges it by
+/// the same ones). A file with a tensor of a type rbee does not compute is refused here, naming
+/// the tensor and the type (candle's reader stops at a type it does not know and names only its
+/// number, and reads Q8_1 and Q8_K, which nothing here computes as weights).
+fn read_info(path: &Path) -> Result<gguf_info::Header, EngineError> {
+    let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
+    let header = gguf_info::Header::read(&mut BufReader::new(file)).map_err(|e| {
+        EngineError::Load(format!(
+            "{} is not a readable GGUF file: {e}",
+            path.display()
+        ))
+    })?;
+    match gguf_info::uncomputed_tensor(&header) {
+        Some(refusal) => Err(EngineError::UnsupportedModel(refusal)),
+        None => Ok(header),
+    }
 }
 
 fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), EngineError> {
     let file = File::open(path).map_err(|e| EngineError::load(path.display(), e))?;
     let mut reader = BufReader::new(file);
-    match gguf_file::Content::read(&mut reader) {
-        Ok(content) => Ok((content, reader)),
-        Err(e) => {
-            // candle stops at the first tensor of a type it does not know and names only the
-            // type's number: name the tensor and the type.
-            let tensors = types::tensor_types(&mut reader).unwrap_or_default();
-            if let Some(t) = types::first_uncomputed(&tensors) {
-                return Err(EngineError::UnsupportedModel(types::refusal(&t.name, t.id)));
-            }
-            Err(EngineError::Load(format!(
-                "{} is not a readable GGUF file: {e}",
-                path.display()
-            )))
-        }
-    }
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+        EngineError::Load(format!(
+            "{} is not a readable GGUF file: {e}",
+            path.display()
+        ))
+    })?;
+    Ok((content, reader))
 }
 
 fn describe(
@@ -405,38 +392,6 @@ fn describe(
         n_heads,
         n_kv_heads,
     })
-}
-
-/// The most positions candle's path holds for `arch`: the limits of the candle model code it
-/// reproduces, whose rotary tables cover [`quantized_llama::MAX_SEQ_LEN`] positions for llama
-/// and the trained context for qwen2. The engine's CPU path has no such limit.
-fn candle_context_limit(arch: &str, trained: usize) -> Option<usize> {
-    match arch {
-        "llama" => Some(quantized_llama::MAX_SEQ_LEN),
-        _ => Some(trained),
-    }
-}
-
-/// The context a worker loading this file runs with, by the rules of [`load`], from the header
-/// alone: `requested` or the trained context, capped where candle's code runs it
-/// (`on_cpu_path` false). `None` when the file does not state what is needed.
-pub(crate) fn context_length_of(
-    content: &gguf_file::Content,
-    on_cpu_path: bool,
-    requested: Option<usize>,
-) -> Option<usize> {
-    let arch = metadata_str(content, "general.architecture")?;
-    let trained = match metadata_usize(content, &format!("{arch}.context_length")) {
-        Some(n) => n,
-        None if arch == "llama" => quantized_llama::MAX_SEQ_LEN,
-        None => return None,
-    };
-    let limit = if on_cpu_path {
-        None
-    } else {
-        candle_context_limit(arch, trained)
-    };
-    Some(super::resolve_context(requested, trained, limit))
 }
 
 fn metadata_str<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
@@ -732,7 +687,16 @@ mod tests {
             "general.architecture".into(),
             gguf_file::Value::String("llama".into()),
         );
-        let why = cpu::Plan::new(&content, 512).err().expect("refused").0;
+        let mut header = gguf_info::Header::open(&path).unwrap();
+        header.metadata = std::mem::take(&mut header.metadata)
+            .into_iter()
+            .map(|(k, v)| (k.replacen("qwen2.", "llama.", 1), v))
+            .collect();
+        header.metadata.insert(
+            "general.architecture".into(),
+            gguf_info::Value::String("llama".into()),
+        );
+        let why = cpu::Plan::new(&header, 512).err().expect("refused").0;
         assert!(why.contains(".bias"), "{why}");
         let what = candle_cannot_run(&content, "llama").expect("refused");
         assert!(what.contains("bias"), "{what}");
@@ -746,8 +710,12 @@ mod tests {
             .insert("llama.rope.scale_linear".into(), gguf_file::Value::F32(2.0));
         let what = candle_cannot_run(&content, "llama").expect("refused");
         assert!(what.contains("RoPE scaling"), "{what}");
+        let mut header = gguf_info::Header::open(&path).unwrap();
+        header
+            .metadata
+            .insert("llama.rope.scale_linear".into(), gguf_info::Value::F32(2.0));
         assert!(
-            cpu::Plan::new(&content, 512).is_ok(),
+            cpu::Plan::new(&header, 512).is_ok(),
             "the engine's path scales"
         );
     }

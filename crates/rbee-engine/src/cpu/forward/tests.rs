@@ -19,7 +19,7 @@ fn header(path: &Path) -> (gguf_file::Content, BufReader<File>) {
 
 fn cpu_model(path: &Path, threads: usize) -> CpuLlama {
     let (content, mut reader) = header(path);
-    Plan::new(&content, 4096)
+    Plan::new(&gguf_info::Header::open(path).unwrap(), 4096)
         .unwrap()
         .load(&content, &mut reader, threads, &mut |_, _| {})
         .unwrap()
@@ -204,8 +204,8 @@ fn unsupported_files_are_refused_with_a_reason() {
     for spec in specs {
         let path = dir.path().join(format!("{}.gguf", spec.arch));
         model_gen::write_model(&spec, ModelFormat::Gguf(GgufType::Q8_1), &path).unwrap();
-        let (content, _) = header(&path);
-        let err = Plan::new(&content, 512).err().expect("refused");
+        let header = gguf_info::Header::open(&path).unwrap();
+        let err = Plan::new(&header, 512).err().expect("refused");
         assert!(err.0.contains("Q8_1"), "{}: {}", spec.arch, err.0);
     }
 }
