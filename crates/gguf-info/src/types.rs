@@ -74,8 +74,8 @@ impl GgmlType {
     }
 
     /// Elements per block and bytes per block (ggml's `blck_size` and `type_size`), for the
-    /// types rbee computes and the activation types next to them; `None` for the others, whose
-    /// files are refused before their sizes matter.
+    /// types rbee computes; `None` for the others, whose files are refused (by name, so a header
+    /// is read whatever their sizes) before their sizes matter.
     pub fn block(self) -> Option<(u64, u64)> {
         Some(match self.0 {
             0 => (1, 4),
@@ -85,13 +85,11 @@ impl GgmlType {
             6 => (32, 22),
             7 => (32, 24),
             8 => (32, 34),
-            9 => (32, 36),
             10 => (256, 84),
             11 => (256, 110),
             12 => (256, 144),
             13 => (256, 176),
             14 => (256, 210),
-            15 => (256, 292),
             _ => return None,
         })
     }
