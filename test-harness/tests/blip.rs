@@ -391,3 +391,63 @@ async fn keeper_infer_prints_the_whole_answer_once_across_a_cut_to_the_queen() {
     );
     assert_eq!(out.stdout, reference.stdout, "the whole answer, once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keeper_infer_across_a_queen_restart_ends_with_one_clear_line() {
+    let mut blip = Blip::start().await;
+    let to_queen = TcpProxy::start(&blip.queen.url).await;
+    let keeper = KeeperEnv::new(&[]);
+    let port: u16 = blip
+        .queen
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the queen's port");
+    let tokens = TOKENS.to_string();
+    let args = [
+        "--queen-url",
+        &to_queen.url,
+        "infer",
+        "--model",
+        &blip.model.clone(),
+        "--max-tokens",
+        &tokens,
+        "--temperature",
+        "0",
+        PROMPT,
+    ]
+    .map(str::to_owned);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (out, ()) = tokio::join!(keeper.run(&args, Duration::from_secs(60)), async {
+        to_queen
+            .wait_bytes_back(1200, Duration::from_secs(60))
+            .await;
+        // The queen dies mid-answer and a new one takes its place: it never heard of the job.
+        blip.queen.signal("KILL").expect("kill the queen");
+        blip.queen
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("the queen exits");
+        blip.queen = Daemon::queen_on(
+            port,
+            &["--heartbeat-interval", "100ms"],
+            &[("RBEE_CLUSTER_TOKEN", TOKEN)],
+        )
+        .await;
+    });
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        !out.stdout.is_empty(),
+        "the answer so far was printed: {out:?}"
+    );
+    let last = out.stderr.lines().rfind(|l| !l.trim().is_empty());
+    assert!(
+        last.is_some_and(|l| l.contains("no longer knows job") && l.contains("restarted")),
+        "{out:?}"
+    );
+    assert!(
+        !out.stderr.contains("panicked") && !out.stderr.contains("backtrace"),
+        "{out:?}"
+    );
+}
