@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Args {
     /// TOML file with any of: port, bind, heartbeat_interval, spawn_timeout, shutdown_grace,
-    /// queue_len, queue_timeout, max_jobs.
+    /// queue_len, queue_timeout, max_jobs, worker_stall_timeout.
     #[arg(long, env = "RBEE_QUEEN_CONFIG")]
     config: Option<PathBuf>,
     /// Port to listen on [default: 7833].
@@ -52,6 +52,11 @@ struct Args {
     /// Jobs the queen holds at most, running and recently finished [default: 4096].
     #[arg(long, env = "RBEE_QUEEN_MAX_JOBS")]
     max_jobs: Option<usize>,
+    /// How long a worker's stream may send no event before the queen checks that the worker
+    /// still answers; one that does not is lost and not scheduled on until it heartbeats
+    /// again [default: 30s].
+    #[arg(long, env = "RBEE_WORKER_STALL_TIMEOUT", value_parser = parse_duration)]
+    worker_stall_timeout: Option<Duration>,
 }
 
 #[tokio::main]
@@ -81,6 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queue_len: args.queue_len,
         queue_timeout: args.queue_timeout,
         max_jobs: args.max_jobs,
+        worker_stall_timeout: args.worker_stall_timeout,
     };
     let keys_from_env = |name| {
         std::env::var(name)

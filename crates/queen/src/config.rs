@@ -23,6 +23,14 @@ pub const DEFAULT_QUEUE_LEN: usize = 64;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Jobs the queen holds at most, running and recently finished together.
 pub const DEFAULT_MAX_JOBS: usize = 4096;
+/// How long a worker's stream may go without an event before the queen asks the worker
+/// whether it still answers (see [`QueenConfig::worker_stall_timeout`]). A generating worker
+/// sends a token every few tens of milliseconds; a silence this long is either a long wait
+/// (a prompt's prefill, a place in the worker's own line), which the worker's answer to the
+/// check vouches for, or a hung process. Long enough that a busy queen or worker is never
+/// asked needlessly, short enough that a client of a hung worker hears about it well before
+/// it would give up by itself.
+pub const DEFAULT_WORKER_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Everything the queen needs, validated. Build it with [`QueenConfig::resolve`] (or
 /// [`Default`] for a loopback queen with no credentials, as tests use).
@@ -43,6 +51,12 @@ pub struct QueenConfig {
     pub queue_timeout: Duration,
     /// Jobs the queen's job registry holds at most (running and retained).
     pub max_jobs: usize,
+    /// A worker's inference stream silent (no event) for this long has the worker checked:
+    /// `GET /health`, answered within the same time (at most 5 s). A worker that answers is
+    /// busy (a long prefill, a wait in its own line) and the stream goes on; one that does not
+    /// is hung: the stream ends (`worker_lost`, or another worker before the first token) and
+    /// the worker is not scheduled on until its next heartbeat.
+    pub worker_stall_timeout: Duration,
     /// The cluster's shared secret: required on heartbeats, sent to hives and workers.
     pub cluster_token: Option<String>,
     /// Keys accepted from clients on the job API and the lists; none means open (loopback).
@@ -63,6 +77,7 @@ impl Default for QueenConfig {
             queue_len: DEFAULT_QUEUE_LEN,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             max_jobs: DEFAULT_MAX_JOBS,
+            worker_stall_timeout: DEFAULT_WORKER_STALL_TIMEOUT,
             cluster_token: None,
             api_keys: Vec::new(),
             admin_keys: Vec::new(),
@@ -81,6 +96,7 @@ impl std::fmt::Debug for QueenConfig {
             .field("queue_len", &self.queue_len)
             .field("queue_timeout", &self.queue_timeout)
             .field("max_jobs", &self.max_jobs)
+            .field("worker_stall_timeout", &self.worker_stall_timeout)
             .field("cluster_token", &self.cluster_token.is_some())
             .field("api_keys", &self.api_keys.len())
             .field("admin_keys", &self.admin_keys.len())
@@ -127,6 +143,8 @@ pub struct QueenSettings {
     #[serde(default, deserialize_with = "duration_text")]
     pub queue_timeout: Option<Duration>,
     pub max_jobs: Option<usize>,
+    #[serde(default, deserialize_with = "duration_text")]
+    pub worker_stall_timeout: Option<Duration>,
 }
 
 impl QueenSettings {
@@ -153,6 +171,7 @@ impl QueenSettings {
             queue_len: self.queue_len.or(fallback.queue_len),
             queue_timeout: self.queue_timeout.or(fallback.queue_timeout),
             max_jobs: self.max_jobs.or(fallback.max_jobs),
+            worker_stall_timeout: self.worker_stall_timeout.or(fallback.worker_stall_timeout),
         }
     }
 }
@@ -196,6 +215,14 @@ impl QueenConfig {
         if max_jobs == 0 {
             return Err(ConfigError::Invalid("max_jobs must be at least 1".into()));
         }
+        let worker_stall_timeout = settings
+            .worker_stall_timeout
+            .unwrap_or(DEFAULT_WORKER_STALL_TIMEOUT);
+        if worker_stall_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "worker_stall_timeout must be longer than 0".into(),
+            ));
+        }
         Ok(QueenConfig {
             listen,
             heartbeat_interval: settings
@@ -206,6 +233,7 @@ impl QueenConfig {
             queue_len: settings.queue_len.unwrap_or(DEFAULT_QUEUE_LEN),
             queue_timeout,
             max_jobs,
+            worker_stall_timeout,
             cluster_token,
             api_keys,
             admin_keys,
@@ -280,6 +308,7 @@ mod tests {
     fn queue_settings_come_from_the_file_and_are_checked() {
         let file = parse_toml("queue_len = 3\nqueue_timeout = \"750ms\"\nmax_jobs = 10\n").unwrap();
         let config = QueenConfig::resolve(file, QueenSecrets::default()).unwrap();
+        assert_eq!(config.worker_stall_timeout, DEFAULT_WORKER_STALL_TIMEOUT);
         assert_eq!(config.queue_len, 3);
         assert_eq!(config.queue_timeout, Duration::from_millis(750));
         assert_eq!(config.max_jobs, 10);
@@ -288,7 +317,14 @@ mod tests {
             queue_timeout: Some(Duration::ZERO),
             ..QueenSettings::default()
         };
-        for bad in [zero_wait, parse_toml("max_jobs = 0").unwrap()] {
+        let stall = parse_toml("worker_stall_timeout = \"2s\"").unwrap();
+        let config = QueenConfig::resolve(stall, QueenSecrets::default()).unwrap();
+        assert_eq!(config.worker_stall_timeout, Duration::from_secs(2));
+        let zero_stall = QueenSettings {
+            worker_stall_timeout: Some(Duration::ZERO),
+            ..QueenSettings::default()
+        };
+        for bad in [zero_wait, zero_stall, parse_toml("max_jobs = 0").unwrap()] {
             let err = QueenConfig::resolve(bad.clone(), QueenSecrets::default()).unwrap_err();
             assert!(
                 err.to_string().contains("invalid setting"),

@@ -2,9 +2,11 @@
 //! every slot is taken, or having a hive start a worker when none serves the model), submit
 //! the inference to it and relay its events unchanged. A worker lost before its first token
 //! is replaced once; after the first token, losing it ends the job with `worker_lost`, never
-//! with a silent truncation.
+//! with a silent truncation. A worker that hangs counts as lost once its silence outlasts the
+//! stall timeout and it does not answer a check (`stall`).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use job_client::ClientError;
 use job_server::{ApiError, JobContext, JobFailure, JobResult, terminal_to_result};
@@ -16,6 +18,7 @@ use crate::dispatch::choose;
 use crate::registry::InFlight;
 use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler::RequestPrefix;
+use crate::stall::StallWatch;
 use crate::state::{Queen, upstream_failure};
 
 /// The worker's job-creating route for inference.
@@ -176,28 +179,39 @@ async fn attempt(
     progress: &mut Progress<'_>,
 ) -> Result<Attempt, JobFailure> {
     let id = &worker.worker_id;
+    // A worker that hangs (rather than dies) is noticed by its silence: see `stall`.
+    let stall = StallWatch::new(queen, worker);
+    let tokens = AtomicU32::new(0);
     // The slot stays the job's until the worker's job is really over, cancellation included:
     // a slot freed before the worker stopped would send the next job into the worker's own
     // queue, or have it refused as busy.
-    let submitted = relay::submit_holding(
-        queen.client(&worker.url),
-        INFERENCE_PATH,
-        operation.clone(),
-        Some(Box::new(slot)),
-    )
-    .await;
+    let submitted = stall
+        .guard(relay::submit_holding(
+            queen.client(&worker.url),
+            INFERENCE_PATH,
+            operation.clone(),
+            Some(Box::new(slot)),
+        ))
+        .await;
     let upstream = match submitted {
-        Ok(upstream) => upstream,
-        Err(err) => return Ok(refused(queen, worker, err)),
+        Some(Ok(upstream)) => upstream,
+        Some(Err(err)) => return Ok(refused(queen, worker, err)),
+        None => return Ok(hung(queen, worker, &stall, 0)),
     };
     tracing::info!(worker_id = %id, upstream_job_id = upstream.job_id(), "inference sent to a worker");
-    let relayed = relay(upstream, ctx, |event| {
+    stall.seen();
+    let relaying = relay(upstream, ctx, |event| {
+        stall.seen();
         if matches!(event, JobEvent::Token { .. }) {
+            tokens.fetch_add(1, Ordering::Relaxed);
             progress.token();
         }
         true
-    })
-    .await?;
+    });
+    let Some(relayed) = stall.guard(relaying).await else {
+        return Ok(hung(queen, worker, &stall, tokens.into_inner()));
+    };
+    let relayed = relayed?;
     match relayed.end {
         // A worker that cancels a job the queen did not cancel is shutting down: as good as gone.
         // After tokens went out the answer cannot move to another worker: a worker that is
@@ -239,6 +253,23 @@ async fn attempt(
             relayed.tokens
         ),
     ))))
+}
+
+/// The worker went silent and did not answer the check: it is not scheduled on until it
+/// heartbeats again, and the job goes to another worker if no token went out yet.
+fn hung(queen: &Queen, worker: &WorkerInfo, stall: &StallWatch<'_>, tokens: u32) -> Attempt {
+    let id = &worker.worker_id;
+    queen.registry.mark_unresponsive(id);
+    if tokens == 0 {
+        return Attempt::Lost;
+    }
+    Attempt::Finished(Err(JobFailure::new(
+        ErrorCode::WorkerLost,
+        format!(
+            "worker {id} stopped answering after {tokens} tokens (no event for {:?}); the answer is incomplete",
+            stall.timeout()
+        ),
+    )))
 }
 
 /// Classifies a worker's refusal to create the job.

@@ -33,6 +33,7 @@ mod relay;
 mod routes;
 mod scheduler;
 mod spawn;
+mod stall;
 mod state;
 mod wire;
 

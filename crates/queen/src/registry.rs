@@ -3,6 +3,10 @@
 //! Nothing here is persisted: a restarted queen knows every hive and worker again one
 //! heartbeat interval after it starts. A component that misses [`STALE_AFTER`] intervals is
 //! stale (listed, never scheduled on); one silent for [`REMOVE_AFTER`] intervals is forgotten.
+//! Two things make a worker stale sooner: a stream of it that stalled while the worker did not
+//! answer a check ([`Registry::mark_unresponsive`]; its own next heartbeat makes it healthy
+//! again), and its hive going stale (a worker shuts itself down when its hive is gone, so the
+//! jobs sent to it in the meantime would be cut).
 //!
 //! Besides each worker's info it keeps the prefix keys ([`rbee_contract::prefix`]) of the
 //! prompts the worker has cached, for the scheduler to send a conversation back to where its
@@ -51,6 +55,9 @@ struct WorkerEntry {
     hive_reported: bool,
     /// Whether the sweep has already logged this worker as stale.
     stale: bool,
+    /// A stream of this worker stalled and the worker did not answer: stale until its own
+    /// next heartbeat.
+    unresponsive: bool,
     /// Prefix keys the worker holds: its last report and [`WorkerEntry::dispatched`].
     /// Shared with the views, and copied only when it changes.
     prefixes: Arc<HashSet<u64>>,
@@ -77,6 +84,7 @@ impl WorkerEntry {
             in_flight: 0,
             hive_reported: false,
             stale: false,
+            unresponsive: false,
             prefixes: Arc::default(),
             reported: Vec::new(),
             dispatched: Vec::new(),
@@ -166,6 +174,8 @@ impl Registry {
         self.record_worker(info, None);
     }
 
+    /// `prefixes` comes with the worker's own heartbeat, the only proof that it answers again
+    /// after it was [unresponsive](Self::mark_unresponsive).
     fn record_worker(&self, info: WorkerInfo, prefixes: Option<Vec<u64>>) {
         let now = Instant::now();
         {
@@ -174,6 +184,10 @@ impl Registry {
                 Some(entry) => {
                     if entry.stale {
                         tracing::info!(worker_id = %info.worker_id, "worker heartbeats again");
+                    }
+                    if entry.unresponsive && prefixes.is_some() {
+                        tracing::info!(worker_id = %info.worker_id, "unresponsive worker heartbeats again; scheduling on it");
+                        entry.unresponsive = false;
                     }
                     if entry.info.state != info.state {
                         tracing::info!(worker_id = %info.worker_id, state = ?info.state, "worker state changed");
@@ -262,14 +276,42 @@ impl Registry {
         }
     }
 
+    /// Marks a worker whose stream stalled and which did not answer a check: it is stale
+    /// (listed so, never scheduled on) until its own next heartbeat, which a hung process
+    /// does not send.
+    pub fn mark_unresponsive(&self, worker_id: &str) {
+        let marked = match self.maps().workers.get_mut(worker_id) {
+            Some(entry) if !entry.unresponsive => {
+                entry.unresponsive = true;
+                true
+            }
+            _ => false,
+        };
+        if marked {
+            tracing::warn!(
+                worker_id,
+                "worker unresponsive; not scheduled on until it heartbeats again"
+            );
+            self.changed();
+        }
+    }
+
     pub fn worker_views(&self) -> Vec<WorkerView> {
         let now = Instant::now();
         let maps = self.maps();
+        let hive_stale = |hive_id: Option<&str>| {
+            hive_id
+                .and_then(|id| maps.hives.get(id))
+                .is_some_and(|hive| self.classify(now - hive.last_seen) != Some(Health::Healthy))
+        };
         let mut views: Vec<WorkerView> = maps
             .workers
             .values()
             .filter_map(|entry| {
-                let health = self.classify(now - entry.last_seen)?;
+                let mut health = self.classify(now - entry.last_seen)?;
+                if entry.unresponsive || hive_stale(entry.info.hive_id.as_deref()) {
+                    health = Health::Stale;
+                }
                 Some(WorkerView {
                     info: entry.info.clone(),
                     health,
@@ -558,6 +600,73 @@ pub(crate) mod tests {
         registry.forget_worker("w1");
         drop(b);
         assert!(registry.worker_views().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unresponsive_worker_is_stale_until_its_own_next_heartbeat() {
+        let registry = Registry::new(TICK);
+        registry.worker_beat(beat("w1", &[]));
+        registry.worker_beat(beat("w2", &[]));
+        let mut changes = registry.changes();
+        changes.borrow_and_update();
+        registry.mark_unresponsive("w1");
+        assert!(changes.has_changed().unwrap(), "waiting jobs look again");
+        let health: Vec<Health> = registry.worker_views().iter().map(|v| v.health).collect();
+        assert_eq!(health, [Health::Stale, Health::Healthy]);
+        assert_eq!(registry.worker_list().workers[0].state, WorkerState::Stale);
+        // What others say of the worker (a hive's spawn result, a forward) is no proof.
+        registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
+        assert_eq!(registry.worker_views()[0].health, Health::Stale);
+        registry.worker_beat(beat("w1", &[]));
+        assert_eq!(registry.worker_views()[0].health, Health::Healthy);
+        assert_eq!(registry.worker_list().workers[0].state, WorkerState::Ready);
+        registry.mark_unresponsive("gone");
+        assert_eq!(registry.worker_views().len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_workers_of_a_stale_hive_are_stale() {
+        let registry = Registry::new(TICK);
+        let on = |id: &str, hive: Option<&str>| {
+            let mut info = worker(id, "m", WorkerState::Ready, 1);
+            info.hive_id = hive.map(String::from);
+            WorkerHeartbeat {
+                worker: info,
+                cached_prefixes: Vec::new(),
+            }
+        };
+        registry.hive_heartbeat(hive("h1", Vec::new()));
+        registry.hive_heartbeat(hive("h2", Vec::new()));
+        let all_beat = |registry: &Registry| {
+            registry.worker_beat(on("a", Some("h1")));
+            registry.worker_beat(on("b", Some("h2")));
+            registry.worker_beat(on("c", None));
+            // A hive the queen has not heard of (it restarted a moment ago) is no reason.
+            registry.worker_beat(on("d", Some("h-unknown")));
+        };
+        all_beat(&registry);
+        // h1 goes silent while its worker and everything else go on heartbeating.
+        for _ in 0..4 {
+            tokio::time::advance(TICK).await;
+            registry.hive_heartbeat(hive("h2", Vec::new()));
+            all_beat(&registry);
+        }
+        let health: Vec<(String, Health)> = registry
+            .worker_views()
+            .into_iter()
+            .map(|v| (v.info.worker_id, v.health))
+            .collect();
+        let expected = [
+            ("a", Health::Stale),
+            ("b", Health::Healthy),
+            ("c", Health::Healthy),
+            ("d", Health::Healthy),
+        ]
+        .map(|(id, health)| (id.to_string(), health));
+        assert_eq!(health, expected);
+        // The hive heartbeats again: so are its workers.
+        registry.hive_heartbeat(hive("h1", Vec::new()));
+        assert_eq!(registry.worker_views()[0].health, Health::Healthy);
     }
 
     fn beat(id: &str, prefixes: &[u64]) -> WorkerHeartbeat {

@@ -1,0 +1,563 @@
+//! Faults with real processes, as a client of the queen sees them: a worker killed with
+//! SIGKILL before its first token (the job moves to another worker and the client gets one
+//! clean answer) and after it (`worker_lost` within 2 s, and the next request is served), a
+//! worker that hangs (SIGSTOP: the queen notices the stalled stream, ends it with
+//! `worker_lost` and stops scheduling on the worker until it heartbeats again, while a worker
+//! that is only slow to answer is waited for), and a hive killed with SIGKILL (its worker shuts
+//! itself down, the queen stops scheduling there within three heartbeat intervals and a
+//! request cold-starts on the other hive).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rbee_contract::{ErrorCode, JobCreated, JobEvent, WorkerInfo, WorkerState};
+use serde_json::{Value, json};
+use test_harness::{
+    CLUSTER_TOKEN, Daemon, JobApi, RawStream, TestCluster, child_pids, eventually, free_port,
+    process_gone, read_raw_stream, scratch_dir, send_signal, slow_model, tiny_model,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+const TOKEN: &str = CLUSTER_TOKEN;
+const PROMPT: &str = "Once upon a time";
+/// Tokens of a generation that must still run when the test acts: many seconds on the slow model.
+const LONG: u32 = 1500;
+
+fn infer(model: &str, prompt: &str, max_tokens: u32) -> Value {
+    json!({"operation": "infer", "model": model, "prompt": prompt,
+           "max_tokens": max_tokens, "temperature": 0})
+}
+
+/// A job's stream read to its end in a task of its own, the moment the first frame holding
+/// `marker` arrived sent on `at`, and when the stream ended.
+struct Followed {
+    created: JobCreated,
+    api: JobApi,
+    at: oneshot::Receiver<Instant>,
+    reader: JoinHandle<(RawStream, Instant)>,
+}
+
+impl Followed {
+    /// Waits for the marker; panics after `limit`.
+    async fn reached(&mut self, what: &str, limit: Duration) -> Instant {
+        tokio::time::timeout(limit, &mut self.at)
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {limit:?}"))
+            .unwrap_or_else(|_| panic!("the stream ended before its {what}"))
+    }
+
+    /// `DELETE`s the job, expecting it accepted.
+    async fn cancel(&self) {
+        let mut request = reqwest::Client::new()
+            .delete(format!("{}/v1/jobs/{}", self.api.url, self.created.job_id));
+        if let Some(token) = &self.api.token {
+            request = request.bearer_auth(token);
+        }
+        let status = request.send().await.expect("DELETE the job").status();
+        assert!(status.is_success(), "DELETE the job: {status}");
+    }
+
+    /// The whole stream and when it ended; panics after `limit`.
+    async fn end(self, limit: Duration) -> (RawStream, Instant) {
+        tokio::time::timeout(limit, self.reader)
+            .await
+            .unwrap_or_else(|_| panic!("the stream did not end within {limit:?}"))
+            .expect("the reader task")
+    }
+}
+
+/// Submits `body` to `api` at `path` and follows the job's stream, watching for `marker`
+/// (e.g. `"event":"token"`) in its frames.
+async fn follow(api: &JobApi, path: &str, body: &Value, marker: &'static str) -> Followed {
+    let created = api.submit_ok(path, body).await;
+    let response = api.open_stream(&created).await;
+    let api = api.clone();
+    let (tx, at) = oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let content_type = response.headers().get("content-type").cloned();
+        let mut tx = Some(tx);
+        let mut body = Vec::new();
+        let mut response = response;
+        while let Some(chunk) = response.chunk().await.expect("a readable stream") {
+            body.extend_from_slice(&chunk);
+            if tx.is_some()
+                && String::from_utf8_lossy(&body).contains(marker)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(Instant::now());
+            }
+        }
+        let ended = Instant::now();
+        // Parsed frame by frame as any other test's stream.
+        let mut whole = axum::http::Response::builder();
+        if let Some(content_type) = content_type {
+            whole = whole.header("content-type", content_type);
+        }
+        let whole = reqwest::Response::from(whole.body(body).expect("a response"));
+        let stream = read_raw_stream(whole).await.expect("a job stream");
+        (stream, ended)
+    });
+    Followed {
+        created,
+        api,
+        at,
+        reader,
+    }
+}
+
+fn tokens(stream: &RawStream) -> Vec<u32> {
+    stream
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            JobEvent::Token { index, .. } => Some(*index),
+            _ => None,
+        })
+        .collect()
+}
+
+fn narrations(stream: &RawStream) -> Vec<String> {
+    stream
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            JobEvent::Narration { message } => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn assert_done(stream: &RawStream, what: &str) {
+    stream.assert_one_terminal_then_done(what);
+    assert!(
+        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
+        "{what}: {:?}",
+        stream.events
+    );
+}
+
+fn assert_worker_lost(stream: &RawStream) {
+    stream.assert_one_terminal_then_done("queen");
+    assert!(
+        matches!(
+            stream.terminal(),
+            Some(JobEvent::Error {
+                code: ErrorCode::WorkerLost,
+                ..
+            })
+        ),
+        "{:?}",
+        stream.events
+    );
+    assert!(!tokens(stream).is_empty(), "tokens went out first");
+}
+
+async fn queen_json(queen: &str, path: &str) -> Value {
+    reqwest::get(format!("{queen}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: not JSON: {e}"))
+}
+
+async fn workers(queen: &str) -> Vec<WorkerInfo> {
+    serde_json::from_value(queen_json(queen, "/v1/workers").await["workers"].clone())
+        .expect("a worker list")
+}
+
+/// The one worker process of the cluster's hive.
+fn only_worker_pid(cluster: &TestCluster) -> u32 {
+    let pids = child_pids(cluster.hive.pid());
+    assert_eq!(pids.len(), 1, "the hive runs one worker process");
+    pids[0]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_before_its_first_token_is_replaced_and_the_client_gets_one_answer() {
+    let cluster = TestCluster::start(&slow_model(), &[]).await;
+    let pid = only_worker_pid(&cluster);
+    let request = infer(&cluster.model, PROMPT, 16);
+    let undisturbed = cluster.jobs().run("/v1/jobs", &request).await;
+    assert_done(&undisturbed, "the undisturbed answer");
+
+    // A client of the worker itself takes its only slot (the queen does not count it), so
+    // the queen's job, admitted by the worker, waits in the worker's own line: it is there
+    // and has no token yet when the worker dies.
+    let direct = JobApi::new(&cluster.worker.url, Some(TOKEN));
+    let mut hog = follow(
+        &direct,
+        "/v1/inference",
+        &infer(&cluster.model, "Count to a thousand:", LONG),
+        r#""event":"token""#,
+    )
+    .await;
+    hog.reached("first token of the direct job", Duration::from_secs(60))
+        .await;
+    let mut job = follow(&cluster.jobs(), "/v1/jobs", &request, r#""event":"queued""#).await;
+    job.reached(
+        "place in the worker's line for the queen's job",
+        Duration::from_secs(30),
+    )
+    .await;
+
+    send_signal(pid, "KILL");
+    let (stream, _) = job.end(Duration::from_secs(180)).await;
+    assert_done(&stream, "the queen's job");
+    assert_eq!(
+        stream.text(),
+        undisturbed.text(),
+        "the same answer, once: {:?}",
+        stream.events
+    );
+    let indices = tokens(&stream);
+    assert_eq!(
+        indices,
+        (0..indices.len() as u32).collect::<Vec<_>>(),
+        "each token once, in order"
+    );
+    let said = narrations(&stream);
+    assert!(
+        said.iter()
+            .any(|m| m.contains("went away before the first token")),
+        "{said:?}"
+    );
+    assert!(process_gone(pid));
+    // The job went to a worker the hive started in place of the dead one.
+    let now = workers(&cluster.queen.url).await;
+    assert!(
+        now.iter()
+            .any(|w| w.worker_id != cluster.worker.worker_id && w.state == WorkerState::Ready),
+        "{now:?}"
+    );
+    hog.reader.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_after_its_first_token_ends_the_stream_with_worker_lost_within_2_s() {
+    let cluster = TestCluster::start(&slow_model(), &[]).await;
+    let pid = only_worker_pid(&cluster);
+    let mut job = follow(
+        &cluster.jobs(),
+        "/v1/jobs",
+        &infer(&cluster.model, PROMPT, LONG),
+        r#""event":"token""#,
+    )
+    .await;
+    job.reached("first token", Duration::from_secs(60)).await;
+    send_signal(pid, "KILL");
+    let killed = Instant::now();
+    let (stream, ended) = job.end(Duration::from_secs(30)).await;
+    assert_worker_lost(&stream);
+    assert!(
+        ended - killed < Duration::from_secs(2),
+        "the stream ended {:?} after the kill",
+        ended - killed
+    );
+
+    // The next request is served: the hive starts another worker.
+    let next = cluster
+        .jobs()
+        .run("/v1/jobs", &infer(&cluster.model, PROMPT, 8))
+        .await;
+    assert_done(&next, "the next request");
+    assert!(!tokens(&next).is_empty());
+}
+
+/// A real worker serving `model` as `model_ref`, one slot, registered with `queen`.
+fn start_worker(model: &Path, model_ref: &str, queen: &str, id: &str, beat: &str) -> Daemon {
+    let port = free_port();
+    let args: Vec<String> = [
+        "--model",
+        &model.display().to_string(),
+        "--model-ref",
+        model_ref,
+        "--port",
+        &port.to_string(),
+        "--worker-id",
+        id,
+        "--threads",
+        "1",
+        "--queen-url",
+        queen,
+        "--heartbeat-interval",
+        beat,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Daemon::start(
+        "llm-worker-rbee",
+        &args,
+        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
+        format!("http://127.0.0.1:{port}"),
+    )
+    .expect("start a worker")
+}
+
+async fn state_of(queen: &str, worker_id: &str) -> Option<WorkerState> {
+    workers(queen)
+        .await
+        .into_iter()
+        .find(|w| w.worker_id == worker_id)
+        .map(|w| w.state)
+}
+
+/// Lets a stopped process go on when dropped, whatever the test's outcome.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_worker_is_noticed_and_avoided_while_a_slow_one_is_waited_for() {
+    // Heartbeats every 3 s: silence alone makes a worker stale only after 9 s, so a worker
+    // listed stale sooner was marked by its stalled stream.
+    const BEAT: Duration = Duration::from_secs(3);
+    const STALL: Duration = Duration::from_secs(1);
+    let queen = Daemon::queen(
+        &["--heartbeat-interval", "3s", "--worker-stall-timeout", "1s"],
+        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
+    )
+    .await;
+    let model = slow_model();
+    let ids = ["w-a", "w-b"];
+    let daemons: Vec<Daemon> = ids
+        .iter()
+        .map(|id| start_worker(&model, "slow", &queen.url, id, "3s"))
+        .collect();
+    eventually("both workers ready", Duration::from_secs(120), async || {
+        let ready = workers(&queen.url)
+            .await
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        (ready == 2).then_some(())
+    })
+    .await;
+    let api = JobApi::new(&queen.url, None);
+
+    // Slow, not hung: with both slots taken by clients of the workers themselves, the queen's
+    // job waits in a worker's own line, silent far longer than the stall timeout.
+    let mut hogs = Vec::new();
+    for worker in &daemons {
+        let direct = JobApi::new(&worker.url, Some(TOKEN));
+        let mut hog = follow(
+            &direct,
+            "/v1/inference",
+            &infer("slow", "Count to a thousand:", LONG),
+            r#""event":"token""#,
+        )
+        .await;
+        hog.reached("first token of a direct job", Duration::from_secs(60))
+            .await;
+        hogs.push(hog);
+    }
+    let mut waiting = follow(
+        &api,
+        "/v1/jobs",
+        &infer("slow", PROMPT, 8),
+        r#""event":"queued""#,
+    )
+    .await;
+    waiting
+        .reached("place in a worker's line", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(STALL * 4).await;
+    assert!(
+        !waiting.reader.is_finished(),
+        "a job silent in a worker's line for 4 stall timeouts was cut"
+    );
+    for id in ids {
+        assert_eq!(
+            state_of(&queen.url, id).await,
+            Some(WorkerState::Ready),
+            "a slow worker is not marked"
+        );
+    }
+    // The direct clients' jobs end; the waiting one runs.
+    for hog in &hogs {
+        hog.cancel().await;
+    }
+    let (stream, _) = waiting.end(Duration::from_secs(120)).await;
+    assert_done(&stream, "the job that waited");
+    assert!(narrations(&stream).is_empty(), "{:?}", stream.events);
+
+    // Hung: the worker running the queen's generation is stopped mid-stream.
+    let mut job = follow(
+        &api,
+        "/v1/jobs",
+        &infer("slow", PROMPT, LONG),
+        r#""event":"token""#,
+    )
+    .await;
+    job.reached("first token", Duration::from_secs(60)).await;
+    let mut running = None;
+    for (id, worker) in ids.iter().zip(&daemons) {
+        if worker.worker_info(TOKEN).await.slots_free == 0 {
+            running = Some((*id, worker));
+        }
+    }
+    let (hung_id, hung) = running.expect("a worker runs the generation");
+    let other_id = ids.into_iter().find(|id| *id != hung_id).unwrap();
+    hung.signal("STOP").expect("SIGSTOP the worker");
+    let stopped = Instant::now();
+    let _resume = Continue(hung.pid());
+    let (stream, ended) = job.end(Duration::from_secs(30)).await;
+    assert_worker_lost(&stream);
+    assert!(
+        ended - stopped < Duration::from_secs(10),
+        "the stalled stream ended {:?} after the stop",
+        ended - stopped
+    );
+    // Marked at once, not after three silent heartbeat intervals.
+    assert_eq!(
+        state_of(&queen.url, hung_id).await,
+        Some(WorkerState::Stale)
+    );
+    assert_eq!(
+        state_of(&queen.url, other_id).await,
+        Some(WorkerState::Ready)
+    );
+    assert!(
+        stopped.elapsed() < BEAT * 3,
+        "too slow to tell the mark from the heartbeats' silence: {:?}",
+        stopped.elapsed()
+    );
+
+    // The next requests go to the other worker, none through the hung one.
+    for _ in 0..2 {
+        let next = api.run("/v1/jobs", &infer("slow", PROMPT, 8)).await;
+        assert_done(&next, "a request after the hang");
+        assert!(narrations(&next).is_empty(), "{:?}", next.events);
+    }
+
+    // Going on, it heartbeats and is scheduled on again.
+    hung.signal("CONT").expect("SIGCONT the worker");
+    eventually(
+        "the worker listed ready again",
+        BEAT * 3 + Duration::from_secs(5),
+        async || (state_of(&queen.url, hung_id).await == Some(WorkerState::Ready)).then_some(()),
+    )
+    .await;
+}
+
+/// A hive registered with `queen` as `hive_id`, heartbeating every 100 ms, its worker logs in
+/// `log_dir`, allowed to load the models under `model_dir`.
+async fn start_hive(queen: &str, hive_id: &str, log_dir: &Path, model_dir: &Path) -> Daemon {
+    let port = free_port();
+    let first_worker_port = free_port().min(65_000);
+    let args: Vec<String> = [
+        ("--port", port.to_string()),
+        ("--queen-url", queen.to_string()),
+        ("--hive-id", hive_id.to_string()),
+        ("--heartbeat-interval", "100ms".to_string()),
+        ("--log-dir", log_dir.display().to_string()),
+        (
+            "--worker-port-range",
+            format!("{first_worker_port}-{}", first_worker_port + 20),
+        ),
+        // The catalog goes with the logs, never into the user's data directory.
+        ("--model-dir", log_dir.join("models").display().to_string()),
+        ("--allow-model-dir", model_dir.display().to_string()),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_string(), value])
+    .collect();
+    let mut hive = Daemon::start(
+        "rbee-hive",
+        &args,
+        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
+        format!("http://127.0.0.1:{port}"),
+    )
+    .expect("start rbee-hive");
+    hive.wait_for("/health", None, Duration::from_secs(30))
+        .await
+        .expect("the hive answers /health");
+    hive
+}
+
+async fn hive_status(queen: &str, hive_id: &str) -> Option<String> {
+    queen_json(queen, "/v1/hives").await["hives"]
+        .as_array()?
+        .iter()
+        .find(|h| h["hive_id"] == hive_id)
+        .and_then(|h| h["status"].as_str().map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hive_killed_with_sigkill_takes_its_worker_and_the_queen_schedules_elsewhere() {
+    // The cluster's queen and hives heartbeat every 100 ms.
+    const BEAT: Duration = Duration::from_millis(100);
+    let cluster = TestCluster::start(&tiny_model(), &[]).await;
+    let worker_pid = only_worker_pid(&cluster);
+    let log_dir: PathBuf = scratch_dir("faults-hive-b");
+    // A path names a file on one machine: only a hive that holds it (its model directories
+    // include it) is asked to start a worker from it once the first hive is gone.
+    let model_dir = tiny_model()
+        .parent()
+        .expect("the model's directory")
+        .to_path_buf();
+    let _other = start_hive(&cluster.queen.url, "hive-b", &log_dir, &model_dir).await;
+    eventually("hive-b registered", Duration::from_secs(30), async || {
+        (hive_status(&cluster.queen.url, "hive-b").await.as_deref() == Some("healthy"))
+            .then_some(())
+    })
+    .await;
+
+    cluster.hive.signal("KILL").expect("SIGKILL the hive");
+    eventually(
+        "the killed hive listed stale",
+        BEAT * 3 + Duration::from_secs(1),
+        async || {
+            (hive_status(&cluster.queen.url, "hive-test")
+                .await
+                .as_deref()
+                == Some("stale"))
+            .then_some(())
+        },
+    )
+    .await;
+    // Its worker is no longer scheduled on, even while it still runs: the request
+    // cold-starts on the other hive.
+    let next = cluster
+        .jobs()
+        .run("/v1/jobs", &infer(&cluster.model, PROMPT, 4))
+        .await;
+    assert_done(&next, "the request after the kill");
+    let said = narrations(&next);
+    assert!(
+        said.iter().any(|m| m.contains("asking hive hive-b")),
+        "the request went to hive-b: {said:?}"
+    );
+    let listed = workers(&cluster.queen.url).await;
+    let old = listed
+        .iter()
+        .find(|w| w.worker_id == cluster.worker.worker_id);
+    assert!(
+        old.is_none_or(|w| w.state != WorkerState::Ready),
+        "the dead hive's worker is not listed ready: {listed:?}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|w| w.hive_id.as_deref() == Some("hive-b") && w.state == WorkerState::Ready),
+        "{listed:?}"
+    );
+
+    // The orphaned worker shut itself down.
+    eventually(
+        "the killed hive's worker gone",
+        Duration::from_secs(15),
+        async || process_gone(worker_pid).then_some(()),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
