@@ -46,7 +46,7 @@ fn the_cpu_path_takes_every_architecture_and_reads_each_blocks_tensors() {
 #[test]
 fn files_the_cpu_path_does_not_take_say_why() {
     let dir = tempfile::tempdir().unwrap();
-    let why = |header: &Header| Layout::read(header, 512).err().expect("refused").0;
+    let why = |header: &Header| Layout::read(header, 512).expect_err("refused").0;
 
     // A head size its attention does not take.
     let wide = Header::open(&generated(
