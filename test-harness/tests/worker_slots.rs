@@ -1,16 +1,17 @@
 //! `rbee-hive --worker-slots N`: every worker it spawns decodes up to N sequences at once, and
-//! says so in its `WorkerInfo` (`slots_total`), for a model the engine batches (a llama GGUF with
-//! quantized matrices on the CPU); a model on candle's code serves one. The capacity check
-//! counts one KV cache per slot the worker will hold, and a slot count a worker would refuse is
-//! refused by the hive at startup.
+//! says so in its `WorkerInfo` (`slots_total`), on the engine's CPU path (a GGUF with quantized
+//! matrices on the CPU) and on candle's path (a safetensors checkpoint here; GPUs) alike. The
+//! capacity check counts one KV cache per slot the worker will hold, and a slot count a worker
+//! would refuse is refused by the hive at startup. A worker on candle's path started with
+//! `--slots 4` serves four concurrent requests, each with the tokens it gets alone.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{ErrorCode, WorkerInfo, WorkerState};
-use serde_json::json;
-use test_harness::{TestHive, bin_path, free_port};
+use rbee_contract::{ErrorCode, JobEvent, WorkerInfo, WorkerState};
+use serde_json::{Value, json};
+use test_harness::{Daemon, JobApi, RawStream, TestHive, bin_path, free_port, read_raw_stream};
 
 const TOKEN: &str = "slots-test-token";
 
@@ -48,9 +49,9 @@ async fn every_worker_gets_the_hives_slots() {
         .await;
     assert_eq!(got.data()["worker"]["slots_total"], json!(3));
 
-    // A safetensors checkpoint runs on candle's code: the same flag, one slot.
-    let single = hive.spawn_worker(&generated(ModelFormat::Hub)).await;
-    assert_eq!(single.slots_total, 1, "{single:?}");
+    // A safetensors checkpoint runs on candle's path: the same flag, the same slots.
+    let candle = hive.spawn_worker(&generated(ModelFormat::Hub)).await;
+    assert_eq!(candle.slots_total, 3, "{candle:?}");
     let job = hive.run_job(&json!({"operation": "worker_list"})).await;
     let workers: Vec<WorkerInfo> =
         serde_json::from_value(job.data()["workers"].clone()).expect("a worker list");
@@ -61,7 +62,7 @@ async fn every_worker_gets_the_hives_slots() {
     slots.sort();
     let mut expected = vec![
         (batched.worker_id.clone(), 3),
-        (single.worker_id.clone(), 1),
+        (candle.worker_id.clone(), 3),
     ];
     expected.sort();
     assert_eq!(slots, expected);
@@ -107,14 +108,14 @@ async fn the_capacity_check_counts_a_kv_cache_per_slot() {
         "{message}"
     );
 
-    // A model the worker serves one sequence at a time is counted once.
+    // A model on candle's path holds a KV cache per slot too, and no prompt cache store.
     let checkpoint = four
         .no_capacity(&generated(ModelFormat::Hub))
         .await
         .estimate;
-    assert_eq!(checkpoint.slots, 1, "{checkpoint:?}");
+    assert_eq!(checkpoint.slots, 4, "{checkpoint:?}");
     assert_eq!(checkpoint.prompt_cache_bytes, 0, "{checkpoint:?}");
-    assert_eq!(checkpoint.kv_cache_bytes, one_sequence);
+    assert_eq!(checkpoint.kv_cache_bytes, 4 * one_sequence);
 }
 
 /// Runs `rbee-hive` with `args` and `env` and expects it to refuse to start.
@@ -151,4 +152,68 @@ async fn slot_counts_a_worker_would_refuse_are_refused_at_startup() {
     refused(&["--worker-slots", "many"], &[]).await;
     let from_env = refused(&[], &[("RBEE_HIVE_WORKER_SLOTS", "0")]).await;
     assert!(from_env.contains("'0'"), "{from_env}");
+}
+
+const WORKER_TOKEN: &str = "slots-worker-token";
+
+fn greedy(prompt: &str, max_tokens: u32) -> Value {
+    json!({"operation": "infer", "model": "tiny", "prompt": prompt,
+           "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn token_ids(stream: &RawStream) -> Vec<u32> {
+    stream
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            JobEvent::Token { token_id, .. } => Some(*token_id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_on_candles_path_serves_four_slots_with_the_tokens_each_gets_alone() {
+    let checkpoint = generated(ModelFormat::Hub);
+    let worker = Daemon::ready_worker(&checkpoint, WORKER_TOKEN, &["--slots", "4"]).await;
+    let info = worker.worker_info(WORKER_TOKEN).await;
+    assert_eq!((info.slots_total, info.slots_free), (4, 4), "{info:?}");
+    let api = JobApi::new(&worker.url, Some(WORKER_TOKEN));
+    let bodies = [
+        greedy("Once upon a time", 24),
+        greedy("Hello world, this is a test of batching", 20),
+        greedy("What", 28),
+        greedy("The number 42 is", 16),
+    ];
+
+    let mut alone = Vec::new();
+    for body in &bodies {
+        let stream = api.run("/v1/inference", body).await;
+        stream.assert_one_terminal_then_done("worker");
+        let ids = token_ids(&stream);
+        assert!(ids.len() >= 8, "{ids:?}");
+        alone.push((ids, stream.text()));
+    }
+
+    // All four at once: none waits in line, and each gets what it got alone.
+    let created =
+        futures::future::join_all(bodies.iter().map(|b| api.submit_ok("/v1/inference", b))).await;
+    let streams = futures::future::join_all(created.iter().map(|c| async {
+        read_raw_stream(api.open_stream(c).await)
+            .await
+            .expect("a readable stream")
+    }))
+    .await;
+    for (i, (stream, (ids, text))) in streams.iter().zip(&alone).enumerate() {
+        stream.assert_one_terminal_then_done("worker");
+        assert!(
+            !stream
+                .events
+                .iter()
+                .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
+            "request {i} waited in line with a free slot"
+        );
+        assert_eq!(&token_ids(stream), ids, "request {i}: tokens");
+        assert_eq!(&stream.text(), text, "request {i}: text");
+    }
 }

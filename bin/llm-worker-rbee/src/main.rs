@@ -50,14 +50,14 @@ struct Args {
     /// CPU threads for inference (default: candle's, the number of physical cores).
     #[arg(long, env = "RBEE_THREADS")]
     threads: Option<usize>,
-    /// Sequences generated at once (continuous batching), each with its own KV cache. A model
-    /// on candle's code (GPU, F16/F32 matrices, safetensors) serves one.
+    /// Sequences generated at once (continuous batching), each with its own KV cache, on the
+    /// engine's CPU path and on candle's path (GPU devices, safetensors checkpoints) alike.
     #[arg(long, env = "RBEE_SLOTS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(rbee_contract::MAX_WORKER_SLOTS)))]
     slots: u32,
     /// Positions a prompt plus its completion may occupy, in each slot (default, or 0: the
     /// context the model was trained for). Each slot's KV cache holds this many positions.
-    /// More than the trained context is allowed, with a warning; candle's code caps it at what
-    /// it holds (4096 for a llama-family GGUF on a GPU).
+    /// More than the trained context is allowed, with a warning; candle's path caps it at what
+    /// it holds (4096 for a llama GGUF on a GPU, the trained context for qwen2 and safetensors).
     #[arg(long, value_name = "N", env = "RBEE_CTX_SIZE")]
     ctx_size: Option<u32>,
     /// MiB of memory for the prompt cache's store: prompt prefixes whose KV cache is kept after

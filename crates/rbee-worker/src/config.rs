@@ -27,8 +27,8 @@ pub struct WorkerConfig {
     pub hive_id: Option<String>,
     /// Shared secret of the cluster; `None` leaves the protected routes open (loopback only).
     pub cluster_token: Option<String>,
-    /// Sequences generated at once, each with its own KV cache (continuous batching); at
-    /// least 1. The engine may serve fewer (one, for a model on candle's code).
+    /// Sequences generated at once, each with its own KV cache (continuous batching), on the
+    /// engine's CPU path and on candle's path alike; at least 1.
     pub slots: usize,
     /// Positions a prompt plus its completion may occupy, in each slot; `None` takes the
     /// model's trained context. See `rbee_engine::LoadOptions::context_length` for how more
