@@ -26,8 +26,8 @@ pub fn enabled() -> bool {
 }
 
 /// Whether a GGUF file, loaded on the CPU with this process's environment, runs on the engine's
-/// own CPU path: the path that holds one KV cache per slot and batches generations, and that
-/// holds the weights once.
+/// own CPU path: the path that holds the weights once, has no fixed context limit and keeps a
+/// prompt cache (candle's path, which runs every other file, batches generations too).
 pub fn runs_on_cpu_path(header: &Header) -> bool {
     enabled() && Layout::read(header, usize::MAX).is_ok()
 }

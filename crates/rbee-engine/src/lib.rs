@@ -7,10 +7,10 @@
 //! trait and shares one generation loop, one sampler and one incremental detokenizer. On CPU,
 //! GGUF files whose matrices are F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K or Q6_K run on the
 //! engine's own kernels and thread pool (`cpu` module), computed as llama.cpp computes them;
-//! everything else runs on candle's model code, which takes only the llama and qwen2 files it
-//! computes correctly. The CPU path holds one KV cache
-//! per slot and feeds several generations in one forward pass (continuous batching: see
-//! [`Engine::step`]); candle's code holds one.
+//! everything else runs on candle's path, which takes only the llama and qwen2 files candle's
+//! model code computes correctly and computes them as that code does. Either path holds one KV
+//! cache per slot and feeds several generations in one forward pass (continuous batching: see
+//! [`Engine::step`]).
 //!
 //! The API is blocking and synchronous: it knows nothing of HTTP, jobs, async runtimes or the
 //! wire contract. The worker owns an [`Engine`] on a dedicated thread and turns its callbacks
