@@ -146,14 +146,14 @@ pub(crate) fn context_length(
     resolved
 }
 
-/// [`context_length`] without the warnings.
+/// [`context_length`] without the warnings: gguf-info's rule, the one the hive counts KV caches
+/// by.
 pub(crate) fn resolve_context(
     requested: Option<usize>,
     trained: usize,
     limit: Option<usize>,
 ) -> usize {
-    let wanted = requested.filter(|&n| n > 0).unwrap_or(trained);
-    limit.map_or(wanted, |limit| wanted.min(limit))
+    gguf_info::context::resolve(requested, trained, limit)
 }
 
 /// Reports `fraction` of the load done, with a message.

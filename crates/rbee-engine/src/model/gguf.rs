@@ -8,7 +8,6 @@ use std::path::Path;
 
 use candle_core::quantized::{GgmlDType, QMatMul, gguf_file};
 use candle_core::{DType, Device};
-use candle_transformers::models::quantized_llama;
 
 use super::candle_llama::{self, CandleLlama, Matrix, Rope};
 use super::{CausalLm, LoadedModel, ModelInfo, WeightsFormat, report};
@@ -74,7 +73,7 @@ fn load_with(
     report(progress, 0.05, "building the tokenizer from GGUF metadata");
     let tokenizer =
         TextTokenizer::from_gguf(&content).map_err(|e| EngineError::load("tokenizer", e))?;
-    let mut info = describe(path, &content, &arch, &tokenizer)?;
+    let mut info = describe(path, &content, &header, &arch, &tokenizer)?;
     let trained = info.trained_context_length;
 
     let total = info.weights_bytes;
@@ -324,6 +323,7 @@ fn read_header(path: &Path) -> Result<(gguf_file::Content, BufReader<File>), Eng
 fn describe(
     path: &Path,
     content: &gguf_file::Content,
+    header: &gguf_info::Header,
     arch: &str,
     tokenizer: &TextTokenizer,
 ) -> Result<ModelInfo, EngineError> {
@@ -335,10 +335,10 @@ fn describe(
     let hidden_size = required("embedding_length")?;
     let n_heads = required("attention.head_count")?;
     let n_kv_heads = required("attention.head_count_kv").unwrap_or(n_heads);
-    let trained_context_length = match arch {
-        "llama" => required("context_length").unwrap_or(quantized_llama::MAX_SEQ_LEN),
-        _ => required("context_length")?,
-    };
+    // gguf-info's rule (a llama file that states none gets what candle's llama assumes), the
+    // one the hive counts by.
+    let trained_context_length = gguf_info::context::trained(header)
+        .ok_or_else(|| EngineError::Load(format!("the GGUF file has no {arch}.context_length")))?;
     // The caller sets the context the model runs with once it knows which code runs it.
     let context_length = trained_context_length;
     let vocab_size = content
@@ -459,7 +459,7 @@ mod tests {
     use super::*;
 
     use candle_core::Tensor;
-    use candle_transformers::models::quantized_qwen2;
+    use candle_transformers::models::{quantized_llama, quantized_qwen2};
 
     use crate::cpu::SeqTokens;
 
