@@ -40,8 +40,8 @@ pub(crate) mod doc {
         AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChunkChoice, Completion,
         CompletionChunk, Delta, PromptTokensDetails, TextChoice, UsageOut,
     };
-    pub(crate) use super::tools::{FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut};
     pub(crate) use super::routes::{
         __path_chat_completions, __path_completions, __path_get_model, __path_list_models,
     };
+    pub(crate) use super::tools::{FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut};
 }

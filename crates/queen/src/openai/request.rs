@@ -295,7 +295,10 @@ fn parse_message(i: usize, message: ChatMessageIn) -> Result<ChatMessage, OpenAi
         Some(calls) if !calls.is_empty() && role != ChatRole::Assistant => {
             return Err(OpenAiError::invalid(
                 at("tool_calls"),
-                format!("`{}` is only allowed on assistant messages", at("tool_calls")),
+                format!(
+                    "`{}` is only allowed on assistant messages",
+                    at("tool_calls")
+                ),
             ));
         }
         Some(calls) => tools::message_calls(i, calls)?,

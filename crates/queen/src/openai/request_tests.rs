@@ -363,7 +363,10 @@ fn required_and_named_tool_choices_constrain_the_answer_and_none_offers_nothing(
         else {
             panic!("a required call is constrained");
         };
-        assert_eq!(schema["properties"]["name"], json!({"const": "get_weather"}));
+        assert_eq!(
+            schema["properties"]["name"],
+            json!({"const": "get_weather"})
+        );
         assert_eq!(schema["required"], json!(["name", "arguments"]));
     }
     let none = with_choice(json!("none"));
@@ -383,19 +386,27 @@ fn malformed_tools_and_tool_messages_name_the_parameter() {
         body
     };
     assert_eq!(
-        with(base(json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}))),
+        with(base(
+            json!({"tools": [weather_tool()], "tool_choice": {"type": "function", "function": {"name": "get_time"}}})
+        )),
         "tool_choice"
     );
     assert_eq!(
-        with(base(json!({"tools": [{"type": "function", "function": {"description": "no name"}}]}))),
+        with(base(
+            json!({"tools": [{"type": "function", "function": {"description": "no name"}}]})
+        )),
         "tools[0].function.name"
     );
     assert_eq!(
-        with(base(json!({"tools": [{"type": "function", "function": {"name": "has space"}}]}))),
+        with(base(
+            json!({"tools": [{"type": "function", "function": {"name": "has space"}}]})
+        )),
         "tools[0].function.name"
     );
     assert_eq!(
-        with(base(json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]}))),
+        with(base(
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": "object"}}]})
+        )),
         "tools[0].function.parameters"
     );
     assert_eq!(
@@ -404,24 +415,32 @@ fn malformed_tools_and_tool_messages_name_the_parameter() {
     );
     // A tool message without the id of the call it answers, or with an id no call had.
     assert_eq!(
-        with(json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C"}]})),
+        with(
+            json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C"}]})
+        ),
         "messages[2].tool_call_id"
     );
     assert_eq!(
-        with(json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C", "tool_call_id": "call_9"}]})),
+        with(
+            json!({"model": "m", "messages": [user("hi"), weather_call("call_1"), {"role": "tool", "content": "18 C", "tool_call_id": "call_9"}]})
+        ),
         "messages[2].tool_call_id"
     );
     // Calls only on assistant messages; a call needs its function's name and arguments.
     assert_eq!(
-        with(json!({"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-        ]}]})),
+        with(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ]}]})
+        ),
         "messages[0].tool_calls"
     );
     assert_eq!(
-        with(json!({"model": "m", "messages": [user("hi"), {"role": "assistant", "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f"}}
-        ]}]})),
+        with(
+            json!({"model": "m", "messages": [user("hi"), {"role": "assistant", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f"}}
+            ]}]})
+        ),
         "messages[1].tool_calls[0].function.arguments"
     );
 }
