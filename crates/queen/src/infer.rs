@@ -182,6 +182,8 @@ async fn attempt(
     // A worker that hangs (rather than dies) is noticed by its silence: see `stall`.
     let stall = StallWatch::new(queen, worker);
     let tokens = AtomicU32::new(0);
+    // The job's prefix keys count as the worker's only once it took the job.
+    let acceptance = slot.acceptance();
     // The slot stays the job's until the worker's job is really over, cancellation included:
     // a slot freed before the worker stopped would send the next job into the worker's own
     // queue, or have it refused as busy.
@@ -194,7 +196,10 @@ async fn attempt(
         ))
         .await;
     let upstream = match submitted {
-        Some(Ok(upstream)) => upstream,
+        Some(Ok(upstream)) => {
+            acceptance.accepted();
+            upstream
+        }
         Some(Err(err)) => return Ok(refused(queen, worker, err)),
         None => return Ok(hung(queen, worker, &stall, 0)),
     };

@@ -11,7 +11,7 @@
 //! Besides each worker's info it keeps the prefix keys ([`rbee_contract::prefix`]) of the
 //! prompts the worker has cached, for the scheduler to send a conversation back to where its
 //! history is: what the worker last reported, plus the keys of the jobs the queen sent it
-//! since (see [`Registry::enter`]).
+//! since and it accepted (see [`Registry::enter`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -63,7 +63,8 @@ struct WorkerEntry {
     prefixes: Arc<HashSet<u64>>,
     /// The last report alone.
     reported: Vec<u64>,
-    /// Keys of jobs the queen sent this worker, running or ended a moment ago.
+    /// Keys of jobs the queen sent this worker, running or ended a moment ago; they count
+    /// only once the worker accepted the job.
     dispatched: Vec<Dispatched>,
     next_dispatch: u64,
 }
@@ -72,6 +73,8 @@ struct WorkerEntry {
 struct Dispatched {
     id: u64,
     keys: Vec<u64>,
+    /// The worker took the job (a refused one leaves nothing in its cache).
+    accepted: bool,
     /// `None` while the job runs; then how many more heartbeats keep its keys.
     beats_left: Option<u8>,
 }
@@ -105,7 +108,12 @@ impl WorkerEntry {
             }
         });
         let mut set: HashSet<u64> = self.reported.iter().copied().collect();
-        set.extend(self.dispatched.iter().flat_map(|d| d.keys.iter().copied()));
+        set.extend(
+            self.dispatched
+                .iter()
+                .filter(|d| d.accepted)
+                .flat_map(|d| d.keys.iter().copied()),
+        );
         self.prefixes = Arc::new(set);
     }
 }
@@ -422,12 +430,13 @@ impl Registry {
         self.version.subscribe()
     }
 
-    /// Counts a job the queen sends to `worker_id` until the guard is dropped, and counts the
-    /// job's prefix `keys` as held by the worker from now on: the worker caches the prompt as
-    /// it runs it, and the conversation's next turn, which may come before the next heartbeat,
-    /// should find it there. The keys stay while the job runs and for
-    /// [`DISPATCHED_KEYS_BEATS`] heartbeats after; from then on the worker's report alone
-    /// says whether it still holds them.
+    /// Counts a job the queen sends to `worker_id` until the guard is dropped, and keeps the
+    /// job's prefix `keys` to count as held by the worker once it accepted the job
+    /// ([`Acceptance::accepted`]): the worker caches the prompt as it runs it, and the
+    /// conversation's next turn, which may come before the next heartbeat, should find it
+    /// there. A job the worker refuses (`busy`) leaves nothing behind. The keys stay while the
+    /// job runs and for [`DISPATCHED_KEYS_BEATS`] heartbeats after; from then on the worker's
+    /// report alone says whether it still holds them.
     pub fn enter(self: &Arc<Self>, worker_id: &str, keys: &[u64]) -> InFlight {
         // A request of many tiny messages has as many keys; a worker reports at most this many,
         // the leading ones (the longest prefixes a next turn can match start there).
@@ -441,11 +450,9 @@ impl Registry {
                 entry.dispatched.push(Dispatched {
                     id,
                     keys: keys.to_vec(),
+                    accepted: false,
                     beats_left: None,
                 });
-                if !keys.iter().all(|k| entry.prefixes.contains(k)) {
-                    Arc::make_mut(&mut entry.prefixes).extend(keys);
-                }
                 dispatch = Some(id);
             }
         }
@@ -465,16 +472,56 @@ pub(crate) struct InFlight {
     dispatch: Option<u64>,
 }
 
+impl InFlight {
+    /// What tells the registry that the worker took the job; taken before the guard is handed
+    /// to whatever holds it while the job runs.
+    pub fn acceptance(&self) -> Acceptance {
+        Acceptance {
+            registry: Arc::clone(&self.registry),
+            worker_id: self.worker_id.clone(),
+            dispatch: self.dispatch,
+        }
+    }
+}
+
+/// See [`InFlight::acceptance`].
+pub(crate) struct Acceptance {
+    registry: Arc<Registry>,
+    worker_id: String,
+    dispatch: Option<u64>,
+}
+
+impl Acceptance {
+    /// The worker accepted the job: its keys count as held from now on.
+    pub fn accepted(self) {
+        let Some(id) = self.dispatch else {
+            return;
+        };
+        if let Some(entry) = self.registry.maps().workers.get_mut(&self.worker_id)
+            && let Some(d) = entry.dispatched.iter_mut().find(|d| d.id == id)
+        {
+            d.accepted = true;
+            if !d.keys.iter().all(|k| entry.prefixes.contains(k)) {
+                Arc::make_mut(&mut entry.prefixes).extend(d.keys.iter().copied());
+            }
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(entry) = self.registry.maps().workers.get_mut(&self.worker_id) {
             entry.in_flight = entry.in_flight.saturating_sub(1);
-            if let Some(d) = entry
+            if let Some(at) = entry
                 .dispatched
-                .iter_mut()
-                .find(|d| Some(d.id) == self.dispatch)
+                .iter()
+                .position(|d| Some(d.id) == self.dispatch)
             {
-                d.beats_left = Some(DISPATCHED_KEYS_BEATS);
+                if entry.dispatched[at].accepted {
+                    entry.dispatched[at].beats_left = Some(DISPATCHED_KEYS_BEATS);
+                } else {
+                    entry.dispatched.remove(at);
+                }
             }
         }
         // A slot came free: the job first in line for this worker's model looks again.
@@ -698,8 +745,10 @@ pub(crate) mod tests {
         registry.worker_heartbeat(worker("w1", "m", WorkerState::Ready, 1));
         assert_eq!(held(&registry), [3]);
 
-        // A job's keys count at once, through the heartbeats while it runs.
+        // A job's keys count once the worker accepted it, through the heartbeats while it runs.
         let job = registry.enter("w1", &[10, 11]);
+        assert_eq!(held(&registry), [3]);
+        job.acceptance().accepted();
         assert_eq!(held(&registry), [3, 10, 11]);
         registry.worker_beat(beat("w1", &[]));
         registry.worker_beat(beat("w1", &[]));
@@ -715,6 +764,21 @@ pub(crate) mod tests {
         assert_eq!(held(&registry), [10]);
     }
 
+    /// A job the worker refused (`busy`) never held anything: its keys do not count, during or
+    /// after, and the next turn of its conversation is not drawn to that worker.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_job_leaves_no_keys() {
+        let registry = Arc::new(Registry::new(TICK));
+        registry.worker_beat(beat("w1", &[1]));
+        let refused = registry.enter("w1", &[10, 11]);
+        assert_eq!(held(&registry), [1]);
+        drop(refused);
+        assert_eq!(held(&registry), [1]);
+        registry.worker_beat(beat("w1", &[1]));
+        assert_eq!(held(&registry), [1]);
+        assert_eq!(registry.worker_views()[0].in_flight, 0);
+    }
+
     /// A request of thousands of tiny messages adds only the leading keys a worker could
     /// report, not one per message.
     #[tokio::test(start_paused = true)]
@@ -722,7 +786,8 @@ pub(crate) mod tests {
         let registry = Arc::new(Registry::new(TICK));
         registry.worker_beat(beat("w1", &[]));
         let keys: Vec<u64> = (0..5000).collect();
-        let _job = registry.enter("w1", &keys);
+        let job = registry.enter("w1", &keys);
+        job.acceptance().accepted();
         let held = held(&registry);
         assert_eq!(held.len(), rbee_contract::prefix::MAX_REPORTED_PREFIXES);
         assert_eq!(held.first(), Some(&0));
