@@ -34,6 +34,10 @@ use super::x86_tiled::prefetch_ahead;
 /// 8 KiB, and the eight rows' weights another 8 KiB, inside the first cache level.
 const CHUNK: usize = 512;
 
+/// A chunk's activations, aligned for whole-vector loads.
+#[repr(align(32))]
+struct Chunk([f32; 4 * CHUNK]);
+
 /// The eight rows at `tile` (2-byte floats, rows of `n` values) against four activation
 /// vectors of `n` values, as described in the module documentation. `load` widens the eight
 /// weights at a pointer to f32 and `one` the single weight of the tail.
@@ -56,21 +60,36 @@ unsafe fn tile4(
     unsafe {
         // acc[row][token][chain]
         let mut acc = [[[_mm256_setzero_ps(); 4]; 4]; TILE_ROWS];
+        let mut xs = Chunk([0f32; 4 * CHUNK]);
         let mut start = 0;
         while start < rounds {
             let end = rounds.min(start + CHUNK);
+            // The chunk's activations, eight values of each token in turn: the four tokens'
+            // own vectors lie a whole row apart, often a multiple of 4 KiB, where they (and the
+            // weight rows) would compete for the same few sets of the first cache level.
+            for g in 0..(end - start) / 8 {
+                for t in 0..4 {
+                    let v = _mm256_loadu_ps(acts[t].add(start + 8 * g));
+                    _mm256_store_ps(xs.0.as_mut_ptr().add(32 * g + 8 * t), v);
+                }
+            }
+            let xs = xs.0.as_ptr();
             for pair in 0..TILE_ROWS / 2 {
                 let (r0, r1) = (row(2 * pair), row(2 * pair + 1));
                 prefetch_ahead(r0.add(2 * start), 2 * (end - start));
                 prefetch_ahead(r1.add(2 * start), 2 * (end - start));
                 for c in 0..4 {
-                    let mut a0: [__m256; 4] = std::array::from_fn(|t| acc[2 * pair][t][c]);
-                    let mut a1: [__m256; 4] = std::array::from_fn(|t| acc[2 * pair + 1][t][c]);
+                    let (mut a0, mut a1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+                    for t in 0..4 {
+                        a0[t] = acc[2 * pair][t][c];
+                        a1[t] = acc[2 * pair + 1][t][c];
+                    }
                     let mut i = start + 8 * c;
                     while i < end {
                         let (w0, w1) = (load(r0.add(2 * i)), load(r1.add(2 * i)));
+                        let group = xs.add(4 * (i - start));
                         for t in 0..4 {
-                            let x = _mm256_loadu_ps(acts[t].add(i));
+                            let x = _mm256_load_ps(group.add(8 * t));
                             a0[t] = _mm256_fmadd_ps(w0, x, a0[t]);
                             a1[t] = _mm256_fmadd_ps(w1, x, a1[t]);
                         }
@@ -95,9 +114,11 @@ unsafe fn tile4(
             }
             i += 8;
         }
-        std::array::from_fn(|t| {
-            std::array::from_fn(|r| {
-                let c = &acc[r][t];
+        // Plain loops, not closures: a closure would not inherit the caller's target
+        // features, and its vector additions would be calls.
+        let mut out = [[0f32; TILE_ROWS]; 4];
+        for (r, acc) in acc.iter().enumerate() {
+            for (t, c) in acc.iter().enumerate() {
                 let mut sum = hsum(_mm256_add_ps(
                     _mm256_add_ps(c[0], c[1]),
                     _mm256_add_ps(c[2], c[3]),
@@ -105,9 +126,10 @@ unsafe fn tile4(
                 for k in i..n {
                     sum += one(row(r).add(2 * k)) * *acts[t].add(k);
                 }
-                sum
-            })
-        })
+                out[t][r] = sum;
+            }
+        }
+        out
     }
 }
 
