@@ -10,7 +10,7 @@ use std::process::Command;
 
 use rbee_contract::{FinishReason, JobEvent};
 use serde_json::{Value, json};
-use test_harness::{JobApi, TestCluster, smollm2, tiny_model};
+use test_harness::{TestCluster, smollm2, tiny_model};
 
 /// The variable `cargo xtask test` sets to a python that has `openai` installed.
 const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";

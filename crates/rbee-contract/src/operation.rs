@@ -5,9 +5,12 @@ use serde::{Deserialize, Serialize};
 /// Tagged by `operation`, e.g. `{"operation":"infer","model":"...","prompt":"..."}`.
 /// A daemon accepts the subset it can carry out and answers `400 unsupported_operation`
 /// for the rest.
+// `Infer` is much larger than the other variants; an operation is parsed once per request and
+// moved a few times, so it is not boxed (which would change every construction and match).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "operation", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
 pub enum Operation {
     Infer(InferRequest),
     WorkerSpawn(WorkerSpawnRequest),
