@@ -57,6 +57,9 @@ use crate::state::Queen;
 /// After the drain, clients still reading a stream get this long before the queen closes
 /// their connections.
 const CONNECTIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long shutdown waits for the cancellations of the jobs it cut to reach their workers
+/// and hives (a `DELETE` each, usually answered in a millisecond).
+const CANCELLATIONS_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why the queen stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub async fn serve(
                 () = stop_cluster.cancelled() => true,
             };
             jobs.shutdown(grace).await;
+            relay::cancellations_sent(CANCELLATIONS_GRACE).await;
             if whole_cluster {
                 cascade::stop_hives(&queen).await;
             }

@@ -21,6 +21,7 @@ use job_client::{ClientError, JobClient, JobEventStream, JobHandle};
 use job_server::{JobContext, JobFailure};
 use rbee_contract::{JobEvent, Operation};
 use tokio::sync::oneshot;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 /// How long the `DELETE` of an abandoned upstream job may take, retries included: longer
@@ -29,6 +30,25 @@ use tracing::Instrument;
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before the first retry of a `DELETE` that could not be delivered; it doubles.
 const CANCEL_RETRY: Duration = Duration::from_millis(250);
+
+/// The `DELETE`s of upstream jobs still being sent. Closing the connection no longer ends a
+/// job below, so a queen that shuts down waits for them ([`cancellations_sent`]) rather than
+/// leave its cancelled jobs' workers generating until their detached timeout.
+static CANCELLING: std::sync::LazyLock<TaskTracker> = std::sync::LazyLock::new(TaskTracker::new);
+
+/// Waits, at most `limit`, until every `DELETE` of an abandoned upstream job has been sent.
+pub(crate) async fn cancellations_sent(limit: Duration) {
+    CANCELLING.close();
+    if tokio::time::timeout(limit, CANCELLING.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            pending = CANCELLING.len(),
+            "upstream jobs still being cancelled at shutdown; their daemons end them when their detached timeout runs out"
+        );
+    }
+}
 
 /// The query that keeps an upstream job alive across a broken connection (see the module).
 const RESUMABLE: &str = "cancel_on_disconnect=false";
@@ -92,12 +112,13 @@ impl Drop for Upstream {
             return;
         };
         let hold = self.hold.take();
-        runtime.spawn(
+        CANCELLING.spawn_on(
             async move {
                 cancel_upstream(handle).await;
                 drop(hold);
             }
             .in_current_span(),
+            &runtime,
         );
     }
 }
