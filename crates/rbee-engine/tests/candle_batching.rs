@@ -122,13 +122,12 @@ fn interleaved(
     Ok((got.into_iter().map(Option::unwrap).collect(), shared_steps))
 }
 
+/// `n` greedy tokens after a prompt's tokens, by candle's own model code.
+type Reference<'a> = dyn Fn(&[u32], usize) -> anyhow::Result<Vec<u32>> + 'a;
+
 /// The engine serves four slots on `path`; each of four interleaved streams gets what it gets
 /// alone, and alone what `reference` (candle's code, greedy from the prompt's tokens) gets.
-fn four_slots_batched(
-    path: &Path,
-    what: &str,
-    reference: &dyn Fn(&[u32], usize) -> anyhow::Result<Vec<u32>>,
-) -> anyhow::Result<()> {
+fn four_slots_batched(path: &Path, what: &str, reference: &Reference<'_>) -> anyhow::Result<()> {
     let mut engine = load(path)?;
     assert_eq!(engine.slots(), SLOTS, "{what}: slots");
     let reqs = requests(&engine)?;

@@ -551,8 +551,7 @@ mod tests {
                 let mut want = reference.logits(prompt, 0);
                 assert_eq!(logits(model, prompt), want, "{what}: prompt {prompt:?}");
                 let mut steps = vec![want.clone()];
-                let mut pos = prompt.len();
-                for _ in 0..5 {
+                for pos in prompt.len()..prompt.len() + 5 {
                     let next = argmax(&want);
                     want = reference.logits(&[next], pos);
                     assert_eq!(
@@ -561,7 +560,6 @@ mod tests {
                         "{what}: prompt {prompt:?}, position {pos}"
                     );
                     steps.push(want.clone());
-                    pos += 1;
                 }
                 alone.push(steps);
             }
