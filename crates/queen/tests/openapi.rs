@@ -61,7 +61,11 @@ fn the_document_describes_the_public_routes() {
     ] {
         assert!(schemas[name].is_object(), "no schema {name}");
     }
-    // Refused parameters are not advertised.
+    // Served parameters are advertised; refused ones are not.
     let chat = &schemas["ChatCompletionRequest"]["properties"];
-    assert!(chat["messages"].is_object() && chat["tools"].is_null());
+    for served in ["messages", "tools", "response_format"] {
+        assert!(chat[served].is_object(), "{served} is not documented");
+    }
+    assert!(chat["logit_bias"].is_null() && chat["modalities"].is_null());
+    assert!(schemas["ResponseFormatIn"].is_object() && schemas["JsonSchemaIn"].is_object());
 }
