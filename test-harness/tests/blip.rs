@@ -35,16 +35,19 @@ struct Blip {
 
 impl Blip {
     async fn start() -> Blip {
-        let model = std::fs::canonicalize(slow_model()).expect("the slow model's path");
-        Blip::start_for(model).await
+        Blip::start_with(&[]).await
     }
 
-    async fn start_for(model: PathBuf) -> Blip {
-        let queen = Daemon::queen(
-            &["--heartbeat-interval", "100ms"],
-            &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        )
-        .await;
+    /// [`start`](Self::start), with `queen_args` added to the queen's.
+    async fn start_with(queen_args: &[&str]) -> Blip {
+        let model = std::fs::canonicalize(slow_model()).expect("the slow model's path");
+        Blip::start_for(model, queen_args).await
+    }
+
+    async fn start_for(model: PathBuf, queen_args: &[&str]) -> Blip {
+        let mut args = vec!["--heartbeat-interval", "100ms"];
+        args.extend_from_slice(queen_args);
+        let queen = Daemon::queen(&args, &[("RBEE_CLUSTER_TOKEN", TOKEN)]).await;
         let port = free_port();
         let proxy = TcpProxy::start(&format!("127.0.0.1:{port}")).await;
         let model = model.display().to_string();
@@ -342,6 +345,50 @@ async fn an_outage_past_the_resume_budget_ends_with_worker_lost_and_frees_the_wo
     // And the next request is served.
     let next = blip.reference().await;
     assert!(!tokens(&next).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queen_stopped_mid_answer_cancels_the_workers_job_before_it_exits() {
+    let mut blip = Blip::start_with(&["--shutdown-grace", "200ms"]).await;
+    let api = JobApi::new(&blip.queen.url, None);
+    let created = api.submit_ok("/v1/jobs", &blip.infer()).await;
+    let response = api.open_stream(&created).await;
+    let (signal, first_token) = tokio::sync::oneshot::channel();
+    let reading = tokio::spawn(test_harness::read_raw_stream_signalling(response, signal));
+    first_token.await.expect("a first token");
+    blip.queen.signal("TERM").expect("SIGTERM the queen");
+    let stream = tokio::time::timeout(Duration::from_secs(20), reading)
+        .await
+        .expect("the stream ends")
+        .expect("the reader")
+        .expect("a readable stream");
+    stream.assert_one_terminal_then_done("queen stopping");
+    assert!(
+        matches!(
+            stream.terminal(),
+            Some(JobEvent::Error {
+                code: ErrorCode::ShuttingDown,
+                ..
+            })
+        ),
+        "{:?}",
+        stream.terminal()
+    );
+    assert_eq!(
+        blip.queen
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .expect("the queen exits"),
+        Some(0)
+    );
+    // Closing the connection does not end the worker's job; the queen's DELETE, sent before
+    // it exited, did (its detached timeout would have taken 30 s).
+    blip.wait_worker_free(Duration::from_secs(5)).await;
+    assert!(
+        blip.worker.log_text().contains("job cancelled by request"),
+        "{}",
+        blip.worker.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
