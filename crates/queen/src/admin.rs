@@ -63,6 +63,35 @@ pub(crate) enum ModelAccess {
     Known { hub: bool },
 }
 
+tokio::task_local! {
+    /// The access of the request whose job is being created: set around the job server's
+    /// `create` (by [`guard_operations`] and the OpenAI routes), read by the executor's
+    /// `admit`, which runs inside it, so that the job carries what its request was let
+    /// through for.
+    static ACCESS: ModelAccess;
+}
+
+/// Runs `future` (a request on its way to creating a job) with `access` as the request's.
+pub(crate) async fn with_access<F: std::future::Future>(
+    access: ModelAccess,
+    future: F,
+) -> F::Output {
+    ACCESS.scope(access, future).await
+}
+
+/// Runs `create` (a job's creation) with `access` as the request's.
+pub(crate) fn creating_with<T>(access: ModelAccess, create: impl FnOnce() -> T) -> T {
+    ACCESS.sync_scope(access, create)
+}
+
+/// The access of the request whose job is being admitted; the narrowest when none was set,
+/// so a way of creating jobs that forgets to say fails closed.
+pub(crate) fn current_access() -> ModelAccess {
+    ACCESS
+        .try_with(|access| *access)
+        .unwrap_or(ModelAccess::Known { hub: false })
+}
+
 /// Tells a request's [`ModelAccess`] from its bearer.
 #[derive(Clone, Debug)]
 pub(crate) struct ModelPolicy {
@@ -226,7 +255,7 @@ pub(crate) async fn guard_operations(
 ) -> Response {
     let access = guard.policy.access(request.headers());
     if request.method() != Method::POST || access == ModelAccess::Any {
-        return next.run(request).await;
+        return with_access(access, next.run(request)).await;
     }
     let admin = guard.admins.admits(&request);
     let (parts, body) = request.into_parts();
@@ -256,8 +285,11 @@ pub(crate) async fn guard_operations(
             return err.into_response();
         }
     }
-    next.run(Request::from_parts(parts, Body::from(bytes)))
-        .await
+    with_access(
+        access,
+        next.run(Request::from_parts(parts, Body::from(bytes))),
+    )
+    .await
 }
 
 /// The operation in a job request body, parsed as the job server parses it (as a JSON value

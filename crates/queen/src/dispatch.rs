@@ -22,6 +22,26 @@ use crate::state::Queen;
 /// Cold starts one job may cause at most: the first and one replacement.
 const MAX_COLD_STARTS: u32 = 2;
 
+/// The cold starts of one job.
+pub(crate) struct ColdStarts {
+    /// Made so far.
+    pub made: u32,
+    /// The job may have any hive open a path it names, not only the hives holding it
+    /// ([`spawn::cold_start`]).
+    pub any_path: bool,
+}
+
+impl ColdStarts {
+    pub fn new(any_path: bool) -> Self {
+        ColdStarts { made: 0, any_path }
+    }
+
+    #[cfg(test)]
+    pub fn any_path() -> Self {
+        ColdStarts::new(true)
+    }
+}
+
 /// The next step of a job looking for a worker.
 enum Step {
     /// A worker with a free slot, the slot already counted as the job's.
@@ -43,7 +63,7 @@ pub(crate) async fn choose(
     request: &RequestPrefix,
     excluded: &HashSet<String>,
     busy: &[String],
-    cold_starts: &mut u32,
+    cold_starts: &mut ColdStarts,
     ctx: &JobContext,
 ) -> Result<(WorkerInfo, InFlight), JobFailure> {
     let load_limit = queen.config.spawn_timeout;
@@ -135,16 +155,16 @@ pub(crate) async fn choose(
                         ),
                     ));
                 }
-                if *cold_starts >= MAX_COLD_STARTS {
+                if cold_starts.made >= MAX_COLD_STARTS {
                     return Err(JobFailure::new(
                         ErrorCode::Unavailable,
                         format!("no worker started for {model} could take the job"),
                     ));
                 }
-                *cold_starts += 1;
+                cold_starts.made += 1;
                 // The new worker is in the registry now and is taken like any other, in turn;
                 // it is kept in case the registry lists it under another model name.
-                spawned = Some(spawn::cold_start(queen, model, ctx).await?);
+                spawned = Some(spawn::cold_start(queen, model, cold_starts.any_path, ctx).await?);
             }
             Step::Load(worker_id) => {
                 if waiting_for.as_deref() != Some(worker_id.as_str()) {
@@ -204,7 +224,7 @@ mod tests {
                 &RequestPrefix::default(),
                 &HashSet::new(),
                 &[],
-                &mut 0,
+                &mut ColdStarts::any_path(),
                 &ctx,
             )
             .await?;

@@ -14,7 +14,8 @@ use rbee_contract::model_ref::ParsedModelRef;
 use rbee_contract::{ErrorCode, InferRequest, JobEvent, Operation, WorkerInfo};
 use tokio::time::Instant;
 
-use crate::dispatch::choose;
+use crate::admin::{self, ModelAccess};
+use crate::dispatch::{ColdStarts, choose};
 use crate::registry::InFlight;
 use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler::RequestPrefix;
@@ -32,6 +33,9 @@ const MAX_ATTEMPTS: usize = 8;
 #[derive(Debug)]
 pub(crate) struct ValidInfer {
     request: InferRequest,
+    /// Whether the request may have any hive open any path (`admin`), rather than only the
+    /// hives that hold it.
+    any_path: bool,
 }
 
 impl ValidInfer {
@@ -53,7 +57,10 @@ impl ValidInfer {
         if let Some(format) = &request.response_format {
             crate::openai::format::check_compiles(format).map_err(ApiError::bad_request)?;
         }
-        Ok(ValidInfer { request })
+        Ok(ValidInfer {
+            request,
+            any_path: admin::current_access() == ModelAccess::Any,
+        })
     }
 }
 
@@ -110,7 +117,7 @@ pub(crate) async fn run(queen: &Queen, job: ValidInfer, ctx: &JobContext) -> Job
     // Computed once: every worker the job is offered to is ranked by how much of it it holds.
     let prefix = RequestPrefix::of(&job.request);
     let operation = Operation::Infer(job.request);
-    let result = schedule(queen, operation, &prefix, ctx, &mut progress).await;
+    let result = schedule(queen, operation, &prefix, job.any_path, ctx, &mut progress).await;
     progress.outcome = Some(match &result {
         Ok(_) => "done".to_owned(),
         Err(failure) => failure.code.to_string(),
@@ -122,13 +129,14 @@ async fn schedule(
     queen: &Queen,
     operation: Operation,
     prefix: &RequestPrefix,
+    any_path: bool,
     ctx: &JobContext,
     progress: &mut Progress<'_>,
 ) -> JobResult {
     let model = progress.model;
     let mut excluded = HashSet::new();
     let mut busy = Vec::new();
-    let mut cold_starts = 0;
+    let mut cold_starts = ColdStarts::new(any_path);
     let mut replaced_lost = false;
     for _ in 0..MAX_ATTEMPTS {
         let (worker, slot) = choose(

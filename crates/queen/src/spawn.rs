@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use rbee_contract::model_ref::ParsedModelRef;
 
 use crate::admin;
+use crate::registry::HiveView;
 use crate::relay::{self, RelayEnd, relay};
 use crate::scheduler;
 use crate::state::{Queen, upstream_failure};
@@ -89,10 +90,12 @@ impl Drop for Flight<'_> {
 /// Gets a ready worker for `model` started by a hive, relaying the hive's progress events
 /// (`downloading`, `spawning`, `loading`, ...) on the job. Takes at most the configured spawn
 /// timeout, not counting a download that is making progress: a large model may take longer
-/// to fetch than any spawn timeout, and a download that moves is not stuck.
+/// to fetch than any spawn timeout, and a download that moves is not stuck. `any_path`: the
+/// job may have any hive open a path (see [`local_targets`]).
 pub(crate) async fn cold_start(
     queen: &Queen,
     model: &str,
+    any_path: bool,
     ctx: &JobContext,
 ) -> Result<WorkerInfo, JobFailure> {
     let limit = queen.config.spawn_timeout;
@@ -113,7 +116,7 @@ pub(crate) async fn cold_start(
             }
             Role::Lead(flight) => {
                 let deadline = Deadline::after(limit);
-                let attempt = spawn_on_hive(queen, model, ctx, &deadline);
+                let attempt = spawn_on_hive(queen, model, any_path, ctx, &deadline);
                 tokio::pin!(attempt);
                 let result = loop {
                     tokio::select! {
@@ -172,33 +175,14 @@ fn millis(duration: Duration) -> u64 {
 async fn spawn_on_hive(
     queen: &Queen,
     model: &str,
+    any_path: bool,
     ctx: &JobContext,
     deadline: &Deadline,
 ) -> Result<WorkerInfo, JobFailure> {
     let hives = queen.registry.hive_views();
     let mut targets = scheduler::spawn_targets(&hives, model)?;
-    // A path names a file on one machine: when some hives hold it (it is under their allowed
-    // model directories, or their workers were started from it), only those are asked. Any
-    // other hive would open whatever is at that path on its own disk, which is not the model
-    // a key without admin rights was let through for.
     if let Ok(ParsedModelRef::Local(_)) = ParsedModelRef::parse(model) {
-        let holders: Vec<&str> = hives
-            .iter()
-            .filter(|h| {
-                admin::in_model_dirs(&h.info.model_dirs, model)
-                    || h.info.workers.iter().any(|w| w.model == model)
-            })
-            .map(|h| h.info.hive_id.as_str())
-            .collect();
-        if !holders.is_empty() {
-            targets.retain(|t| holders.contains(&t.hive.hive_id.as_str()));
-        }
-        if targets.is_empty() {
-            return Err(JobFailure::new(
-                ErrorCode::NoCapacity,
-                format!("no hive that holds {model} has room for it"),
-            ));
-        }
+        targets = local_targets(&hives, model, any_path, targets)?;
     }
     let mut refusals = Vec::new();
     for target in targets {
@@ -301,6 +285,49 @@ async fn spawn_on(
     Ok(worker)
 }
 
+/// The placements a cold start of the path `model` may use. A path names a file on one
+/// machine: when some hives hold it (it is under their allowed model directories, or their
+/// workers were started from it), only those are asked. Any other hive would open whatever is
+/// at that path on its own disk, which is not the model a key without admin rights was let
+/// through for. When no hive holds it (any more: the worker that served it at admission may
+/// have gone since), every hive is asked only for a job that may open any path (`any_path`:
+/// an admin key, or a cluster without keys); any other job fails closed.
+fn local_targets(
+    hives: &[HiveView],
+    model: &str,
+    any_path: bool,
+    mut targets: Vec<scheduler::SpawnTarget>,
+) -> Result<Vec<scheduler::SpawnTarget>, JobFailure> {
+    let holders: Vec<&str> = hives
+        .iter()
+        .filter(|h| {
+            admin::in_model_dirs(&h.info.model_dirs, model)
+                || h.info.workers.iter().any(|w| w.model == model)
+        })
+        .map(|h| h.info.hive_id.as_str())
+        .collect();
+    if holders.is_empty() && !any_path {
+        tracing::info!(
+            model,
+            "no hive holds the path any more; not asking the others to open it"
+        );
+        return Err(JobFailure::new(
+            ErrorCode::NoCapacity,
+            format!("no hive holds {model} any more"),
+        ));
+    }
+    if !holders.is_empty() {
+        targets.retain(|t| holders.contains(&t.hive.hive_id.as_str()));
+    }
+    if targets.is_empty() {
+        return Err(JobFailure::new(
+            ErrorCode::NoCapacity,
+            format!("no hive that holds {model} has room for it"),
+        ));
+    }
+    Ok(targets)
+}
+
 /// The worker in a `data {"worker": WorkerInfo}` event, as a hive's `worker_spawn` ends with.
 pub(crate) fn worker_of(event: &JobEvent) -> Option<WorkerInfo> {
     match event {
@@ -371,6 +398,52 @@ mod tests {
         assert_eq!(
             outcome.unwrap().unwrap_err().code,
             ErrorCode::ModelLoadFailed
+        );
+    }
+
+    #[test]
+    fn a_path_no_hive_holds_goes_to_every_hive_only_for_a_job_that_may_open_any() {
+        use crate::registry::tests::{hive, worker};
+        use crate::wire::Health;
+        let view = |info: rbee_contract::HiveInfo| HiveView {
+            info,
+            health: Health::Healthy,
+            silent_for: Duration::ZERO,
+        };
+        let path = "/models/m.gguf";
+        let mut holder = hive("h1", Vec::new());
+        holder.model_dirs = vec!["/models".into()];
+        let mut serving = hive(
+            "h2",
+            vec![worker("w", path, rbee_contract::WorkerState::Ready, 1)],
+        );
+        serving.workers[0].hive_id = Some("h2".into());
+        let other = hive("h3", Vec::new());
+        let ids = |targets: Vec<scheduler::SpawnTarget>| -> Vec<String> {
+            targets.into_iter().map(|t| t.hive.hive_id).collect()
+        };
+
+        let hives = vec![view(holder), view(serving), view(other.clone())];
+        let targets = scheduler::spawn_targets(&hives, path).unwrap();
+        for any_path in [false, true] {
+            let mut chosen = ids(local_targets(&hives, path, any_path, targets.clone()).unwrap());
+            chosen.sort();
+            assert_eq!(
+                chosen,
+                ["h1", "h2"],
+                "only the holders, any_path={any_path}"
+            );
+        }
+
+        // The worker that served the path went away between the job's admission and its cold
+        // start: no hive holds it.
+        let hives = vec![view(other)];
+        let targets = scheduler::spawn_targets(&hives, path).unwrap();
+        let refused = local_targets(&hives, path, false, targets.clone()).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::NoCapacity);
+        assert_eq!(
+            ids(local_targets(&hives, path, true, targets).unwrap()),
+            ["h3"]
         );
     }
 

@@ -211,13 +211,16 @@ impl OpenAiState {
         }
         // After the 404 for a name nothing could serve, which is about the cluster's lists, not
         // any disk: what a key may have a hive load is the same check as the job API's.
-        admin::check_model(&self.queen, self.policy.access(headers), model.trim())?;
-        let created = self.jobs.create(
-            Operation::Infer(infer),
-            JobOptions {
-                cancel_on_disconnect: true,
-            },
-        )?;
+        let access = self.policy.access(headers);
+        admin::check_model(&self.queen, access, model.trim())?;
+        let created = admin::creating_with(access, || {
+            self.jobs.create(
+                Operation::Infer(infer),
+                JobOptions {
+                    cancel_on_disconnect: true,
+                },
+            )
+        })?;
         tracing::info!(job_id = %created.job_id, %model, user = user.as_deref().unwrap_or(""),
             streaming = stream.is_some(), "OpenAI request");
         let mut subscription = self.jobs.subscribe(&created.job_id, None)?;
