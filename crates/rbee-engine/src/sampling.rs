@@ -28,13 +28,16 @@ pub struct Logprob {
 
 /// Log-probabilities at the step that sampled a token: the log-softmax of the model's raw
 /// logits, before penalties, temperature and the top-k/top-p/min-p filters (vLLM's default and
-/// what OpenAI reports), so they describe the model, not the sampling settings.
+/// what OpenAI reports), so they describe the model, not the sampling settings. With a response
+/// format, the logits of the tokens it rules out are -inf first: the distribution is the
+/// constrained one, as OpenAI's is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenLogprobs {
     /// The sampled token.
     pub token: Logprob,
     /// The most likely tokens, most likely first (ties: lower id first); as many as the
-    /// request asked for, fewer only when the vocabulary is smaller.
+    /// request asked for, fewer only when the vocabulary is smaller or a response format
+    /// allows fewer tokens at this step.
     pub top: Vec<Logprob>,
 }
 

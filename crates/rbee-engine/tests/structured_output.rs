@@ -392,3 +392,38 @@ fn smollm2_answers_a_chat_in_the_schema() -> anyhow::Result<()> {
     assert!(value["city"].as_str().unwrap().contains("Paris"), "{value}");
     Ok(())
 }
+
+/// Log-probabilities describe the constrained distribution: a token the format rules out is
+/// never listed as an alternative, and the allowed ones share all the probability.
+#[test]
+fn logprobs_list_only_tokens_the_format_allows() -> anyhow::Result<()> {
+    let mut engine = load(&generated()?, 1)?;
+    let req = engine.prepare(
+        Prompt::Text("JSON:".into()),
+        GenerationParams {
+            max_tokens: Some(40),
+            logprobs: Some(5),
+            ..params(Some(OutputFormat::JsonSchema(choice())), 4)
+        },
+    )?;
+    let mut steps = Vec::new();
+    let completion = engine.generate(&req, &mut |t| {
+        steps.push(t.logprobs);
+        ControlFlow::Continue(())
+    })?;
+    validate(&choice(), &parsed(&completion)).map_err(anyhow::Error::msg)?;
+    // The first token can only open the object: `{` (the vocabulary has it twice, as a piece
+    // and as a byte token), which then carry all the probability.
+    let first = steps[0].as_ref().expect("logprobs at the first step");
+    assert!(!first.top.is_empty() && first.top.len() < 5, "{first:?}");
+    assert!(
+        first
+            .top
+            .iter()
+            .all(|lp| lp.text == "{" || lp.text == "<0x7B>"),
+        "{first:?}"
+    );
+    let mass: f32 = first.top.iter().map(|lp| lp.logprob.exp()).sum();
+    assert!((mass - 1.0).abs() < 1e-3, "{first:?}");
+    Ok(())
+}
