@@ -53,7 +53,10 @@ fn infer_with_a_json_schema_shape() {
     let Operation::Infer(any_object) = any_object else {
         panic!("not an infer operation");
     };
-    assert_eq!(any_object.response_format, Some(ResponseFormat::JsonObject {}));
+    assert_eq!(
+        any_object.response_format,
+        Some(ResponseFormat::JsonObject {})
+    );
 }
 
 #[test]

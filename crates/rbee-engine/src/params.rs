@@ -1,6 +1,6 @@
 use crate::EngineError;
-use crate::constraint::{Constraint, OutputFormat};
 use crate::chat::{ChatTool, ChatTurn};
+use crate::constraint::{Constraint, OutputFormat};
 
 /// What to continue: raw text, or a conversation rendered with the model's chat template.
 #[derive(Debug, Clone, PartialEq)]
