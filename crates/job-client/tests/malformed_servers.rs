@@ -219,6 +219,53 @@ async fn resuming_is_bounded_and_replayed_events_are_not_repeated() -> anyhow::R
 }
 
 #[tokio::test]
+async fn a_stream_that_came_with_the_creation_is_resumed_at_its_location() -> anyhow::Result<()> {
+    // The creation answers with the job's stream, which breaks off after two events (a server
+    // whose connection was cut); the resume goes to the `Location` it named, after event 2, and
+    // a server that replays event 2 anyway does not get it yielded twice.
+    async fn create() -> Response {
+        let mut response = sse(format!("id: 1\ndata: {TOKEN}\n\nid: 2\ndata: {TOKEN2}\n\n"));
+        *response.status_mut() = StatusCode::CREATED;
+        let headers = response.headers_mut();
+        headers.insert("x-rbee-job-id", "j7".parse().unwrap());
+        headers.insert("location", "/v1/jobs/j7/stream".parse().unwrap());
+        response
+    }
+    async fn stream(State(seen): State<Seen>, headers: HeaderMap) -> Response {
+        seen.record(&headers);
+        sse(format!(
+            "id: 2\ndata: {TOKEN2}\n\nid: 3\ndata: {DONE}\n\ndata: [DONE]\n\n"
+        ))
+    }
+    let seen = Seen::default();
+    let app = Router::new()
+        .route("/v1/jobs", post(create))
+        .route("/v1/jobs/j7/stream", get(stream))
+        .with_state(seen.clone());
+    let client = JobClient::new(serve(app).await?).with_reconnects(2, Duration::from_millis(1));
+    let (handle, events) = client
+        .submit_and_follow("/v1/jobs?cancel_on_disconnect=false", &op())
+        .await?;
+    assert_eq!(handle.job_id, "j7");
+    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(10), events.collect())
+        .await
+        .expect("the event stream ended");
+    assert!(
+        matches!(
+            items.as_slice(),
+            [
+                Ok(JobEvent::Token { index: 0, .. }),
+                Ok(JobEvent::Token { index: 1, .. }),
+                Ok(JobEvent::Done { .. })
+            ]
+        ),
+        "{items:?}"
+    );
+    assert_eq!(seen.get(), vec![Some("2".to_owned())]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_connection_cut_mid_stream_is_a_transport_error() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
