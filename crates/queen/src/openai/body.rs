@@ -66,8 +66,11 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     #[schema(ignore)]
     pub service_tier: Option<String>,
-    /// Only `1`.
+    /// How many choices to generate, 1 to 8 (default 1). Each is a sequence of its own, run
+    /// in one batch where a worker has the slots; with `seed`, choice `i` samples with
+    /// `seed + i`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<u32>,
     /// Deprecated alias of `max_completion_tokens`.
     #[serde(default)]
@@ -168,8 +171,11 @@ pub struct CompletionRequest {
     #[serde(default)]
     #[schema(ignore)]
     pub service_tier: Option<String>,
-    /// Only `1`.
+    /// How many choices to generate, 1 to 8 (default 1). Each is a sequence of its own, run
+    /// in one batch where a worker has the slots; with `seed`, choice `i` samples with
+    /// `seed + i`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8)]
     pub n: Option<u32>,
     #[serde(default)]
     pub max_tokens: Option<u32>,

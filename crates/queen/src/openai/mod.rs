@@ -11,10 +11,13 @@
 //! Tool calls (`tools`, `tool_choice`) are `tools`'s: the worker's chat template offers the
 //! functions, and the answer's text is read back into calls here.
 //!
-//! It is not the rest of OpenAI's API (embeddings, several choices): parameters rbee cannot
+//! `n` choices are `n` jobs whose answers are merged (`choices`).
+//!
+//! It is not the rest of OpenAI's API (embeddings, audio, images): parameters rbee cannot
 //! honour are refused by name, never silently ignored.
 
 mod body;
+mod choices;
 mod error;
 pub(crate) mod format;
 mod models;

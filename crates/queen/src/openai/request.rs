@@ -4,7 +4,7 @@
 //!
 //! The body is deserialized with the failing field's path recorded, so every `400` names the
 //! parameter. OpenAI parameters rbee cannot honour are refused by name; each is accepted only
-//! with the value that asks for nothing (e.g. `n: 1`, `logit_bias: {}`),
+//! with the value that asks for nothing (e.g. `best_of: 1`, `logit_bias: {}`),
 //! because ignoring any other value would change the answer without telling the client.
 //!
 //! The limits of the sampling parameters are the contract's ([`InferRequest::validate`]), the
@@ -57,6 +57,8 @@ pub(crate) struct ValidRequest {
     pub user: Option<String>,
     /// Set when the model is offered tools: its answer is read for calls.
     pub tools: Option<ToolUse>,
+    /// How many choices to generate (`n`, 1 to [`MAX_CHOICES`](super::choices::MAX_CHOICES)).
+    pub n: u8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,14 +182,21 @@ fn finish(
     sampling: SamplingParams,
 ) -> Result<ValidRequest, OpenAiError> {
     infer.model = infer.model.trim().to_string();
-    if let Some(n) = n
-        && n != 1
-    {
-        return Err(OpenAiError::invalid(
-            "n",
-            format!("`n` must be 1: rbee generates one choice per request (got {n})"),
-        ));
-    }
+    let max = super::choices::MAX_CHOICES;
+    let n = match n.map(u8::try_from) {
+        None => 1,
+        Some(Ok(n)) if (1..=max).contains(&n) => n,
+        Some(_) => {
+            return Err(OpenAiError::invalid(
+                "n",
+                format!(
+                    "`n` must be between 1 and {max}: each choice is a sequence of a worker's \
+                     batch (got {})",
+                    n.unwrap_or_default()
+                ),
+            ));
+        }
+    };
     let SamplingParams {
         temperature,
         top_p,
@@ -250,6 +259,7 @@ fn finish(
         stream,
         user,
         tools: None,
+        n,
     })
 }
 

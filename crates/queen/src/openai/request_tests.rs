@@ -202,11 +202,17 @@ fn unsupported_parameters_are_refused_by_name() {
     assert_eq!(with("modalities", json!(["audio"])), "modalities");
     assert_eq!(with("store", json!(true)), "store");
     assert_eq!(with("temprature", json!(0.5)), "temprature");
-    let (param, message) = refused(chat(
-        json!({"model": "m", "messages": [user("hi")], "n": 2}),
-    ));
-    assert_eq!(param, "n");
-    assert!(message.contains("must be 1"), "{message}");
+    for n in [0, 9, 100_000] {
+        let (param, message) = refused(chat(
+            json!({"model": "m", "messages": [user("hi")], "n": n}),
+        ));
+        assert_eq!(param, "n");
+        assert!(message.contains("between 1 and 8"), "{message}");
+    }
+    let eight = chat(json!({"model": "m", "messages": [user("hi")], "n": 8})).unwrap();
+    assert_eq!(eight.n, 8);
+    let three = text(json!({"model": "m", "prompt": "hi", "n": 3})).unwrap();
+    assert_eq!(three.n, 3);
 }
 
 #[test]

@@ -50,10 +50,28 @@ pub(crate) async fn opening(subscription: &mut JobSubscription) -> Result<JobEve
 
 /// Reads the job to its end and answers with one JSON body.
 pub(crate) async fn json(
-    mut subscription: JobSubscription,
+    subscription: JobSubscription,
     renderer: &Renderer,
     first: JobEvent,
 ) -> Result<Response, OpenAiError> {
+    Ok(json_body(answer(subscription, renderer, first).await?))
+}
+
+/// A `200` with a JSON body.
+pub(crate) fn json_body(body: String) -> Response {
+    let mut response = (StatusCode::OK, body).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Reads the job to its end: the JSON body of its whole answer.
+pub(crate) async fn answer(
+    mut subscription: JobSubscription,
+    renderer: &Renderer,
+    first: JobEvent,
+) -> Result<String, OpenAiError> {
     let mut tally = Tally::default();
     let mut text = String::new();
     let mut tokens = Vec::new();
@@ -80,18 +98,13 @@ pub(crate) async fn json(
                 usage,
             } => {
                 let usage = tally.usage(usage);
-                let body = match &renderer.tools {
+                return Ok(match &renderer.tools {
                     Some(tools) => {
                         let (content, calls) = read_calls(tools, &text);
                         renderer.chat_response(content, calls, finish_reason, usage, &tokens)
                     }
                     None => renderer.response_with(text, finish_reason, usage, &tokens),
-                };
-                let mut response = (StatusCode::OK, body).into_response();
-                response
-                    .headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                return Ok(response);
+                });
             }
             JobEvent::Error { code, message } => {
                 return Err(OpenAiError::from_job(subscription.job_id(), code, &message));
@@ -135,6 +148,15 @@ pub(crate) fn stream(
     renderer: Renderer,
     first: JobEvent,
 ) -> Response {
+    sse(lines(subscription, renderer, first))
+}
+
+/// The `data:` payloads of [`stream`], ending with `[DONE]`; dropping it cancels the job.
+pub(crate) fn lines(
+    subscription: JobSubscription,
+    renderer: Renderer,
+    first: JobEvent,
+) -> impl Stream<Item = String> + Send + 'static {
     let calls = renderer.tools.as_ref().map(|tools| Calls {
         parser: CallParser::new(tools.names.clone()),
         parallel: tools.parallel,
@@ -151,13 +173,12 @@ pub(crate) fn stream(
     };
     state.pending.extend(state.renderer.opening_chunk());
     state.take(first);
-    let events = futures::stream::unfold(state, |mut state| async move {
+    futures::stream::unfold(state, |mut state| async move {
         state.next_line().await.map(|line| (line, state))
-    });
-    sse(events)
+    })
 }
 
-fn sse(lines: impl Stream<Item = String> + Send + 'static) -> Response {
+pub(crate) fn sse(lines: impl Stream<Item = String> + Send + 'static) -> Response {
     use futures::StreamExt;
     let events = lines.map(|line| Ok::<_, Infallible>(Event::default().data(line)));
     Sse::new(events)

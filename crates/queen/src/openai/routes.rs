@@ -14,9 +14,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use daemon_kit::BearerAuth;
 use job_server::{JobOptions, JobServer};
-use rbee_contract::{ErrorCode, Operation};
+use rbee_contract::{ErrorCode, InferRequest, Operation};
 
 use super::body::{ChatCompletionRequest, CompletionRequest};
+use super::choices;
 use super::error::{ErrorResponse, OpenAiError};
 use super::models::{self, Model, ModelList};
 use super::render::{ChatCompletion, Completion, Renderer};
@@ -197,6 +198,7 @@ impl OpenAiState {
             stream,
             user,
             tools,
+            n,
         } = request;
         let model = infer.model.clone();
         let logprobs = infer.logprobs.is_some();
@@ -213,32 +215,62 @@ impl OpenAiState {
         // any disk: what a key may have a hive load is the same check as the job API's.
         let access = self.policy.access(headers);
         admin::check_model(&self.queen, access, model.trim())?;
-        let created = admin::creating_with(access, || {
-            self.jobs.create(
-                Operation::Infer(infer),
-                JobOptions {
-                    cancel_on_disconnect: true,
-                },
-            )
-        })?;
-        tracing::info!(job_id = %created.job_id, %model, user = user.as_deref().unwrap_or(""),
-            streaming = stream.is_some(), "OpenAI request");
-        let mut subscription = self.jobs.subscribe(&created.job_id, None)?;
-        let first = respond::opening(&mut subscription).await?;
-        let renderer = Renderer::new(
-            kind,
-            &created.job_id,
-            unix_now(),
-            model,
-            stream.is_some_and(|s| s.include_usage),
+        let created_at = unix_now();
+        let include_usage = stream.is_some_and(|s| s.include_usage);
+        // Each choice is a job of its own, created and subscribed at once; dropping the
+        // subscriptions (a failure, or the client going away) cancels them all.
+        let mut jobs = Vec::with_capacity(usize::from(n));
+        for seed in choices::seeds(infer.seed, n) {
+            let created = admin::creating_with(access, || {
+                self.jobs.create(
+                    Operation::Infer(InferRequest {
+                        seed,
+                        ..infer.clone()
+                    }),
+                    JobOptions {
+                        cancel_on_disconnect: true,
+                    },
+                )
+            })?;
+            let subscription = self.jobs.subscribe(&created.job_id, None)?;
+            jobs.push((created.job_id, subscription));
+        }
+        let job_ids: Vec<String> = jobs.iter().map(|(id, _)| id.clone()).collect();
+        tracing::info!(job_id = %job_ids.join(","), %model, user = user.as_deref().unwrap_or(""),
+            streaming = stream.is_some(), n, "OpenAI request");
+        let openings = futures::future::try_join_all(
+            jobs.iter_mut()
+                .map(|(_, subscription)| respond::opening(subscription)),
         )
-        .with_logprobs(logprobs)
-        .with_tools(tools);
-        let mut response = match stream {
-            Some(_) => respond::stream(subscription, renderer, first),
-            None => respond::json(subscription, &renderer, first).await?,
+        .await?;
+        let mut answers = Vec::with_capacity(jobs.len());
+        for ((job_id, subscription), first) in jobs.into_iter().zip(openings) {
+            let mut renderer =
+                Renderer::new(kind, &job_id, created_at, model.clone(), include_usage)
+                    .with_logprobs(logprobs)
+                    .with_tools(tools.clone());
+            // One answer, one id: the first choice's.
+            renderer.id = Renderer::new(kind, &job_ids[0], created_at, String::new(), false).id;
+            answers.push(choices::Choice {
+                subscription,
+                first,
+                renderer,
+            });
+        }
+        let mut response = match (stream, answers.len()) {
+            (Some(_), 1) => {
+                let only = answers.remove(0);
+                respond::stream(only.subscription, only.renderer, only.first)
+            }
+            (None, 1) => {
+                let only = answers.remove(0);
+                respond::json(only.subscription, &only.renderer, only.first).await?
+            }
+            (Some(_), _) => respond::sse(choices::lines(answers)),
+            (None, _) => respond::json_body(choices::answer(answers).await?),
         };
-        if let Ok(value) = HeaderValue::from_str(&created.job_id) {
+        // The jobs behind the answer, for logs and `DELETE /v1/jobs/{id}`: one id per choice.
+        if let Ok(value) = HeaderValue::from_str(&job_ids.join(",")) {
             response.headers_mut().insert(JOB_ID_HEADER, value);
         }
         Ok(response)
