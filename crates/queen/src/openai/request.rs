@@ -98,6 +98,14 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
         "function_call",
     )?;
     let response_format = format::response_format(request.response_format);
+    // A required call is itself a constraint on the answer's shape: two cannot both hold.
+    if tool_plan.constraint.is_some() && response_format.is_some() {
+        return Err(OpenAiError::invalid(
+            "tool_choice",
+            "`tool_choice` `required` or a named function makes the answer a call, which \
+             cannot also follow `response_format`: give one of them",
+        ));
+    }
     refuse_unless(
         request
             .modalities

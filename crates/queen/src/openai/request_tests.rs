@@ -375,6 +375,13 @@ fn required_and_named_tool_choices_constrain_the_answer_and_none_offers_nothing(
         );
         assert_eq!(schema["required"], json!(["name", "arguments"]));
     }
+    // A required call and a response format cannot both shape the answer.
+    let (param, message) = refused(chat(json!({
+        "model": "m", "messages": [user("hi")], "tools": [weather_tool()],
+        "tool_choice": "required", "response_format": {"type": "json_object"},
+    })));
+    assert_eq!(param, "tool_choice");
+    assert!(message.contains("response_format"), "{message}");
     let none = with_choice(json!("none"));
     assert!(none.tools.is_none());
     assert!(none.infer.tools.is_empty());
