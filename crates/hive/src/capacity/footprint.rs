@@ -2,8 +2,9 @@
 //! header, or a safetensors checkpoint's `config.json` and file sizes), never its weights.
 //!
 //! The rules follow what the worker's engine does with the file: GGUF tensors are kept as
-//! stored (candle's quantized models also dequantize the token embedding to f32 for lookups;
-//! the engine's own CPU path does not), keys and values are cached in f32; a safetensors
+//! stored (candle's path also dequantizes the token embedding to f32 for lookups and holds F16
+//! and BF16 tensors in f32; the engine's own CPU path does neither), keys and values are cached
+//! in f32; a safetensors
 //! checkpoint is converted to f32 on the CPU and to f16/bf16 on a GPU. The context is the one
 //! the worker will run with: the hive's `--worker-ctx-size` or else the trained context, capped
 //! where candle's code has a fixed limit, by the engine's own rule
@@ -23,7 +24,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use gguf_info::Header;
+use gguf_info::{GgmlType, Header};
 use rbee_contract::DeviceKind;
 
 /// What a model takes once loaded, apart from the fixed overhead.
@@ -118,8 +119,17 @@ fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprin
         as u64;
     // Every type is computed (checked above), so every size is known.
     let mut weights_bytes = header.tensor_bytes();
-    if !cpu_path && let Some(embedding) = header.tensor("token_embd.weight") {
-        weights_bytes += embedding.elements() * F32_BYTES;
+    if !cpu_path {
+        if let Some(embedding) = header.tensor("token_embd.weight") {
+            weights_bytes += embedding.elements() * F32_BYTES;
+        }
+        // candle holds float tensors in f32 (its QMatMul dequantizes F16 and BF16 at load).
+        weights_bytes += header
+            .tensors()
+            .iter()
+            .filter(|t| t.ty == GgmlType::F16 || t.ty == GgmlType::BF16)
+            .map(|t| t.elements() * (F32_BYTES - 2))
+            .sum::<u64>();
     }
     Ok(Footprint {
         weights_bytes,
@@ -278,10 +288,24 @@ mod tests {
             let cuda = of_path(&path, DeviceKind::Cuda, None).unwrap();
             assert!(!cuda.cpu_path);
             assert!(!of_path(&path, DeviceKind::Metal, None).unwrap().cpu_path);
-            // The CPU path holds the tensors once; candle's path adds an f32 embedding.
+            // The CPU path holds the tensors once; candle's path adds an f32 embedding, and
+            // holds F16 tensors in f32.
             let embedding = (spec.vocab * spec.hidden * 4) as u64;
+            let header = Header::open(&path).unwrap();
+            let f16_elements: u64 = header
+                .tensors()
+                .iter()
+                .filter(|t| t.ty == GgmlType::F16)
+                .map(|t| t.elements())
+                .sum();
+            if path.file_name().unwrap() == "model-f16.gguf" {
+                assert!(f16_elements > 0, "an F16 file's matrices are F16");
+            }
             if kernels {
-                assert_eq!(cpu.weights_bytes + embedding, cuda.weights_bytes);
+                assert_eq!(
+                    cpu.weights_bytes + embedding + 2 * f16_elements,
+                    cuda.weights_bytes
+                );
             }
         }
         // A head size the CPU path has no attention for.
