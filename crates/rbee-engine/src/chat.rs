@@ -249,10 +249,15 @@ impl ChatTemplate {
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
         if self.supports_tools {
-            self.render_raw(messages, tools, add_generation_prompt)
-        } else {
-            let messages = generic_tool_messages(messages, tools);
-            self.render_raw(&messages, &[], add_generation_prompt)
+            return self.render_raw(messages, tools, add_generation_prompt);
+        }
+        let in_system = generic_tool_messages(messages, tools, ToolsAt::System);
+        match self.render_raw(&in_system, &[], add_generation_prompt) {
+            Err(ChatError::Rejected(_)) if !tools.is_empty() => {
+                let in_user = generic_tool_messages(messages, tools, ToolsAt::FirstMessage);
+                self.render_raw(&in_user, &[], add_generation_prompt)
+            }
+            rendered => rendered,
         }
     }
 
@@ -313,13 +318,30 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         find_control_text: &dyn Fn(&str) -> Vec<Range<usize>>,
     ) -> Result<RenderedChat, ChatError> {
-        let generic;
-        let (messages, tools) = if self.supports_tools {
-            (messages, tools)
-        } else {
-            generic = generic_tool_messages(messages, tools);
-            (generic.as_slice(), &[][..])
-        };
+        if self.supports_tools {
+            return self.track(messages, tools, add_generation_prompt, find_control_text);
+        }
+        let in_system = generic_tool_messages(messages, tools, ToolsAt::System);
+        match self.track(&in_system, &[], add_generation_prompt, find_control_text) {
+            // A template that refuses a system message (Gemma's) gets the tools at the
+            // start of the first message instead.
+            Err(ChatError::Rejected(_)) if !tools.is_empty() => {
+                let in_user = generic_tool_messages(messages, tools, ToolsAt::FirstMessage);
+                self.track(&in_user, &[], add_generation_prompt, find_control_text)
+            }
+            rendered => rendered,
+        }
+    }
+
+    /// [`render_tracking_with_tools`](Self::render_tracking_with_tools) with the tools
+    /// handed to the template as they are.
+    fn track(
+        &self,
+        messages: &[ChatTurn],
+        tools: &[ChatTool],
+        add_generation_prompt: bool,
+        find_control_text: &dyn Fn(&str) -> Vec<Range<usize>>,
+    ) -> Result<RenderedChat, ChatError> {
         let found: Vec<Vec<Range<usize>>> = messages
             .iter()
             .map(|m| find_control_text(&m.content))
@@ -472,6 +494,15 @@ fn nine_char_id(id: &str) -> String {
         .collect()
 }
 
+/// Where a template without tool support gets the tools' description.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ToolsAt {
+    /// In the system message (added when the conversation has none).
+    System,
+    /// In front of the first message's text, for templates that refuse a system message.
+    FirstMessage,
+}
+
 /// How tools are described to a model whose template has no place for them: the Hermes
 /// format, the most common one that instruction-tuned models have seen.
 const GENERIC_TOOLS_PROMPT: &str = "You may call one or more functions to assist with the user query.\n\n\
@@ -484,27 +515,39 @@ with function name and arguments within <tool_call></tool_call> XML tags:\n<tool
 /// the system message, earlier calls written as `<tool_call>` text in the assistant's turn,
 /// and tool results given as a user turn of `<tool_response>` blocks (consecutive results
 /// in one turn, so that roles still alternate).
-fn generic_tool_messages(messages: &[ChatTurn], tools: &[ChatTool]) -> Vec<ChatTurn> {
+fn generic_tool_messages(messages: &[ChatTurn], tools: &[ChatTool], at: ToolsAt) -> Vec<ChatTurn> {
     let mut out: Vec<ChatTurn> = Vec::with_capacity(messages.len() + 1);
+    let mut prompt = String::new();
     if !tools.is_empty() {
-        let mut prompt = GENERIC_TOOLS_PROMPT.to_owned();
+        prompt.push_str(GENERIC_TOOLS_PROMPT);
         for tool in tools {
             prompt.push('\n');
             prompt.push_str(&python_json(&tool.template_value()));
         }
         prompt.push_str(GENERIC_TOOLS_PROMPT_END);
-        match messages.first() {
-            Some(first) if first.role == "system" => {
+    }
+    // The system message takes the description after its own text (one is added when the
+    // conversation has none); for a template that refuses system messages, the first
+    // message takes it in front of its text.
+    let mut skip = 0;
+    if !prompt.is_empty() {
+        match (at, messages.first()) {
+            (ToolsAt::System, Some(first)) if first.role == "system" => {
                 out.push(ChatTurn::new(
                     "system",
                     format!("{}\n\n{prompt}", first.content),
                 ));
+                skip = 1;
             }
-            _ => out.push(ChatTurn::new("system", prompt)),
+            (ToolsAt::System, _) => out.push(ChatTurn::new("system", prompt)),
+            (ToolsAt::FirstMessage, Some(first)) => {
+                let content = format!("{prompt}\n\n{}", first.content);
+                out.push(ChatTurn::new(first.role.clone(), content));
+                skip = 1;
+            }
+            (ToolsAt::FirstMessage, None) => out.push(ChatTurn::new("user", prompt)),
         }
     }
-    let skip =
-        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
     let mut previous_was_tool = false;
     for message in &messages[skip..] {
         if message.role == "tool" {
@@ -949,6 +992,31 @@ mod tests {
             .render_with_tools(&messages, &[weather_tool()], true)
             .unwrap();
         assert_eq!(prompt, GENERIC_EXPECTED);
+    }
+
+    #[test]
+    fn a_template_that_refuses_system_messages_gets_the_tools_in_the_first_message() {
+        let template = family("gemma-2.jinja", "<bos>", "<eos>");
+        assert!(!template.supports_tools());
+        let prompt = template
+            .render_with_tools(&tool_round_trip("call_abc"), &[weather_tool()], true)
+            .unwrap();
+        let user_turn = prompt
+            .strip_prefix("<bos><start_of_turn>user\nYou may call one or more functions")
+            .unwrap_or_else(|| panic!("{prompt}"));
+        assert!(
+            user_turn.contains("\"name\": \"get_weather\"")
+                && user_turn.contains("</tool_call>\n\nWeather in Paris?<end_of_turn>"),
+            "{prompt}"
+        );
+        // The call and its result are written as text in the conversation.
+        assert!(
+            prompt.contains(
+                "<start_of_turn>model\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><end_of_turn>\n\
+                 <start_of_turn>user\n<tool_response>\n18 C, sunny\n</tool_response><end_of_turn>\n<start_of_turn>model\n"
+            ),
+            "{prompt}"
+        );
     }
 
     #[test]
