@@ -524,8 +524,8 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
         ),
         (
             "response_format",
-            json!({"type": "json_object"}),
-            "response_format",
+            json!({"type": "yaml"}),
+            "response_format.type",
         ),
         ("logit_bias", json!({"1": 5}), "logit_bias"),
         ("stop", json!(vec!["a"; 17]), "stop"),
