@@ -31,6 +31,9 @@ use utoipa::ToSchema;
 use super::body::{ChatToolCallIn, ToolChoiceIn, ToolIn};
 use super::error::OpenAiError;
 
+/// The most functions a request may offer (OpenAI's limit).
+const MAX_TOOLS: usize = 128;
+
 /// What the model may do with the tools it is offered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ToolChoice {
@@ -70,6 +73,15 @@ pub(crate) fn plan(
     parallel: Option<bool>,
 ) -> Result<ToolPlan, OpenAiError> {
     let tools = tools.unwrap_or_default();
+    if tools.len() > MAX_TOOLS {
+        return Err(OpenAiError::invalid(
+            "tools",
+            format!(
+                "`tools` offers {} functions; at most {MAX_TOOLS} are allowed",
+                tools.len()
+            ),
+        ));
+    }
     let mut offered: Vec<Tool> = Vec::with_capacity(tools.len());
     for (i, tool) in tools.into_iter().enumerate() {
         let at = |field: &str| format!("tools[{i}].{field}");

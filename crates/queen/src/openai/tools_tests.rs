@@ -290,6 +290,8 @@ fn bad_tools_and_choices_name_the_parameter() {
         refused(Some(vec![not_object]), None),
         "tools[0].function.parameters"
     );
+    let many: Vec<ToolIn> = (0..129).map(|i| tool(&format!("f{i}"))).collect();
+    assert_eq!(refused(Some(many), None), "tools");
     let mut retrieval = tool("f");
     retrieval.kind = "retrieval".into();
     assert_eq!(refused(Some(vec![retrieval]), None), "tools[0].type");
