@@ -519,8 +519,8 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
         ("top_logprobs", json!(2), "top_logprobs"),
         (
             "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
-            "tools",
+            json!([{"type": "function", "function": {"name": "not a name"}}]),
+            "tools[0].function.name",
         ),
         (
             "response_format",
