@@ -1,10 +1,11 @@
 //! `n` choices of one OpenAI request.
 //!
 //! Each choice is an `infer` job of its own (one job, one sequence), all created at once:
-//! they are dispatched together, and the queen prefers the worker that holds the longest prefix
-//! of a request among those with a free slot, so the choices after the first land on the
-//! first one's worker and are decoded there in one batch. A worker without enough free slots
-//! leaves the rest queued or sends them to another worker; the answer is the same.
+//! they are dispatched together, and those on the same worker are decoded there in one batch.
+//! The queen prefers, among the workers with a free slot, the one holding the longest prefix
+//! of a request, which draws the choices to the worker that accepted the first of them. A
+//! worker without enough free slots leaves the rest queued or sends them to another worker;
+//! the answer is the same.
 //!
 //! With a `seed`, choice `i` samples with `seed + i`: the choices differ from one another and
 //! the same request gives the same `n` choices again. Without one, each job draws its own
