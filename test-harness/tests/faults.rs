@@ -390,6 +390,16 @@ async fn a_hung_worker_is_noticed_and_avoided_while_a_slow_one_is_waited_for() {
     assert_done(&stream, "the job that waited");
     assert!(narrations(&stream).is_empty(), "{:?}", stream.events);
 
+    // The cancelled direct jobs are over on both workers.
+    for worker in &daemons {
+        eventually(
+            "the worker's slot free",
+            Duration::from_secs(30),
+            async || (worker.worker_info(TOKEN).await.slots_free == 1).then_some(()),
+        )
+        .await;
+    }
+
     // Hung: the worker running the queen's generation is stopped mid-stream.
     let mut job = follow(
         &api,
