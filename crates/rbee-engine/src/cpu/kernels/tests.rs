@@ -284,6 +284,25 @@ fn four_token_kernels_match_one_token_kernels() {
 
 /// The activations' rounding is `round() as i8`, on halves, near-halves, the ends of the range
 /// and beyond, and random values.
+/// The softmax's exponential gives `e^x` within a few units in the last place over the whole
+/// range scores minus their maximum take, and exactly 1 at 0.
+#[test]
+fn softmax_exponential_is_within_a_few_ulp() {
+    use crate::cpu::attention::exp_le0;
+    assert_eq!(exp_le0(0.0), 1.0);
+    assert_eq!(exp_le0(-200.0), 0.0);
+    let mut x = 0f32;
+    while x > -87.0 {
+        let want = (f64::from(x)).exp();
+        let got = f64::from(exp_le0(x));
+        assert!(
+            ((got - want) / want).abs() <= 3e-7,
+            "e^{x}: {got} vs {want}"
+        );
+        x -= 0.000_37 * (1.0 - x);
+    }
+}
+
 #[test]
 fn activation_rounding_is_round_half_away_from_zero_saturated() {
     use crate::cpu::quant::round_i8;
