@@ -130,7 +130,7 @@ async fn a_worker_with_ctx_size_serves_an_8192_token_prompt_and_reports_its_cont
 #[tokio::test(flavor = "multi_thread")]
 async fn without_ctx_size_a_worker_runs_the_trained_context() {
     let worker = Daemon::ready_worker(&long_context_model(), TOKEN, &[]).await;
-    // On candle's code (RBEE_CPU_KERNELS=0), quantized_llama holds 4,096 positions.
+    // On candle's path (RBEE_CPU_KERNELS=0), llama files hold 4,096 positions.
     let expected = if cpu_kernels() { TRAINED } else { 4096 };
     assert_eq!(
         worker.worker_info(TOKEN).await.context_length,
@@ -142,7 +142,8 @@ async fn without_ctx_size_a_worker_runs_the_trained_context() {
 async fn the_hives_worker_ctx_size_reaches_its_workers_and_its_capacity_check() {
     const CONTEXT: u32 = 6000;
     let model = long_context_model();
-    let slots: u64 = if cpu_kernels() { 2 } else { 1 };
+    // Either path holds a KV cache per slot.
+    let slots: u64 = 2;
 
     // A reserve larger than any machine leaves no room, so the hive answers with its numbers.
     let full = ["--memory-reserve", "1TiB", "--worker-slots", "2"];
