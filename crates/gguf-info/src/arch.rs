@@ -227,6 +227,16 @@ impl Hyper {
                 "key heads of {head_dim} and value heads of {v_head_dim}"
             )));
         }
+        // The block's widths (`q_dim + 2 * kv_dim` rows at most) are counted in `usize`.
+        if n_heads
+            .checked_mul(head_dim)
+            .and_then(|q_dim| q_dim.checked_mul(3))
+            .is_none()
+        {
+            return Err(Unsupported(format!(
+                "attention shape: {n_heads} heads of {head_dim}"
+            )));
+        }
         let rope_dim = md.usize("rope.dimension_count")?.unwrap_or(head_dim);
         if rope_dim != head_dim || head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(Unsupported(format!(

@@ -203,10 +203,11 @@ impl TensorInfo {
         self.dims.iter().product()
     }
 
-    /// Bytes of its data, when its type's block size is known.
+    /// Bytes of its data, when its type's block size is known (checked at read to fit; one
+    /// made otherwise counts `u64::MAX` rather than wrap).
     pub fn bytes(&self) -> Option<u64> {
         let (elems, bytes) = self.ty.block()?;
-        Some(self.elements() / elems * bytes)
+        Some((self.elements() / elems).saturating_mul(bytes))
     }
 
     /// Rows and columns of a 2-D tensor (a matrix of `rows` rows of `cols` elements).
@@ -466,8 +467,17 @@ impl Header {
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             let mut elements: u64 = 1;
-            for _ in 0..n_dims {
+            for j in 0..n_dims {
                 let d = r.u64()?;
+                // ggml's dimensions are `int64_t`: a larger one is negative to it, even beside
+                // a zero that keeps the product small.
+                if i64::try_from(d).is_err() {
+                    return Err(error(format!(
+                        "tensor `{name}` has dimension {j} of {d} elements (ggml counts at most \
+                         {})",
+                        i64::MAX
+                    )));
+                }
                 elements = elements
                     .checked_mul(d)
                     .filter(|&n| i64::try_from(n).is_ok())
@@ -480,15 +490,21 @@ impl Header {
             }
             let type_position = r.pos;
             let ty = GgmlType(r.u32()?);
-            if let Some((block, _)) = ty.block()
-                && dims.first().is_some_and(|&row| row % block != 0)
-            {
-                return Err(error(format!(
-                    "tensor `{name}` has rows of {} elements, not a multiple of {}'s block of \
-                     {block}",
-                    dims[0],
-                    ty.name().unwrap_or("its type")
-                )));
+            // A tensor without dimensions is one element, as ggml sets its missing ones to 1.
+            let row = dims.first().copied().unwrap_or(1);
+            if let Some((block, block_bytes)) = ty.block() {
+                if row % block != 0 {
+                    return Err(error(format!(
+                        "tensor `{name}` has rows of {row} elements, not a multiple of {}'s \
+                         block of {block}",
+                        ty.name().unwrap_or("its type")
+                    )));
+                }
+                if (elements / block).checked_mul(block_bytes).is_none() {
+                    return Err(error(format!(
+                        "tensor `{name}` has a size in bytes that 64 bits do not hold"
+                    )));
+                }
             }
             let offset = r.u64()?;
             if offset % alignment != 0 {
@@ -561,6 +577,9 @@ impl Header {
 
     /// Bytes of all tensors' data, as stored (tensors of a type whose size is unknown count 0).
     pub fn tensor_bytes(&self) -> u64 {
-        self.tensors.iter().filter_map(TensorInfo::bytes).sum()
+        self.tensors
+            .iter()
+            .filter_map(TensorInfo::bytes)
+            .fold(0, u64::saturating_add)
     }
 }

@@ -381,3 +381,46 @@ fn malformed_headers_are_errors_with_a_reason() {
         )
     );
 }
+
+/// Sizes are computed as llama.cpp checks them: a dimension above `i64::MAX` is negative to
+/// ggml whatever the others are, a tensor whose bytes do not fit a `u64` is refused (its
+/// elements fit, four bytes each do not), and a tensor without dimensions is one element,
+/// which a quantized block does not divide.
+#[test]
+fn sizes_that_overflow_or_that_ggml_reads_as_negative_are_refused() {
+    let tensor = |dims: &[u64], ty: u32| {
+        let mut b = Builder::new(1, 0);
+        b.tensor("t", dims, ty, 0).padded(64);
+        b
+    };
+    tensor(&[1 << 62], 0).refused("a size in bytes that 64 bits do not hold");
+    tensor(&[1 << 62, 2], 1).refused("more elements than ggml can count");
+    tensor(&[0, u64::MAX], 0).refused("dimension");
+    tensor(&[u64::MAX, 0], 0).refused("dimension");
+    tensor(&[], 2).refused("not a multiple of Q4_0's block of 32");
+    let h = tensor(&[], 0).read().unwrap();
+    assert_eq!(h.tensor("t").unwrap().bytes(), Some(4));
+}
+
+/// Head counts no product of which fits a `usize` are a reason, not an overflow.
+#[test]
+fn a_head_count_whose_products_overflow_is_refused_by_the_rules() {
+    let mut b = Builder::new(1, 8);
+    b.str("general.architecture").u32(8).str("llama");
+    b.str("llama.block_count").u32(10).u64(1);
+    b.str("llama.embedding_length").u32(10).u64(64);
+    b.str("llama.attention.head_count").u32(10).u64(1 << 60);
+    b.str("llama.attention.head_count_kv").u32(10).u64(1 << 60);
+    b.str("llama.attention.key_length").u32(10).u64(64);
+    b.str("llama.attention.value_length").u32(10).u64(64);
+    b.str("llama.attention.layer_norm_rms_epsilon")
+        .u32(6)
+        .0
+        .extend_from_slice(&1e-5f32.to_le_bytes());
+    b.tensor("token_embd.weight", &[64, 4], 0, 0)
+        .padded(64 * 4 * 4);
+    let h = b.read().unwrap();
+    assert!(!gguf_info::runs_on_cpu_path(&h));
+    let why = gguf_info::cpu_path::Layout::read(&h, 4096).unwrap_err().0;
+    assert!(why.contains("attention shape"), "{why}");
+}
