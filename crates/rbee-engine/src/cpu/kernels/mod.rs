@@ -58,13 +58,14 @@ type DotTilex4 = fn(&[u8], [&[TileAct]; 4]) -> [[f32; TILE_ROWS]; 4];
 type DotTileK = fn(&[u8], &[BlockQ8K]) -> [f32; TILE_ROWS];
 type DotTileKx4 = fn(&[u8], [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]; 4];
 type Attend = fn(&HeadAttn<'_>, &mut [f32], &mut [f32]);
+type DotFloatTilex4 = fn(&[u8], [&[f32]; 4]) -> [[f32; TILE_ROWS]; 4];
 
 /// The products of eight consecutive rows of a float matrix (F16 or BF16; not repacked) with
 /// one token, four tokens, and one of the eight rows with one token.
 #[derive(Clone, Copy)]
 pub(crate) struct FloatTile {
     pub one: fn(&[u8], &[f32]) -> [f32; TILE_ROWS],
-    pub four: fn(&[u8], [&[f32]; 4]) -> [[f32; TILE_ROWS]; 4],
+    pub four: DotFloatTilex4,
     pub lane: fn(&[u8], usize, &[f32]) -> f32,
 }
 

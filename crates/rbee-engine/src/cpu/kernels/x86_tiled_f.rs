@@ -46,6 +46,7 @@ struct Chunk([f32; 4 * CHUNK]);
 /// `tile` is valid for `8 * 2 * n` bytes and each of `acts` for `n` floats; AVX2, FMA and F16C
 /// are present.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // tokens and rows index several arrays in step
 unsafe fn tile4(
     tile: *const u8,
     acts: [*const f32; 4],

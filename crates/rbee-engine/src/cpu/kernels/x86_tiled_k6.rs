@@ -135,6 +135,7 @@ unsafe fn column<const N: usize>(blk: *const u8, acts: [&BlockQ8K; N]) -> [__m25
 /// The eight rows of a tile against `N` activation vectors of `n` super-blocks.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::needless_range_loop)] // a column index into the tile and every token's blocks
 fn tile_n<const N: usize>(tile: &[u8], acts: [&[BlockQ8K]; N], n: usize) -> [[f32; TILE_ROWS]; N] {
     assert!(tile.len() >= n * TILE_BLOCK_Q6K && acts.iter().all(|a| a.len() == n));
     let mut acc = [_mm256_setzero_ps(); N];
