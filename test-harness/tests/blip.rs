@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use rbee_contract::{ErrorCode, JobEvent, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
-use test_harness::{Daemon, JobApi, KeeperEnv, RawStream, TcpProxy, free_port, slow_model};
+use test_harness::{
+    Daemon, JobApi, KeeperEnv, RawStream, TcpProxy, free_port, send_signal, slow_model,
+};
 
 const TOKEN: &str = "blip-cluster-token";
 /// Tokens each answer asks for: enough that a cut after the first few lands mid-generation
@@ -497,4 +499,52 @@ async fn keeper_infer_across_a_queen_restart_ends_with_one_clear_line() {
         !out.stderr.contains("panicked") && !out.stderr.contains("backtrace"),
         "{out:?}"
     );
+}
+
+/// A keeper ended by SIGTERM or SIGHUP (its terminal closed) cancels its job as Ctrl-C does:
+/// the job outlives a closed connection now, so without the keeper's DELETE the queen would
+/// relay it, and the worker hold its slot, until the queen's detached timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keeper_terminated_mid_answer_cancels_its_job() {
+    let blip = Blip::start().await;
+    let to_queen = TcpProxy::start(&blip.queen.url).await;
+    let keeper = KeeperEnv::new(&[]);
+    let tokens = TOKENS.to_string();
+    let cancelled = |log: String| log.matches("job cancelled by request").count();
+    for (signal, times) in [("TERM", 1), ("HUP", 2)] {
+        let args = [
+            "--queen-url",
+            &to_queen.url,
+            "infer",
+            "--model",
+            &blip.model,
+            "--max-tokens",
+            &tokens,
+            "--temperature",
+            "0",
+            PROMPT,
+        ];
+        let mut child = keeper.command(&args).spawn().expect("spawn rbee-keeper");
+        let seen = to_queen.bytes_back();
+        to_queen
+            .wait_bytes_back(seen + 1200, Duration::from_secs(60))
+            .await;
+        send_signal(child.id().expect("the keeper's pid"), signal);
+        tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .expect("the keeper exits")
+            .expect("its status");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while cancelled(blip.queen.log_text()) < times || cancelled(blip.worker.log_text()) < times
+        {
+            assert!(
+                Instant::now() < deadline,
+                "SIG{signal}: the job was not cancelled\nqueen log:\n{}\nworker log:\n{}",
+                blip.queen.log_text(),
+                blip.worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        blip.wait_worker_free(Duration::from_secs(5)).await;
+    }
 }

@@ -75,8 +75,31 @@ pub async fn run_with(
     commands::dispatch(command, &mut ctx).await
 }
 
-/// Cancels `interrupt` on the first Ctrl-C (SIGINT).
+/// Cancels `interrupt` on the first Ctrl-C (SIGINT), SIGTERM or SIGHUP (its terminal closed).
+/// A job the keeper follows outlives a closed connection (it is resumable), so a keeper ended
+/// by a signal must live on to `DELETE` it, or the job would hold a worker's slot until the
+/// queen's detached timeout.
 pub async fn cancel_on_ctrl_c(interrupt: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            tokio::select! {
+                ctrl_c = tokio::signal::ctrl_c() => {
+                    if ctrl_c.is_err() {
+                        return;
+                    }
+                }
+                _ = term.recv() => {}
+                _ = hup.recv() => {}
+            }
+            interrupt.cancel();
+            return;
+        }
+    }
     if tokio::signal::ctrl_c().await.is_ok() {
         interrupt.cancel();
     }
