@@ -352,40 +352,45 @@ impl Renderer {
 
     /// The two chunks that stream call `index`: its id, type and name, then its arguments.
     pub fn tool_call_chunks(&self, index: usize, name: &str, arguments: &str) -> [String; 2] {
-        let delta = |call: ToolCallDelta| Delta {
+        [
+            self.tool_call_start_chunk(index, name),
+            self.tool_call_arguments_chunk(index, arguments),
+        ]
+    }
+
+    /// The chunk that opens call `index`: its id, type and name, and empty arguments.
+    pub fn tool_call_start_chunk(&self, index: usize, name: &str) -> String {
+        self.tool_call_chunk(ToolCallDelta {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            id: Some(self.call_id(index)),
+            kind: Some("function"),
+            function: FunctionDelta {
+                name: Some(name.to_owned()),
+                arguments: Some(String::new()),
+            },
+        })
+    }
+
+    /// A chunk that adds `arguments` to call `index`'s arguments.
+    pub fn tool_call_arguments_chunk(&self, index: usize, arguments: &str) -> String {
+        self.tool_call_chunk(ToolCallDelta {
+            index: u32::try_from(index).unwrap_or(u32::MAX),
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: Some(arguments.to_owned()),
+            },
+        })
+    }
+
+    fn tool_call_chunk(&self, call: ToolCallDelta) -> String {
+        let delta = Delta {
             role: None,
             content: None,
             tool_calls: Some(vec![call]),
         };
-        let index_u32 = u32::try_from(index).unwrap_or(u32::MAX);
-        [
-            self.chat_chunk(
-                delta(ToolCallDelta {
-                    index: index_u32,
-                    id: Some(self.call_id(index)),
-                    kind: Some("function"),
-                    function: FunctionDelta {
-                        name: Some(name.to_owned()),
-                        arguments: Some(String::new()),
-                    },
-                }),
-                None,
-                None,
-            ),
-            self.chat_chunk(
-                delta(ToolCallDelta {
-                    index: index_u32,
-                    id: None,
-                    kind: None,
-                    function: FunctionDelta {
-                        name: None,
-                        arguments: Some(arguments.to_owned()),
-                    },
-                }),
-                None,
-                None,
-            ),
-        ]
+        self.chat_chunk(delta, None, None)
     }
 
     /// The whole answer of a non-streaming chat request that called functions (or was read

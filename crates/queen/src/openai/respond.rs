@@ -129,7 +129,8 @@ fn read_calls(tools: &ToolUse, text: &str) -> (Option<String>, Vec<(String, Stri
             Piece::Call(call) if tools.parallel || calls.is_empty() => {
                 calls.push((call.name, call.arguments));
             }
-            Piece::Call(_) => {}
+            // `parse_all` joins a streamed call into one `Call`.
+            Piece::Call(_) | Piece::CallStart { .. } | Piece::Arguments(_) => {}
         }
     }
     let content = if !calls.is_empty() && content.trim().is_empty() {
@@ -161,6 +162,7 @@ pub(crate) fn lines(
         parser: CallParser::new(tools.names.clone()),
         parallel: tools.parallel,
         made: 0,
+        streaming: None,
     });
     let mut state = StreamState {
         subscription: Some(subscription),
@@ -208,6 +210,9 @@ struct Calls {
     parallel: bool,
     /// Calls streamed so far.
     made: usize,
+    /// The index of the call whose arguments are arriving, if one is being streamed (and
+    /// reported).
+    streaming: Option<usize>,
 }
 
 impl StreamState {
@@ -310,11 +315,34 @@ impl StreamState {
                     }
                     let index = calls.made;
                     calls.made += 1;
+                    calls.streaming = None;
                     self.pending.extend(self.renderer.tool_call_chunks(
                         index,
                         &call.name,
                         &call.arguments,
                     ));
+                }
+                Piece::CallStart { name } => {
+                    let Some(calls) = self.calls.as_mut() else {
+                        continue;
+                    };
+                    if calls.made > 0 && !calls.parallel {
+                        calls.streaming = None;
+                        continue;
+                    }
+                    let index = calls.made;
+                    calls.made += 1;
+                    calls.streaming = Some(index);
+                    self.pending
+                        .push_back(self.renderer.tool_call_start_chunk(index, &name));
+                }
+                Piece::Arguments(text) => {
+                    if let Some(index) = self.calls.as_ref().and_then(|c| c.streaming)
+                        && !text.is_empty()
+                    {
+                        self.pending
+                            .push_back(self.renderer.tool_call_arguments_chunk(index, &text));
+                    }
                 }
             }
         }

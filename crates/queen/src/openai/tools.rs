@@ -320,11 +320,14 @@ pub(crate) struct ParsedCall {
     pub arguments: String,
 }
 
-/// What the parser releases: text to send as content, or a complete call.
+/// What the parser releases: text to send as content, a complete call, or a call released
+/// as it is generated (its start, then pieces of its arguments' JSON text).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Piece {
     Text(String),
     Call(ParsedCall),
+    CallStart { name: String },
+    Arguments(String),
 }
 
 const TOOL_CALL_OPEN: &str = "<tool_call>";
@@ -341,8 +344,19 @@ enum State {
     Text,
     /// Inside `<tool_call>`, until `</tool_call>`.
     Tagged,
+    /// Inside `<tool_call>`, the call's start released: its arguments object is streamed
+    /// until its brackets balance (`depth` open, inside a string or after a backslash there),
+    /// then the rest of the block is dropped.
+    TaggedArguments {
+        depth: usize,
+        in_string: bool,
+        escaped: bool,
+    },
     /// After `[TOOL_CALLS]` or `<|python_tag|>`: a JSON value of calls follows.
     Listed(&'static str),
+    /// After a streamed call's arguments: the rest of its block, up to `</tool_call>`, is
+    /// dropped.
+    TaggedTail,
     /// A bare JSON value that may be calls.
     Bare,
     /// After a call: whitespace and `;` are dropped; more calls may follow.
@@ -479,6 +493,18 @@ impl CallParser {
                     }
                     return true;
                 }
+                // `{"name": "f", "arguments": {` is enough to start the call and stream its
+                // arguments as they come.
+                if let Some((name, arguments_at)) = call_start(&self.held) {
+                    out.push(Piece::CallStart { name });
+                    self.held = self.held[arguments_at..].to_owned();
+                    self.state = State::TaggedArguments {
+                        depth: 0,
+                        in_string: false,
+                        escaped: false,
+                    };
+                    return true;
+                }
                 if end {
                     // The generation stopped before the closing tag (an end-of-turn token or
                     // the token limit): a complete object inside is still the call.
@@ -488,6 +514,76 @@ impl CallParser {
                         None => push_text(out, format!("{TOOL_CALL_OPEN}{inner}")),
                     }
                     self.state = State::AfterCall;
+                }
+                false
+            }
+            State::TaggedArguments {
+                mut depth,
+                mut in_string,
+                mut escaped,
+            } => {
+                let mut closed_at = None;
+                for (at, byte) in self.held.bytes().enumerate() {
+                    if in_string {
+                        match byte {
+                            _ if escaped => escaped = false,
+                            b'\\' => escaped = true,
+                            b'"' => in_string = false,
+                            _ => {}
+                        }
+                        continue;
+                    }
+                    match byte {
+                        b'"' => in_string = true,
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.saturating_sub(1);
+                            if depth == 0 {
+                                closed_at = Some(at + 1);
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                match closed_at {
+                    Some(at) => {
+                        let rest = self.held.split_off(at);
+                        out.push(Piece::Arguments(std::mem::replace(&mut self.held, rest)));
+                        // What is left of the block (`}` and the closing tag) is markup.
+                        self.held = match self.held.find(TOOL_CALL_CLOSE) {
+                            Some(close) => {
+                                self.state = State::AfterCall;
+                                self.held[close + TOOL_CALL_CLOSE.len()..].to_owned()
+                            }
+                            None => {
+                                self.state = State::TaggedTail;
+                                std::mem::take(&mut self.held)
+                            }
+                        };
+                        true
+                    }
+                    None => {
+                        if !self.held.is_empty() {
+                            out.push(Piece::Arguments(std::mem::take(&mut self.held)));
+                        }
+                        self.state = State::TaggedArguments {
+                            depth,
+                            in_string,
+                            escaped,
+                        };
+                        false
+                    }
+                }
+            }
+            State::TaggedTail => {
+                if let Some(close) = self.held.find(TOOL_CALL_CLOSE) {
+                    self.held = self.held[close + TOOL_CALL_CLOSE.len()..].to_owned();
+                    self.state = State::AfterCall;
+                    return true;
+                }
+                if end {
+                    self.held.clear();
                 }
                 false
             }
@@ -563,16 +659,45 @@ fn push_text(out: &mut Vec<Piece>, text: String) {
     }
 }
 
-/// Joins consecutive texts.
+/// Joins consecutive texts, and a streamed call's start and arguments into one call.
 fn merge_text(pieces: Vec<Piece>) -> Vec<Piece> {
     let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
     for piece in pieces {
         match (merged.last_mut(), piece) {
             (Some(Piece::Text(last)), Piece::Text(text)) => last.push_str(&text),
+            (Some(Piece::Call(call)), Piece::Arguments(text)) => call.arguments.push_str(&text),
+            (_, Piece::CallStart { name }) => merged.push(Piece::Call(ParsedCall {
+                name,
+                arguments: String::new(),
+            })),
             (_, piece) => merged.push(piece),
         }
     }
     merged
+}
+
+/// The name in `{"name": "f", "arguments": {` (or `"parameters"`) at the start of `text`
+/// (after whitespace), and where the arguments object starts; `None` until all of that has
+/// arrived, or when the text is not that (a name with escapes is left to the whole parse).
+fn call_start(text: &str) -> Option<(String, usize)> {
+    let mut rest = text.trim_start().strip_prefix('{')?.trim_start();
+    rest = rest.strip_prefix("\"name\"")?.trim_start();
+    rest = rest.strip_prefix(':')?.trim_start();
+    rest = rest.strip_prefix('"')?;
+    let end = rest.find(['"', '\\'])?;
+    if rest.as_bytes()[end] != b'"' {
+        return None;
+    }
+    let name = rest[..end].to_owned();
+    rest = rest[end + 1..].trim_start();
+    rest = rest.strip_prefix(',')?.trim_start();
+    rest = rest
+        .strip_prefix("\"arguments\"")
+        .or_else(|| rest.strip_prefix("\"parameters\""))?
+        .trim_start();
+    rest = rest.strip_prefix(':')?.trim_start();
+    rest.starts_with('{')
+        .then(|| (name, text.len() - rest.len()))
 }
 
 /// The length of the longest ending of `text` that is a proper prefix of a marker.
