@@ -501,9 +501,10 @@ async fn keeper_infer_across_a_queen_restart_ends_with_one_clear_line() {
     );
 }
 
-/// A keeper ended by SIGTERM or SIGHUP (its terminal closed) cancels its job as Ctrl-C does:
-/// the job outlives a closed connection now, so without the keeper's DELETE the queen would
-/// relay it, and the worker hold its slot, until the queen's detached timeout.
+/// A keeper ended by SIGTERM or SIGHUP (its terminal closed) cancels its job as Ctrl-C does,
+/// in `infer` and in `chat`, and exits as interrupted: the job outlives a closed connection, so
+/// without the keeper's DELETE the queen would relay it, and the worker hold its slot, until the
+/// queen's detached timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_keeper_terminated_mid_answer_cancels_its_job() {
     let blip = Blip::start().await;
@@ -511,35 +512,50 @@ async fn a_keeper_terminated_mid_answer_cancels_its_job() {
     let keeper = KeeperEnv::new(&[]);
     let tokens = TOKENS.to_string();
     let cancelled = |log: String| log.matches("job cancelled by request").count();
-    for (signal, times) in [("TERM", 1), ("HUP", 2)] {
-        let args = [
+    let cases = [("infer", "TERM"), ("infer", "HUP"), ("chat", "TERM")];
+    for (times, (command, signal)) in (1..).zip(cases) {
+        let mut args = vec![
             "--queen-url",
             &to_queen.url,
-            "infer",
+            command,
             "--model",
             &blip.model,
-            "--max-tokens",
-            &tokens,
-            "--temperature",
-            "0",
-            PROMPT,
         ];
-        let mut child = keeper.command(&args).spawn().expect("spawn rbee-keeper");
+        args.extend(["--max-tokens", &tokens, "--temperature", "0"]);
+        if command == "infer" {
+            args.push(PROMPT);
+        }
+        let mut child = keeper
+            .command(&args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn rbee-keeper");
+        let mut stdin = child.stdin.take().expect("the keeper's stdin");
+        if command == "chat" {
+            use tokio::io::AsyncWriteExt;
+            stdin
+                .write_all(format!("{PROMPT}\n").as_bytes())
+                .await
+                .expect("a chat line");
+        }
         let seen = to_queen.bytes_back();
         to_queen
             .wait_bytes_back(seen + 1200, Duration::from_secs(60))
             .await;
         send_signal(child.id().expect("the keeper's pid"), signal);
-        tokio::time::timeout(Duration::from_secs(15), child.wait())
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
             .await
-            .expect("the keeper exits")
+            .unwrap_or_else(|_| panic!("{command} exits after SIG{signal}"))
             .expect("its status");
+        drop(stdin);
+        assert_eq!(status.code(), Some(130), "{command} after SIG{signal}");
         let deadline = Instant::now() + Duration::from_secs(5);
         while cancelled(blip.queen.log_text()) < times || cancelled(blip.worker.log_text()) < times
         {
             assert!(
                 Instant::now() < deadline,
-                "SIG{signal}: the job was not cancelled\nqueen log:\n{}\nworker log:\n{}",
+                "{command} after SIG{signal}: the job was not cancelled\nqueen log:\n{}\nworker \
+                 log:\n{}",
                 blip.queen.log_text(),
                 blip.worker.log_text()
             );

@@ -80,6 +80,19 @@ pub async fn run_with(
 /// by a signal must live on to `DELETE` it, or the job would hold a worker's slot until the
 /// queen's detached timeout.
 pub async fn cancel_on_ctrl_c(interrupt: CancellationToken) {
+    tokio::select! {
+        ctrl_c = tokio::signal::ctrl_c() => {
+            if ctrl_c.is_err() {
+                return;
+            }
+        }
+        () = terminated() => {}
+    }
+    interrupt.cancel();
+}
+
+/// Resolves on SIGTERM or SIGHUP; never where they cannot be listened to.
+pub(crate) async fn terminated() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -88,19 +101,11 @@ pub async fn cancel_on_ctrl_c(interrupt: CancellationToken) {
             signal(SignalKind::hangup()),
         ) {
             tokio::select! {
-                ctrl_c = tokio::signal::ctrl_c() => {
-                    if ctrl_c.is_err() {
-                        return;
-                    }
-                }
                 _ = term.recv() => {}
                 _ = hup.recv() => {}
             }
-            interrupt.cancel();
             return;
         }
     }
-    if tokio::signal::ctrl_c().await.is_ok() {
-        interrupt.cancel();
-    }
+    std::future::pending::<()>().await;
 }

@@ -4,7 +4,8 @@
 //!
 //! Lines come from standard input, a terminal (the terminal's own line editing) or a pipe
 //! (each line a turn, no prompt). Ctrl-C is read as a signal, not as input: during an answer
-//! it cancels that answer's job and drops the turn; at the prompt it leaves.
+//! it cancels that answer's job and drops the turn; at the prompt it leaves. SIGTERM and SIGHUP
+//! cancel the answer's job too and end the chat as interrupted.
 
 use std::io::{BufRead, IsTerminal};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -53,6 +54,9 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
             () = at_prompt.cancelled() => None,
             line = lines.next() => line.map_err(|e| KeeperError::io("cannot read standard input", e))?,
         };
+        if interrupts.ended.is_cancelled() {
+            return Err(KeeperError::Interrupted);
+        }
         let Some(line) = line else {
             // Ctrl-D or Ctrl-C left the cursor after the prompt.
             if interactive {
@@ -97,6 +101,9 @@ pub(crate) async fn chat(ctx: &mut Ctx<'_>, args: ChatArgs) -> Result<(), Keeper
                     // A blank line between an answer and the next prompt, as a page has.
                     ctx.console.out("\n")?;
                 }
+            }
+            Err(KeeperError::Interrupted) if interrupts.ended.is_cancelled() => {
+                return Err(KeeperError::Interrupted);
             }
             Err(KeeperError::Interrupted) => {
                 ctx.console.clear_status();
@@ -212,25 +219,45 @@ fn message(role: ChatRole, content: String) -> ChatMessage {
 }
 
 /// Ctrl-C as a stream of cancellations: each [`arm`](Self::arm) hands out the token the next
-/// Ctrl-C cancels, so one Ctrl-C stops one answer and the chat goes on.
+/// Ctrl-C cancels, so one Ctrl-C stops one answer and the chat goes on. SIGTERM or SIGHUP
+/// cancels the armed token and `ended`: the chat stops.
 struct Interrupts {
     current: Arc<Mutex<CancellationToken>>,
+    ended: CancellationToken,
     listener: tokio::task::JoinHandle<()>,
 }
 
 impl Interrupts {
     fn listen() -> Interrupts {
         let current = Arc::new(Mutex::new(CancellationToken::new()));
+        let ended = CancellationToken::new();
         let target = current.clone();
+        let end = ended.clone();
         let listener = tokio::spawn(async move {
-            while tokio::signal::ctrl_c().await.is_ok() {
+            let cancel = || {
                 target
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .cancel();
+            };
+            let ctrl_c = async {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    cancel();
+                }
+            };
+            tokio::select! {
+                () = ctrl_c => {}
+                () = crate::terminated() => {
+                    end.cancel();
+                    cancel();
+                }
             }
         });
-        Interrupts { current, listener }
+        Interrupts {
+            current,
+            ended,
+            listener,
+        }
     }
 
     fn arm(&self) -> CancellationToken {
