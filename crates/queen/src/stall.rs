@@ -82,6 +82,12 @@ impl<'a> StallWatch<'a> {
                 self.seen();
                 continue;
             }
+            // An event that arrived while the check was waiting is a sign of life too: a worker
+            // whose `/health` answer was late (a loaded machine) but whose stream went on is slow,
+            // not hung.
+            if self.last().elapsed() < self.timeout {
+                continue;
+            }
             tracing::warn!(worker_id = %self.worker.worker_id, timeout = ?self.timeout,
                 "no event from the worker for the stall timeout and it does not answer: hung");
             return;
@@ -153,10 +159,11 @@ mod tests {
     async fn a_silent_worker_that_answers_is_waited_for() {
         let hung = Arc::new(AtomicBool::new(false));
         let info = health(Arc::clone(&hung)).await;
-        let queen = queen(Duration::from_millis(100));
+        // The check is answered within the timeout: generous, for a loaded machine.
+        let queen = queen(Duration::from_millis(400));
         let watch = StallWatch::new(&queen, &info);
         // Silent for five timeouts: a long prefill, not a hang.
-        let slow = tokio::time::sleep(Duration::from_millis(500));
+        let slow = tokio::time::sleep(Duration::from_millis(2000));
         assert_eq!(watch.guard(slow).await, Some(()));
     }
 
@@ -170,6 +177,24 @@ mod tests {
         assert_eq!(watch.guard(std::future::pending::<()>()).await, None);
         // The timeout, then the check's own timeout.
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn an_event_during_an_unanswered_check_keeps_the_stream_alive() {
+        let hung = Arc::new(AtomicBool::new(true));
+        let info = health(Arc::clone(&hung)).await;
+        let queen = queen(Duration::from_millis(400));
+        let watch = StallWatch::new(&queen, &info);
+        // Silent past the timeout, so the check starts (at 400 ms, unanswered until 800 ms);
+        // an event arrives while it waits, and more follow: slow, not hung.
+        let late = async {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            for _ in 0..8 {
+                watch.seen();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        assert_eq!(watch.guard(late).await, Some(()));
     }
 
     #[tokio::test]
