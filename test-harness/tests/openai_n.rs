@@ -3,13 +3,15 @@
 //! one choice with `seed + i` samples, so the choices differ and come back the same on every
 //! run; streamed, the chunks of the choices interleave by `index` and assemble into the same
 //! texts; `n` above 8 is a 400. Then the official `openai` Python package asks for them.
+//! Log-probabilities' `bytes` are each token's own: a character split across tokens is
+//! rebuilt by joining them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use rbee_contract::{ErrorCode, JobEvent};
+use serde_json::{Value, json};
 use test_harness::{TestCluster, eventually, read_raw_stream, slow_model, tiny_model};
 
 /// The variable `cargo xtask test` sets to a python that has `openai` installed.
@@ -92,7 +94,10 @@ async fn n_choices_are_the_seeds_choices_reproducible_streamed_and_capped() {
     );
     // The prompt is counted once; every choice generated its 12 tokens.
     let (_, one) = call(&cluster, "/v1/chat/completions", &chat_body(&model, 1, 7)).await;
-    assert_eq!(three["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"]);
+    assert_eq!(
+        three["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
     assert_eq!(three["usage"]["completion_tokens"], 36, "{three}");
     assert_eq!(
         three["usage"]["total_tokens"].as_u64(),
@@ -118,7 +123,11 @@ async fn n_choices_are_the_seeds_choices_reproducible_streamed_and_capped() {
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let lines = stream(&cluster, "/v1/chat/completions", &body).await;
-    assert_eq!(lines.last().map(String::as_str), Some("[DONE]"), "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("[DONE]"),
+        "{lines:?}"
+    );
     assert_eq!(lines.iter().filter(|l| *l == "[DONE]").count(), 1);
     let chunks: Vec<Value> = lines[..lines.len() - 1]
         .iter()
@@ -144,10 +153,7 @@ async fn n_choices_are_the_seeds_choices_reproducible_streamed_and_capped() {
     assert_eq!(ids.len(), 1, "one answer, one id: {ids:?}");
     assert_eq!(finished, [1, 1], "{lines:?}");
     assert_eq!(assembled.to_vec(), texts_of_three[..2].to_vec());
-    let usage: Vec<&Value> = chunks
-        .iter()
-        .filter(|c| c["usage"].is_object())
-        .collect();
+    let usage: Vec<&Value> = chunks.iter().filter(|c| c["usage"].is_object()).collect();
     assert_eq!(usage.len(), 1, "{lines:?}");
     assert_eq!(usage[0]["choices"], json!([]));
     assert_eq!(usage[0]["usage"]["completion_tokens"], 24);
@@ -221,7 +227,10 @@ async fn a_client_that_goes_away_cancels_every_choice() {
         assert!(
             matches!(
                 events.terminal(),
-                Some(JobEvent::Error { code: ErrorCode::Cancelled, .. })
+                Some(JobEvent::Error {
+                    code: ErrorCode::Cancelled,
+                    ..
+                })
             ),
             "job {id}: {:?}",
             events.terminal()
@@ -302,4 +311,72 @@ async fn the_openai_python_client_asks_for_n_choices() {
         output.status,
         cluster.worker_log()
     );
+}
+
+/// Each logprobs entry's `bytes` as a byte string, and whether any is not UTF-8 alone.
+fn joined_bytes(entries: &[Value]) -> (Vec<u8>, bool) {
+    let mut joined = Vec::new();
+    let mut split = false;
+    for entry in entries {
+        let bytes: Vec<u8> = serde_json::from_value(entry["bytes"].clone()).expect("bytes");
+        split |= std::str::from_utf8(&bytes).is_err();
+        joined.extend_from_slice(&bytes);
+    }
+    (joined, split)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_bytes_of_a_split_character_join_into_its_utf8() {
+    // SmolLM2's byte-level BPE has no piece for the emoji: it is split into tokens whose bytes
+    // are not UTF-8 alone. The schema makes the answer that string.
+    let cluster = TestCluster::start(&test_harness::smollm2(), &[]).await;
+    let format = json!({"type": "json_schema", "json_schema": {"name": "bee",
+        "schema": {"type": "string", "enum": ["🐝 é"]}}});
+    let body = json!({"model": cluster.model,
+        "messages": [{"role": "user", "content": "Say bee."}],
+        "max_tokens": 16, "temperature": 0, "logprobs": true, "top_logprobs": 2,
+        "response_format": format});
+    let (status, answer) = call(&cluster, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content, "\"🐝 é\"", "{answer}");
+    let entries = answer["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let (joined, split) = joined_bytes(entries);
+    assert_eq!(joined, content.as_bytes(), "{entries:?}");
+    assert!(split, "the emoji is split across tokens: {entries:?}");
+    assert!(
+        entries.iter().any(|e| e["token"] == "\u{fffd}"),
+        "a partial token's text is the lossy one: {entries:?}"
+    );
+    for entry in entries {
+        for top in entry["top_logprobs"].as_array().unwrap() {
+            assert!(top["bytes"].is_array(), "{top}");
+        }
+    }
+
+    // The job API's token events carry the same bytes.
+    let job = cluster
+        .jobs()
+        .run(
+            "/v1/jobs",
+            &json!({"operation": "infer", "model": cluster.model,
+                    "messages": [{"role": "user", "content": "Say bee."}],
+                    "max_tokens": 16, "temperature": 0, "logprobs": 1,
+                    "response_format": {"type": "json_schema",
+                                        "schema": format["json_schema"]["schema"]}}),
+        )
+        .await;
+    let mut joined = Vec::new();
+    for (_, event) in &job.events {
+        if let JobEvent::Token {
+            logprobs: Some(lp), ..
+        } = event
+        {
+            joined.extend_from_slice(lp.bytes.as_deref().expect("the worker sends bytes"));
+            assert!(lp.top_logprobs.iter().all(|t| t.bytes.is_some()));
+        }
+    }
+    assert_eq!(joined, content.as_bytes(), "{:?}", job.events);
 }

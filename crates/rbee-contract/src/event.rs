@@ -97,6 +97,12 @@ pub struct TokenLogprobs {
     pub token: String,
     /// Natural log of its probability; -9999 stands for a probability of 0.
     pub logprob: f32,
+    /// The token's own bytes (its vocabulary piece with the tokenizer's byte encoding
+    /// undone). A token that holds part of a multi-byte character has bytes that are not
+    /// UTF-8 alone, and `token` is then their lossy text; the bytes of consecutive tokens
+    /// join into the character. Absent when the worker could not tell them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Vec<u8>>,
     /// The most likely tokens, most likely first, as many as the request's `logprobs`.
     #[serde(default)]
     pub top_logprobs: Vec<TopLogprob>,
@@ -107,6 +113,9 @@ pub struct TokenLogprobs {
 pub struct TopLogprob {
     pub token_id: u32,
     pub token: String,
+    /// The token's own bytes, as [`TokenLogprobs::bytes`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<Vec<u8>>,
     pub logprob: f32,
 }
 
@@ -170,14 +179,21 @@ mod tests {
             logprobs: Some(TokenLogprobs {
                 token: "\u{fffd}".into(),
                 logprob: -0.5,
+                bytes: Some(vec![0xE2]),
                 top_logprobs: vec![TopLogprob {
                     token_id: 7,
                     token: "\u{fffd}".into(),
+                    bytes: Some(vec![0xE2]),
                     logprob: -0.5,
                 }],
             }),
         };
         let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(json["logprobs"]["bytes"], serde_json::json!([226]));
+        assert_eq!(
+            json["logprobs"]["top_logprobs"][0]["bytes"],
+            serde_json::json!([226])
+        );
         assert_eq!(json["logprobs"]["top_logprobs"][0]["token_id"], 7);
         assert_eq!(json["logprobs"]["logprob"], -0.5);
         assert_eq!(serde_json::from_value::<JobEvent>(json).unwrap(), with);

@@ -338,7 +338,7 @@ impl TokenizerEnv for TrieEnv {
 /// The bytes of every token of `tokenizer`, indexed by id: special tokens carry llguidance's
 /// marker byte; the byte-level (GPT-2 style) and byte-fallback (SentencePiece style) encodings
 /// of the vocabulary are undone.
-fn token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn token_bytes(tokenizer: &Tokenizer) -> Result<Vec<Vec<u8>>, String> {
     let mut byte_level = false;
     let mut byte_fallback = false;
     let mut space = None;

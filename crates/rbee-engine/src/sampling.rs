@@ -22,6 +22,12 @@ pub struct Logprob {
     /// The token's own text, decoded alone with special tokens kept (e.g. `<|im_end|>`). A
     /// token that holds part of a multi-byte character decodes to U+FFFD.
     pub text: String,
+    /// The token's own bytes: its vocabulary piece with the byte-level (GPT-2) or
+    /// byte-fallback (`<0xE2>`) encoding undone, a special token's text. A token that holds
+    /// part of a multi-byte character has bytes that are not UTF-8 alone; consecutive tokens'
+    /// bytes join into the character. `text`'s UTF-8 when the vocabulary's encoding is
+    /// neither.
+    pub bytes: Vec<u8>,
     /// Natural log of the token's probability, at least -9999.
     pub logprob: f32,
 }

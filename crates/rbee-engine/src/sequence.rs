@@ -298,9 +298,13 @@ fn token_logprobs(
         let text = tokenizer
             .decode(&[token_id], false)
             .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let bytes = tokenizer
+            .token_bytes(token_id)
+            .map_or_else(|| text.as_bytes().to_vec(), <[u8]>::to_vec);
         Ok(Logprob {
             token_id,
             text,
+            bytes,
             logprob,
         })
     };

@@ -209,3 +209,28 @@ fn a_saved_tokenizer_json_loads_with_its_config() {
     assert_eq!(loaded.eos_token_ids(), &[2, 0, 4, 5]);
     assert_eq!(loaded.chat_template(), tokenizer.chat_template());
 }
+
+#[test]
+fn token_bytes_of_a_split_character_join_into_its_utf8() {
+    let (tokenizer, _) = load().expect("SmolLM2");
+    // Byte-level BPE spells bytes as characters (`Ġ` a space); the emoji has no piece of its
+    // own and is split across tokens whose bytes are not UTF-8 alone.
+    for text in ["🐝", " café 🐝", "naïve ½"] {
+        let ids = tokenizer.encode(text, false).unwrap();
+        let mut joined = Vec::new();
+        for &id in &ids {
+            joined.extend_from_slice(tokenizer.token_bytes(id).expect("every token has bytes"));
+        }
+        assert_eq!(joined, text.as_bytes(), "{text}: {ids:?}");
+    }
+    let bee = tokenizer.encode("🐝", false).unwrap();
+    assert!(bee.len() > 1, "{bee:?}");
+    let first = tokenizer.token_bytes(bee[0]).unwrap();
+    assert!(std::str::from_utf8(first).is_err(), "{first:?}");
+    assert_eq!(tokenizer.decode(&bee[..1], false).unwrap(), "\u{fffd}");
+    // A word piece is its text with the space spelled out; a special token is its text.
+    let the = tokenizer.encode(" The", false).unwrap();
+    assert_eq!(tokenizer.token_bytes(the[0]), Some(&b" The"[..]));
+    let end = tokenizer.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(tokenizer.token_bytes(end), Some(&b"<|im_end|>"[..]));
+}

@@ -211,8 +211,7 @@ fn run(mut engine: Engine, mut rx: mpsc::Receiver<Task>, shared: &WorkerShared) 
                     // The slot holds the answer's tokens too: the next turn, which sends the
                     // answer back as an assistant message, matches through it.
                     if let Some(keys) = &a.chat_keys {
-                        let answer =
-                            ChatMessage::new(ChatRole::Assistant, completion.text.clone());
+                        let answer = ChatMessage::new(ChatRole::Assistant, completion.text.clone());
                         engine.add_routing_key(a.seq.slot(), next_chat_key(keys, &answer));
                     }
                     // The slot now holds the tokens fed for this generation (a cold slot held
@@ -315,6 +314,7 @@ fn emit_token(
         index: u32::try_from(token.index).unwrap_or(u32::MAX),
         logprobs: token.logprobs.map(|lp| TokenLogprobs {
             token: lp.token.text,
+            bytes: Some(lp.token.bytes),
             logprob: lp.token.logprob,
             top_logprobs: lp
                 .top
@@ -322,6 +322,7 @@ fn emit_token(
                 .map(|t| TopLogprob {
                     token_id: t.token_id,
                     token: t.text,
+                    bytes: Some(t.bytes),
                     logprob: t.logprob,
                 })
                 .collect(),

@@ -106,7 +106,8 @@ pub struct ChatTokenLogprob {
     /// Natural log of its probability under the model (before sampling settings); -9999
     /// stands for 0.
     pub logprob: f32,
-    /// The UTF-8 bytes of `token`.
+    /// The token's own bytes: not UTF-8 alone for a token that holds part of a multi-byte
+    /// character (whose `token` is then U+FFFD); consecutive tokens' bytes join into it.
     pub bytes: Vec<u8>,
     /// The `top_logprobs` most likely tokens at this step, most likely first.
     pub top_logprobs: Vec<ChatTopLogprob>,
@@ -164,7 +165,11 @@ fn chat_logprobs(entries: &[TokenEntry]) -> ChatLogprobs {
             .map(|e| ChatTokenLogprob {
                 token: e.logprobs.token.clone(),
                 logprob: e.logprobs.logprob,
-                bytes: e.logprobs.token.as_bytes().to_vec(),
+                bytes: e
+                    .logprobs
+                    .bytes
+                    .clone()
+                    .unwrap_or_else(|| e.logprobs.token.as_bytes().to_vec()),
                 top_logprobs: e
                     .logprobs
                     .top_logprobs
@@ -172,7 +177,10 @@ fn chat_logprobs(entries: &[TokenEntry]) -> ChatLogprobs {
                     .map(|t| ChatTopLogprob {
                         token: t.token.clone(),
                         logprob: t.logprob,
-                        bytes: t.token.as_bytes().to_vec(),
+                        bytes: t
+                            .bytes
+                            .clone()
+                            .unwrap_or_else(|| t.token.as_bytes().to_vec()),
                     })
                     .collect(),
             })

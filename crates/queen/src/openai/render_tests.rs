@@ -114,3 +114,51 @@ fn usage_reports_the_cached_prompt_tokens_when_the_worker_did() {
         "{text}"
     );
 }
+
+#[test]
+fn logprobs_bytes_are_the_tokens_own_bytes() {
+    // "é" as two byte-fallback tokens: each decodes alone to U+FFFD, its bytes are its byte.
+    let half = |byte: u8, id: u32| TokenEntry {
+        logprobs: rbee_contract::TokenLogprobs {
+            token: "\u{fffd}".into(),
+            logprob: -0.25,
+            bytes: Some(vec![byte]),
+            top_logprobs: vec![rbee_contract::TopLogprob {
+                token_id: id,
+                token: "\u{fffd}".into(),
+                bytes: Some(vec![byte]),
+                logprob: -0.25,
+            }],
+        },
+        offset: 0,
+    };
+    let tokens = [half(0xC3, 1), half(0xA9, 2)];
+    let body: serde_json::Value = serde_json::from_str(
+        &renderer(Kind::Chat, false)
+            .with_logprobs(true)
+            .response_with("é".into(), FinishReason::Stop, USAGE, &tokens),
+    )
+    .unwrap();
+    let content = &body["choices"][0]["logprobs"]["content"];
+    assert_eq!(content[0]["token"], "\u{fffd}");
+    assert_eq!(content[0]["bytes"], serde_json::json!([0xC3]));
+    assert_eq!(content[1]["bytes"], serde_json::json!([0xA9]));
+    assert_eq!(
+        content[1]["top_logprobs"][0]["bytes"],
+        serde_json::json!([0xA9])
+    );
+    // A worker that sent no bytes: the token's UTF-8.
+    let mut plain = half(0, 3);
+    plain.logprobs.token = "hi".into();
+    plain.logprobs.bytes = None;
+    let body: serde_json::Value = serde_json::from_str(
+        &renderer(Kind::Chat, false)
+            .with_logprobs(true)
+            .response_with("hi".into(), FinishReason::Stop, USAGE, &[plain]),
+    )
+    .unwrap();
+    assert_eq!(
+        body["choices"][0]["logprobs"]["content"][0]["bytes"],
+        serde_json::json!([104, 105])
+    );
+}

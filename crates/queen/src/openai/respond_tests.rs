@@ -96,9 +96,11 @@ fn scored(text: &str, index: u32, token: &str, logprob: f32) -> JobEvent {
         logprobs: Some(rbee_contract::TokenLogprobs {
             token: token.into(),
             logprob,
+            bytes: None,
             top_logprobs: vec![rbee_contract::TopLogprob {
                 token_id: index,
                 token: token.into(),
+                bytes: None,
                 logprob,
             }],
         }),

@@ -88,6 +88,9 @@ struct Shared {
     special_ids: HashSet<u32>,
     /// `inner` with special-token matching off, built the first time a text needs it.
     literal: OnceLock<Tokenizer>,
+    /// Every token's own bytes, built the first time log-probabilities name a token; `None`
+    /// when the vocabulary's encoding is neither byte-level nor byte-fallback.
+    bytes: OnceLock<Option<Vec<Vec<u8>>>>,
 }
 
 impl TextTokenizer {
@@ -137,6 +140,7 @@ impl TextTokenizer {
             special_texts,
             special_ids,
             literal: OnceLock::new(),
+            bytes: OnceLock::new(),
         }))
     }
 
@@ -232,6 +236,28 @@ impl TextTokenizer {
     /// debugging; use [`decode`](Self::decode) for text.
     pub fn token_to_str(&self, id: u32) -> Option<String> {
         self.0.inner.id_to_token(id)
+    }
+
+    /// A token's own bytes: its vocabulary piece with the byte-level (GPT-2, `Ġ`, `Ã©`) or
+    /// byte-fallback (`<0xE2>`) encoding undone, a special token's text. A token that holds
+    /// part of a multi-byte character has bytes that are not UTF-8 alone, where
+    /// [`decode`](Self::decode) gives U+FFFD. `None` for an id outside the vocabulary or a
+    /// vocabulary encoded otherwise.
+    pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
+        let table = self.0.bytes.get_or_init(|| {
+            // The constraint's table, built by the same reading of the vocabulary, marks
+            // special tokens with llguidance's marker byte before their text: taken off here.
+            let mut table = crate::constraint::token_bytes(&self.0.inner).ok()?;
+            for &id in &self.0.special_ids {
+                if let Some(word) = table.get_mut(id as usize)
+                    && word.first() == Some(&toktrie::TokTrie::SPECIAL_TOKEN_MARKER)
+                {
+                    word.remove(0);
+                }
+            }
+            Some(table)
+        });
+        table.as_ref()?.get(id as usize).map(Vec::as_slice)
     }
 
     /// The id of a token spelled as in the vocabulary (special tokens by their text).
