@@ -121,19 +121,24 @@ fn gguf(path: &Path, kind: DeviceKind, ctx_size: Option<u64>) -> Result<Footprin
     let mut weights_bytes = header.tensor_bytes();
     if !cpu_path {
         if let Some(embedding) = header.tensor("token_embd.weight") {
-            weights_bytes += embedding.elements() * F32_BYTES;
+            weights_bytes =
+                weights_bytes.saturating_add(embedding.elements().saturating_mul(F32_BYTES));
         }
         // candle holds float tensors in f32 (its QMatMul dequantizes F16 and BF16 at load).
-        weights_bytes += header
+        weights_bytes = header
             .tensors()
             .iter()
             .filter(|t| t.ty == GgmlType::F16 || t.ty == GgmlType::BF16)
-            .map(|t| t.elements() * (F32_BYTES - 2))
-            .sum::<u64>();
+            .map(|t| t.elements().saturating_mul(F32_BYTES - 2))
+            .fold(weights_bytes, u64::saturating_add);
     }
     Ok(Footprint {
         weights_bytes,
-        kv_bytes_per_position: 2 * layers * kv_heads * head_dim * F32_BYTES,
+        // Counts from the header: a hostile one saturates the estimate (and so is refused
+        // room) rather than overflow.
+        kv_bytes_per_position: [2, layers, kv_heads, head_dim, F32_BYTES]
+            .into_iter()
+            .fold(1, u64::saturating_mul),
         context_length,
         cpu_path,
     })
@@ -208,6 +213,41 @@ mod tests {
     use model_gen::{GgufType, ModelFormat, ModelSpec};
 
     use super::*;
+
+    /// A header whose counts multiply past 64 bits gives a saturated estimate, not a panic (the
+    /// estimate of a running worker's model is made under the ledger's lock).
+    #[test]
+    fn a_hostile_header_saturates_the_estimate() {
+        let mut b = b"GGUF".to_vec();
+        let u64s = |b: &mut Vec<u8>, n: u64| b.extend_from_slice(&n.to_le_bytes());
+        let string = |b: &mut Vec<u8>, s: &str| {
+            b.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+        };
+        b.extend_from_slice(&3u32.to_le_bytes());
+        u64s(&mut b, 0);
+        u64s(&mut b, 4);
+        string(&mut b, "general.architecture");
+        b.extend_from_slice(&8u32.to_le_bytes());
+        string(&mut b, "llama");
+        for (key, n) in [
+            ("llama.block_count", 1 << 62),
+            ("llama.embedding_length", 64),
+            ("llama.attention.head_count", 1),
+        ] {
+            string(&mut b, key);
+            b.extend_from_slice(&10u32.to_le_bytes());
+            u64s(&mut b, n);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hostile.gguf");
+        std::fs::write(&path, &b).unwrap();
+        for kind in [DeviceKind::Cpu, DeviceKind::Cuda] {
+            let footprint = of_path(&path, kind, None).unwrap();
+            assert_eq!(footprint.kv_bytes_per_position, u64::MAX);
+            assert_eq!(footprint.kv_cache_bytes(4), u64::MAX);
+        }
+    }
 
     #[test]
     fn a_gguf_footprint_comes_from_its_header() {

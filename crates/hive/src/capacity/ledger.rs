@@ -144,7 +144,10 @@ fn estimate_unknown(model: &str, worker_device: &str, kind: DeviceKind, limits: 
         _ => kind,
     };
     match footprint::of_path(Path::new(model), kind, limits.worker_ctx_size) {
-        Ok(f) => f.weights_bytes + f.kv_cache_bytes(f.slots(limits.worker_slots)) + overhead(kind),
+        Ok(f) => f
+            .weights_bytes
+            .saturating_add(f.kv_cache_bytes(f.slots(limits.worker_slots)))
+            .saturating_add(overhead(kind)),
         Err(reason) => {
             tracing::debug!(model, reason, "cannot estimate a running worker's memory");
             0
