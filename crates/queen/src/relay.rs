@@ -31,9 +31,9 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause before the first retry of a `DELETE` that could not be delivered; it doubles.
 const CANCEL_RETRY: Duration = Duration::from_millis(250);
 
-/// The `DELETE`s of upstream jobs still being sent. Closing the connection no longer ends a
-/// job below, so a queen that shuts down waits for them ([`cancellations_sent`]) rather than
-/// leave its cancelled jobs' workers generating until their detached timeout.
+/// The `DELETE`s of upstream jobs still being sent. Closing the connection does not end a job
+/// below (it is resumable), so a queen that shuts down waits for them ([`cancellations_sent`])
+/// rather than leave its cancelled jobs' workers generating until their detached timeout.
 static CANCELLING: std::sync::LazyLock<TaskTracker> = std::sync::LazyLock::new(TaskTracker::new);
 
 /// Waits, at most `limit`, until every `DELETE` of an abandoned upstream job has been sent.
