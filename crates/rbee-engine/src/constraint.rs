@@ -241,6 +241,15 @@ fn model_factory(tokenizer: &TextTokenizer, vocab_size: usize) -> Result<ParserF
     let Some(&first_eos) = eos.first() else {
         return Err("the model has no end-of-sequence token".into());
     };
+    // An end-of-generation token ends the answer wherever it is sampled, so it is never text
+    // inside one, even where the vocabulary lists it as an ordinary token (`</s>` found by its
+    // text): as a special token it is allowed only where the answer is complete.
+    for &id in &eos {
+        let word = &mut words[id as usize];
+        if word.first() != Some(&TokTrie::SPECIAL_TOKEN_MARKER) {
+            *word = special(word);
+        }
+    }
     let mut info = TokRxInfo::new(vocab_size as u32, first_eos);
     info.tok_bos = tokenizer.bos_token_id();
     factory_over(
@@ -477,6 +486,67 @@ mod tests {
             assert!(msg.contains("response_format"), "{msg}");
             assert!(msg.contains(says), "{schema}: {msg}");
         }
+    }
+
+    /// A byte-level vocabulary of the 256 bytes (ids 0 to 255) and `</s>` (256), an ordinary
+    /// token that the tokenizer's configuration names as its end of sequence.
+    fn plain_eos_tokenizer(dir: &std::path::Path) -> TextTokenizer {
+        let mut by_byte: Vec<(char, u8)> = byte_level_map().into_iter().collect();
+        by_byte.sort_by_key(|&(_, b)| b);
+        let mut vocab: serde_json::Map<String, Value> = by_byte
+            .into_iter()
+            .map(|(c, b)| (c.to_string(), json!(b)))
+            .collect();
+        vocab.insert("</s>".into(), json!(256));
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false,
+                        "use_regex": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": []},
+        });
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"eos_token": "</s>"}).to_string(),
+        )
+        .unwrap();
+        TextTokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+    }
+
+    #[test]
+    fn an_end_of_sequence_token_is_never_text_inside_an_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = plain_eos_tokenizer(dir.path());
+        assert_eq!(tokenizer.eos_token_ids(), [256]);
+        let env = ConstraintEnv::new(tokenizer, 257);
+        let allowed = |constraint: &mut Constraint, id: usize| {
+            let mut logits = vec![0.0f32; 257];
+            constraint.mask_logits(&mut logits).unwrap();
+            logits[id].is_finite()
+        };
+
+        // Inside a string `</s>` would be fine text, but sampled it ends the answer there.
+        let mut string = env
+            .compile(&OutputFormat::JsonSchema(json!({"type": "string"})))
+            .unwrap();
+        string.accept(u32::from(b'"')).unwrap();
+        assert!(allowed(&mut string, usize::from(b'a')));
+        assert!(!allowed(&mut string, 256), "the end token inside a string");
+
+        // Where the answer is complete, it ends it.
+        let mut number = env
+            .compile(&OutputFormat::JsonSchema(json!({"type": "integer"})))
+            .unwrap();
+        number.accept(u32::from(b'7')).unwrap();
+        assert!(number.is_accepting());
+        assert!(
+            allowed(&mut number, 256),
+            "the end token after a complete answer"
+        );
     }
 
     #[test]
