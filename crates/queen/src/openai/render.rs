@@ -411,7 +411,8 @@ impl Renderer {
         usage: UsageOut,
         tokens: &[TokenEntry],
     ) -> String {
-        let finish_reason = if calls.is_empty() {
+        // The token limit is `length` even after a call: see `respond`'s stream.
+        let finish_reason = if calls.is_empty() || reason == FinishReason::Length {
             finish_reason(reason)
         } else {
             "tool_calls"

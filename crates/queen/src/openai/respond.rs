@@ -16,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use job_server::JobSubscription;
-use rbee_contract::{DONE_SENTINEL, ErrorCode, JobEvent};
+use rbee_contract::{DONE_SENTINEL, ErrorCode, FinishReason, JobEvent};
 
 use super::error::OpenAiError;
 use super::render::{Renderer, Tally, TokenEntry, error_chunk};
@@ -263,7 +263,12 @@ impl StreamState {
                 if let Some(calls) = self.calls.as_mut() {
                     let pieces = calls.parser.finish();
                     self.send_pieces(pieces);
-                    if self.calls.as_ref().is_some_and(|c| c.made > 0) {
+                    // An answer cut by the token limit is `length` even after a call (as
+                    // OpenAI and llama-server report it): its last call's arguments may be
+                    // unfinished JSON, which `tool_calls` would tell a client to run.
+                    if finish_reason != FinishReason::Length
+                        && self.calls.as_ref().is_some_and(|c| c.made > 0)
+                    {
                         reason = "tool_calls";
                     }
                 }

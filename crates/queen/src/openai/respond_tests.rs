@@ -1,5 +1,7 @@
 use std::sync::Mutex;
 
+use futures::StreamExt;
+
 use job_server::{
     ApiError, JobContext, JobExecutor, JobFailure, JobOptions, JobOutcome, JobResult, JobServer,
     JobServerConfig,
@@ -299,4 +301,85 @@ async fn a_whole_answer_collects_the_text_and_the_reported_usage() {
     assert_eq!(body["choices"][0]["message"]["content"], " Paris");
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     assert_eq!(body["usage"]["prompt_tokens"], 6);
+}
+
+fn weather_tools() -> ToolUse {
+    ToolUse {
+        names: vec!["get_weather".into()],
+        choice: crate::openai::tools::ToolChoice::Auto,
+        parallel: true,
+    }
+}
+
+/// A call the token limit cut inside its arguments, and one the model finished.
+fn call_events(complete: bool) -> Vec<JobEvent> {
+    let mut events = vec![
+        JobEvent::Started { prompt_tokens: 2 },
+        token("<tool_call>\n{\"name\": \"get_weather\", ", 0),
+        token("\"arguments\": {\"city\": \"Par", 1),
+    ];
+    if complete {
+        events.push(token("is\"}}\n</tool_call>", 2));
+    }
+    events
+}
+
+/// The `finish_reason` of each choice chunk that has one.
+fn finish_reasons(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|chunk| {
+            chunk["choices"][0]["finish_reason"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_call_cut_by_the_token_limit_finishes_with_length() {
+    for (complete, reason, want) in [
+        (true, FinishReason::Stop, "tool_calls"),
+        (false, FinishReason::Length, "length"),
+    ] {
+        let done = Ok(JobOutcome::new(reason, None));
+        let mut subscription = subscribed(call_events(complete), done).await;
+        let first = opening(&mut subscription).await.unwrap();
+        let renderer =
+            Renderer::new(Kind::Chat, "j", 1, "m".into(), false).with_tools(Some(weather_tools()));
+        let lines: Vec<String> = lines(subscription, renderer, first).collect().await;
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("\"tool_calls\":[{\"index\":0")),
+            "the call was streamed: {lines:?}"
+        );
+        assert_eq!(finish_reasons(&lines), vec![want], "{lines:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_whole_answer_whose_call_the_token_limit_cut_finishes_with_length() {
+    for (complete, reason, want) in [
+        (true, FinishReason::Stop, "tool_calls"),
+        (false, FinishReason::Length, "length"),
+    ] {
+        let done = Ok(JobOutcome::new(reason, None));
+        let mut subscription = subscribed(call_events(complete), done).await;
+        let first = opening(&mut subscription).await.unwrap();
+        let renderer =
+            Renderer::new(Kind::Chat, "j", 1, "m".into(), false).with_tools(Some(weather_tools()));
+        let response = json(subscription, &renderer, first).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let choice = &body["choices"][0];
+        assert_eq!(
+            choice["message"]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        assert_eq!(choice["finish_reason"], want, "{body}");
+    }
 }
