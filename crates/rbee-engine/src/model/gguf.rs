@@ -606,6 +606,51 @@ mod tests {
         }
     }
 
+    /// A prompt fed in chunks (the engine's prefill steps: several tokens from a position
+    /// the cache already holds, beside another sequence's decode step) ends with the logits
+    /// of the whole prompt fed at once: each chunk attends to the cached positions and,
+    /// causally, to its own.
+    #[test]
+    fn a_prompt_fed_in_chunks_after_cached_positions_gets_the_logits_of_one_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (ModelSpec::tiny(), GgufType::F32),
+            (ModelSpec::tiny_qwen2(), GgufType::F16),
+        ];
+        for (i, (spec, ty)) in cases.into_iter().enumerate() {
+            let what = format!("{} {ty:?}", spec.arch);
+            let path = dir.path().join(format!("m{i}.gguf"));
+            model_gen::write_model(&spec, ModelFormat::Gguf(ty), &path).unwrap();
+            let mut loaded = load_with(&path, &Device::Cpu, None, false, &mut |_| {}).unwrap();
+            let model = loaded.model.as_mut();
+            assert!(
+                model.prefix_cache().is_none(),
+                "{what} runs on candle's path"
+            );
+            assert_eq!(model.hold_sequences(2), 2);
+            let prompt: Vec<u32> = (0..11).map(|t| 1 + t * 37 % 200).collect();
+            let whole = logits(model, &prompt);
+            let vocab = whole.len();
+
+            // Sequence 1 decodes while sequence 0 takes the prompt in three chunks.
+            feed(model, &[(1, &[1, 5, 9], 0)]);
+            let mut got = Vec::new();
+            for (at, (from, to)) in [(0, 3), (3, 8), (8, 11)].into_iter().enumerate() {
+                let other = [17 + at as u32];
+                got = feed(model, &[(0, &prompt[from..to], from), (1, &other, 3 + at)]);
+            }
+            let got = &got[..vocab];
+            let close = got.iter().zip(&whole).all(|(a, b)| (a - b).abs() <= 1e-4);
+            assert!(
+                close,
+                "{what}: chunked {:?}… vs whole {:?}…",
+                &got[..4],
+                &whole[..4]
+            );
+            assert_eq!(argmax(got), argmax(&whole), "{what}");
+        }
+    }
+
     #[test]
     fn llama_gguf_loads_and_repeats_itself_from_position_0() {
         let dir = tempfile::tempdir().unwrap();
