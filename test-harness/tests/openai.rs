@@ -464,7 +464,7 @@ async fn smollm2_answers_and_stops_at_a_stop_sequence() {
             "/v1/chat/completions",
             &json!({"model": model, "max_completion_tokens": 24, "temperature": 0,
                     "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                 {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]}),
+                                 {"role": "user", "content": [{"type": "text", "text": "Name the capital of France."}]}]}),
         )
         .await;
     assert_eq!(status, 200, "{chat}");

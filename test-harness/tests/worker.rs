@@ -504,7 +504,7 @@ async fn chat_messages_and_the_job_route_work_too() {
     let op: Operation = serde_json::from_value(json!({
         "operation": "infer", "model": "smollm2", "max_tokens": 24, "temperature": 0,
         "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                     {"role": "user", "content": "What is the capital of France?"}]
+                     {"role": "user", "content": "Name the capital of France."}]
     }))
     .unwrap();
     let handle = client.submit(&op).await.unwrap();
