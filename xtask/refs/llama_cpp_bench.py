@@ -9,7 +9,7 @@ and prints one JSON object on stdout:
     {"llama_cpp_python": version,
      "runs": [{"prompt_tokens": int, "prefill_s": float, "decode_s": float, "decoded": int}]}
 
-llama.cpp runs with its defaults otherwise (an F16 KV cache, batches of 512), as a user of
+llama.cpp runs with its defaults otherwise (an F16 KV cache, physical batches of 512), as a user of
 llama-cpp-python or llama-server gets it. Decode time is from the first generated token to the
 last, as the worker bench counts it.
 """
@@ -29,7 +29,10 @@ def main():
     llm = llama_cpp.Llama(
         model_path=job["model"],
         n_ctx=job["n_ctx"],
-        n_batch=512,
+        # The logical batch as long as the context: llama-cpp-python keeps one row of scores
+        # per position of a batch; physical batches stay llama.cpp's default 512.
+        n_batch=job["n_ctx"],
+        n_ubatch=512,
         n_threads=job["n_threads"],
         n_threads_batch=job["n_threads"],
         n_gpu_layers=0,
