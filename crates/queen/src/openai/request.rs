@@ -97,6 +97,22 @@ pub(crate) fn parse_chat(body: &[u8]) -> Result<ValidRequest, OpenAiError> {
             .is_none_or(|c| c.as_str() == Some("none")),
         "function_call",
     )?;
+    // The call that `required` or a named function constrains the answer to is compiled from
+    // the functions' `parameters`: a schema that does not compile is the tools' fault, which
+    // the later check of the request's format would blame on a `response_format` the client
+    // never gave.
+    if let Some(constraint) = &tool_plan.constraint {
+        format::check_compiles(constraint).map_err(|err| {
+            let err = err.strip_prefix("response_format: ").unwrap_or(&err);
+            OpenAiError::invalid(
+                "tools",
+                format!(
+                    "`tool_choice` constrains the answer to a call, but the called function's \
+                     `parameters` do not compile as a JSON Schema: {err}"
+                ),
+            )
+        })?;
+    }
     let response_format = format::response_format(request.response_format);
     // A required call is itself a constraint on the answer's shape: two cannot both hold.
     if tool_plan.constraint.is_some() && response_format.is_some() {

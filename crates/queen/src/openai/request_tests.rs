@@ -456,6 +456,20 @@ fn malformed_tools_and_tool_messages_name_the_parameter() {
         ),
         "messages[1].tool_calls[0].function.arguments"
     );
+    // Parameters that cannot constrain a required call are the tools' fault, not a
+    // `response_format` the request does not have.
+    let bad = json!({"type": "function", "function": {"name": "f",
+        "parameters": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}});
+    for choice in [
+        json!("required"),
+        json!({"type": "function", "function": {"name": "f"}}),
+    ] {
+        let (param, message) = refused(chat(base(json!({"tools": [bad], "tool_choice": choice}))));
+        assert_eq!(param, "tools", "{message}");
+        assert!(!message.contains("response_format"), "{message}");
+    }
+    // With `auto` nothing is compiled: the model only reads the schema.
+    assert!(chat(base(json!({"tools": [bad]}))).is_ok());
 }
 
 #[test]
