@@ -185,9 +185,9 @@ try:
 except openai.NotFoundError as err:
     check("unknown model is NotFoundError", err.status_code == 404, err)
 try:
-    client.chat.completions.create(model=model, messages=QUESTION, n=2)
-    raise AssertionError("n=2 was accepted")
+    client.chat.completions.create(model=model, messages=QUESTION, n=9)
+    raise AssertionError("n=9 was accepted")
 except openai.BadRequestError as err:
-    check("n=2 is BadRequestError", err.body.get("param") == "n", err.body)
+    check("n=9 is BadRequestError", err.body.get("param") == "n", err.body)
 
 print("all checks passed")
