@@ -420,9 +420,9 @@ async fn malformed_requests_get_clean_json_refusals_and_the_queen_stays_healthy(
         ),
         (
             "/v1/chat/completions",
-            "n = 2",
+            "n = 9",
             json_body(
-                json!({"model": model, "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+                json!({"model": model, "n": 9, "messages": [{"role": "user", "content": "hi"}]}),
             ),
         ),
         (
