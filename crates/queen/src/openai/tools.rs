@@ -211,10 +211,18 @@ pub(crate) fn plan(
 /// parameters>}`, the shape [`CallParser`] reads as a bare call.
 fn call_schema(tools: &[Tool]) -> Value {
     let one = |tool: &Tool| {
-        let parameters = tool
+        let mut parameters = tool
             .parameters
             .clone()
             .unwrap_or_else(|| json!({"type": "object"}));
+        // Arguments are an object (OpenAI's rule): a schema without a type (`{}`, or
+        // `properties` alone, which JSON Schema applies to objects only) would otherwise
+        // let the constrained answer carry a string or a number as its arguments.
+        if let Some(schema) = parameters.as_object_mut()
+            && !schema.contains_key("type")
+        {
+            schema.insert("type".into(), json!("object"));
+        }
         json!({
             "type": "object",
             "properties": {

@@ -304,6 +304,30 @@ fn tool_choice_decides_what_is_offered_and_constrained() {
 }
 
 #[test]
+fn a_required_call_has_object_arguments_whatever_the_schema_leaves_out() {
+    // `{}`, or `properties` alone (which JSON Schema applies to objects only), would let the
+    // constrained answer's arguments be a string or a number.
+    for parameters in [
+        json!({}),
+        json!({"properties": {"city": {"type": "string"}}}),
+    ] {
+        let tool: ToolIn = serde_json::from_value(json!({"type": "function",
+            "function": {"name": "f", "parameters": parameters}}))
+        .unwrap();
+        let required = plan(Some(vec![tool]), choice(json!("required")), None).unwrap();
+        let Some(ResponseFormat::JsonSchema { schema }) = required.constraint else {
+            panic!("required is constrained");
+        };
+        let arguments = &schema["properties"]["arguments"];
+        assert_eq!(arguments["type"], "object", "{parameters}");
+        assert_eq!(
+            arguments["properties"], parameters["properties"],
+            "{parameters}"
+        );
+    }
+}
+
+#[test]
 fn bad_tools_and_choices_name_the_parameter() {
     let refused = |tools: Option<Vec<ToolIn>>, choice: Option<ToolChoiceIn>| {
         plan(tools, choice, None).unwrap_err().body.param.unwrap()
