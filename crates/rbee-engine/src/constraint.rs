@@ -134,7 +134,21 @@ fn compile_with(factory: &ParserFactory, format: &OutputFormat) -> Result<Constr
     if let Some(e) = matcher.get_error() {
         return Err(EngineError::InvalidParams(format!("response_format: {e}")));
     }
+    // A schema can compile and still allow no text at all (a `$ref` that only refers to
+    // itself): the first step's mask tells, so such a request is refused here rather than
+    // failing its generation at the first token. Computed on a copy, which is then dropped.
+    if let Err(e) = matcher.deep_clone().compute_mask() {
+        return Err(EngineError::InvalidParams(format!(
+            "response_format: no answer can satisfy this schema ({})",
+            first_line(&e.to_string())
+        )));
+    }
     Ok(Constraint { matcher })
+}
+
+/// The first line of an llguidance error, whose further lines dump the parser's state.
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or_default().trim()
 }
 
 /// Checks that `format` compiles, without a model: the grammar is compiled against a
@@ -478,6 +492,12 @@ mod tests {
             (
                 json!({"type": "integer", "minimum": 5, "maximum": 1}),
                 "nsatisfiable",
+            ),
+            // Compiles, but nothing can start it.
+            (json!({"$ref": "#"}), "no answer can satisfy"),
+            (
+                json!({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}),
+                "no answer can satisfy",
             ),
         ] {
             let err = check_output_format(&OutputFormat::JsonSchema(schema.clone())).unwrap_err();

@@ -93,9 +93,18 @@ fn compile(schema: Value) -> Result<(), String> {
     }))
     .map_err(|_| "response_format: the grammar compiler failed on this schema".to_string())?
     .map_err(|e| format!("response_format: {e}"))?;
-    match Matcher::new(Ok(parser)).get_error() {
-        Some(e) => Err(format!("response_format: {e}")),
-        None => Ok(()),
+    let mut matcher = Matcher::new(Ok(parser));
+    if let Some(e) = matcher.get_error() {
+        return Err(format!("response_format: {e}"));
+    }
+    // A schema can compile and still allow no text at all (a `$ref` that only refers to
+    // itself); the worker refuses it by its first step's mask, and so does this check.
+    match matcher.compute_mask() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!(
+            "response_format: no answer can satisfy this schema ({})",
+            e.to_string().lines().next().unwrap_or_default().trim()
+        )),
     }
 }
 
@@ -172,5 +181,14 @@ mod tests {
         .unwrap_err();
         assert!(err.starts_with("response_format: "), "{err}");
         assert!(err.contains("strin"), "{err}");
+        // Compiles, but nothing can start it: the worker would fail its first step.
+        let err = check_compiles(&ResponseFormat::JsonSchema {
+            schema: json!({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}),
+        })
+        .unwrap_err();
+        assert!(
+            err.starts_with("response_format: no answer can satisfy this schema"),
+            "{err}"
+        );
     }
 }
