@@ -195,7 +195,16 @@ impl Constraint {
     /// Sets the logit of every token the constraint does not allow next to -inf. Entries past
     /// the trie's vocabulary (none, when the environment was built for these logits) are left.
     pub fn mask_logits(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
-        let mask = self.matcher.compute_mask().map_err(constraint_error)?;
+        // A schema can dead-end after a start (a required property whose `$ref` only refers to
+        // itself): that is the request's to fix, so the client hears why, not an internal error.
+        let mask = self.matcher.compute_mask().map_err(|e| {
+            let e = e.to_string();
+            tracing::debug!(error = e, "the response format allows nothing here");
+            EngineError::InvalidParams(format!(
+                "response_format: the answer cannot be continued under this schema ({})",
+                first_line(&e)
+            ))
+        })?;
         let n = logits.len().min(mask.len());
         mask.iter_unset_entries(|id| {
             if id < n {
@@ -567,6 +576,34 @@ mod tests {
             allowed(&mut number, 256),
             "the end token after a complete answer"
         );
+    }
+
+    #[test]
+    fn a_schema_that_dead_ends_mid_answer_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = ConstraintEnv::new(plain_eos_tokenizer(dir.path()), 257);
+        // `a` is required and can never be written: the answer starts, then nothing fits.
+        let mut constraint = env
+            .compile(&OutputFormat::JsonSchema(json!({
+                "type": "object",
+                "properties": {"a": {"$ref": "#/$defs/X"}},
+                "required": ["a"],
+                "$defs": {"X": {"$ref": "#/$defs/X"}},
+            })))
+            .unwrap();
+        let mut logits = vec![0.0f32; 257];
+        for &b in br#"{"a":"# {
+            constraint.mask_logits(&mut logits).unwrap();
+            constraint.accept(u32::from(b)).unwrap();
+        }
+        let err = constraint.mask_logits(&mut logits).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidParams(_)), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("response_format: the answer cannot be continued"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
     }
 
     #[test]
