@@ -4,8 +4,7 @@
 //! official `openai` Python package. Each test runs its own queen (with an API key) and,
 //! where it needs a worker, a real hive that cold-starts one for the first request.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -13,14 +12,11 @@ use rbee_contract::{JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{
     Daemon, JobApi, Script, ScriptedUpstream, eventually, free_port, process_gone, read_raw_stream,
-    scratch_dir, smollm2, tiny_model,
+    run_openai_script, scratch_dir, smollm2, tiny_model,
 };
 
 const KEY: &str = "openai-test-key";
 const TOKEN: &str = "openai-test-cluster-token";
-/// The variable `cargo xtask test` sets to a python that has `openai` installed.
-const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
-
 /// A queen with an API key, and optionally a real hive that registered with it.
 struct Cluster {
     queen: Daemon,
@@ -761,53 +757,8 @@ async fn a_client_that_goes_away_cancels_the_generation() {
     .await;
 }
 
-/// A python with the `openai` package: `RBEE_TEST_PYTHON` when `cargo xtask test` set it,
-/// or the venv it creates (`target/py`), made here the same way when missing.
-fn openai_python() -> PathBuf {
-    if let Some(python) = std::env::var_os(PYTHON_ENV) {
-        return PathBuf::from(python);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py");
-    let python = venv.join("bin/python");
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai(&python) {
-        let steps: [(&str, Vec<&std::ffi::OsStr>); 2] = [
-            (
-                "python3",
-                vec!["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
-            ),
-            (
-                python.to_str().unwrap(),
-                vec![
-                    "-m".as_ref(),
-                    "pip".as_ref(),
-                    "install".as_ref(),
-                    "--quiet".as_ref(),
-                    "openai>=1.40".as_ref(),
-                ],
-            ),
-        ];
-        for (program, args) in steps {
-            let status = Command::new(program).args(&args).status();
-            assert!(
-                status.is_ok_and(|s| s.success()),
-                "cannot install the `openai` Python package into {}: run `cargo xtask test`, \
-                 or set {PYTHON_ENV} to a python that has `openai`",
-                venv.display()
-            );
-        }
-    }
-    python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_official_openai_python_client_works_against_the_queen() {
-    let python = openai_python();
     let cluster = Cluster::with_hive().await;
     let model = model_id(&smollm2());
     // Start the worker first, so that the script's model list has the model in it.
@@ -818,20 +769,11 @@ async fn the_official_openai_python_client_works_against_the_queen() {
         )
         .await;
     assert_eq!(status, 200, "{warm}\n{}", cluster.logs());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_client.py");
     let base_url = cluster.url("/v1");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([base_url.as_str(), KEY, model.as_str()])
-        .output()
-        .await
-        .expect("run the python script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "{}: {stdout}\n{stderr}\n{}",
-        output.status,
-        cluster.logs()
-    );
+    let run = run_openai_script(
+        "openai_client.py",
+        &[base_url.as_str(), KEY, model.as_str()],
+    )
+    .await;
+    assert!(run.passed(), "{run}\n{}", cluster.logs());
 }

@@ -6,16 +6,13 @@
 //! Log-probabilities' `bytes` are each token's own: a character split across tokens is
 //! rebuilt by joining them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use rbee_contract::{ErrorCode, JobEvent};
 use serde_json::{Value, json};
-use test_harness::{TestCluster, eventually, read_raw_stream, slow_model, tiny_model};
-
-/// The variable `cargo xtask test` sets to a python that has `openai` installed.
-const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
+use test_harness::{
+    TestCluster, eventually, read_raw_stream, run_openai_script, slow_model, tiny_model,
+};
 
 async fn cluster() -> TestCluster {
     TestCluster::start_with(&tiny_model(), &[], &["--worker-slots", "4"]).await
@@ -247,70 +244,16 @@ async fn a_client_that_goes_away_cancels_every_choice() {
     .await;
 }
 
-/// A python with the `openai` package: `RBEE_TEST_PYTHON` when `cargo xtask test` set it,
-/// or the venv it creates (`target/py`), made here the same way when missing.
-fn openai_python() -> PathBuf {
-    if let Some(python) = std::env::var_os(PYTHON_ENV) {
-        return PathBuf::from(python);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py");
-    let python = venv.join("bin/python");
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai(&python) {
-        let steps: [(&str, Vec<&std::ffi::OsStr>); 2] = [
-            (
-                "python3",
-                vec!["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
-            ),
-            (
-                python.to_str().unwrap(),
-                vec![
-                    "-m".as_ref(),
-                    "pip".as_ref(),
-                    "install".as_ref(),
-                    "--quiet".as_ref(),
-                    "openai>=1.40".as_ref(),
-                ],
-            ),
-        ];
-        for (program, args) in steps {
-            let status = Command::new(program).args(&args).status();
-            assert!(
-                status.is_ok_and(|s| s.success()),
-                "cannot install the `openai` Python package into {}: run `cargo xtask test`, \
-                 or set {PYTHON_ENV} to a python that has `openai`",
-                venv.display()
-            );
-        }
-    }
-    python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_asks_for_n_choices() {
-    let python = openai_python();
     let cluster = cluster().await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_n.py");
     let base_url = url(&cluster, "/v1");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([base_url.as_str(), "no-key", cluster.model.as_str()])
-        .output()
-        .await
-        .expect("run the python script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "{}: {stdout}\n{stderr}\nworker log:\n{}",
-        output.status,
-        cluster.worker_log()
-    );
+    let run = run_openai_script(
+        "openai_n.py",
+        &[base_url.as_str(), "no-key", cluster.model.as_str()],
+    )
+    .await;
+    assert!(run.passed(), "{run}\nworker log:\n{}", cluster.worker_log());
 }
 
 /// Each logprobs entry's `bytes` as a byte string, and whether any is not UTF-8 alone.

@@ -5,15 +5,9 @@
 //! and the official `openai` Python package's `parse` with a Pydantic model, streaming,
 //! `json_object`, completions and the 400, against SmolLM2.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use rbee_contract::{FinishReason, JobEvent};
 use serde_json::{Value, json};
-use test_harness::{TestCluster, smollm2, tiny_model};
-
-/// The variable `cargo xtask test` sets to a python that has `openai` installed.
-const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
+use test_harness::{TestCluster, run_openai_script, smollm2, tiny_model};
 
 /// A person: every field bounded, so that a model of random weights, which never chooses to
 /// close a string, still finishes the object.
@@ -224,60 +218,14 @@ async fn four_openai_requests_with_four_schemas_at_once_each_validate() {
     );
 }
 
-/// A python with the `openai` package: `RBEE_TEST_PYTHON` when `cargo xtask test` set it, or
-/// the venv it creates (`target/py`), made here the same way when missing.
-fn openai_python() -> PathBuf {
-    if let Some(python) = std::env::var_os(PYTHON_ENV) {
-        return PathBuf::from(python);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py");
-    let python = venv.join("bin/python");
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import openai, pydantic"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai(&python) {
-        let venv_arg = venv.display().to_string();
-        let steps: [(&str, Vec<&str>); 2] = [
-            ("python3", vec!["-m", "venv", &venv_arg]),
-            (
-                python.to_str().unwrap(),
-                vec!["-m", "pip", "install", "--quiet", "openai>=1.40"],
-            ),
-        ];
-        for (program, args) in steps {
-            let status = Command::new(program).args(&args).status();
-            assert!(
-                status.is_ok_and(|s| s.success()),
-                "cannot install the `openai` Python package into {}: run `cargo xtask test`, \
-                 or set {PYTHON_ENV} to a python that has `openai`",
-                venv.display()
-            );
-        }
-    }
-    python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_parses_answers_into_pydantic_models() {
-    let python = openai_python();
     let cluster = TestCluster::start(&smollm2(), &[]).await;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_structured.py");
     let base_url = format!("{}/v1", cluster.queen.url);
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([base_url.as_str(), "no-key", cluster.model.as_str()])
-        .output()
-        .await
-        .expect("run the python script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "{}: {stdout}\n{stderr}\nworker log:\n{}",
-        output.status,
-        cluster.worker_log()
-    );
+    let run = run_openai_script(
+        "openai_structured.py",
+        &[base_url.as_str(), "no-key", cluster.model.as_str()],
+    )
+    .await;
+    assert!(run.passed(), "{run}\nworker log:\n{}", cluster.worker_log());
 }

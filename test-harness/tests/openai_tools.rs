@@ -8,22 +8,19 @@
 //! final answer; a streamed call assembled from deltas; refusals as 400s. `tool_choice`
 //! required or named constrains the small model's answer to a valid call.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use rbee_contract::{FinishReason, JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, Script, ScriptedUpstream, eventually, free_port, process_gone, scratch_dir, smollm2,
+    Daemon, Script, ScriptedUpstream, eventually, free_port, process_gone, run_openai_script,
+    scratch_dir, smollm2,
 };
 
 const KEY: &str = "openai-tools-key";
 const TOKEN: &str = "openai-tools-cluster-token";
-/// The variable `cargo xtask test` sets to a python that has `openai` installed.
-const PYTHON_ENV: &str = "RBEE_TEST_PYTHON";
-
 struct Cluster {
     queen: Daemon,
     hive: Option<Daemon>,
@@ -498,69 +495,11 @@ fn model_id(path: &Path) -> String {
         .to_string()
 }
 
-/// A python with the `openai` package: `RBEE_TEST_PYTHON` when `cargo xtask test` set it,
-/// or the venv it creates (`target/py`), made here the same way when missing.
-fn openai_python() -> PathBuf {
-    if let Some(python) = std::env::var_os(PYTHON_ENV) {
-        return PathBuf::from(python);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/py");
-    let python = venv.join("bin/python");
-    let has_openai = |python: &Path| {
-        Command::new(python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai(&python) {
-        let steps: [(&str, Vec<&std::ffi::OsStr>); 2] = [
-            (
-                "python3",
-                vec!["-m".as_ref(), "venv".as_ref(), venv.as_os_str()],
-            ),
-            (
-                python.to_str().unwrap(),
-                vec![
-                    "-m".as_ref(),
-                    "pip".as_ref(),
-                    "install".as_ref(),
-                    "--quiet".as_ref(),
-                    "openai>=1.40".as_ref(),
-                ],
-            ),
-        ];
-        for (program, args) in steps {
-            let status = Command::new(program).args(&args).status();
-            assert!(
-                status.is_ok_and(|s| s.success()),
-                "cannot install the `openai` Python package into {}: run `cargo xtask test`, \
-                 or set {PYTHON_ENV} to a python that has `openai`",
-                venv.display()
-            );
-        }
-    }
-    python
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_calls_tools_on_smollm2() {
-    let python = openai_python();
     let cluster = Cluster::with_hive().await;
     let model = model_id(&smollm2());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/openai_tools.py");
     let base_url = cluster.url("/v1");
-    let output = tokio::process::Command::new(&python)
-        .arg(&script)
-        .args([base_url.as_str(), KEY, model.as_str()])
-        .output()
-        .await
-        .expect("run the python script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success() && stdout.contains("all checks passed"),
-        "{}: {stdout}\n{stderr}\n{}",
-        output.status,
-        cluster.logs()
-    );
+    let run = run_openai_script("openai_tools.py", &[base_url.as_str(), KEY, model.as_str()]).await;
+    assert!(run.passed(), "{run}\n{}", cluster.logs());
 }
