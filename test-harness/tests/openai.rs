@@ -4,200 +4,36 @@
 //! official `openai` Python package. Each test runs its own queen (with an API key) and,
 //! where it needs a worker, a real hive that cold-starts one for the first request.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
-use rbee_contract::{JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
+use rbee_contract::{JobEvent, WorkerInfo};
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, JobApi, Script, ScriptedUpstream, eventually, free_port, process_gone, read_raw_stream,
-    run_openai_script, scratch_dir, smollm2, tiny_model,
+    JobApi, OpenAiCluster, OpenAiHive, Script, chunks, eventually, model_id, read_raw_stream,
+    run_openai_script, smollm2, tiny_model,
 };
 
 const KEY: &str = "openai-test-key";
 const TOKEN: &str = "openai-test-cluster-token";
-/// A queen with an API key, and optionally a real hive that registered with it.
-struct Cluster {
-    queen: Daemon,
-    hive: Option<Daemon>,
-    http: reqwest::Client,
+
+/// A queen with an API key, no hive.
+async fn queen_only() -> OpenAiCluster {
+    OpenAiCluster::queen_only(KEY, TOKEN).await
 }
 
-impl Cluster {
-    async fn queen_only() -> Cluster {
-        let queen = Daemon::queen(
-            &["--heartbeat-interval", "100ms", "--spawn-timeout", "120s"],
-            &[("RBEE_CLUSTER_TOKEN", TOKEN), ("RBEE_API_KEYS", KEY)],
-        )
-        .await;
-        Cluster {
-            queen,
-            hive: None,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    /// A queen and a hive; the hive starts workers on demand.
-    async fn with_hive() -> Cluster {
-        let mut cluster = Cluster::queen_only().await;
-        let port = free_port();
-        let first_worker_port = free_port().min(65_000);
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--queen-url",
-            &cluster.queen.url,
-            "--hive-id",
-            "hive-openai",
-            "--heartbeat-interval",
-            "100ms",
-            "--log-dir",
-            &scratch_dir("openai-logs").display().to_string(),
-            "--worker-port-range",
-            &format!("{first_worker_port}-{}", first_worker_port + 30),
-            "--stop-grace",
-            "2s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
+/// A queen and a hive allowed to load the test models; the hive starts workers on demand.
+async fn with_hive() -> OpenAiCluster {
+    let models = std::iter::once(tiny_model()).chain(model_gen::paths::smollm2_gguf());
+    let model_dirs = models
+        .map(|model| model.parent().expect("the model's directory").to_path_buf())
         .collect();
-        // The API key may have the hive load the test models: they are under its allowed
-        // model directories (a key that is not an admin key may not name any other path).
-        let mut args = args;
-        let models = std::iter::once(tiny_model()).chain(model_gen::paths::smollm2_gguf());
-        for model in models {
-            let dir = model.parent().expect("the model's directory").to_path_buf();
-            args.extend(["--allow-model-dir".to_string(), dir.display().to_string()]);
-        }
-        let hive = Daemon::start(
-            "rbee-hive",
-            &args,
-            &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-            format!("http://127.0.0.1:{port}"),
-        )
-        .expect("start hive");
-        cluster.hive = Some(hive);
-        eventually("the hive registers", Duration::from_secs(30), async || {
-            let hives = cluster.get("/v1/hives").await.1;
-            (hives["hives"].as_array()?.len() == 1).then_some(())
-        })
-        .await;
-        cluster
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.queen.url)
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("GET");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(KEY)
-            .json(body)
-            .send()
-            .await
-            .expect("POST")
-    }
-
-    /// A non-streaming request: the status and the JSON body.
-    async fn call(&self, path: &str, body: &Value) -> (u16, Value) {
-        let response = self.post(path, body).await;
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("a body");
-        let json = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\n{}", self.logs()));
-        (status, json)
-    }
-
-    /// A streaming request: every `data:` payload, in order.
-    async fn stream(&self, path: &str, body: &Value) -> Vec<String> {
-        let response = self.post(path, body).await;
-        assert_eq!(response.status(), 200, "{}", self.logs());
-        sse_data(response).await
-    }
-
-    fn logs(&self) -> String {
-        let mut logs = format!("queen log:\n{}", self.queen.log_text());
-        if let Some(hive) = &self.hive {
-            logs.push_str(&format!("\nhive log:\n{}", hive.log_text()));
-        }
-        logs
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // SIGTERM lets the hive stop the workers it started; a killed hive would leave them.
-        if let Some(hive) = &self.hive
-            && hive.signal("TERM").is_ok()
-        {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while !process_gone(hive.pid()) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-/// Reads an SSE body to its end; returns the `data:` payloads. Comments are skipped, as
-/// OpenAI clients skip them.
-async fn sse_data(response: reqwest::Response) -> Vec<String> {
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    assert!(
-        content_type.starts_with("text/event-stream"),
-        "{content_type}"
-    );
-    let mut body = String::new();
-    let mut chunks = response.bytes_stream();
-    while let Some(chunk) = chunks.next().await {
-        body.push_str(std::str::from_utf8(&chunk.expect("a chunk")).expect("UTF-8"));
-    }
-    body.split("\n\n")
-        .filter_map(|frame| {
-            let data: Vec<&str> = frame
-                .lines()
-                .filter_map(|line| line.strip_prefix("data: "))
-                .collect();
-            (!data.is_empty()).then(|| data.join("\n"))
-        })
-        .collect()
-}
-
-fn model_id(path: &Path) -> String {
-    path.canonicalize()
-        .expect("canonical model path")
-        .display()
-        .to_string()
-}
-
-/// The chunks of a stream before `[DONE]`, parsed; asserts `[DONE]` is last and alone.
-fn chunks(data: &[String]) -> Vec<Value> {
-    assert_eq!(
-        data.iter().filter(|d| *d == "[DONE]").count(),
-        1,
-        "{data:?}"
-    );
-    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{data:?}");
-    data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
-        .collect()
+    let hive = OpenAiHive {
+        hive_id: "hive-openai",
+        log_dir: "openai-logs",
+        model_dirs,
+    };
+    OpenAiCluster::with_hive(KEY, TOKEN, hive).await
 }
 
 /// What every chunk of one answer repeats.
@@ -216,7 +52,7 @@ fn assert_same_envelope(chunks: &[Value], object: &str, model: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_and_completions_stream_and_not_in_openai_shapes() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&tiny_model());
     let (status, listed) = cluster.get("/v1/models").await;
     assert_eq!(
@@ -339,7 +175,7 @@ async fn chat_and_completions_stream_and_not_in_openai_shapes() {
 /// OpenAI's shapes, the same numbers either way, greedy picking the most likely token.
 #[tokio::test(flavor = "multi_thread")]
 async fn logprobs_come_in_openais_shapes_streamed_and_not() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&tiny_model());
     let chat = json!({"model": model, "messages": [{"role": "user", "content": "hello"}],
                       "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 3});
@@ -431,7 +267,7 @@ async fn logprobs_come_in_openais_shapes_streamed_and_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn smollm2_answers_and_stops_at_a_stop_sequence() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&smollm2());
     let prompt = "The capital of France is";
     let (status, whole) = cluster
@@ -470,7 +306,7 @@ async fn smollm2_answers_and_stops_at_a_stop_sequence() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn errors_are_openai_error_objects_with_the_right_status() {
-    let cluster = Cluster::queen_only().await;
+    let cluster = queen_only().await;
     let chat = cluster.url("/v1/chat/completions");
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
 
@@ -610,58 +446,27 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
     assert_eq!(error["error"]["code"], "unauthorized");
 }
 
-fn worker_beat(worker_id: &str, url: &str, model: &str) -> Value {
-    json!(WorkerHeartbeat {
-        worker: WorkerInfo {
-            worker_id: worker_id.into(),
-            url: url.into(),
-            model: model.into(),
-            device: "cpu".into(),
-            state: WorkerState::Ready,
-            slots_total: 1,
-            slots_free: 1,
-            hive_id: None,
-            context_length: Some(512),
-        },
-        cached_prefixes: Vec::new(),
-    })
-}
-
-/// Registers a scripted stand-in as the only worker for `model`.
-async fn scripted_worker(cluster: &Cluster, model: &str, script: Script) -> ScriptedUpstream {
-    let worker = ScriptedUpstream::start(script).await;
-    let response = cluster
-        .http
-        .post(cluster.url("/v1/worker-heartbeat"))
-        .bearer_auth(TOKEN)
-        .json(&worker_beat(&format!("w-{model}"), &worker.url, model))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 204);
-    worker
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_that_fails_after_it_started_ends_with_an_error_chunk() {
-    let cluster = Cluster::queen_only().await;
-    let _dying = scripted_worker(
-        &cluster,
-        "dying",
-        Script {
-            events: vec![
-                JobEvent::Started { prompt_tokens: 3 },
-                JobEvent::Token {
-                    text: "Hel".into(),
-                    token_id: 7,
-                    index: 0,
-                    logprobs: None,
-                },
-            ],
-            complete: false,
-        },
-    )
-    .await;
+    let cluster = queen_only().await;
+    let _dying = cluster
+        .scripted_worker(
+            "dying",
+            512,
+            Script {
+                events: vec![
+                    JobEvent::Started { prompt_tokens: 3 },
+                    JobEvent::Token {
+                        text: "Hel".into(),
+                        token_id: 7,
+                        index: 0,
+                        logprobs: None,
+                    },
+                ],
+                complete: false,
+            },
+        )
+        .await;
     let request = json!({"model": "dying", "messages": [{"role": "user", "content": "hi"}],
                          "stream": true});
     let data = cluster.stream("/v1/chat/completions", &request).await;
@@ -683,18 +488,19 @@ async fn a_stream_that_fails_after_it_started_ends_with_an_error_chunk() {
     assert_eq!(error["error"]["code"], "worker_lost");
 
     // A saturated worker: 429 with Retry-After, before any stream starts.
-    let _busy = scripted_worker(
-        &cluster,
-        "busy",
-        Script {
-            events: vec![JobEvent::error(
-                rbee_contract::ErrorCode::Busy,
-                "every slot is taken",
-            )],
-            complete: true,
-        },
-    )
-    .await;
+    let _busy = cluster
+        .scripted_worker(
+            "busy",
+            512,
+            Script {
+                events: vec![JobEvent::error(
+                    rbee_contract::ErrorCode::Busy,
+                    "every slot is taken",
+                )],
+                complete: true,
+            },
+        )
+        .await;
     let response = cluster
         .post(
             "/v1/completions",
@@ -709,7 +515,7 @@ async fn a_stream_that_fails_after_it_started_ends_with_an_error_chunk() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_goes_away_cancels_the_generation() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&smollm2());
     let request = json!({"model": model, "stream": true, "max_tokens": 1500, "temperature": 0,
                          "prompt": "Count from one to one thousand: one, two, three,"});
@@ -759,7 +565,7 @@ async fn a_client_that_goes_away_cancels_the_generation() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_official_openai_python_client_works_against_the_queen() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&smollm2());
     // Start the worker first, so that the script's model list has the model in it.
     let (status, warm) = cluster

@@ -8,184 +8,29 @@
 //! final answer; a streamed call assembled from deltas; refusals as 400s. `tool_choice`
 //! required or named constrains the small model's answer to a valid call.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
-
-use futures::StreamExt;
-use rbee_contract::{FinishReason, JobEvent, WorkerHeartbeat, WorkerInfo, WorkerState};
+use rbee_contract::{FinishReason, JobEvent};
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, Script, ScriptedUpstream, eventually, free_port, process_gone, run_openai_script,
-    scratch_dir, smollm2,
+    OpenAiCluster, OpenAiHive, Script, chunks, model_id, run_openai_script, smollm2,
 };
 
 const KEY: &str = "openai-tools-key";
 const TOKEN: &str = "openai-tools-cluster-token";
-struct Cluster {
-    queen: Daemon,
-    hive: Option<Daemon>,
-    http: reqwest::Client,
+const CHAT: &str = "/v1/chat/completions";
+
+/// A queen with an API key, no hive.
+async fn queen_only() -> OpenAiCluster {
+    OpenAiCluster::queen_only(KEY, TOKEN).await
 }
 
-impl Cluster {
-    async fn queen_only() -> Cluster {
-        let queen = Daemon::queen(
-            &["--heartbeat-interval", "100ms", "--spawn-timeout", "120s"],
-            &[("RBEE_CLUSTER_TOKEN", TOKEN), ("RBEE_API_KEYS", KEY)],
-        )
-        .await;
-        Cluster {
-            queen,
-            hive: None,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    /// A queen and a hive allowed to load SmolLM2; the hive starts its worker on demand.
-    async fn with_hive() -> Cluster {
-        let mut cluster = Cluster::queen_only().await;
-        let port = free_port();
-        let first_worker_port = free_port().min(65_000);
-        let smollm2_dir = smollm2().parent().expect("a directory").to_path_buf();
-        let args: Vec<String> = vec![
-            "--port".into(),
-            port.to_string(),
-            "--queen-url".into(),
-            cluster.queen.url.clone(),
-            "--hive-id".into(),
-            "hive-tools".into(),
-            "--heartbeat-interval".into(),
-            "100ms".into(),
-            "--log-dir".into(),
-            scratch_dir("openai-tools-logs").display().to_string(),
-            "--worker-port-range".into(),
-            format!("{first_worker_port}-{}", first_worker_port + 30),
-            "--stop-grace".into(),
-            "2s".into(),
-            "--allow-model-dir".into(),
-            smollm2_dir.display().to_string(),
-        ];
-        let hive = Daemon::start(
-            "rbee-hive",
-            &args,
-            &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-            format!("http://127.0.0.1:{port}"),
-        )
-        .expect("start hive");
-        cluster.hive = Some(hive);
-        eventually("the hive registers", Duration::from_secs(30), async || {
-            let hives = cluster.get("/v1/hives").await.1;
-            (hives["hives"].as_array()?.len() == 1).then_some(())
-        })
-        .await;
-        cluster
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.queen.url)
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(KEY)
-            .send()
-            .await
-            .expect("GET");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(KEY)
-            .json(body)
-            .send()
-            .await
-            .expect("POST")
-    }
-
-    async fn call(&self, body: &Value) -> (u16, Value) {
-        let response = self.post("/v1/chat/completions", body).await;
-        let status = response.status().as_u16();
-        let text = response.text().await.expect("a body");
-        let json = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\n{}", self.logs()));
-        (status, json)
-    }
-
-    /// The chunks of a streamed answer, parsed; `[DONE]` must end it.
-    async fn stream(&self, body: &Value) -> Vec<Value> {
-        let response = self.post("/v1/chat/completions", body).await;
-        assert_eq!(response.status(), 200, "{}", self.logs());
-        let mut text = String::new();
-        let mut bytes = response.bytes_stream();
-        while let Some(chunk) = bytes.next().await {
-            text.push_str(std::str::from_utf8(&chunk.expect("a chunk")).expect("UTF-8"));
-        }
-        let data: Vec<&str> = text
-            .split("\n\n")
-            .filter_map(|frame| frame.lines().find_map(|l| l.strip_prefix("data: ")))
-            .collect();
-        assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
-        data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
-            .collect()
-    }
-
-    /// Registers a scripted stand-in as the only worker for `model`.
-    async fn scripted_worker(&self, model: &str, script: Script) -> ScriptedUpstream {
-        let worker = ScriptedUpstream::start(script).await;
-        let beat = json!(WorkerHeartbeat {
-            worker: WorkerInfo {
-                worker_id: format!("w-{model}"),
-                url: worker.url.clone(),
-                model: model.into(),
-                device: "cpu".into(),
-                state: WorkerState::Ready,
-                slots_total: 1,
-                slots_free: 1,
-                hive_id: None,
-                context_length: Some(4096),
-            },
-            cached_prefixes: Vec::new(),
-        });
-        let response = self
-            .http
-            .post(self.url("/v1/worker-heartbeat"))
-            .bearer_auth(TOKEN)
-            .json(&beat)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 204);
-        worker
-    }
-
-    fn logs(&self) -> String {
-        let mut logs = format!("queen log:\n{}", self.queen.log_text());
-        if let Some(hive) = &self.hive {
-            logs.push_str(&format!("\nhive log:\n{}", hive.log_text()));
-        }
-        logs
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // SIGTERM lets the hive stop the workers it started; a killed hive would leave them.
-        if let Some(hive) = &self.hive
-            && hive.signal("TERM").is_ok()
-        {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while !process_gone(hive.pid()) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+/// A queen and a hive allowed to load SmolLM2; the hive starts its worker on demand.
+async fn with_hive() -> OpenAiCluster {
+    let hive = OpenAiHive {
+        hive_id: "hive-tools",
+        log_dir: "openai-tools-logs",
+        model_dirs: vec![smollm2().parent().expect("a directory").to_path_buf()],
+    };
+    OpenAiCluster::with_hive(KEY, TOKEN, hive).await
 }
 
 /// A worker's events for an answer whose text is `pieces`, one token each.
@@ -268,7 +113,7 @@ fn assemble(chunks: &[Value]) -> (Vec<(String, String, String)>, String, String)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
-    let cluster = Cluster::queen_only().await;
+    let cluster = queen_only().await;
     // (model, the text as the worker sends it, the content a client must see)
     let families: [(&str, &[&str], &str); 3] = [
         (
@@ -302,13 +147,13 @@ async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
         ),
     ];
     for (model, pieces, content) in families {
-        let worker = cluster.scripted_worker(model, answer(pieces)).await;
+        let worker = cluster.scripted_worker(model, 4096, answer(pieces)).await;
         let request = json!({
             "model": model,
             "messages": [{"role": "user", "content": "Weather and time in Paris?"}],
             "tools": tools(),
         });
-        let (status, body) = cluster.call(&request).await;
+        let (status, body) = cluster.call(CHAT, &request).await;
         assert_eq!(status, 200, "{body}\n{}", cluster.logs());
         let choice = &body["choices"][0];
         assert_eq!(choice["finish_reason"], "tool_calls", "{model}: {body}");
@@ -335,7 +180,7 @@ async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
 
         let mut streaming = request.clone();
         streaming["stream"] = json!(true);
-        let chunks = cluster.stream(&streaming).await;
+        let chunks = chunks(&cluster.stream(CHAT, &streaming).await);
         let (streamed, streamed_content, finish) = assemble(&chunks);
         assert_eq!(finish, "tool_calls", "{model}: {chunks:?}");
         assert_eq!(streamed_content, content, "{model}: {chunks:?}");
@@ -384,16 +229,19 @@ async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
     // no tools and reads nothing, so the same text is content. (Fresh workers: a scripted
     // one beats once, and the queen forgets it after a while.)
     let _hermes = cluster
-        .scripted_worker("hermes", answer(families[0].1))
+        .scripted_worker("hermes", 4096, answer(families[0].1))
         .await;
     let _llama = cluster
-        .scripted_worker("llama", answer(families[2].1))
+        .scripted_worker("llama", 4096, answer(families[2].1))
         .await;
     let (_, one) = cluster
-        .call(&json!({
-            "model": "hermes", "messages": [{"role": "user", "content": "hi"}],
-            "tools": tools(), "parallel_tool_calls": false,
-        }))
+        .call(
+            CHAT,
+            &json!({
+                "model": "hermes", "messages": [{"role": "user", "content": "hi"}],
+                "tools": tools(), "parallel_tool_calls": false,
+            }),
+        )
         .await;
     assert_eq!(
         one["choices"][0]["message"]["tool_calls"]
@@ -404,10 +252,13 @@ async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
         "{one}"
     );
     let (_, none) = cluster
-        .call(&json!({
-            "model": "llama", "messages": [{"role": "user", "content": "hi"}],
-            "tools": tools(), "tool_choice": "none",
-        }))
+        .call(
+            CHAT,
+            &json!({
+                "model": "llama", "messages": [{"role": "user", "content": "hi"}],
+                "tools": tools(), "tool_choice": "none",
+            }),
+        )
         .await;
     assert_eq!(none["choices"][0]["finish_reason"], "stop", "{none}");
     assert!(
@@ -422,23 +273,26 @@ async fn each_familys_calls_come_back_as_tool_calls_streamed_and_not() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_conversation_with_calls_and_results_reaches_the_worker() {
-    let cluster = Cluster::queen_only().await;
+    let cluster = queen_only().await;
     let worker = cluster
-        .scripted_worker("hermes", answer(&["It is 18 C in Paris."]))
+        .scripted_worker("hermes", 4096, answer(&["It is 18 C in Paris."]))
         .await;
     let (status, body) = cluster
-        .call(&json!({
-            "model": "hermes",
-            "messages": [
-                {"role": "user", "content": "Weather in Paris?"},
-                {"role": "assistant", "content": null, "tool_calls": [
-                    {"id": "call_7", "type": "function",
-                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
-                ]},
-                {"role": "tool", "tool_call_id": "call_7", "content": "18 C"},
-            ],
-            "tools": tools(),
-        }))
+        .call(
+            CHAT,
+            &json!({
+                "model": "hermes",
+                "messages": [
+                    {"role": "user", "content": "Weather in Paris?"},
+                    {"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_7", "type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+                    ]},
+                    {"role": "tool", "tool_call_id": "call_7", "content": "18 C"},
+                ],
+                "tools": tools(),
+            }),
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
@@ -481,23 +335,16 @@ async fn a_conversation_with_calls_and_results_reaches_the_worker() {
             "tools[0].function.parameters",
         ),
     ] {
-        let (status, error) = cluster.call(&request).await;
+        let (status, error) = cluster.call(CHAT, &request).await;
         assert_eq!(status, 400, "{error}");
         assert_eq!(error["error"]["param"], param, "{error}");
         assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
     }
 }
 
-fn model_id(path: &Path) -> String {
-    path.canonicalize()
-        .expect("canonical model path")
-        .display()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_openai_python_client_calls_tools_on_smollm2() {
-    let cluster = Cluster::with_hive().await;
+    let cluster = with_hive().await;
     let model = model_id(&smollm2());
     let base_url = cluster.url("/v1");
     let run = run_openai_script("openai_tools.py", &[base_url.as_str(), KEY, model.as_str()]).await;
