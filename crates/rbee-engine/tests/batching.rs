@@ -2,34 +2,16 @@
 //! running batch and leave it produce exactly what each produces alone, with sampling on too,
 //! on the engine's CPU path and on candle's path.
 
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+mod common;
 
-use anyhow::Context;
+use std::ops::ControlFlow;
+use std::path::Path;
+
+use common::{Running, alone, generated, load};
 use model_gen::{GgufType, ModelFormat, ModelSpec};
 use rbee_engine::{
-    Completion, DeviceSpec, Engine, FinishReason, GenerationParams, LoadOptions, PreparedRequest,
-    Prompt, Sequence,
+    Completion, Engine, FinishReason, GenerationParams, PreparedRequest, Prompt, Sequence,
 };
-
-fn generated(format: ModelFormat) -> anyhow::Result<PathBuf> {
-    model_gen::ensure_generated(
-        &ModelSpec::small(),
-        format,
-        &model_gen::paths::generated_dir(),
-    )
-    .with_context(|| format!("generating {format}"))
-}
-
-fn load(path: &Path, slots: usize) -> anyhow::Result<Engine> {
-    let opts = LoadOptions {
-        model_path: path.to_path_buf(),
-        device: DeviceSpec::Cpu,
-        slots,
-        context_length: None,
-    };
-    Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
-}
 
 /// Requests with different prompts, lengths and sampling settings (one greedy, two sampled
 /// with their own seeds, one with a repeat penalty).
@@ -53,22 +35,6 @@ fn requests(engine: &Engine) -> anyhow::Result<Vec<PreparedRequest>> {
             Ok(engine.prepare(Prompt::Text(prompt.into()), params)?)
         })
         .collect()
-}
-
-/// Token ids and completion of `req` generated alone.
-fn alone(engine: &mut Engine, req: &PreparedRequest) -> anyhow::Result<(Vec<u32>, Completion)> {
-    let mut ids = Vec::new();
-    let completion = engine.generate(req, &mut |t| {
-        ids.push(t.token_id);
-        ControlFlow::Continue(())
-    })?;
-    Ok((ids, completion))
-}
-
-struct Running {
-    request: usize,
-    seq: Sequence,
-    ids: Vec<u32>,
 }
 
 #[test]

@@ -4,41 +4,22 @@
 //! while the others are mid-generation; each stream gets exactly the tokens it gets alone, and
 //! a stream alone gets exactly the tokens candle's own model code generates.
 
+mod common;
+
 use std::fs::File;
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, quantized_llama};
-use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_engine::{
-    Completion, DeviceSpec, Engine, FinishReason, GenerationParams, LoadOptions, PreparedRequest,
-    Prompt, Sequence,
-};
+use common::{Running, alone, generated, load};
+use model_gen::{GgufType, ModelFormat};
+use rbee_engine::{Engine, FinishReason, GenerationParams, PreparedRequest, Prompt, Sequence};
 
 const SLOTS: usize = 4;
-
-fn generated(format: ModelFormat) -> anyhow::Result<PathBuf> {
-    model_gen::ensure_generated(
-        &ModelSpec::small(),
-        format,
-        &model_gen::paths::generated_dir(),
-    )
-    .with_context(|| format!("generating {format}"))
-}
-
-fn load(path: &Path) -> anyhow::Result<Engine> {
-    let opts = LoadOptions {
-        model_path: path.to_path_buf(),
-        device: DeviceSpec::Cpu,
-        slots: SLOTS,
-        context_length: None,
-    };
-    Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
-}
 
 /// Four greedy requests with different prompts and lengths.
 fn requests(engine: &Engine) -> anyhow::Result<Vec<PreparedRequest>> {
@@ -58,21 +39,6 @@ fn requests(engine: &Engine) -> anyhow::Result<Vec<PreparedRequest>> {
             Ok(engine.prepare(Prompt::Text(prompt.into()), params)?)
         })
         .collect()
-}
-
-fn alone(engine: &mut Engine, req: &PreparedRequest) -> anyhow::Result<(Vec<u32>, Completion)> {
-    let mut ids = Vec::new();
-    let completion = engine.generate(req, &mut |t| {
-        ids.push(t.token_id);
-        ControlFlow::Continue(())
-    })?;
-    Ok((ids, completion))
-}
-
-struct Running {
-    request: usize,
-    seq: Sequence,
-    ids: Vec<u32>,
 }
 
 /// Request `i` begins in slot `i` at step `2 i`, while the earlier ones are decoding; returns
@@ -128,7 +94,7 @@ type Reference<'a> = dyn Fn(&[u32], usize) -> anyhow::Result<Vec<u32>> + 'a;
 /// The engine serves four slots on `path`; each of four interleaved streams gets what it gets
 /// alone, and alone what `reference` (candle's code, greedy from the prompt's tokens) gets.
 fn four_slots_batched(path: &Path, what: &str, reference: &Reference<'_>) -> anyhow::Result<()> {
-    let mut engine = load(path)?;
+    let mut engine = load(path, SLOTS)?;
     assert_eq!(engine.slots(), SLOTS, "{what}: slots");
     let reqs = requests(&engine)?;
     let mut want = Vec::new();
