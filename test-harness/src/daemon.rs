@@ -174,6 +174,17 @@ impl Daemon {
     /// An `llm-worker-rbee` serving `model` on a free loopback port with two threads, the
     /// cluster token `token` and the extra `args`, not yet waited for.
     pub fn worker(model: &Path, token: &str, args: &[&str]) -> Daemon {
+        Daemon::worker_as(model, "w-test", 2, token, args)
+    }
+
+    /// [`Daemon::worker`] as `worker_id`, with `threads` threads.
+    pub fn worker_as(
+        model: &Path,
+        worker_id: &str,
+        threads: usize,
+        token: &str,
+        args: &[&str],
+    ) -> Daemon {
         let port = free_port();
         let mut all: Vec<String> = vec![
             "--model".into(),
@@ -181,9 +192,9 @@ impl Daemon {
             "--port".into(),
             port.to_string(),
             "--worker-id".into(),
-            "w-test".into(),
+            worker_id.into(),
             "--threads".into(),
-            "2".into(),
+            threads.to_string(),
         ];
         all.extend(args.iter().map(|a| a.to_string()));
         Daemon::start(

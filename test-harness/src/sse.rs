@@ -58,6 +58,17 @@ impl RawStream {
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     }
 
+    /// The `token_id` of every token event, in order.
+    pub fn token_ids(&self) -> Vec<u32> {
+        self.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                JobEvent::Token { token_id, .. } => Some(*token_id),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn terminal(&self) -> Option<&JobEvent> {
         self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
     }
@@ -76,6 +87,17 @@ impl RawStream {
             (self.done_frames, self.frames_after_done),
             (1, 0),
             "{hop}: exactly one [DONE], nothing after it"
+        );
+    }
+
+    /// [`assert_one_terminal_then_done`](Self::assert_one_terminal_then_done), the terminal
+    /// event being `done`: the job succeeded.
+    pub fn assert_done(&self, hop: &str) {
+        self.assert_one_terminal_then_done(hop);
+        assert!(
+            matches!(self.terminal(), Some(JobEvent::Done { .. })),
+            "{hop}: {:?}",
+            self.events
         );
     }
 }

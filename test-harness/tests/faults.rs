@@ -129,15 +129,6 @@ fn narrations(stream: &RawStream) -> Vec<String> {
         .collect()
 }
 
-fn assert_done(stream: &RawStream, what: &str) {
-    stream.assert_one_terminal_then_done(what);
-    assert!(
-        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
-        "{what}: {:?}",
-        stream.events
-    );
-}
-
 fn assert_worker_lost(stream: &RawStream) {
     stream.assert_one_terminal_then_done("queen");
     assert!(
@@ -181,7 +172,7 @@ async fn a_worker_killed_before_its_first_token_is_replaced_and_the_client_gets_
     let pid = only_worker_pid(&cluster);
     let request = infer(&cluster.model, PROMPT, 16);
     let undisturbed = cluster.jobs().run("/v1/jobs", &request).await;
-    assert_done(&undisturbed, "the undisturbed answer");
+    undisturbed.assert_done("the undisturbed answer");
 
     // A client of the worker itself takes its only slot (the queen does not count it), so
     // the queen's job, admitted by the worker, waits in the worker's own line: it is there
@@ -205,7 +196,7 @@ async fn a_worker_killed_before_its_first_token_is_replaced_and_the_client_gets_
 
     send_signal(pid, "KILL");
     let (stream, _) = job.end(Duration::from_secs(180)).await;
-    assert_done(&stream, "the queen's job");
+    stream.assert_done("the queen's job");
     assert_eq!(
         stream.text(),
         undisturbed.text(),
@@ -262,39 +253,21 @@ async fn a_worker_killed_after_its_first_token_ends_the_stream_with_worker_lost_
         .jobs()
         .run("/v1/jobs", &infer(&cluster.model, PROMPT, 8))
         .await;
-    assert_done(&next, "the next request");
+    next.assert_done("the next request");
     assert!(!tokens(&next).is_empty());
 }
 
 /// A real worker serving `model` as `model_ref`, one slot, registered with `queen`.
 fn start_worker(model: &Path, model_ref: &str, queen: &str, id: &str, beat: &str) -> Daemon {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--model",
-        &model.display().to_string(),
+    let args = [
         "--model-ref",
         model_ref,
-        "--port",
-        &port.to_string(),
-        "--worker-id",
-        id,
-        "--threads",
-        "1",
         "--queen-url",
         queen,
         "--heartbeat-interval",
         beat,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Daemon::start(
-        "llm-worker-rbee",
-        &args,
-        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start a worker")
+    ];
+    Daemon::worker_as(model, id, 1, TOKEN, &args)
 }
 
 async fn state_of(queen: &str, worker_id: &str) -> Option<WorkerState> {
@@ -387,7 +360,7 @@ async fn a_hung_worker_is_noticed_and_avoided_while_a_slow_one_is_waited_for() {
         hog.cancel().await;
     }
     let (stream, _) = waiting.end(Duration::from_secs(120)).await;
-    assert_done(&stream, "the job that waited");
+    stream.assert_done("the job that waited");
     assert!(narrations(&stream).is_empty(), "{:?}", stream.events);
 
     // The cancelled direct jobs are over on both workers.
@@ -445,7 +418,7 @@ async fn a_hung_worker_is_noticed_and_avoided_while_a_slow_one_is_waited_for() {
     // The next requests go to the other worker, none through the hung one.
     for _ in 0..2 {
         let next = api.run("/v1/jobs", &infer("slow", PROMPT, 8)).await;
-        assert_done(&next, "a request after the hang");
+        next.assert_done("a request after the hang");
         assert!(narrations(&next).is_empty(), "{:?}", next.events);
     }
 
@@ -541,7 +514,7 @@ async fn a_hive_killed_with_sigkill_takes_its_worker_and_the_queen_schedules_els
         .jobs()
         .run("/v1/jobs", &infer(&cluster.model, PROMPT, 4))
         .await;
-    assert_done(&next, "the request after the kill");
+    next.assert_done("the request after the kill");
     let said = narrations(&next);
     assert!(
         said.iter().any(|m| m.contains("asking hive hive-b")),

@@ -82,15 +82,6 @@ async fn list(hive: &TestHive) -> Vec<ModelDetails> {
         .expect("a model list")
 }
 
-fn assert_done(stream: &RawStream, what: &str) {
-    stream.assert_one_terminal_then_done(what);
-    assert!(
-        matches!(stream.terminal(), Some(JobEvent::Done { .. })),
-        "{what}: {:?}",
-        stream.events
-    );
-}
-
 fn error_of(stream: &RawStream) -> (ErrorCode, String) {
     stream.assert_one_terminal_then_done("a failing job");
     match stream.terminal() {
@@ -169,7 +160,7 @@ async fn download_list_get_restart_and_delete() {
     let id = format!("hf:{TINY_REPO}:{TINY_FILE}");
 
     let first = hive.run_job(&download(&format!("hf:{TINY_REPO}"))).await;
-    assert_done(&first, "model_download");
+    first.assert_done("model_download");
     let steps = progress(&first);
     assert!(!steps.is_empty(), "no progress: {:?}", first.events);
     assert!(steps.iter().all(|(_, total)| *total == Some(size)));
@@ -188,7 +179,7 @@ async fn download_list_get_restart_and_delete() {
     // Asked again, it comes from the catalog: nothing is transferred.
     let before = transfers(&hub).len();
     let again = hive.run_job(&download(&id)).await;
-    assert_done(&again, "second model_download");
+    again.assert_done("second model_download");
     assert!(progress(&again).is_empty(), "{:?}", again.events);
     assert_eq!(transfers(&hub).len(), before);
 
@@ -198,7 +189,7 @@ async fn download_list_get_restart_and_delete() {
     let got = hive
         .run_job(&json!({"operation": "model_get", "model": format!("hf:{TINY_REPO}")}))
         .await;
-    assert_done(&got, "model_get");
+    got.assert_done("model_get");
     assert_eq!(data_model(&got).entry.state, ModelState::Ready);
     hive.wait_until(
         Duration::from_secs(10),
@@ -222,7 +213,7 @@ async fn download_list_get_restart_and_delete() {
     let deleted = hive
         .run_job(&json!({"operation": "model_delete", "model": id}))
         .await;
-    assert_done(&deleted, "model_delete");
+    deleted.assert_done("model_delete");
     assert!(list(&hive).await.is_empty());
     let gone = hive
         .submit(&json!({"operation": "model_get", "model": id}))
@@ -249,7 +240,7 @@ async fn a_dropped_connection_resumes_where_it_broke_off() {
     let stream = hive
         .run_job(&download(&format!("hf:{SMOL_REPO}:{SMOL_FILE}")))
         .await;
-    assert_done(&stream, "resumed model_download");
+    stream.assert_done("resumed model_download");
     assert!(hub.dropped(), "the hub never dropped the connection");
     let model = data_model(&stream);
     assert_eq!(
@@ -414,7 +405,7 @@ async fn a_download_cut_by_a_hive_restart_resumes_afterwards() {
     let listed = list(&hive).await;
     assert_eq!(listed[0].entry.state, ModelState::Failed, "{listed:?}");
     let resumed = hive.run_job(&download(&model)).await;
-    assert_done(&resumed, "resumed model_download");
+    resumed.assert_done("resumed model_download");
     let starts: Vec<u64> = transfers(&hub).iter().map(|(s, _)| *s).collect();
     assert!(
         !starts.contains(&0),
@@ -517,7 +508,7 @@ async fn worker_spawn_downloads_first_and_a_model_in_use_is_not_deleted() {
     let stream = hive
         .run_job(&json!({"operation": "worker_spawn", "model": model}))
         .await;
-    assert_done(&stream, "worker_spawn");
+    stream.assert_done("worker_spawn");
     let downloading = events(&stream)
         .position(|e| matches!(e, JobEvent::Downloading { .. }))
         .expect("downloading events");
@@ -547,11 +538,11 @@ async fn worker_spawn_downloads_first_and_a_model_in_use_is_not_deleted() {
     let stopped = hive
         .run_job(&json!({"operation": "worker_delete", "worker_id": worker.worker_id}))
         .await;
-    assert_done(&stopped, "worker_delete");
+    stopped.assert_done("worker_delete");
     let deleted = hive
         .run_job(&json!({"operation": "model_delete", "model": model}))
         .await;
-    assert_done(&deleted, "model_delete");
+    deleted.assert_done("model_delete");
     let _ = std::fs::remove_dir_all(&model_dir);
 }
 

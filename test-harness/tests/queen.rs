@@ -35,33 +35,15 @@ async fn start_queen(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
 
 /// A real worker that sends heartbeats to `queen_url` every 100 ms, with the cluster token.
 fn start_worker(model: &Path, model_ref: &str, queen_url: &str, worker_id: &str) -> Daemon {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--model",
-        &model.display().to_string(),
+    let args = [
         "--model-ref",
         model_ref,
-        "--port",
-        &port.to_string(),
-        "--worker-id",
-        worker_id,
-        "--threads",
-        "2",
         "--queen-url",
         queen_url,
         "--heartbeat-interval",
         "100ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Daemon::start(
-        "llm-worker-rbee",
-        &args,
-        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start worker")
+    ];
+    Daemon::worker_as(model, worker_id, 2, TOKEN, &args)
 }
 
 async fn workers(queen: &Daemon) -> Vec<WorkerInfo> {

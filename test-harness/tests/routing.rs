@@ -10,8 +10,7 @@ use std::time::Duration;
 use rbee_contract::{JobEvent, Usage, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{
-    Daemon, JobApi, RawStream, eventually, free_port, read_raw_stream_signalling, slow_model,
-    tiny_model,
+    Daemon, JobApi, RawStream, eventually, read_raw_stream_signalling, slow_model, tiny_model,
 };
 
 const TOKEN: &str = "routing-test-cluster-token";
@@ -21,35 +20,17 @@ const WORKERS: [&str; 2] = ["w-a", "w-b"];
 
 /// A real worker serving `model` as [`MODEL`], one slot, heartbeats every 100 ms.
 fn start_worker(model: &Path, queen_url: &str, worker_id: &str) -> Daemon {
-    let port = free_port();
-    let args: Vec<String> = [
-        "--model",
-        &model.display().to_string(),
+    let args = [
         "--model-ref",
         MODEL,
-        "--port",
-        &port.to_string(),
-        "--worker-id",
-        worker_id,
-        "--threads",
-        "1",
         "--slots",
         "1",
         "--queen-url",
         queen_url,
         "--heartbeat-interval",
         "100ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    Daemon::start(
-        "llm-worker-rbee",
-        &args,
-        &[("RBEE_CLUSTER_TOKEN", TOKEN)],
-        format!("http://127.0.0.1:{port}"),
-    )
-    .expect("start a worker")
+    ];
+    Daemon::worker_as(model, worker_id, 1, TOKEN, &args)
 }
 
 /// A queen and the two workers of [`WORKERS`] on `model`, both listed ready.

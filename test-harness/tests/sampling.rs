@@ -25,14 +25,7 @@ fn sampled(seed: Option<u64>) -> Value {
 
 fn ids(stream: &RawStream) -> Vec<u32> {
     stream.assert_one_terminal_then_done("worker");
-    stream
-        .events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            JobEvent::Token { token_id, .. } => Some(*token_id),
-            _ => None,
-        })
-        .collect()
+    stream.token_ids()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use model_gen::{GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{ErrorCode, JobEvent, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
-use test_harness::{Daemon, JobApi, RawStream, TestHive, bin_path, free_port, read_raw_stream};
+use test_harness::{Daemon, JobApi, TestHive, bin_path, free_port, read_raw_stream};
 
 const TOKEN: &str = "slots-test-token";
 
@@ -161,17 +161,6 @@ fn greedy(prompt: &str, max_tokens: u32) -> Value {
            "max_tokens": max_tokens, "temperature": 0})
 }
 
-fn token_ids(stream: &RawStream) -> Vec<u32> {
-    stream
-        .events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            JobEvent::Token { token_id, .. } => Some(*token_id),
-            _ => None,
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_on_candles_path_serves_four_slots_with_the_tokens_each_gets_alone() {
     let checkpoint = generated(ModelFormat::Hub);
@@ -190,7 +179,7 @@ async fn a_worker_on_candles_path_serves_four_slots_with_the_tokens_each_gets_al
     for body in &bodies {
         let stream = api.run("/v1/inference", body).await;
         stream.assert_one_terminal_then_done("worker");
-        let ids = token_ids(&stream);
+        let ids = stream.token_ids();
         assert!(ids.len() >= 8, "{ids:?}");
         alone.push((ids, stream.text()));
     }
@@ -213,7 +202,7 @@ async fn a_worker_on_candles_path_serves_four_slots_with_the_tokens_each_gets_al
                 .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
             "request {i} waited in line with a free slot"
         );
-        assert_eq!(&token_ids(stream), ids, "request {i}: tokens");
+        assert_eq!(&stream.token_ids(), ids, "request {i}: tokens");
         assert_eq!(&stream.text(), text, "request {i}: text");
     }
 }
