@@ -353,7 +353,7 @@ async fn errors_are_openai_error_objects_with_the_right_status() {
     for (key, value, param) in [
         ("temperature", json!("hot"), "temperature"),
         ("temperature", json!(5), "temperature"),
-        ("n", json!(2), "n"),
+        ("n", json!(9), "n"),
         ("top_logprobs", json!(2), "top_logprobs"),
         (
             "tools",
