@@ -33,8 +33,6 @@ fn infer(model: &str, prompt: &str, max_tokens: u32) -> Value {
 /// A job's stream read to its end in a task of its own, the moment the first frame holding
 /// `marker` arrived sent on `at`, and when the stream ended.
 struct Followed {
-    created: JobCreated,
-    api: JobApi,
     at: oneshot::Receiver<Instant>,
     reader: JoinHandle<(RawStream, Instant)>,
 }
@@ -46,17 +44,6 @@ impl Followed {
             .await
             .unwrap_or_else(|_| panic!("no {what} within {limit:?}"))
             .unwrap_or_else(|_| panic!("the stream ended before its {what}"))
-    }
-
-    /// `DELETE`s the job, expecting it accepted.
-    async fn cancel(&self) {
-        let mut request = reqwest::Client::new()
-            .delete(format!("{}/v1/jobs/{}", self.api.url, self.created.job_id));
-        if let Some(token) = &self.api.token {
-            request = request.bearer_auth(token);
-        }
-        let status = request.send().await.expect("DELETE the job").status();
-        assert!(status.is_success(), "DELETE the job: {status}");
     }
 
     /// The whole stream and when it ended; panics after `limit`.
@@ -73,7 +60,6 @@ impl Followed {
 async fn follow(api: &JobApi, path: &str, body: &Value, marker: &'static str) -> Followed {
     let created = api.submit_ok(path, body).await;
     let response = api.open_stream(&created).await;
-    let api = api.clone();
     let (tx, at) = oneshot::channel();
     let reader = tokio::spawn(async move {
         let content_type = response.headers().get("content-type").cloned();
@@ -99,12 +85,7 @@ async fn follow(api: &JobApi, path: &str, body: &Value, marker: &'static str) ->
         let stream = read_raw_stream(whole).await.expect("a job stream");
         (stream, ended)
     });
-    Followed {
-        created,
-        api,
-        at,
-        reader,
-    }
+    Followed { at, reader }
 }
 
 fn tokens(stream: &RawStream) -> Vec<u32> {
@@ -278,6 +259,42 @@ async fn state_of(queen: &str, worker_id: &str) -> Option<WorkerState> {
         .map(|w| w.state)
 }
 
+/// A job of a client of the worker itself that takes the worker's only slot and keeps it
+/// until cancelled, however fast the machine decodes: its stream is never opened, so once its
+/// event buffer is full (1,024 events, fewer than [`LONG`] tokens) its generation waits for a
+/// reader instead of ending.
+struct Hog {
+    api: JobApi,
+    created: JobCreated,
+}
+
+impl Hog {
+    async fn take_slot(worker: &Daemon, model: &str) -> Hog {
+        let api = JobApi::new(&worker.url, Some(TOKEN));
+        let created = api
+            .submit_ok("/v1/inference", &infer(model, "Count to a thousand:", LONG))
+            .await;
+        eventually(
+            "a direct job holding the worker's slot",
+            Duration::from_secs(60),
+            async || (worker.worker_info(TOKEN).await.slots_free == 0).then_some(()),
+        )
+        .await;
+        Hog { api, created }
+    }
+
+    /// `DELETE`s the job, expecting it accepted.
+    async fn cancel(&self) {
+        let mut request = reqwest::Client::new()
+            .delete(format!("{}/v1/jobs/{}", self.api.url, self.created.job_id));
+        if let Some(token) = &self.api.token {
+            request = request.bearer_auth(token);
+        }
+        let status = request.send().await.expect("DELETE the job").status();
+        assert!(status.is_success(), "DELETE the job: {status}");
+    }
+}
+
 /// Lets a stopped process go on when dropped, whatever the test's outcome.
 struct Continue(u32);
 
@@ -321,17 +338,7 @@ async fn a_hung_worker_is_noticed_and_avoided_while_a_slow_one_is_waited_for() {
     // job waits in a worker's own line, silent far longer than the stall timeout.
     let mut hogs = Vec::new();
     for worker in &daemons {
-        let direct = JobApi::new(&worker.url, Some(TOKEN));
-        let mut hog = follow(
-            &direct,
-            "/v1/inference",
-            &infer("slow", "Count to a thousand:", LONG),
-            r#""event":"token""#,
-        )
-        .await;
-        hog.reached("first token of a direct job", Duration::from_secs(60))
-            .await;
-        hogs.push(hog);
+        hogs.push(Hog::take_slot(worker, "slow").await);
     }
     let mut waiting = follow(
         &api,
