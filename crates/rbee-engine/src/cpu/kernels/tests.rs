@@ -722,6 +722,8 @@ fn decode_from_memory() {
         WeightType::Q4_0,
         WeightType::Q8_0,
         WeightType::Q4K,
+        WeightType::Q5K,
+        WeightType::Q6K,
         WeightType::F16,
     ] {
         if !kernels.tiles(ty) {

@@ -240,7 +240,10 @@ macro_rules! q4k_tile_kernels {
             assert!(tile.len() >= n * COLUMN && acts.iter().all(|a| a.len() == n));
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..n {
-                if N > 1 {
+                // A Q5_K column is read out of order (each nibble pair, then the fifth bits
+                // at the column's end), which the hardware prefetcher does not follow: one
+                // token stalls on the fifth bits without the hint (perf), four tokens always.
+                if N > 1 || Q5 {
                     let column = tile.as_ptr().wrapping_add(COLUMN * b);
                     prefetch_ahead(column, COLUMN);
                 }

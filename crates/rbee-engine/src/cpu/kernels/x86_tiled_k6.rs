@@ -141,9 +141,9 @@ fn tile_n<const N: usize>(tile: &[u8], acts: [&[BlockQ8K]; N], n: usize) -> [[f3
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..n {
         let blk = tile.as_ptr().wrapping_add(TILE_BLOCK_Q6K * b);
-        if N > 1 {
-            prefetch_ahead(blk, TILE_BLOCK_Q6K);
-        }
+        // The column is read out of order (low nibbles, then high bits from the column's end),
+        // which the hardware prefetcher does not follow, so one token takes the hint too.
+        prefetch_ahead(blk, TILE_BLOCK_Q6K);
         // SAFETY: column `b < n` lies inside the tile (asserted above); its first 16 bytes
         // are the eight `d`.
         let (d8, sums) = unsafe {
