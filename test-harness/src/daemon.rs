@@ -17,9 +17,10 @@ fn target_dir() -> PathBuf {
 
 /// Path of one of rbee's binaries. The first call in a test process builds every binary of the
 /// workspace with the command `cargo xtask test` builds them with (`cargo build --workspace
-/// --bins`), so `cargo test` alone always runs the current code, and under `cargo xtask test` the
-/// build finds everything up to date: one feature set, each binary compiled once. (Building one
-/// package alone would resolve its dependencies' features differently and compile candle again.)
+/// --bins --tests`), so `cargo test` alone always runs the current code, and under `cargo xtask
+/// test` the build finds everything up to date: one feature set, each crate compiled once.
+/// (Building one package alone, or the binaries without `--tests`, would resolve the
+/// dependencies' features differently and compile them again.)
 pub fn bin_path(name: &str) -> PathBuf {
     static BUILT: Mutex<bool> = Mutex::new(false);
     let mut built = BUILT
@@ -32,14 +33,14 @@ pub fn bin_path(name: &str) -> PathBuf {
             .map(|n| n.to_string_lossy().into_owned());
         let mut command = Command::new(cargo);
         command
-            .args(["build", "--quiet", "--workspace", "--bins"])
+            .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if profile.as_deref() == Some("release") {
             command.arg("--release");
         }
         match command.status() {
             Ok(status) if status.success() => *built = true,
-            Ok(status) => panic!("cargo build --workspace --bins failed: {status}"),
+            Ok(status) => panic!("cargo build --workspace --bins --tests failed: {status}"),
             Err(err) => panic!("cannot run cargo: {err}"),
         }
     }

@@ -41,8 +41,10 @@ pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     eprintln!("SmolLM2 test model: {}", model.display());
     let python = ensure_openai_python()?;
     eprintln!("Python with `openai`: {}", python.display());
+    // `--tests` resolves the dependencies' features as `cargo test` does (dev-dependencies
+    // included), so the test run below finds every library and binary built.
     let mut build = cargo();
-    build.args(["build", "--workspace", "--bins"]);
+    build.args(["build", "--workspace", "--bins", "--tests"]);
     run(build, "cargo build")?;
     let mut test = cargo();
     test.args(["test", "--workspace"])
