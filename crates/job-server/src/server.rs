@@ -419,6 +419,10 @@ async fn supervise<E: JobExecutor>(inner: Arc<Inner<E>>, job: Arc<Job>, work: E:
         () = job.cancel.cancelled() => job.cancelled_event(),
         result = run => match result {
             Ok(Ok(outcome)) => outcome.into_event(),
+            // Cancelled while `run` was being polled: it saw the cancellation (an emit refused)
+            // before this select did, and the job ends for the cancellation's reason, as it
+            // would have a moment later (`shutting_down`, not the emit's `cancelled`).
+            Ok(Err(_)) if job.cancel.is_cancelled() => job.cancelled_event(),
             Ok(Err(failure)) => failure.into_event(),
             Err(panic) => {
                 tracing::error!(panic = panic_message(panic.as_ref()), "job panicked");
