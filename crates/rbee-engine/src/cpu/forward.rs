@@ -185,6 +185,53 @@ pub(crate) struct SeqTokens<'a> {
     pub pos: usize,
 }
 
+/// Checks a step's `batch` before anything is computed, the same for both forward paths: each
+/// entry names a sequence held (`cached(seq)` gives its cached positions) once, starts at or
+/// before its cached end, stays within `max_positions` and holds tokens of the vocabulary.
+pub(crate) fn check_batch(
+    batch: &[SeqTokens<'_>],
+    held: usize,
+    cached: impl Fn(usize) -> Option<usize>,
+    max_positions: usize,
+    vocab: usize,
+) -> Result<(), EngineError> {
+    if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
+        return Err(EngineError::EmptyPrompt);
+    }
+    for (i, e) in batch.iter().enumerate() {
+        let Some(cached) = cached(e.seq) else {
+            return Err(EngineError::Inference(format!(
+                "sequence {} is beyond the {held} held",
+                e.seq
+            )));
+        };
+        if batch[..i].iter().any(|o| o.seq == e.seq) {
+            return Err(EngineError::Inference(format!(
+                "sequence {} is fed twice in one step",
+                e.seq
+            )));
+        }
+        if e.pos > cached {
+            return Err(EngineError::Inference(format!(
+                "position {} does not follow the {cached} cached positions",
+                e.pos
+            )));
+        }
+        if e.pos + e.tokens.len() > max_positions {
+            return Err(EngineError::Inference(format!(
+                "{} positions exceed the context of {max_positions}",
+                e.pos + e.tokens.len()
+            )));
+        }
+        if let Some(&tok) = e.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::Inference(format!(
+                "token {tok} is outside the vocabulary of {vocab}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What the CPU path needs from the file, checked before any weight is read.
 pub(crate) struct Plan {
     cfg: Config,
@@ -460,42 +507,13 @@ impl CpuLlama {
     /// entry, `[entry][vocab]`.
     pub(crate) fn step(&mut self, batch: &[SeqTokens<'_>]) -> Result<&[f32], EngineError> {
         let cfg = &self.cfg;
-        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
-            return Err(EngineError::EmptyPrompt);
-        }
-        for (i, e) in batch.iter().enumerate() {
-            let Some(cache) = self.caches.get(e.seq) else {
-                return Err(EngineError::Inference(format!(
-                    "sequence {} is beyond the {} held",
-                    e.seq,
-                    self.caches.len()
-                )));
-            };
-            if batch[..i].iter().any(|o| o.seq == e.seq) {
-                return Err(EngineError::Inference(format!(
-                    "sequence {} is fed twice in one step",
-                    e.seq
-                )));
-            }
-            if e.pos > cache.len {
-                return Err(EngineError::Inference(format!(
-                    "position {} does not follow the {} cached positions",
-                    e.pos, cache.len
-                )));
-            }
-            if e.pos + e.tokens.len() > cfg.max_positions {
-                return Err(EngineError::Inference(format!(
-                    "{} positions exceed the context of {}",
-                    e.pos + e.tokens.len(),
-                    cfg.max_positions
-                )));
-            }
-            if let Some(&tok) = e.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-                return Err(EngineError::Inference(format!(
-                    "token {tok} is outside the vocabulary"
-                )));
-            }
-        }
+        check_batch(
+            batch,
+            self.caches.len(),
+            |seq| self.caches.get(seq).map(|c| c.len),
+            cfg.max_positions,
+            cfg.vocab,
+        )?;
         let n: usize = batch.iter().map(|e| e.tokens.len()).sum();
         let entries = batch.len();
         let (dim, q_dim, kv_dim, ffn, hd) =

@@ -24,7 +24,7 @@ mod quant;
 mod weights;
 
 pub(crate) use arch::ARCHITECTURES;
-pub(crate) use forward::{CpuLlama, KvPrefix, Plan, SeqTokens};
+pub(crate) use forward::{CpuLlama, KvPrefix, Plan, SeqTokens, check_batch};
 pub(crate) use weights::{advise_huge_pages, ggml_name};
 
 /// The environment variable that turns the CPU path off (`0`, `false` or `off`), e.g. to compare

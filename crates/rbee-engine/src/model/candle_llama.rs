@@ -145,44 +145,13 @@ impl CandleLlama {
     }
 
     fn check(&self, batch: &[SeqTokens<'_>]) -> Result<(), EngineError> {
-        if batch.is_empty() || batch.iter().any(|e| e.tokens.is_empty()) {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let vocab = self.w.embedding.dims()[0];
-        for (i, e) in batch.iter().enumerate() {
-            let Some(cache) = self.caches.get(e.seq) else {
-                return Err(EngineError::Inference(format!(
-                    "sequence {} is beyond the {} held",
-                    e.seq,
-                    self.caches.len()
-                )));
-            };
-            if batch[..i].iter().any(|o| o.seq == e.seq) {
-                return Err(EngineError::Inference(format!(
-                    "sequence {} is fed twice in one step",
-                    e.seq
-                )));
-            }
-            if e.pos > cache.len {
-                return Err(EngineError::Inference(format!(
-                    "position {} does not follow the {} cached positions",
-                    e.pos, cache.len
-                )));
-            }
-            if e.pos + e.tokens.len() > self.positions() {
-                return Err(EngineError::Inference(format!(
-                    "positions up to {} are beyond the {} the model holds",
-                    e.pos + e.tokens.len(),
-                    self.positions()
-                )));
-            }
-            if let Some(t) = e.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(EngineError::Inference(format!(
-                    "token {t} is outside the vocabulary of {vocab}"
-                )));
-            }
-        }
-        Ok(())
+        crate::cpu::check_batch(
+            batch,
+            self.caches.len(),
+            |seq| self.caches.get(seq).map(|c| c.len),
+            self.positions(),
+            self.w.embedding.dims()[0],
+        )
     }
 
     /// The forward pass over the packed tokens of `batch` (checked); the last position's logits
