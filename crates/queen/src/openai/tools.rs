@@ -353,13 +353,8 @@ enum State {
     /// Inside `<tool_call>`, until `</tool_call>`.
     Tagged,
     /// Inside `<tool_call>`, the call's start released: its arguments object is streamed
-    /// until its brackets balance (`depth` open, inside a string or after a backslash there),
-    /// then the rest of the block is dropped.
-    TaggedArguments {
-        depth: usize,
-        in_string: bool,
-        escaped: bool,
-    },
+    /// until its brackets balance, then the rest of the block is dropped.
+    TaggedArguments(JsonScan),
     /// After `[TOOL_CALLS]` or `<|python_tag|>`: a JSON value of calls follows.
     Listed(&'static str),
     /// After a streamed call's arguments: the rest of its block, up to `</tool_call>`, is
@@ -506,11 +501,7 @@ impl CallParser {
                 if let Some((name, arguments_at)) = call_start(&self.held) {
                     out.push(Piece::CallStart { name });
                     self.held = self.held[arguments_at..].to_owned();
-                    self.state = State::TaggedArguments {
-                        depth: 0,
-                        in_string: false,
-                        escaped: false,
-                    };
+                    self.state = State::TaggedArguments(JsonScan::default());
                     return true;
                 }
                 if end {
@@ -525,35 +516,8 @@ impl CallParser {
                 }
                 false
             }
-            State::TaggedArguments {
-                mut depth,
-                mut in_string,
-                mut escaped,
-            } => {
-                let mut closed_at = None;
-                for (at, byte) in self.held.bytes().enumerate() {
-                    if in_string {
-                        match byte {
-                            _ if escaped => escaped = false,
-                            b'\\' => escaped = true,
-                            b'"' => in_string = false,
-                            _ => {}
-                        }
-                        continue;
-                    }
-                    match byte {
-                        b'"' => in_string = true,
-                        b'{' | b'[' => depth += 1,
-                        b'}' | b']' => {
-                            depth = depth.saturating_sub(1);
-                            if depth == 0 {
-                                closed_at = Some(at + 1);
-                                break;
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+            State::TaggedArguments(mut scan) => {
+                let closed_at = scan.feed(&self.held);
                 match closed_at {
                     Some(at) => {
                         let rest = self.held.split_off(at);
@@ -575,11 +539,7 @@ impl CallParser {
                         if !self.held.is_empty() {
                             out.push(Piece::Arguments(std::mem::take(&mut self.held)));
                         }
-                        self.state = State::TaggedArguments {
-                            depth,
-                            in_string,
-                            escaped,
-                        };
+                        self.state = State::TaggedArguments(scan);
                         false
                     }
                 }
@@ -722,32 +682,46 @@ fn marker_prefix_len(text: &str) -> usize {
 /// Where the JSON object or array `text` starts with ends (bytes), once its brackets
 /// balance outside strings; `None` while it is incomplete.
 fn json_end(text: &str) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (at, byte) in text.bytes().enumerate() {
-        if in_string {
+    JsonScan::default().feed(text)
+}
+
+/// The brackets of a JSON value read so far, outside strings, for a value that arrives in
+/// pieces: how many are open, and whether the scan is inside a string or after a backslash.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct JsonScan {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonScan {
+    /// Reads `text` on from where the last piece ended: where (bytes into `text`) the value's
+    /// brackets balance, or `None` while they do not yet.
+    fn feed(&mut self, text: &str) -> Option<usize> {
+        for (at, byte) in text.bytes().enumerate() {
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
             match byte {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(at + 1);
+                    }
+                }
                 _ => {}
             }
-            continue;
         }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => {
-                depth = depth.checked_sub(1)?;
-                if depth == 0 {
-                    return Some(at + 1);
-                }
-            }
-            _ => {}
-        }
+        None
     }
-    None
 }
 
 /// The calls `text` (one JSON value) holds: a call object or a list of them. With `names`,
