@@ -193,26 +193,36 @@ const _: () = assert!(HIGH_BITS + TILE_ROWS * QK_K / 8 == TILE_BLOCK_Q5K);
 ///
 /// A Q6_K super-block is 128 bytes of low nibbles (`ql`), 64 bytes of high bit pairs (`qh`),
 /// sixteen signed 8-bit scales (one per 16 weights) and an f16 `d`; weight `q - 32`, with `q`
-/// six bits. In a tile column:
+/// six bits. Half `h` of a super-block (weights `128h..128h + 128`) takes `ql` bytes
+/// `64h..64h + 64` and `qh` bytes `32h..32h + 32`: with `l < 32`, `ql` byte `64h + 32s + l`
+/// holds in its low nibble weight `128h + 32s + l` and in its high nibble weight
+/// `128h + 64 + 32s + l`, whose two high bits are bits `2s, 2s + 1` and `4 + 2s, 5 + 2s` of `qh`
+/// byte `32h + l`. In a tile column:
 ///
 /// - bytes `0..16`: the eight rows' `d`;
-/// - bytes `16..144`: four vectors of scales, vector `h` holding in byte `4r + i` row `r`'s
-///   scale of sub-block `4h + i`;
-/// - bytes `144..1168`: the `ql` bytes in groups of four columns × eight rows, as in the Q4_K
-///   tile: group `k` of pair `p` holds bytes `32p + 4k..32p + 4k + 4` of each row;
-/// - bytes `1168..1680`: the `qh` bytes likewise, group `k` of half `h` holding bytes
-///   `32h + 4k..32h + 4k + 4` of each row.
+/// - bytes `16..144`: four vectors of scales, vector `v` holding in byte `4r + i` row `r`'s
+///   scale of sub-block `4v + i`;
+/// - bytes `144..1680`: sixteen quads of 96 bytes, quad `8h + k` holding three groups of four
+///   columns × eight rows (as in the Q4_K tile): the `qh` bytes `32h + 4k..32h + 4k + 4` of each
+///   row, then the `ql` bytes `64h + 4k..` and `64h + 32 + 4k..` those high bits belong to.
 ///
-/// Pair `p = 2h + s`'s low nibbles are weights `128h + 32s + l` (`l` the byte in the pair) with
-/// bits `2s`, `2s + 1` of `qh` byte `32h + l` above them; its high nibbles are weights
-/// `128h + 64 + 32s + l` with bits `4 + 2s`, `5 + 2s`. The six-bit values are multiplied
-/// unsigned, and the offset of 32 is taken out once per super-block with the activations'
-/// 16-element sums (`bsums`), weighted by the scales.
+/// The one-token product reads a column front to back, each quad once (the high bits serve
+/// both nibble groups), which is the order the hardware prefetcher follows. The six-bit values
+/// are multiplied unsigned, and the offset of 32 is taken out once per super-block with the
+/// activations' 16-element sums (`bsums`), weighted by the scales.
 pub(crate) const TILE_BLOCK_Q6K: usize = TILE_ROWS * 210;
-/// Where a Q6_K tile column's scales, low nibbles and high bits start.
+/// Where a Q6_K tile column's scales and quads start.
 pub(crate) const Q6_SCALES: usize = 16;
-pub(crate) const Q6_LOW: usize = 144;
-pub(crate) const Q6_HIGH: usize = 1168;
+pub(crate) const Q6_QUADS: usize = 144;
+/// Bytes of one quad of a Q6_K tile column: the high bits and the two nibble groups they
+/// complete.
+pub(crate) const Q6_QUAD: usize = 96;
+
+/// Where quad `8h + k` of a Q6_K tile column starts; its high bits come first, then the
+/// nibbles of `ql` bytes `64h + 4k..` and `64h + 32 + 4k..`.
+pub(crate) const fn q6_quad(h: usize, k: usize) -> usize {
+    Q6_QUADS + Q6_QUAD * (8 * h + k)
+}
 
 /// Rewrites `rows` (eight consecutive Q6_K rows of `blocks` super-blocks) into one tile, in
 /// place.
@@ -227,16 +237,14 @@ pub(crate) fn repack_q6k(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>) 
             for j in 0..16 {
                 dst[Q6_SCALES + 32 * (j / 4) + 4 * r + j % 4] = src[192 + j];
             }
-            for p in 0..4 {
-                for k in 0..8 {
-                    let at = Q6_LOW + 256 * p + 32 * k + 4 * r;
-                    dst[at..at + 4].copy_from_slice(&src[32 * p + 4 * k..][..4]);
-                }
-            }
             for h in 0..2 {
                 for k in 0..8 {
-                    let at = Q6_HIGH + 256 * h + 32 * k + 4 * r;
+                    let at = q6_quad(h, k) + 4 * r;
                     dst[at..at + 4].copy_from_slice(&src[128 + 32 * h + 4 * k..][..4]);
+                    for s in 0..2 {
+                        let at = at + 32 * (1 + s);
+                        dst[at..at + 4].copy_from_slice(&src[64 * h + 32 * s + 4 * k..][..4]);
+                    }
                 }
             }
         }
@@ -249,17 +257,18 @@ pub(crate) fn dot_lane_q6k(tile: &[u8], lane: usize, act: &[BlockQ8K]) -> f32 {
     for (b, a) in tile.chunks_exact(TILE_BLOCK_Q6K).zip(act) {
         let sc = |j: usize| i32::from(b[Q6_SCALES + 32 * (j / 4) + 4 * lane + j % 4] as i8);
         let mut sumi = 0i32;
-        for p in 0..4 {
-            let (h, s) = (p / 2, p % 2);
-            for l in 0..32 {
-                let (k, e) = (l / 4, l % 4);
-                let q = b[Q6_LOW + 256 * p + 32 * k + 4 * lane + e];
-                let hb = b[Q6_HIGH + 256 * h + 32 * k + 4 * lane + e];
-                let lo = i32::from(q & 0xF | ((hb >> (2 * s)) & 3) << 4) - 32;
-                let hi = i32::from(q >> 4 | ((hb >> (4 + 2 * s)) & 3) << 4) - 32;
-                let w = 128 * h + 32 * s + l;
-                sumi += sc(w / 16) * lo * i32::from(a.qs[w]);
-                sumi += sc(w / 16 + 4) * hi * i32::from(a.qs[w + 64]);
+        for h in 0..2 {
+            for s in 0..2 {
+                for l in 0..32 {
+                    let (k, e) = (l / 4, l % 4);
+                    let at = q6_quad(h, k) + 4 * lane + e;
+                    let (hb, q) = (b[at], b[at + 32 * (1 + s)]);
+                    let lo = i32::from(q & 0xF | ((hb >> (2 * s)) & 3) << 4) - 32;
+                    let hi = i32::from(q >> 4 | ((hb >> (4 + 2 * s)) & 3) << 4) - 32;
+                    let w = 128 * h + 32 * s + l;
+                    sumi += sc(w / 16) * lo * i32::from(a.qs[w]);
+                    sumi += sc(w / 16 + 4) * hi * i32::from(a.qs[w + 64]);
+                }
             }
         }
         sum += sumi as f32 * f16_at(b, 2 * lane) * a.d;
@@ -280,5 +289,5 @@ pub(crate) fn dot4_q6k(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]
     acts.map(|a| dot_q6k(tile, a))
 }
 
-const _: () = assert!(Q6_HIGH + TILE_ROWS * 64 == TILE_BLOCK_Q6K);
-const _: () = assert!(Q6_LOW + TILE_ROWS * 128 == Q6_HIGH);
+const _: () = assert!(q6_quad(2, 0) == TILE_BLOCK_Q6K);
+const _: () = assert!(Q6_QUAD == 3 * 4 * TILE_ROWS);

@@ -85,7 +85,10 @@ pub(super) fn variants() -> Vec<Kernels> {
                 super::x86_tiled_k::dot_q5k_avx2,
                 super::x86_tiled_k::dot4_q5k_avx2,
             )),
-            q6k: Some((super::x86_tiled_k6::dot, super::x86_tiled_k6::dot4)),
+            q6k: Some((
+                super::x86_tiled_k6::dot_avx2,
+                super::x86_tiled_k6::dot4_avx2,
+            )),
             q5_0: Some((
                 super::x86_tiled::dot_q5_0_avx2,
                 super::x86_tiled::dot4_q5_0_avx2,
@@ -112,6 +115,10 @@ pub(super) fn variants() -> Vec<Kernels> {
                 q5k: Some((
                     super::x86_tiled_k::dot_q5k_vnni,
                     super::x86_tiled_k::dot4_q5k_vnni,
+                )),
+                q6k: Some((
+                    super::x86_tiled_k6::dot_vnni,
+                    super::x86_tiled_k6::dot4_vnni,
                 )),
                 q5_0: Some((
                     super::x86_tiled::dot_q5_0_vnni,
