@@ -26,11 +26,14 @@
 //! eight sums as one vector and the mins are taken out with the activations' 16-element sums
 //! (`bsums`), so a super-block ends with eight rows' results in one vector and no horizontal sum.
 //!
-//! A Q5_K tile column (8 × 176 bytes) is the Q4_K column followed by the fifth bits, in
-//! groups as the nibbles are: group `k` (bytes `1152 + 32k..`) holds bytes `4k..4k + 4` of each
-//! row's 32 bytes of high bits, whose bit `j` belongs to weight `32j + 4k + e` (sub-block `j`),
-//! so the group serves the nibble group `k` of every pair: bit `2p` for its low nibbles, bit
-//! `2p + 1` for its high ones.
+//! A Q5_K tile column (8 × 176 bytes) has the Q4_K column's first 128 bytes, then eight chunks
+//! of 160 bytes, chunk `k` (bytes `128 + 160k..`) holding a group of fifth bits followed by the
+//! four nibble groups they complete. The fifth bits are grouped as the nibbles are: the group
+//! holds bytes `4k..4k + 4` of each row's 32 bytes of high bits, whose bit `j` belongs to weight
+//! `32j + 4k + e` (sub-block `j`), so it serves the nibble group `k` of every pair `p` (bytes
+//! `128 + 160k + 32 + 32p..`): bit `2p` for its low nibbles, bit `2p + 1` for its high ones.
+//! A one-token product that takes the chunks in order reads the column front to back, the
+//! order the hardware prefetcher follows, and each group of fifth bits once.
 
 use super::super::quant::{BlockQ8K, QK_K, f16_at, scale_min_k4};
 use super::tiled::TILE_ROWS;
@@ -43,8 +46,23 @@ pub(crate) const SCALES: usize = 32;
 pub(crate) const NIBBLES: usize = 128;
 /// Bytes of one Q5_K tile column: eight super-blocks' 176 bytes.
 pub(crate) const TILE_BLOCK_Q5K: usize = TILE_ROWS * 176;
-/// Where the fifth bits start in a Q5_K tile column.
-pub(crate) const HIGH_BITS: usize = TILE_BLOCK_Q4K;
+/// Bytes of one chunk of a Q5_K tile column: a group of fifth bits and four nibble groups.
+pub(crate) const Q5_CHUNK: usize = 160;
+
+/// Where chunk `k` of a Q5_K tile column starts: its fifth bits, then nibble group `k` of
+/// pairs `0..4`, 32 bytes each.
+pub(crate) const fn q5_chunk(k: usize) -> usize {
+    NIBBLES + Q5_CHUNK * k
+}
+
+/// Where nibble group `k` of pair `p` lies in a tile column (of Q5_K when `q5`).
+pub(crate) const fn nibble_group(q5: bool, p: usize, k: usize) -> usize {
+    if q5 {
+        q5_chunk(k) + 32 + 32 * p
+    } else {
+        NIBBLES + 256 * p + 32 * k
+    }
+}
 
 /// Rewrites `rows` (eight consecutive Q4_K rows of `blocks` super-blocks) into one tile, in
 /// place. `scratch` is reused between calls.
@@ -85,7 +103,7 @@ fn repack_with(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>, q5: bool) 
             };
             if let Some(high) = high {
                 for k in 0..8 {
-                    let at = HIGH_BITS + 32 * k + 4 * r;
+                    let at = q5_chunk(k) + 4 * r;
                     dst[at..at + 4].copy_from_slice(&high[4 * k..4 * k + 4]);
                 }
             }
@@ -101,7 +119,7 @@ fn repack_with(rows: &mut [u8], blocks: usize, scratch: &mut Vec<u8>, q5: bool) 
             }
             for p in 0..4 {
                 for k in 0..8 {
-                    let at = NIBBLES + 256 * p + 32 * k + 4 * r;
+                    let at = nibble_group(q5, p, k) + 4 * r;
                     dst[at..at + 4].copy_from_slice(&src[16 + 32 * p + 4 * k..][..4]);
                 }
             }
@@ -146,9 +164,13 @@ fn dot_lane_with(tile: &[u8], lane: usize, act: &[BlockQ8K], q5: bool) -> f32 {
             let (p, shift) = (j / 2, 4 * (j % 2));
             let s: i32 = (0..32)
                 .map(|l| {
-                    let at = 32 * (l / 4) + 4 * lane + l % 4;
-                    let q = b[NIBBLES + 256 * p + at];
-                    let high = if q5 { (b[HIGH_BITS + at] >> j) & 1 } else { 0 };
+                    let (k, at) = (l / 4, 4 * lane + l % 4);
+                    let q = b[nibble_group(q5, p, k) + at];
+                    let high = if q5 {
+                        (b[q5_chunk(k) + at] >> j) & 1
+                    } else {
+                        0
+                    };
                     i32::from((q >> shift) & 0xF | high << 4) * i32::from(a.qs[32 * j + l])
                 })
                 .sum();
@@ -187,7 +209,8 @@ pub(crate) fn dot4_q5k(tile: &[u8], acts: [&[BlockQ8K]; 4]) -> [[f32; TILE_ROWS]
 }
 
 const _: () = assert!(NIBBLES + TILE_ROWS * QK_K / 2 == TILE_BLOCK_Q4K);
-const _: () = assert!(HIGH_BITS + TILE_ROWS * QK_K / 8 == TILE_BLOCK_Q5K);
+const _: () = assert!(q5_chunk(8) == TILE_BLOCK_Q5K);
+const _: () = assert!(Q5_CHUNK == 5 * 4 * TILE_ROWS);
 
 /// Bytes of one Q6_K tile column: eight super-blocks' 210 bytes.
 ///

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use super::super::quant::BlockQ8K;
 use super::tiled::TILE_ROWS;
-use super::tiled_k::{HIGH_BITS, NIBBLES, SCALES, TILE_BLOCK_Q4K, TILE_BLOCK_Q5K};
+use super::tiled_k::{SCALES, TILE_BLOCK_Q4K, TILE_BLOCK_Q5K, nibble_group, q5_chunk};
 use super::x86_tiled::prefetch_ahead;
 
 /// Byte shuffle control picking, in every 32-bit lane `r`, bytes `4r + lo` and `4r + hi` of its
@@ -112,7 +112,7 @@ fn act4(a: &BlockQ8K, at: usize) -> __m256i {
 unsafe fn group<const Q5: bool>(blk: *const u8, p: usize, k: usize) -> (__m256i, __m256i) {
     let m4 = _mm256_set1_epi8(0xF);
     // SAFETY: 32 bytes inside the column's nibbles (the caller's guarantee).
-    let w = unsafe { _mm256_loadu_si256(blk.add(NIBBLES + 256 * p + 32 * k).cast()) };
+    let w = unsafe { _mm256_loadu_si256(blk.add(nibble_group(Q5, p, k)).cast()) };
     let (lo, hi) = (
         _mm256_and_si256(w, m4),
         _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4),
@@ -121,7 +121,7 @@ unsafe fn group<const Q5: bool>(blk: *const u8, p: usize, k: usize) -> (__m256i,
         return (lo, hi);
     }
     // SAFETY: 32 bytes inside the Q5_K column's fifth bits (the caller's guarantee).
-    let bits = unsafe { _mm256_loadu_si256(blk.add(HIGH_BITS + 32 * k).cast()) };
+    let bits = unsafe { _mm256_loadu_si256(blk.add(q5_chunk(k)).cast()) };
     // Bits `2p` and `2p + 1` of every byte to bit 0 and 1 (what the 16-bit shift brings in
     // from the next byte lands above them), then each to bit 4.
     let h = _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * p as i32));
@@ -145,22 +145,42 @@ unsafe fn column_avx2<const N: usize, const Q5: bool>(
 ) -> [(__m256i, __m256i); N] {
     // SAFETY: the caller's guarantee.
     let (s, m) = unsafe { scales(blk) };
+    // Each row's scale of sub-block `2p` (low nibbles) and `2p + 1` as both i16 of its lane, so
+    // that `madd` applies it.
+    let sc = |p: usize| {
+        (
+            _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2), Some(2 * (p % 2)))),
+            _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2) + 1, Some(2 * (p % 2) + 1))),
+        )
+    };
     let mut sumi = [_mm256_setzero_si256(); N];
-    for p in 0..4 {
-        // Each row's scale as both i16 of its lane, so that `madd` applies it. `maddubs` cannot
-        // saturate: a pair of weights (≤ 31) times activations (|a| ≤ 128) stays within ±7936.
-        let sc_lo = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2), Some(2 * (p % 2))));
-        let sc_hi = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2) + 1, Some(2 * (p % 2) + 1)));
+    // `maddubs` cannot saturate: a pair of weights (≤ 31) times activations (|a| ≤ 128) stays
+    // within ±7936.
+    let mut add = |(lo, hi): (__m256i, __m256i), (sc_lo, sc_hi), p: usize, k: usize| {
+        for (sumi, a) in sumi.iter_mut().zip(acts) {
+            let pl = _mm256_maddubs_epi16(lo, act4(a, 64 * p + 4 * k));
+            let ph = _mm256_maddubs_epi16(hi, act4(a, 64 * p + 32 + 4 * k));
+            *sumi = _mm256_add_epi32(
+                *sumi,
+                _mm256_add_epi32(_mm256_madd_epi16(pl, sc_lo), _mm256_madd_epi16(ph, sc_hi)),
+            );
+        }
+    };
+    if Q5 && N == 1 {
+        // Chunk by chunk: the column front to back (the integer sums do not depend on the order).
+        let sc: [_; 4] = std::array::from_fn(sc);
         for k in 0..8 {
-            // SAFETY: the caller's guarantee.
-            let (lo, hi) = unsafe { group::<Q5>(blk, p, k) };
-            for (sumi, a) in sumi.iter_mut().zip(acts) {
-                let pl = _mm256_maddubs_epi16(lo, act4(a, 64 * p + 4 * k));
-                let ph = _mm256_maddubs_epi16(hi, act4(a, 64 * p + 32 + 4 * k));
-                *sumi = _mm256_add_epi32(
-                    *sumi,
-                    _mm256_add_epi32(_mm256_madd_epi16(pl, sc_lo), _mm256_madd_epi16(ph, sc_hi)),
-                );
+            for (p, sc) in sc.iter().enumerate() {
+                // SAFETY: the caller's guarantee.
+                add(unsafe { group::<Q5>(blk, p, k) }, *sc, p, k);
+            }
+        }
+    } else {
+        for p in 0..4 {
+            let sc = sc(p);
+            for k in 0..8 {
+                // SAFETY: the caller's guarantee.
+                add(unsafe { group::<Q5>(blk, p, k) }, sc, p, k);
             }
         }
     }
@@ -181,6 +201,31 @@ unsafe fn column_vnni<const N: usize, const Q5: bool>(
     // SAFETY: the caller's guarantee.
     let (s, m) = unsafe { scales(blk) };
     let mut sumi = [_mm256_setzero_si256(); N];
+    if Q5 && N == 1 {
+        // Chunk by chunk: the column front to back, one chain per sub-block.
+        let mut sub = [[_mm256_setzero_si256(); 2]; 4];
+        for k in 0..8 {
+            for (p, sub) in sub.iter_mut().enumerate() {
+                // SAFETY: the caller's guarantee.
+                let (lo, hi) = unsafe { group::<Q5>(blk, p, k) };
+                let a = acts[0];
+                sub[0] = _mm256_dpbusd_epi32(sub[0], lo, act4(a, 64 * p + 4 * k));
+                sub[1] = _mm256_dpbusd_epi32(sub[1], hi, act4(a, 64 * p + 32 + 4 * k));
+            }
+        }
+        for (p, sub) in sub.iter().enumerate() {
+            let sc_lo = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2), None));
+            let sc_hi = _mm256_shuffle_epi8(s[p / 2], pick(2 * (p % 2) + 1, None));
+            sumi[0] = _mm256_add_epi32(
+                sumi[0],
+                _mm256_add_epi32(
+                    _mm256_mullo_epi32(sub[0], sc_lo),
+                    _mm256_mullo_epi32(sub[1], sc_hi),
+                ),
+            );
+        }
+        return std::array::from_fn(|t| (sumi[t], mins(&m, acts[t])));
+    }
     for p in 0..4 {
         // One token: two chains per sub-block (even and odd groups), so that the `dpbusd`
         // latencies overlap. Four tokens have chains enough, and no registers to spare.
@@ -240,10 +285,9 @@ macro_rules! q4k_tile_kernels {
             assert!(tile.len() >= n * COLUMN && acts.iter().all(|a| a.len() == n));
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..n {
-                // A Q5_K column is read out of order (each nibble pair, then the fifth bits
-                // at the column's end), which the hardware prefetcher does not follow: one
-                // token stalls on the fifth bits without the hint (perf), four tokens always.
-                if N > 1 || Q5 {
+                // Four tokens spend long enough on a column (and take a Q5_K column out of
+                // order) that the hardware's prefetching falls behind.
+                if N > 1 {
                     let column = tile.as_ptr().wrapping_add(COLUMN * b);
                     prefetch_ahead(column, COLUMN);
                 }
