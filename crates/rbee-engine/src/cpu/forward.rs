@@ -533,9 +533,11 @@ impl CpuLlama {
         let table_len = n * half;
         s.cos.resize(cfg.rope_tables.len() * table_len, 0.0);
         s.sin.resize(cfg.rope_tables.len() * table_len, 0.0);
-        let work = s
-            .att_layout
-            .plan(cfg, batch.iter().map(|e| (e.pos, e.tokens.len())));
+        let work = s.att_layout.plan(
+            cfg,
+            self.pool.threads(),
+            batch.iter().map(|e| (e.pos, e.tokens.len())),
+        );
         s.att_heads.resize(work, 0.0);
         s.positions.clear();
         for e in batch {

@@ -28,6 +28,8 @@ pub(crate) mod tiled_k;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+mod x86_attend;
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_lowbit;
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod x86_tiled;

@@ -358,6 +358,8 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
         let head = HeadAttn {
             q: &q[head_dim..],
             q_stride: stride,
+            group: 1,
+            rows: 0..tokens,
             head_dim,
             pos,
             k: &k,
@@ -367,7 +369,8 @@ fn attention_variants_agree_bit_for_bit_and_with_an_f64_softmax() {
             window,
         };
         let run = |attend: fn(&HeadAttn<'_>, &mut [f32], &mut [f32])| {
-            let (mut out, mut scores) = (vec![0f32; tokens * head_dim], vec![0f32; len]);
+            let (mut out, mut scores) =
+                (vec![0f32; tokens * head_dim], vec![0f32; head.scores_len()]);
             attend(&head, &mut out, &mut scores);
             out
         };

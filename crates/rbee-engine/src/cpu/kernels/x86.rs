@@ -4,13 +4,11 @@
 //! block with the product of the two scales.
 //!
 //! The four-token Q4_K product also comes in an AVX-512 VNNI variant (`dpwssd` does the `madd`
-//! and the add in one instruction). The attention of one head is the portable code of
-//! [`super::super::attention`] compiled with AVX2, its query-key products in AVX2 intrinsics
-//! with the portable order of additions. This module, [`super::x86_tiled`] and
-//! [`super::x86_tiled_k`] (the products of eight-row tiles) are the only x86 ones of the CPU
-//! path with SIMD intrinsics. Their functions are reachable only through [`kernels`], which
-//! returns them after `is_x86_feature_detected!` has proved the CPU runs the features each
-//! enables; that check is what makes every `unsafe` call below sound.
+//! and the add in one instruction). This module, [`super::x86_attend`] (attention),
+//! [`super::x86_tiled`] and [`super::x86_tiled_k`] (the products of eight-row tiles) are the
+//! only x86 ones of the CPU path with SIMD intrinsics. Their functions are reachable only
+//! through [`kernels`], which returns them after `is_x86_feature_detected!` has proved the CPU
+//! runs the features each enables; that check is what makes every `unsafe` call below sound.
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86")]
@@ -18,7 +16,6 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::super::attention::{HeadAttn, attend_head_with};
 use super::super::quant::{BlockQ8, BlockQ8K, QK_K};
 use super::Kernels;
 
@@ -94,7 +91,7 @@ pub(super) fn variants() -> Vec<Kernels> {
                 super::x86_tiled::dot4_q5_0_avx2,
             )),
         },
-        attend,
+        attend: super::x86_attend::attend,
     };
     out.push(avx2);
     if is_x86_feature_detected!("avx512f")
@@ -309,41 +306,6 @@ fn dot_float_rows<const BYTES: usize, const N: usize>(
         }
         sum
     })
-}
-
-fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn inner(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
-        attend_head_with(head, out, scores, |a, b| dot_f32_avx2(a, b));
-    }
-    // SAFETY: AVX2, FMA and F16C were detected before this function was handed out.
-    unsafe { inner(head, out, scores) }
-}
-
-/// [`super::super::attention::dot_f32`] in AVX2, with the same order of additions (so the same
-/// result bit for bit): one vector of eight partial sums, its halves added as 128, 64 and 32
-/// bits, then the tail's products.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let body = a.len() / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
-    for i in (0..body).step_by(8) {
-        // SAFETY: `i + 8 <= body <= len` for both slices.
-        let (x, y) = unsafe {
-            (
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-            )
-        };
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
-    }
-    let tail: f32 = a[body..].iter().zip(&b[body..]).map(|(x, y)| x * y).sum();
-    let quads = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let pairs = _mm_add_ps(quads, _mm_movehl_ps(quads, quads));
-    let one = _mm_add_ss(pairs, _mm_shuffle_ps::<0b01>(pairs, pairs));
-    _mm_cvtss_f32(one) + tail
 }
 
 fn dot_q4_0(row: &[u8], act: &[BlockQ8]) -> f32 {
