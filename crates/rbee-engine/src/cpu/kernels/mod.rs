@@ -9,8 +9,8 @@
 //! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels) are repacked at
 //! load; the others keep the file's rows and go through the one-row kernels.
 //!
-//! The kernels also carry the attention of one head ([`super::attention::attend_head`]),
-//! compiled for the vector width at hand.
+//! The kernels also carry the attention of the query rows that share a KV head
+//! ([`super::attention::attend_head`]), compiled for the vector width at hand.
 //!
 //! Activations are quantized once per matrix product ([`Activations`]) to the block format the
 //! weight type pairs with, as ggml does: 32-element Q8 blocks for Q4_0, Q4_1, Q5_0, Q5_1 and
