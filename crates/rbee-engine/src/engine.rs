@@ -15,8 +15,9 @@ use crate::sequence::Sequence;
 use crate::tokenizer::TextTokenizer;
 use crate::{DeviceSpec, EngineError};
 
-/// Longest slice of prompt fed to the model in one forward pass. Bounds the attention scores
-/// held at once (heads × chunk × context floats) without costing throughput.
+/// Longest slice of prompt fed to the model in one forward pass. Bounds a step's activations
+/// (chunk × layer width) without costing throughput; the attention scores a step holds do not
+/// grow with it (a few rows of context per head and sequence).
 const PREFILL_CHUNK: usize = 512;
 
 /// Longest slice of prompt fed in a step that other sequences share: long enough to keep the
@@ -309,7 +310,7 @@ impl Engine {
     /// waiting next token first, then prompt chunks of at most 64 tokens each while other
     /// sequences share the step (512 for a sequence alone), in order, as far as the budget
     /// goes; a prompt left out continues in the next step. So a long prompt delays the others'
-    /// next tokens by little, and a step's working memory grows with the slots only by one row
+    /// next tokens by little, and a step's working memory grows with the slots only by a few rows
     /// of attention scores per head and sequence.
     pub fn step(&mut self, seqs: &mut [&mut Sequence]) -> Result<(), EngineError> {
         if let Some(stale) = seqs

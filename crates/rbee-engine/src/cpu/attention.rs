@@ -27,6 +27,10 @@ const KEY_BLOCK_BYTES: usize = 16 << 10;
 /// so that the ones with more positions to attend to do not keep one thread busy alone.
 const PARTS_PER_THREAD: usize = 4;
 
+/// Rows of scores, per query head of an entry, that the pieces of work of one step may keep
+/// room for together (each piece a tile of up to [`TILE_ROWS`] rows as long as the context).
+const MAX_SCORE_ROWS_PER_HEAD: usize = 4;
+
 /// One piece of work: an entry's KV head and a span of its query rows (see [`HeadAttn`]).
 #[derive(Debug, Clone)]
 struct Part {
@@ -38,8 +42,9 @@ struct Part {
 /// Where the pieces of work of a step work: consecutive parts of one buffer, each the outputs
 /// of its rows (`[row][head_dim]`) followed by room for the scores of one tile of rows (up to
 /// [`TILE_ROWS`] rows as long as the entry's context). An entry's rows are split into spans
-/// only as far as the step needs pieces for the pool's threads, so the scores take at most
-/// `TILE_ROWS` rows of context per piece, linear in the context. Planned once per step and
+/// only as far as the step needs pieces for the pool's threads, and at most so far that the
+/// scores take [`MAX_SCORE_ROWS_PER_HEAD`] rows of context per query head and entry: linear in
+/// the context, and independent of the threads. Planned once per step and
 /// kept across steps.
 #[derive(Default)]
 pub(super) struct Layout {
@@ -79,7 +84,11 @@ impl Layout {
         self.starts.push(token);
         let group = cfg.n_heads / cfg.n_kv_heads;
         let pieces = (self.entries() * cfg.n_kv_heads).max(1);
-        let split = (PARTS_PER_THREAD * threads).div_ceil(pieces).max(1);
+        // Each span keeps room for a tile of scores as long as the context, so the spans an
+        // entry's KV head is split into are capped: an entry's scores take at most
+        // `MAX_SCORE_ROWS_PER_HEAD` rows of context per query head, whatever the threads.
+        let most = (MAX_SCORE_ROWS_PER_HEAD * cfg.n_heads / (cfg.n_kv_heads * TILE_ROWS)).max(1);
+        let split = (PARTS_PER_THREAD * threads).div_ceil(pieces).clamp(1, most);
         let mut end = 0;
         for entry in 0..self.entries() {
             let tokens = self.tokens(entry).len();

@@ -538,6 +538,14 @@ impl CpuLlama {
             self.pool.threads(),
             batch.iter().map(|e| (e.pos, e.tokens.len())),
         );
+        if let Some(more) = work.checked_sub(s.att_heads.len()) {
+            s.att_heads.try_reserve(more).map_err(|_| {
+                EngineError::Inference(format!(
+                    "cannot allocate {} MiB for the attention of this step",
+                    work * 4 >> 20
+                ))
+            })?;
+        }
         s.att_heads.resize(work, 0.0);
         s.positions.clear();
         for e in batch {

@@ -6,8 +6,8 @@
 //! are tested against.
 //!
 //! Matrices of the types a set of kernels multiplies in eight-row tiles ([`Kernels::tiles`]:
-//! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels) are repacked at
-//! load; the others keep the file's rows and go through the one-row kernels.
+//! Q4_0 always, Q8_0 with VNNI or `dotprod`, Q4_K with SIMD tile kernels, and on x86 Q5_0,
+//! Q5_K, Q6_K, F16 and BF16) are repacked at load; the others keep the file's rows and go through the one-row kernels.
 //!
 //! The kernels also carry the attention of the query rows that share a KV head
 //! ([`super::attention::attend_head`]), compiled for the vector width at hand.
@@ -129,7 +129,8 @@ pub(crate) struct Kernels {
     pub q4k_tile: Option<(DotTileK, DotTileKx4)>,
     /// The tile products of the other types.
     pub more_tiles: MoreTiles,
-    /// One head's attention ([`attend_head`], compiled for these kernels' vector width).
+    /// The attention of the query rows that share a KV head ([`attend_head`], compiled for
+    /// these kernels' vector width).
     pub attend: Attend,
 }
 

@@ -1,4 +1,4 @@
-//! Q4_K and Q5_K matrices repacked at load into tiles of eight rows, and the scalar reference
+//! Q4_K, Q5_K and Q6_K matrices repacked at load into tiles of eight rows, and the scalar reference
 //! products over them (the x86 kernels are in [`super::x86_tiled_k`]).
 //!
 //! A Q4_K row pays, per 256-weight super-block, the unpacking of its twelve bytes of 6-bit

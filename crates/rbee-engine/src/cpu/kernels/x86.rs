@@ -25,8 +25,8 @@ pub(super) fn kernels() -> Option<Kernels> {
 }
 
 /// Every x86 variant this CPU runs, slowest first: AVX2 (with FMA and F16C), then AVX2 with the
-/// Q4_0, Q8_0 and Q4_K tile products and the four-token Q4_K row product on AVX-512 VNNI
-/// (256-bit vectors).
+/// Q4_0, Q8_0, Q5_0, Q4_K, Q5_K and Q6_K tile products and the four-token Q4_K row product on
+/// AVX-512 VNNI (256-bit vectors).
 pub(super) fn variants() -> Vec<Kernels> {
     let mut out = Vec::new();
     if !(is_x86_feature_detected!("avx2")

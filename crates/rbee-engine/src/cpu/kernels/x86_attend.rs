@@ -23,6 +23,8 @@ pub(super) fn attend(head: &HeadAttn<'_>, out: &mut [f32], scores: &mut [f32]) {
     unsafe { inner(head, out, scores) }
 }
 
+/// The AVX2 products; a value is made only inside `attend`, which runs after the CPU's AVX2
+/// was detected, so that its safe methods are sound.
 #[derive(Clone, Copy)]
 struct Avx2;
 
