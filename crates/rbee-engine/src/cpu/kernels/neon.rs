@@ -1,8 +1,9 @@
 //! NEON dot products of one weight row with quantized activations on aarch64, in the style of
-//! ggml's: 4-bit and 8-bit weights are widened to signed bytes and multiplied with the
-//! activation bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q8_0), or
-//! exact integer sums per 256-weight super-block scaled once as the scalar reference does (Q4_K,
-//! Q6_K, which therefore give the reference's results bit for bit).
+//! ggml's: 4-, 5-, 6- and 8-bit weights are widened to signed bytes and multiplied with the
+//! activation bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q5_0,
+//! Q5_1, Q8_0), or exact integer sums per 256-weight super-block scaled once as the scalar
+//! reference does (Q4_K, Q5_K, Q6_K, which therefore give the reference's results bit for bit).
+//! Q2_K, Q3_K, F16, BF16 and F32 rows run the portable code.
 //!
 //! Two variants: baseline NEON (`smull` + `sadalp`: bytes multiplied to i16, pairs added into
 //! i32 lanes), and one for CPUs with the `dotprod` extension, whose `sdot` multiplies four byte
@@ -38,31 +39,31 @@ pub(super) fn variants() -> Vec<Kernels> {
         name: "neon",
         q4_0: base::dot_q4_0,
         q4_1: base::dot_q4_1,
+        q5_0: base::dot_q5_0,
+        q5_1: base::dot_q5_1,
         q8_0: base::dot_q8_0,
         q4k: base::dot_q4k,
+        q5k: base::dot_q5k,
         q6k: base::dot_q6k,
         f32: super::super::quant::reference::dot_f32,
         f16: super::super::quant::reference::dot_f16,
+        bf16: super::super::quant::reference::dot_bf16,
         q4_0x4: base::dot_q4_0x4,
         q8_0x4: base::dot_q8_0x4,
         q4kx4: base::dot_q4kx4,
+        q4_1x4: Some(base::dot_q4_1x4),
+        q5_0x4: Some(base::dot_q5_0x4),
+        q5_1x4: Some(base::dot_q5_1x4),
+        q5kx4: Some(base::dot_q5kx4),
         // The portable code for the types without NEON kernels.
-        q5_0: super::super::quant::reference::dot_q5_0,
-        q5_1: super::super::quant::reference::dot_q5_1,
-        q5k: super::super::quant::reference::dot_q5k,
-        q2k: super::lowbit::dot_q2k,
-        q3k: super::lowbit::dot_q3k,
-        bf16: super::super::quant::reference::dot_bf16,
-        q4_1x4: None,
-        q5_0x4: None,
-        q5_1x4: None,
-        q2kx4: None,
-        q3kx4: None,
-        q5kx4: None,
-        q6kx4: None,
         f32x4: None,
         f16x4: None,
         bf16x4: None,
+        q2k: super::lowbit::dot_q2k,
+        q3k: super::lowbit::dot_q3k,
+        q2kx4: None,
+        q3kx4: None,
+        q6kx4: None,
         q4_0_tile: neon_tiled::dot_neon,
         q4_0_tilex4: neon_tiled::dot4_neon,
         q8_0_tile: None,
@@ -77,12 +78,19 @@ pub(super) fn variants() -> Vec<Kernels> {
             name: "neon+dotprod",
             q4_0: dotprod::dot_q4_0,
             q4_1: dotprod::dot_q4_1,
+            q5_0: dotprod::dot_q5_0,
+            q5_1: dotprod::dot_q5_1,
             q8_0: dotprod::dot_q8_0,
             q4k: dotprod::dot_q4k,
+            q5k: dotprod::dot_q5k,
             q6k: dotprod::dot_q6k,
             q4_0x4: dotprod::dot_q4_0x4,
             q8_0x4: dotprod::dot_q8_0x4,
             q4kx4: dotprod::dot_q4kx4,
+            q4_1x4: Some(dotprod::dot_q4_1x4),
+            q5_0x4: Some(dotprod::dot_q5_0x4),
+            q5_1x4: Some(dotprod::dot_q5_1x4),
+            q5kx4: Some(dotprod::dot_q5kx4),
             q4_0_tile: neon_tiled::dot_dotprod,
             q4_0_tilex4: neon_tiled::dot4_dotprod,
             q8_0_tile: Some((neon_tiled::dot_q8_0_dotprod, neon_tiled::dot4_q8_0_dotprod)),
@@ -237,32 +245,103 @@ macro_rules! row_kernels {
         block_kernels!(dot_q4_0, dot_q4_0x4, 18, q4_0_block);
         block_kernels!(dot_q8_0, dot_q8_0x4, 34, q8_0_block);
 
-        pub(super) fn dot_q4_1(row: &[u8], act: &[BlockQ8]) -> f32 {
-            #[target_feature(enable = $features)]
-            fn inner(row: &[u8], act: &[BlockQ8]) -> f32 {
-                let m4 = vdupq_n_u8(0xF);
-                let mut acc = vdupq_n_f32(0.0);
-                let mut offsets = 0f32;
-                for (b, a) in row.chunks_exact(20).zip(act) {
-                    // Nibbles 0..15 are valid signed bytes: multiplied as they are, the minimum
-                    // is added once per block.
-                    let q = ld_u8(b, 4);
-                    let lo = vreinterpretq_s8_u8(vandq_u8(q, m4));
-                    let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(q));
-                    let p = $dot(
-                        $dot(vdupq_n_s32(0), lo, ld_i8(&a.qs, 0)),
-                        hi,
-                        ld_i8(&a.qs, 16),
-                    );
-                    acc = vfmaq_f32(acc, vcvtq_f32_s32(p), vdupq_n_f32(f16_at(b, 0) * a.d));
-                    offsets += f16_at(b, 2) * a.s;
-                }
-                vaddvq_f32(acc) + offsets
-            }
-            assert!(row.len() >= act.len() * 20);
-            // SAFETY: as in `dot_q4_0`.
-            unsafe { inner(row, act) }
+        /// The fifth bits of sixteen weights, bits `0..16` of the little-endian `qh[0..2]`,
+        /// as 0x10 where set and 0 where clear.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn fifth_bits(qh: &[u8]) -> uint8x16_t {
+            let bytes = vcombine_u8(vdup_n_u8(qh[0]), vdup_n_u8(qh[1]));
+            // Lane `i` tests bit `i % 8` of its byte.
+            let bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040_2010_0804_0201));
+            vandq_u8(vtstq_u8(bytes, bit), vdupq_n_u8(0x10))
         }
+
+        /// The 5-bit values (0..32) of the Q5_0 or Q5_1 block part `b` (`qh[4]`, then the
+        /// nibbles `qs[16]`): weights 0..16 (low nibbles, bits 0..16 of `qh`), then 16..32.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q5_values(b: &[u8]) -> [uint8x16_t; 2] {
+            let q = ld_u8(b, 4);
+            [
+                vorrq_u8(vandq_u8(q, vdupq_n_u8(0xF)), fifth_bits(&b[0..2])),
+                vorrq_u8(vshrq_n_u8::<4>(q), fifth_bits(&b[2..4])),
+            ]
+        }
+
+        /// A Q5_0 block's weights `q - 16`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q5_0_block(b: &[u8]) -> [int8x16_t; 2] {
+            let sixteen = vdupq_n_s8(16);
+            q5_values(&b[2..22]).map(|q| vsubq_s8(vreinterpretq_s8_u8(q), sixteen))
+        }
+
+        block_kernels!(dot_q5_0, dot_q5_0x4, 22, q5_0_block);
+
+        /// A Q4_1 block's nibbles (0..16: valid signed bytes, multiplied as they are).
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q4_1_block(b: &[u8]) -> [int8x16_t; 2] {
+            let q = ld_u8(b, 4);
+            [vandq_u8(q, vdupq_n_u8(0xF)), vshrq_n_u8::<4>(q)].map(|q| vreinterpretq_s8_u8(q))
+        }
+
+        /// A Q5_1 block's 5-bit values (0..32).
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q5_1_block(b: &[u8]) -> [int8x16_t; 2] {
+            q5_values(&b[4..24]).map(|q| vreinterpretq_s8_u8(q))
+        }
+
+        /// Defines the one-token and four-token products of a 32-weight block type with a
+        /// minimum (f16 scale `d`, then f16 minimum `m`, then `$bytes - 4` bytes of unsigned
+        /// values that `$unpack` reads): `Σ d·d_a·Σ q·a` in the vector, and `Σ m·s_a` (the
+        /// minimum against the activation block's sum) alongside, added once at the end.
+        macro_rules! offset_kernels {
+            ($one:ident, $four:ident, $bytes:literal, $unpack:ident) => {
+                pub(super) fn $one(row: &[u8], act: &[BlockQ8]) -> f32 {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], act: &[BlockQ8]) -> f32 {
+                        let mut acc = vdupq_n_f32(0.0);
+                        let mut offsets = 0f32;
+                        for (b, a) in row.chunks_exact($bytes).zip(act) {
+                            acc = block_fma(acc, &$unpack(b), a, f16_at(b, 0));
+                            offsets += f16_at(b, 2) * a.s;
+                        }
+                        vaddvq_f32(acc) + offsets
+                    }
+                    assert!(row.len() >= act.len() * $bytes);
+                    // SAFETY: as in `dot_q4_0`.
+                    unsafe { inner(row, act) }
+                }
+
+                /// One row against four activation vectors: each weight block is unpacked
+                /// once.
+                pub(super) fn $four(row: &[u8], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], acts: [&[BlockQ8]; 4], n: usize) -> [f32; 4] {
+                        let mut acc = [vdupq_n_f32(0.0); 4];
+                        let mut offsets = [0f32; 4];
+                        for (i, b) in row.chunks_exact($bytes).take(n).enumerate() {
+                            let (w, d, m) = ($unpack(b), f16_at(b, 0), f16_at(b, 2));
+                            for ((acc, offsets), act) in acc.iter_mut().zip(&mut offsets).zip(acts)
+                            {
+                                *acc = block_fma(*acc, &w, &act[i], d);
+                                *offsets += m * act[i].s;
+                            }
+                        }
+                        std::array::from_fn(|k| vaddvq_f32(acc[k]) + offsets[k])
+                    }
+                    let n = acts[0].len();
+                    assert!(row.len() >= n * $bytes && acts.iter().all(|a| a.len() == n));
+                    // SAFETY: as in `dot_q4_0`.
+                    unsafe { inner(row, acts, n) }
+                }
+            };
+        }
+
+        offset_kernels!(dot_q4_1, dot_q4_1x4, 20, q4_1_block);
+        offset_kernels!(dot_q5_1, dot_q5_1x4, 24, q5_1_block);
 
         /// A Q4_K super-block unpacked: its two scales, its eight sub-block scales and mins,
         /// and its nibbles (`w[j]` the low then high nibbles of bytes `32j..32j + 32`, i.e.
@@ -275,10 +354,10 @@ macro_rules! row_kernels {
             w: [[int8x16_t; 4]; 4],
         }
 
+        /// The eight 6-bit sub-block scales and mins of a Q4_K or Q5_K super-block (`b`).
         #[inline]
         #[target_feature(enable = $features)]
-        fn q4k_block(b: &[u8]) -> Q4k {
-            let m4 = vdupq_n_u8(0xF);
+        fn k4_scales(b: &[u8]) -> ([i32; 8], int16x8_t) {
             let mut scales = [0i32; 8];
             let mut mins = [0i16; 8];
             for j in 0..8 {
@@ -286,6 +365,15 @@ macro_rules! row_kernels {
                 scales[j] = i32::from(s);
                 mins[j] = i16::from(m);
             }
+            // SAFETY: `mins` is eight i16.
+            (scales, unsafe { vld1q_s16(mins.as_ptr()) })
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q4k_block(b: &[u8]) -> Q4k {
+            let m4 = vdupq_n_u8(0xF);
+            let (scales, mins) = k4_scales(b);
             let mut w = [[vdupq_n_s8(0); 4]; 4];
             for (j, w) in w.iter_mut().enumerate() {
                 let (q0, q1) = (ld_u8(b, 16 + 32 * j), ld_u8(b, 32 + 32 * j));
@@ -296,8 +384,36 @@ macro_rules! row_kernels {
                     vreinterpretq_s8_u8(vshrq_n_u8::<4>(q1)),
                 ];
             }
-            // SAFETY: `mins` is eight i16.
-            let mins = unsafe { vld1q_s16(mins.as_ptr()) };
+            Q4k {
+                d: f16_at(b, 0),
+                dmin: f16_at(b, 2),
+                scales,
+                mins,
+                w,
+            }
+        }
+
+        /// A Q5_K super-block unpacked as [`Q4k`] is, with each weight's fifth bit (bit `j` of
+        /// `qh[l]` for sub-block `j`, the low nibbles of chunk `j / 2` for even `j`) on top of
+        /// its nibble: values 0..32, which [`q4k_add`] sums like Q4_K's.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q5k_block(b: &[u8]) -> Q4k {
+            let (m4, one, two) = (vdupq_n_u8(0xF), vdupq_n_u8(1), vdupq_n_u8(2));
+            let (scales, mins) = k4_scales(b);
+            // The fifth bits of weights `l` and `16 + l` of every chunk; shifted right by two
+            // per chunk, so that chunk `j`'s two bits are bits 0 and 1.
+            let (mut h0, mut h1) = (ld_u8(b, 16), ld_u8(b, 32));
+            let mut w = [[vdupq_n_s8(0); 4]; 4];
+            for (j, w) in w.iter_mut().enumerate() {
+                let (q0, q1) = (ld_u8(b, 48 + 32 * j), ld_u8(b, 64 + 32 * j));
+                let lo = |q, h| vorrq_u8(vandq_u8(q, m4), vshlq_n_u8::<4>(vandq_u8(h, one)));
+                let hi = |q, h| vorrq_u8(vshrq_n_u8::<4>(q), vshlq_n_u8::<3>(vandq_u8(h, two)));
+                *w = [lo(q0, h0), lo(q1, h1), hi(q0, h0), hi(q1, h1)]
+                    .map(|q| vreinterpretq_s8_u8(q));
+                h0 = vshrq_n_u8::<2>(h0);
+                h1 = vshrq_n_u8::<2>(h1);
+            }
             Q4k {
                 d: f16_at(b, 0),
                 dmin: f16_at(b, 2),
@@ -342,74 +458,91 @@ macro_rules! row_kernels {
             sum + (q.d * a.d * sumi as f32 - q.dmin * a.d * summ as f32)
         }
 
-        pub(super) fn dot_q4k(row: &[u8], act: &[BlockQ8K]) -> f32 {
-            #[target_feature(enable = $features)]
-            fn inner(row: &[u8], act: &[BlockQ8K]) -> f32 {
-                let mut sum = 0f32;
-                for (b, a) in row.chunks_exact(144).zip(act) {
-                    sum = q4k_add(sum, &q4k_block(b), a);
+        /// Defines the one-token and four-token products of a K-quant type whose super-blocks
+        /// take `$bytes` bytes, unpack with `$unpack` and add to a sum with `$add` (or only the
+        /// four-token one).
+        macro_rules! k_kernels {
+            ($one:ident, $four:ident, $bytes:literal, $unpack:ident, $add:ident) => {
+                pub(super) fn $one(row: &[u8], act: &[BlockQ8K]) -> f32 {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], act: &[BlockQ8K]) -> f32 {
+                        let mut sum = 0f32;
+                        for (b, a) in row.chunks_exact($bytes).zip(act) {
+                            sum = $add(sum, &$unpack(b), a);
+                        }
+                        sum
+                    }
+                    assert!(row.len() >= act.len() * $bytes);
+                    // SAFETY: as in `dot_q4_0`.
+                    unsafe { inner(row, act) }
                 }
-                sum
-            }
-            assert!(row.len() >= act.len() * 144);
-            // SAFETY: as in `dot_q4_0`.
-            unsafe { inner(row, act) }
+
+                k_kernels!($four, $bytes, $unpack, $add);
+            };
+            ($four:ident, $bytes:literal, $unpack:ident, $add:ident) => {
+                /// One row against four Q8_K activation vectors: the weights and scales of
+                /// each super-block are unpacked once.
+                pub(super) fn $four(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
+                    #[target_feature(enable = $features)]
+                    fn inner(row: &[u8], acts: [&[BlockQ8K]; 4], n: usize) -> [f32; 4] {
+                        let mut sum = [0f32; 4];
+                        for (i, b) in row.chunks_exact($bytes).take(n).enumerate() {
+                            let q = $unpack(b);
+                            for (sum, act) in sum.iter_mut().zip(acts) {
+                                *sum = $add(*sum, &q, &act[i]);
+                            }
+                        }
+                        sum
+                    }
+                    let n = acts[0].len();
+                    assert!(row.len() >= n * $bytes && acts.iter().all(|a| a.len() == n));
+                    // SAFETY: as in `dot_q4_0`.
+                    unsafe { inner(row, acts, n) }
+                }
+            };
         }
 
-        /// One Q4_K row against four Q8_K activation vectors: the nibbles and scales of each
-        /// super-block are unpacked once.
-        pub(super) fn dot_q4kx4(row: &[u8], acts: [&[BlockQ8K]; 4]) -> [f32; 4] {
-            #[target_feature(enable = $features)]
-            fn inner(row: &[u8], acts: [&[BlockQ8K]; 4], n: usize) -> [f32; 4] {
-                let mut sum = [0f32; 4];
-                for (i, b) in row.chunks_exact(144).take(n).enumerate() {
-                    let q = q4k_block(b);
-                    for (sum, act) in sum.iter_mut().zip(acts) {
-                        *sum = q4k_add(*sum, &q, &act[i]);
-                    }
-                }
-                sum
-            }
-            let n = acts[0].len();
-            assert!(row.len() >= n * 144 && acts.iter().all(|a| a.len() == n));
-            // SAFETY: as in `dot_q4_0`.
-            unsafe { inner(row, acts, n) }
+        k_kernels!(dot_q4k, dot_q4kx4, 144, q4k_block, q4k_add);
+        k_kernels!(dot_q5k, dot_q5kx4, 176, q5k_block, q4k_add);
+
+        /// Weights `32k + 16c..32k + 16c + 16` of half `n` of a Q6_K super-block, for k in
+        /// 0..4: low nibbles of bytes `l`, of `l + 32`, high nibbles of each, with bit pairs 0,
+        /// 1, 2, 3 of the high bits on top; stored + 32.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6k_values(b: &[u8], n: usize, c: usize) -> [int8x16_t; 4] {
+            let m4 = vdupq_n_u8(0xF);
+            let l1 = ld_u8(b, 64 * n + 16 * c);
+            let l2 = ld_u8(b, 64 * n + 32 + 16 * c);
+            let h = ld_u8(b, 128 + 32 * n + 16 * c);
+            let q = [
+                vorrq_u8(
+                    vandq_u8(l1, m4),
+                    vshlq_n_u8::<4>(vandq_u8(h, vdupq_n_u8(3))),
+                ),
+                vorrq_u8(
+                    vandq_u8(l2, m4),
+                    vshlq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC))),
+                ),
+                vorrq_u8(vshrq_n_u8::<4>(l1), vandq_u8(h, vdupq_n_u8(0x30))),
+                vorrq_u8(
+                    vshrq_n_u8::<4>(l2),
+                    vshrq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC0))),
+                ),
+            ];
+            q.map(|q| vsubq_s8(vreinterpretq_s8_u8(q), vdupq_n_s8(32)))
         }
 
         pub(super) fn dot_q6k(row: &[u8], act: &[BlockQ8K]) -> f32 {
             #[target_feature(enable = $features)]
             fn inner(row: &[u8], act: &[BlockQ8K]) -> f32 {
-                let m4 = vdupq_n_u8(0xF);
-                let m32 = vdupq_n_s8(32);
                 let mut sum = 0f32;
                 for (b, a) in row.chunks_exact(210).zip(act) {
                     let scales = &b[192..208];
                     let mut sumi = vdupq_n_s32(0);
                     for n in 0..2 {
                         for c in 0..2 {
-                            // Weights `32k + 16c..32k + 16c + 16` of this half, for k in 0..4:
-                            // low nibbles of bytes `l`, of `l + 32`, high nibbles of each, with
-                            // bit pairs 0, 1, 2, 3 of the high bits on top; stored + 32.
-                            let l1 = ld_u8(b, 64 * n + 16 * c);
-                            let l2 = ld_u8(b, 64 * n + 32 + 16 * c);
-                            let h = ld_u8(b, 128 + 32 * n + 16 * c);
-                            let q = [
-                                vorrq_u8(
-                                    vandq_u8(l1, m4),
-                                    vshlq_n_u8::<4>(vandq_u8(h, vdupq_n_u8(3))),
-                                ),
-                                vorrq_u8(
-                                    vandq_u8(l2, m4),
-                                    vshlq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC))),
-                                ),
-                                vorrq_u8(vshrq_n_u8::<4>(l1), vandq_u8(h, vdupq_n_u8(0x30))),
-                                vorrq_u8(
-                                    vshrq_n_u8::<4>(l2),
-                                    vshrq_n_u8::<2>(vandq_u8(h, vdupq_n_u8(0xC0))),
-                                ),
-                            ];
-                            for (k, q) in q.into_iter().enumerate() {
-                                let w = vsubq_s8(vreinterpretq_s8_u8(q), m32);
+                            for (k, w) in q6k_values(b, n, c).into_iter().enumerate() {
                                 let y = ld_i8(&a.qs, 128 * n + 32 * k + 16 * c);
                                 let s = i32::from(scales[8 * n + 2 * k + c] as i8);
                                 sumi = vmlaq_n_s32(sumi, $dot(vdupq_n_s32(0), w, y), s);
