@@ -1,9 +1,9 @@
 //! NEON dot products of one weight row with quantized activations on aarch64, in the style of
-//! ggml's: 4-, 5-, 6- and 8-bit weights are widened to signed bytes and multiplied with the
-//! activation bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q5_0,
-//! Q5_1, Q8_0), or exact integer sums per 256-weight super-block scaled once as the scalar
-//! reference does (Q4_K, Q5_K, Q6_K, which therefore give the reference's results bit for bit).
-//! Q2_K, Q3_K, F16, BF16 and F32 rows run the portable code.
+//! ggml's: 2- to 8-bit weights are widened to signed bytes and multiplied with the activation
+//! bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or
+//! exact integer sums per 256-weight super-block scaled once as the scalar reference does (Q2_K,
+//! Q3_K, Q4_K, Q5_K, Q6_K, which therefore give the reference's results bit for bit). F16, BF16
+//! and F32 rows run the portable code.
 //!
 //! Two variants: baseline NEON (`smull` + `sadalp`: bytes multiplied to i16, pairs added into
 //! i32 lanes), and one for CPUs with the `dotprod` extension, whose `sdot` multiplies four byte
@@ -59,11 +59,11 @@ pub(super) fn variants() -> Vec<Kernels> {
         f32x4: None,
         f16x4: None,
         bf16x4: None,
-        q2k: super::lowbit::dot_q2k,
-        q3k: super::lowbit::dot_q3k,
-        q2kx4: None,
-        q3kx4: None,
-        q6kx4: None,
+        q2k: base::dot_q2k,
+        q3k: base::dot_q3k,
+        q2kx4: Some(base::dot_q2kx4),
+        q3kx4: Some(base::dot_q3kx4),
+        q6kx4: Some(base::dot_q6kx4),
         q4_0_tile: neon_tiled::dot_neon,
         q4_0_tilex4: neon_tiled::dot4_neon,
         q8_0_tile: None,
@@ -91,6 +91,11 @@ pub(super) fn variants() -> Vec<Kernels> {
             q5_0x4: Some(dotprod::dot_q5_0x4),
             q5_1x4: Some(dotprod::dot_q5_1x4),
             q5kx4: Some(dotprod::dot_q5kx4),
+            q6kx4: Some(dotprod::dot_q6kx4),
+            q2k: dotprod::dot_q2k,
+            q3k: dotprod::dot_q3k,
+            q2kx4: Some(dotprod::dot_q2kx4),
+            q3kx4: Some(dotprod::dot_q3kx4),
             q4_0_tile: neon_tiled::dot_dotprod,
             q4_0_tilex4: neon_tiled::dot4_dotprod,
             q8_0_tile: Some((neon_tiled::dot_q8_0_dotprod, neon_tiled::dot4_q8_0_dotprod)),
@@ -505,6 +510,157 @@ macro_rules! row_kernels {
         k_kernels!(dot_q4k, dot_q4kx4, 144, q4k_block, q4k_add);
         k_kernels!(dot_q5k, dot_q5kx4, 176, q5k_block, q4k_add);
 
+        /// A Q2_K, Q3_K or Q6_K super-block unpacked: its scales, its sixteen sub-blocks'
+        /// scales (and for Q2_K mins) and their weights (`w[s]`: sub-block `s`, weights
+        /// `16s..`).
+        struct Low {
+            d: f32,
+            dmin: f32,
+            scales: [i32; 16],
+            mins: [int16x8_t; 2],
+            w: [int8x16_t; 16],
+        }
+
+        /// `Σ scale · Σ q·a` over the sixteen sub-blocks of `q` against `a`.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn low_sumi(q: &Low, a: &BlockQ8K) -> i32 {
+            let mut sumi = vdupq_n_s32(0);
+            for (s, w) in q.w.iter().enumerate() {
+                let p = $dot(vdupq_n_s32(0), *w, ld_i8(&a.qs, 16 * s));
+                sumi = vmlaq_n_s32(sumi, p, q.scales[s]);
+            }
+            vaddvq_s32(sumi)
+        }
+
+        /// Sub-block `s = 8n + 2j + h` of a Q2_K or Q3_K super-block has its 2-bit values at
+        /// bits `2j` of bytes `32n + 16h..` of `qs`: `f(s, v)` takes each sub-block's values
+        /// (0..4) and `j`, and gives its weights.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn low2_values(
+            qs: &[u8],
+            mut f: impl FnMut(usize, uint8x16_t) -> int8x16_t,
+        ) -> [int8x16_t; 16] {
+            let three = vdupq_n_u8(3);
+            let mut w = [vdupq_n_s8(0); 16];
+            for n in 0..2 {
+                let (mut q0, mut q1) = (ld_u8(qs, 32 * n), ld_u8(qs, 32 * n + 16));
+                for j in 0..4 {
+                    let s = 8 * n + 2 * j;
+                    w[s] = f(s, vandq_u8(q0, three));
+                    w[s + 1] = f(s + 1, vandq_u8(q1, three));
+                    q0 = vshrq_n_u8::<2>(q0);
+                    q1 = vshrq_n_u8::<2>(q1);
+                }
+            }
+            w
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q2k_block(b: &[u8]) -> Low {
+            let packed = ld_u8(b, 0);
+            let mins = vshrq_n_u8::<4>(packed);
+            let mins = [
+                vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(mins))),
+                vreinterpretq_s16_u16(vmovl_high_u8(mins)),
+            ];
+            Low {
+                d: f16_at(b, 80),
+                dmin: f16_at(b, 82),
+                scales: std::array::from_fn(|s| i32::from(b[s] & 0xF)),
+                mins,
+                w: low2_values(&b[16..80], |_, v| vreinterpretq_s8_u8(v)),
+            }
+        }
+
+        /// `sum` plus one unpacked Q2_K super-block against one Q8_K block, with the scalar
+        /// reference's integer sums and float operations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q2k_add(sum: f32, q: &Low, a: &BlockQ8K) -> f32 {
+            // SAFETY: `a.bsums` is sixteen i16.
+            let (b0, b1) = unsafe {
+                (
+                    vld1q_s16(a.bsums.as_ptr()),
+                    vld1q_s16(a.bsums.as_ptr().add(8)),
+                )
+            };
+            // Each product is at most 15 × 4096: i32 lanes hold it and the sums.
+            let summ = vmull_s16(vget_low_s16(b0), vget_low_s16(q.mins[0]));
+            let summ = vmlal_high_s16(summ, b0, q.mins[0]);
+            let summ = vmlal_s16(summ, vget_low_s16(b1), vget_low_s16(q.mins[1]));
+            let summ = vaddvq_s32(vmlal_high_s16(summ, b1, q.mins[1]));
+            let sumi = low_sumi(q, a);
+            sum + (q.d * a.d * sumi as f32 - q.dmin * a.d * summ as f32)
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q3k_block(b: &[u8]) -> Low {
+            let one = vdupq_n_u8(1);
+            // The high bits of sub-block `8n + 2j + h`: bit `4n + j` of `hmask[16h..16h + 16]`.
+            let hmask = [ld_u8(b, 0), ld_u8(b, 16)];
+            let scales = super::super::lowbit::q3k_scales(&b[96..108]);
+            Low {
+                d: f16_at(b, 108),
+                dmin: 0.0,
+                scales: scales.map(i32::from),
+                mins: [vdupq_n_s16(0); 2],
+                w: low2_values(&b[32..96], |s, v| {
+                    let bit = 4 * (s / 8) + s % 8 / 2;
+                    let high = vtstq_u8(hmask[s % 2], vdupq_n_u8(1u8 << bit));
+                    // Minus 4 where the high bit is clear.
+                    let four = vshlq_n_u8::<2>(vbicq_u8(one, high));
+                    vsubq_s8(vreinterpretq_s8_u8(v), vreinterpretq_s8_u8(four))
+                }),
+            }
+        }
+
+        /// `sum` plus one unpacked Q3_K super-block against one Q8_K block, with the scalar
+        /// reference's float operations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q3k_add(sum: f32, q: &Low, a: &BlockQ8K) -> f32 {
+            sum + q.d * a.d * low_sumi(q, a) as f32
+        }
+
+        k_kernels!(dot_q2k, dot_q2kx4, 84, q2k_block, q2k_add);
+        k_kernels!(dot_q3k, dot_q3kx4, 110, q3k_block, q3k_add);
+
+        /// A Q6_K super-block unpacked for the four-token product: sub-block `s = 8n + 2k + c`
+        /// (weights `128n + 32k + 16c..`) as [`dot_q6k`] reads it, and its signed scale.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6k_block(b: &[u8]) -> Low {
+            let mut w = [vdupq_n_s8(0); 16];
+            for n in 0..2 {
+                for c in 0..2 {
+                    for (k, q) in q6k_values(b, n, c).into_iter().enumerate() {
+                        w[8 * n + 2 * k + c] = q;
+                    }
+                }
+            }
+            Low {
+                d: f16_at(b, 208),
+                dmin: 0.0,
+                scales: std::array::from_fn(|s| i32::from(b[192 + s] as i8)),
+                mins: [vdupq_n_s16(0); 2],
+                w,
+            }
+        }
+
+        /// `sum` plus one unpacked Q6_K super-block against one Q8_K block, with
+        /// [`dot_q6k`]'s (and the scalar reference's) float operations.
+        #[inline]
+        #[target_feature(enable = $features)]
+        fn q6k_add(sum: f32, q: &Low, a: &BlockQ8K) -> f32 {
+            sum + low_sumi(q, a) as f32 * q.d * a.d
+        }
+
+        k_kernels!(dot_q6kx4, 210, q6k_block, q6k_add);
+
         /// Weights `32k + 16c..32k + 16c + 16` of half `n` of a Q6_K super-block, for k in
         /// 0..4: low nibbles of bytes `l`, of `l + 32`, high nibbles of each, with bit pairs 0,
         /// 1, 2, 3 of the high bits on top; stored + 32.
@@ -568,4 +724,53 @@ mod base {
 /// NEON with `dotprod`.
 mod dotprod {
     row_kernels!("neon,dotprod", dot_sdot);
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::super::super::quant::{ActFormat, QK_K, WeightType};
+    use super::super::{Activations, DotQ8K, lowbit};
+
+    /// Every variant's Q2_K and Q3_K products, one token and four, give the portable code's
+    /// results bit for bit (they keep its integer sums and float operations); the kernel tests
+    /// hold the portable code to dequantize-then-multiply.
+    #[test]
+    fn low_bit_k_quants_give_the_portable_results_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(41);
+        let types: [(WeightType, DotQ8K, &[usize]); 2] = [
+            (WeightType::Q2K, lowbit::dot_q2k, &[80, 82]),
+            (WeightType::Q3K, lowbit::dot_q3k, &[108]),
+        ];
+        for kernels in super::variants() {
+            for (ty, reference, scales) in types {
+                for blocks in [1usize, 3, 16] {
+                    let cols = blocks * QK_K;
+                    let mut row: Vec<u8> = (0..ty.row_bytes(cols)).map(|_| rng.random()).collect();
+                    for b in row.chunks_exact_mut(ty.block_bytes()) {
+                        for &at in scales {
+                            let d = f16::from_f32(rng.random_range(0.001..0.05));
+                            b[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                        }
+                    }
+                    let x: Vec<f32> = (0..4 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+                    let mut act = Activations::default();
+                    act.set(&x, cols, &[ActFormat::Q8K]);
+                    let want: Vec<u32> = (0..4)
+                        .map(|t| reference(&row, act.q8k(t)).to_bits())
+                        .collect();
+                    let one: Vec<u32> = (0..4)
+                        .map(|t| kernels.dot(ty, &row, &act, t).to_bits())
+                        .collect();
+                    let case = format!("{} {ty:?} {blocks}", kernels.name);
+                    assert_eq!(one, want, "{case}");
+                    let four = kernels.dot4(ty, &row, &act, 0).expect(&case);
+                    assert_eq!(four.map(f32::to_bits).as_slice(), want, "{case}");
+                }
+            }
+        }
+    }
 }
