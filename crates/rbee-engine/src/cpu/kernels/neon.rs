@@ -3,7 +3,7 @@
 //! bytes into i32 lanes, then one f32 FMA per 32-weight block (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), or
 //! exact integer sums per 256-weight super-block scaled once as the scalar reference does (Q2_K,
 //! Q3_K, Q4_K, Q5_K, Q6_K, which therefore give the reference's results bit for bit). F16, BF16
-//! and F32 rows run the portable code.
+//! and F32 rows are widened to f32 and multiplied in f32 lanes ([`float`]).
 //!
 //! Two variants: baseline NEON (`smull` + `sadalp`: bytes multiplied to i16, pairs added into
 //! i32 lanes), and one for CPUs with the `dotprod` extension, whose `sdot` multiplies four byte
@@ -45,9 +45,9 @@ pub(super) fn variants() -> Vec<Kernels> {
         q4k: base::dot_q4k,
         q5k: base::dot_q5k,
         q6k: base::dot_q6k,
-        f32: super::super::quant::reference::dot_f32,
-        f16: super::super::quant::reference::dot_f16,
-        bf16: super::super::quant::reference::dot_bf16,
+        f32: float::dot_f32,
+        f16: float::dot_f16,
+        bf16: float::dot_bf16,
         q4_0x4: base::dot_q4_0x4,
         q8_0x4: base::dot_q8_0x4,
         q4kx4: base::dot_q4kx4,
@@ -55,10 +55,9 @@ pub(super) fn variants() -> Vec<Kernels> {
         q5_0x4: Some(base::dot_q5_0x4),
         q5_1x4: Some(base::dot_q5_1x4),
         q5kx4: Some(base::dot_q5kx4),
-        // The portable code for the types without NEON kernels.
-        f32x4: None,
-        f16x4: None,
-        bf16x4: None,
+        f32x4: Some(float::dot_f32x4),
+        f16x4: Some(float::dot_f16x4),
+        bf16x4: Some(float::dot_bf16x4),
         q2k: base::dot_q2k,
         q3k: base::dot_q3k,
         q2kx4: Some(base::dot_q2kx4),
@@ -724,6 +723,138 @@ mod base {
 /// NEON with `dotprod`.
 mod dotprod {
     row_kernels!("neon,dotprod", dot_sdot);
+}
+
+/// F16, BF16 and F32 rows against f32 activations (already rounded to the row's type), for
+/// both variants: sixteen weights per step, widened to f32 and multiplied into four vector
+/// accumulators, which are added together once at the end, then the tail of fewer than sixteen
+/// weights one by one. The four-token products run the same operations per token.
+mod float {
+    use std::arch::aarch64::*;
+
+    use super::super::super::quant::{bf16_at, f16_at};
+    use super::ld_u8;
+
+    /// The four f32 of `s` from `at`; panics past the end of `s`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn ld_f32(s: &[f32], at: usize) -> float32x4_t {
+        let s = &s[at..at + 4];
+        // SAFETY: `s` is four readable f32.
+        unsafe { vld1q_f32(s.as_ptr()) }
+    }
+
+    /// Weights `i..i + 8` of an F16 row.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn f16x8(row: &[u8], i: usize) -> [float32x4_t; 2] {
+        let h = vreinterpretq_u16_u8(ld_u8(row, 2 * i));
+        [
+            vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h))),
+            vcvt_high_f32_f16(vreinterpretq_f16_u16(h)),
+        ]
+    }
+
+    /// Weights `i..i + 8` of a BF16 row: a bf16 is the top half of the f32 it stands for.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn bf16x8(row: &[u8], i: usize) -> [float32x4_t; 2] {
+        let h = vreinterpretq_u16_u8(ld_u8(row, 2 * i));
+        [
+            vreinterpretq_f32_u32(vshll_n_u16::<16>(vget_low_u16(h))),
+            vreinterpretq_f32_u32(vshll_high_n_u16::<16>(h)),
+        ]
+    }
+
+    /// Weights `i..i + 8` of an F32 row.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn f32x8(row: &[u8], i: usize) -> [float32x4_t; 2] {
+        [
+            vreinterpretq_f32_u8(ld_u8(row, 4 * i)),
+            vreinterpretq_f32_u8(ld_u8(row, 4 * i + 16)),
+        ]
+    }
+
+    fn f32_at(row: &[u8], at: usize) -> f32 {
+        f32::from_le_bytes([row[at], row[at + 1], row[at + 2], row[at + 3]])
+    }
+
+    /// `acc` after sixteen weights (`w`) against activations `x[i..i + 16]`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn step(acc: &mut [float32x4_t; 4], w: &[float32x4_t; 4], x: &[f32], i: usize) {
+        for (k, (acc, w)) in acc.iter_mut().zip(w).enumerate() {
+            *acc = vfmaq_f32(*acc, *w, ld_f32(x, i + 4 * k));
+        }
+    }
+
+    /// The sum of the accumulators, then the tail's products `row[i] · x[i]` from `from`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn finish(
+        acc: &[float32x4_t; 4],
+        row: &[u8],
+        x: &[f32],
+        from: usize,
+        at: fn(&[u8], usize) -> f32,
+        size: usize,
+    ) -> f32 {
+        let mut sum = vaddvq_f32(vaddq_f32(
+            vaddq_f32(acc[0], acc[1]),
+            vaddq_f32(acc[2], acc[3]),
+        ));
+        for (i, &x) in x.iter().enumerate().skip(from) {
+            sum += at(row, size * i) * x;
+        }
+        sum
+    }
+
+    /// Defines the one-token and four-token products of rows of `$size`-byte floats that
+    /// `$load` widens eight at a time and `$at` one at a time.
+    macro_rules! float_kernels {
+        ($one:ident, $four:ident, $size:literal, $load:ident, $at:ident) => {
+            pub(super) fn $one(row: &[u8], act: &[f32]) -> f32 {
+                #[target_feature(enable = "neon")]
+                fn inner(row: &[u8], act: &[f32]) -> f32 {
+                    let body = act.len() / 16 * 16;
+                    let mut acc = [vdupq_n_f32(0.0); 4];
+                    for i in (0..body).step_by(16) {
+                        let ([w0, w1], [w2, w3]) = ($load(row, i), $load(row, i + 8));
+                        step(&mut acc, &[w0, w1, w2, w3], act, i);
+                    }
+                    finish(&acc, row, act, body, $at, $size)
+                }
+                assert!(row.len() >= act.len() * $size);
+                // SAFETY: NEON is part of the aarch64 baseline.
+                unsafe { inner(row, act) }
+            }
+
+            /// One row against four activation vectors: each weight is widened once.
+            pub(super) fn $four(row: &[u8], acts: [&[f32]; 4]) -> [f32; 4] {
+                #[target_feature(enable = "neon")]
+                fn inner(row: &[u8], acts: [&[f32]; 4], n: usize) -> [f32; 4] {
+                    let body = n / 16 * 16;
+                    let mut acc = [[vdupq_n_f32(0.0); 4]; 4];
+                    for i in (0..body).step_by(16) {
+                        let ([w0, w1], [w2, w3]) = ($load(row, i), $load(row, i + 8));
+                        for (acc, act) in acc.iter_mut().zip(acts) {
+                            step(acc, &[w0, w1, w2, w3], act, i);
+                        }
+                    }
+                    std::array::from_fn(|k| finish(&acc[k], row, acts[k], body, $at, $size))
+                }
+                let n = acts[0].len();
+                assert!(row.len() >= n * $size && acts.iter().all(|a| a.len() == n));
+                // SAFETY: NEON is part of the aarch64 baseline.
+                unsafe { inner(row, acts, n) }
+            }
+        };
+    }
+
+    float_kernels!(dot_f16, dot_f16x4, 2, f16x8, f16_at);
+    float_kernels!(dot_bf16, dot_bf16x4, 2, bf16x8, bf16_at);
+    float_kernels!(dot_f32, dot_f32x4, 4, f32x8, f32_at);
 }
 
 #[cfg(test)]
