@@ -533,8 +533,8 @@ macro_rules! row_kernels {
         }
 
         /// Sub-block `s = 8n + 2j + h` of a Q2_K or Q3_K super-block has its 2-bit values at
-        /// bits `2j` of bytes `32n + 16h..` of `qs`: `f(s, v)` takes each sub-block's values
-        /// (0..4) and `j`, and gives its weights.
+        /// bits `2j` of bytes `32n + 16h..` of `qs`: `f(s, v)` takes sub-block `s` and its
+        /// values `v` (0..4), and gives its weights.
         #[inline]
         #[target_feature(enable = $features)]
         fn low2_values(
@@ -586,7 +586,8 @@ macro_rules! row_kernels {
                     vld1q_s16(a.bsums.as_ptr().add(8)),
                 )
             };
-            // Each product is at most 15 × 4096: i32 lanes hold it and the sums.
+            // Each product is at most 15 × 2048 (a min times a sum of 16 activations): i32 lanes
+            // hold it and the sums.
             let summ = vmull_s16(vget_low_s16(b0), vget_low_s16(q.mins[0]));
             let summ = vmlal_high_s16(summ, b0, q.mins[0]);
             let summ = vmlal_s16(summ, vget_low_s16(b1), vget_low_s16(q.mins[1]));
@@ -629,7 +630,7 @@ macro_rules! row_kernels {
         k_kernels!(dot_q3k, dot_q3kx4, 110, q3k_block, q3k_add);
 
         /// A Q6_K super-block unpacked for the four-token product: sub-block `s = 8n + 2k + c`
-        /// (weights `128n + 32k + 16c..`) as [`dot_q6k`] reads it, and its signed scale.
+        /// (weights `128n + 32k + 16c..`) as [`dot_q6k`] reads it, and its signed scales.
         #[inline]
         #[target_feature(enable = $features)]
         fn q6k_block(b: &[u8]) -> Low {
