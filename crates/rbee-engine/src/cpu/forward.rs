@@ -542,7 +542,7 @@ impl CpuLlama {
             s.att_heads.try_reserve(more).map_err(|_| {
                 EngineError::Inference(format!(
                     "cannot allocate {} MiB for the attention of this step",
-                    work * 4 >> 20
+                    (work * 4) >> 20
                 ))
             })?;
         }
