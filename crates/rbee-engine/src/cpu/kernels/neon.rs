@@ -18,8 +18,10 @@
 //! NEON is part of the aarch64 baseline (the target enables it for every function), and the
 //! `dotprod` functions are reachable only through [`variants`], which hands them out after
 //! `is_aarch64_feature_detected!("dotprod")`; that is what makes every `unsafe` call of a
-//! `target_feature` function below sound. Every load is bounds-checked through [`ld_u8`] and
-//! [`ld_i8`].
+//! `target_feature` function below sound. Every load from a row or an activation block is
+//! bounds-checked through [`ld_u8`] and [`ld_i8`] (and the float products' `ld_f32`); the
+//! other vector loads read fixed-size arrays (a block's `bsums`, unpacked scales and mins)
+//! within their length.
 #![allow(unsafe_code)]
 
 use std::arch::aarch64::*;
