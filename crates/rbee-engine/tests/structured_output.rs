@@ -5,35 +5,20 @@
 //! models have a byte-fallback one). A budget that runs out first ends with `Length`; a schema
 //! that does not compile is refused when the request is prepared.
 
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+// Each test file uses part of what the engine's tests share.
+#[allow(dead_code)]
+mod common;
 
-use anyhow::Context;
-use model_gen::{GgufType, ModelFormat, ModelSpec};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use common::{alone, generated, load};
+use model_gen::{GgufType, ModelFormat};
 use rbee_engine::{
-    Completion, DeviceSpec, Engine, EngineError, FinishReason, GenerationParams, LoadOptions,
-    OutputFormat, PreparedRequest, Prompt, PromptCacheOptions, Sequence,
+    Completion, Engine, EngineError, FinishReason, GenerationParams, OutputFormat, PreparedRequest,
+    Prompt, PromptCacheOptions, Sequence,
 };
 use serde_json::{Value, json};
-
-fn generated() -> anyhow::Result<PathBuf> {
-    model_gen::ensure_generated(
-        &ModelSpec::small(),
-        ModelFormat::Gguf(GgufType::Q4_0),
-        &model_gen::paths::generated_dir(),
-    )
-    .context("generating the small model")
-}
-
-fn load(path: &Path, slots: usize) -> anyhow::Result<Engine> {
-    let opts = LoadOptions {
-        model_path: path.to_path_buf(),
-        device: DeviceSpec::Cpu,
-        slots,
-        context_length: None,
-    };
-    Engine::load(&opts, &mut |_| {}).with_context(|| format!("loading {}", path.display()))
-}
 
 /// A person: every field bounded (short strings, a number range, an enum, a short list), so a
 /// model of random weights, which never chooses to close a string, still finishes.
@@ -174,7 +159,12 @@ fn params(format: Option<OutputFormat>, seed: u64) -> GenerationParams {
 }
 
 fn generate(engine: &mut Engine, req: &PreparedRequest) -> anyhow::Result<Completion> {
-    Ok(engine.generate(req, &mut |_| ControlFlow::Continue(()))?)
+    alone(engine, req).map(|(_, completion)| completion)
+}
+
+/// The small generated model, Q4_0.
+fn small() -> anyhow::Result<PathBuf> {
+    generated(ModelFormat::Gguf(GgufType::Q4_0))
 }
 
 fn parsed(completion: &Completion) -> Value {
@@ -184,7 +174,7 @@ fn parsed(completion: &Completion) -> Value {
 
 #[test]
 fn a_schema_constrained_generation_parses_and_validates() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 1)?;
+    let mut engine = load(&small()?, 1)?;
     let prompt = || Prompt::Text("Describe a person as JSON:".into());
     for seed in [1, 2, 3] {
         // Unconstrained, the random weights produce no JSON at all: the constraint is what
@@ -216,7 +206,7 @@ fn a_schema_constrained_generation_parses_and_validates() -> anyhow::Result<()> 
 
 #[test]
 fn any_json_object_is_an_object() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 1)?;
+    let mut engine = load(&small()?, 1)?;
     // Greedy: the object closes as soon as the model's favourite allowed token closes it,
     // or the budget runs out; either way it starts as an object.
     let req = engine.prepare(
@@ -239,7 +229,7 @@ fn any_json_object_is_an_object() -> anyhow::Result<()> {
 
 #[test]
 fn a_budget_spent_before_the_json_closes_ends_with_length() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 1)?;
+    let mut engine = load(&small()?, 1)?;
     let req = engine.prepare(
         Prompt::Text("JSON:".into()),
         GenerationParams {
@@ -257,7 +247,7 @@ fn a_budget_spent_before_the_json_closes_ends_with_length() -> anyhow::Result<()
 
 #[test]
 fn a_schema_that_does_not_compile_is_refused_when_prepared() -> anyhow::Result<()> {
-    let engine = load(&generated()?, 1)?;
+    let engine = load(&small()?, 1)?;
     let err = engine
         .prepare(
             Prompt::Text("x".into()),
@@ -278,7 +268,7 @@ fn a_schema_that_does_not_compile_is_refused_when_prepared() -> anyhow::Result<(
 /// Four slots, four schemas, stepped together: every answer validates against its own schema.
 #[test]
 fn four_slots_each_with_its_own_schema() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 4)?;
+    let mut engine = load(&small()?, 4)?;
     assert_eq!(engine.slots(), 4);
     let schemas = [person(), point(), choice(), list()];
     let reqs = schemas
@@ -334,7 +324,7 @@ fn four_slots_each_with_its_own_schema() -> anyhow::Result<()> {
 /// prefix a slot already holds reuses it, and its answer still validates.
 #[test]
 fn a_constrained_request_after_a_cached_prefix_still_validates() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 1)?;
+    let mut engine = load(&small()?, 1)?;
     engine.set_prompt_cache(PromptCacheOptions {
         enabled: true,
         store_bytes: 0,
@@ -397,7 +387,7 @@ fn smollm2_answers_a_chat_in_the_schema() -> anyhow::Result<()> {
 /// never listed as an alternative, and the allowed ones share all the probability.
 #[test]
 fn logprobs_list_only_tokens_the_format_allows() -> anyhow::Result<()> {
-    let mut engine = load(&generated()?, 1)?;
+    let mut engine = load(&small()?, 1)?;
     let req = engine.prepare(
         Prompt::Text("JSON:".into()),
         GenerationParams {

@@ -1,4 +1,4 @@
-//! What the batching tests share: the generated test models, an engine with a number of
+//! What the engine's tests share: the generated test models, an engine with a number of
 //! slots on the CPU device, and a request's tokens generated alone.
 
 use std::ops::ControlFlow;
