@@ -65,7 +65,10 @@ pub fn run(args: &QueenBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.decode_runs > 0, "--decode-runs must be at least 1");
     let latency_spec = ModelSpec::preset(&args.latency_preset, Arch::Llama)?;
     let decode_spec = ModelSpec::preset(&args.decode_preset, Arch::Llama)?;
-    let (queen, worker) = release_binaries(&args.queen, &args.worker)?;
+    let [queen, worker] = release_binaries([
+        (&args.queen, "queen-rbee"),
+        (&args.worker, "llm-worker-rbee"),
+    ])?;
 
     let mut models = Vec::new();
     for (spec, preset) in [
@@ -90,23 +93,7 @@ async fn measure(
     worker_bin: &Path,
     models: &[PathBuf],
 ) -> anyhow::Result<()> {
-    let queen_port = free_port()?;
-    let queen_url = format!("http://127.0.0.1:{queen_port}");
-    let mut queen = WorkerProcess(
-        Command::new(queen_bin)
-            .args(["--port", &queen_port.to_string()])
-            .args(["--heartbeat-interval", "1s"])
-            .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
-            .env("RBEE_API_KEYS", API_KEY)
-            .env_remove("RBEE_ADMIN_KEYS")
-            .env_remove("RBEE_QUEEN_CONFIG")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the queen")?,
-    );
-    wait_answering("the queen", &format!("{queen_url}/health"), &mut queen).await?;
+    let (_queen, queen_url) = start_queen(queen_bin, "info").await?;
 
     let mut workers = Vec::new();
     for (model, name) in models.iter().zip([LATENCY_MODEL, DECODE_MODEL]) {
@@ -237,19 +224,17 @@ async fn measure(
     Ok(())
 }
 
-/// The queen and worker binaries to measure: those given, else the workspace's release builds
-/// (built first).
-pub(crate) fn release_binaries(
-    queen: &Option<PathBuf>,
-    worker: &Option<PathBuf>,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// The binaries to measure, each `(given, package)`: the path given, else the workspace's
+/// release build of the package (built first, all in one `cargo build`).
+pub(crate) fn release_binaries<const N: usize>(
+    wanted: [(&Option<PathBuf>, &str); N],
+) -> anyhow::Result<[PathBuf; N]> {
     let root = crate::tasks::workspace_root();
-    let mut packages = Vec::new();
-    for (given, package) in [(queen, "queen-rbee"), (worker, "llm-worker-rbee")] {
-        if given.is_none() {
-            packages.extend(["-p", package]);
-        }
-    }
+    let packages: Vec<&str> = wanted
+        .iter()
+        .filter(|(given, _)| given.is_none())
+        .flat_map(|(_, package)| ["-p", package])
+        .collect();
     if !packages.is_empty() {
         eprintln!("building {} (release)…", packages.join(" "));
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -259,12 +244,38 @@ pub(crate) fn release_binaries(
             .status()?;
         anyhow::ensure!(status.success(), "building the binaries failed");
     }
-    let bin = |given: &Option<PathBuf>, name: &str| {
+    // Each package's binary has the package's name.
+    Ok(wanted.map(|(given, package)| {
         given
             .clone()
-            .unwrap_or_else(|| root.join("target/release").join(name))
-    };
-    Ok((bin(queen, "queen-rbee"), bin(worker, "llm-worker-rbee")))
+            .unwrap_or_else(|| root.join("target/release").join(package))
+    }))
+}
+
+/// Starts a queen on a free loopback port (1 s heartbeats, [`CLUSTER_TOKEN`], [`API_KEY`] as
+/// its only client key, no admin keys) and waits until it answers; returns it and its URL.
+pub(crate) async fn start_queen(
+    queen_bin: &Path,
+    rust_log: &str,
+) -> anyhow::Result<(WorkerProcess, String)> {
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut queen = WorkerProcess(
+        Command::new(queen_bin)
+            .args(["--port", &port.to_string()])
+            .args(["--heartbeat-interval", "1s"])
+            .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+            .env("RBEE_API_KEYS", API_KEY)
+            .env_remove("RBEE_ADMIN_KEYS")
+            .env_remove("RBEE_QUEEN_CONFIG")
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start the queen")?,
+    );
+    wait_answering("the queen", &format!("{url}/health"), &mut queen).await?;
+    Ok((queen, url))
 }
 
 pub(crate) fn free_port() -> anyhow::Result<u16> {
@@ -307,34 +318,52 @@ pub(crate) async fn wait_answering(
 }
 
 /// Waits until the queen lists a ready worker for each of `models`.
-pub(crate) async fn wait_registered(queen_url: &str, models: &[&str]) -> anyhow::Result<()> {
+async fn wait_registered(queen_url: &str, models: &[&str]) -> anyhow::Result<()> {
     #[derive(serde::Deserialize)]
     struct Workers {
         workers: Vec<WorkerInfo>,
     }
+    wait_listed(
+        queen_url,
+        "/v1/workers",
+        "the workers",
+        |listed: &Workers| {
+            models.iter().all(|model| {
+                listed
+                    .workers
+                    .iter()
+                    .any(|w| w.model == *model && w.state == WorkerState::Ready)
+            })
+        },
+    )
+    .await
+}
+
+/// Waits until `GET {queen_url}{path}` (with the API key) answers what `ready` accepts: `what`
+/// has registered with the queen.
+pub(crate) async fn wait_listed<T: serde::de::DeserializeOwned>(
+    queen_url: &str,
+    path: &str,
+    what: &str,
+    ready: impl Fn(&T) -> bool,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let listed = client
-            .get(format!("{queen_url}/v1/workers"))
+            .get(format!("{queen_url}{path}"))
             .bearer_auth(API_KEY)
             .send()
             .await?
             .error_for_status()?
-            .json::<Workers>()
-            .await?
-            .workers;
-        let ready = |model: &str| {
-            listed
-                .iter()
-                .any(|w| w.model == model && w.state == WorkerState::Ready)
-        };
-        if models.iter().all(|m| ready(m)) {
+            .json::<T>()
+            .await?;
+        if ready(&listed) {
             return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the workers did not register with the queen"
+            "{what} did not register with the queen"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -1,50 +1,58 @@
 //! `cargo xtask bench soak`: whether the daemons' memory stays flat under a long run of jobs.
 //!
-//! A release-built queen and one release-built worker on the smallest generated model, which
-//! registers with the queen by heartbeat. Many short jobs go through the queen's job API at a
-//! fixed concurrency; every so many finished requests the resident set size (`VmRSS` of
-//! `/proc/<pid>/status`) of each daemon is sampled. The queen retains finished jobs (up to its
-//! job limit, for five minutes) and so does the worker, so memory is expected to rise while
-//! those registries fill and then stay level: growth after the warm-up is what the table shows.
+//! A release-built queen and hive as deployed: the hive registers with the queen by heartbeat,
+//! and the first job, for the smallest generated model under the hive's allowed model
+//! directory, has the hive start the worker (a cold start). Then many short jobs go through the
+//! queen's job API at a fixed concurrency: `infer` jobs, which the queen relays to the worker,
+//! and every so often a `worker_list`, which the queen forwards to the hive as a hive job.
+//! Every so many finished requests the resident set size (`VmRSS` of `/proc/<pid>/status`) of
+//! each daemon is sampled. Each daemon retains finished jobs (up to its job limit, for five
+//! minutes), so memory is expected to rise while those registries fill and then stay level:
+//! growth after the warm-up is what the table shows.
 //!
 //! Figures are printed, never asserted: they depend on the machine.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{InferRequest, JobEvent, Operation};
+use rbee_contract::{HiveTarget, InferRequest, JobEvent, Operation};
 
 use crate::bench::WorkerProcess;
 use crate::bench_queen::{
-    API_KEY, CLUSTER_TOKEN, free_port, release_binaries, wait_answering, wait_registered,
+    API_KEY, CLUSTER_TOKEN, free_port, release_binaries, start_queen, wait_answering, wait_listed,
 };
 
-const MODEL: &str = "bench-soak";
 const PROMPT: &str = "The quick brown fox";
+/// The daemons sampled, in the order of [`Sample::rss_kib`].
+const DAEMONS: [&str; 3] = ["queen", "hive", "worker"];
 
 #[derive(Debug, clap::Args)]
 pub struct SoakBench {
-    /// Jobs sent through the queen in all.
+    /// Requests sent through the queen in all.
     #[arg(long, default_value_t = 5000)]
     requests: usize,
-    /// Jobs in flight at once.
+    /// Requests in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Every Nth request is a `worker_list`, which the queen forwards to the hive as a hive
+    /// job; the others are `infer` jobs. `0`: none. The default fills every registry at the
+    /// same point: after 5,120 requests the queen has had 4,096 jobs and more, the worker 4,096
+    /// and the hive its 1,024.
+    #[arg(long, default_value_t = 5)]
+    hive_every: usize,
     /// Requests between two samples of each daemon's memory.
     #[arg(long, default_value_t = 250)]
     sample_every: usize,
-    /// Requests after which the daemons count as warmed up: the baseline of the growth. The
-    /// default is past the 4,096 finished jobs the queen and the worker each retain (for five
-    /// minutes): until their registries are full, memory rises by design.
+    /// Requests after which the daemons count as warmed up: the baseline of the growth. Until
+    /// the registries of finished jobs are full (see `--hive-every`), memory rises by design.
     #[arg(long, default_value_t = 4500)]
     warm_up: usize,
-    /// Tokens each job asks for.
+    /// Tokens each `infer` job asks for.
     #[arg(long, default_value_t = 4)]
     max_tokens: u32,
     /// Model preset of the worker.
@@ -53,16 +61,19 @@ pub struct SoakBench {
     /// GGUF type of the model.
     #[arg(long, default_value = "q4_0")]
     format: GgufType,
-    /// Slots of the worker (sequences decoded at once).
+    /// Slots of the worker (sequences decoded at once): the hive's `--worker-slots`.
     #[arg(long, default_value_t = 8)]
     slots: u32,
-    /// Threads of the worker.
+    /// Threads of the worker: `RBEE_THREADS` of the hive, which its workers inherit.
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// A queen binary to measure instead of the workspace's release build.
     #[arg(long)]
     queen: Option<PathBuf>,
-    /// A worker binary to measure instead of the workspace's release build.
+    /// A hive binary to measure instead of the workspace's release build.
+    #[arg(long)]
+    hive: Option<PathBuf>,
+    /// A worker binary for the hive to start instead of the workspace's release build.
     #[arg(long)]
     worker: Option<PathBuf>,
 }
@@ -73,156 +84,210 @@ pub fn run(args: &SoakBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.sample_every > 0, "--sample-every must be at least 1");
     anyhow::ensure!(args.max_tokens > 0, "--max-tokens must be at least 1");
     let spec = ModelSpec::preset(&args.preset, Arch::Llama)?;
-    let (queen, worker) = release_binaries(&args.queen, &args.worker)?;
+    let binaries = release_binaries([
+        (&args.queen, "queen-rbee"),
+        (&args.hive, "rbee-hive"),
+        (&args.worker, "llm-worker-rbee"),
+    ])?;
     eprintln!("preparing the {} llama {} model…", args.preset, args.format);
     let model = model_gen::ensure_generated(
         &spec,
         ModelFormat::Gguf(args.format),
         &model_gen::paths::generated_dir(),
     )?;
+    // The queen lets an API key name a path only as written under a hive's allowed
+    // directory, which the hive reports resolved.
+    let model =
+        std::fs::canonicalize(&model).with_context(|| format!("resolve {}", model.display()))?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(soak(args, &queen, &worker, &model))
+    runtime.block_on(soak(args, &binaries, &model))
 }
 
-/// Each daemon's resident set after `done` requests, in KiB.
+/// Each daemon's resident set after `done` requests, in KiB, in the order of [`DAEMONS`].
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     done: usize,
-    queen_kib: u64,
-    worker_kib: u64,
+    rss_kib: [u64; 3],
+}
+
+/// What one request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// An `infer` job, which the queen relays to the worker.
+    Infer,
+    /// A `worker_list`, which the queen forwards to the hive as a hive job.
+    HiveJob,
+}
+
+impl Request {
+    fn operation(self) -> &'static str {
+        match self {
+            Request::Infer => "infer",
+            Request::HiveJob => "worker_list",
+        }
+    }
+
+    /// The `i`-th request (from 0): every `hive_every`-th one a hive job.
+    fn nth(i: usize, hive_every: usize) -> Request {
+        if hive_every > 0 && (i + 1).is_multiple_of(hive_every) {
+            Request::HiveJob
+        } else {
+            Request::Infer
+        }
+    }
+}
+
+/// What the requests left behind: the samples taken, and each failed request's reason.
+#[derive(Default)]
+struct Outcomes {
+    samples: Vec<Sample>,
+    failures: Vec<(Request, String)>,
 }
 
 async fn soak(
     args: &SoakBench,
-    queen_bin: &Path,
-    worker_bin: &Path,
+    [queen_bin, hive_bin, worker_bin]: &[PathBuf; 3],
     model: &Path,
 ) -> anyhow::Result<()> {
-    let queen_port = free_port()?;
-    let queen_url = format!("http://127.0.0.1:{queen_port}");
-    let mut queen = WorkerProcess(
-        Command::new(queen_bin)
-            .args(["--port", &queen_port.to_string()])
-            .args(["--heartbeat-interval", "1s"])
-            .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
-            .env("RBEE_API_KEYS", API_KEY)
-            .env_remove("RBEE_ADMIN_KEYS")
-            .env_remove("RBEE_QUEEN_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the queen")?,
-    );
-    wait_answering("the queen", &format!("{queen_url}/health"), &mut queen).await?;
+    let (mut queen, queen_url) = start_queen(queen_bin, "warn").await?;
 
-    let worker_port = free_port()?;
-    let worker_url = format!("http://127.0.0.1:{worker_port}");
-    let mut worker = WorkerProcess(
-        Command::new(worker_bin)
-            .args(["--model", &model.display().to_string()])
-            .args(["--model-ref", MODEL, "--worker-id", MODEL])
-            .args(["--port", &worker_port.to_string()])
-            .args(["--threads", &args.threads.to_string()])
-            .args(["--slots", &args.slots.to_string()])
+    let scratch = tempfile::tempdir()?;
+    let hive_port = free_port()?;
+    let hive_url = format!("http://127.0.0.1:{hive_port}");
+    let model_dir = model.parent().context("the model file has no directory")?;
+    let mut hive = WorkerProcess(
+        Command::new(hive_bin)
+            .args(["--port", &hive_port.to_string()])
             .args(["--queen-url", &queen_url, "--heartbeat-interval", "1s"])
+            .args(["--hive-id", "bench-soak"])
+            .arg("--worker-binary")
+            .arg(worker_bin)
+            .args(["--worker-slots", &args.slots.to_string()])
+            .arg("--allow-model-dir")
+            .arg(model_dir)
+            // The catalog and the worker's log, never in the user's directories.
+            .arg("--model-dir")
+            .arg(scratch.path().join("models"))
+            .arg("--log-dir")
+            .arg(scratch.path().join("logs"))
             .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
+            .env("RBEE_THREADS", args.threads.to_string())
+            .env_remove("RBEE_HIVE_MAX_JOBS")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("start the worker")?,
+            .context("start the hive")?,
     );
-    wait_answering("the worker", &format!("{worker_url}/v1/ready"), &mut worker).await?;
-    wait_registered(&queen_url, &[MODEL]).await?;
+    wait_answering("the hive", &format!("{hive_url}/health"), &mut hive).await?;
+    wait_listed(
+        &queen_url,
+        "/v1/hives",
+        "the hive",
+        |listed: &serde_json::Value| listed["hives"][0]["status"] == "healthy",
+    )
+    .await?;
 
-    let pids = (queen.0.id(), worker.0.id());
     let client = job_client::JobClient::new(&queen_url).with_token(API_KEY);
-    let operation = Operation::Infer(InferRequest {
-        model: MODEL.into(),
+    let infer = Operation::Infer(InferRequest {
+        model: model.display().to_string(),
         prompt: Some(PROMPT.into()),
         max_tokens: Some(args.max_tokens),
         temperature: Some(0.0),
         ..Default::default()
     });
-    let mut samples = vec![sample(0, pids)?];
+    let worker_list = Operation::WorkerList(HiveTarget { hive_id: None });
+    eprintln!("cold start: the hive starts the worker…");
+    if let Some(failure) = failure(client.run_to_end(&infer, |_| {}).await) {
+        bail!("the cold start failed: {failure}");
+    }
+    let worker_pid = only_child(hive.0.id())?;
+    let pids = [queen.0.id(), hive.0.id(), worker_pid];
+    let first = sample(0, pids)?;
 
     eprintln!(
-        "{} jobs through the queen at concurrency {}…",
+        "{} requests through the queen at concurrency {}…",
         args.requests, args.concurrency
     );
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let taken = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let outcomes = Arc::new(Mutex::new(Outcomes::default()));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(args.requests) {
-        let (client, operation) = (client.clone(), operation.clone());
-        let (next, done, failures, taken) = (
-            Arc::clone(&next),
-            Arc::clone(&done),
-            Arc::clone(&failures),
-            Arc::clone(&taken),
-        );
-        let (requests, every) = (args.requests, args.sample_every);
+        let (client, infer, worker_list) = (client.clone(), infer.clone(), worker_list.clone());
+        let (next, done, outcomes) = (Arc::clone(&next), Arc::clone(&done), Arc::clone(&outcomes));
+        let (requests, hive_every, every) = (args.requests, args.hive_every, args.sample_every);
         tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, Ordering::Relaxed) < requests {
-                match client.run_to_end(&operation, |_| {}).await {
-                    Ok(JobEvent::Done { .. }) => {}
-                    Ok(JobEvent::Error { code, message }) => {
-                        lock(&failures).push(format!("{code}: {message}"));
-                    }
-                    Ok(other) => lock(&failures).push(format!("ended with {other:?}")),
-                    Err(err) => lock(&failures).push(err.to_string()),
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    return anyhow::Ok(());
+                }
+                let request = Request::nth(i, hive_every);
+                let operation = match request {
+                    Request::Infer => &infer,
+                    Request::HiveJob => &worker_list,
+                };
+                if let Some(failure) = failure(client.run_to_end(operation, |_| {}).await) {
+                    lock(&outcomes).failures.push((request, failure));
                 }
                 let finished = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if finished % every == 0 || finished == requests {
-                    match sample(finished, pids) {
-                        Ok(s) => lock(&taken).push(s),
-                        Err(err) => lock(&failures).push(format!("sampling: {err:#}")),
-                    }
+                    let taken = sample(finished, pids)?;
+                    lock(&outcomes).samples.push(taken);
                 }
             }
         }));
     }
     for task in tasks {
-        task.await?;
+        task.await??;
     }
     let elapsed = started.elapsed();
-    if let Some(status) = queen.0.try_wait()? {
-        bail!("the queen exited during the run: {status}");
+    for (name, process) in [("queen", &mut queen), ("hive", &mut hive)] {
+        if let Some(status) = process.0.try_wait()? {
+            bail!("the {name} exited during the run: {status}");
+        }
     }
-    if let Some(status) = worker.0.try_wait()? {
-        bail!("the worker exited during the run: {status}");
-    }
-    samples.extend(lock(&taken).iter().copied());
+    let Outcomes {
+        mut samples,
+        failures,
+    } = std::mem::take(&mut *lock(&outcomes));
+    samples.push(first);
     samples.sort_by_key(|s| s.done);
-    let failures = lock(&failures).clone();
 
+    let hive_jobs = (0..args.requests)
+        .filter(|&i| Request::nth(i, args.hive_every) == Request::HiveJob)
+        .count();
+    let failed = |kind: Request| failures.iter().filter(|(r, _)| *r == kind).count();
     println!();
     println!(
-        "soak benchmark: release build, a queen and one worker ({} llama {}, {} slots, {} threads) on this machine",
+        "soak benchmark: release build, a queen, a hive and the worker it started ({} llama {}, {} slots, {} threads) on this machine",
         args.preset, args.format, args.slots, args.threads
     );
     println!(
-        "{} jobs through the queen's job API at concurrency {} (prompt {PROMPT:?}, max_tokens {}, greedy) in {:.1} s ({:.0} jobs/s); {} failed",
+        "{} requests through the queen's job API at concurrency {} in {:.1} s ({:.0} requests/s): {} `infer` (prompt {PROMPT:?}, max_tokens {}, greedy), {} failed; {} `worker_list` forwarded to the hive, {} failed",
         args.requests,
         args.concurrency,
-        args.max_tokens,
         elapsed.as_secs_f64(),
         args.requests as f64 / elapsed.as_secs_f64(),
-        failures.len()
+        args.requests - hive_jobs,
+        args.max_tokens,
+        failed(Request::Infer),
+        hive_jobs,
+        failed(Request::HiveJob),
     );
     println!();
-    println!("| requests done | queen RSS MiB | worker RSS MiB |");
-    println!("|---|---|---|");
+    println!(
+        "| requests done |{}",
+        DAEMONS.map(|name| format!(" {name} RSS MiB |")).concat()
+    );
+    println!("|---|{}", "---|".repeat(DAEMONS.len()));
     for s in &samples {
         println!(
-            "| {} | {:.1} | {:.1} |",
+            "| {} |{}",
             s.done,
-            mib(s.queen_kib),
-            mib(s.worker_kib)
+            s.rss_kib.map(|kib| format!(" {:.1} |", mib(kib))).concat()
         );
     }
     let last = *samples.last().expect("the first sample is always there");
@@ -232,10 +297,8 @@ async fn soak(
         .copied()
         .unwrap_or(last);
     println!();
-    for (name, at_warm, at_last) in [
-        ("queen", warm.queen_kib, last.queen_kib),
-        ("worker", warm.worker_kib, last.worker_kib),
-    ] {
+    for (d, name) in DAEMONS.iter().enumerate() {
+        let (at_warm, at_last) = (warm.rss_kib[d], last.rss_kib[d]);
         let growth = at_last as f64 / at_warm.max(1) as f64 - 1.0;
         println!(
             "{name}: {:.1} MiB after {} requests, {:.1} MiB after {} ({:+.1} MiB, {:+.1}%): {}",
@@ -252,8 +315,40 @@ async fn soak(
             }
         );
     }
-    if let Some(first) = failures.first() {
-        println!("first failure: {first}");
+    for kind in [Request::Infer, Request::HiveJob] {
+        if let Some((_, first)) = failures.iter().find(|(r, _)| *r == kind) {
+            println!("first failed `{}`: {first}", kind.operation());
+        }
+    }
+    stop_cluster(&queen_url, [&mut queen, &mut hive]).await
+}
+
+/// Why a request failed, or `None` when it ended `done`.
+fn failure(outcome: Result<JobEvent, job_client::ClientError>) -> Option<String> {
+    match outcome {
+        Ok(JobEvent::Done { .. }) => None,
+        Ok(JobEvent::Error { code, message }) => Some(format!("{code}: {message}")),
+        Ok(other) => Some(format!("ended with {other:?}")),
+        Err(err) => Some(err.to_string()),
+    }
+}
+
+/// Stops the whole cluster as `rbee-keeper queen stop` does: the queen stops the hive, which
+/// stops the worker it started, and each exits.
+async fn stop_cluster(queen_url: &str, daemons: [&mut WorkerProcess; 2]) -> anyhow::Result<()> {
+    reqwest::Client::new()
+        .post(format!("{queen_url}/v1/shutdown"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?
+        .error_for_status()
+        .context("stop the cluster")?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for daemon in daemons {
+        while daemon.0.try_wait()?.is_none() {
+            anyhow::ensure!(Instant::now() < deadline, "the cluster did not stop");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     Ok(())
 }
@@ -268,16 +363,16 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn sample(done: usize, (queen, worker): (u32, u32)) -> anyhow::Result<Sample> {
-    Ok(Sample {
-        done,
-        queen_kib: rss_kib(queen)?,
-        worker_kib: rss_kib(worker)?,
-    })
+fn sample(done: usize, pids: [u32; 3]) -> anyhow::Result<Sample> {
+    let mut rss_kib = [0; 3];
+    for (kib, pid) in rss_kib.iter_mut().zip(pids) {
+        *kib = rss_kib_of(pid)?;
+    }
+    Ok(Sample { done, rss_kib })
 }
 
 /// `VmRSS` of a process, in KiB.
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+fn rss_kib_of(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
     status
@@ -285,4 +380,33 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// The one child process of `parent`: the worker a hive started.
+fn only_child(parent: u32) -> anyhow::Result<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // `pid (comm) state ppid …`, where comm may itself hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|ppid| ppid.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    match children[..] {
+        [pid] => Ok(pid),
+        _ => bail!("the hive has {} child processes, not one", children.len()),
+    }
 }
