@@ -333,6 +333,98 @@ fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::{Plan, SeqTokens};
+
+    /// The tiny generated llama model on the engine's CPU path, holding one sequence.
+    fn tiny_cpu_model() -> CpuLlama {
+        use model_gen::{GgufType, ModelFormat, ModelSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        model_gen::write_model(&ModelSpec::tiny(), ModelFormat::Gguf(GgufType::Q8_0), &path)
+            .unwrap();
+        let mut reader = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+        let content = candle_core::quantized::gguf_file::Content::read(&mut reader).unwrap();
+        Plan::new(&gguf_info::Header::open(&path).unwrap(), 512)
+            .unwrap()
+            .load(&content, &mut reader, 1, &mut |_, _| {})
+            .unwrap()
+    }
+
+    /// One request on slot 0 as the engine serves it: the cache prepares the slot, the model
+    /// evaluates the rest of the prompt, the cache records what the slot now holds.
+    fn request(cache: &mut PromptCache, model: &mut CpuLlama, prompt: &[u32]) -> Reuse {
+        let reuse = cache
+            .take(0, prompt, &[u64::from(prompt[0])], Some(&mut *model))
+            .unwrap();
+        let rest = &prompt[reuse.cached..];
+        model
+            .step(&[SeqTokens {
+                seq: 0,
+                tokens: rest,
+                pos: reuse.cached,
+            }])
+            .unwrap();
+        cache.fed(0, rest, reuse.cached);
+        reuse
+    }
+
+    /// The first token of each stored prefix, sorted.
+    fn stored(cache: &PromptCache) -> Vec<u32> {
+        let mut firsts: Vec<u32> = cache.store.iter().map(|e| e.tokens[0]).collect();
+        firsts.sort_unstable();
+        firsts
+    }
+
+    #[test]
+    fn the_store_drops_its_least_recently_used_prefix_first() {
+        let mut model = tiny_cpu_model();
+        let mut cache = PromptCache::new(1);
+        // Prompts long enough for the slot's tokens to be kept when a request moves it on; a
+        // prompt this short is not kept, so it moves the slot on without filling the store.
+        let prompt = |first: u32| -> Vec<u32> { (first..=first + MIN_STORED as u32).collect() };
+        let (a, b, c) = (prompt(100), prompt(200), prompt(300));
+        let short = [400, 401];
+        let entry = a.len() * model.kv_bytes_per_position();
+        // Room for two prefixes, not three.
+        cache.set_options(PromptCacheOptions {
+            enabled: true,
+            store_bytes: 2 * entry,
+        });
+
+        // Insert A, then B.
+        request(&mut cache, &mut model, &a);
+        request(&mut cache, &mut model, &b);
+        assert_eq!(stored(&cache), [100]);
+        request(&mut cache, &mut model, &short);
+        assert_eq!(stored(&cache), [100, 200]);
+        assert_eq!(cache.store_used(), 2 * entry);
+
+        // Use A: it is copied back from the store.
+        let reuse = request(&mut cache, &mut model, &a);
+        assert_eq!(
+            reuse,
+            Reuse {
+                cached: a.len() - 1,
+                from_store: true
+            }
+        );
+        assert_eq!(stored(&cache), [100, 200]);
+
+        // Insert C: the store is full, and B, the least recently used, makes room; A, stored
+        // first, stays.
+        request(&mut cache, &mut model, &c);
+        request(&mut cache, &mut model, &short);
+        assert_eq!(stored(&cache), [100, 300]);
+        assert_eq!(cache.store_used(), 2 * entry);
+
+        // A and C are still served from the store, B is not.
+        let reuse = request(&mut cache, &mut model, &c);
+        assert_eq!((reuse.cached, reuse.from_store), (c.len() - 1, true));
+        let reuse = request(&mut cache, &mut model, &a);
+        assert_eq!((reuse.cached, reuse.from_store), (a.len() - 1, true));
+        let reuse = request(&mut cache, &mut model, &b);
+        assert_eq!((reuse.cached, reuse.from_store), (0, false));
+    }
 
     #[test]
     fn the_last_prompt_token_is_never_cached() {
