@@ -1,13 +1,14 @@
 //! Structured output end to end through a real queen, hive and worker: `response_format` on
 //! the job API's `infer` and on the OpenAI routes gives JSON that parses and validates, from a
 //! generated model whose random weights write garbage unconstrained, four requests with four
-//! schemas at once; a schema that does not compile is a 400 naming the problem before any job;
-//! and the official `openai` Python package's `parse` with a Pydantic model, streaming,
-//! `json_object`, completions and the 400, against SmolLM2.
+//! schemas at once on a worker with four slots (none waits for another's slot); a schema that
+//! does not compile is a 400 naming the problem before any job; and the official `openai`
+//! Python package's `parse` with a Pydantic model, streaming, `json_object`, completions and
+//! the 400, against SmolLM2.
 
 use rbee_contract::{FinishReason, JobEvent};
 use serde_json::{Value, json};
-use test_harness::{TestCluster, run_openai_script, smollm2, tiny_model};
+use test_harness::{TestCluster, read_raw_stream, run_openai_script, smollm2, tiny_model};
 
 /// A person: every field bounded, so that a model of random weights, which never chooses to
 /// close a string, still finishes the object.
@@ -165,7 +166,10 @@ async fn infer_with_a_json_schema_gives_valid_json_from_a_random_model() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn four_openai_requests_with_four_schemas_at_once_each_validate() {
-    let cluster = TestCluster::start(&tiny_model(), &[]).await;
+    // Four slots: the four requests run side by side in the worker's batch, each slot with
+    // its own schema's constraint, rather than one after another.
+    let cluster = TestCluster::start_with(&tiny_model(), &[], &["--worker-slots", "4"]).await;
+    assert_eq!(cluster.worker.slots_total, 4, "{:?}", cluster.worker);
     let http = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", cluster.queen.url);
     let requests = schemas().into_iter().enumerate().map(|(i, schema)| {
@@ -182,19 +186,53 @@ async fn four_openai_requests_with_four_schemas_at_once_each_validate() {
         async move {
             let response = http.post(&url).json(&body).send().await.expect("POST");
             let status = response.status().as_u16();
+            let job_id = response
+                .headers()
+                .get("x-rbee-job-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             (
                 schema,
                 status,
+                job_id,
                 response.json::<Value>().await.expect("JSON"),
             )
         }
     });
-    for (schema, status, answer) in futures::future::join_all(requests).await {
+    for (i, (schema, status, job_id, answer)) in futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(status, 200, "{answer}");
         assert_eq!(answer["choices"][0]["finish_reason"], "stop", "{answer}");
         parses_and_validates(
             &schema,
             answer["choices"][0]["message"]["content"].as_str().unwrap(),
+        );
+        // The job's events, read again from the queen: it went to a free slot at once, never
+        // waiting in line for another request's slot (with one slot, three of them would).
+        let job_id = job_id.expect("the answer names its job");
+        let events = http
+            .get(format!("{}/v1/jobs/{job_id}/stream", cluster.queen.url))
+            .send()
+            .await
+            .expect("GET the job's stream");
+        let events = read_raw_stream(events).await.expect("the job's events");
+        events.assert_one_terminal_then_done("queen");
+        assert_eq!(
+            events.token_ids().len() as u64,
+            answer["usage"]["completion_tokens"].as_u64().unwrap(),
+            "request {i}: the job's events are all there: {:?}",
+            events.events
+        );
+        assert!(
+            !events
+                .events
+                .iter()
+                .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
+            "request {i} waited in line with four slots: {:?}",
+            events.events
         );
     }
 
