@@ -2,7 +2,8 @@
 //! has four slots, and the tiny generated model. Choice `i` of a request with a seed is what
 //! one choice with `seed + i` samples, so the choices differ and come back the same on every
 //! run; streamed, the chunks of the choices interleave by `index` and assemble into the same
-//! texts; `n` above 8 is a 400. Then the official `openai` Python package asks for them.
+//! texts; `n` of 8, the limit, gets eight choices (more than the worker's slots: the rest wait
+//! their turn), and above it is a 400. Then the official `openai` Python package asks for them.
 //! Log-probabilities' `bytes` are each token's own: a character split across tokens is
 //! rebuilt by joining them.
 
@@ -177,6 +178,30 @@ async fn n_choices_are_the_seeds_choices_reproducible_streamed_and_capped() {
             .push_str(choice["text"].as_str().unwrap());
     }
     assert_eq!(assembled.to_vec(), texts(&text_answer));
+
+    // The limit itself is served: eight choices, each with its index, text and
+    // finish_reason, and every one generated its tokens.
+    let mut body = chat_body(&model, 8, 20);
+    body["max_tokens"] = json!(3);
+    let (status, eight) = call(&cluster, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{eight}\n{}", logs());
+    let choices = eight["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 8, "{eight}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i, "{eight}");
+        assert_eq!(choice["finish_reason"], "length", "{eight}");
+        assert_eq!(choice["message"]["role"], "assistant", "{eight}");
+    }
+    assert_eq!(eight["usage"]["completion_tokens"], 24, "{eight}");
+    assert_eq!(
+        eight["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    // The last choice is the last seed's, as alone.
+    let mut last = chat_body(&model, 1, 27);
+    last["max_tokens"] = json!(3);
+    let (_, last) = call(&cluster, "/v1/chat/completions", &last).await;
+    assert_eq!(texts(&last), vec![texts(&eight)[7].clone()]);
 
     // Above the limit: a 400 naming `n` and the limit, before any job.
     for path in ["/v1/chat/completions", "/v1/completions"] {
