@@ -21,9 +21,10 @@ use model_gen::{Arch, GgufType, ModelFormat, ModelSpec};
 use serde_json::{Value, json};
 
 use crate::bench::WorkerProcess;
+use crate::bench_queen::{
+    API_KEY, CLUSTER_TOKEN, free_port, start_queen, wait_answering, wait_listed,
+};
 
-const CLUSTER_TOKEN: &str = "bench-chat-cluster-token";
-const API_KEY: &str = "bench-chat-api-key";
 /// The model name the workers register under.
 const MODEL: &str = "bench-chat";
 const WORKER_IDS: [&str; 2] = ["chat-w1", "chat-w2"];
@@ -132,28 +133,7 @@ async fn measure(
     model: &Path,
     documents: &[String; 2],
 ) -> anyhow::Result<Vec<Turn>> {
-    let queen_port = free_port()?;
-    let queen_url = format!("http://127.0.0.1:{queen_port}");
-    let mut queen = WorkerProcess(
-        Command::new(queen_bin)
-            .args(["--port", &queen_port.to_string()])
-            .args(["--heartbeat-interval", "500ms"])
-            .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
-            .env("RBEE_API_KEYS", API_KEY)
-            .env_remove("RBEE_ADMIN_KEYS")
-            .env_remove("RBEE_QUEEN_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start the queen")?,
-    );
-    wait_answering(
-        "the queen",
-        &format!("{queen_url}/health"),
-        None,
-        &mut queen,
-    )
-    .await?;
+    let (_queen, queen_url) = start_queen(queen_bin, "500ms", "warn").await?;
 
     // The workers' logs stay for a look at where a turn's time went ("generation ended" lines
     // carry prefill and decode times).
@@ -179,10 +159,24 @@ async fn measure(
                 .context("start a worker")?,
         );
         let ready = format!("{url}/v1/ready");
-        wait_answering("a worker", &ready, Some(CLUSTER_TOKEN), &mut child).await?;
+        wait_answering("a worker", &ready, &mut child).await?;
         workers.push((child, url));
     }
-    wait_registered(&queen_url).await?;
+    wait_listed(
+        &queen_url,
+        "/v1/workers",
+        "the workers",
+        |listed: &Value| {
+            let ready = listed["workers"].as_array().map_or(0, |workers| {
+                workers
+                    .iter()
+                    .filter(|w| w["model"] == MODEL && w["state"] == "ready")
+                    .count()
+            });
+            ready == WORKER_IDS.len()
+        },
+    )
+    .await?;
     eprintln!("worker logs: {}", logs.display());
 
     let http = reqwest::Client::new();
@@ -430,67 +424,4 @@ fn document(model: &Path, tokens: usize, seed: usize) -> anyhow::Result<String> 
         text = candidate;
     }
     Ok(text.trim_end().to_string())
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Polls `url` until it answers 2xx; fails when `child` exits first.
-async fn wait_answering(
-    what: &str,
-    url: &str,
-    token: Option<&str>,
-    child: &mut WorkerProcess,
-) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Some(status) = child.0.try_wait()? {
-            bail!("{what} exited early: {status}");
-        }
-        let mut request = client.get(url);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Ok(r) = request.send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(Instant::now() < deadline, "{what} did not answer {url}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Waits until the queen lists both workers as ready.
-async fn wait_registered(queen_url: &str) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed: Value = client
-            .get(format!("{queen_url}/v1/workers"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let ready = listed["workers"].as_array().map_or(0, |workers| {
-            workers
-                .iter()
-                .filter(|w| w["model"] == MODEL && w["state"] == "ready")
-                .count()
-        });
-        if ready == WORKER_IDS.len() {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the workers did not register with the queen"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

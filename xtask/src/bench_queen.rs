@@ -93,7 +93,7 @@ async fn measure(
     worker_bin: &Path,
     models: &[PathBuf],
 ) -> anyhow::Result<()> {
-    let (_queen, queen_url) = start_queen(queen_bin, "info").await?;
+    let (_queen, queen_url) = start_queen(queen_bin, "1s", "info").await?;
 
     let mut workers = Vec::new();
     for (model, name) in models.iter().zip([LATENCY_MODEL, DECODE_MODEL]) {
@@ -252,10 +252,12 @@ pub(crate) fn release_binaries<const N: usize>(
     }))
 }
 
-/// Starts a queen on a free loopback port (1 s heartbeats, [`CLUSTER_TOKEN`], [`API_KEY`] as
-/// its only client key, no admin keys) and waits until it answers; returns it and its URL.
+/// Starts a queen on a free loopback port (heartbeats every `heartbeat`, [`CLUSTER_TOKEN`],
+/// [`API_KEY`] as its only client key, no admin keys) and waits until it answers; returns it and
+/// its URL.
 pub(crate) async fn start_queen(
     queen_bin: &Path,
+    heartbeat: &str,
     rust_log: &str,
 ) -> anyhow::Result<(WorkerProcess, String)> {
     let port = free_port()?;
@@ -263,7 +265,7 @@ pub(crate) async fn start_queen(
     let mut queen = WorkerProcess(
         Command::new(queen_bin)
             .args(["--port", &port.to_string()])
-            .args(["--heartbeat-interval", "1s"])
+            .args(["--heartbeat-interval", heartbeat])
             .env("RBEE_CLUSTER_TOKEN", CLUSTER_TOKEN)
             .env("RBEE_API_KEYS", API_KEY)
             .env_remove("RBEE_ADMIN_KEYS")

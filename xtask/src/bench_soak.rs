@@ -149,7 +149,7 @@ async fn soak(
     [queen_bin, hive_bin, worker_bin]: &[PathBuf; 3],
     model: &Path,
 ) -> anyhow::Result<()> {
-    let (mut queen, queen_url) = start_queen(queen_bin, "warn").await?;
+    let (mut queen, queen_url) = start_queen(queen_bin, "1s", "warn").await?;
 
     let scratch = tempfile::tempdir()?;
     let hive_port = free_port()?;

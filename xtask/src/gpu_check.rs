@@ -20,6 +20,7 @@ use model_gen::{GgufType, ModelFormat, ModelSpec};
 use rbee_contract::{DevicesResponse, InferRequest, JobEvent, Operation};
 
 use crate::bench::{WorkerProcess, wait_ready};
+use crate::bench_queen::free_port;
 use crate::cuda::{self, Toolkit};
 use crate::tasks::{cargo, run, workspace_root};
 
@@ -324,12 +325,6 @@ fn print_devices(devices: &DevicesResponse) {
     if devices.gpus.is_empty() {
         println!("(no NVIDIA GPU: NVML is not there or sees none)");
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// The compared models: a generated F16 llama, whose tokens must agree exactly, and SmolLM2
