@@ -69,6 +69,13 @@ impl RawStream {
             .collect()
     }
 
+    /// Whether the job waited in line: a `queued` event came before its tokens.
+    pub fn queued(&self) -> bool {
+        self.events
+            .iter()
+            .any(|(_, e)| matches!(e, JobEvent::Queued { .. }))
+    }
+
     pub fn terminal(&self) -> Option<&JobEvent> {
         self.events.iter().map(|(_, e)| e).find(|e| e.is_terminal())
     }

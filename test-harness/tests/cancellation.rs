@@ -101,14 +101,7 @@ impl Cluster {
             "{:?}",
             next.events
         );
-        assert!(
-            !next
-                .events
-                .iter()
-                .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
-            "the next request waited: {:?}",
-            next.events
-        );
+        assert!(!next.queued(), "the next request waited: {:?}", next.events);
     }
 }
 

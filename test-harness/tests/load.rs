@@ -47,10 +47,7 @@ async fn one_job(api: &JobApi, model: &str, n: usize) -> Seen {
         .await
         .unwrap_or_else(|e| panic!("job {n}: the stream broke: {e}"));
     stream.assert_one_terminal_then_done(&format!("job {n}"));
-    let queued = stream
-        .events
-        .iter()
-        .any(|(_, e)| matches!(e, JobEvent::Queued { .. }));
+    let queued = stream.queued();
     let ended = match stream.terminal() {
         Some(JobEvent::Done { .. }) => Ended::Done,
         Some(JobEvent::Error { code, message }) => {

@@ -227,10 +227,7 @@ async fn four_openai_requests_with_four_schemas_at_once_each_validate() {
             events.events
         );
         assert!(
-            !events
-                .events
-                .iter()
-                .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
+            !events.queued(),
             "request {i} waited in line with four slots: {:?}",
             events.events
         );

@@ -245,10 +245,7 @@ async fn a_turn_whose_worker_is_busy_goes_to_the_other_worker_at_once() {
     let elsewhere = ran_on(&before, &generations(&workers).await);
     assert_ne!(elsewhere, home, "queen log:\n{}", queen.log_text());
     assert!(
-        !other
-            .events
-            .iter()
-            .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
+        !other.queued(),
         "the turn waited in line: {:?}",
         other.events
     );

@@ -195,11 +195,7 @@ async fn the_queen_fills_a_workers_slots_before_it_queues() {
             "{:?}",
             stream.terminal()
         );
-        if stream
-            .events
-            .iter()
-            .any(|(_, e)| matches!(e, JobEvent::Queued { .. }))
-        {
+        if stream.queued() {
             waited += 1;
         }
     }

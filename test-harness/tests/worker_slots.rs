@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use model_gen::{GgufType, ModelFormat, ModelSpec};
-use rbee_contract::{ErrorCode, JobEvent, WorkerInfo, WorkerState};
+use rbee_contract::{ErrorCode, WorkerInfo, WorkerState};
 use serde_json::{Value, json};
 use test_harness::{Daemon, JobApi, TestHive, bin_path, free_port, read_raw_stream};
 
@@ -196,10 +196,7 @@ async fn a_worker_on_candles_path_serves_four_slots_with_the_tokens_each_gets_al
     for (i, (stream, (ids, text))) in streams.iter().zip(&alone).enumerate() {
         stream.assert_one_terminal_then_done("worker");
         assert!(
-            !stream
-                .events
-                .iter()
-                .any(|(_, e)| matches!(e, JobEvent::Queued { .. })),
+            !stream.queued(),
             "request {i} waited in line with a free slot"
         );
         assert_eq!(&stream.token_ids(), ids, "request {i}: tokens");
